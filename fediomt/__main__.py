@@ -1,0 +1,5 @@
+import sys
+
+from fediomt.cli import main
+
+sys.exit(main())
