@@ -1,0 +1,269 @@
+"""Every message FedIoMT sends, as dataclasses. The CDDL in docs/protocol.cddl is the written schema; a test
+validates samples of every kind against it with an independent validator, so the two cannot drift.
+
+Arrays travel as byte strings: flat float32 weights (little-endian) or a compression payload
+(protocol.compression). Messages that carry a `sig` are signed by their sender's Ed25519 key over the canonical
+CBOR of the message without `sig` (`sign_message` / `verify_message`); they also carry a fresh `nonce` so that
+receivers can refuse replays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protocol import signing
+from protocol.codec import canonical_without, decode, encode, limit, register
+from protocol.errors import ProtocolError, Reason
+
+__all__ = [
+    "decode", "encode", "register", "limit", "new_nonce", "sign_message", "verify_message", "floats_to_bytes",
+    "bytes_to_floats", "TrainingPlan", "Capability", "PrivacySpent", "CentralDPReport", "RoundAnnouncement",
+    "GlobalModel", "DeviceUpdate", "EdgeAggregate", "Ack", "DeviceStatus", "Chunk", "BundleManifest",
+]
+
+ID = limit(max_len=64, min_len=1)
+NONCE = limit(max_len=16, min_len=16)
+SIG = limit(max_len=64, min_len=64)
+SHA256 = limit(max_len=32, min_len=32)
+PARAMS = limit(min_value=0, max_value=100_000_000)
+Scalar = int | float | str | bool | None
+
+
+def new_nonce() -> bytes:
+    return os.urandom(16)
+
+
+def floats_to_bytes(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def bytes_to_floats(data: bytes, n_params: int) -> np.ndarray:
+    """Strict: exact length, finite values (a dense float32 vector from the wire)."""
+    if len(data) != 4 * n_params:
+        raise ProtocolError(Reason.BAD_SHAPE, f"{len(data)} bytes for {n_params} float32 values")
+    vector = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    if not np.isfinite(vector).all():
+        raise ProtocolError(Reason.NON_FINITE, "NaN or infinity in weights")
+    return vector
+
+
+def sign_message(msg, key: Ed25519PrivateKey):
+    """Return a copy of `msg` with `sig` set over everything else."""
+    return dataclasses.replace(msg, sig=signing.sign(key, canonical_without(msg, "sig")))
+
+
+def verify_message(msg, public_key: Ed25519PublicKey) -> None:
+    signing.verify(public_key, msg.sig, canonical_without(msg, "sig"))
+
+
+# ------------------------------------------------------------------ nested records
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a round asks of each device."""
+
+    lr: float = field(metadata=limit(min_value=0, max_value=100))
+    local_epochs: int = field(metadata=limit(min_value=0, max_value=1000))
+    batch_size: int = field(metadata=limit(min_value=1, max_value=65536))
+    clip: float = field(metadata=limit(min_value=0))                # per-example L2 bound (device DP)
+    noise_mult: float = field(metadata=limit(min_value=0))          # device DP noise multiplier, 0 = none
+    mu: float = field(default=0.0, metadata=limit(min_value=0))     # FedProx proximal weight
+    scaffold: bool = False                                          # apply SCAFFOLD control variates
+    max_steps: int = field(default=0, metadata=limit(min_value=0))  # 0 = as many as the epochs need
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What a device reports so the edge can weight it and set its compression."""
+
+    compute_class: str = field(metadata=limit(max_len=32))  # "wearable" | "phone" | "pi" | "server"
+    memory_mb: int = field(metadata=limit(min_value=0))
+    bandwidth_bps: float = field(metadata=limit(min_value=0))
+    steps_per_s: float = field(default=0.0, metadata=limit(min_value=0))
+    battery: float | None = field(default=None, metadata=limit(min_value=0, max_value=1))
+
+
+@dataclass(frozen=True)
+class PrivacySpent:
+    """A device's example-level DP spent on its own data so far; the accountant's history makes it auditable."""
+
+    epsilon: float = field(metadata=limit(min_value=0))
+    delta: float = field(metadata=limit(min_value=0, max_value=1))
+    accountant: str = field(metadata=limit(max_len=16))              # "rdp" | "pld"
+    noise_mult: float = field(metadata=limit(min_value=0))           # this round's
+    sample_rate: float = field(metadata=limit(min_value=0, max_value=1))
+    steps: int = field(metadata=limit(min_value=0))                  # this round's
+
+
+@dataclass(frozen=True)
+class CentralDPReport:
+    """User-level DP added by an edge: each delta clipped to `clip`, N(0, (noise_mult*clip)^2) added to the sum."""
+
+    clip: float = field(metadata=limit(min_value=0))
+    noise_mult: float = field(metadata=limit(min_value=0))
+    sampling_rate: float = field(metadata=limit(min_value=0, max_value=1))
+    num_clipped: int = field(default=0, metadata=limit(min_value=0))
+
+
+# ------------------------------------------------------------------ messages
+@register("round")
+@dataclass(frozen=True)
+class RoundAnnouncement:
+    """Cloud -> edges -> devices (retained): open a round."""
+
+    round_id: int = field(metadata=limit(min_value=0))
+    model_name: str = field(metadata=ID)
+    model_version: int = field(metadata=limit(min_value=0))
+    strategy: str = field(metadata=limit(max_len=32))
+    deadline: float = field(metadata=limit(min_value=0))             # unix seconds
+    plan: TrainingPlan
+    compression: dict[str, Scalar] = field(metadata=limit(max_len=16))  # protocol.compression settings
+    edges: list[str] = field(default_factory=list, metadata=limit(max_len=1024, items=ID))
+    cohort: list[str] = field(default_factory=list, metadata=limit(max_len=100_000, items=ID))  # [] = everyone
+    lr_scale: dict[str, float] = field(default_factory=dict, metadata=limit(max_len=100_000))  # per device
+    sample_weight: dict[str, float] = field(default_factory=dict, metadata=limit(max_len=100_000))  # 1/(N p_i)
+    central_dp: CentralDPReport | None = None                         # what edges must add (clip, noise)
+    secagg: dict[str, Scalar] | None = field(default=None, metadata=limit(max_len=32))
+    sig: bytes = field(default=b"", metadata=limit(max_len=64))
+
+
+@register("model")
+@dataclass(frozen=True)
+class GlobalModel:
+    """Cloud -> edges -> devices (retained): a model version, full or as a delta against `base_version`."""
+
+    model_name: str = field(metadata=ID)
+    model_version: int = field(metadata=limit(min_value=0))
+    encoding: str = field(metadata=limit(max_len=8))                 # "full" (float32) | "delta" (compressed)
+    base_version: int | None = field(metadata=limit(min_value=0))
+    n_params: int = field(metadata=PARAMS)
+    weights: bytes
+    sha256: bytes = field(metadata=SHA256)                          # of the full float32 weights after applying
+    control: bytes | None = None                                      # SCAFFOLD server control variate (float32)
+    sig: bytes = field(default=b"", metadata=limit(max_len=64))
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ("full", "delta"):
+            raise ValueError(f"encoding {self.encoding!r}")
+        if (self.encoding == "delta") != (self.base_version is not None):
+            raise ValueError("a delta needs a base_version and a full model has none")
+
+
+@register("update")
+@dataclass(frozen=True)
+class DeviceUpdate:
+    """Device -> edge: the compressed, DP-noised delta of one round of local training."""
+
+    device_id: str = field(metadata=ID)
+    edge_id: str = field(metadata=ID)
+    round_id: int = field(metadata=limit(min_value=0))
+    base_version: int = field(metadata=limit(min_value=0))
+    num_samples: int = field(metadata=limit(min_value=0))
+    local_steps: int = field(metadata=limit(min_value=0))
+    train_loss: float
+    privacy: PrivacySpent
+    compression: dict[str, Scalar] = field(metadata=limit(max_len=16))
+    n_params: int = field(metadata=PARAMS)
+    delta: bytes                                                      # protocol.compression payload
+    capability: Capability
+    nonce: bytes = field(metadata=NONCE)
+    timestamp: float = field(metadata=limit(min_value=0))
+    control_delta: bytes | None = None                                # SCAFFOLD: c_i+ - c_i (compressed)
+    sig: bytes = field(default=b"", metadata=limit(max_len=64))
+
+
+@register("aggregate")
+@dataclass(frozen=True)
+class EdgeAggregate:
+    """Edge -> cloud: the weighted mean of accepted deltas (central DP applied), or `significant=False`."""
+
+    edge_id: str = field(metadata=ID)
+    round_id: int = field(metadata=limit(min_value=0))
+    base_version: int = field(metadata=limit(min_value=0))
+    num_devices: int = field(metadata=limit(min_value=0))
+    num_samples: int = field(metadata=limit(min_value=0))
+    weight_sum: float = field(metadata=limit(min_value=0))
+    n_params: int = field(metadata=PARAMS)
+    delta: bytes                                                      # compression payload; b"" if not significant
+    significant: bool
+    central_dp: CentralDPReport | None
+    filtered: list[str] = field(metadata=limit(max_len=100_000, items=ID))   # device ids flagged by filters
+    rejected: dict[str, int] = field(metadata=limit(max_len=64))             # reason name -> count
+    device_ids: list[str] = field(metadata=limit(max_len=100_000, items=ID))
+    max_device_epsilon: float = field(metadata=limit(min_value=0))
+    mean_local_steps: float = field(metadata=limit(min_value=0))
+    nonce: bytes = field(metadata=NONCE)
+    timestamp: float = field(metadata=limit(min_value=0))
+    control_delta: bytes | None = None
+    sig: bytes = field(default=b"", metadata=limit(max_len=64))
+
+
+@register("ack")
+@dataclass(frozen=True)
+class Ack:
+    """Edge -> device: accepted or rejected, with a protocol.errors.Reason code."""
+
+    sender: str = field(metadata=ID)
+    device_id: str = field(metadata=ID)
+    round_id: int = field(metadata=limit(min_value=0))
+    accepted: bool
+    reason: int = field(metadata=limit(min_value=0, max_value=255))
+    detail: str = field(default="", metadata=limit(max_len=256))
+
+
+@register("status")
+@dataclass(frozen=True)
+class DeviceStatus:
+    """Device -> edge (retained; also the last-will message with state "offline")."""
+
+    device_id: str = field(metadata=ID)
+    edge_id: str = field(metadata=ID)
+    state: str = field(metadata=limit(max_len=32))  # online|training|skipped|declined|budget_exhausted|offline
+    model_version: int = field(metadata=limit(min_value=0))
+    bundle_version: int = field(metadata=limit(min_value=0))
+    epsilon_spent: float = field(metadata=limit(min_value=0))
+    epsilon_budget: float = field(metadata=limit(min_value=0))
+    timestamp: float = field(metadata=limit(min_value=0))
+    round_id: int | None = field(default=None, metadata=limit(min_value=0))
+    capability: Capability | None = None
+    detail: str = field(default="", metadata=limit(max_len=256))
+
+
+@register("chunk")
+@dataclass(frozen=True)
+class Chunk:
+    """One part of a payload larger than the broker's message cap (bundles, big models)."""
+
+    transfer_id: bytes = field(metadata=NONCE)
+    index: int = field(metadata=limit(min_value=0, max_value=1_000_000))
+    total: int = field(metadata=limit(min_value=1, max_value=1_000_000))
+    total_size: int = field(metadata=limit(min_value=0, max_value=1 << 31))
+    sha256: bytes = field(metadata=SHA256)                          # of the whole payload
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if self.index >= self.total:
+            raise ValueError(f"chunk index {self.index} >= total {self.total}")
+
+
+@register("bundle")
+@dataclass(frozen=True)
+class BundleManifest:
+    """Cloud -> devices of a class (retained): a new model bundle is available as `total` chunks."""
+
+    device_class: str = field(metadata=ID)
+    name: str = field(metadata=ID)
+    version: int = field(metadata=limit(min_value=0))
+    size: int = field(metadata=limit(min_value=0, max_value=1 << 31))
+    sha256: bytes = field(metadata=SHA256)
+    chunk_size: int = field(metadata=limit(min_value=1))
+    total: int = field(metadata=limit(min_value=1, max_value=1_000_000))
+    transfer_id: bytes = field(metadata=NONCE)
+    force: bool = False                                               # allow a downgrade
+    timestamp: float = field(default_factory=time.time, metadata=limit(min_value=0))
+    sig: bytes = field(default=b"", metadata=limit(max_len=64))
