@@ -200,6 +200,8 @@ class EdgeAggregate:
     nonce: bytes = field(metadata=NONCE)
     timestamp: float = field(metadata=limit(min_value=0))
     control_delta: bytes | None = None
+    device_bytes: int = field(default=0, metadata=limit(min_value=0))  # sum of accepted DeviceUpdate message sizes
+    update_norms: dict[str, float] = field(default_factory=dict, metadata=limit(max_len=100_000))  # device -> |delta|
     sig: bytes = field(default=b"", metadata=limit(max_len=64))
 
 
