@@ -1,0 +1,58 @@
+"""The shape every loader returns, and writing it out as device data directories."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Client:
+    """One device's local data; `site` is the natural grouping (subject, hospital) and `edge` its gateway."""
+
+    id: str
+    edge: str
+    x: np.ndarray
+    y: np.ndarray
+    site: str = ""
+
+
+@dataclass
+class Federation:
+    name: str
+    clients: list[Client]
+    x_test: np.ndarray
+    y_test: np.ndarray
+    model: str                      # firmware model family that fits the data
+    model_options: dict = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def edges(self) -> list[str]:
+        return sorted({c.edge for c in self.clients})
+
+    def pooled(self) -> tuple[np.ndarray, np.ndarray]:
+        """All clients' training data together: the centralized baseline's training set."""
+        return np.concatenate([c.x for c in self.clients]), np.concatenate([c.y for c in self.clients])
+
+    def write_device_dirs(self, root: Path) -> dict[str, Path]:
+        """One directory per device with `train.npz` (x float32, y int64): the device agent's data schema."""
+        paths = {}
+        for client in self.clients:
+            path = root / client.id
+            path.mkdir(parents=True, exist_ok=True)
+            np.savez(path / "train.npz", x=client.x.astype(np.float32), y=client.y.astype(np.int64))
+            paths[client.id] = path
+        return paths
+
+    def write_test(self, path: Path) -> Path:
+        np.savez(path, x=self.x_test.astype(np.float32), y=self.y_test.astype(np.int64))
+        return path
+
+
+def assign_edges(sites: list[str], n_edges: int) -> dict[str, str]:
+    """Spread sites over `n_edges` gateways in contiguous blocks (edge1 gets the first sites, ...)."""
+    ordered = sorted(sites, key=lambda s: (len(s), s))
+    return {site: f"edge{1 + i * n_edges // len(ordered)}" for i, site in enumerate(ordered)}
