@@ -7,6 +7,7 @@ run directory is made writable by that user. Extra config lines (TLS, ACLs, size
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -51,13 +52,15 @@ class MosquittoBroker:
     """A private broker process. Use as a context manager, or call start()/stop().
 
     `extra_config` lines are appended to the listener config; `persistence` keeps messages and sessions across a
-    stop()/start() (restart tests). The port is kept across restarts.
+    stop()/start() (restart tests). The port is kept across restarts. `config_file` runs a complete config instead
+    (e.g. one from `fediomt broker config`, listening on `port`, logging to stderr); the workdir then holds the log.
     """
 
     extra_config: list[str] = field(default_factory=list)
     persistence: bool = True
     port: int = field(default_factory=free_port)
     workdir: Path | None = None
+    config_file: Path | None = None
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _own_workdir: bool = field(default=False, init=False, repr=False)
 
@@ -71,6 +74,8 @@ class MosquittoBroker:
             self._own_workdir = True
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o777)  # mosquitto may drop to its own user (when started as root)
+        if self.config_file is not None:
+            return Path(self.config_file)
         lines = [
             "per_listener_settings false",
             f"listener {self.port} 127.0.0.1",
@@ -135,3 +140,19 @@ class MosquittoBroker:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def give_to_broker_user(*paths: Path, user: str = "mosquitto") -> None:
+    """Make private keys readable by a broker started as root: it drops to `user` before loading TLS files.
+
+    Keeps their 0600 mode (chown instead of chmod). No-op when not root or when `user` does not exist; the
+    directories above must be traversable by `user` (pytest's 0700 tmp dirs are not).
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return
+    for path in paths:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
