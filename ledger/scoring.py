@@ -173,7 +173,7 @@ def quality(updates: Sequence[np.ndarray]) -> np.ndarray:
         others = (total - stack[i]) / (n - 1)
         denom = np.linalg.norm(stack[i]) * np.linalg.norm(others)
         out[i] = float(stack[i] @ others / denom) if denom > 0 else 0.0
-    return out
+    return np.clip(out, -1.0, 1.0)  # rounding can step just past +-1
 
 
 def score(c: Contribution, policy: RewardPolicy) -> float:

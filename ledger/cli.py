@@ -1,0 +1,139 @@
+"""`fediomt ledger verify DB` (audit the whole chain) and `fediomt ledger report DB` (balances, contributions)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sqlite3
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import tomllib
+
+from ledger.chain import Block, Verdict, verify_chain
+from protocol.errors import ProtocolError
+
+CONTRIBUTION_COLUMNS = ["block", "round", "model_version", "participant", "samples", "on_time", "flagged", "quality",
+                        "loo", "shapley", "score", "reward", "balance"]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    v = sub.add_parser("verify", help="check hashes, links, signatures, quorum and totals; exit 0 only if all hold",
+                       description="Audit a ledger database. The validators' public keys come from its genesis "
+                                   "block; pin that block with --genesis-hash (or --validators) to trust them.")
+    v.add_argument("db", type=Path, help="ledger SQLite database (e.g. RUN/ledger.db)")
+    v.add_argument("--genesis-hash", help="hex SHA-256 of the genesis block, distributed out of band")
+    v.add_argument("--head-hash", help="hex hash of the expected last block (detects a dropped tail)")
+    v.add_argument("--validators", type=Path,
+                   help="TOML file: `quorum = N` and a [validators] table of id = \"hex public key\"; the genesis "
+                        "membership must match it")
+    v.set_defaults(func=verify)
+    r = sub.add_parser("report", help="print balances and per-round contributions")
+    r.add_argument("db", type=Path)
+    r.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    r.add_argument("--balances", action="store_true", help="only the balances")
+    r.set_defaults(func=report)
+
+
+def _raw_blocks(db: Path) -> list[bytes]:
+    """Stored block bytes in index order, read-only (an audit must not create or migrate anything)."""
+    if not db.is_file():
+        raise FileNotFoundError(f"{db}: no such ledger database")
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return [row[0] for row in conn.execute("SELECT data FROM blocks ORDER BY idx")]
+    finally:
+        conn.close()
+
+
+def _hex(value: str | None, what: str) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise SystemExit(f"{what} must be 64 hex digits")
+    return raw
+
+
+def _check_validators(verdict: Verdict, path: Path) -> str | None:
+    table = tomllib.loads(path.read_text())
+    want = {vid: bytes.fromhex(key) for vid, key in table.get("validators", {}).items()}
+    m = verdict.membership
+    if m is None or m.validators != want:
+        return f"genesis validators differ from {path}"
+    if "quorum" in table and m.quorum != table["quorum"]:
+        return f"genesis quorum {m.quorum} differs from {path} ({table['quorum']})"
+    return None
+
+
+def verify(args: argparse.Namespace) -> int:
+    try:
+        raw = _raw_blocks(args.db)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"FAIL: cannot read {args.db}: {exc}", file=sys.stderr)
+        return 1
+    verdict = verify_chain(raw, _hex(args.genesis_hash, "--genesis-hash"), _hex(args.head_hash, "--head-hash"))
+    if verdict.ok and args.validators is not None:
+        problem = _check_validators(verdict, args.validators)
+        if problem:
+            print(f"FAIL: block 0: {problem}")
+            return 1
+    if not verdict.ok:
+        print(f"FAIL: block {verdict.bad_index}: {verdict.error} "
+              f"({verdict.height} blocks before it verified)")
+        return 1
+    m = verdict.membership
+    print(f"OK: {verdict.height} blocks, head {verdict.head_hash.hex()}, genesis {verdict.genesis_hash.hex()}, "
+          f"{len(m.validators)} validators, quorum {m.quorum}, {sum(verdict.balances.values())} tokens issued")
+    if args.genesis_hash is None and args.validators is None:
+        print("note: the genesis (validator keys) was not pinned; compare its hash with the consortium's")
+    return 0
+
+
+def _rows(raw: list[bytes]) -> list[dict]:
+    rows = []
+    for data in raw:
+        block = Block.from_cbor(data)
+        for r in block.records:
+            rows.append({"block": block.index, "round": block.round_id, "model_version": block.model_version,
+                         **asdict(r)})
+    return [{c: row[c] for c in CONTRIBUTION_COLUMNS} for row in rows]
+
+
+def report(args: argparse.Namespace) -> int:
+    try:
+        raw = _raw_blocks(args.db)
+        rows = _rows(raw)
+    except (OSError, sqlite3.Error, ProtocolError) as exc:
+        print(f"cannot read {args.db}: {exc}", file=sys.stderr)
+        return 1
+    verdict = verify_chain(raw)
+    if not verdict.ok:
+        print(f"warning: the ledger does not verify (block {verdict.bad_index}: {verdict.error}); "
+              "balances below are as stored", file=sys.stderr)
+    balances = {}
+    for row in rows:
+        balances[row["participant"]] = row["balance"]
+    balance_rows = [{"participant": p, "balance": b} for p, b in sorted(balances.items())]
+    if args.format == "json":
+        out = {"balances": balances} if args.balances else {"balances": balances, "contributions": rows}
+        print(json.dumps(out, indent=2))
+    elif args.format == "csv":
+        chosen = balance_rows if args.balances else rows
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(chosen[0]) if chosen else ["participant", "balance"])
+        writer.writeheader()
+        writer.writerows(chosen)
+    else:
+        from fediomt.bench import print_table
+
+        if not args.balances:
+            print_table(rows, CONTRIBUTION_COLUMNS)
+            print()
+        print_table(balance_rows, ["participant", "balance"])
+    return 0
