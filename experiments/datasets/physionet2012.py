@@ -1,0 +1,132 @@
+"""PhysioNet/CinC Challenge 2012 (set-a: 4,000 ICU stays, in-hospital mortality), one site per ICU type.
+
+Reads `set-a/<RecordID>.txt` (`Time,Parameter,Value` rows, hours up to 48) from a directory or straight from
+`set-a.tar.gz`, and `Outcomes-a.txt`. Features per stay: the static descriptors (age, gender, height, weight at
+admission; -1 = missing) and, for each of the 37 time series, first, last, min, max, mean and count over the 48
+hours, with a missingness indicator. Missing values become 0 after standardisation with statistics of the training
+rows only (`standardize`).
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from experiments.datasets.federation import Client, Federation
+
+STATIC = ("Age", "Gender", "Height", "Weight")
+SERIES = ("Albumin", "ALP", "ALT", "AST", "Bilirubin", "BUN", "Cholesterol", "Creatinine", "DiasABP", "FiO2", "GCS",
+          "Glucose", "HCO3", "HCT", "HR", "K", "Lactate", "Mg", "MAP", "MechVent", "Na", "NIDiasABP", "NIMAP",
+          "NISysABP", "PaCO2", "PaO2", "pH", "Platelets", "RespRate", "SaO2", "SysABP", "Temp", "TroponinI",
+          "TroponinT", "Urine", "WBC", "Weight")
+STATS = ("first", "last", "min", "max", "mean", "count")
+ICU_TYPES = {1: "ccu", 2: "csru", 3: "micu", 4: "sicu"}
+
+
+def feature_names() -> list[str]:
+    names = [f"static_{s}" for s in STATIC] + [f"missing_static_{s}" for s in STATIC]
+    for series in SERIES:
+        names += [f"{series}_{stat}" for stat in STATS] + [f"missing_{series}"]
+    return names
+
+
+def parse_record(text: str) -> tuple[int, int, np.ndarray]:
+    """One record file -> (record id, ICU type, raw feature vector with NaN for missing)."""
+    record_id, icu_type = -1, 0
+    static = dict.fromkeys(STATIC, np.nan)
+    values: dict[str, list[tuple[float, float]]] = {s: [] for s in SERIES}
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("Time,Parameter,Value"):
+        raise ValueError("not a PhysioNet 2012 record (header Time,Parameter,Value missing)")
+    for line in lines[1:]:
+        parts = line.strip().split(",")
+        if len(parts) != 3 or not parts[1]:
+            continue
+        time_s, name, raw = parts
+        try:
+            hours, minutes = time_s.split(":")
+            t = int(hours) * 60 + int(minutes)
+            value = float(raw)
+        except ValueError:
+            continue
+        if name == "RecordID":
+            record_id = int(value)
+        elif name == "ICUType":
+            icu_type = int(value)
+        elif t == 0 and name in STATIC and np.isnan(static[name]):
+            static[name] = value if value >= 0 else np.nan
+            if name == "Weight" and value >= 0:  # admission weight is also the first point of the series
+                values["Weight"].append((t, value))
+        elif name in values and value >= 0:
+            values[name].append((t, value))
+    feats = [static[s] for s in STATIC] + [float(np.isnan(static[s])) for s in STATIC]
+    for series in SERIES:
+        obs = sorted(values[series])
+        if obs:
+            v = np.array([o[1] for o in obs])
+            feats += [v[0], v[-1], v.min(), v.max(), v.mean(), float(len(v)), 0.0]
+        else:
+            feats += [np.nan] * 5 + [0.0, 1.0]
+    return record_id, icu_type, np.array(feats, np.float64)
+
+
+def _record_texts(root: Path) -> Iterator[str]:
+    folder = root / "set-a"
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.txt")):
+            yield path.read_text()
+        return
+    with tarfile.open(root / "set-a.tar.gz") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".txt"):
+                yield io.TextIOWrapper(tar.extractfile(member)).read()
+
+
+def read_outcomes(path: Path) -> dict[int, int]:
+    rows = path.read_text().splitlines()
+    header = rows[0].split(",")
+    col = header.index("In-hospital_death")
+    return {int(r.split(",")[0]): int(r.split(",")[col]) for r in rows[1:] if r.strip()}
+
+
+def load_physionet2012(root: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (features with NaN for missing, in-hospital death labels, ICU type) for every record with an outcome."""
+    root = Path(root)
+    outcomes = read_outcomes(root / "Outcomes-a.txt")
+    xs, ys, sites = [], [], []
+    for text in _record_texts(root):
+        record_id, icu_type, feats = parse_record(text)
+        if record_id in outcomes:
+            xs.append(feats)
+            ys.append(outcomes[record_id])
+            sites.append(icu_type)
+    return np.stack(xs), np.array(ys, np.int64), np.array(sites, np.int64)
+
+
+def standardize(x_train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Z-score with training statistics; missing (NaN) -> 0, i.e. the training mean (indicators keep the fact)."""
+    mean = np.nanmean(x_train, axis=0)
+    std = np.nanstd(x_train, axis=0)
+    mean, std = np.nan_to_num(mean), np.where(np.nan_to_num(std) > 1e-9, np.nan_to_num(std), 1.0)
+    return [np.nan_to_num((x - mean) / std).astype(np.float32) for x in (x_train, *others)]
+
+
+def load_physionet_federation(root: str | Path, devices_per_edge: int = 1, test_fraction: float = 0.25,
+                              seed: int = 0) -> Federation:
+    x, y, icu = load_physionet2012(root)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(y), bool)
+    test[rng.permutation(len(y))[: int(len(y) * test_fraction)]] = True
+    x_train, x_test = standardize(x[~test], x[test])
+    y_train, icu_train = y[~test], icu[~test]
+    clients = []
+    for code, short in ICU_TYPES.items():
+        rows = rng.permutation(np.flatnonzero(icu_train == code))
+        for i, part in enumerate(np.array_split(rows, devices_per_edge)):
+            clients.append(Client(id=f"{short}{i + 1}", edge=short, x=x_train[part], y=y_train[part], site=short))
+    return Federation(name="physionet2012", clients=clients, x_test=x_test, y_test=y[test], model="vitals_mlp",
+                      model_options={"n_features": x.shape[1]}, classes=["survived", "died"])
