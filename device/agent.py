@@ -1,0 +1,307 @@
+"""The device agent: verify what the cloud sends, train, account, compress, sign, publish.
+
+Messages arrive on paho's network thread and are queued; the main thread handles them one at a time, so training
+never races a model swap. Every handler refuses bad input with a logged ProtocolError and carries on. Order within
+a round: check the budget BEFORE training; after training persist the spent budget, residual and c_i atomically;
+only then publish (a kill -9 in between loses an update, never budget).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from device import accountant
+from device.config import DeviceConfig
+from device.data import load_data
+from device.link import Link
+from device.runtime import TrainableModel, secure_generator
+from device.state import STATE_FILE, DeviceState, load_state, save_state
+from device.training import LocalResult, planned_steps, steps_within, train_round
+from fediomt.logs import event
+from protocol import topics
+from protocol.bundle import Bundle, load_bundle, load_installed
+from protocol.compression import (
+    CompressionSettings,
+    adaptive_settings,
+    decode_update,
+    encode_update,
+    encoded_size_bound,
+)
+from protocol.errors import ProtocolError, Reason
+from protocol.messages import (
+    Ack,
+    Capability,
+    DeviceStatus,
+    DeviceUpdate,
+    GlobalModel,
+    PrivacySpent,
+    RoundAnnouncement,
+    bytes_to_floats,
+    decode,
+    encode,
+    floats_to_bytes,
+    new_nonce,
+    sign_message,
+    verify_message,
+)
+from protocol.signing import load_private_key, load_public_key
+
+ENVELOPE_BYTES = 1024      # signed DeviceUpdate fields around the compression payload
+SPEED_SMOOTHING = 0.5      # weight of the newest steps/s measurement
+
+
+class DeviceAgent:
+    def __init__(self, cfg: DeviceConfig, log: logging.Logger) -> None:
+        self.cfg, self.log = cfg, log
+        self.cloud_key = load_public_key(cfg.cloud_pubkey)
+        self.bundle_key = load_public_key(cfg.bundle_pubkey)
+        self.signing_key = load_private_key(cfg.signing_key)
+        self.state_path = cfg.state_dir / STATE_FILE
+        self.state = load_state(self.state_path)
+        self.rng = secure_generator()
+        self.stop = threading.Event()
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.pending: RoundAnnouncement | None = None
+        self.bundle: Bundle = load_installed(cfg.bundle_dir, self.bundle_key)  # refuses a tampered bundle
+        self._load_model()
+        edge, dev = cfg.edge, cfg.id
+        self.topics = {"round": topics.round_topic(edge), "model": topics.model_topic(edge),
+                       "ack": topics.ack_topic(edge, dev)}
+        self.status_topic, self.update_topic = topics.status_topic(edge, dev), topics.update_topic(edge, dev)
+        self.link = Link(cfg.broker, dev, [self.topics["model"], self.topics["round"], self.topics["ack"]],
+                         (self.status_topic, self._status_bytes("offline")), self._received,
+                         lambda: self.publish_status("online"), log)
+
+    # ------------------------------------------------------------------ model and bundle
+    def _load_model(self) -> None:
+        self.model = TrainableModel(self.bundle.model_bytes, self.bundle.manifest, rng=self.rng,
+                                    num_threads=self.cfg.threads)
+        weights = self.state.weights
+        if self.state.model_name != self.bundle.name or weights is None or weights.size != self.model.n_params:
+            # a first start, or a new architecture: the bundle's initial weights, no global version yet
+            self.state = DeviceState(history=self.state.history, seen_rounds=self.state.seen_rounds,
+                                     extra=self.state.extra).for_new_model(self.bundle.name, -1, self.model.get_flat())
+        self.state = self._with_extra(bundle_version=self.bundle.version)
+        save_state(self.state_path, self.state)
+
+    def _with_extra(self, **facts) -> DeviceState:
+        return replace(self.state, extra={**self.state.extra, **facts})
+
+    def install_bundle(self, source: str | Path) -> Bundle:
+        """Verify the bundle in `source`, make it current (the old one becomes previous), reload the interpreter.
+
+        The hook for OTA bundle pushes. The swap follows `fediomt flash`'s layout (bundle_dir/current, previous):
+        two renames, and protocol.bundle.load_installed falls back to previous if we die between them.
+        """
+        new = load_bundle(source, self.bundle_key)
+        if new.name == self.bundle.name and new.version < self.bundle.version:
+            raise ProtocolError(Reason.DOWNGRADE, f"bundle {new.name} v{new.version} < v{self.bundle.version}")
+        root = Path(self.cfg.bundle_dir)
+        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
+        shutil.rmtree(staging)
+        shutil.copytree(source, staging)
+        new = load_bundle(staging, self.bundle_key)  # what was copied is what is verified
+        current, previous = root / "current", root / "previous"
+        if previous.exists():
+            shutil.rmtree(previous)
+        if current.exists():
+            current.rename(previous)
+        staging.rename(current)
+        self.bundle = new
+        self._load_model()
+        event(self.log, "bundle installed", name=new.name, version=new.version)
+        return new
+
+    def _on_model(self, payload: bytes) -> None:
+        msg = decode(payload, expect=GlobalModel)
+        verify_message(msg, self.cloud_key)
+        if msg.model_name != self.bundle.name or msg.n_params != self.model.n_params:
+            raise ProtocolError(Reason.BAD_SHAPE, f"model {msg.model_name} ({msg.n_params} params) is not the "
+                                                  f"installed {self.bundle.name} ({self.model.n_params})")
+        if msg.model_version <= self.state.model_version:
+            return  # a retained copy we already hold (or an older one)
+        if msg.encoding == "full":
+            weights = bytes_to_floats(msg.weights, msg.n_params)
+        elif msg.base_version == self.state.model_version:
+            weights = self.state.weights + decode_update(msg.weights, msg.n_params)
+        else:
+            raise ProtocolError(Reason.STALE, f"delta against v{msg.base_version}, we hold v{self.state.model_version}")
+        digest = hashlib.sha256(floats_to_bytes(weights)).digest()
+        if digest != msg.sha256:
+            raise ProtocolError(Reason.BAD_HASH, f"global model v{msg.model_version}: weights do not match sha256")
+        control = bytes_to_floats(msg.control, msg.n_params) if msg.control is not None else None
+        self.state = self.state.for_new_model(msg.model_name, msg.model_version, weights, control)
+        save_state(self.state_path, self.state)
+        event(self.log, "global model installed", version=msg.model_version, encoding=msg.encoding)
+        self._maybe_train()
+
+    # ------------------------------------------------------------------ rounds
+    def _on_round(self, payload: bytes) -> None:
+        ann = decode(payload, expect=RoundAnnouncement)
+        verify_message(ann, self.cloud_key)
+        if ann.model_name != self.bundle.name or ann.round_id in self.state.seen_rounds:
+            return
+        if ann.cohort and self.cfg.id not in ann.cohort:
+            return
+        if ann.deadline <= time.time():
+            event(self.log, "round already closed", round=ann.round_id)
+            return
+        self.pending = ann
+        self._maybe_train()
+
+    def _maybe_train(self) -> None:
+        ann = self.pending
+        if ann is None:
+            return
+        if ann.model_version != self.state.model_version:
+            event(self.log, "waiting for the round's model", round=ann.round_id, want=ann.model_version,
+                  have=self.state.model_version)
+            return
+        self.pending = None
+        self.run_round(ann)
+
+    def _answer(self, ann: RoundAnnouncement, state: str, detail: str, **changes) -> None:
+        """Record the round as answered (with any state changes), persist, then publish a status."""
+        self.state = replace(self.state.answered(ann.round_id), **changes)
+        save_state(self.state_path, self.state)
+        self.publish_status(state, ann.round_id, detail)
+
+    def run_round(self, ann: RoundAnnouncement) -> None:
+        cfg, plan = self.cfg, ann.plan
+        x, y = load_data(cfg.data, self.model.input_shape, self.model.n_classes)
+        batch = self.model.batch_size
+        if len(x) < batch:
+            return self._answer(ann, "declined", f"{len(x)} examples, fewer than one batch of {batch}")
+        time_left = ann.deadline - time.time() - cfg.deadline_margin_s
+        speed = self.state.steps_per_s or cfg.capability.steps_per_s
+        steps = steps_within(planned_steps(plan, len(x), batch), time_left, speed)
+        if steps < cfg.min_steps or time_left <= 0:
+            return self._answer(ann, "declined", f"{steps} steps fit before the deadline")
+        history, budget = self.state.history, cfg.privacy
+        if not accountant.can_afford(history, accountant.Entry(plan.noise_mult, batch / len(x), steps),
+                                     budget.epsilon, budget.delta, budget.accountant):
+            return self._answer(ann, "budget_exhausted", f"round {ann.round_id} would exceed epsilon {budget.epsilon}")
+        self.publish_status("training", ann.round_id)
+        result = train_round(self.model, x, y, self.state.weights, plan, steps, self.rng,
+                             lr_scale=ann.lr_scale.get(cfg.id, 1.0), time_limit_s=time_left,
+                             c_global=self.state.server_control, c_local=self.state.control)
+        self._finish(ann, result, time_left)
+
+    def _finish(self, ann: RoundAnnouncement, result: LocalResult, time_left: float) -> None:
+        cfg, budget = self.cfg, self.cfg.privacy
+        entry = accountant.Entry(result.noise_mult, result.sample_rate, result.local_steps)
+        history = (*self.state.history, entry)
+        speed = result.local_steps / max(result.elapsed_s, 1e-6)
+        old = self.state.steps_per_s
+        speed = speed if old <= 0 else SPEED_SMOOTHING * speed + (1 - SPEED_SMOOTHING) * old
+        norm = float(np.linalg.norm(result.delta))
+        if norm < cfg.significance_threshold:
+            # post-processing of the DP output: the skipped delta waits in the error-feedback residual
+            residual = result.delta if self.state.residual is None else self.state.residual + result.delta
+            return self._answer(ann, "skipped", f"|delta| {norm:.3g} < {cfg.significance_threshold}",
+                                history=history, residual=residual, steps_per_s=speed)
+        settings = self._settings(ann, time_left)
+        payload, residual = encode_update(result.delta, settings, self.state.residual, self.rng)
+        control_payload, control = None, self.state.control
+        if result.control_delta is not None:
+            control_payload, _ = encode_update(result.control_delta, settings, None, self.rng)
+            sent = decode_update(control_payload, self.model.n_params)
+            control = sent if control is None else control + sent  # c_i moves by exactly what the edge learns
+        spent = PrivacySpent(epsilon=accountant.epsilon(history, budget.delta, budget.accountant), delta=budget.delta,
+                             accountant=budget.accountant, noise_mult=result.noise_mult,
+                             sample_rate=result.sample_rate, steps=result.local_steps)
+        update = sign_message(DeviceUpdate(
+            device_id=cfg.id, edge_id=cfg.edge, round_id=ann.round_id, base_version=self.state.model_version,
+            num_samples=result.num_samples, local_steps=result.local_steps, train_loss=result.loss, privacy=spent,
+            compression=settings.to_dict(), n_params=self.model.n_params, delta=payload,
+            capability=self.capability(speed), nonce=new_nonce(), timestamp=time.time(),
+            control_delta=control_payload), self.signing_key)
+        data = encode(update)
+        self.state = replace(self.state.answered(ann.round_id), history=history, residual=residual, control=control,
+                             steps_per_s=speed)
+        save_state(self.state_path, self.state)  # the spend is on disk before anything leaves the device
+        self.link.publish(self.update_topic, data)
+        event(self.log, "update sent", round=ann.round_id, steps=result.local_steps, loss=round(result.loss, 4),
+              norm=round(norm, 4), bytes=len(data), epsilon=round(spent.epsilon, 4), method=settings.method,
+              density=settings.density, bits=settings.bits)
+
+    def _settings(self, ann: RoundAnnouncement, time_left: float) -> CompressionSettings:
+        """The round's settings, or adaptive ones from our capability when none are announced or they overflow
+        the broker's message cap."""
+        n, cap = self.model.n_params, self.cfg.broker.max_message_bytes
+        if ann.compression:
+            settings = CompressionSettings.from_dict(ann.compression)
+            if encoded_size_bound(n, settings) + ENVELOPE_BYTES <= cap:
+                return settings
+        c = self.cfg.capability
+        return adaptive_settings(n, c.bandwidth_bps, c.compute_class, cap, deadline_s=max(time_left, 1.0),
+                                 envelope_bytes=ENVELOPE_BYTES)
+
+    # ------------------------------------------------------------------ status
+    def capability(self, steps_per_s: float | None = None) -> Capability:
+        c = self.cfg.capability
+        speed = self.state.steps_per_s if steps_per_s is None else steps_per_s
+        return Capability(compute_class=c.compute_class, memory_mb=c.memory_mb, bandwidth_bps=c.bandwidth_bps,
+                          steps_per_s=speed or c.steps_per_s)
+
+    def _status_bytes(self, state: str, round_id: int | None = None, detail: str = "") -> bytes:
+        return encode(DeviceStatus(
+            device_id=self.cfg.id, edge_id=self.cfg.edge, state=state, model_version=max(self.state.model_version, 0),
+            bundle_version=self.bundle.version, epsilon_spent=self.epsilon_spent(),
+            epsilon_budget=self.cfg.privacy.epsilon, timestamp=time.time(), round_id=round_id,
+            capability=self.capability(), detail=detail[:256]))
+
+    def epsilon_spent(self) -> float:
+        b = self.cfg.privacy
+        return accountant.epsilon(self.state.history, b.delta, b.accountant)
+
+    def publish_status(self, state: str, round_id: int | None = None, detail: str = "") -> None:
+        self.link.publish(self.status_topic, self._status_bytes(state, round_id, detail), retain=True)
+        event(self.log, "status", state=state, round=round_id, detail=detail)
+
+    # ------------------------------------------------------------------ loop
+    def _received(self, topic: str, payload: bytes) -> None:
+        self.inbox.put((topic, payload))
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        try:
+            if topic == self.topics["model"]:
+                self._on_model(payload)
+            elif topic == self.topics["round"]:
+                self._on_round(payload)
+            elif topic == self.topics["ack"]:
+                ack = decode(payload, expect=Ack)
+                event(self.log, "ack", round=ack.round_id, accepted=ack.accepted, reason=ack.reason, detail=ack.detail)
+        except ProtocolError as exc:
+            event(self.log, "refused a message", logging.WARNING, topic=topic, reason=exc.reason.name,
+                  detail=exc.detail)
+        except (ValueError, OSError) as exc:  # local data or disk trouble: report, keep serving
+            event(self.log, "round failed", logging.ERROR, topic=topic, error=f"{type(exc).__name__}: {exc}")
+
+    def run(self) -> int:
+        event(self.log, "starting", device=self.cfg.id, edge=self.cfg.edge, bundle=self.bundle.name,
+              bundle_version=self.bundle.version, model_version=self.state.model_version,
+              epsilon_spent=round(self.epsilon_spent(), 4), epsilon_budget=self.cfg.privacy.epsilon)
+        if not self.link.connect(self.stop):
+            return 0
+        try:
+            while not self.stop.is_set():
+                try:
+                    topic, payload = self.inbox.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                self.handle(topic, payload)
+        finally:
+            self.link.close((self.status_topic, self._status_bytes("offline")))
+            event(self.log, "stopped")
+        return 0

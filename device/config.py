@@ -1,0 +1,133 @@
+"""Device agent configuration: TOML -> dataclasses with documented defaults (configs/device.toml is the reference).
+
+Relative paths in the file are resolved against the file's own directory, so a device directory can be copied
+(or flashed) as a whole. Unknown keys are an error: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from protocol.topics import check_id
+
+ACCOUNTANTS = ("rdp", "pld")
+COMPUTE_CLASSES = ("wearable", "phone", "pi", "server")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """The edge's MQTT broker. TLS when `ca` is set (client certificate when `cert`/`key` too)."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = 30                 # seconds between PINGREQs; the broker declares us dead after 1.5x
+    session_expiry_s: int = 86_400      # persistent session: queued QoS 1 messages survive this long offline
+    reconnect_min_s: float = 1.0        # exponential back-off with jitter between these bounds
+    reconnect_max_s: float = 60.0
+    max_message_bytes: int = 256 * 1024  # the broker's message cap (adaptive compression stays under it)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Local training data: `dir` holding train.npz (x, y) and/or train.csv (features + `label`), or `entry_point`
+    "module:function" returning (x, y) for a live sensor feed (called at every round)."""
+
+    dir: Path | None = None
+    entry_point: str | None = None
+
+
+@dataclass(frozen=True)
+class CapabilityConfig:
+    """What the device reports so the edge can weight it and size its compression."""
+
+    compute_class: str = "pi"
+    memory_mb: int = 1024
+    bandwidth_bps: float = 1_000_000.0
+    steps_per_s: float = 0.0            # 0 = measure on the first round (then remembered in the state)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Example-level DP budget on this device's own data, across all rounds of its lifetime."""
+
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    accountant: str = "rdp"             # "rdp" (Renyi DP, conservative) | "pld" (privacy loss distributions, tighter)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    id: str
+    edge: str
+    state_dir: Path
+    bundle_dir: Path                    # the installed bundle (model.tflite + signed manifest)
+    bundle_pubkey: Path                 # Ed25519 public key that signs bundles
+    cloud_pubkey: Path                  # Ed25519 public key that signs rounds and global models
+    signing_key: Path                   # this device's Ed25519 private key (PEM, 0600)
+    data: DataConfig = field(default_factory=DataConfig)
+    capability: CapabilityConfig = field(default_factory=CapabilityConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    significance_threshold: float = 0.0  # L2 norm of the (noised) delta below which only a "skipped" status is sent
+    min_steps: int = 1                  # decline a round when fewer local steps fit before its deadline
+    deadline_margin_s: float = 2.0      # stop training this long before the deadline (time to compress + send)
+    threads: int | None = None          # interpreter threads (None: the runtime's default)
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        check_id(self.id)
+        check_id(self.edge)
+        if self.privacy.accountant not in ACCOUNTANTS:
+            raise ValueError(f"privacy.accountant {self.privacy.accountant!r} not in {ACCOUNTANTS}")
+        if not (self.privacy.epsilon > 0 and 0 < self.privacy.delta < 1):
+            raise ValueError("privacy.epsilon must be > 0 and privacy.delta in (0, 1)")
+        if self.capability.compute_class not in COMPUTE_CLASSES:
+            raise ValueError(f"capability.compute_class {self.capability.compute_class!r} not in {COMPUTE_CLASSES}")
+        if not 0 < self.broker.reconnect_min_s <= self.broker.reconnect_max_s:
+            raise ValueError("broker: need 0 < reconnect_min_s <= reconnect_max_s")
+        if self.data.dir is None and self.data.entry_point is None:
+            raise ValueError("data: set `dir` (train.npz / train.csv) or `entry_point` (module:function)")
+        if self.significance_threshold < 0 or self.min_steps < 1:
+            raise ValueError("significance_threshold must be >= 0 and min_steps >= 1")
+
+
+def _build(cls, raw: dict, base: Path, where: str):
+    """Instantiate dataclass `cls` from a TOML table: known keys only, Path fields resolved against `base`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    kwargs = {}
+    for name, value in raw.items():
+        kind = str(fields[name].type)
+        if isinstance(value, dict):
+            sub = {"data": DataConfig, "capability": CapabilityConfig, "privacy": PrivacyConfig,
+                   "broker": BrokerConfig}.get(name)
+            if sub is None:
+                raise ValueError(f"{where}.{name}: not a table")
+            value = _build(sub, value, base, f"{where}.{name}")
+        elif kind.startswith("Path"):
+            value = base / Path(value).expanduser()
+        elif kind.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path) -> DeviceConfig:
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    try:
+        return _build(DeviceConfig, raw, path.resolve().parent, path.name)
+    except TypeError as exc:  # a missing required key
+        raise ValueError(f"{path}: {exc}") from None
