@@ -1,0 +1,220 @@
+"""`fediomt broker config`: the Mosquitto config (and ACL file) of an edge or cloud broker.
+
+Every client authenticates with a consortium certificate over TLS 1.3 (`require_certificate`); its CN becomes its
+username (`use_identity_as_username`), and the ACL grants each identity exactly the topics of protocol/topics.py
+it needs. Devices are granted by `pattern` (`%u` = their own id), so enrolling a device needs a certificate but no
+broker change; edges are listed by name in the cloud's ACL.
+
+Size cap: `max_packet_size` sits just above the protocol's largest message (protocol.codec.MAX_MESSAGE_BYTES).
+Clients must chunk below it: under MQTT 5 the broker answers an oversized PUBLISH with reason 149, which paho 2.2
+mis-parses, then reconnects and resends forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fediomt import pki
+from protocol.atomic import atomic_write
+from protocol.codec import MAX_MESSAGE_BYTES
+from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, aggregate_topic, check_id, edge_status_topic
+
+PACKET_HEADROOM = 64 * 1024  # fixed header, topic and MQTT 5 properties around the largest protocol message
+DEFAULT_PORT = 8883
+
+
+@dataclass
+class BrokerConfig:
+    """What `fediomt broker config` needs; defaults are the documented production values."""
+
+    role: str                                   # "edge" or "cloud"
+    id: str                                     # the edge id (role edge) or "cloud"
+    pki: Path                                   # a PKI directory (`fediomt pki init` or `pki export`)
+    port: int = DEFAULT_PORT
+    bind: str = "0.0.0.0"
+    server: str | None = None                   # server certificate name; default "broker-{id}"
+    cloud_host: str | None = None               # edge only: bridge to this cloud broker
+    cloud_port: int = DEFAULT_PORT
+    edges: list[str] = field(default_factory=list)  # cloud only: edges allowed in; default: the PKI's edges
+    data_dir: Path = Path("/var/lib/mosquitto")
+    acl_file: Path | None = None                # default: the config path with suffix .acl
+    max_packet_size: int = MAX_MESSAGE_BYTES + PACKET_HEADROOM
+    autosave_interval: int = 5                  # s; the daemons' SQLite, not the broker, is the durable store
+    max_queued_messages: int = 10_000           # per offline persistent session
+    session_expiry: str = "7d"                  # drop sessions of devices gone for good
+
+    def __post_init__(self) -> None:
+        if self.role not in ("edge", "cloud"):
+            raise ValueError(f"role must be edge or cloud, not {self.role!r}")
+        check_id(self.id)
+        if self.role == "cloud" and self.id != pki.CLOUD_ID:
+            raise ValueError(f"the cloud broker's id is {pki.CLOUD_ID!r}")
+        if self.role == "cloud" and self.cloud_host:
+            raise ValueError("only an edge broker bridges to the cloud")
+        self.pki = Path(self.pki)
+        for edge in self.edges:
+            check_id(edge)
+
+    @property
+    def server_name(self) -> str:
+        return self.server or f"broker-{self.id}"
+
+
+def edge_acl(edge: str) -> str:
+    """Devices (any certificate, by pattern) and the edge gateway `edge` on the edge's broker."""
+    e = check_id(edge)
+    return "\n".join([
+        "# Devices: %u is the CN of the client certificate (the device id).",
+        f"pattern write fl/{e}/updates/%u",
+        f"pattern write fl/{e}/status/%u",
+        f"pattern write fl/{e}/secagg/+/%u",
+        f"pattern read fl/{e}/round",
+        f"pattern read fl/{e}/model",
+        f"pattern read fl/{e}/ack/%u",
+        f"pattern read fl/{e}/bundles/#",
+        f"pattern read fl/{e}/secagg/#",
+        "",
+        "# The edge gateway: all of its edge's topics, and its own side of the cloud topics (bridged).",
+        f"user {e}",
+        f"topic readwrite fl/{e}/#",
+        f"topic write {aggregate_topic(e)}",
+        f"topic write {edge_status_topic(e)}",
+        f"topic read {CLOUD_ROUND}",
+        f"topic read {CLOUD_MODEL}",
+        "",
+    ])
+
+
+def cloud_acl(edges: list[str]) -> str:
+    """The cloud aggregator and each listed edge (directly or through its bridge) on the cloud's broker."""
+    lines = ["# The cloud aggregator.", f"user {pki.CLOUD_ID}", "topic readwrite fl/cloud/#", ""]
+    for edge in edges:
+        lines += [f"# Edge {edge}: its own aggregate and status up, the cloud's round and model down.",
+                  f"user {check_id(edge)}", f"topic write {aggregate_topic(edge)}",
+                  f"topic write {edge_status_topic(edge)}", f"topic read {CLOUD_ROUND}", f"topic read {CLOUD_MODEL}",
+                  ""]
+    return "\n".join(lines)
+
+
+def pki_edges(directory: Path) -> list[str]:
+    """Edges with a valid certificate in a CA directory's index (empty for an exported directory)."""
+    index = directory / "index.json"
+    if not index.exists():
+        return []
+    certs = json.loads(index.read_text())["certs"]
+    return sorted({c["name"] for c in certs if c["kind"] == "edge" and c["revoked_at"] is None})
+
+
+def render(cfg: BrokerConfig, acl_path: Path) -> str:
+    """The mosquitto.conf text. Bridge settings come last: everything after `connection` belongs to the bridge."""
+    server = pki.identity(cfg.pki, "server", cfg.server_name)
+    lines = [
+        f"# FedIoMT {cfg.role} broker for {cfg.id!r}; written by `fediomt broker config`.",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"acl_file {acl_path.resolve()}",
+        "persistence true",
+        f"persistence_location {cfg.data_dir.resolve()}/",
+        f"autosave_interval {cfg.autosave_interval}",
+        f"persistent_client_expiration {cfg.session_expiry}",
+        f"max_queued_messages {cfg.max_queued_messages}",
+        f"max_packet_size {cfg.max_packet_size}",
+        "set_tcp_nodelay true",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "connection_messages true",
+        "",
+        f"listener {cfg.port} {cfg.bind}",
+        "tls_version tlsv1.3",
+        f"cafile {pki.ca_cert_path(cfg.pki).resolve()}",
+        f"certfile {server.cert.resolve()}",
+        f"keyfile {server.key.resolve()}",
+        f"crlfile {pki.crl_path(cfg.pki).resolve()}",
+        "require_certificate true",
+        "use_identity_as_username true",
+    ]
+    if cfg.cloud_host:
+        edge = pki.identity(cfg.pki, "edge", cfg.id)
+        lines += [
+            "",
+            "# Bridge to the cloud broker with the edge's client certificate: the cloud's ACL for this edge applies.",
+            f"connection fediomt-{cfg.id}-cloud",
+            f"address {cfg.cloud_host}:{cfg.cloud_port}",
+            "bridge_protocol_version mqttv50",
+            f"remote_clientid bridge-{cfg.id}",
+            "cleansession false",
+            "restart_timeout 1 30",
+            "notifications_local_only true",
+            "try_private true",
+            f"bridge_cafile {pki.ca_cert_path(cfg.pki).resolve()}",
+            f"bridge_certfile {edge.cert.resolve()}",
+            f"bridge_keyfile {edge.key.resolve()}",
+            "bridge_tls_version tlsv1.3",
+            "bridge_insecure false",
+            f"topic {aggregate_topic(cfg.id)} out 1",
+            f"topic {edge_status_topic(cfg.id)} out 1",
+            f"topic {CLOUD_ROUND} in 1",
+            f"topic {CLOUD_MODEL} in 1",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write(cfg: BrokerConfig, out: str | Path) -> tuple[Path, Path]:
+    """Write the config and its ACL file; returns both paths. Refuses when a certificate it names is missing."""
+    out = Path(out)
+    acl_path = cfg.acl_file or out.with_suffix(".acl")
+    needed = [pki.ca_cert_path(cfg.pki), pki.crl_path(cfg.pki), pki.identity(cfg.pki, "server", cfg.server_name).cert]
+    if cfg.cloud_host:
+        needed.append(pki.identity(cfg.pki, "edge", cfg.id).cert)
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise pki.PkiError(f"missing {', '.join(missing)}: issue them first (fediomt pki issue --server "
+                           f"{cfg.server_name} --host HOSTNAME; fediomt pki issue --edge {cfg.id})")
+    if cfg.role == "edge":
+        acl = edge_acl(cfg.id)
+    else:
+        acl = cloud_acl(cfg.edges or pki_edges(cfg.pki))
+    atomic_write(acl_path, acl.encode())
+    atomic_write(out, render(cfg, acl_path).encode())
+    return out, acl_path
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = BrokerConfig(role=args.role, id=args.id or pki.CLOUD_ID, pki=Path(args.pki), port=args.port,
+                           bind=args.bind, server=args.server, cloud_host=args.cloud_host, cloud_port=args.cloud_port,
+                           edges=args.edge or [], data_dir=Path(args.data_dir),
+                           acl_file=Path(args.acl) if args.acl else None, max_packet_size=args.max_packet_size)
+        for path in write(cfg, args.out):
+            print(path)
+    except (ValueError, pki.PkiError) as exc:
+        print(f"fediomt broker: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    p = sub.add_parser("config", help="write mosquitto.conf + ACL for an edge or the cloud broker",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--role", choices=("edge", "cloud"), required=True)
+    p.add_argument("--id", help="the edge id (role edge); the cloud is always 'cloud'")
+    p.add_argument("--pki", default="pki", help="PKI directory (default ./pki)")
+    p.add_argument("--out", required=True, help="config file to write; the ACL goes beside it (.acl)")
+    p.add_argument("--acl", help="ACL file path (default: --out with suffix .acl)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TLS listener port (default {DEFAULT_PORT})")
+    p.add_argument("--bind", default="0.0.0.0", help="listener address (default 0.0.0.0)")
+    p.add_argument("--server", help="server certificate name (default broker-ID)")
+    p.add_argument("--cloud-host", help="edge: bridge to the cloud broker at this host")
+    p.add_argument("--cloud-port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--edge", action="append", help="cloud: an edge allowed in (repeatable; default: the PKI's edges)")
+    p.add_argument("--data-dir", default="/var/lib/mosquitto", help="persistence directory")
+    p.add_argument("--max-packet-size", type=int, default=MAX_MESSAGE_BYTES + PACKET_HEADROOM,
+                   help="bytes; clients must chunk below it (default: protocol maximum + 64 KiB)")
+    p.set_defaults(func=_cmd_config)

@@ -1,0 +1,263 @@
+"""`fediomt broker config` against a real Mosquitto: mTLS identity, CRL, per-identity ACLs, the edge->cloud bridge.
+
+Under TLS 1.3 a rejected client certificate does not make paho's connect() raise: the broker's alert arrives after
+the client's handshake finished, as a disconnect. `_session` therefore waits for CONNACK or a disconnect.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import ssl
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from fediomt import broker as broker_config
+from fediomt import pki
+from fediomt.mosquitto import MosquittoBroker, free_port, give_to_broker_user
+from protocol import topics
+
+EDGE = "e1"
+NOT_AUTHORIZED = 135
+ACCEPTED = (0, 16)  # success; "no matching subscribers"
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    """Not pytest's tmp_path: Mosquitto started as root reads the ACL and keys as `mosquitto`, and pytest's tmp
+    directories are 0700."""
+    path = Path(tempfile.mkdtemp(prefix="fediomt-tls-"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ca(workdir):
+    directory = workdir / "pki"
+    pki.init_ca(directory)
+    devices = [("device", f"d{i}") for i in range(1, 5)]
+    for kind, name in [*devices, ("edge", EDGE), ("edge", "e2"), ("cloud", pki.CLOUD_ID),
+                       ("server", f"broker-{EDGE}"), ("server", "broker-cloud")]:
+        ident = pki.issue(directory, kind, name)
+        give_to_broker_user(ident.key)
+    pki.revoke(directory, "d3")
+    return directory
+
+
+def _start(workdir: Path, cfg_kwargs: dict, name: str) -> MosquittoBroker:
+    port = free_port()
+    cfg = broker_config.BrokerConfig(port=port, bind="127.0.0.1", data_dir=workdir / name, **cfg_kwargs)
+    conf, _ = broker_config.write(cfg, workdir / f"{name}.conf")
+    return MosquittoBroker(workdir=workdir / name, port=port, config_file=conf).start()
+
+
+@pytest.fixture(scope="module")
+def edge_broker(workdir, ca):
+    b = _start(workdir, {"role": "edge", "id": EDGE, "pki": ca}, "edge")
+    yield b
+    b.close()
+
+
+class _Session:
+    """A paho MQTT 5 client that records CONNACK/disconnect, PUBACK reason codes and received messages."""
+
+    def __init__(self, client_id: str, context: ssl.SSLContext | None) -> None:
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if context is not None:
+            self.client.tls_set_context(context)
+        self.outcome = threading.Event()
+        self.connected = False
+        self.acks: dict[int, int] = {}
+        self.acked = threading.Condition()
+        self.messages: list[tuple[str, bytes]] = []
+        self.subscribed = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self.outcome.set()
+        self.client.on_connect_fail = lambda *a: self.outcome.set()
+        self.client.on_publish = self._on_publish
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected = not reason_code.is_failure
+        self.outcome.set()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self.acked:
+            self.acks[mid] = reason_code.value
+            self.acked.notify_all()
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
+        """QoS 1 publish; returns the PUBACK reason code (ACCEPTED or NOT_AUTHORIZED)."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        with self.acked:
+            assert self.acked.wait_for(lambda: info.mid in self.acks, timeout=5), f"no PUBACK for {topic}"
+            return self.acks[info.mid]
+
+    def subscribe(self, topic_filter: str) -> None:
+        self.subscribed.clear()
+        self.client.subscribe(topic_filter, qos=1)
+        assert self.subscribed.wait(5)
+
+    def close(self) -> None:
+        self.client.disconnect()  # first: it ends paho's reconnect loop, so loop_stop() returns at once
+        self.client.loop_stop()
+
+
+def _session(port: int, client_id: str, context: ssl.SSLContext | None) -> _Session:
+    session = _Session(client_id, context)
+    try:
+        session.client.connect("127.0.0.1", port)
+    except (OSError, ssl.SSLError):
+        return session  # refused during the handshake (TLS 1.2 style)
+    session.client.loop_start()
+    assert session.outcome.wait(5), "neither CONNACK nor disconnect within 5 s"
+    if not session.connected:
+        session.close()
+    return session
+
+
+def _as(ca: Path, kind: str, name: str, port: int, client_id: str | None = None) -> _Session:
+    return _session(port, client_id or name, pki.tls_context(pki.identity(ca, kind, name)))
+
+
+@pytest.fixture
+def sessions():
+    opened: list[_Session] = []
+    yield opened
+    for s in opened:
+        s.close()
+
+
+def _wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_device_with_a_consortium_certificate_connects(ca, edge_broker, sessions):
+    s = _as(ca, "device", "d1", edge_broker.port)
+    sessions.append(s)
+    assert s.connected
+
+
+def test_clients_without_a_certificate_are_refused(ca, edge_broker):
+    no_cert = ssl.create_default_context(cafile=str(pki.ca_cert_path(ca)))
+    assert not _session(edge_broker.port, "anon-tls", no_cert).connected
+    assert not _session(edge_broker.port, "anon-plain", None).connected  # plaintext MQTT on the TLS port
+
+
+def test_certificate_from_another_ca_is_refused(ca, edge_broker, workdir):
+    rogue = workdir / "rogue-pki"
+    pki.init_ca(rogue, common_name="FedIoMT consortium CA")  # same name, different key
+    pki.issue(rogue, "device", "d1")
+    context = ssl.create_default_context(cafile=str(pki.ca_cert_path(ca)))  # trusts the real broker...
+    context.load_cert_chain(str(pki.identity(rogue, "device", "d1").cert), str(pki.identity(rogue, "device", "d1").key))
+    assert not _session(edge_broker.port, "rogue-d1", context).connected
+
+
+def test_revoked_device_is_refused(ca, edge_broker, sessions):
+    assert not _as(ca, "device", "d3", edge_broker.port).connected  # revoked before the broker started
+    d4 = _as(ca, "device", "d4", edge_broker.port)
+    sessions.append(d4)
+    assert d4.connected
+    pki.revoke(ca, "d4")
+    edge_broker.process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert not _as(ca, "device", "d4", edge_broker.port, client_id="d4-again").connected
+    assert d4.client.is_connected()  # SIGHUP reloads the CRL for new connections only...
+    edge_broker.restart()  # ...a restart cuts the live session, and its reconnects are refused
+    assert _wait_for(lambda: not d4.client.is_connected())
+    time.sleep(1.5)
+    assert not d4.client.is_connected()
+    sessions.append(_as(ca, "device", "d2", edge_broker.port))
+    assert sessions[-1].connected  # same CA, not revoked
+
+
+def test_device_cannot_publish_as_another_device(ca, edge_broker, sessions):
+    edge = _as(ca, "edge", EDGE, edge_broker.port, client_id="edge-gw")
+    d1 = _as(ca, "device", "d1", edge_broker.port)
+    sessions += [edge, d1]
+    edge.subscribe(f"fl/{EDGE}/updates/+")
+    assert d1.publish(topics.update_topic(EDGE, "d2"), b"forged") == NOT_AUTHORIZED
+    assert d1.publish(topics.status_topic(EDGE, "d2"), b"forged") == NOT_AUTHORIZED
+    assert d1.publish(topics.model_topic(EDGE), b"forged model") == NOT_AUTHORIZED
+    assert d1.publish(topics.aggregate_topic(EDGE), b"forged aggregate") == NOT_AUTHORIZED
+    assert d1.publish(topics.update_topic(EDGE, "d1"), b"own") in ACCEPTED
+    assert d1.publish(topics.secagg_topic(EDGE, "keys", "d1"), b"own") in ACCEPTED
+    assert _wait_for(lambda: edge.messages)
+    time.sleep(0.2)
+    assert edge.messages == [(topics.update_topic(EDGE, "d1"), b"own")]
+
+
+def test_device_reads_only_its_edges_downlink_and_its_own_acks(ca, edge_broker, sessions):
+    edge = _as(ca, "edge", EDGE, edge_broker.port, client_id="edge-gw2")
+    d1, d2 = _as(ca, "device", "d1", edge_broker.port), _as(ca, "device", "d2", edge_broker.port)
+    sessions += [edge, d1, d2]
+    d1.subscribe("fl/#")  # granted, but filtered per message at delivery
+    allowed = [topics.round_topic(EDGE), topics.ack_topic(EDGE, "d1"), topics.bundle_manifest_topic(EDGE, "ecg"),
+               topics.secagg_topic(EDGE, "shares")]
+    denied = [topics.ack_topic(EDGE, "d2"), topics.aggregate_topic(EDGE), topics.update_topic(EDGE, "e1")]
+    for topic in allowed + denied:
+        assert edge.publish(topic, b"x") in ACCEPTED
+    assert d2.publish(topics.update_topic(EDGE, "d2"), b"d2's update") in ACCEPTED  # others' updates stay private
+    assert edge.publish(topics.round_topic("e2"), b"x") == NOT_AUTHORIZED  # the edge is confined to its own tree
+    assert _wait_for(lambda: len(d1.messages) >= len(allowed))
+    time.sleep(0.2)
+    assert sorted(t for t, _ in d1.messages) == sorted(allowed)
+
+
+def test_edge_bridges_its_aggregate_to_the_cloud_over_mtls(ca, workdir):
+    cloud_broker = _start(workdir, {"role": "cloud", "id": pki.CLOUD_ID, "pki": ca}, "cloud")
+    bridged = _start(workdir, {"role": "edge", "id": EDGE, "pki": ca, "cloud_host": "127.0.0.1",
+                               "cloud_port": cloud_broker.port}, "edge-bridged")
+    opened: list[_Session] = []
+    try:
+        cloud = _as(ca, "cloud", pki.CLOUD_ID, cloud_broker.port)
+        e2 = _as(ca, "edge", "e2", cloud_broker.port)
+        edge = _as(ca, "edge", EDGE, bridged.port, client_id="edge-gw3")
+        device_at_cloud = _as(ca, "device", "d1", cloud_broker.port)
+        opened += [cloud, e2, edge, device_at_cloud]
+        cloud.subscribe("fl/cloud/aggregates/+")
+        e2.subscribe("fl/cloud/#")
+        edge.subscribe(topics.CLOUD_MODEL)
+        # The bridge connects asynchronously: publish until the cloud sees the aggregate through it.
+        assert _wait_for(lambda: edge.publish(topics.aggregate_topic(EDGE), b"agg") in ACCEPTED and
+                         _wait_for(lambda: cloud.messages, 0.3), timeout=10), cloud_broker.log_tail()
+        assert cloud.messages[0] == (topics.aggregate_topic(EDGE), b"agg")
+        assert cloud.publish(topics.CLOUD_MODEL, b"global model", retain=True) in ACCEPTED
+        assert _wait_for(lambda: (topics.CLOUD_MODEL, b"global model") in edge.messages)
+        # On the cloud broker an edge writes only its own aggregate and sees no other edge's; devices get nothing.
+        assert e2.publish(topics.aggregate_topic(EDGE), b"forged") == NOT_AUTHORIZED
+        assert device_at_cloud.publish(topics.aggregate_topic("d1"), b"x") == NOT_AUTHORIZED
+        assert [t for t, _ in e2.messages] == [topics.CLOUD_MODEL]
+    finally:
+        for s in opened:
+            s.close()
+        bridged.close()
+        cloud_broker.close()
+
+
+def test_config_has_the_documented_hardening(ca, workdir):
+    conf, acl = broker_config.write(broker_config.BrokerConfig(role="edge", id=EDGE, pki=ca, cloud_host="cloud.lan"),
+                                    workdir / "check.conf")
+    text = conf.read_text()
+    for line in ["allow_anonymous false", "require_certificate true", "use_identity_as_username true",
+                 "tls_version tlsv1.3", "set_tcp_nodelay true", "persistence true", "bridge_protocol_version mqttv50",
+                 f"max_packet_size {broker_config.MAX_MESSAGE_BYTES + broker_config.PACKET_HEADROOM}",
+                 f"topic {topics.aggregate_topic(EDGE)} out 1", f"topic {topics.CLOUD_MODEL} in 1"]:
+        assert line in text.splitlines()
+    assert f"pattern write fl/{EDGE}/updates/%u" in acl.read_text().splitlines()
+    with pytest.raises(pki.PkiError, match="broker-nope"):
+        broker_config.write(broker_config.BrokerConfig(role="edge", id=EDGE, pki=ca, server="broker-nope"),
+                            workdir / "x.conf")
