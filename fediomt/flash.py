@@ -117,11 +117,12 @@ def remote_commands(remote: Remote, bundle_dir: Path) -> dict[str, list[str]]:
 
 
 def parse_sha256sum(text: str) -> dict[str, str]:
+    """`sha256sum` output ("HASH  NAME" or, binary mode, "HASH *NAME") -> {name: hash}."""
     out = {}
     for line in text.splitlines():
-        digest, _, name = line.strip().partition("  ")
-        if name:
-            out[name.lstrip("*")] = digest
+        parts = line.split(maxsplit=1)
+        if len(parts) == 2:
+            out[parts[1].lstrip("*")] = parts[0]
     return out
 
 
