@@ -1,0 +1,9 @@
+"""FedAvg (McMahan et al. 2017): the mean of the edges' mean deltas, weighted by their number of samples."""
+
+from __future__ import annotations
+
+from cloud.strategies.base import Strategy
+
+
+class FedAvg(Strategy):
+    name = "fedavg"

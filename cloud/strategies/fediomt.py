@@ -1,0 +1,72 @@
+"""FedIoMT: hierarchical, heterogeneity-aware, compressed, two-level-DP federated averaging.
+
+Hierarchical: edges pre-aggregate their devices (and add user-level central DP, asked for here in `central_dp`);
+compressed: devices send sparse quantised deltas with error feedback (the `compression` settings); two-level DP:
+example-level DP-SGD on devices (the plan's clip/noise_mult) plus the edges' central noise, both accounted in
+cloud.accounting. On top, each switchable for ablations (cloud.strategies.heterogeneity):
+`importance_sampling` (cohort of `cohort_size` devices drawn by update norm, sample_weight = 1/(N pi_i), and the
+edges' means combined by their weight_sum, which carries those weights), `adaptive_lr` (lr_scale from compute class
+and data quality), `adaptive_steps` (plan.max_steps from the deadline and the devices' speed) and `fednova`
+(edge means normalised by their mean local steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+from cloud.strategies.base import (
+    DeviceInfo,
+    EdgeResult,
+    RoundConfig,
+    RoundDefaults,
+    ServerState,
+    Strategy,
+    weighted_mean,
+)
+from cloud.strategies.heterogeneity import deadline_steps, fednova_combine, importance_sample, lr_scales
+
+DEFAULT_CLASS_LR = {"wearable": 0.5, "phone": 0.8, "pi": 1.0, "server": 1.0}
+
+
+class FedIoMT(Strategy):
+    name = "fediomt"
+
+    def __init__(self, defaults: RoundDefaults, server_lr: float = 1.0, importance_sampling: bool = True,
+                 cohort_size: int = 0, uniform_mix: float = 0.2, adaptive_lr: bool = True,
+                 class_lr: Mapping[str, float] | None = None, min_quality: float = 0.2, adaptive_steps: bool = True,
+                 step_time_fraction: float = 0.5, fednova: bool = True) -> None:
+        super().__init__(defaults, server_lr)
+        if cohort_size < 0 or not 0 <= uniform_mix <= 1 or not 0 < step_time_fraction <= 1:
+            raise ValueError("need cohort_size >= 0, 0 <= uniform_mix <= 1, 0 < step_time_fraction <= 1")
+        self.importance_sampling, self.cohort_size, self.uniform_mix = importance_sampling, cohort_size, uniform_mix
+        self.adaptive_lr, self.class_lr = adaptive_lr, dict(DEFAULT_CLASS_LR if class_lr is None else class_lr)
+        self.min_quality = min_quality
+        self.adaptive_steps, self.step_time_fraction = adaptive_steps, step_time_fraction
+        self.fednova = fednova
+
+    def configure_round(self, state: ServerState, round_id: int, devices: Mapping[str, DeviceInfo],
+                        rng: np.random.Generator) -> RoundConfig:
+        plan, central_dp = self.defaults.plan, self.defaults.central_dp
+        cohort, sample_weight = [], {}
+        sampling = self.importance_sampling and 0 < self.cohort_size < len(devices)
+        if sampling:
+            cohort, sample_weight = importance_sample(devices, self.cohort_size, rng, self.uniform_mix)
+            if central_dp is not None:
+                central_dp = dataclasses.replace(central_dp, sampling_rate=min(1.0, self.cohort_size / len(devices)))
+        members = [devices[d] for d in cohort] if sampling else list(devices.values())
+        if self.adaptive_steps:
+            steps = deadline_steps((d.steps_per_s for d in members), self.defaults.round_seconds,
+                                   self.step_time_fraction)
+            if steps:
+                plan = dataclasses.replace(plan, max_steps=min(steps, plan.max_steps) if plan.max_steps else steps)
+        lr_scale = lr_scales(members, self.class_lr, self.min_quality) if self.adaptive_lr else {}
+        return RoundConfig(plan, dict(self.defaults.compression), cohort, lr_scale, sample_weight, central_dp)
+
+    def combine(self, results: list[EdgeResult], n_params: int) -> np.ndarray:
+        weights = [r.weight_sum if self.importance_sampling else float(r.num_samples) for r in results]
+        if self.fednova:
+            return fednova_combine(results, weights, n_params)
+        return weighted_mean(results, weights, n_params)

@@ -1,0 +1,21 @@
+"""FedProx (Li et al. 2020): FedAvg whose devices add mu/2 |w - w_global|^2 to their local loss (mu in the plan)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cloud.strategies.base import RoundDefaults, Strategy
+from protocol.messages import TrainingPlan
+
+
+class FedProx(Strategy):
+    name = "fedprox"
+
+    def __init__(self, defaults: RoundDefaults, server_lr: float = 1.0, mu: float = 0.01) -> None:
+        super().__init__(defaults, server_lr)
+        if mu < 0:
+            raise ValueError(f"mu must be >= 0, got {mu}")
+        self.mu = float(mu)
+
+    def plan(self) -> TrainingPlan:
+        return dataclasses.replace(self.defaults.plan, mu=self.mu)
