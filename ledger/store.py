@@ -90,6 +90,11 @@ class Ledger:
         raw = self.raw_blocks(index, index + 1)
         return Block.from_cbor(raw[0]) if raw else None
 
+    def check(self, block: Block, require_quorum: bool = True) -> None:
+        """Raise ProtocolError unless `block` may extend this chain (without the quorum: may be signed)."""
+        with self._lock:
+            check_block(block, self._head, self._membership, self._balances, require_quorum)
+
     def append(self, block: Block) -> None:
         """Validate `block` against this chain (links, quorum of known signatures, totals) and store it atomically.
 
@@ -100,7 +105,7 @@ class Ledger:
                 stored = self.block(block.index)
                 if stored is not None and stored.hash == block.hash:
                     raise ProtocolError(Reason.DUPLICATE, f"block {block.index} is already in the ledger")
-            check_block(block, self._head, self._membership, self._balances)
+            self.check(block)
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 (top,) = self._conn.execute("SELECT coalesce(max(idx), -1) FROM blocks").fetchone()

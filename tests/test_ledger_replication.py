@@ -1,0 +1,145 @@
+"""Ledger replication through a real Mosquitto: replicas converge, catch up, and all refuse bad blocks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import cbor2
+import paho.mqtt.client as mqtt
+import pytest
+
+from ledger.chain import make_genesis, sign_block, verify_chain
+from ledger.replication import BLOCKS, PROPOSALS, MqttNode, Proposer, Validator
+from ledger.store import Ledger, propose_block
+from protocol import signing
+from protocol.errors import ProtocolError, Reason
+
+from .test_ledger import VALIDATORS, contributions, membership
+
+EDGES = VALIDATORS[1:]
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def cluster(broker, tmp_path):
+    keys = {v: signing.generate_signing_key() for v in VALIDATORS}
+    genesis = make_genesis(membership(keys))
+    nodes: dict[str, MqttNode] = {}
+
+    def ledger(name: str, seeded: bool = True) -> Ledger:
+        lg = Ledger.open(tmp_path / f"{name}.db")
+        if seeded and lg.height == 0:
+            lg.append(genesis)
+        return lg
+
+    def start(name: str, seeded: bool = True) -> MqttNode:
+        if name == "cloud":
+            core = Proposer(name, keys[name], ledger(name))
+        else:
+            core = Validator(name, keys[name], ledger(name, seeded), genesis_hash=genesis.hash)
+        nodes[name] = MqttNode(core, broker.host, broker.port).start()
+        return nodes[name]
+
+    yield start, nodes, keys
+    for node in nodes.values():
+        node.stop()
+        node.node.ledger.close()
+
+
+def round_block(cloud: MqttNode, r: int):
+    return propose_block(cloud.node.ledger, r, 100 + r, contributions(r))
+
+
+def test_replicas_converge_and_catch_up(cluster):
+    start, nodes, _ = cluster
+    cloud = start("cloud")
+    start("edge-a")
+    start("edge-b")
+    for r in range(2):
+        committed = cloud.commit(round_block(cloud, r))
+        assert len(committed.signatures) >= 3
+    wait_for(lambda: all(nodes[v].node.ledger.height == 3 for v in ("edge-a", "edge-b")))
+    # edge-c joins with an empty database and only the pinned genesis hash: it fetches everything
+    start("edge-c", seeded=False)
+    wait_for(lambda: nodes["edge-c"].node.ledger.height == 3)
+    cloud.commit(round_block(cloud, 2))
+    # edge-b goes offline for a round (quorum is 3 of 4: cloud, edge-a, edge-c), then catches up on reconnect
+    nodes["edge-b"].stop()
+    cloud.commit(round_block(cloud, 3))
+    nodes["edge-b"] = MqttNode(nodes["edge-b"].node, *(cloud.host, cloud.port), client_id="ledger-edge-b-2").start()
+    wait_for(lambda: len({n.node.ledger.head.hash for n in nodes.values()}) == 1
+             and nodes["edge-b"].node.ledger.height == 5)
+    for node in nodes.values():
+        verdict = verify_chain(node.node.ledger.raw_blocks())
+        assert verdict.ok and verdict.height == 5
+        assert verdict.balances == cloud.node.ledger.balances()
+        assert not [e for e in node.node.refused if e.reason != Reason.DUPLICATE]
+
+
+def test_bad_blocks_are_refused_by_every_validator(cluster, broker):
+    start, nodes, keys = cluster
+    cloud = start("cloud")
+    for v in EDGES:
+        start(v)
+    cloud.commit(round_block(cloud, 0))
+    wait_for(lambda: all(nodes[v].node.ledger.height == 2 for v in EDGES))
+    heads = {v: nodes[v].node.ledger.head.hash for v in EDGES}
+
+    # the proposer's own check stops a wrong total before it reaches the network
+    good = round_block(cloud, 1)
+    bad = replace(good, minted=good.minted + 7)
+    with pytest.raises(ProtocolError, match="rewards sum"):
+        cloud.commit(bad)
+
+    # a compromised proposer publishes it anyway: every validator votes no
+    votes: list[dict] = []
+    got = threading.Event()
+    spy = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="spy", protocol=mqtt.MQTTv5)
+    subscribed = threading.Event()
+    spy.on_subscribe = lambda *a: subscribed.set()
+
+    def on_vote(client, userdata, msg):
+        votes.append(cbor2.loads(msg.payload))
+        if len(votes) == len(EDGES):
+            got.set()
+
+    spy.on_message = on_vote
+    spy.connect(broker.host, broker.port)
+    spy.subscribe("fl/ledger/signatures/+", qos=1)
+    spy.loop_start()
+    assert subscribed.wait(5)
+    spy.publish(PROPOSALS, bad.to_cbor(), qos=1).wait_for_publish(5)
+    assert got.wait(10)
+    assert sorted(v["validator"] for v in votes) == EDGES
+    assert all(v["refused"] == Reason.BAD_VALUE and v["sig"] == b"" for v in votes)
+
+    # a committed block with forged signatures (keys outside the consortium) is refused by every replica
+    outsiders = {v: signing.generate_signing_key() for v in VALIDATORS[:3]}
+    forged = good.with_signatures({v: sign_block(good, v, k) for v, k in outsiders.items()})
+    before = {v: len(nodes[v].node.refused) for v in EDGES}
+    spy.publish(BLOCKS, forged.to_cbor(), qos=1, retain=True).wait_for_publish(5)
+    wait_for(lambda: all(len(nodes[v].node.refused) > before[v] for v in EDGES))
+    assert all(nodes[v].node.refused[-1].reason == Reason.BAD_SIGNATURE for v in EDGES)
+    assert {v: nodes[v].node.ledger.head.hash for v in EDGES} == heads
+
+    # a block below quorum (2 genuine signatures of 4, quorum 3) is refused as well
+    weak = good.with_signatures({v: sign_block(good, v, keys[v]) for v in VALIDATORS[:2]})
+    spy.publish(BLOCKS, weak.to_cbor(), qos=1).wait_for_publish(5)
+    wait_for(lambda: all("quorum" in nodes[v].node.refused[-1].detail for v in EDGES))
+    assert {v: nodes[v].node.ledger.head.hash for v in EDGES} == heads
+    spy.loop_stop()
+    spy.disconnect()
+
+    # the honest path still works afterwards, and everyone agrees
+    cloud.commit(good)
+    wait_for(lambda: len({n.node.ledger.head.hash for n in nodes.values()}) == 1
+             and nodes["edge-a"].node.ledger.height == 3)
