@@ -1,0 +1,120 @@
+"""Two-level privacy accounting with dp-accounting (RDP and PLD), Opacus-style: the state is a history, epsilon is
+derived from it, so anyone can recompute the report from the run directory.
+
+- Device level (example-level DP-SGD on each device): one event per round (noise_mult, sample_rate q = batch /
+  local examples, steps), re-derived from the round's plan and the smallest local dataset the edges report, and
+  composed as if the worst-case device took part in every round (an upper bound). The devices' own reports
+  (EdgeAggregate.max_device_epsilon) are kept next to it; the larger of the two is the device-level epsilon.
+- Edge level (user-level central DP: each device's delta clipped, Gaussian noise on the sum): one event per round
+  (noise_mult, sampling_rate, 1 step), taking the weakest edge of the round (smallest noise, largest rate).
+An event with noise 0 and at least one step makes epsilon infinite (reported as None in JSON).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+from absl import logging as absl_logging
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from protocol.messages import CentralDPReport, TrainingPlan
+
+absl_logging.set_verbosity(absl_logging.ERROR)  # RDP's "failed to converge for order..." warnings on large q
+ACCOUNTANTS = ("rdp", "pld")
+
+
+@dataclass(frozen=True)
+class DpEvent:
+    """`steps` applications of the Gaussian mechanism with `noise_mult`, each on a Poisson sample of rate q."""
+
+    noise_mult: float
+    sample_rate: float
+    steps: int
+
+
+def epsilon(history: Iterable[DpEvent], delta: float, accountant: str = "rdp") -> float:
+    """epsilon(delta) of the composition of `history`; identical events are grouped (PLD cost grows per group)."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant {accountant!r} not in {ACCOUNTANTS}")
+    groups = Counter()
+    for e in history:
+        if e.steps > 0 and e.sample_rate > 0:
+            if e.noise_mult <= 0:
+                return math.inf
+            groups[(e.noise_mult, e.sample_rate)] += e.steps
+    if not groups:
+        return 0.0
+    events = []
+    for (z, q), steps in sorted(groups.items()):
+        gaussian = dp_event.GaussianDpEvent(z)
+        events.append(dp_event.SelfComposedDpEvent(
+            gaussian if q >= 1 else dp_event.PoissonSampledDpEvent(q, gaussian), steps))
+    acc = rdp_privacy_accountant.RdpAccountant() if accountant == "rdp" else pld_privacy_accountant.PLDAccountant()
+    acc.compose(dp_event.ComposedDpEvent(events))
+    return float(acc.get_epsilon(delta))
+
+
+def device_event(plan: TrainingPlan, min_local_examples: int) -> DpEvent:
+    """A device's example-level DP-SGD in one round: q = batch / n examples, epochs / q steps (max_steps caps it)."""
+    if min_local_examples <= 0:
+        return DpEvent(plan.noise_mult, 0.0, 0)
+    q = min(1.0, plan.batch_size / min_local_examples)
+    steps = math.ceil(plan.local_epochs / q) if plan.local_epochs else plan.max_steps
+    if plan.max_steps:
+        steps = min(steps, plan.max_steps)
+    return DpEvent(plan.noise_mult, q, steps)
+
+
+def central_event(reports: Iterable[CentralDPReport | None]) -> DpEvent:
+    """The weakest edge's user-level mechanism this round; an edge without central DP makes it noise 0."""
+    reports = list(reports)
+    if not reports:
+        return DpEvent(0.0, 0.0, 0)
+    if any(r is None for r in reports):
+        return DpEvent(0.0, 1.0, 1)
+    return DpEvent(min(r.noise_mult for r in reports), max(r.sampling_rate for r in reports), 1)
+
+
+@dataclass
+class PrivacyLedger:
+    """Histories per level plus the largest device epsilon the edges reported; JSON-serialisable for checkpoints."""
+
+    delta: float = 1e-5
+    device: list[DpEvent] = field(default_factory=list)
+    central: list[DpEvent] = field(default_factory=list)
+    device_reported: float = 0.0
+
+    def report(self, accountant: str = "rdp", extra_device: DpEvent | None = None,
+               extra_central: DpEvent | None = None) -> dict[str, float]:
+        """epsilon(delta) per level ("device" = max(derived, reported)); `extra_*` project one more round."""
+        device = epsilon(self.device + ([extra_device] if extra_device else []), self.delta, accountant)
+        return {"device": max(device, self.device_reported), "device_derived": device,
+                "device_reported": self.device_reported,
+                "central": epsilon(self.central + ([extra_central] if extra_central else []), self.delta, accountant)}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PrivacyLedger:
+        return cls(float(d["delta"]), [DpEvent(**e) for e in d["device"]], [DpEvent(**e) for e in d["central"]],
+                   float(d["device_reported"]))
+
+
+def exhausted(report: dict[str, float], device_budget: float, central_budget: float) -> str | None:
+    """A clear message naming the spent level, or None while both budgets (0 = unlimited) hold."""
+    for level, budget in (("device", device_budget), ("central", central_budget)):
+        if budget > 0 and report[level] > budget:
+            return (f"privacy budget spent: {level}-level epsilon would reach {report[level]:.3f} > budget "
+                    f"{budget:g}")
+    return None
+
+
+def json_epsilon(report: dict[str, float]) -> dict[str, float | None]:
+    """JSON has no infinity: an unbounded epsilon is null."""
+    return {k: (None if math.isinf(v) else round(v, 6)) for k, v in report.items()}
