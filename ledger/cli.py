@@ -10,9 +10,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import tomllib
-
-from ledger.chain import Block, Verdict, verify_chain
+from ledger.chain import Block, make_genesis, verify_chain
+from ledger.consortium import load_consortium, open_ledger
 from protocol.errors import ProtocolError
 
 CONTRIBUTION_COLUMNS = ["block", "round", "model_version", "participant", "samples", "on_time", "flagged", "quality",
@@ -27,15 +26,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     v.add_argument("db", type=Path, help="ledger SQLite database (e.g. RUN/ledger.db)")
     v.add_argument("--genesis-hash", help="hex SHA-256 of the genesis block, distributed out of band")
     v.add_argument("--head-hash", help="hex hash of the expected last block (detects a dropped tail)")
-    v.add_argument("--validators", type=Path,
-                   help="TOML file: `quorum = N` and a [validators] table of id = \"hex public key\"; the genesis "
-                        "membership must match it")
+    v.add_argument("--validators", type=Path, metavar="CONSORTIUM",
+                   help="consortium TOML (validators, quorum, policy; see docs/ledger.md): the genesis must be "
+                        "exactly the one it defines")
     v.set_defaults(func=verify)
     r = sub.add_parser("report", help="print balances and per-round contributions")
     r.add_argument("db", type=Path)
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
     r.add_argument("--balances", action="store_true", help="only the balances")
     r.set_defaults(func=report)
+    g = sub.add_parser("genesis", help="print the genesis hash a consortium file defines (and create DB with it)")
+    g.add_argument("consortium", type=Path, help="consortium TOML")
+    g.add_argument("db", type=Path, nargs="?", help="create (or check) this ledger database")
+    g.set_defaults(func=genesis)
+    p = sub.add_parser("replica", help="run a validator: sign valid proposals, replicate committed blocks over MQTT",
+                       description="A validator daemon (one per edge). Stops cleanly on SIGTERM/SIGINT.")
+    p.add_argument("db", type=Path, help="this validator's ledger database (created from the consortium file)")
+    p.add_argument("--consortium", type=Path, required=True, help="consortium TOML (its genesis is pinned)")
+    p.add_argument("--id", required=True, help="this validator's id in the consortium")
+    p.add_argument("--key", type=Path, required=True, help="this validator's Ed25519 signing key (PEM)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--pki", type=Path, help="PKI directory: connect with mutual TLS as edge ID")
+    p.set_defaults(func=replica)
 
 
 def _raw_blocks(db: Path) -> list[bytes]:
@@ -61,29 +74,20 @@ def _hex(value: str | None, what: str) -> bytes | None:
     return raw
 
 
-def _check_validators(verdict: Verdict, path: Path) -> str | None:
-    table = tomllib.loads(path.read_text())
-    want = {vid: bytes.fromhex(key) for vid, key in table.get("validators", {}).items()}
-    m = verdict.membership
-    if m is None or m.validators != want:
-        return f"genesis validators differ from {path}"
-    if "quorum" in table and m.quorum != table["quorum"]:
-        return f"genesis quorum {m.quorum} differs from {path} ({table['quorum']})"
-    return None
-
-
 def verify(args: argparse.Namespace) -> int:
     try:
         raw = _raw_blocks(args.db)
     except (OSError, sqlite3.Error) as exc:
         print(f"FAIL: cannot read {args.db}: {exc}", file=sys.stderr)
         return 1
-    verdict = verify_chain(raw, _hex(args.genesis_hash, "--genesis-hash"), _hex(args.head_hash, "--head-hash"))
-    if verdict.ok and args.validators is not None:
-        problem = _check_validators(verdict, args.validators)
-        if problem:
-            print(f"FAIL: block 0: {problem}")
+    pinned = _hex(args.genesis_hash, "--genesis-hash")
+    if args.validators is not None:
+        from_file = make_genesis(load_consortium(args.validators)).hash
+        if pinned is not None and pinned != from_file:
+            print(f"FAIL: {args.validators} does not define the genesis {args.genesis_hash}")
             return 1
+        pinned = from_file
+    verdict = verify_chain(raw, pinned, _hex(args.head_hash, "--head-hash"))
     if not verdict.ok:
         print(f"FAIL: block {verdict.bad_index}: {verdict.error} "
               f"({verdict.height} blocks before it verified)")
@@ -136,4 +140,40 @@ def report(args: argparse.Namespace) -> int:
             print_table(rows, CONTRIBUTION_COLUMNS)
             print()
         print_table(balance_rows, ["participant", "balance"])
+    return 0
+
+
+def genesis(args: argparse.Namespace) -> int:
+    membership = load_consortium(args.consortium)
+    if args.db is not None:
+        open_ledger(args.db, membership).close()
+    print(make_genesis(membership).hash.hex())
+    return 0
+
+
+def replica(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from fediomt.logs import event, setup
+    from ledger.replication import MqttNode, Validator
+    from protocol.signing import load_private_key
+
+    log = setup("ledger")
+    ledger = open_ledger(args.db, load_consortium(args.consortium))
+    tls = None
+    if args.pki is not None:
+        from fediomt.pki import identity, tls_context
+
+        tls = tls_context(identity(args.pki, "edge", args.id))
+    validator = Validator(args.id, load_private_key(args.key), ledger, genesis_hash=ledger.block(0).hash)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    node = MqttNode(validator, args.host, args.port, tls=tls).start()
+    event(log, "replica started", id=args.id, height=ledger.height, host=args.host, port=args.port)
+    stop.wait()
+    node.stop()
+    ledger.close()
+    event(log, "replica stopped", id=args.id, height=ledger.height)
     return 0

@@ -17,6 +17,7 @@ Trust: the proposer is trusted for liveness (it alone orders blocks), not for sa
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from dataclasses import asdict, dataclass, field
 
@@ -253,7 +254,8 @@ class Proposer(Validator):
 class MqttNode:
     """Runs a Validator or Proposer on a paho client: subscribe on connect, feed messages, publish the answers."""
 
-    def __init__(self, node: Validator, host: str, port: int, client_id: str | None = None) -> None:
+    def __init__(self, node: Validator, host: str, port: int, client_id: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.node = node
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
@@ -262,6 +264,8 @@ class MqttNode:
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message
+        if tls is not None:
+            self.client.tls_set_context(tls)
         self.host, self.port = host, port
 
     def start(self, timeout: float = 10.0) -> MqttNode:

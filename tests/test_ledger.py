@@ -16,6 +16,7 @@ import pytest
 
 from fediomt.cli import main
 from ledger.chain import Block, Membership, make_genesis, quorum_for, sign_block, verify_chain
+from ledger.consortium import load_consortium, open_ledger
 from ledger.scoring import Contribution, RewardPolicy
 from ledger.store import Ledger, propose_block
 from protocol import signing
@@ -208,7 +209,7 @@ def test_verify_detects_tampering_with_any_field_of_any_block(tmp_path, keys):
     assert main(["ledger", "verify", str(db)]) == 1
 
 
-def test_genesis_tampering_and_pinning(tmp_path, keys):
+def test_genesis_tampering_and_pinning(tmp_path, keys, capsys):
     db = tmp_path / "l.db"
     ledger = build_ledger(db, keys, rounds=1)
     genesis_hash = ledger.raw_blocks() and Block.from_cbor(ledger.raw_blocks()[0]).hash
@@ -227,10 +228,21 @@ def test_genesis_tampering_and_pinning(tmp_path, keys):
     assert main(["ledger", "verify", str(tmp_path / "fake.db"), "--genesis-hash", genesis_hash.hex()]) == 1
     assert main(["ledger", "verify", str(db), "--genesis-hash", genesis_hash.hex()]) == 0
     validators = tmp_path / "validators.toml"
-    validators.write_text("quorum = 3\n[validators]\n" + "".join(
+    validators.write_text("quorum = 3\n[policy]\ntokens_per_round = 100\n[validators]\n" + "".join(
         f'{v} = "{signing.public_key_bytes(k.public_key()).hex()}"\n' for v, k in keys.items()))
     assert main(["ledger", "verify", str(db), "--validators", str(validators)]) == 0
     assert main(["ledger", "verify", str(tmp_path / "fake.db"), "--validators", str(validators)]) == 1
+    capsys.readouterr()
+    assert main(["ledger", "genesis", str(validators)]) == 0
+    assert capsys.readouterr().out.strip() == genesis_hash.hex()
+    # PEM paths work as well as hex keys; the same file opens (or creates) a validator's database
+    signing.save_public_key(keys["cloud"].public_key(), tmp_path / "cloud.pub")
+    validators.write_text(validators.read_text().replace(
+        signing.public_key_bytes(keys["cloud"].public_key()).hex(), "cloud.pub"))
+    assert main(["ledger", "genesis", str(validators), str(tmp_path / "new.db")]) == 0
+    assert Ledger.open(tmp_path / "new.db").block(0).hash == genesis_hash
+    with pytest.raises(ProtocolError, match="another consortium"):
+        open_ledger(tmp_path / "fake.db", load_consortium(validators))
 
 
 def test_verify_detects_reordered_dropped_and_under_signed_blocks(tmp_path, keys, capsys):

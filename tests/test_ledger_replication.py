@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -11,11 +16,13 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from ledger.chain import make_genesis, sign_block, verify_chain
+from ledger.consortium import load_consortium, open_ledger
 from ledger.replication import BLOCKS, PROPOSALS, MqttNode, Proposer, Validator
 from ledger.store import Ledger, propose_block
 from protocol import signing
 from protocol.errors import ProtocolError, Reason
 
+from .conftest import REPO
 from .test_ledger import VALIDATORS, contributions, membership
 
 EDGES = VALIDATORS[1:]
@@ -53,6 +60,11 @@ def cluster(broker, tmp_path):
     for node in nodes.values():
         node.stop()
         node.node.ledger.close()
+
+
+def stored_blocks(db) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT count(*) FROM blocks").fetchone()[0]
 
 
 def round_block(cloud: MqttNode, r: int):
@@ -143,3 +155,39 @@ def test_bad_blocks_are_refused_by_every_validator(cluster, broker):
     cloud.commit(good)
     wait_for(lambda: len({n.node.ledger.head.hash for n in nodes.values()}) == 1
              and nodes["edge-a"].node.ledger.height == 3)
+
+
+def test_replica_daemon_signs_replicates_and_stops_on_sigterm(broker, tmp_path):
+    keys = {v: signing.generate_signing_key() for v in ("cloud", "edge-a")}
+    for v, k in keys.items():
+        signing.save_public_key(k.public_key(), tmp_path / f"{v}.pub")
+    signing.save_private_key(keys["edge-a"], tmp_path / "edge-a.key")
+    consortium = tmp_path / "consortium.toml"
+    consortium.write_text('quorum_fraction = 1.0\n[validators]\ncloud = "cloud.pub"\nedge-a = "edge-a.pub"\n'
+                          "[policy]\ntokens_per_round = 50\n")
+    cloud_ledger = open_ledger(tmp_path / "cloud.db", load_consortium(consortium))
+    cloud = MqttNode(Proposer("cloud", keys["cloud"], cloud_ledger), broker.host, broker.port).start()
+    daemon = subprocess.Popen([sys.executable, "-m", "fediomt", "ledger", "replica", str(tmp_path / "edge-a.db"),
+                               "--consortium", str(consortium), "--id", "edge-a", "--key", str(tmp_path / "edge-a.key"),
+                               "--host", broker.host, "--port", str(broker.port)],
+                              cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        block = None
+        deadline = time.monotonic() + 30
+        while block is None:  # the daemon needs a moment to start and subscribe
+            try:
+                block = cloud.commit(propose_block(cloud_ledger, 0, 1, contributions(0)), timeout=1.0)
+            except ProtocolError as exc:
+                assert exc.reason == Reason.INCOMPLETE and time.monotonic() < deadline and daemon.poll() is None
+        assert set(block.signatures) == {"cloud", "edge-a"}
+        wait_for(lambda: stored_blocks(tmp_path / "edge-a.db") == 2)  # the committed block reached the replica
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0
+        logs = [json.loads(line) for line in daemon.stderr.read().splitlines() if line.startswith("{")]
+        assert logs[-1]["msg"] == "replica stopped" and logs[-1]["height"] == 2
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        cloud.stop()
+    with Ledger.open(tmp_path / "edge-a.db") as replica:
+        assert replica.head.hash == cloud_ledger.head.hash
