@@ -261,3 +261,36 @@ def test_config_has_the_documented_hardening(ca, workdir):
     with pytest.raises(pki.PkiError, match="broker-nope"):
         broker_config.write(broker_config.BrokerConfig(role="edge", id=EDGE, pki=ca, server="broker-nope"),
                             workdir / "x.conf")
+
+
+def test_edge_replicas_split_updates_through_a_shared_subscription(ca, edge_broker, sessions):
+    replicas = [_as(ca, "edge", EDGE, edge_broker.port, client_id=f"edge-replica-{i}") for i in range(2)]
+    d1 = _as(ca, "device", "d1", edge_broker.port)
+    sessions += [*replicas, d1]
+    for replica in replicas:
+        replica.subscribe(topics.shared(EDGE, f"fl/{EDGE}/updates/+"))
+    sent = [f"update {i}".encode() for i in range(10)]
+    for payload in sent:
+        assert d1.publish(topics.update_topic(EDGE, "d1"), payload) in ACCEPTED
+    assert _wait_for(lambda: sum(len(r.messages) for r in replicas) >= len(sent))
+    got = [p for r in replicas for _, p in r.messages]
+    assert sorted(got) == sorted(sent)  # each update exactly once...
+    assert all(r.messages for r in replicas)  # ...and both replicas took a share
+
+
+def test_a_packet_over_the_cap_costs_the_sender_its_connection_and_is_not_delivered(ca, workdir, sessions):
+    """`max_packet_size` is checked before the payload is read (cheap for the broker), and the client is
+    disconnected. A QoS 1 sender would resend the same packet after every reconnect, forever: clients chunk."""
+    small = _start(workdir, {"role": "edge", "id": EDGE, "pki": ca, "max_packet_size": 64 * 1024}, "small")
+    try:
+        edge, d1 = _as(ca, "edge", EDGE, small.port), _as(ca, "device", "d1", small.port)
+        sessions += [edge, d1]
+        edge.subscribe(f"fl/{EDGE}/updates/+")
+        d1.client.publish(topics.update_topic(EDGE, "d1"), bytes(100 * 1024), qos=0)
+        assert _wait_for(lambda: "disconnected due to oversize packet" in small.log_tail(20_000))
+        assert _wait_for(d1.client.is_connected)  # paho reconnects by itself
+        assert d1.publish(topics.update_topic(EDGE, "d1"), bytes(60 * 1024)) in ACCEPTED
+        assert _wait_for(lambda: edge.messages)
+        assert [len(p) for _, p in edge.messages] == [60 * 1024]
+    finally:
+        small.close()
