@@ -165,3 +165,16 @@ def test_models_cli_build_and_verify(tmp_path, capsys):
     model.write_bytes(model.read_bytes()[:-1] + b"\x00")
     assert main(["models", "verify", str(out / "vitals_mlp"), "--pubkey", str(pub)]) == 1
     assert "BAD_HASH" in capsys.readouterr().err
+
+
+def test_train_step_bench_measures_without_tensorflow_on_the_device_side(tmp_path):
+    from experiments.bench.train_step import measure
+    from protocol.signing import save_public_key
+
+    key = generate_signing_key()
+    save_public_key(key.public_key(), tmp_path / "signing.pub")
+    row = measure("vitals_mlp", steps=5, workdir=tmp_path, key=key)
+    assert row["rss_process_imported_tf"] is False
+    assert 0 < row["peak_rss_mb"] < 200
+    assert row["litert_dp_step_ms"] > 0 and row["tf_function_dp_step_ms"] > 0
+    assert row["int8_student_bytes"] < row["trainable_bytes"]
