@@ -1,0 +1,53 @@
+"""Central (user-level) DP at the edge: each device's delta is clipped to L2 norm S and N(0, z^2 S^2) is added to
+the weighted sum, once per aggregate.
+
+How the mean is formed (fixed-denominator estimator): contribution weights are scaled into (0, 1] by their maximum,
+omega_i = alpha_i / max_j alpha_j, so one device moves the sum by at most S whatever its weight. Then
+
+    mean = (sum_i omega_i clip_S(delta_i) + N(0, z^2 S^2 I)) / W,   W = sum_i omega_i
+
+W is computed from the round's metadata before any delta is read, never from the deltas, so the sensitivity of the
+mean to any one device's delta is at most S / W and the noise on the mean has std z S / W. The cloud's accountant
+composes (z, S, sampling rate) from the CentralDPReport attached to the aggregate; participation itself is not
+hidden (device ids travel in the aggregate).
+
+The Gaussian noise comes from the operating system's CSPRNG (os.urandom through Box-Muller), not from numpy's
+seedable generators, so the noise cannot be reproduced from a leaked or guessed seed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from protocol.messages import CentralDPReport
+
+
+def secure_normal(n: int) -> np.ndarray:
+    """n i.i.d. N(0, 1) float64 from os.urandom (Box-Muller on 53-bit uniforms in (0, 1])."""
+    pairs = (n + 1) // 2
+    raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
+    u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
+    u2 = (raw[1] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    radius = np.sqrt(-2.0 * np.log(u1))
+    angle = 2.0 * np.pi * u2
+    return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+
+
+def clip_factors(norms: np.ndarray, clip: float) -> np.ndarray:
+    """min(1, S / ||delta_i||) per device (1 for a zero delta)."""
+    return np.minimum(1.0, clip / np.maximum(norms, 1e-300))
+
+
+def noisy_mean(weighted_sum: np.ndarray, weight_sum: float, clip: float, noise_mult: float,
+               noise: np.ndarray | None = None) -> np.ndarray:
+    """(sum + N(0, z^2 S^2)) / W; `noise` (standard normal, for tests) defaults to secure_normal."""
+    if noise is None:
+        noise = secure_normal(weighted_sum.shape[0])
+    return (weighted_sum + noise_mult * clip * noise) / weight_sum
+
+
+def report(clip: float, noise_mult: float, sampling_rate: float, num_clipped: int) -> CentralDPReport:
+    return CentralDPReport(clip=float(clip), noise_mult=float(noise_mult),
+                           sampling_rate=float(min(max(sampling_rate, 0.0), 1.0)), num_clipped=int(num_clipped))

@@ -1,0 +1,117 @@
+"""Edge gateway configuration: TOML -> dataclasses with documented defaults (configs/edge.toml is the reference).
+
+Relative paths resolve against the config file's directory. Unknown keys are an error, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from edge.aggregate import FilterConfig
+from edge.rounds import RoundsConfig
+from edge.weighting import WeightingConfig
+from protocol.compression import CompressionSettings
+from protocol.topics import check_id
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """An MQTT broker connection. TLS when `ca` is set (client certificate with `cert`/`key`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = 30
+    session_expiry_s: int = 0   # 0 = clean session (required for replicas sharing a $share group)
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """Central DP used when the round announcement carries none (the cloud's `central_dp` wins when present)."""
+
+    clip: float = 0.0            # S; 0 = no central DP
+    noise_mult: float = 0.0      # z
+    sampling_rate: float = 0.0   # reported q; 0 = expected devices / enrolled devices
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    significance: float = 0.0    # forward only when ||agg - last|| / ||last|| exceeds this; 0 = always
+    compression: dict = field(default_factory=lambda: {"method": "dense", "bits": 32})  # of the aggregate payload
+
+    def settings(self) -> CompressionSettings:
+        return CompressionSettings(**self.compression)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    edge_id: str
+    state_dir: Path              # SQLite round store (edge.db)
+    enrolment_dir: Path          # {device_id}.pub of every device allowed to send updates
+    signing_key: Path            # this edge's Ed25519 private key (signs EdgeAggregates)
+    cloud_public_key: Path       # verifies the cloud's RoundAnnouncements and GlobalModels before relaying
+    broker: BrokerConfig = field(default_factory=BrokerConfig)   # the edge's broker (devices connect here)
+    cloud: BrokerConfig | None = None  # the cloud's broker; absent = fl/cloud/* on `broker` (same broker or bridge)
+    group: str = ""              # shared-subscription group; "" = edge_id (replicas of one edge share it)
+    replica: str = "0"           # distinguishes replicas' client ids
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
+    max_update_bytes: int = 4 * 1024 * 1024
+    synchronous: str = "normal"  # SQLite: "normal" survives kill -9, "full" also power loss
+    metrics_port: int = 0        # Prometheus /metrics on this port; 0 = off
+    metrics_host: str = "127.0.0.1"
+    tick_s: float = 0.2          # how often deadlines are checked
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        check_id(self.edge_id)
+        check_id(self.group or self.edge_id)
+        check_id(self.replica)
+        self.forward.settings()
+
+
+def _build(cls, raw: dict, base: Path, where: str):
+    """Instantiate dataclass `cls` from a TOML table: known keys only, nested dataclasses, Paths resolved."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        options = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
+        target = options[0]
+        if dataclasses.is_dataclass(target):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.{name}: expected a table")
+            value = _build(target, value, base, f"{where}.{name}")
+        elif target is Path:
+            value = base / Path(value).expanduser()
+        elif target is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def load_config(path: str | Path) -> EdgeConfig:
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    return _build(EdgeConfig, raw, path.resolve().parent, path.name)

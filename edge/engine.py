@@ -1,0 +1,294 @@
+"""The edge's state machine, without MQTT: feed it messages and the clock, it returns what to publish.
+
+handle_cloud(kind, data) verifies the cloud's round announcements and global models (and says whether to relay
+them); handle_update(device, data) admits a device update and returns the Ack; tick(now) closes a synchronous round
+at its quorum or deadline, or an asynchronous buffer every K updates, and returns the signed EdgeAggregate. Every
+accepted update is in SQLite before handle_update returns (edge.store), so the MQTT shell acknowledges the message
+to the broker only after it is durable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge import central_dp
+from edge.aggregate import Meta, Result, aggregate, relative_change
+from edge.config import EdgeConfig
+from edge.metrics import Metrics
+from edge.rounds import expected_devices, staleness_weight, sync_close_reason
+from edge.rows import Rows
+from edge.store import Store, Stored
+from edge.validation import KeyRing, RoundContext, authenticate, decode_delta
+from fediomt.logs import event
+from protocol import signing
+from protocol.compression import CompressionSettings, decode_update, encode_update
+from protocol.errors import ProtocolError, Reason
+from protocol.messages import (
+    Ack,
+    EdgeAggregate,
+    GlobalModel,
+    RoundAnnouncement,
+    decode,
+    encode,
+    new_nonce,
+    sign_message,
+    verify_message,
+)
+from protocol.topics import aggregate_topic, check_id
+
+
+@dataclass(frozen=True)
+class Publication:
+    topic: str
+    payload: bytes
+    retain: bool = False
+    batch: int | None = None    # an outbox entry: mark_published(batch) once the broker has it
+
+
+class EdgeEngine:
+    def __init__(self, cfg: EdgeConfig, log: logging.Logger | None = None, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.log = log or logging.getLogger("edge")
+        self.metrics = metrics or Metrics()
+        self.store = Store(cfg.state_dir / "edge.db", cfg.synchronous)
+        self.keys = KeyRing(cfg.enrolment_dir)
+        self.key = signing.load_private_key(cfg.signing_key)
+        self.cloud_key = signing.load_public_key(cfg.cloud_public_key)
+        self.forward_settings = cfg.forward.settings()
+        self.rejected: Counter[str] = Counter()
+        self.announcement: RoundAnnouncement | None = None
+        self.ctx: RoundContext | None = None
+        self._restore()
+
+    # ------------------------------------------------------------ state
+    def _restore(self) -> None:
+        raw = self.store.get("announcement")
+        self.announcement = None if raw is None else decode(raw, expect=RoundAnnouncement)
+        model = self.store.get("model")
+        self.model = json.loads(model) if model else None        # {"version": v, "n_params": n}
+        self.opened = float(self.store.get("opened") or 0.0)
+        self.closed_round = int(self.store.get("closed_round") or -1)
+        self.batch = int(self.store.get("batch") or 0)
+        self.last_forwarded = _floats(self.store.get("last_forwarded"))
+        self.residual = _floats(self.store.get("residual"))
+        self.pending: list[Stored] = self.store.pending()
+        self.metrics.pending.set(len(self.pending))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Rebuild the round context after the announcement, the model or the closed state changed."""
+        ann = self.announcement
+        if ann is None or self.model is None:
+            self.ctx = None
+            return
+        self.expected = expected_devices(ann.cohort, self.keys.enrolled())
+        seed = ann.compression.get("seed")
+        self.ctx = RoundContext(
+            edge_id=self.cfg.edge_id, round_id=ann.round_id, model_version=ann.model_version,
+            n_params=int(self.model["n_params"]), cohort=frozenset(ann.cohort),
+            closed=self.cfg.rounds.mode == "sync" and self.closed_round >= ann.round_id,
+            seed=seed if type(seed) is int else None, rounds=self.cfg.rounds)
+
+    # ------------------------------------------------------------ cloud -> edge
+    def handle_cloud(self, kind: str, data: bytes) -> list[Publication]:
+        """A message from fl/cloud/round or fl/cloud/model: verify, adopt, relay (and maybe close a round)."""
+        self.metrics.bytes_in.inc(len(data))
+        try:
+            if kind == "round":
+                return self._on_round(data)
+            return self._on_model(data)
+        except ProtocolError as exc:
+            event(self.log, "cloud message rejected", logging.WARNING, kind=kind, reason=exc.reason.name,
+                  detail=exc.detail)
+            return []
+
+    def _on_model(self, data: bytes) -> list[Publication]:
+        msg = decode(data, expect=GlobalModel)
+        verify_message(msg, self.cloud_key)
+        relay = [Publication(f"fl/{self.cfg.edge_id}/model", data, retain=True)]
+        if self.model is not None and msg.model_version < self.model["version"]:
+            return []
+        self.model = {"version": msg.model_version, "n_params": msg.n_params}
+        self.store.put("model", json.dumps(self.model).encode())
+        self._refresh()
+        return relay
+
+    def _on_round(self, data: bytes) -> list[Publication]:
+        msg = decode(data, expect=RoundAnnouncement)
+        verify_message(msg, self.cloud_key)
+        current = self.announcement
+        if current is not None and msg.round_id <= current.round_id:
+            return [] if msg.round_id < current.round_id else [Publication(f"fl/{self.cfg.edge_id}/round", data,
+                                                                           retain=True)]
+        out = []
+        if self.cfg.rounds.mode == "sync" and current is not None and self.pending:
+            out += self._close("superseded")
+        self.announcement, self.opened = msg, time.time()
+        self.store.put("announcement", data)
+        self.store.put("opened", repr(self.opened).encode())
+        self.store.prune(msg.round_id - self.cfg.rounds.max_staleness - 1)
+        self._refresh()
+        event(self.log, "round opened", round=msg.round_id, model_version=msg.model_version,
+              expected=len(self.expected), deadline=msg.deadline)
+        return out + [Publication(f"fl/{self.cfg.edge_id}/round", data, retain=True)]
+
+    # ------------------------------------------------------------ device -> edge
+    def handle_update(self, topic_device: str, data: bytes) -> tuple[Ack | None, list[Publication]]:
+        """Admit one update. Returns (the Ack for the device or None when its topic names no valid id, and any
+        aggregate that its arrival completed)."""
+        self.metrics.bytes_in.inc(len(data))
+        round_id = self.ctx.round_id if self.ctx else 0
+        try:
+            check_id(topic_device)
+        except ProtocolError as exc:
+            self._reject(exc, topic_device)
+            return None, []
+        try:
+            if self.ctx is None:
+                raise ProtocolError(Reason.WRONG_ROUND, "no open round (announcement or model not received yet)")
+            msg, stale = authenticate(data, topic_device, self.ctx, self.keys, self.cfg.max_update_bytes)
+            round_id = msg.round_id
+            self.store.check_fresh(msg.device_id, msg.round_id, msg.nonce)
+            idx, values = decode_delta(msg, self.ctx)
+            control = None if msg.control_delta is None else decode_update(msg.control_delta, self.ctx.n_params)
+            stored = Stored(msg.device_id, msg.round_id, msg.base_version, msg.num_samples, msg.train_loss,
+                            msg.capability.compute_class, stale, msg.privacy.epsilon, msg.local_steps, len(data),
+                            idx, values, control)
+            self.store.add(stored, msg.nonce)
+        except ProtocolError as exc:
+            self._reject(exc, topic_device)
+            accepted = exc.reason == Reason.DUPLICATE   # already counted: a QoS 1 redelivery, not an error
+            return Ack(self.cfg.edge_id, topic_device, round_id, accepted, int(exc.reason), exc.detail[:256]), []
+        self.pending.append(stored)
+        self.metrics.accepted.inc()
+        self.metrics.pending.set(len(self.pending))
+        return Ack(self.cfg.edge_id, topic_device, round_id, True, int(Reason.OK)), self.tick(time.time())
+
+    def _reject(self, exc: ProtocolError, device: str) -> None:
+        self.rejected[exc.reason.name] += 1
+        self.metrics.rejected.labels(reason=exc.reason.name).inc()
+        event(self.log, "update rejected", device=device[:64], reason=exc.reason.name, detail=exc.detail[:200])
+
+    # ------------------------------------------------------------ closing
+    def tick(self, now: float) -> list[Publication]:
+        ann, rounds = self.announcement, self.cfg.rounds
+        if ann is None or self.ctx is None:
+            return []
+        if rounds.mode == "async":
+            due = len(self.pending) >= rounds.buffer_k or (
+                rounds.round_timeout_s > 0 and len(self.pending) >= max(rounds.min_updates, 1)
+                and now - min(self.opened, now) >= rounds.round_timeout_s)
+            return self._close("buffer") if due else []
+        if self.ctx.closed:
+            return []
+        reason = sync_close_reason(len(self.pending), len(self.expected), now, ann.deadline, self.opened, rounds)
+        return self._close(reason) if reason else []
+
+    def _close(self, why: str) -> list[Publication]:
+        ann = self.announcement
+        assert ann is not None and self.model is not None
+        sync = self.cfg.rounds.mode == "sync"
+        batch = ann.round_id if sync else self.batch + 1
+        agg, result = self._aggregate(self.pending, ann, why)
+        payload = encode(sign_message(agg, self.key))
+        state = {"batch": str(batch).encode()}
+        if sync:
+            state["closed_round"] = str(ann.round_id).encode()
+        if agg.significant:
+            state["last_forwarded"] = result.mean.tobytes()
+            if self.residual is not None:
+                state["residual"] = self.residual.tobytes()
+        self.store.close_batch(batch, [(u.device_id, u.round_id) for u in self.pending], payload, state)
+        if agg.significant:
+            self.last_forwarded = result.mean
+        self.batch = batch
+        if sync:
+            self.closed_round = ann.round_id
+        self.pending = []
+        self.rejected.clear()
+        self.metrics.pending.set(0)
+        self.metrics.round_latency.observe(max(0.0, time.time() - self.opened))
+        self.metrics.aggregates.labels(significant=str(agg.significant).lower()).inc()
+        if not sync:
+            self.opened = time.time()
+        self._refresh()
+        return [Publication(aggregate_topic(self.cfg.edge_id), payload, batch=batch)]
+
+    def _aggregate(self, updates: list[Stored], ann: RoundAnnouncement, why: str) -> tuple[EdgeAggregate, Result]:
+        n_params = int(self.model["n_params"])
+        rows = Rows.stack(n_params, [(u.indices, u.values) for u in updates])
+        ids = [u.device_id for u in updates]
+        meta = Meta(num_samples=np.array([u.num_samples for u in updates], dtype=np.float64),
+                    losses=np.array([u.train_loss for u in updates], dtype=np.float64),
+                    classes=[u.compute_class for u in updates],
+                    staleness=staleness_weight(np.array([u.staleness for u in updates], dtype=np.int64),
+                                               self.cfg.rounds.staleness_exponent),
+                    sample_weight=np.array([ann.sample_weight.get(d, 1.0) for d in ids], dtype=np.float64))
+        dp = ann.central_dp
+        clip, noise_mult = (dp.clip, dp.noise_mult) if dp is not None else (self.cfg.central_dp.clip,
+                                                                             self.cfg.central_dp.noise_mult)
+        result = aggregate(rows, meta, self.cfg.weighting, self.cfg.filters, clip=clip, noise_mult=noise_mult)
+        counted = result.alpha > 0
+        kept = [d for d, c in zip(ids, counted) if c]
+        flagged = [d for d, f in zip(ids, result.flagged) if f]
+        for name, verdict in result.verdicts.items():
+            self.metrics.filter_decisions.labels(filter=name, decision="flagged").inc(int(verdict.flags.sum()))
+            self.metrics.filter_decisions.labels(filter=name, decision="passed").inc(int((~verdict.flags).sum()))
+        if flagged:
+            event(self.log, "updates flagged", logging.WARNING, round=ann.round_id, action=self.cfg.filters.action,
+                  devices={d: {n: round(float(v.scores[i]), 4) for n, v in result.verdicts.items()}
+                           for i, d in enumerate(ids) if result.flagged[i]})
+        change = relative_change(result.mean, self.last_forwarded) if kept else 0.0
+        significant = bool(kept) and (self.cfg.forward.significance <= 0 or change > self.cfg.forward.significance)
+        delta, control = b"", None
+        if significant:
+            delta, self.residual = self._encode(result.mean, self.residual)
+            controls = [u.control for u, c in zip(updates, counted) if c and u.control is not None]
+            if controls:
+                control, _ = self._encode(np.mean(controls, axis=0).astype(np.float32), None)
+        report = None
+        if clip > 0:
+            rate = (dp.sampling_rate if dp is not None and dp.sampling_rate > 0 else self.cfg.central_dp.sampling_rate
+                    or len(self.expected) / max(len(self.keys.enrolled()), 1))
+            report = central_dp.report(clip, noise_mult, rate, result.num_clipped)
+        event(self.log, "aggregate", round=ann.round_id, why=why, devices=len(kept), flagged=len(flagged),
+              rejected=dict(self.rejected), significant=significant, relative_change=round(change, 6)
+              if np.isfinite(change) else None, aggregator=result.aggregator)
+        agg = EdgeAggregate(
+            edge_id=self.cfg.edge_id, round_id=ann.round_id, base_version=ann.model_version, num_devices=len(kept),
+            num_samples=int(sum(u.num_samples for u, c in zip(updates, counted) if c)),
+            weight_sum=float(result.weight_sum), n_params=n_params, delta=delta, significant=significant,
+            central_dp=report, filtered=flagged, rejected=dict(self.rejected), device_ids=kept,
+            max_device_epsilon=float(max((u.epsilon for u in updates), default=0.0)),
+            mean_local_steps=float(np.mean([u.local_steps for u in updates])) if updates else 0.0,
+            nonce=new_nonce(), timestamp=time.time(), control_delta=control,
+            device_bytes=int(sum(u.nbytes for u, c in zip(updates, counted) if c)),
+            update_norms={d: float(result.norms[i]) for i, d in enumerate(ids) if counted[i]})
+        return agg, result
+
+    def _encode(self, vector: np.ndarray, residual: np.ndarray | None) -> tuple[bytes, np.ndarray | None]:
+        """The aggregate as a compression payload; error feedback only when the forward compression is lossy."""
+        s: CompressionSettings = self.forward_settings
+        if s.method == "dense" and s.bits == 32:
+            return encode_update(vector, s)[0], None
+        return encode_update(vector, s, residual)
+
+    def unpublished(self) -> list[Publication]:
+        """Aggregates closed but not yet handed to the broker (a crash between close and publish)."""
+        return [Publication(aggregate_topic(self.cfg.edge_id), p, batch=b) for b, p in self.store.unpublished()]
+
+    def published(self, batch: int) -> None:
+        self.store.mark_published(batch)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _floats(raw: bytes | None) -> np.ndarray | None:
+    return None if raw is None else np.frombuffer(raw, dtype="<f4").copy()

@@ -1,0 +1,189 @@
+"""The MQTT shell around EdgeEngine: paho-mqtt 2.x, MQTT 5, one consumer thread.
+
+paho's network thread only queues incoming messages; the main loop hands each to the engine and acknowledges it to
+the broker (manual PUBACK) only after the engine returned, i.e. after an accepted update is committed to SQLite. A
+kill -9 at any point therefore leaves each update either durable or un-acknowledged (the broker redelivers it on a
+persistent session, or the device resends after its Ack timeout); duplicates are counted once.
+
+Device updates arrive through the shared subscription `$share/{group}/fl/{edge}/updates/+` (replicas of one edge
+split them round-robin). `fl/cloud/round` and `fl/cloud/model` are received by every replica and relayed, verified
+and byte-identical (the cloud's signature stays valid), retained to `fl/{edge}/round` and `fl/{edge}/model`.
+Aggregates go to `fl/cloud/aggregates/{edge}` either on the same broker (bridged to the cloud by Mosquitto) or on
+a second connection straight to the cloud's broker (`[cloud]` in the config).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import socket
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from device.link import backoff_delays
+from edge.config import BrokerConfig, EdgeConfig
+from edge.engine import EdgeEngine, Publication
+from fediomt.logs import event
+from protocol.messages import encode
+from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, ack_topic, shared
+
+INBOX_SIZE = 10_000  # a full inbox blocks paho's thread: TCP back-pressure instead of unbounded memory
+
+
+class Connection:
+    """One paho client with manual acknowledgements; messages go to `inbox` as (conn, topic, payload, mid, qos)."""
+
+    def __init__(self, cfg: BrokerConfig, client_id: str, subscriptions: list[str], inbox: queue.Queue,
+                 log: logging.Logger) -> None:
+        self.cfg, self.subscriptions, self.inbox, self.log = cfg, subscriptions, inbox, log
+        self.connected = threading.Event()
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                             manual_ack=True)
+        if cfg.ca is not None:
+            client.tls_set(ca_certs=str(cfg.ca), certfile=str(cfg.cert) if cfg.cert else None,
+                           keyfile=str(cfg.key) if cfg.key else None)
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, cfg.password)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = lambda _c, _u, m: self.inbox.put((self, m.topic, m.payload, m.mid, m.qos))
+        self.client = client
+
+    def _on_connect(self, client, _userdata, _flags, reason_code, _properties) -> None:
+        if reason_code.is_failure:
+            event(self.log, "broker refused the connection", logging.WARNING, reason=str(reason_code))
+            return
+        sock = client.socket()
+        if isinstance(sock, socket.socket):  # TLS + >16 KB messages: Nagle costs ~90 ms a message
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.subscriptions:
+            client.subscribe([(t, SubscribeOptions(qos=1)) for t in self.subscriptions])
+        self.connected.set()
+        event(self.log, "connected", host=self.cfg.host, port=self.cfg.port)
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
+        self.connected.clear()
+        event(self.log, "disconnected", logging.WARNING, reason=str(reason_code))
+
+    def start(self, stop: threading.Event) -> bool:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        for delay in backoff_delays(0.5, 30.0):
+            if stop.is_set():
+                return False
+            try:
+                self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
+                                    clean_start=self.cfg.session_expiry_s == 0, properties=props)
+                break
+            except OSError as exc:
+                event(self.log, "connect failed, retrying", logging.WARNING, error=str(exc), retry_in_s=round(delay, 2))
+                stop.wait(delay)
+        self.client.loop_start()
+        return True
+
+    def ack(self, mid: int, qos: int) -> None:
+        if qos > 0:
+            self.client.ack(mid, qos)
+
+    def unsubscribe(self) -> None:
+        if self.subscriptions and self.connected.is_set():
+            self.client.unsubscribe(self.subscriptions)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Gateway:
+    def __init__(self, cfg: EdgeConfig, log: logging.Logger) -> None:
+        self.cfg, self.log = cfg, log
+        self.engine = EdgeEngine(cfg, log)
+        self.stop = threading.Event()
+        self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
+        edge, group = cfg.edge_id, cfg.group or cfg.edge_id
+        self.updates_prefix = f"fl/{edge}/updates/"
+        cloud_subs = [CLOUD_ROUND, CLOUD_MODEL]
+        device_subs = [shared(group, f"fl/{edge}/updates/+")]
+        client_id = f"fediomt-edge-{edge}-{cfg.replica}"
+        self.local = Connection(cfg.broker, client_id, device_subs + ([] if cfg.cloud else cloud_subs),
+                                self.inbox, log)
+        self.cloud = Connection(cfg.cloud, client_id + "-cloud", cloud_subs, self.inbox, log) if cfg.cloud else None
+
+    def _publish(self, pubs: list[Publication]) -> None:
+        for p in pubs:
+            to_cloud = p.topic.startswith("fl/cloud/")
+            conn = self.cloud if (to_cloud and self.cloud) else self.local
+            info = conn.client.publish(p.topic, p.payload, qos=1, retain=p.retain)
+            self.engine.metrics.bytes_out.inc(len(p.payload))
+            if p.batch is not None:
+                try:
+                    info.wait_for_publish(5.0)
+                except (RuntimeError, ValueError):
+                    pass
+                if info.is_published():
+                    self.engine.published(p.batch)
+                else:
+                    event(self.log, "aggregate not confirmed by the broker; resent on restart", logging.WARNING,
+                          batch=p.batch)
+
+    def _dispatch(self, conn: Connection, topic: str, payload: bytes) -> None:
+        if topic == CLOUD_ROUND:
+            self._publish(self.engine.handle_cloud("round", payload))
+        elif topic == CLOUD_MODEL:
+            self._publish(self.engine.handle_cloud("model", payload))
+        elif topic.startswith(self.updates_prefix):
+            device = topic[len(self.updates_prefix):]
+            ack, pubs = self.engine.handle_update(device, payload)
+            if ack is not None:
+                self._publish([Publication(ack_topic(self.cfg.edge_id, ack.device_id), encode(ack))])
+            self._publish(pubs)
+
+    def _drain_one(self, timeout: float) -> bool:
+        try:
+            conn, topic, payload, mid, qos = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        try:
+            self._dispatch(conn, topic, payload)
+        except Exception:  # the daemon must not die on a message; the message is still acknowledged
+            self.log.exception("message handling failed", extra={"fields": {"topic": topic[:200]}})
+        conn.ack(mid, qos)
+        return True
+
+    def run(self) -> int:
+        self.engine.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
+        for conn in filter(None, (self.local, self.cloud)):
+            if not conn.start(self.stop):
+                return 0
+        event(self.log, "edge running", edge=self.cfg.edge_id, replica=self.cfg.replica, mode=self.cfg.rounds.mode)
+        self._publish(self.engine.unpublished())
+        while not self.stop.is_set():
+            self._drain_one(self.cfg.tick_s)
+            self._publish(self.engine.tick(time.time()))
+        self._drain()
+        return 0
+
+    def _drain(self) -> None:
+        """SIGTERM: stop taking new updates, persist what was already received, publish what closed, disconnect."""
+        event(self.log, "draining", queued=self.inbox.qsize())
+        for conn in filter(None, (self.local, self.cloud)):
+            conn.unsubscribe()
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and self._drain_one(0.2):
+            pass
+        self._publish(self.engine.tick(time.time()))
+        for conn in filter(None, (self.local, self.cloud)):
+            conn.close()
+        self.engine.close()
+        event(self.log, "stopped")
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())

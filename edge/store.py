@@ -1,0 +1,132 @@
+"""Crash-safe round state in SQLite (WAL): an update is stored, with its nonce, in the same transaction that makes
+it count, before the broker gets its PUBACK; closing a round (outbox entry + rows marked aggregated) is one
+transaction too. After kill -9 the gateway reloads exactly the rows that were committed: nothing lost, nothing
+counted twice (the (device, round) primary key refuses a second copy).
+
+`synchronous = NORMAL` (default) survives a process crash; `full` also survives power loss, at an fsync per update.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from protocol.errors import ProtocolError, Reason
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB);
+CREATE TABLE IF NOT EXISTS updates (
+    device_id TEXT NOT NULL, round_id INTEGER NOT NULL, batch INTEGER,
+    base_version INTEGER NOT NULL, num_samples INTEGER NOT NULL, train_loss REAL NOT NULL,
+    compute_class TEXT NOT NULL, staleness INTEGER NOT NULL, epsilon REAL NOT NULL, local_steps INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL, indices BLOB, vals BLOB, control BLOB, received REAL NOT NULL,
+    PRIMARY KEY (device_id, round_id));
+CREATE INDEX IF NOT EXISTS updates_pending ON updates (batch);
+CREATE TABLE IF NOT EXISTS nonces (device_id TEXT NOT NULL, nonce BLOB NOT NULL, round_id INTEGER NOT NULL,
+    PRIMARY KEY (device_id, nonce));
+CREATE TABLE IF NOT EXISTS outbox (batch INTEGER PRIMARY KEY, payload BLOB NOT NULL, published INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One accepted update as the aggregate needs it."""
+
+    device_id: str
+    round_id: int
+    base_version: int
+    num_samples: int
+    train_loss: float
+    compute_class: str
+    staleness: int
+    epsilon: float
+    local_steps: int
+    nbytes: int
+    indices: np.ndarray | None   # int32, None for a dense update
+    values: np.ndarray           # float32
+    control: np.ndarray | None = None  # SCAFFOLD control-variate delta (dense float32), when sent
+
+
+class Store:
+    def __init__(self, path: str | Path, synchronous: str = "normal") -> None:
+        if synchronous not in ("normal", "full"):
+            raise ValueError(f"store synchronous {synchronous!r} not in ('normal', 'full')")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------ key/value state
+    def get(self, key: str) -> bytes | None:
+        row = self.db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put(self, key: str, value: bytes) -> None:
+        self.db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+
+    # ------------------------------------------------------------ updates
+    def check_fresh(self, device_id: str, round_id: int, nonce: bytes) -> None:
+        """ProtocolError(DUPLICATE) when (device, round) is already stored, REPLAY when the nonce was seen."""
+        if self.db.execute("SELECT 1 FROM updates WHERE device_id = ? AND round_id = ?",
+                           (device_id, round_id)).fetchone():
+            raise ProtocolError(Reason.DUPLICATE, f"{device_id} already counted in round {round_id}")
+        if self.db.execute("SELECT 1 FROM nonces WHERE device_id = ? AND nonce = ?", (device_id, nonce)).fetchone():
+            raise ProtocolError(Reason.REPLAY, f"nonce from {device_id} seen before")
+
+    def add(self, u: Stored, nonce: bytes) -> None:
+        """Store an update and its nonce atomically; DUPLICATE if a copy won a race."""
+        idx = None if u.indices is None else u.indices.astype("<i4", copy=False).tobytes()
+        try:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.execute(
+                    "INSERT INTO updates VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (u.device_id, u.round_id, u.base_version, u.num_samples, u.train_loss, u.compute_class,
+                     u.staleness, u.epsilon, u.local_steps, u.nbytes, idx,
+                     u.values.astype("<f4", copy=False).tobytes(),
+                     None if u.control is None else u.control.astype("<f4", copy=False).tobytes(), time.time()))
+                self.db.execute("INSERT INTO nonces VALUES (?, ?, ?)", (u.device_id, nonce, u.round_id))
+        except sqlite3.IntegrityError:
+            raise ProtocolError(Reason.DUPLICATE, f"{u.device_id} already counted in round {u.round_id}") from None
+
+    def pending(self) -> list[Stored]:
+        """Accepted updates not yet aggregated, in arrival order."""
+        rows = self.db.execute(
+            "SELECT device_id, round_id, base_version, num_samples, train_loss, compute_class, staleness, epsilon,"
+            " local_steps, nbytes, indices, vals, control FROM updates WHERE batch IS NULL ORDER BY rowid").fetchall()
+        return [Stored(*r[:10], None if r[10] is None else np.frombuffer(r[10], dtype="<i4"),
+                       np.frombuffer(r[11], dtype="<f4"), None if r[12] is None else np.frombuffer(r[12], dtype="<f4"))
+                for r in rows]
+
+    # ------------------------------------------------------------ closing
+    def close_batch(self, batch: int, devices: list[tuple[str, int]], payload: bytes, state: dict[str, bytes]) -> None:
+        """One transaction: queue the aggregate, mark its updates aggregated (their deltas dropped, their
+        (device, round) kept for duplicate detection) and save the gateway state that goes with it."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?, 0)", (batch, payload))
+            self.db.executemany("UPDATE updates SET batch = ?, indices = NULL, vals = x'', control = NULL"
+                                " WHERE device_id = ? AND round_id = ?", [(batch, d, r) for d, r in devices])
+            self.db.executemany("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", list(state.items()))
+
+    def unpublished(self) -> list[tuple[int, bytes]]:
+        return [(b, bytes(p)) for b, p in
+                self.db.execute("SELECT batch, payload FROM outbox WHERE published = 0 ORDER BY batch")]
+
+    def mark_published(self, batch: int) -> None:
+        self.db.execute("UPDATE outbox SET published = 1 WHERE batch = ?", (batch,))
+
+    def prune(self, before_round: int) -> None:
+        """Forget aggregated updates and nonces of rounds before `before_round`, and published aggregates."""
+        with self.db:
+            self.db.execute("DELETE FROM updates WHERE round_id < ? AND batch IS NOT NULL", (before_round,))
+            self.db.execute("DELETE FROM nonces WHERE round_id < ?", (before_round,))
+            self.db.execute("DELETE FROM outbox WHERE published = 1")

@@ -1,0 +1,93 @@
+"""Admission of a device update, cheapest checks first, so that a flood of junk costs little CPU: the strict
+decoder, topic/sender agreement, enrolment, round, shape, then the Ed25519 signature, then the payload. Every
+failure is a ProtocolError with a Reason; the gateway turns it into a metric, a log line and a negative Ack.
+Duplicate and replay checks need the store and happen between `authenticate` and `decode_delta`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge.rounds import RoundsConfig, staleness
+from protocol import signing
+from protocol.compression import decode_sparse
+from protocol.errors import ProtocolError, Reason
+from protocol.messages import DeviceUpdate, decode, verify_message
+from protocol.topics import check_id
+
+
+class KeyRing:
+    """Device public keys from an enrolment directory of `{device_id}.pub` (PEM), loaded on first use, so that
+    devices enrolled while the edge runs are accepted without a restart."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._keys: dict[str, Ed25519PublicKey] = {}
+
+    def get(self, device_id: str) -> Ed25519PublicKey:
+        key = self._keys.get(device_id)
+        if key is None:
+            path = self.directory / f"{check_id(device_id)}.pub"
+            if not path.is_file():
+                raise ProtocolError(Reason.UNKNOWN_SENDER, f"{device_id} is not enrolled")
+            try:
+                key = self._keys[device_id] = signing.load_public_key(path)
+            except ValueError as exc:
+                raise ProtocolError(Reason.UNKNOWN_SENDER, f"{device_id}: unusable enrolment key: {exc}") from None
+        return key
+
+    def enrolled(self) -> set[str]:
+        return {p.stem for p in self.directory.glob("*.pub")} if self.directory.is_dir() else set()
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What an update is checked against: the open round (sync) or the current model version (async)."""
+
+    edge_id: str
+    round_id: int
+    model_version: int
+    n_params: int
+    cohort: frozenset[str]          # empty = everyone enrolled
+    closed: bool                    # sync: the round already closed -> DEADLINE
+    seed: int | None                # randk seed of the announced compression settings
+    rounds: RoundsConfig
+
+
+def authenticate(data: bytes, topic_device: str, ctx: RoundContext, keys: KeyRing,
+                 max_bytes: int) -> tuple[DeviceUpdate, int]:
+    """(the verified update, its staleness) or ProtocolError."""
+    msg = decode(data, expect=DeviceUpdate, max_bytes=max_bytes)
+    if msg.device_id != topic_device or msg.edge_id != ctx.edge_id:
+        raise ProtocolError(Reason.WRONG_SENDER, f"{msg.device_id}@{msg.edge_id} published on {topic_device}"
+                                                 f"@{ctx.edge_id}'s topic")
+    key = keys.get(msg.device_id)
+    if ctx.cohort and msg.device_id not in ctx.cohort:
+        raise ProtocolError(Reason.UNKNOWN_SENDER, f"{msg.device_id} is not in round {ctx.round_id}'s cohort")
+    if ctx.rounds.mode == "sync":
+        if msg.round_id != ctx.round_id or msg.base_version != ctx.model_version:
+            raise ProtocolError(Reason.WRONG_ROUND, f"round {msg.round_id} v{msg.base_version}, open is "
+                                                    f"{ctx.round_id} v{ctx.model_version}")
+        if ctx.closed:
+            raise ProtocolError(Reason.DEADLINE, f"round {ctx.round_id} already closed")
+        stale = 0
+    else:
+        if msg.round_id > ctx.round_id:
+            raise ProtocolError(Reason.WRONG_ROUND, f"round {msg.round_id} is ahead of {ctx.round_id}")
+        stale = staleness(ctx.model_version, msg.base_version, ctx.rounds)
+    if msg.n_params != ctx.n_params:
+        raise ProtocolError(Reason.BAD_SHAPE, f"n_params {msg.n_params}, model has {ctx.n_params}")
+    verify_message(msg, key)
+    return msg, stale
+
+
+def decode_delta(msg: DeviceUpdate, ctx: RoundContext) -> tuple[np.ndarray | None, np.ndarray]:
+    """(int32 indices or None for dense, float32 values): strict payload decoding (shape, indices, finite)."""
+    idx, values = decode_sparse(msg.delta, ctx.n_params, ctx.seed)
+    if idx.shape[0] == ctx.n_params:
+        return None, values
+    return idx.astype(np.int32), values
