@@ -5,9 +5,10 @@ username (`use_identity_as_username`), and the ACL grants each identity exactly 
 it needs. Devices are granted by `pattern` (`%u` = their own id), so enrolling a device needs a certificate but no
 broker change; edges are listed by name in the cloud's ACL.
 
-Size cap: `max_packet_size` sits just above the protocol's largest message (protocol.codec.MAX_MESSAGE_BYTES).
-Clients must chunk below it: under MQTT 5 the broker answers an oversized PUBLISH with reason 149, which paho 2.2
-mis-parses, then reconnects and resends forever.
+Size cap: `max_packet_size` sits just above the protocol's largest message (protocol.codec.MAX_MESSAGE_BYTES) and
+is checked before the broker reads the payload. A client that sends a bigger packet is disconnected; paho 2.2 then
+resends the same QoS 1 packet after every reconnect, forever (MQTT 3.1.1 and 5 alike). Clients must check sizes
+and chunk (protocol `Chunk`) below the cap.
 """
 
 from __future__ import annotations

@@ -286,6 +286,22 @@ def export(directory: str | os.PathLike, out: str | os.PathLike, members: Sequen
     return out
 
 
+def enrolment(directory: str | os.PathLike, out: str | os.PathLike, kind: str = "device") -> list[str]:
+    """Sync `out` to `{id}.pub` (Ed25519) of every `kind` identity with a valid certificate: the enrolment
+    directory the edge gateway (device keys) or the cloud (edge keys) verifies signatures with. Revoked identities'
+    keys are removed, so revocation also stops their signed messages. Returns the enrolled ids."""
+    directory, out = Path(directory), Path(out)
+    with _locked(directory) as index:
+        valid = sorted({e["name"] for e in index["certs"] if e["kind"] == kind and e["revoked_at"] is None})
+        revoked = {e["name"] for e in index["certs"] if e["kind"] == kind} - set(valid)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in valid:
+        atomic_write(out / f"{name}.pub", identity(directory, kind, name).sign_pub.read_bytes())
+    for name in revoked:
+        (out / f"{name}.pub").unlink(missing_ok=True)
+    return valid
+
+
 # ---- CLI -------------------------------------------------------------------------------------------------------
 
 
@@ -323,6 +339,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     members = [(kind, name) for kind in ("device", "edge", "server") for name in getattr(args, kind) or ()]
     members += [("cloud", CLOUD_ID)] if args.cloud else []
     print(export(args.dir, args.out, members))
+    return 0
+
+
+def _cmd_enrol(args: argparse.Namespace) -> int:
+    print(f"{len(enrolment(args.dir, args.out, args.kind))} {args.kind}(s) enrolled in {args.out}")
     return 0
 
 
@@ -373,3 +394,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--server", action="append")
     p.add_argument("--cloud", action="store_true")
     p.set_defaults(func=_safe(_cmd_export))
+
+    p = sub.add_parser("enrol", parents=[common], help="sync a directory of {id}.pub signing keys (edge/cloud)")
+    p.add_argument("--out", required=True, help="the edge's enrolment_dir (devices) or the cloud's (edges)")
+    p.add_argument("--kind", choices=("device", "edge"), default="device")
+    p.set_defaults(func=_safe(_cmd_enrol))

@@ -115,6 +115,19 @@ def test_export_copies_one_hosts_material_without_the_ca_key(ca, tmp_path):
     assert _mode(out / "edges/e1/tls.key") == 0o600
 
 
+def test_enrolment_dir_follows_issue_and_revoke(ca, tmp_path):
+    d1, _ = pki.issue(ca, "device", "d1"), pki.issue(ca, "device", "d2")
+    pki.issue(ca, "edge", "e1")
+    out = tmp_path / "enrolled"
+    assert pki.enrolment(ca, out) == ["d1", "d2"]
+    assert (out / "d1.pub").read_bytes() == d1.sign_pub.read_bytes()
+    signing.load_public_key(out / "d2.pub")
+    pki.revoke(ca, "d2")
+    assert pki.enrolment(ca, out) == ["d1"]
+    assert sorted(p.name for p in out.iterdir()) == ["d1.pub"]
+    assert pki.enrolment(ca, tmp_path / "edges", kind="edge") == ["e1"]
+
+
 def test_cli_prints_paths_never_key_material(tmp_path):
     def fediomt(*argv):
         return subprocess.run([sys.executable, "-m", "fediomt", "pki", *argv, "--dir", str(tmp_path / "p")],
