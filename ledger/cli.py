@@ -121,25 +121,34 @@ def report(args: argparse.Namespace) -> int:
     if not verdict.ok:
         print(f"warning: the ledger does not verify (block {verdict.bad_index}: {verdict.error}); "
               "balances below are as stored", file=sys.stderr)
-    balances = {}
+    totals: dict[str, dict] = {}
     for row in rows:
-        balances[row["participant"]] = row["balance"]
-    balance_rows = [{"participant": p, "balance": b} for p, b in sorted(balances.items())]
+        t = totals.setdefault(row["participant"], {"participant": row["participant"], "balance": 0, "rounds": 0,
+                                                   "on_time": 0, "rewarded": 0, "samples": 0})
+        t["balance"] = row["balance"]
+        t["rounds"] += 1
+        t["on_time"] += row["on_time"]
+        t["rewarded"] += row["reward"] > 0
+        t["samples"] += row["samples"]
+    balance_rows = [totals[p] for p in sorted(totals)]
+    balances = {p: t["balance"] for p, t in sorted(totals.items())}
     if args.format == "json":
-        out = {"balances": balances} if args.balances else {"balances": balances, "contributions": rows}
+        out = {"balances": balances, "participants": balance_rows}
+        if not args.balances:
+            out["contributions"] = rows
         print(json.dumps(out, indent=2))
     elif args.format == "csv":
         chosen = balance_rows if args.balances else rows
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(chosen[0]) if chosen else ["participant", "balance"])
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(chosen[0]) if chosen else CONTRIBUTION_COLUMNS)
         writer.writeheader()
         writer.writerows(chosen)
     else:
         from fediomt.bench import print_table
 
         if not args.balances:
-            print_table(rows, CONTRIBUTION_COLUMNS)
+            print_table(rows, CONTRIBUTION_COLUMNS, file=sys.stdout)
             print()
-        print_table(balance_rows, ["participant", "balance"])
+        print_table(balance_rows, file=sys.stdout)
     return 0
 
 

@@ -17,6 +17,7 @@ Trust: the proposer is trusted for liveness (it alone orders blocks), not for sa
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from dataclasses import asdict, dataclass, field
@@ -286,6 +287,7 @@ class MqttNode:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             return
+        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle/delayed-ACK stalls
         client.subscribe([(t, mqtt.SubscribeOptions(qos=1)) for t in self.node.subscriptions()])
         with self._cond:
             out = self.node.on_connect()

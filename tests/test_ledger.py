@@ -292,7 +292,9 @@ def test_report_formats(tmp_path, keys, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("block,round,model_version,participant") and len(lines) == 11
     assert main(["ledger", "report", str(db), "--balances", "--format", "csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == "participant,balance"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "participant,balance,rounds,on_time,rewarded,samples" and len(lines) == 6
+    assert "late,0,2,0,0,180" in lines and "dev-1,{},2,2,2,240".format(report["balances"]["dev-1"]) in lines
     assert main(["ledger", "report", str(db)]) == 0
     assert "free-rider" in capsys.readouterr().out
     assert main(["ledger", "verify", str(tmp_path / "missing.db")]) == 1
@@ -338,3 +340,14 @@ def test_kill_9_during_appends_leaves_a_valid_chain(tmp_path, keys):
             heights.append(ledger.height)
             assert sum(ledger.balances().values()) == 100 * (ledger.height - 1)
     assert heights[0] > 1 and heights[0] < heights[1] < heights[2]
+
+
+def test_benchmark_quick(tmp_path):
+    from argparse import Namespace
+
+    from ledger.bench import run
+
+    figures = run(Namespace(quick=True, out=tmp_path))
+    assert figures["replication"]["replicas_converged"]
+    assert figures["ledger"]["append_blocks_per_s"] > 0 and figures["ledger"]["verify_blocks_per_s"] > 0
+    assert figures["shapley"][-1]["rel_l1_error"] < figures["shapley"][0]["rel_l1_error"]
