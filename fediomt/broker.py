@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fediomt import pki
+from ledger.replication import BLOCKS, PROPOSALS, catchup_topic, signatures_topic, sync_topic
 from protocol.atomic import atomic_write
 from protocol.codec import MAX_MESSAGE_BYTES
 from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, aggregate_topic, check_id, edge_status_topic
@@ -91,13 +92,16 @@ def edge_acl(edge: str) -> str:
 
 
 def cloud_acl(edges: list[str]) -> str:
-    """The cloud aggregator and each listed edge (directly or through its bridge) on the cloud's broker."""
-    lines = ["# The cloud aggregator.", f"user {pki.CLOUD_ID}", "topic readwrite fl/cloud/#", ""]
+    """The cloud aggregator and each listed edge (directly or through its bridge) on the cloud's broker; edges are
+    also ledger validators (ledger/replication.py), connecting directly with the same certificate."""
+    lines = ["# The cloud aggregator (and ledger proposer).", f"user {pki.CLOUD_ID}", "topic readwrite fl/cloud/#",
+             "topic readwrite fl/ledger/#", ""]
     for edge in edges:
-        lines += [f"# Edge {edge}: its own aggregate and status up, the cloud's round and model down.",
+        lines += [f"# Edge {edge}: its own aggregate and status up, the cloud's round and model down; ledger votes.",
                   f"user {check_id(edge)}", f"topic write {aggregate_topic(edge)}",
                   f"topic write {edge_status_topic(edge)}", f"topic read {CLOUD_ROUND}", f"topic read {CLOUD_MODEL}",
-                  ""]
+                  f"topic read {PROPOSALS}", f"topic read {BLOCKS}", f"topic write {signatures_topic(edge)}",
+                  f"topic write {sync_topic(edge)}", f"topic read {catchup_topic(edge)}", ""]
     return "\n".join(lines)
 
 
@@ -117,9 +121,9 @@ def render(cfg: BrokerConfig, acl_path: Path) -> str:
         f"# FedIoMT {cfg.role} broker for {cfg.id!r}; written by `fediomt broker config`.",
         "per_listener_settings false",
         "allow_anonymous false",
-        f"acl_file {acl_path.resolve()}",
+        f"acl_file {acl_path.absolute()}",
         "persistence true",
-        f"persistence_location {cfg.data_dir.resolve()}/",
+        f"persistence_location {cfg.data_dir.absolute()}/",
         f"autosave_interval {cfg.autosave_interval}",
         f"persistent_client_expiration {cfg.session_expiry}",
         f"max_queued_messages {cfg.max_queued_messages}",
@@ -133,10 +137,10 @@ def render(cfg: BrokerConfig, acl_path: Path) -> str:
         "",
         f"listener {cfg.port} {cfg.bind}",
         "tls_version tlsv1.3",
-        f"cafile {pki.ca_cert_path(cfg.pki).resolve()}",
-        f"certfile {server.cert.resolve()}",
-        f"keyfile {server.key.resolve()}",
-        f"crlfile {pki.crl_path(cfg.pki).resolve()}",
+        f"cafile {pki.ca_cert_path(cfg.pki).absolute()}",
+        f"certfile {server.cert.absolute()}",
+        f"keyfile {server.key.absolute()}",
+        f"crlfile {pki.crl_path(cfg.pki).absolute()}",
         "require_certificate true",
         "use_identity_as_username true",
     ]
@@ -153,9 +157,9 @@ def render(cfg: BrokerConfig, acl_path: Path) -> str:
             "restart_timeout 1 30",
             "notifications_local_only true",
             "try_private true",
-            f"bridge_cafile {pki.ca_cert_path(cfg.pki).resolve()}",
-            f"bridge_certfile {edge.cert.resolve()}",
-            f"bridge_keyfile {edge.key.resolve()}",
+            f"bridge_cafile {pki.ca_cert_path(cfg.pki).absolute()}",
+            f"bridge_certfile {edge.cert.absolute()}",
+            f"bridge_keyfile {edge.key.absolute()}",
             "bridge_tls_version tlsv1.3",
             "bridge_insecure false",
             f"topic {aggregate_topic(cfg.id)} out 1",

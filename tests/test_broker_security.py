@@ -21,7 +21,10 @@ import pytest
 from fediomt import broker as broker_config
 from fediomt import pki
 from fediomt.mosquitto import MosquittoBroker, free_port, give_to_broker_user
+from ledger.replication import signatures_topic
 from protocol import topics
+
+from .conftest import REPO
 
 EDGE = "e1"
 NOT_AUTHORIZED = 135
@@ -239,6 +242,8 @@ def test_edge_bridges_its_aggregate_to_the_cloud_over_mtls(ca, workdir):
         assert _wait_for(lambda: (topics.CLOUD_MODEL, b"global model") in edge.messages)
         # On the cloud broker an edge writes only its own aggregate and sees no other edge's; devices get nothing.
         assert e2.publish(topics.aggregate_topic(EDGE), b"forged") == NOT_AUTHORIZED
+        assert e2.publish(signatures_topic(EDGE), b"forged vote") == NOT_AUTHORIZED
+        assert e2.publish(signatures_topic("e2"), b"vote") in ACCEPTED
         assert device_at_cloud.publish(topics.aggregate_topic("d1"), b"x") == NOT_AUTHORIZED
         assert [t for t, _ in e2.messages] == [topics.CLOUD_MODEL]
     finally:
@@ -246,6 +251,19 @@ def test_edge_bridges_its_aggregate_to_the_cloud_over_mtls(ca, workdir):
             s.close()
         bridged.close()
         cloud_broker.close()
+
+
+def test_committed_examples_are_what_the_generator_writes():
+    examples = REPO / "deploy" / "mosquitto"
+    etc, pki_dir = Path("/etc/mosquitto/fediomt"), Path("/etc/fediomt/pki")
+    var = Path("/var/lib/mosquitto")
+    edge = broker_config.BrokerConfig(role="edge", id="edge-a", pki=pki_dir, cloud_host="cloud.example.org",
+                                      data_dir=var / "edge")
+    cloud = broker_config.BrokerConfig(role="cloud", id=pki.CLOUD_ID, pki=pki_dir, data_dir=var / "cloud")
+    assert (examples / "edge.conf").read_text() == broker_config.render(edge, etc / "edge.acl")
+    assert (examples / "cloud.conf").read_text() == broker_config.render(cloud, etc / "cloud.acl")
+    assert (examples / "edge.acl").read_text() == broker_config.edge_acl("edge-a")
+    assert (examples / "cloud.acl").read_text() == broker_config.cloud_acl(["edge-a", "edge-b"])
 
 
 def test_config_has_the_documented_hardening(ca, workdir):
