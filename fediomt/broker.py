@@ -78,7 +78,8 @@ def edge_acl(edge: str) -> str:
         f"pattern read fl/{e}/model",
         f"pattern read fl/{e}/ack/%u",
         f"pattern read fl/{e}/bundles/#",
-        f"pattern read fl/{e}/secagg/#",
+        f"pattern read fl/{e}/secagg/+",  # the edge's broadcasts (open, roster, unmask, outcome)...
+        f"pattern read fl/{e}/secagg/inbox/%u",  # ...and the device's own share inbox, not its neighbours'
         "",
         "# The edge gateway: all of its edge's topics, and its own side of the cloud topics (bridged).",
         f"user {e}",

@@ -209,8 +209,9 @@ def test_device_reads_only_its_edges_downlink_and_its_own_acks(ca, edge_broker, 
     sessions += [edge, d1, d2]
     d1.subscribe("fl/#")  # granted, but filtered per message at delivery
     allowed = [topics.round_topic(EDGE), topics.ack_topic(EDGE, "d1"), topics.bundle_manifest_topic(EDGE, "ecg"),
-               topics.secagg_topic(EDGE, "shares")]
-    denied = [topics.ack_topic(EDGE, "d2"), topics.aggregate_topic(EDGE), topics.update_topic(EDGE, "e1")]
+               topics.secagg_topic(EDGE, "roster"), topics.secagg_topic(EDGE, "inbox", "d1")]
+    denied = [topics.ack_topic(EDGE, "d2"), topics.aggregate_topic(EDGE), topics.update_topic(EDGE, "e1"),
+              topics.secagg_topic(EDGE, "inbox", "d2"), topics.secagg_topic(EDGE, "keys", "d2")]
     for topic in allowed + denied:
         assert edge.publish(topic, b"x") in ACCEPTED
     assert d2.publish(topics.update_topic(EDGE, "d2"), b"d2's update") in ACCEPTED  # others' updates stay private
