@@ -287,3 +287,16 @@ def test_adaptive_settings_trade_density_for_bandwidth_and_refuse_the_impossible
     assert e.value.reason == Reason.TOO_LARGE
     with pytest.raises(ProtocolError):
         adaptive_settings(1000, 1e6, "toaster", 1 << 20)
+
+
+def test_codec_bench_quick_reports_the_issue_figures(tmp_path):
+    import argparse
+
+    from experiments.bench.codec import run
+
+    figures = run(argparse.Namespace(quick=True, out=tmp_path))
+    keys = {"params", "density", "bits", "encoded_bytes", "dense_fp32_bytes", "encode_ms", "decode_ms",
+            "numpy_roundtrip_ms"}
+    assert all(keys <= set(row) for row in figures["cases"])
+    assert any((r["params"], r["density"], r["bits"]) == (1_000_000, 0.01, 8) for r in figures["cases"])
+    assert figures["summary"]["top1pct_int8_ratio"] >= 50 and (tmp_path / "codec.png").stat().st_size > 10_000

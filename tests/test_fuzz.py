@@ -59,3 +59,13 @@ def test_mutated_valid_inputs_raise_nothing_but_protocol_errors(name, data):
         seed[pos] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(1, len(seed)))
     TARGETS[name](bytes(seed[:cut]))
+
+
+def test_fuzz_bench_quick_reports_inputs_and_crashes_per_target(tmp_path):
+    import argparse
+
+    from experiments.bench.fuzz import run
+
+    figures = run(argparse.Namespace(quick=True, out=tmp_path))
+    assert [r["target"] for r in figures["targets"]] == list(TARGETS)
+    assert figures["crashes"] == 0 and all(r["inputs"] >= 500 for r in figures["targets"])
