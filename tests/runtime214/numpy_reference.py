@@ -22,7 +22,7 @@ def mlp_per_example_grads(weights: list[np.ndarray], x: np.ndarray, y: np.ndarra
 
 
 def dp_update(weights, grads, noise, lr, clip, noise_mult, mu=0.0, ref=None, control=None):
-    """The DP-SGD step of firmware_models.models.dp_step, on per-example grads; returns the new weights."""
+    """The DP-SGD step of firmware_models.models.dp_step, on per-example grads: the new weights."""
     batch = grads[0].shape[0]
     norms = np.sqrt(sum(np.sum(g.reshape(batch, -1) ** 2, axis=1) for g in grads))
     factors = 1.0 / np.maximum(1.0, norms / clip)
@@ -35,4 +35,21 @@ def dp_update(weights, grads, noise, lr, clip, noise_mult, mu=0.0, ref=None, con
         offset += size
         dp = (np.tensordot(factors, g, axes=1) + noise_mult * clip * n) / batch
         out.append(w - lr * (dp + mu * (w - r) + c))
-    return out, norms
+    return out
+
+
+def check_dp_step(model, x, y, grads, noise_mult: float, mu: float, seed: int = 2, lr: float = 0.1) -> None:
+    """One TFLite DP step (clip = the median per-example norm, so half the batch is clipped; random FedProx
+    reference and SCAFFOLD control) must land within 1e-5 of the NumPy step on the same per-example grads."""
+    from protocol.weights import flatten
+
+    weights = model.get_weights()
+    norms = np.sqrt(sum(np.sum(g.reshape(len(x), -1) ** 2, axis=1) for g in grads))
+    clip = float(np.median(norms))
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(model.n_params).astype(np.float32)
+    ref = flatten(weights) + rng.normal(0, 0.1, model.n_params).astype(np.float32)
+    control = rng.normal(0, 0.01, model.n_params).astype(np.float32)
+    want = dp_update([w.astype(np.float64) for w in weights], grads, noise, lr, clip, noise_mult, mu, ref, control)
+    model.train_step(x, y, noise, lr=lr, clip=clip, noise_mult=noise_mult, mu=mu, ref_flat=ref, control_flat=control)
+    np.testing.assert_allclose(model.get_flat(), flatten(want), rtol=0, atol=1e-5)
