@@ -85,7 +85,7 @@ class EdgeEngine:
         """Rebuild the round context after the announcement, the model or the closed state changed."""
         ann = self.announcement
         if ann is None or self.model is None:
-            self.ctx = None
+            self.ctx, self.expected = None, set()
             return
         self.expected = expected_devices(ann.cohort, self.keys.enrolled())
         seed = ann.compression.get("seed")

@@ -1,0 +1,173 @@
+"""The edge daemon as a real process against a real Mosquitto: relays, acks, filters, metrics, kill -9, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections import defaultdict
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from fediomt.mosquitto import free_port
+from protocol.compression import CompressionSettings, decode_update
+from protocol.errors import Reason
+from protocol.messages import Ack, EdgeAggregate, decode, verify_message
+
+from .conftest import REPO
+from .test_edge import DENSE, N_PARAMS, Fed
+
+TOPK = CompressionSettings(method="topk", density=0.02, bits=32)
+
+
+class Harness:
+    """Plays the cloud and the devices over MQTT, and runs the edge process."""
+
+    def __init__(self, fed: Fed, broker) -> None:
+        self.fed, self.broker = fed, broker
+        self.got: dict[str, list[bytes]] = defaultdict(list)
+        self.cond = threading.Condition()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="harness", protocol=mqtt.MQTTv5)
+        c.on_message = self._on_message
+        c.connect(broker.host, broker.port)
+        c.subscribe([("fl/cloud/aggregates/+", 1), ("fl/edge1/ack/+", 1), ("fl/edge1/round", 1),
+                     ("fl/edge1/model", 1)])
+        c.loop_start()
+        self.client = c
+        self.proc: subprocess.Popen | None = None
+
+    def _on_message(self, _c, _u, msg) -> None:
+        with self.cond:
+            self.got[msg.topic.split("/")[3] if "/ack/" in msg.topic else msg.topic].append(msg.payload)
+            self.cond.notify_all()
+
+    def wait(self, pred, timeout: float = 20.0):
+        with self.cond:
+            assert self.cond.wait_for(pred, timeout), {k: len(v) for k, v in self.got.items()}
+
+    def start_edge(self) -> None:
+        self.log = open(self.fed.root / "edge.log", "ab")  # noqa: SIM115 - closed in stop_edge
+        self.proc = subprocess.Popen([sys.executable, "-m", "fediomt", "edge", "run", "--config", str(self.fed.config)],
+                                     cwd=REPO, stderr=self.log, stdout=self.log)
+        n, m = len(self.got["fl/edge1/round"]), len(self.got["fl/edge1/model"])
+        # it subscribed and relayed the retained round and model
+        self.wait(lambda: len(self.got["fl/edge1/round"]) > n and len(self.got["fl/edge1/model"]) > m)
+
+    def stop_edge(self, sig=signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(15)
+        self.log.close()
+        return rc
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def open_round(self, **kw) -> None:
+        self.publish("fl/cloud/model", self.fed.model(), retain=True)
+        self.publish("fl/cloud/round", self.fed.announce(**kw), retain=True)
+
+    def acks(self, device: str) -> list[Ack]:
+        return [decode(p, expect=Ack) for p in self.got[device]]
+
+    def aggregates(self) -> list[EdgeAggregate]:
+        out = [decode(p, expect=EdgeAggregate) for p in self.got["fl/cloud/aggregates/edge1"]]
+        for agg in out:
+            verify_message(agg, self.fed.edge_key.public_key())
+        return out
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def harness(tmp_path, broker, request):
+    fed = Fed(tmp_path, broker={"host": broker.host, "port": broker.port}, **request.param)
+    h = Harness(fed, broker)
+    yield h
+    h.close()
+
+
+def honest_deltas(rng, n):
+    base = rng.normal(size=N_PARAMS).astype(np.float32)
+    return [((base + 0.5 * rng.normal(size=N_PARAMS)) * 0.01).astype(np.float32) for _ in range(n)]
+
+
+@pytest.mark.parametrize("harness", [dict(rounds={"quorum": 0.95}, filters={"enabled": ["norm", "cosine"]},
+                                          metrics_port=free_port())], indirect=True)
+def test_twenty_devices_duplicated_late_malformed_poisoned(harness):
+    h, fed, rng = harness, harness.fed, np.random.default_rng(3)
+    h.open_round(cohort=fed.devices)
+    h.start_edge()
+    deltas = honest_deltas(rng, 20)
+    deltas[16], deltas[17] = -10 * deltas[0], -10 * deltas[1]          # poisoned: scaled sign-flipped
+    samples = [5 + i for i in range(20)]
+    msgs = {d: fed.update(d, deltas[i], num_samples=samples[i], settings=TOPK if i % 3 == 0 else DENSE)
+            for i, d in enumerate(fed.devices)}
+    for i in range(20):
+        if i % 3 == 0:  # what the edge will see of a top-k update
+            keep = np.argsort(-np.abs(deltas[i]))[: TOPK.k(N_PARAMS)]
+            deltas[i] = np.where(np.isin(np.arange(N_PARAMS), keep), deltas[i], 0).astype(np.float32)
+    h.publish("fl/edge1/updates/d06", msgs["d05"])                      # someone else's update: WRONG_SENDER
+    h.publish("fl/edge1/updates/d18", b"\x00garbage")                   # malformed
+    h.publish("fl/edge1/updates/intruder", msgs["d00"])                 # not enrolled / wrong sender
+    for d in fed.devices[:19]:
+        h.publish(f"fl/edge1/updates/{d}", msgs[d])
+        if d == "d03":
+            h.publish("fl/edge1/updates/d03", msgs["d03"])              # QoS 1 redelivery
+    h.wait(lambda: h.got["fl/cloud/aggregates/edge1"])
+    h.publish("fl/edge1/updates/d19", msgs["d19"])                      # late
+    h.wait(lambda: h.got["d19"])
+    (agg,) = h.aggregates()
+    honest = [i for i in range(19) if i not in (16, 17)]
+    w = np.array([samples[i] for i in honest], dtype=np.float64)
+    ref = (w[:, None] * np.stack([deltas[i] for i in honest])).sum(0) / w.sum()
+    np.testing.assert_allclose(decode_update(agg.delta, N_PARAMS), ref, rtol=1e-5, atol=1e-7)
+    assert agg.filtered == ["d16", "d17"] and agg.device_ids == [fed.devices[i] for i in honest]
+    assert agg.rejected == {"WRONG_SENDER": 2, "MALFORMED": 1, "DUPLICATE": 1}
+    assert [a.reason for a in h.acks("d19")] == [Reason.DEADLINE]
+    assert [(a.accepted, a.reason) for a in h.acks("d03")] == [(True, Reason.OK), (True, Reason.DUPLICATE)]
+    assert [a.reason for a in h.acks("d18")] == [Reason.MALFORMED, Reason.OK]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{fed_metrics_port(fed)}/metrics", timeout=5).read().decode()
+    assert "fediomt_edge_updates_accepted_total 19.0" in metrics
+    assert 'fediomt_edge_updates_rejected_total{reason="DEADLINE"} 1.0' in metrics
+    assert 'fediomt_edge_filter_decisions_total{decision="flagged",filter="norm"} 2.0' in metrics
+    assert h.stop_edge() == 0
+    lines = [json.loads(line) for line in (fed.root / "edge.log").read_text().splitlines()]
+    assert any(e["msg"] == "updates flagged" and set(e["devices"]) == {"d16", "d17"} for e in lines)
+    assert lines[-1]["msg"] == "stopped"
+
+
+def fed_metrics_port(fed: Fed) -> int:
+    from edge.config import load_config
+
+    return load_config(fed.config).metrics_port
+
+
+@pytest.mark.parametrize("harness", [dict(rounds={"quorum": 1.0})], indirect=True)
+def test_kill_9_mid_round_then_restart_gives_the_same_aggregate(harness):
+    h, fed, rng = harness, harness.fed, np.random.default_rng(4)
+    h.open_round()
+    h.start_edge()
+    deltas = honest_deltas(rng, 20)
+    msgs = [fed.update(d, x) for d, x in zip(fed.devices, deltas)]
+    for d, m in zip(fed.devices[:10], msgs[:10]):
+        h.publish(f"fl/edge1/updates/{d}", m)
+    h.wait(lambda: all(h.got[d] for d in fed.devices[:10]))
+    h.stop_edge(signal.SIGKILL)
+    h.start_edge()
+    for d, m in zip(fed.devices[:3] + fed.devices[10:], msgs[:3] + msgs[10:]):   # 3 resent without an Ack
+        h.publish(f"fl/edge1/updates/{d}", m)
+    h.wait(lambda: h.got["fl/cloud/aggregates/edge1"])
+    (agg,) = h.aggregates()
+    np.testing.assert_allclose(decode_update(agg.delta, N_PARAMS), np.mean(deltas, axis=0), rtol=1e-5, atol=1e-7)
+    assert agg.num_devices == 20 and agg.device_ids == fed.devices and agg.rejected == {"DUPLICATE": 3}
+    assert h.stop_edge() == 0
