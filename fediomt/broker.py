@@ -175,17 +175,22 @@ def write(cfg: BrokerConfig, out: str | Path) -> tuple[Path, Path]:
     """Write the config and its ACL file; returns both paths. Refuses when a certificate it names is missing."""
     out = Path(out)
     acl_path = cfg.acl_file or out.with_suffix(".acl")
-    needed = [pki.ca_cert_path(cfg.pki), pki.crl_path(cfg.pki), pki.identity(cfg.pki, "server", cfg.server_name).cert]
+    needed = {pki.ca_cert_path(cfg.pki): f"fediomt pki init --dir {cfg.pki}",
+              pki.crl_path(cfg.pki): f"fediomt pki crl --dir {cfg.pki}",
+              pki.identity(cfg.pki, "server", cfg.server_name).cert:
+                  f"fediomt pki issue --server {cfg.server_name} --host HOSTNAME"}
     if cfg.cloud_host:
-        needed.append(pki.identity(cfg.pki, "edge", cfg.id).cert)
-    missing = [str(p) for p in needed if not p.exists()]
+        needed[pki.identity(cfg.pki, "edge", cfg.id).cert] = f"fediomt pki issue --edge {cfg.id}"
+    missing = [f"{path} (`{fix}`)" for path, fix in needed.items() if not path.exists()]
     if missing:
-        raise pki.PkiError(f"missing {', '.join(missing)}: issue them first (fediomt pki issue --server "
-                           f"{cfg.server_name} --host HOSTNAME; fediomt pki issue --edge {cfg.id})")
+        raise pki.PkiError(f"missing {'; '.join(missing)}")
     if cfg.role == "edge":
         acl = edge_acl(cfg.id)
     else:
-        acl = cloud_acl(cfg.edges or pki_edges(cfg.pki))
+        edges = cfg.edges or pki_edges(cfg.pki)
+        if not edges:
+            raise pki.PkiError(f"no edge would be allowed in: pass --edge ID (none found in {cfg.pki}/index.json)")
+        acl = cloud_acl(edges)
     atomic_write(acl_path, acl.encode())
     atomic_write(out, render(cfg, acl_path).encode())
     return out, acl_path

@@ -277,9 +277,12 @@ def test_config_has_the_documented_hardening(ca, workdir):
                  f"topic {topics.aggregate_topic(EDGE)} out 1", f"topic {topics.CLOUD_MODEL} in 1"]:
         assert line in text.splitlines()
     assert f"pattern write fl/{EDGE}/updates/%u" in acl.read_text().splitlines()
-    with pytest.raises(pki.PkiError, match="broker-nope"):
+    with pytest.raises(pki.PkiError, match="issue --server broker-nope"):
         broker_config.write(broker_config.BrokerConfig(role="edge", id=EDGE, pki=ca, server="broker-nope"),
                             workdir / "x.conf")
+    exported = pki.export(ca, workdir / "cloud-host", [("server", "broker-cloud")])  # no index: edges must be named
+    with pytest.raises(pki.PkiError, match="--edge"):
+        broker_config.write(broker_config.BrokerConfig(role="cloud", id="cloud", pki=exported), workdir / "y.conf")
 
 
 def test_edge_replicas_split_updates_through_a_shared_subscription(ca, edge_broker, sessions):
