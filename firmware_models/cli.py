@@ -26,6 +26,7 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # build/list import TensorFlow: keep its C++ chatter down
     sub = parser.add_subparsers(dest="action")
     build = sub.add_parser("build", help="build signed trainable bundles into OUT/<model>/")
     build.add_argument("--model", action="append", choices=MODEL_NAMES, help="model to build (repeat; default all)")
@@ -58,7 +59,6 @@ def signing_key(path: Path):
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from firmware_models.build import build_bundle
 
     key = signing_key(args.key or args.out / "signing.key")
