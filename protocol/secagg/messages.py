@@ -19,6 +19,17 @@ SIG = limit(max_len=64)
 ROUND = limit(min_value=0)
 
 
+@register("secagg.open")
+@dataclass(frozen=True)
+class RoundOpen:
+    """Edge -> devices (retained while the round runs): SecAgg for this round is listening; advertise keys now.
+    `length` is how many coordinates each device masks (the model size, or k under random-k sparsification)."""
+
+    edge_id: str = field(metadata=ID)
+    round_id: int = field(metadata=ROUND)
+    length: int = field(metadata=limit(min_value=1, max_value=100_000_000))
+
+
 @register("secagg.advertise")
 @dataclass(frozen=True)
 class AdvertiseKeys:

@@ -49,7 +49,7 @@ class SecAggServer:
                  directory: Mapping[str, Ed25519PublicKey]) -> None:
         """`length`: coordinates masked (the model size, or k under random-k sparsification)."""
         self.edge_id, self.round_id, self.config, self.length = edge_id, round_id, config, length
-        self._directory = directory
+        self.directory = directory
         self._step = "advertise"
         self._nonces: set[bytes] = set()
         self._adverts: dict[str, AdvertiseKeys] = {}
@@ -65,11 +65,11 @@ class SecAggServer:
     def _admit(self, msg, step: str, seen: Mapping[str, object], allowed) -> None:
         if (msg.edge_id, msg.round_id) != (self.edge_id, self.round_id):
             raise ProtocolError(Reason.WRONG_ROUND, f"{msg.edge_id}/{msg.round_id}")
-        if msg.device_id not in self._directory:
+        if msg.device_id not in self.directory:
             raise ProtocolError(Reason.UNKNOWN_SENDER, msg.device_id)
         if msg.nonce in self._nonces:
             raise ProtocolError(Reason.REPLAY, f"nonce from {msg.device_id} seen before")
-        verify_message(msg, self._directory[msg.device_id])
+        verify_message(msg, self.directory[msg.device_id])
         self._nonces.add(msg.nonce)
         if self._step != step:
             raise ProtocolError(Reason.DEADLINE, f"{step} message after the step closed")
@@ -80,14 +80,14 @@ class SecAggServer:
 
     def receive_advertise(self, msg: AdvertiseKeys) -> None:
         self._admit(msg, "advertise", self._adverts, None)
-        check_advert(msg, self._directory)
+        check_advert(msg, self.directory)
         self._adverts[msg.device_id] = msg
 
     def roster(self) -> Roster:
         """Close key advertisement (U1)."""
         self._step = "shares"
         roster = Roster(self.edge_id, self.round_id, self.config.to_dict(), self.length, list(self._adverts.values()))
-        self.view = RoundView.from_roster(roster, self._directory)
+        self.view = RoundView.from_roster(roster, self.directory)
         return roster
 
     def receive_shares(self, msg: ShareKeys) -> None:
