@@ -20,6 +20,7 @@ import logging
 import socket
 import ssl
 import threading
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import cbor2
@@ -104,7 +105,7 @@ class Validator:
         self.key = key
         self.ledger = ledger
         self.genesis_hash = genesis_hash
-        self.refused: list[ProtocolError] = []  # what this replica refused (blocks, proposals), for tests/metrics
+        self.refused: deque[ProtocolError] = deque(maxlen=256)  # the latest refusals, for tests and metrics
 
     def subscriptions(self) -> list[str]:
         return [PROPOSALS, BLOCKS, catchup_topic(self.id)]

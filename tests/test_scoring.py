@@ -24,17 +24,17 @@ from ledger.scoring import (
 D = 4096  # a small model's parameter count: pure noise has cosine ~ 1/sqrt(D) = 0.016 to anything
 
 
-def toy_round(n_honest: int = 5, seed: int = 0):
+def toy_round(n_honest: int = 5, seed: int = 0, d: int = D):
     """Linear regression: honest deltas point at the true weights with decreasing accuracy; a zero update and a
     pure-noise update of the same norm are the free riders. Utility = -validation MSE."""
     rng = np.random.default_rng(seed)
-    w_true = rng.normal(size=D)
-    x = rng.normal(size=(256, D)) / math.sqrt(D)
+    w_true = rng.normal(size=d)
+    x = rng.normal(size=(256, d)) / math.sqrt(d)
     y = x @ w_true
-    base = np.zeros(D)
-    honest = [w_true + rng.normal(scale=0.4 * (i + 1), size=D) for i in range(n_honest)]
-    noise = rng.normal(size=D) * np.linalg.norm(w_true) / math.sqrt(D)
-    updates = honest + [np.zeros(D), noise]
+    base = np.zeros(d)
+    honest = [w_true + rng.normal(scale=0.4 * (i + 1), size=d) for i in range(n_honest)]
+    noise = rng.normal(size=d) * np.linalg.norm(w_true) / math.sqrt(d)
+    updates = honest + [np.zeros(d), noise]
 
     def utility(w: np.ndarray) -> float:
         return -float(np.mean((x @ w - y) ** 2))
@@ -75,13 +75,13 @@ def test_gtg_shapley_approximates_exact_and_is_efficient():
 
 
 def test_gtg_truncation_and_convergence_save_evaluations():
-    base, updates, utility = toy_round(n_honest=10)
+    base, updates, utility = toy_round(n_honest=10, d=256)
     n = len(updates)
     value = coalition_value(base, updates, [100] * n, utility)
     gtg_shapley(n, value, np.random.default_rng(2), truncation=1e-3)
     assert len(value.cache) < 2**n / 2
     # a round that moved nothing: between-round truncation gives zeros without sampling permutations
-    still = coalition_value(base, [np.zeros(D)] * 3, [1, 1, 1], utility)
+    still = coalition_value(base, [np.zeros(256)] * 3, [1, 1, 1], utility)
     assert np.array_equal(gtg_shapley(3, still, np.random.default_rng(0), truncation=1e-6), np.zeros(3))
     assert len(still.cache) == 2
 
