@@ -113,15 +113,20 @@ def test_randk_indices_are_shared_deterministic_and_spread():
         randk_indices(1, 10, 11)
 
 
-def test_randk_with_seed_sends_no_indices_and_checks_the_announced_seed():
+def test_randk_with_seed_sends_no_indices_and_checks_the_expected_settings():
     delta = heavy_tailed(100_000)
-    seeded, _ = encode_update(delta, CompressionSettings(method="randk", seed=9, density=0.01))
+    announced = CompressionSettings(method="randk", seed=9, density=0.01)
+    seeded, _ = encode_update(delta, announced)
     explicit, _ = encode_update(delta, CompressionSettings(method="randk", density=0.01, entropy=False))
     assert len(seeded) < len(explicit) - 1000
-    assert np.array_equal(decode_sparse(seeded, 100_000, seed=9)[0], randk_indices(9, 100_000, 1000))
-    with pytest.raises(ProtocolError) as e:
-        decode_sparse(seeded, 100_000, seed=10)
-    assert e.value.reason == Reason.BAD_VALUE
+    assert np.array_equal(decode_sparse(seeded, 100_000, expect=announced)[0], randk_indices(9, 100_000, 1000))
+    for other in (dataclasses.replace(announced, seed=10), dataclasses.replace(announced, density=0.02),
+                  dataclasses.replace(announced, bits=4), dataclasses.replace(announced, method="topk")):
+        with pytest.raises(ProtocolError) as e:
+            decode_update(seeded, 100_000, expect=other)
+        assert e.value.reason == Reason.BAD_VALUE
+    with pytest.raises(ProtocolError):
+        decode_sparse(explicit, 100_000, expect=announced)  # coordinates not from the announced seed
 
 
 @pytest.mark.parametrize("n,idx", [

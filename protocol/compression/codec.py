@@ -175,6 +175,15 @@ def read_header(payload: bytes, n_params: int) -> PayloadHeader:
     return PayloadHeader(version, name, bits, coding, flags, n, k, block, index_bytes, seed)
 
 
+def _check_expected(h: PayloadHeader, s: CompressionSettings) -> None:
+    seed = s.seed if s.method == "randk" and s.seed is not None else None
+    got = (h.method, h.bits, h.k, h.block_size if h.bits != 32 else None, h.seed if h.index_coding == INDEX_SEED
+           else None)
+    want = (s.method, s.bits, s.k(h.n_params), s.block_size if s.bits != 32 else None, seed)
+    if got != want:
+        raise ProtocolError(Reason.BAD_VALUE, f"payload (method, bits, k, block, seed) {got} != expected {want}")
+
+
 def _body(payload: bytes, h: PayloadHeader) -> memoryview:
     size = h.index_bytes + h.value_bytes
     body = memoryview(payload)[HEADER_BYTES:]
@@ -194,15 +203,18 @@ def _body(payload: bytes, h: PayloadHeader) -> memoryview:
     return memoryview(out)
 
 
-def decode_sparse(payload: bytes, n_params: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def decode_sparse(payload: bytes, n_params: int,
+                  expect: CompressionSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indices int64 sorted unique, values float32 finite) of an update for an n_params model.
 
-    seed: the randk seed the edge announced; a seed-coded payload with another seed is rejected (it would also
-    make the edge derive coordinates for an attacker's seed).
+    expect: the settings the sender declared or the round announced; the payload must then use the same method,
+    bit width, k, block size and rand-k seed (BAD_VALUE otherwise). An edge should always pass it: besides
+    enforcing the policy, it stops a sender from making the edge derive rand-k coordinates for seeds and k of its
+    choosing (an O(n_params) computation each).
     """
     h = read_header(payload, n_params)
-    if h.index_coding == INDEX_SEED and seed is not None and h.seed != seed:
-        raise ProtocolError(Reason.BAD_VALUE, "randk seed differs from the announced one")
+    if expect is not None:
+        _check_expected(h, expect)
     body = _body(payload, h)
     split = h.index_bytes
     if h.index_coding == INDEX_NONE:
@@ -224,9 +236,9 @@ def decode_sparse(payload: bytes, n_params: int, seed: int | None = None) -> tup
     return idx, values
 
 
-def decode_update(payload: bytes, n_params: int, seed: int | None = None) -> np.ndarray:
+def decode_update(payload: bytes, n_params: int, expect: CompressionSettings | None = None) -> np.ndarray:
     """The dense float32 delta carried by an update for an n_params model (see decode_sparse)."""
-    idx, values = decode_sparse(payload, n_params, seed)
+    idx, values = decode_sparse(payload, n_params, expect)
     if idx.shape[0] == n_params:
         return values
     out = np.zeros(n_params, dtype=np.float32)

@@ -26,7 +26,7 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=4)
 def _randk_cached(seed: int, n_params: int, k: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         base = _splitmix64(np.array([seed], dtype=np.uint64))[0]
@@ -46,8 +46,8 @@ def randk_indices(seed: int, n_params: int, k: int) -> np.ndarray:
 
     Coordinate i gets the key splitmix64(splitmix64(seed) + (i + 1) * golden); the k smallest keys win. Keys are
     distinct (a bijection of distinct inputs), so the choice has no ties and does not depend on numpy's sampling
-    algorithms, which differ between the numpy 1.x on a Pi and numpy 2.x at the edge. Cached: the edge decodes a
-    whole cohort's updates with the same seed.
+    algorithms, which differ between the numpy 1.x on a Pi and numpy 2.x at the edge. Cached (4 entries): the edge
+    decodes a whole cohort's updates with the same seed.
     """
     if not 0 <= k <= n_params:
         raise ValueError(f"k={k} not in [0, {n_params}]")
