@@ -127,6 +127,10 @@ def test_randk_with_seed_sends_no_indices_and_checks_the_expected_settings():
         assert e.value.reason == Reason.BAD_VALUE
     with pytest.raises(ProtocolError):
         decode_sparse(explicit, 100_000, expect=announced)  # coordinates not from the announced seed
+    assert decode_sparse(seeded, 100_000, 9)[0].shape == (1000,)
+    with pytest.raises(ProtocolError) as e:
+        decode_sparse(seeded, 100_000, 10)                  # the announced seed alone, positionally
+    assert e.value.reason == Reason.BAD_VALUE
 
 
 @pytest.mark.parametrize("n,idx", [

@@ -203,16 +203,19 @@ def _body(payload: bytes, h: PayloadHeader) -> memoryview:
     return memoryview(out)
 
 
-def decode_sparse(payload: bytes, n_params: int,
+def decode_sparse(payload: bytes, n_params: int, seed: int | None = None, *,
                   expect: CompressionSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indices int64 sorted unique, values float32 finite) of an update for an n_params model.
 
+    seed: the rand-k seed the edge announced; a seed-coded payload with another seed is refused (BAD_VALUE).
     expect: the settings the sender declared or the round announced; the payload must then use the same method,
-    bit width, k, block size and rand-k seed (BAD_VALUE otherwise). An edge should always pass it: besides
+    bit width, k, block size and rand-k seed (BAD_VALUE otherwise). An edge should pass one of them: besides
     enforcing the policy, it stops a sender from making the edge derive rand-k coordinates for seeds and k of its
     choosing (an O(n_params) computation each).
     """
     h = read_header(payload, n_params)
+    if h.index_coding == INDEX_SEED and seed is not None and h.seed != seed:
+        raise ProtocolError(Reason.BAD_VALUE, "rand-k seed differs from the announced one")
     if expect is not None:
         _check_expected(h, expect)
     body = _body(payload, h)
@@ -236,9 +239,10 @@ def decode_sparse(payload: bytes, n_params: int,
     return idx, values
 
 
-def decode_update(payload: bytes, n_params: int, expect: CompressionSettings | None = None) -> np.ndarray:
+def decode_update(payload: bytes, n_params: int, seed: int | None = None, *,
+                  expect: CompressionSettings | None = None) -> np.ndarray:
     """The dense float32 delta carried by an update for an n_params model (see decode_sparse)."""
-    idx, values = decode_sparse(payload, n_params, expect)
+    idx, values = decode_sparse(payload, n_params, seed, expect=expect)
     if idx.shape[0] == n_params:
         return values
     out = np.zeros(n_params, dtype=np.float32)
