@@ -1,0 +1,401 @@
+"""The cloud aggregator daemon: a thin loop around the strategies, the accountant and the model.
+
+One round: publish the signed GlobalModel (retained, fl/cloud/model) and RoundAnnouncement (retained,
+fl/cloud/round); collect signed EdgeAggregates from fl/cloud/aggregates/+ (each verified with the edge's key from
+`edge_keys_dir`; replays, wrong rounds, duplicates, stale bases and bad payloads are rejected and counted); close
+when every expected edge reported or at the deadline; combine and apply the strategy; account privacy; evaluate;
+checkpoint atomically; append the round to rounds.jsonl; publish the next model. Stops after `rounds` rounds or
+when a privacy budget would be exceeded. Retained device statuses (fl/+/status/+) tell it devices' compute class
+and speed for the heterogeneity-aware strategies.
+
+Crash safety: an aggregate is written to pending/ before its PUBACK (manual acknowledgements, persistent session),
+and a round's effects reach disk in one atomic checkpoint, so kill -9 at any instant resumes at the open round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from cloud.accounting import PrivacyLedger, central_event, device_event, epsilon, exhausted, json_epsilon
+from cloud.config import CloudConfig
+from cloud.metrics import Metrics
+from cloud.model import CloudModel, load_eval_data
+from cloud.state import CloudState, load, save
+from cloud.strategies import make
+from cloud.strategies.base import DeviceInfo, EdgeResult, RoundDefaults
+from cloud.strategies.heterogeneity import observe
+from cloud.strategies.scaffold import CONTROL
+from edge.gateway import INBOX_SIZE, Connection
+from fediomt.logs import event
+from protocol.atomic import atomic_write
+from protocol.compression import decode_update
+from protocol.errors import ProtocolError, Reason
+from protocol.messages import (
+    DeviceStatus,
+    EdgeAggregate,
+    GlobalModel,
+    RoundAnnouncement,
+    decode,
+    encode,
+    floats_to_bytes,
+    sign_message,
+    verify_message,
+)
+from protocol.signing import load_private_key, load_public_key
+from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, ROOT, last_level
+
+AGGREGATES = f"{ROOT}/cloud/aggregates/+"
+STATUSES = f"{ROOT}/+/status/+"
+
+
+@dataclass(frozen=True)
+class Received:
+    """An accepted aggregate of the open round, decoded once."""
+
+    agg: EdgeAggregate
+    size: int
+    delta: np.ndarray | None
+    control: np.ndarray | None
+
+
+def decode_payload(payload: bytes | None, n_params: int) -> np.ndarray | None:
+    return None if not payload else decode_update(payload, n_params)
+
+
+class CloudAggregator:
+    def __init__(self, cfg: CloudConfig, log: logging.Logger) -> None:
+        self.cfg, self.log = cfg, log
+        self.key = load_private_key(cfg.signing_key)
+        self.edges = cfg.edges or sorted(p.stem for p in Path(cfg.edge_keys_dir).glob("*.pub"))
+        if not self.edges:
+            raise ValueError(f"no edges: set `edges` or put {{edge}}.pub files in {cfg.edge_keys_dir}")
+        self.edge_keys: dict[str, Ed25519PublicKey] = {}
+        self.model = CloudModel(cfg.model, cfg.model_options, cfg.seed)
+        self.eval_data = load_eval_data(cfg.eval_data) if cfg.eval_data else None
+        defaults = RoundDefaults(cfg.plan, cfg.compression_settings(), cfg.central_dp.report(), cfg.round_timeout_s)
+        self.strategy = make(cfg.strategy.name, defaults, cfg.strategy.options)
+        self.metrics = Metrics()
+        self.run_dir = Path(cfg.run_dir)
+        self.pending_dir = self.run_dir / "pending"
+        self.checkpoint = self.run_dir / "checkpoint.npz"
+        self.state = load(self.checkpoint) if self.checkpoint.exists() else self._fresh()
+        self.nonces = set(self.state.nonces)
+        self.received: dict[str, Received] = {}
+        self.rejected: Counter = Counter()
+        self.deadline = 0.0
+        self.model_msg_size = 0
+        self.stop = threading.Event()
+        self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
+        self.conn = Connection(cfg.broker, cfg.client_id, [AGGREGATES, STATUSES], self.inbox, log)
+
+    def _fresh(self) -> CloudState:
+        server = self.strategy.init_state(self.model.initial)
+        devices = {d: DeviceInfo(d) for d in self.cfg.devices}
+        return CloudState(1, 1, server, PrivacyLedger(self.cfg.privacy.delta),
+                          np.random.default_rng(self.cfg.seed).bit_generator.state, devices)
+
+    # ------------------------------------------------------------------ publishing
+    def _publish_model(self) -> None:
+        s = self.state
+        weights = floats_to_bytes(s.server.weights)
+        control = s.server.arrays.get(CONTROL)
+        msg = GlobalModel(self.cfg.model, s.version, "full", None, self.model.n_params, weights,
+                          hashlib.sha256(weights).digest(), None if control is None else floats_to_bytes(control))
+        payload = encode(sign_message(msg, self.key))
+        self.model_msg_size = len(payload)
+        self.conn.client.publish(CLOUD_MODEL, payload, qos=1, retain=True)
+        event(self.log, "model published", version=s.version, bytes=len(payload))
+
+    def _open_round(self, now: float) -> None:
+        """Announce the open round: re-publish a checkpointed announcement, or configure a new one."""
+        s = self.state
+        if s.announcement:
+            ann = decode(s.announcement, expect=RoundAnnouncement)
+            if ann.deadline < now + 1.0:  # restarted after its deadline: same round, same cohort, new deadline
+                ann = sign_message(dataclasses.replace(ann, deadline=now + self.cfg.round_timeout_s), self.key)
+        else:
+            rng = np.random.default_rng()
+            rng.bit_generator.state = s.rng_state
+            rc = self.strategy.configure_round(s.server, s.round_id, s.devices, rng)
+            s.rng_state = rng.bit_generator.state
+            projected = s.ledger.report(
+                self.cfg.privacy.accountant,
+                device_event(rc.plan, s.min_local_examples) if s.min_local_examples else None,
+                central_event([rc.central_dp]) if self.cfg.central_dp.clip > 0 else None)
+            reason = exhausted(projected, self.cfg.privacy.device_epsilon, self.cfg.privacy.central_epsilon)
+            if reason:
+                self._finish(f"{reason}: stopping before round {s.round_id}")
+                return
+            ann = sign_message(RoundAnnouncement(
+                round_id=s.round_id, model_name=self.cfg.model, model_version=s.version,
+                strategy=self.strategy.name, deadline=now + self.cfg.round_timeout_s, plan=rc.plan,
+                compression=rc.compression, edges=list(self.edges), cohort=rc.cohort, lr_scale=rc.lr_scale,
+                sample_weight=rc.sample_weight, central_dp=rc.central_dp), self.key)
+        s.announcement = encode(ann)
+        save(self.checkpoint, s)
+        self.deadline = ann.deadline
+        self.conn.client.publish(CLOUD_ROUND, s.announcement, qos=1, retain=True)
+        event(self.log, "round announced", round=ann.round_id, version=ann.model_version,
+              cohort=len(ann.cohort) or "all", deadline_in_s=round(ann.deadline - now, 1))
+
+    # ------------------------------------------------------------------ receiving
+    def _edge_key(self, edge: str) -> Ed25519PublicKey:
+        if edge not in self.edges:
+            raise ProtocolError(Reason.UNKNOWN_SENDER, f"edge {edge!r} is not part of this federation")
+        if edge not in self.edge_keys:
+            path = Path(self.cfg.edge_keys_dir) / f"{edge}.pub"
+            if not path.exists():
+                raise ProtocolError(Reason.UNKNOWN_SENDER, f"no public key {path.name} for edge {edge!r}")
+            self.edge_keys[edge] = load_public_key(path)
+        return self.edge_keys[edge]
+
+    def _accept(self, topic: str, payload: bytes) -> Received:
+        """Verify one aggregate completely; raises ProtocolError (nothing is changed) or returns it decoded."""
+        s = self.state
+        edge = last_level(topic)
+        agg = decode(payload, expect=EdgeAggregate)
+        if agg.edge_id != edge:
+            raise ProtocolError(Reason.WRONG_SENDER, f"topic names {edge!r}, message {agg.edge_id!r}")
+        verify_message(agg, self._edge_key(edge))
+        if agg.nonce.hex() in self.nonces:
+            raise ProtocolError(Reason.REPLAY, f"nonce of {edge!r} seen before")
+        if agg.round_id != s.round_id:
+            reason = Reason.DEADLINE if agg.round_id < s.round_id else Reason.WRONG_ROUND
+            raise ProtocolError(reason, f"round {agg.round_id} from {edge!r}, open round is {s.round_id}")
+        if edge in self.received:
+            raise ProtocolError(Reason.DUPLICATE, f"{edge!r} already sent round {agg.round_id}")
+        if agg.base_version != s.version:
+            raise ProtocolError(Reason.STALE, f"base version {agg.base_version}, current {s.version}")
+        if agg.n_params != self.model.n_params:
+            raise ProtocolError(Reason.BAD_SHAPE, f"{agg.n_params} params, model has {self.model.n_params}")
+        delta = decode_payload(agg.delta, agg.n_params) if agg.significant else None
+        if agg.significant and delta is None:
+            raise ProtocolError(Reason.MALFORMED, "significant aggregate without a delta")
+        return Received(agg, len(payload), delta, decode_payload(agg.control_delta, agg.n_params))
+
+    def _on_aggregate(self, topic: str, payload: bytes, persist: bool = True) -> None:
+        try:
+            got = self._accept(topic, payload)
+        except ProtocolError as exc:
+            self.rejected[exc.reason.name] += 1
+            self.metrics.rejected.labels(reason=exc.reason.name).inc()
+            event(self.log, "aggregate rejected", logging.WARNING, topic=topic[:200], reason=exc.reason.name,
+                  detail=exc.detail[:200])
+            return
+        edge = got.agg.edge_id
+        if persist:  # durable before the PUBACK: a crash now re-reads it from pending/
+            atomic_write(self.pending_dir / f"{got.agg.round_id}-{edge}.cbor", payload)
+        self.nonces.add(got.agg.nonce.hex())
+        self.state.nonces.append(got.agg.nonce.hex())
+        self.received[edge] = got
+        self.metrics.aggregates.labels(edge=edge).inc()
+        event(self.log, "aggregate accepted", edge=edge, round=got.agg.round_id, devices=got.agg.num_devices,
+              significant=got.agg.significant, bytes=got.size)
+
+    def _on_status(self, payload: bytes) -> None:
+        try:
+            status = decode(payload, expect=DeviceStatus)
+        except ProtocolError:
+            return  # edge statuses and other traffic on the wildcard: not for us
+        if status.capability is None:
+            return
+        info = self.state.devices.get(status.device_id) or DeviceInfo(status.device_id)
+        self.state.devices[status.device_id] = dataclasses.replace(
+            info, compute_class=status.capability.compute_class, steps_per_s=status.capability.steps_per_s)
+
+    def _load_pending(self) -> None:
+        if not self.pending_dir.exists():
+            return
+        for path in sorted(self.pending_dir.glob("*.cbor")):
+            round_id, _, edge = path.stem.partition("-")
+            if round_id == str(self.state.round_id):
+                self._on_aggregate(f"{ROOT}/cloud/aggregates/{edge}", path.read_bytes(), persist=False)
+            else:
+                path.unlink()
+
+    def _drain_one(self, timeout: float) -> None:
+        try:
+            conn, topic, payload, mid, qos = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return
+        try:
+            if topic.startswith(f"{ROOT}/cloud/aggregates/"):
+                self._on_aggregate(topic, payload)
+            else:
+                self._on_status(payload)
+        except Exception:  # the daemon must not die on a message
+            self.log.exception("message handling failed", extra={"fields": {"topic": topic[:200]}})
+        conn.ack(mid, qos)
+
+    # ------------------------------------------------------------------ closing a round
+    def _close_round(self, now: float) -> None:
+        t0 = time.monotonic()
+        s = self.state
+        ann = decode(s.announcement, expect=RoundAnnouncement)
+        results, aggs = [], [r.agg for r in self.received.values()]
+        for edge, got in sorted(self.received.items()):
+            delta = got.delta
+            if got.agg.significant:
+                s.last_delta[edge] = got.delta
+            elif got.agg.num_devices:  # "about the same as my last aggregate": reuse it
+                delta = s.last_delta.get(edge)
+            results.append(EdgeResult(edge, delta, got.agg.num_samples, got.agg.weight_sum, got.agg.num_devices,
+                                      got.agg.mean_local_steps, got.control))
+            s.devices = observe(s.devices, got.agg.device_ids, got.agg.filtered, got.agg.update_norms)
+        s.server = self.strategy.apply(s.server, results, self.cfg.population or len(s.devices))
+        s.version += 1
+        participating = [a for a in aggs if a.num_devices > 0]
+        sizes = [a.num_samples // a.num_devices for a in participating]
+        if sizes:
+            s.min_local_examples = min(sizes)
+            s.ledger.device.append(device_event(ann.plan, s.min_local_examples))
+            s.ledger.central.append(central_event([a.central_dp for a in participating]))
+        s.ledger.device_reported = max([s.ledger.device_reported, *(a.max_device_epsilon for a in aggs)])
+        report = s.ledger.report(self.cfg.privacy.accountant)
+        loss, acc = self.model.evaluate(s.server.weights, self.eval_data) if self.eval_data else (None, None)
+        record = self._record(ann, aggs, report, loss, acc, now)
+        s.history.append(record)
+        s.round_id += 1
+        s.announcement = b""
+        if len(s.history) >= self.cfg.rounds:
+            s.stop_reason = f"completed {self.cfg.rounds} rounds"
+        else:
+            s.stop_reason = exhausted(report, self.cfg.privacy.device_epsilon, self.cfg.privacy.central_epsilon) or ""
+        record["cloud_step_s"] = round(time.monotonic() - t0, 4)
+        save(self.checkpoint, s)
+        self._write_rounds()
+        for path in self.pending_dir.glob(f"{ann.round_id}-*.cbor"):
+            path.unlink()
+        self.received.clear()
+        self.rejected.clear()
+        self._publish_model()
+        self._observe_metrics(record, report, time.monotonic() - t0)
+        event(self.log, "round closed", **{k: record[k] for k in ("round", "accuracy", "loss", "num_devices",
+                                                                    "bytes_up", "bytes_down", "epsilon")},
+              cloud_step_s=round(time.monotonic() - t0, 4))
+        if s.stop_reason:
+            self._finish(s.stop_reason)
+
+    def _record(self, ann: RoundAnnouncement, aggs: list[EdgeAggregate], report: dict, loss, acc,
+                now: float) -> dict:
+        n_devices = sum(a.num_devices for a in aggs)
+        addressed = len(ann.cohort) or max(len(self.state.devices), n_devices)
+        ann_size = len(self.state.announcement)
+        control = self.state.server.arrays.get(CONTROL)
+        return {
+            "round": ann.round_id, "model_version": self.state.version,
+            "accuracy": acc, "loss": loss,
+            "bytes_up": sum(a.device_bytes for a in aggs),
+            "bytes_up_cloud": sum(r.size for r in self.received.values()),
+            "control_bytes_up": sum(len(a.control_delta or b"") for a in aggs),
+            "dense_bytes_up": 4 * self.model.n_params * n_devices,
+            "bytes_down": (self.model_msg_size + ann_size) * addressed,
+            "bytes_down_cloud": (self.model_msg_size + ann_size) * len(self.edges),
+            "control_bytes_down": (0 if control is None else 4 * control.size) * addressed,
+            "epsilon": json_epsilon(report), "delta": self.cfg.privacy.delta,
+            "num_devices": n_devices, "num_edges": len(aggs), "addressed": addressed,
+            "filtered": sum(len(a.filtered) for a in aggs),
+            "rejected_at_edges": dict(sum((Counter(a.rejected) for a in aggs), Counter())),
+            "rejected_at_cloud": dict(self.rejected),
+            "wall_time_s": round(now - (ann.deadline - self.cfg.round_timeout_s), 3),
+            "timestamp": round(now, 3),
+        }
+
+    def _observe_metrics(self, record: dict, report: dict, step_s: float) -> None:
+        m = self.metrics
+        m.round.set(record["round"])
+        if record["accuracy"] is not None:
+            m.accuracy.set(record["accuracy"])
+            m.loss.set(record["loss"])
+        for level in ("device", "central"):
+            m.epsilon.labels(level=level).set(report[level])
+        m.bytes_up.inc(record["bytes_up"])
+        m.bytes_down.inc(record["bytes_down"])
+        m.round_seconds.observe(record["wall_time_s"])
+        m.step_seconds.observe(step_s)
+
+    # ------------------------------------------------------------------ outputs
+    def _write_rounds(self) -> None:
+        """rounds.jsonl is rewritten from the checkpoint's history, so it never disagrees with it after a crash."""
+        lines = "".join(json.dumps(r) + "\n" for r in self.state.history)
+        atomic_write(self.run_dir / "rounds.jsonl", lines.encode())
+
+    def _finish(self, reason: str) -> None:
+        s = self.state
+        s.stop_reason = reason
+        s.announcement = b""
+        save(self.checkpoint, s)
+        event(self.log, "federation stopped", logging.WARNING if "privacy" in reason else logging.INFO,
+              reason=reason, rounds=len(s.history))
+
+    def write_report(self) -> dict:
+        s, h = self.state, self.state.history
+        last = h[-1] if h else {}
+        report = {
+            "strategy": self.strategy.name, "model": self.cfg.model, "n_params": self.model.n_params,
+            "rounds_completed": len(h), "finished": bool(s.stop_reason), "stop_reason": s.stop_reason,
+            "final_accuracy": last.get("accuracy"), "final_loss": last.get("loss"),
+            "total_bytes_up": sum(r["bytes_up"] for r in h),
+            "total_bytes_down": sum(r["bytes_down"] for r in h),
+            "dense_bytes_up": sum(r["dense_bytes_up"] for r in h),
+            "epsilon": last.get("epsilon"), "delta": self.cfg.privacy.delta,
+            "rounds": h,
+        }
+        if self.cfg.privacy.final_pld and h:
+            report["epsilon_pld"] = json_epsilon({
+                "device": epsilon(s.ledger.device, s.ledger.delta, "pld"),
+                "central": epsilon(s.ledger.central, s.ledger.delta, "pld")})
+        atomic_write(self.run_dir / "report.json", json.dumps(report, indent=1).encode())
+        return report
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
+        if not self.state.stop_reason:
+            if not self.conn.start(self.stop):
+                return 0
+            event(self.log, "cloud running", strategy=self.strategy.name, model=self.cfg.model,
+                  n_params=self.model.n_params, edges=self.edges, round=self.state.round_id,
+                  resumed=bool(self.state.history))
+            self._load_pending()
+            self._publish_model()
+            self._open_round(time.time())
+            self._loop()
+            self.conn.close()
+        self.write_report()
+        return 0
+
+    def _loop(self) -> None:
+        s = self.state
+        while not self.stop.is_set() and not s.stop_reason:
+            self._drain_one(self.cfg.tick_s)
+            now = time.time()
+            complete = set(self.edges) <= set(self.received)
+            if not complete and now < self.deadline:
+                continue
+            if complete or len(self.received) >= self.cfg.min_edges:
+                self._close_round(now)
+                if not s.stop_reason:
+                    self._open_round(time.time())
+            else:
+                event(self.log, "deadline passed with too few aggregates: re-announcing", logging.WARNING,
+                      round=s.round_id, received=sorted(self.received), min_edges=self.cfg.min_edges)
+                self._open_round(now)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())

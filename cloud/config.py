@@ -1,0 +1,105 @@
+"""Cloud aggregator configuration: TOML -> dataclasses with documented defaults (configs/cloud.toml is the reference).
+
+Relative paths resolve against the config file's directory; unknown keys are an error. The MQTT connection is the
+edge's BrokerConfig (same keys), and the TOML loader is the edge's (one implementation of the rules above).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from cloud.accounting import ACCOUNTANTS
+from cloud.strategies import STRATEGIES
+from edge.config import BrokerConfig
+from edge.config import _build as build_dataclass
+from protocol.compression import CompressionSettings
+from protocol.messages import CentralDPReport, TrainingPlan
+from protocol.topics import check_id
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """User-level DP the edges must add (announced in every round): clip each device's delta to `clip` (L2),
+    add N(0, (noise_mult * clip)^2) to the sum. clip = 0: no central DP is asked."""
+
+    clip: float = 0.0
+    noise_mult: float = 0.0
+
+    def report(self) -> CentralDPReport | None:
+        return CentralDPReport(self.clip, self.noise_mult, 1.0) if self.clip > 0 else None
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    delta: float = 1e-5
+    device_epsilon: float = 0.0      # example-level budget; 0 = unlimited
+    central_epsilon: float = 0.0     # user-level budget; 0 = unlimited
+    accountant: str = "rdp"          # per-round reports: "rdp" (fast) | "pld" (tighter, ~1 s per level per round)
+    final_pld: bool = True           # also compute PLD epsilons once for report.json
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fediomt"            # fedavg | fedprox | scaffold | fedadam | fediomt
+    options: dict = field(default_factory=dict)  # keyword options of the strategy class (docs/cloud.md)
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    run_dir: Path                    # config copy, rounds.jsonl, report.json, checkpoint.npz, pending/
+    signing_key: Path                # the cloud's Ed25519 private key (signs rounds and models)
+    edge_keys_dir: Path              # {edge_id}.pub of every edge allowed to send aggregates
+    edges: list[str] = field(default_factory=list)  # edges a round waits for; [] = every {edge}.pub in the dir
+    model: str = "wearable_cnn"      # firmware_models name
+    model_options: dict = field(default_factory=dict)
+    eval_data: Path | None = None    # held-out NPZ (x, y); None = no evaluation (accuracy/loss null)
+    rounds: int = 20
+    round_timeout_s: float = 60.0    # deadline = announcement + this
+    min_edges: int = 1               # at the deadline: close with >= this many aggregates, else re-announce
+    devices: list[str] = field(default_factory=list)  # known device ids (cohort selection before any round)
+    population: int = 0              # devices in the federation (SCAFFOLD's N); 0 = devices known so far
+    seed: int = 0                    # initial weights and the strategy's sampling
+    client_id: str = "fediomt-cloud"
+    metrics_port: int = 0            # Prometheus /metrics; 0 = off
+    metrics_host: str = "127.0.0.1"
+    tick_s: float = 0.2
+    log_level: str = "info"
+    broker: BrokerConfig = field(default_factory=lambda: BrokerConfig(session_expiry_s=3600))
+    plan: TrainingPlan = field(default_factory=lambda: TrainingPlan(
+        lr=0.05, local_epochs=1, batch_size=32, clip=1.0, noise_mult=1.1))
+    compression: dict = field(default_factory=lambda: CompressionSettings().to_dict())
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+    def __post_init__(self) -> None:
+        for edge in self.edges:
+            check_id(edge)
+        check_id(self.model)
+        if self.strategy.name not in STRATEGIES:
+            raise ValueError(f"strategy.name {self.strategy.name!r} not in {sorted(STRATEGIES)}")
+        if self.privacy.accountant not in ACCOUNTANTS:
+            raise ValueError(f"privacy.accountant {self.privacy.accountant!r} not in {ACCOUNTANTS}")
+        if not 0 < self.privacy.delta < 1:
+            raise ValueError("privacy.delta must be in (0, 1)")
+        if self.privacy.device_epsilon > 0 and self.plan.noise_mult <= 0:
+            raise ValueError("privacy.device_epsilon is set but plan.noise_mult = 0: device DP would be unbounded")
+        if self.privacy.central_epsilon > 0 and (self.central_dp.clip <= 0 or self.central_dp.noise_mult <= 0):
+            raise ValueError("privacy.central_epsilon is set but central_dp asks for no noise")
+        if self.rounds < 1 or self.round_timeout_s <= 0 or self.min_edges < 1:
+            raise ValueError("need rounds >= 1, round_timeout_s > 0 and min_edges >= 1")
+        CompressionSettings.from_dict({**CompressionSettings().to_dict(), **self.compression})
+
+    def compression_settings(self) -> dict:
+        """The full settings dict announced to devices (unset keys take CompressionSettings defaults)."""
+        return CompressionSettings.from_dict({**CompressionSettings().to_dict(), **self.compression}).to_dict()
+
+
+def load_config(path: str | Path) -> CloudConfig:
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    return build_dataclass(CloudConfig, raw, path.resolve().parent, path.name)

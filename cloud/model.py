@@ -1,0 +1,70 @@
+"""The global model on the cloud: a Keras model with the firmware model's architecture and flat weight layout.
+
+TensorFlow is imported on first use only, so `fediomt cloud --help` and the daemon's config checks stay fast.
+Held-out evaluation data is an NPZ with `x` (float32, (n, *input_shape)) and `y` (integer labels).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocol.weights import Layout, flatten, layout_size, unflatten
+
+
+@dataclass(frozen=True)
+class EvalData:
+    x: np.ndarray
+    y: np.ndarray
+
+
+def load_eval_data(path: str | os.PathLike) -> EvalData:
+    with np.load(path, allow_pickle=False) as data:
+        if "x" not in data or "y" not in data:
+            raise ValueError(f"{path}: an evaluation NPZ needs arrays 'x' and 'y'")
+        x, y = np.asarray(data["x"], np.float32), np.asarray(data["y"]).astype(np.int64)
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"{path}: x has {len(x)} rows and y {len(y)}")
+    return EvalData(x, y)
+
+
+def cross_entropy_accuracy(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) from logits, computed stably in float64."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    loss = -float(np.mean(logp[np.arange(len(y)), y]))
+    return loss, float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+class CloudModel:
+    """Model `name` built with `options` (firmware_models); weights move in and out as flat float32 vectors."""
+
+    def __init__(self, name: str, options: dict | None = None, seed: int = 0) -> None:
+        from firmware_models import keras_model, model_spec
+
+        self.name, self.options = name, dict(options or {})
+        spec = model_spec(name, **self.options)
+        self.layout: Layout = spec.layout
+        self.n_params = layout_size(self.layout)
+        self.input_shape = tuple(spec.input_shape)
+        self.initial = flatten(spec.init_weights(seed))
+        self.keras = keras_model(name, **self.options)
+
+    def check_layout(self, manifest_layout: Layout) -> None:
+        """Refuse a bundle whose manifest layout is not this model's (the flat vectors would be misread)."""
+        if list(manifest_layout) != list(self.layout):
+            raise ValueError(f"bundle layout differs from model {self.name!r} built with {self.options}")
+
+    def logits(self, flat: np.ndarray, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+        self.keras.set_weights(unflatten(np.asarray(flat, np.float32), self.layout))
+        return np.concatenate([np.asarray(self.keras(x[i:i + batch], training=False))
+                               for i in range(0, len(x), batch)])
+
+    def evaluate(self, flat: np.ndarray, data: EvalData) -> tuple[float, float]:
+        """(loss, accuracy) of weights `flat` on the held-out set."""
+        if data.x.shape[1:] != self.input_shape:
+            raise ValueError(f"evaluation rows of shape {data.x.shape[1:]}, model input {self.input_shape}")
+        return cross_entropy_accuracy(self.logits(flat, data.x), data.y)

@@ -1,0 +1,273 @@
+"""The cloud daemon against a real Mosquitto with scripted edges (paho clients publishing signed EdgeAggregates).
+
+Rounds advance and the model moves by exactly the server update; bad aggregates are rejected and counted; a privacy
+budget stops the federation with a clear message; kill -9 + restart resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from cloud.accounting import DpEvent, epsilon
+from fediomt.logs import setup
+from protocol.compression import CompressionSettings, encode_update
+from protocol.messages import (
+    CentralDPReport,
+    EdgeAggregate,
+    GlobalModel,
+    RoundAnnouncement,
+    bytes_to_floats,
+    decode,
+    encode,
+    new_nonce,
+    sign_message,
+    verify_message,
+)
+from protocol.signing import generate_signing_key, save_private_key, save_public_key
+from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, aggregate_topic
+
+from .conftest import REPO
+
+MODEL_OPTIONS = "[model_options]\nn_features = 4\nhidden = 4\n"
+N_PARAMS = 4 * 4 + 4 + 4 * 2 + 2
+DENSE = CompressionSettings(method="dense", bits=32)
+
+
+class Edges:
+    """Scripted edges on one paho client: collect the cloud's models and announcements, publish aggregates."""
+
+    def __init__(self, broker, keys: dict, cloud_pub) -> None:
+        self.keys, self.cloud_pub = keys, cloud_pub
+        self.models: dict[int, np.ndarray] = {}
+        self.rounds: queue.Queue = queue.Queue()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe([(CLOUD_MODEL, 1), (CLOUD_ROUND, 1)])
+        self.client.loop_start()
+
+    def _on_message(self, _c, _u, msg) -> None:
+        if msg.topic == CLOUD_MODEL:
+            model = decode(msg.payload, expect=GlobalModel)
+            verify_message(model, self.cloud_pub)
+            self.models[model.model_version] = bytes_to_floats(model.weights, model.n_params)
+        else:
+            ann = decode(msg.payload, expect=RoundAnnouncement)
+            verify_message(ann, self.cloud_pub)
+            self.rounds.put(ann)
+
+    def next_round(self, timeout: float = 60.0) -> RoundAnnouncement:
+        return self.rounds.get(timeout=timeout)
+
+    def aggregate(self, edge: str, ann: RoundAnnouncement, delta=None, num_samples: int = 10, key=None,
+                  **fields) -> bytes:
+        payload = b"" if delta is None else encode_update(np.asarray(delta, np.float32), DENSE)[0]
+        agg = EdgeAggregate(
+            edge_id=edge, round_id=ann.round_id, base_version=ann.model_version, num_devices=2,
+            num_samples=num_samples, weight_sum=float(num_samples), n_params=N_PARAMS, delta=payload,
+            significant=delta is not None, central_dp=fields.pop("central_dp", None), filtered=[], rejected={},
+            device_ids=[f"{edge}-d1", f"{edge}-d2"], max_device_epsilon=0.5, mean_local_steps=3.0,
+            nonce=new_nonce(), timestamp=time.time(), device_bytes=1000, **fields)
+        return encode(sign_message(agg, key or self.keys[edge]))
+
+    def send(self, edge: str, data: bytes) -> None:
+        self.client.publish(aggregate_topic(edge), data, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def federation(tmp_path, broker):
+    """Keys, a held-out set and a config writer; yields (write_config(extra) -> path, edges)."""
+    cloud_key = generate_signing_key()
+    save_private_key(cloud_key, tmp_path / "cloud.key")
+    keys = {e: generate_signing_key() for e in ("edge1", "edge2")}
+    for edge, key in keys.items():
+        save_public_key(key.public_key(), tmp_path / "edges" / f"{edge}.pub")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "holdout.npz", x=rng.normal(size=(64, 4)).astype(np.float32), y=rng.integers(0, 2, 64))
+
+    def write_config(extra: str) -> Path:
+        text = (f'run_dir = "run"\nsigning_key = "cloud.key"\nedge_keys_dir = "edges"\neval_data = "holdout.npz"\n'
+                f'model = "vitals_mlp"\n{extra}\n{MODEL_OPTIONS}'
+                f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\nsession_expiry_s = 600\n')
+        path = tmp_path / "cloud.toml"
+        path.write_text(text)
+        return path
+
+    edges = Edges(broker, keys, cloud_key.public_key())
+    yield write_config, edges
+    edges.close()
+
+
+def start_in_process(config: Path):
+    from cloud.aggregator import CloudAggregator
+    from cloud.config import load_config
+
+    agg = CloudAggregator(load_config(config), setup("cloud-test"))
+    thread = threading.Thread(target=agg.run, daemon=True)
+    thread.start()
+    return agg, thread
+
+
+def rounds_of(run_dir: Path) -> list[dict]:
+    path = run_dir / "rounds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_rounds_advance_by_the_server_update_and_bad_aggregates_are_counted(federation, tmp_path):
+    write_config, edges = federation
+    config = write_config('rounds = 3\nround_timeout_s = 4.0\nmin_edges = 1\n[strategy]\nname = "fedavg"\n')
+    agg, thread = start_in_process(config)
+    rng = np.random.default_rng(1)
+
+    ann = edges.next_round()
+    assert ann.round_id == 1 and ann.model_version == 1 and ann.strategy == "fedavg"
+    d1, d2 = rng.normal(size=N_PARAMS), rng.normal(size=N_PARAMS)
+    edges.send("edge1", edges.aggregate("edge1", ann, d1, key=generate_signing_key()))  # not edge1's key
+    edges.send("edge1", edges.aggregate("edge1", dataclass_round(ann, 6), d1))            # a future round
+    good = edges.aggregate("edge1", ann, d1, num_samples=30)
+    edges.send("edge1", good)
+    edges.send("edge1", good)                                                             # replayed bytes
+    edges.send("edge2", edges.aggregate("edge2", ann, d2, num_samples=10))
+
+    ann2 = edges.next_round()
+    assert ann2.round_id == 2 and ann2.model_version == 2
+    expected = edges.models[1] + ((30 * d1 + 10 * d2) / 40).astype(np.float32)
+    np.testing.assert_allclose(edges.models[2], expected, rtol=1e-6, atol=1e-7)
+
+    # edge2 says "about the same as last time": the cloud reuses edge2's last delta
+    d3 = rng.normal(size=N_PARAMS)
+    edges.send("edge1", edges.aggregate("edge1", ann2, d3, num_samples=10))
+    edges.send("edge2", edges.aggregate("edge2", ann2, None, num_samples=10))
+    ann3 = edges.next_round()
+    np.testing.assert_allclose(edges.models[3], edges.models[2] + ((d3 + d2) / 2).astype(np.float32), rtol=1e-6,
+                               atol=1e-7)
+    # round 3: only edge1 answers; the round closes at its deadline with min_edges = 1
+    t0 = time.monotonic()
+    edges.send("edge1", edges.aggregate("edge1", ann3, d1, num_samples=10))
+    thread.join(timeout=30)
+    assert not thread.is_alive() and time.monotonic() - t0 > 2.0
+    np.testing.assert_allclose(edges.models[4], edges.models[3] + d1.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+    records = rounds_of(tmp_path / "run")
+    assert [r["round"] for r in records] == [1, 2, 3] and [r["model_version"] for r in records] == [2, 3, 4]
+    assert records[0]["rejected_at_cloud"] == {"BAD_SIGNATURE": 1, "WRONG_ROUND": 1, "REPLAY": 1}
+    assert records[0]["bytes_up"] == 2000 and records[0]["num_devices"] == 4 and records[2]["num_edges"] == 1
+    assert records[0]["dense_bytes_up"] == 4 * 4 * N_PARAMS and records[0]["bytes_down"] > 0
+    assert all(0 <= r["accuracy"] <= 1 and r["loss"] > 0 for r in records)
+    assert records[0]["epsilon"]["device_reported"] == 0.5 and records[0]["epsilon"]["central"] is None
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["finished"] and report["stop_reason"] == "completed 3 rounds"
+    assert report["total_bytes_up"] == 5000 and report["final_accuracy"] == records[-1]["accuracy"]
+    assert agg.metrics.rejected.labels(reason="REPLAY")._value.get() == 1
+
+
+def dataclass_round(ann: RoundAnnouncement, round_id: int) -> RoundAnnouncement:
+    import dataclasses
+
+    return dataclasses.replace(ann, round_id=round_id)
+
+
+def test_privacy_budget_exhaustion_stops_with_a_clear_message(federation, tmp_path):
+    write_config, edges = federation
+    per_round = [DpEvent(1.0, 1.0, 1)]
+    budget = (epsilon(per_round * 2, 1e-5) + epsilon(per_round * 3, 1e-5)) / 2
+    config = write_config(f'rounds = 10\nround_timeout_s = 20.0\n[central_dp]\nclip = 1.0\nnoise_mult = 1.0\n'
+                          f'[privacy]\ncentral_epsilon = {budget}\nfinal_pld = false\n'
+                          f'[strategy]\nname = "fedavg"\n')
+    agg, thread = start_in_process(config)
+    for round_id in (1, 2):
+        ann = edges.next_round()
+        assert ann.round_id == round_id and ann.central_dp.noise_mult == 1.0
+        for edge in ("edge1", "edge2"):
+            dp = CentralDPReport(clip=1.0, noise_mult=1.0, sampling_rate=1.0)
+            edges.send(edge, edges.aggregate(edge, ann, np.zeros(N_PARAMS), central_dp=dp))
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert agg.state.stop_reason.startswith("privacy budget spent: central-level epsilon would reach")
+    assert "stopping before round 3" in agg.state.stop_reason
+    records = rounds_of(tmp_path / "run")
+    assert len(records) == 2 and records[-1]["epsilon"]["central"] < budget
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["stop_reason"] == agg.state.stop_reason
+    with pytest.raises(queue.Empty):
+        edges.next_round(timeout=0.5)  # no third announcement
+
+
+def auto_respond(edges: Edges, stop: threading.Event) -> None:
+    """Both edges answer every round once (a re-announced round is not answered twice)."""
+    answered = set()
+    while not stop.is_set():
+        try:
+            ann = edges.next_round(timeout=0.2)
+        except queue.Empty:
+            continue
+        if ann.round_id in answered:
+            continue
+        answered.add(ann.round_id)
+        for edge in ("edge1", "edge2"):
+            edges.send(edge, edges.aggregate(edge, ann, np.full(N_PARAMS, 0.01 * ann.round_id)))
+
+
+def cloud_process(config: Path, log) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "fediomt", "cloud", "run", "--config", str(config)],
+                            cwd=REPO, env=env, stdout=log, stderr=log)
+
+
+def test_kill_9_mid_run_resumes_from_the_checkpoint(federation, tmp_path):
+    write_config, edges = federation
+    config = write_config('rounds = 5\nround_timeout_s = 30.0\n[strategy]\nname = "fedadam"\n')
+    stop = threading.Event()
+    responder = threading.Thread(target=auto_respond, args=(edges, stop), daemon=True)
+    responder.start()
+    with open(tmp_path / "cloud.log", "ab") as log:
+        proc = cloud_process(config, log)
+        try:
+            deadline = time.monotonic() + 90
+            while len(rounds_of(tmp_path / "run")) < 2 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert len(rounds_of(tmp_path / "run")) >= 2, (tmp_path / "cloud.log").read_text()[-3000:]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            done_before = len(rounds_of(tmp_path / "run"))
+            assert done_before < 5
+            proc = cloud_process(config, log)
+            assert proc.wait(120) == 0
+        finally:
+            stop.set()
+            if proc.poll() is None:
+                proc.kill()
+    text = (tmp_path / "cloud.log").read_text()
+    records = rounds_of(tmp_path / "run")
+    assert [r["round"] for r in records] == [1, 2, 3, 4, 5], text[-3000:]
+    assert [r["model_version"] for r in records] == [2, 3, 4, 5, 6]
+    assert '"resumed": true' in text and "completed 5 rounds" in text
+    assert max(edges.models) == 6
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["rounds_completed"] == 5 and report["strategy"] == "fedadam"
+    assert (tmp_path / "run" / "config.toml").read_text() == config.read_text()
+
+
+def test_cloud_help_is_fast_and_does_not_import_tensorflow():
+    code = ("import sys; from fediomt.cli import main\n"
+            "try:\n    main(['cloud', 'run', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "assert 'tensorflow' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "--config" in out.stdout
