@@ -58,6 +58,8 @@ class Record:
 
     def __post_init__(self) -> None:
         check_id(self.participant)
+        if not all(math.isfinite(v) for v in (self.quality, self.loo, self.shapley, self.score)):
+            raise ProtocolError(Reason.NON_FINITE, f"{self.participant}: NaN or infinite score")
 
     def contribution(self) -> Contribution:
         return Contribution(self.participant, self.samples, self.on_time, self.flagged, self.quality, self.loo,

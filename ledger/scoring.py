@@ -39,7 +39,9 @@ class RewardPolicy:
     min_quality: float = 0.05
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tokens_per_round, int) or self.tokens_per_round < 0:
+        for name in ("min_score", "min_quality"):  # an int from code must still encode as a CBOR float
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if type(self.tokens_per_round) is not int or self.tokens_per_round < 0:
             raise ValueError("tokens_per_round must be a non-negative integer")
         if not (math.isfinite(self.min_score) and self.min_score > 0):
             raise ValueError("min_score must be positive and finite")

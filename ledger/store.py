@@ -100,6 +100,8 @@ class Ledger:
 
         Raises ProtocolError (the chain is unchanged) when any rule fails, DUPLICATE when the block is already here.
         """
+        data = block.to_cbor()
+        block = Block.from_cbor(data)  # what is stored must pass the strict decoder that `verify` applies
         with self._lock:
             if self._head is not None and block.index <= self._head.index:
                 stored = self.block(block.index)
@@ -112,7 +114,7 @@ class Ledger:
                 if top != block.index - 1:
                     raise ProtocolError(Reason.BAD_INDEX, f"another writer moved the ledger to block {top}")
                 self._conn.execute("INSERT INTO blocks (idx, hash, data) VALUES (?, ?, ?)",
-                                   (block.index, block.hash, block.to_cbor()))
+                                   (block.index, block.hash, data))
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")

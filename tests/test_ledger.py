@@ -135,6 +135,9 @@ def test_validator_refuses_bad_blocks(tmp_path, keys):
             continue
         with pytest.raises(ProtocolError, match=why):
             ledger.append(signed(bad, keys))
+    with pytest.raises(ProtocolError) as exc:  # a NaN measurement never reaches the database
+        propose_block(ledger, 5, 11, [Contribution("d", 1, True, False, float("nan"), 0.0, 0.1)])
+    assert exc.value.reason == Reason.NON_FINITE
     ledger.append(signed(good, keys))
     _refused(ledger, signed(good, keys), Reason.DUPLICATE)
     assert ledger.height == 3

@@ -149,6 +149,7 @@ def test_policy_from_toml_table():
         RewardPolicy.from_mapping({"tokens": 5})
     with pytest.raises(ValueError):
         RewardPolicy(tokens_per_round=-1)
+    assert type(RewardPolicy(min_quality=0).min_quality) is float  # encodes as a CBOR float, as the decoder wants
 
 
 def test_score_is_clipped_shapley():
