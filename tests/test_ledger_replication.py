@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
@@ -14,8 +15,10 @@ from dataclasses import replace
 import cbor2
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ledger.chain import make_genesis, sign_block, verify_chain
+from ledger.chain import Block, make_genesis, sign_block, verify_chain
 from ledger.consortium import load_consortium, open_ledger
 from ledger.replication import BLOCKS, PROPOSALS, MqttNode, Proposer, Validator
 from ledger.store import Ledger, propose_block
@@ -191,3 +194,40 @@ def test_replica_daemon_signs_replicates_and_stops_on_sigterm(broker, tmp_path):
         cloud.stop()
     with Ledger.open(tmp_path / "edge-a.db") as replica:
         assert replica.head.hash == cloud_ledger.head.hash
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=512))
+def test_block_decoder_raises_only_protocol_errors(data):
+    with contextlib.suppress(ProtocolError):
+        Block.from_cbor(data)
+
+
+def test_handlers_never_raise_on_hostile_messages(tmp_path):
+    keys = {v: signing.generate_signing_key() for v in VALIDATORS}
+    genesis = make_genesis(membership(keys))
+    cores = []
+    for v in ("cloud", "edge-a"):
+        ledger = Ledger.open(tmp_path / f"{v}.db")
+        ledger.append(genesis)
+        cores.append(Proposer(v, keys[v], ledger) if v == "cloud" else Validator(v, keys[v], ledger))
+    cloud, edge = cores
+    garbage = [b"", b"\xff", cbor2.dumps({"validator": "edge-a"}), cbor2.dumps([1, 2, 3]), b"\xa1" * 100]
+    topics = [PROPOSALS, BLOCKS, "fl/ledger/catchup/edge-a", "fl/ledger/signatures/edge-a", "fl/ledger/sync/edge-a",
+              "fl/ledger/other", "fl/ledger/signatures/a+b"]
+    for core in cores:
+        for topic in topics:
+            for payload in garbage:
+                assert core.handle(topic, payload) == []
+    assert len(edge.refused) >= 3 * len(garbage)
+    # a vote published on another validator's topic, and a vote from outside the consortium
+    block = propose_block(cloud.ledger, 0, 1, contributions(0))
+    assert cloud.propose(block)[0].topic == PROPOSALS
+    (vote,) = edge.handle(PROPOSALS, block.to_cbor())
+    assert cloud.handle("fl/ledger/signatures/edge-b", vote.payload) == []
+    assert cloud.refused[-1].reason == Reason.WRONG_SENDER
+    assert cloud.handle(vote.topic, vote.payload) == []  # 2 of 3 signatures: not yet committed
+    assert cloud.ledger.height == 1
+    # a sync request is answered in batches of stored blocks
+    (reply,) = cloud.handle("fl/ledger/sync/edge-b", cbor2.dumps({"validator": "edge-b", "start": 0}))
+    assert reply.topic == "fl/ledger/catchup/edge-b" and len(cbor2.loads(reply.payload)["blocks"]) == 1
