@@ -63,7 +63,7 @@ class Result:
 
 
 def filter_matrix(rows: Rows, max_cells: int, rng: np.random.Generator) -> np.ndarray:
-    columns = np.unique(rows.indices)
+    columns = rows.touched()
     budget = max(1, max_cells // max(rows.n, 1))
     if columns.shape[0] > budget:
         columns = np.sort(rng.choice(columns, size=budget, replace=False))

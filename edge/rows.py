@@ -44,18 +44,23 @@ class Rows:
         w = np.repeat(np.asarray(weights, dtype=np.float64), np.diff(self.indptr))
         return np.bincount(self.indices, weights=self.values * w, minlength=self.n_params)
 
+    def touched(self) -> np.ndarray:
+        """Sorted coordinates that at least one row carries (O(nnz), no sort)."""
+        return np.flatnonzero(np.bincount(self.indices, minlength=self.n_params))
+
     def dense(self, columns: np.ndarray | None = None) -> np.ndarray:
-        """(n, d) float32, or only the given sorted `columns` (n, len(columns))."""
+        """(n, d) float32, or only the given sorted unique `columns` (n, len(columns))."""
         ids = self.row_ids()
-        if columns is None:
+        if columns is None or columns.shape[0] == self.n_params:
             out = np.zeros((self.n, self.n_params), dtype=np.float32)
             out[ids, self.indices] = self.values
             return out
-        pos = np.searchsorted(columns, self.indices)
-        hit = pos < columns.shape[0]
-        hit[hit] = columns[pos[hit]] == self.indices[hit]
+        pos = np.full(self.n_params, -1, dtype=np.int64)
+        pos[columns] = np.arange(columns.shape[0])
+        where = pos[self.indices]
+        hit = where >= 0
         out = np.zeros((self.n, columns.shape[0]), dtype=np.float32)
-        out[ids[hit], pos[hit]] = self.values[hit]
+        out[ids[hit], where[hit]] = self.values[hit]
         return out
 
     def column_block(self, start: int, stop: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.rounds import RoundsConfig, staleness
 from protocol import signing
-from protocol.compression import decode_sparse
+from protocol.compression import CompressionSettings, decode_sparse
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import DeviceUpdate, decode, verify_message
 from protocol.topics import check_id
@@ -86,8 +86,10 @@ def authenticate(data: bytes, topic_device: str, ctx: RoundContext, keys: KeyRin
 
 
 def decode_delta(msg: DeviceUpdate, ctx: RoundContext) -> tuple[np.ndarray | None, np.ndarray]:
-    """(int32 indices or None for dense, float32 values): strict payload decoding (shape, indices, finite)."""
-    idx, values = decode_sparse(msg.delta, ctx.n_params, ctx.seed)
+    """(int32 indices or None for dense, float32 values): strict payload decoding (shape, indices, finite), and
+    the payload must be what the signed message declares (method, bits, k, block size, rand-k seed)."""
+    declared = CompressionSettings.from_dict(msg.compression)
+    idx, values = decode_sparse(msg.delta, ctx.n_params, ctx.seed, expect=declared)
     if idx.shape[0] == ctx.n_params:
         return None, values
     return idx.astype(np.int32), values

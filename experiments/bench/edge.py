@@ -1,0 +1,182 @@
+"""`fediomt bench edge`: updates per second through one edge process's whole path, next to a NumPy floor.
+
+The path per update is exactly the daemon's (EdgeEngine.handle_update): strict CBOR decode, sender/round/shape
+checks, Ed25519 signature verification, duplicate and replay checks, strict payload decode, an SQLite (WAL) commit;
+then, once per round, filters + weighting + aggregation + encode + sign (EdgeEngine tick). `updates_per_s` counts
+both. MQTT is not in the loop (Mosquitto's own rate is in the shared notes, ~7,000 msg/s per connection; replicas on
+a shared subscription split it). The floor is a plain NumPy accumulation of the same already-decoded arrays
+(`acc[idx] += values`, or `acc += values` when dense) in the same run. The process is pinned to one core.
+
+Messages are generated (signed, compressed) before timing. Sparse: top-k at 1% density, float32 values; dense:
+float32. Full run: 10,000 sparse updates of a 100k-parameter model (one round of 10,000 devices) and 1,000 dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tomli_w
+
+from edge.aggregate import filter_matrix
+from edge.config import load_config
+from edge.engine import EdgeEngine
+from edge.filters import AGGREGATORS, FILTERS
+from edge.rows import Rows
+from edge.validation import decode_delta
+from fediomt.bench import print_table
+from protocol import signing
+from protocol.compression import CompressionSettings, encode_update
+from protocol.messages import (
+    Capability,
+    DeviceUpdate,
+    GlobalModel,
+    PrivacySpent,
+    RoundAnnouncement,
+    TrainingPlan,
+    decode,
+    encode,
+    new_nonce,
+    sign_message,
+    verify_message,
+)
+
+PARAMS = 100_000
+
+
+def _setup(root: Path, n_devices: int, filters: list[str]) -> tuple[EdgeEngine, dict, signing.Ed25519PrivateKey]:
+    cloud = signing.generate_signing_key()
+    (root / "enrolment").mkdir(parents=True)
+    signing.save_public_key(cloud.public_key(), root / "cloud.pub")
+    signing.save_private_key(signing.generate_signing_key(), root / "edge.key")
+    keys = {f"d{i:05d}": signing.generate_signing_key() for i in range(n_devices)}
+    for d, k in keys.items():
+        signing.save_public_key(k.public_key(), root / "enrolment" / f"{d}.pub")
+    cfg = {"edge_id": "bench", "state_dir": "state", "enrolment_dir": "enrolment", "signing_key": "edge.key",
+           "cloud_public_key": "cloud.pub", "filters": {"enabled": filters}}
+    (root / "edge.toml").write_bytes(tomli_w.dumps(cfg).encode())
+    engine = EdgeEngine(load_config(root / "edge.toml"))
+    w = np.zeros(PARAMS, np.float32).tobytes()
+    model = GlobalModel("m", 1, "full", None, PARAMS, w, hashlib.sha256(w).digest())
+    ann = RoundAnnouncement(1, "m", 1, "fedavg", time.time() + 3600, TrainingPlan(0.1, 1, 8, 1.0, 0.0), {})
+    engine.handle_cloud("model", encode(sign_message(model, cloud)))
+    engine.handle_cloud("round", encode(sign_message(ann, cloud)))
+    return engine, keys, cloud
+
+
+def _messages(keys: dict, settings: CompressionSettings, rng: np.random.Generator) -> list[tuple[str, bytes]]:
+    base = rng.normal(size=PARAMS).astype(np.float32)
+    out = []
+    for d, key in keys.items():
+        delta = (base + rng.normal(size=PARAMS).astype(np.float32)) * 0.01
+        payload = encode_update(delta, settings)[0]
+        msg = DeviceUpdate(d, "bench", 1, 1, 32, 10, 0.5, PrivacySpent(1.0, 1e-5, "rdp", 1.0, 0.1, 10),
+                           settings.to_dict(), PARAMS, payload, Capability("pi", 512, 1e6), new_nonce(), time.time())
+        out.append((d, encode(sign_message(msg, key))))
+    return out
+
+
+def _floor(engine: EdgeEngine, msgs: list[tuple[str, bytes]]) -> float:
+    """Updates/s of a plain NumPy accumulation of the same decoded arrays."""
+    arrays = [decode_delta(decode(m, expect=DeviceUpdate), engine.ctx) for _, m in msgs]
+    acc = np.zeros(PARAMS, np.float64)
+    t = time.perf_counter()
+    for idx, values in arrays:
+        if idx is None:
+            acc += values
+        else:
+            acc[idx] += values
+    return len(arrays) / (time.perf_counter() - t)
+
+
+def _stages(engine: EdgeEngine, msgs: list[tuple[str, bytes]], keys: dict) -> dict[str, float]:
+    """Microseconds per update of each step, measured on the same messages."""
+    sample = msgs[: min(len(msgs), 500)]
+    t0 = time.perf_counter()
+    decoded = [decode(m, expect=DeviceUpdate, max_bytes=engine.cfg.max_update_bytes) for _, m in sample]
+    t1 = time.perf_counter()
+    for msg in decoded:
+        verify_message(msg, keys[msg.device_id].public_key())
+    t2 = time.perf_counter()
+    for msg in decoded:
+        decode_delta(msg, engine.ctx)
+    t3 = time.perf_counter()
+    n = len(sample)
+    return {"cbor_decode_us": 1e6 * (t1 - t0) / n, "verify_us": 1e6 * (t2 - t1) / n,
+            "payload_decode_us": 1e6 * (t3 - t2) / n}
+
+
+def _filters(engine: EdgeEngine) -> dict[str, float]:
+    """Seconds per filter / aggregator on this round's stored updates (the matrix the edge would build)."""
+    updates = engine.store.pending()
+    rows = Rows.stack(PARAMS, [(u.indices, u.values) for u in updates])
+    t = time.perf_counter()
+    X = filter_matrix(rows, engine.cfg.filters.max_cells, np.random.default_rng(0))
+    out = {"filter_matrix_s": time.perf_counter() - t}
+    for name, fn in FILTERS.items():
+        t = time.perf_counter()
+        fn(X)
+        out[name] = time.perf_counter() - t
+    for name, fn in AGGREGATORS.items():
+        t = time.perf_counter()
+        fn(X, np.ones(X.shape[0]))
+        out[name] = time.perf_counter() - t
+    return out
+
+
+def _case(density: float, n: int, filters: list[str], rng: np.random.Generator) -> dict:
+    settings = (CompressionSettings(method="dense", bits=32) if density >= 1.0
+                else CompressionSettings(method="topk", density=density, bits=32))
+    with tempfile.TemporaryDirectory(prefix="fediomt-bench-edge-") as tmp:
+        engine, keys, _ = _setup(Path(tmp), n, filters)
+        msgs = _messages(keys, settings, rng)
+        for d in keys:              # steady state: enrolment keys are cached after a device's first round
+            engine.keys.get(d)
+        floor = _floor(engine, msgs)
+        stages = _stages(engine, msgs, keys)
+        t0 = time.perf_counter()
+        for d, m in msgs[:-1]:
+            ack, _ = engine.handle_update(d, m)
+            assert ack.accepted, ack
+        t1 = time.perf_counter()
+        filter_times = _filters(engine)
+        t2 = time.perf_counter()
+        ack, pubs = engine.handle_update(*msgs[-1])
+        t3 = time.perf_counter()
+        assert ack.accepted and pubs, "the last update must close the round"
+        engine.close()
+    ingest, close = t1 - t0, t3 - t2
+    total = ingest + close
+    return {"params": PARAMS, "density": density, "updates": n, "filters": "+".join(filters) or "none",
+            "updates_per_s": n / total, "ingest_updates_per_s": (n - 1) / ingest, "round_close_s": close,
+            "numpy_floor_updates_per_s": floor, "bytes_per_update": float(np.mean([len(m) for _, m in msgs])),
+            **{k: round(v, 2) for k, v in stages.items()},
+            "filter_seconds": {k: round(v, 4) for k, v in filter_times.items()}}
+
+
+def run(args: argparse.Namespace) -> dict:
+    if hasattr(os, "sched_setaffinity"):
+        cores = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(cores)})
+    try:
+        rng = np.random.default_rng(0)
+        plan = [(0.01, 200 if args.quick else 10_000), (1.0, 50 if args.quick else 1_000)]
+        cases = [_case(density, n, ["norm", "cosine"], rng) for density, n in plan]
+    finally:
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cores)
+    print_table(cases, ["params", "density", "updates", "filters", "updates_per_s", "ingest_updates_per_s",
+                        "round_close_s", "numpy_floor_updates_per_s", "cbor_decode_us", "verify_us",
+                        "payload_decode_us", "bytes_per_update"])
+    sparse = cases[0]
+    per_round = 10_000 / sparse["updates_per_s"]
+    print(f"one edge core: 10,000 devices x 1% updates per round = {per_round:.1f} s of CPU")
+    return {"params": PARAMS, "density": sparse["density"], "updates_per_s": sparse["updates_per_s"],
+            "numpy_floor_updates_per_s": sparse["numpy_floor_updates_per_s"],
+            "filters": sparse["filter_seconds"], "cores": 1, "quick": bool(args.quick),
+            "seconds_per_round_10k_devices": per_round, "cases": cases}
