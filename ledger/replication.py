@@ -141,6 +141,7 @@ class Validator:
             return [self._sync_request()]  # behind: catch up first, sign the next proposal
         try:
             self.ledger.check(block, require_quorum=False)
+            self.ledger.vote(block)  # one block per index: an equivocating proposer cannot fork the chain
         except ProtocolError as exc:
             self.refused.append(exc)
             event(log, "proposal refused", logging.WARNING, node=self.id, index=block.index, reason=exc.reason.name,
@@ -302,7 +303,8 @@ class MqttNode:
 
     def commit(self, block: Block, timeout: float = 10.0) -> Block:
         """Propose `block` and wait until a quorum signed it (returns the committed block) or enough validators
-        refused it (raises their ProtocolError). Proposer nodes only."""
+        refused it (raises their ProtocolError). On a timeout (INCOMPLETE), retry with the same block: validators
+        that signed it will not sign a different block at that index. Proposer nodes only."""
         node = self.node
         if not isinstance(node, Proposer):
             raise TypeError("only the proposer commits blocks")

@@ -20,6 +20,7 @@ from ledger.scoring import Contribution
 from protocol.errors import ProtocolError, Reason
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS blocks (idx INTEGER PRIMARY KEY, hash BLOB NOT NULL UNIQUE, data BLOB NOT NULL)"
+VOTES = "CREATE TABLE IF NOT EXISTS votes (idx INTEGER PRIMARY KEY, hash BLOB NOT NULL)"
 
 
 def connect(path: str | os.PathLike) -> sqlite3.Connection:
@@ -27,6 +28,7 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute(SCHEMA)
+    conn.execute(VOTES)
     return conn
 
 
@@ -94,6 +96,18 @@ class Ledger:
         """Raise ProtocolError unless `block` may extend this chain (without the quorum: may be signed)."""
         with self._lock:
             check_block(block, self._head, self._membership, self._balances, require_quorum)
+
+    def vote(self, block: Block) -> None:
+        """Record that this validator endorses `block`; refuse to endorse a different block at the same index.
+
+        Signing at most one block per index (durably, so also across restarts) is what stops a proposer that
+        equivocates from getting two conflicting blocks signed by a quorum. Re-signing the same block is fine.
+        """
+        with self._lock:
+            row = self._conn.execute("SELECT hash FROM votes WHERE idx = ?", (block.index,)).fetchone()
+            if row is not None and row[0] != block.hash:
+                raise ProtocolError(Reason.DUPLICATE, f"already signed another block at index {block.index}")
+            self._conn.execute("INSERT OR IGNORE INTO votes (idx, hash) VALUES (?, ?)", (block.index, block.hash))
 
     def append(self, block: Block) -> None:
         """Validate `block` against this chain (links, quorum of known signatures, totals) and store it atomically.

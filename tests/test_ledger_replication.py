@@ -231,3 +231,21 @@ def test_handlers_never_raise_on_hostile_messages(tmp_path):
     # a sync request is answered in batches of stored blocks
     (reply,) = cloud.handle("fl/ledger/sync/edge-b", cbor2.dumps({"validator": "edge-b", "start": 0}))
     assert reply.topic == "fl/ledger/catchup/edge-b" and len(cbor2.loads(reply.payload)["blocks"]) == 1
+
+
+def test_validator_signs_at_most_one_block_per_index_even_after_restart(tmp_path):
+    keys = {v: signing.generate_signing_key() for v in VALIDATORS}
+    genesis = make_genesis(membership(keys))
+    ledger = Ledger.open(tmp_path / "edge-a.db")
+    ledger.append(genesis)
+    edge = Validator("edge-a", keys["edge-a"], ledger)
+    first = propose_block(ledger, 0, 1, contributions(0))
+    other = propose_block(ledger, 0, 2, contributions(0))  # same index, different content
+    (vote,) = edge.handle(PROPOSALS, first.to_cbor())
+    assert cbor2.loads(vote.payload)["refused"] == 0
+    (again,) = edge.handle(PROPOSALS, first.to_cbor())  # a retried proposal is signed again
+    assert cbor2.loads(again.payload)["sig"] == cbor2.loads(vote.payload)["sig"]
+    ledger.close()
+    edge = Validator("edge-a", keys["edge-a"], Ledger.open(tmp_path / "edge-a.db"))
+    (refusal,) = edge.handle(PROPOSALS, other.to_cbor())
+    assert cbor2.loads(refusal.payload)["refused"] == Reason.DUPLICATE and cbor2.loads(refusal.payload)["sig"] == b""
