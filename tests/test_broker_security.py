@@ -1,7 +1,7 @@
 """`fediomt broker config` against a real Mosquitto: mTLS identity, CRL, per-identity ACLs, the edge->cloud bridge.
 
 Under TLS 1.3 a rejected client certificate does not make paho's connect() raise: the broker's alert arrives after
-the client's handshake finished, as a disconnect. `_session` therefore waits for CONNACK or a disconnect.
+the client's handshake finished, as a disconnect. `open_session` therefore waits for CONNACK or a disconnect.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ import os
 import shutil
 import signal
 import ssl
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
@@ -22,11 +25,15 @@ from fediomt import broker as broker_config
 from fediomt import pki
 from fediomt.mosquitto import MosquittoBroker, free_port, give_to_broker_user
 from ledger.replication import signatures_topic
-from protocol import topics
+from protocol import signing, topics
+from protocol.compression import decode_update
+from protocol.errors import Reason
+from protocol.messages import Ack, EdgeAggregate, decode, verify_message
 
 from .conftest import REPO
+from .test_edge import N_PARAMS, Fed
 
-EDGE = "e1"
+EDGE = "edge1"  # the edge id of the scripted federation in test_edge.Fed
 NOT_AUTHORIZED = 135
 ACCEPTED = (0, 16)  # success; "no matching subscribers"
 
@@ -54,7 +61,7 @@ def ca(workdir):
     return directory
 
 
-def _start(workdir: Path, cfg_kwargs: dict, name: str) -> MosquittoBroker:
+def start_broker(workdir: Path, cfg_kwargs: dict, name: str) -> MosquittoBroker:
     port = free_port()
     cfg = broker_config.BrokerConfig(port=port, bind="127.0.0.1", data_dir=workdir / name, **cfg_kwargs)
     conf, _ = broker_config.write(cfg, workdir / f"{name}.conf")
@@ -63,12 +70,12 @@ def _start(workdir: Path, cfg_kwargs: dict, name: str) -> MosquittoBroker:
 
 @pytest.fixture(scope="module")
 def edge_broker(workdir, ca):
-    b = _start(workdir, {"role": "edge", "id": EDGE, "pki": ca}, "edge")
+    b = start_broker(workdir, {"role": "edge", "id": EDGE, "pki": ca}, "edge")
     yield b
     b.close()
 
 
-class _Session:
+class Session:
     """A paho MQTT 5 client that records CONNACK/disconnect, PUBACK reason codes and received messages."""
 
     def __init__(self, client_id: str, context: ssl.SSLContext | None) -> None:
@@ -114,8 +121,8 @@ class _Session:
         self.client.loop_stop()
 
 
-def _session(port: int, client_id: str, context: ssl.SSLContext | None) -> _Session:
-    session = _Session(client_id, context)
+def open_session(port: int, client_id: str, context: ssl.SSLContext | None) -> Session:
+    session = Session(client_id, context)
     try:
         session.client.connect("127.0.0.1", port)
     except (OSError, ssl.SSLError):
@@ -127,19 +134,19 @@ def _session(port: int, client_id: str, context: ssl.SSLContext | None) -> _Sess
     return session
 
 
-def _as(ca: Path, kind: str, name: str, port: int, client_id: str | None = None) -> _Session:
-    return _session(port, client_id or name, pki.tls_context(pki.identity(ca, kind, name)))
+def connect_as(ca: Path, kind: str, name: str, port: int, client_id: str | None = None) -> Session:
+    return open_session(port, client_id or name, pki.tls_context(pki.identity(ca, kind, name)))
 
 
 @pytest.fixture
 def sessions():
-    opened: list[_Session] = []
+    opened: list[Session] = []
     yield opened
     for s in opened:
         s.close()
 
 
-def _wait_for(predicate, timeout: float = 5.0) -> bool:
+def wait_for(predicate, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -149,15 +156,15 @@ def _wait_for(predicate, timeout: float = 5.0) -> bool:
 
 
 def test_device_with_a_consortium_certificate_connects(ca, edge_broker, sessions):
-    s = _as(ca, "device", "d1", edge_broker.port)
+    s = connect_as(ca, "device", "d1", edge_broker.port)
     sessions.append(s)
     assert s.connected
 
 
 def test_clients_without_a_certificate_are_refused(ca, edge_broker):
     no_cert = ssl.create_default_context(cafile=str(pki.ca_cert_path(ca)))
-    assert not _session(edge_broker.port, "anon-tls", no_cert).connected
-    assert not _session(edge_broker.port, "anon-plain", None).connected  # plaintext MQTT on the TLS port
+    assert not open_session(edge_broker.port, "anon-tls", no_cert).connected
+    assert not open_session(edge_broker.port, "anon-plain", None).connected  # plaintext MQTT on the TLS port
 
 
 def test_certificate_from_another_ca_is_refused(ca, edge_broker, workdir):
@@ -166,30 +173,30 @@ def test_certificate_from_another_ca_is_refused(ca, edge_broker, workdir):
     pki.issue(rogue, "device", "d1")
     context = ssl.create_default_context(cafile=str(pki.ca_cert_path(ca)))  # trusts the real broker...
     context.load_cert_chain(str(pki.identity(rogue, "device", "d1").cert), str(pki.identity(rogue, "device", "d1").key))
-    assert not _session(edge_broker.port, "rogue-d1", context).connected
+    assert not open_session(edge_broker.port, "rogue-d1", context).connected
 
 
 def test_revoked_device_is_refused(ca, edge_broker, sessions):
-    assert not _as(ca, "device", "d3", edge_broker.port).connected  # revoked before the broker started
-    d4 = _as(ca, "device", "d4", edge_broker.port)
+    assert not connect_as(ca, "device", "d3", edge_broker.port).connected  # revoked before the broker started
+    d4 = connect_as(ca, "device", "d4", edge_broker.port)
     sessions.append(d4)
     assert d4.connected
     pki.revoke(ca, "d4")
     edge_broker.process.send_signal(signal.SIGHUP)
     time.sleep(0.5)
-    assert not _as(ca, "device", "d4", edge_broker.port, client_id="d4-again").connected
+    assert not connect_as(ca, "device", "d4", edge_broker.port, client_id="d4-again").connected
     assert d4.client.is_connected()  # SIGHUP reloads the CRL for new connections only...
     edge_broker.restart()  # ...a restart cuts the live session, and its reconnects are refused
-    assert _wait_for(lambda: not d4.client.is_connected())
+    assert wait_for(lambda: not d4.client.is_connected())
     time.sleep(1.5)
     assert not d4.client.is_connected()
-    sessions.append(_as(ca, "device", "d2", edge_broker.port))
+    sessions.append(connect_as(ca, "device", "d2", edge_broker.port))
     assert sessions[-1].connected  # same CA, not revoked
 
 
 def test_device_cannot_publish_as_another_device(ca, edge_broker, sessions):
-    edge = _as(ca, "edge", EDGE, edge_broker.port, client_id="edge-gw")
-    d1 = _as(ca, "device", "d1", edge_broker.port)
+    edge = connect_as(ca, "edge", EDGE, edge_broker.port, client_id="edge-gw")
+    d1 = connect_as(ca, "device", "d1", edge_broker.port)
     sessions += [edge, d1]
     edge.subscribe(f"fl/{EDGE}/updates/+")
     assert d1.publish(topics.update_topic(EDGE, "d2"), b"forged") == NOT_AUTHORIZED
@@ -198,14 +205,14 @@ def test_device_cannot_publish_as_another_device(ca, edge_broker, sessions):
     assert d1.publish(topics.aggregate_topic(EDGE), b"forged aggregate") == NOT_AUTHORIZED
     assert d1.publish(topics.update_topic(EDGE, "d1"), b"own") in ACCEPTED
     assert d1.publish(topics.secagg_topic(EDGE, "keys", "d1"), b"own") in ACCEPTED
-    assert _wait_for(lambda: edge.messages)
+    assert wait_for(lambda: edge.messages)
     time.sleep(0.2)
     assert edge.messages == [(topics.update_topic(EDGE, "d1"), b"own")]
 
 
 def test_device_reads_only_its_edges_downlink_and_its_own_acks(ca, edge_broker, sessions):
-    edge = _as(ca, "edge", EDGE, edge_broker.port, client_id="edge-gw2")
-    d1, d2 = _as(ca, "device", "d1", edge_broker.port), _as(ca, "device", "d2", edge_broker.port)
+    edge = connect_as(ca, "edge", EDGE, edge_broker.port, client_id="edge-gw2")
+    d1, d2 = connect_as(ca, "device", "d1", edge_broker.port), connect_as(ca, "device", "d2", edge_broker.port)
     sessions += [edge, d1, d2]
     d1.subscribe("fl/#")  # granted, but filtered per message at delivery
     allowed = [topics.round_topic(EDGE), topics.ack_topic(EDGE, "d1"), topics.bundle_manifest_topic(EDGE, "ecg"),
@@ -216,31 +223,31 @@ def test_device_reads_only_its_edges_downlink_and_its_own_acks(ca, edge_broker, 
         assert edge.publish(topic, b"x") in ACCEPTED
     assert d2.publish(topics.update_topic(EDGE, "d2"), b"d2's update") in ACCEPTED  # others' updates stay private
     assert edge.publish(topics.round_topic("e2"), b"x") == NOT_AUTHORIZED  # the edge is confined to its own tree
-    assert _wait_for(lambda: len(d1.messages) >= len(allowed))
+    assert wait_for(lambda: len(d1.messages) >= len(allowed))
     time.sleep(0.2)
     assert sorted(t for t, _ in d1.messages) == sorted(allowed)
 
 
 def test_edge_bridges_its_aggregate_to_the_cloud_over_mtls(ca, workdir):
-    cloud_broker = _start(workdir, {"role": "cloud", "id": pki.CLOUD_ID, "pki": ca}, "cloud")
-    bridged = _start(workdir, {"role": "edge", "id": EDGE, "pki": ca, "cloud_host": "127.0.0.1",
+    cloud_broker = start_broker(workdir, {"role": "cloud", "id": pki.CLOUD_ID, "pki": ca}, "cloud")
+    bridged = start_broker(workdir, {"role": "edge", "id": EDGE, "pki": ca, "cloud_host": "127.0.0.1",
                                "cloud_port": cloud_broker.port}, "edge-bridged")
-    opened: list[_Session] = []
+    opened: list[Session] = []
     try:
-        cloud = _as(ca, "cloud", pki.CLOUD_ID, cloud_broker.port)
-        e2 = _as(ca, "edge", "e2", cloud_broker.port)
-        edge = _as(ca, "edge", EDGE, bridged.port, client_id="edge-gw3")
-        device_at_cloud = _as(ca, "device", "d1", cloud_broker.port)
+        cloud = connect_as(ca, "cloud", pki.CLOUD_ID, cloud_broker.port)
+        e2 = connect_as(ca, "edge", "e2", cloud_broker.port)
+        edge = connect_as(ca, "edge", EDGE, bridged.port, client_id="edge-gw3")
+        device_at_cloud = connect_as(ca, "device", "d1", cloud_broker.port)
         opened += [cloud, e2, edge, device_at_cloud]
         cloud.subscribe("fl/cloud/aggregates/+")
         e2.subscribe("fl/cloud/#")
         edge.subscribe(topics.CLOUD_MODEL)
         # The bridge connects asynchronously: publish until the cloud sees the aggregate through it.
-        assert _wait_for(lambda: edge.publish(topics.aggregate_topic(EDGE), b"agg") in ACCEPTED and
-                         _wait_for(lambda: cloud.messages, 0.3), timeout=10), cloud_broker.log_tail()
+        assert wait_for(lambda: edge.publish(topics.aggregate_topic(EDGE), b"agg") in ACCEPTED and
+                         wait_for(lambda: cloud.messages, 0.3), timeout=10), cloud_broker.log_tail()
         assert cloud.messages[0] == (topics.aggregate_topic(EDGE), b"agg")
         assert cloud.publish(topics.CLOUD_MODEL, b"global model", retain=True) in ACCEPTED
-        assert _wait_for(lambda: (topics.CLOUD_MODEL, b"global model") in edge.messages)
+        assert wait_for(lambda: (topics.CLOUD_MODEL, b"global model") in edge.messages)
         # On the cloud broker an edge writes only its own aggregate and sees no other edge's; devices get nothing.
         assert e2.publish(topics.aggregate_topic(EDGE), b"forged") == NOT_AUTHORIZED
         assert e2.publish(signatures_topic(EDGE), b"forged vote") == NOT_AUTHORIZED
@@ -286,15 +293,15 @@ def test_config_has_the_documented_hardening(ca, workdir):
 
 
 def test_edge_replicas_split_updates_through_a_shared_subscription(ca, edge_broker, sessions):
-    replicas = [_as(ca, "edge", EDGE, edge_broker.port, client_id=f"edge-replica-{i}") for i in range(2)]
-    d1 = _as(ca, "device", "d1", edge_broker.port)
+    replicas = [connect_as(ca, "edge", EDGE, edge_broker.port, client_id=f"edge-replica-{i}") for i in range(2)]
+    d1 = connect_as(ca, "device", "d1", edge_broker.port)
     sessions += [*replicas, d1]
     for replica in replicas:
         replica.subscribe(topics.shared(EDGE, f"fl/{EDGE}/updates/+"))
     sent = [f"update {i}".encode() for i in range(10)]
     for payload in sent:
         assert d1.publish(topics.update_topic(EDGE, "d1"), payload) in ACCEPTED
-    assert _wait_for(lambda: sum(len(r.messages) for r in replicas) >= len(sent))
+    assert wait_for(lambda: sum(len(r.messages) for r in replicas) >= len(sent))
     got = [p for r in replicas for _, p in r.messages]
     assert sorted(got) == sorted(sent)  # each update exactly once...
     assert all(r.messages for r in replicas)  # ...and both replicas took a share
@@ -303,16 +310,103 @@ def test_edge_replicas_split_updates_through_a_shared_subscription(ca, edge_brok
 def test_a_packet_over_the_cap_costs_the_sender_its_connection_and_is_not_delivered(ca, workdir, sessions):
     """`max_packet_size` is checked before the payload is read (cheap for the broker), and the client is
     disconnected. A QoS 1 sender would resend the same packet after every reconnect, forever: clients chunk."""
-    small = _start(workdir, {"role": "edge", "id": EDGE, "pki": ca, "max_packet_size": 64 * 1024}, "small")
+    small = start_broker(workdir, {"role": "edge", "id": EDGE, "pki": ca, "max_packet_size": 64 * 1024}, "small")
     try:
-        edge, d1 = _as(ca, "edge", EDGE, small.port), _as(ca, "device", "d1", small.port)
+        edge, d1 = connect_as(ca, "edge", EDGE, small.port), connect_as(ca, "device", "d1", small.port)
         sessions += [edge, d1]
         edge.subscribe(f"fl/{EDGE}/updates/+")
         d1.client.publish(topics.update_topic(EDGE, "d1"), bytes(100 * 1024), qos=0)
-        assert _wait_for(lambda: "disconnected due to oversize packet" in small.log_tail(20_000))
-        assert _wait_for(d1.client.is_connected)  # paho reconnects by itself
+        assert wait_for(lambda: "disconnected due to oversize packet" in small.log_tail(20_000))
+        assert wait_for(d1.client.is_connected)  # paho reconnects by itself
         assert d1.publish(topics.update_topic(EDGE, "d1"), bytes(60 * 1024)) in ACCEPTED
-        assert _wait_for(lambda: edge.messages)
+        assert wait_for(lambda: edge.messages)
         assert [len(p) for _, p in edge.messages] == [60 * 1024]
     finally:
         small.close()
+
+
+def test_a_round_of_the_edge_daemon_through_the_mtls_deployment_survives_a_broker_restart(ca, workdir, tmp_path):
+    """The real edge daemon behind `broker config` brokers (edge bridged to cloud), PKI keys everywhere: the broker
+    refuses a cross-device publish, the edge refuses a forged sender, a replay from an earlier round and a
+    duplicate, and a restart of the edge broker mid-round loses no acknowledged update."""
+    devices = [f"d{i:02d}" for i in range(6)]
+    for d in devices:
+        give_to_broker_user(pki.issue(ca, "device", d).key)
+    enrolled = tmp_path / "enrolment"
+    pki.enrolment(ca, enrolled)
+    ident = {d: pki.identity(ca, "device", d) for d in devices}
+    edge_id = pki.identity(ca, "edge", EDGE)
+    cloud_broker = start_broker(workdir, {"role": "cloud", "id": pki.CLOUD_ID, "pki": ca}, "round-cloud")
+    edge_broker = start_broker(workdir, {"role": "edge", "id": EDGE, "pki": ca, "cloud_host": "127.0.0.1",
+                                         "cloud_port": cloud_broker.port}, "round-edge")
+    fed = Fed(tmp_path / "fed", n_devices=0, rounds={"quorum": 1.0}, enrolment_dir=str(enrolled),
+              signing_key=str(edge_id.sign_key), cloud_public_key=str(pki.identity(ca, "cloud", "cloud").sign_pub),
+              broker={"host": "127.0.0.1", "port": edge_broker.port, "ca": str(pki.ca_cert_path(ca)),
+                      "cert": str(edge_id.cert), "key": str(edge_id.key)})
+    fed.devices, fed.keys = devices, {d: signing.load_private_key(ident[d].sign_key) for d in devices}
+    fed.cloud_key = signing.load_private_key(pki.identity(ca, "cloud", "cloud").sign_key)
+    fed.edge_key = signing.load_private_key(edge_id.sign_key)
+    opened: list[Session] = []
+    edge_log = open(tmp_path / "edge.log", "wb")  # noqa: SIM115 - closed below
+    daemon = None
+
+    def device(d: str) -> Session:
+        s = connect_as(ca, "device", d, edge_broker.port, client_id=f"{d}-{len(opened)}")
+        s.subscribe(topics.ack_topic(EDGE, d))
+        opened.append(s)
+        return s
+
+    def send_until_acked(s: Session, d: str, payload: bytes, topic_of: str | None = None) -> Ack:
+        """A device's retry: PUBACK 16 (no edge subscribed yet, e.g. after a broker restart) means send again."""
+        before = len(s.messages)
+        assert wait_for(lambda: s.publish(topics.update_topic(EDGE, topic_of or d), payload) == 0, 20)
+        assert wait_for(lambda: len(s.messages) > before, 10)
+        return decode(s.messages[-1][1], expect=Ack)
+
+    try:
+        cloud = connect_as(ca, "cloud", pki.CLOUD_ID, cloud_broker.port)
+        opened.append(cloud)
+        cloud.subscribe("fl/cloud/aggregates/+")
+        assert cloud.publish(topics.CLOUD_MODEL, fed.model(), retain=True) in ACCEPTED
+        assert cloud.publish(topics.CLOUD_ROUND, fed.announce(round_id=2, cohort=devices), retain=True) in ACCEPTED
+        daemon = subprocess.Popen([sys.executable, "-m", "fediomt", "edge", "run", "--config", str(fed.config)],
+                                  cwd=REPO, stdout=edge_log, stderr=edge_log)
+        watcher = device("d05")
+        watcher.subscribe(topics.round_topic(EDGE))  # relayed by the edge once the bridge delivered the round
+        assert wait_for(lambda: any(t == topics.round_topic(EDGE) for t, _ in watcher.messages), 20), \
+            (tmp_path / "edge.log").read_text()[-2000:]
+        rng = np.random.default_rng(12)
+        deltas = {d: rng.normal(size=N_PARAMS).astype(np.float32) for d in devices}
+        updates = {d: fed.update(d, deltas[d], round_id=2) for d in devices}
+        d00 = device("d00")
+        assert d00.publish(topics.update_topic(EDGE, "d01"), updates["d01"]) == NOT_AUTHORIZED  # broker refuses
+        forged = fed.update("d01", deltas["d01"], round_id=2, key=fed.keys["d00"])  # d01's id, d00's key
+        assert send_until_acked(d00, "d00", forged).reason == Reason.WRONG_SENDER
+        replay = fed.update("d00", deltas["d00"], round_id=1)  # captured in an earlier round
+        assert send_until_acked(d00, "d00", replay).reason == Reason.WRONG_ROUND
+        for d in devices[:3]:
+            ack = send_until_acked(d00 if d == "d00" else device(d), d, updates[d])
+            assert (ack.accepted, ack.reason) == (True, Reason.OK)
+        edge_broker.restart()  # mid-round: half the cohort acknowledged
+        for d in ["d00", *devices[3:]]:  # d00 resends (a device unsure of its Ack): counted once
+            ack = send_until_acked(device(d), d, updates[d])
+            assert ack.accepted and ack.reason == (Reason.DUPLICATE if d == "d00" else Reason.OK)
+        assert wait_for(lambda: cloud.messages, 20), (tmp_path / "edge.log").read_text()[-2000:]
+        (topic, payload), = cloud.messages
+        agg = decode(payload, expect=EdgeAggregate)
+        verify_message(agg, fed.edge_key.public_key())
+        assert topic == topics.aggregate_topic(EDGE) and agg.device_ids == devices
+        np.testing.assert_allclose(decode_update(agg.delta, N_PARAMS), np.mean([deltas[d] for d in devices], 0),
+                                   rtol=1e-5, atol=1e-7)
+        assert agg.rejected == {"WRONG_SENDER": 1, "WRONG_ROUND": 1, "DUPLICATE": 1}
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        edge_log.close()
+        for s in opened:
+            s.close()
+        edge_broker.close()
+        cloud_broker.close()
