@@ -2,9 +2,10 @@
 derived from it, so anyone can recompute the report from the run directory.
 
 - Device level (example-level DP-SGD on each device): one event per round (noise_mult, sample_rate q = batch /
-  local examples, steps), re-derived from the round's plan and the smallest local dataset the edges report, and
-  composed as if the worst-case device took part in every round (an upper bound). The devices' own reports
-  (EdgeAggregate.max_device_epsilon) are kept next to it; the larger of the two is the device-level epsilon.
+  local examples, steps), re-derived from the round's plan and the smallest per-edge mean local dataset
+  (num_samples / num_devices), composed as if that device took part in every round. The devices' own reports
+  (EdgeAggregate.max_device_epsilon, each device's accountant over its actual rounds and dataset) are kept next to
+  it; the device-level epsilon is the larger of the two.
 - Edge level (user-level central DP: each device's delta clipped, Gaussian noise on the sum): one event per round
   (noise_mult, sampling_rate, 1 step), taking the weakest edge of the round (smallest noise, largest rate).
 An event with noise 0 and at least one step makes epsilon infinite (reported as None in JSON).
@@ -60,11 +61,12 @@ def epsilon(history: Iterable[DpEvent], delta: float, accountant: str = "rdp") -
 
 
 def device_event(plan: TrainingPlan, min_local_examples: int) -> DpEvent:
-    """A device's example-level DP-SGD in one round: q = batch / n examples, epochs / q steps (max_steps caps it)."""
+    """A device's example-level DP-SGD in one round as the device runs it (device.training.planned_steps):
+    q = batch / n examples, epochs * ceil(n / batch) steps, capped by max_steps."""
     if min_local_examples <= 0:
         return DpEvent(plan.noise_mult, 0.0, 0)
     q = min(1.0, plan.batch_size / min_local_examples)
-    steps = math.ceil(plan.local_epochs / q) if plan.local_epochs else plan.max_steps
+    steps = plan.local_epochs * math.ceil(min_local_examples / plan.batch_size)
     if plan.max_steps:
         steps = min(steps, plan.max_steps)
     return DpEvent(plan.noise_mult, q, steps)

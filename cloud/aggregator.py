@@ -30,9 +30,9 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cloud.accounting import PrivacyLedger, central_event, device_event, epsilon, exhausted, json_epsilon
-from cloud.config import CloudConfig
+from cloud.config import CloudConfig, compression_from_table
 from cloud.metrics import Metrics
-from cloud.model import CloudModel, load_eval_data
+from cloud.model import CloudModel, compress_broadcast, load_eval_data
 from cloud.state import CloudState, load, save
 from cloud.strategies import make
 from cloud.strategies.base import DeviceInfo, EdgeResult, RoundDefaults
@@ -58,6 +58,7 @@ from protocol.signing import load_private_key, load_public_key
 from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, ROOT, last_level
 
 AGGREGATES = f"{ROOT}/cloud/aggregates/+"
+RESIDUAL = "model_residual"  # server-side error feedback of "delta" GlobalModels
 STATUSES = f"{ROOT}/+/status/+"
 
 
@@ -97,6 +98,8 @@ class CloudAggregator:
         self.rejected: Counter = Counter()
         self.deadline = 0.0
         self.model_msg_size = 0
+        self.model_delta: bytes | None = None  # the compressed delta of the current version, when it has one
+        self.model_settings = compression_from_table(cfg.model_compression)
         self.stop = threading.Event()
         self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
         self.conn = Connection(cfg.broker, cfg.client_id, [AGGREGATES, STATUSES], self.inbox, log)
@@ -109,10 +112,13 @@ class CloudAggregator:
 
     # ------------------------------------------------------------------ publishing
     def _publish_model(self) -> None:
+        """The current version, retained: as a delta against the previous one when it has one, else in full."""
         s = self.state
         weights = floats_to_bytes(s.server.weights)
         control = s.server.arrays.get(CONTROL)
-        msg = GlobalModel(self.cfg.model, s.version, "full", None, self.model.n_params, weights,
+        delta = self.model_delta is not None
+        msg = GlobalModel(self.cfg.model, s.version, "delta" if delta else "full", s.version - 1 if delta else None,
+                          self.model.n_params, self.model_delta if delta else weights,
                           hashlib.sha256(weights).digest(), None if control is None else floats_to_bytes(control))
         payload = encode(sign_message(msg, self.key))
         self.model_msg_size = len(payload)
@@ -255,8 +261,10 @@ class CloudAggregator:
             results.append(EdgeResult(edge, delta, got.agg.num_samples, got.agg.weight_sum, got.agg.num_devices,
                                       got.agg.mean_local_steps, got.control))
             s.devices = observe(s.devices, got.agg.device_ids, got.agg.filtered, got.agg.update_norms)
+        previous = s.server.weights
         s.server = self.strategy.apply(s.server, results, self.cfg.population or len(s.devices))
         s.version += 1
+        self._compress_model(previous)
         participating = [a for a in aggs if a.num_devices > 0]
         sizes = [a.num_samples // a.num_devices for a in participating]
         if sizes:
@@ -288,6 +296,23 @@ class CloudAggregator:
               cloud_step_s=round(time.monotonic() - t0, 4))
         if s.stop_reason:
             self._finish(s.stop_reason)
+
+    def _compress_model(self, previous: np.ndarray) -> None:
+        """Delta mode: the new version goes out compressed (the server adopts exactly what devices rebuild), except
+        every model_full_every-th, which goes out in full with the error-feedback residual folded in."""
+        s = self.state
+        self.model_delta = None
+        if self.cfg.model_encoding != "delta":
+            return
+        arrays = dict(s.server.arrays)
+        residual = arrays.pop(RESIDUAL, None)
+        if (s.version - 1) % self.cfg.model_full_every == 0:
+            weights = s.server.weights if residual is None else (s.server.weights + residual).astype(np.float32)
+            s.server = s.server.replace(weights=weights, arrays=arrays)
+            return
+        self.model_delta, published, residual = compress_broadcast(previous, s.server.weights, residual,
+                                                                   self.model_settings)
+        s.server = s.server.replace(weights=published, arrays={**arrays, RESIDUAL: residual})
 
     def _record(self, ann: RoundAnnouncement, aggs: list[EdgeAggregate], report: dict, loss, acc,
                 now: float) -> dict:

@@ -62,6 +62,9 @@ class CloudConfig:
     devices: list[str] = field(default_factory=list)  # known device ids (cohort selection before any round)
     population: int = 0              # devices in the federation (SCAFFOLD's N); 0 = devices known so far
     seed: int = 0                    # initial weights and the strategy's sampling
+    model_encoding: str = "full"     # GlobalModel: "full" float32 | "delta" compressed against the previous version
+    model_full_every: int = 5        # delta mode: every Nth version goes out full (late joiners catch up)
+    model_compression: dict = field(default_factory=lambda: {"method": "topk", "density": 0.1, "bits": 8})
     client_id: str = "fediomt-cloud"
     metrics_port: int = 0            # Prometheus /metrics; 0 = off
     metrics_host: str = "127.0.0.1"
@@ -91,11 +94,19 @@ class CloudConfig:
             raise ValueError("privacy.central_epsilon is set but central_dp asks for no noise")
         if self.rounds < 1 or self.round_timeout_s <= 0 or self.min_edges < 1:
             raise ValueError("need rounds >= 1, round_timeout_s > 0 and min_edges >= 1")
-        CompressionSettings.from_dict({**CompressionSettings().to_dict(), **self.compression})
+        if self.model_encoding not in ("full", "delta") or self.model_full_every < 1:
+            raise ValueError("model_encoding must be 'full' or 'delta' and model_full_every >= 1")
+        compression_from_table(self.compression)
+        compression_from_table(self.model_compression)
 
     def compression_settings(self) -> dict:
         """The full settings dict announced to devices (unset keys take CompressionSettings defaults)."""
-        return CompressionSettings.from_dict({**CompressionSettings().to_dict(), **self.compression}).to_dict()
+        return compression_from_table(self.compression).to_dict()
+
+
+def compression_from_table(partial: dict) -> CompressionSettings:
+    """CompressionSettings from a TOML table that may leave keys at their defaults; ProtocolError when invalid."""
+    return CompressionSettings.from_dict({**CompressionSettings().to_dict(), **partial})
 
 
 def load_config(path: str | Path) -> CloudConfig:

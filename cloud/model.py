@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.weights import Layout, flatten, layout_size, unflatten
 
 
@@ -37,6 +38,18 @@ def cross_entropy_accuracy(logits: np.ndarray, y: np.ndarray) -> tuple[float, fl
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     loss = -float(np.mean(logp[np.arange(len(y)), y]))
     return loss, float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+def compress_broadcast(previous: np.ndarray, target: np.ndarray, residual: np.ndarray | None,
+                       settings: CompressionSettings) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """(payload, published weights, new residual) of a "delta" GlobalModel against `previous`.
+
+    Devices rebuild `previous + decode_update(payload)` in float32 and check its sha256, so the published weights
+    are exactly that sum; what compression dropped stays in the residual and is sent with the next version.
+    """
+    payload, new_residual = encode_update((target - previous).astype(np.float32), settings, residual)
+    published = (previous + decode_update(payload, previous.size)).astype(np.float32)
+    return payload, published, new_residual
 
 
 class CloudModel:

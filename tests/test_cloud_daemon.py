@@ -6,6 +6,7 @@ budget stops the federation with a clear message; kill -9 + restart resumes from
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -23,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.accounting import DpEvent, epsilon
 from fediomt.logs import setup
-from protocol.compression import CompressionSettings, encode_update
+from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.messages import (
     CentralDPReport,
     EdgeAggregate,
@@ -32,6 +33,7 @@ from protocol.messages import (
     bytes_to_floats,
     decode,
     encode,
+    floats_to_bytes,
     new_nonce,
     sign_message,
     verify_message,
@@ -52,6 +54,7 @@ class Edges:
     def __init__(self, broker, keys: dict, cloud_pub) -> None:
         self.keys, self.cloud_pub = keys, cloud_pub
         self.models: dict[int, np.ndarray] = {}
+        self.encodings: dict[int, str] = {}
         self.rounds: queue.Queue = queue.Queue()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
@@ -63,7 +66,13 @@ class Edges:
         if msg.topic == CLOUD_MODEL:
             model = decode(msg.payload, expect=GlobalModel)
             verify_message(model, self.cloud_pub)
-            self.models[model.model_version] = bytes_to_floats(model.weights, model.n_params)
+            if model.encoding == "full":
+                weights = bytes_to_floats(model.weights, model.n_params)
+            else:  # what a device holding the base version rebuilds
+                weights = self.models[model.base_version] + decode_update(model.weights, model.n_params)
+            assert hashlib.sha256(floats_to_bytes(weights)).digest() == model.sha256
+            self.models[model.model_version] = weights
+            self.encodings[model.model_version] = model.encoding
         else:
             ann = decode(msg.payload, expect=RoundAnnouncement)
             verify_message(ann, self.cloud_pub)
@@ -182,6 +191,27 @@ def dataclass_round(ann: RoundAnnouncement, round_id: int) -> RoundAnnouncement:
     import dataclasses
 
     return dataclasses.replace(ann, round_id=round_id)
+
+
+def test_delta_models_rebuild_exactly_and_full_versions_fold_the_residual_in(federation, tmp_path):
+    write_config, edges = federation
+    config = write_config('rounds = 3\nround_timeout_s = 20.0\nmodel_encoding = "delta"\nmodel_full_every = 2\n'
+                          '[model_compression]\nmethod = "topk"\ndensity = 0.3\nbits = 8\n'
+                          '[strategy]\nname = "fedavg"\n')
+    _, thread = start_in_process(config)
+    rng = np.random.default_rng(3)
+    steps = []
+    for _ in range(3):
+        ann = edges.next_round()
+        steps.append(rng.normal(size=N_PARAMS).astype(np.float32))
+        for edge in ("edge1", "edge2"):
+            edges.send(edge, edges.aggregate(edge, ann, steps[-1]))
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert edges.encodings == {1: "full", 2: "delta", 3: "full", 4: "delta"}  # sha256 checked on every one
+    v1 = edges.models[1]
+    assert not np.allclose(edges.models[2], v1 + steps[0], atol=1e-3)   # lossy: 30% of coordinates, 8 bits
+    np.testing.assert_allclose(edges.models[3], v1 + steps[0] + steps[1], atol=1e-5)  # nothing lost for good
 
 
 def test_privacy_budget_exhaustion_stops_with_a_clear_message(federation, tmp_path):
