@@ -12,7 +12,6 @@ from pathlib import Path
 
 from ledger.chain import Block, make_genesis, verify_chain
 from ledger.consortium import load_consortium, open_ledger
-from protocol.errors import ProtocolError
 
 CONTRIBUTION_COLUMNS = ["block", "round", "model_version", "participant", "samples", "on_time", "flagged", "quality",
                         "loo", "shapley", "score", "reward", "balance"]
@@ -29,16 +28,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     v.add_argument("--validators", type=Path, metavar="CONSORTIUM",
                    help="consortium TOML (validators, quorum, policy; see docs/ledger.md): the genesis must be "
                         "exactly the one it defines")
-    v.set_defaults(func=verify)
+    v.set_defaults(func=_clear_errors(verify))
     r = sub.add_parser("report", help="print balances and per-round contributions")
     r.add_argument("db", type=Path)
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
     r.add_argument("--balances", action="store_true", help="only the balances")
-    r.set_defaults(func=report)
+    r.set_defaults(func=_clear_errors(report))
     g = sub.add_parser("genesis", help="print the genesis hash a consortium file defines (and create DB with it)")
     g.add_argument("consortium", type=Path, help="consortium TOML")
     g.add_argument("db", type=Path, nargs="?", help="create (or check) this ledger database")
-    g.set_defaults(func=genesis)
+    g.set_defaults(func=_clear_errors(genesis))
     p = sub.add_parser("replica", help="run a validator: sign valid proposals, replicate committed blocks over MQTT",
                        description="A validator daemon (one per edge). Stops cleanly on SIGTERM/SIGINT.")
     p.add_argument("db", type=Path, help="this validator's ledger database (created from the consortium file)")
@@ -48,7 +47,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--pki", type=Path, help="PKI directory: connect with mutual TLS as edge ID")
-    p.set_defaults(func=replica)
+    p.set_defaults(func=_clear_errors(replica))
+
+
+def _clear_errors(func):
+    """A missing or malformed consortium file, key or database is a one-line error and exit status 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (OSError, ValueError, sqlite3.Error) as exc:  # ProtocolError and TOML errors are ValueErrors
+            print(f"fediomt ledger {args.action}: {exc}", file=sys.stderr)
+            return 1
+
+    return run
 
 
 def _raw_blocks(db: Path) -> list[bytes]:
@@ -75,11 +87,7 @@ def _hex(value: str | None, what: str) -> bytes | None:
 
 
 def verify(args: argparse.Namespace) -> int:
-    try:
-        raw = _raw_blocks(args.db)
-    except (OSError, sqlite3.Error) as exc:
-        print(f"FAIL: cannot read {args.db}: {exc}", file=sys.stderr)
-        return 1
+    raw = _raw_blocks(args.db)
     pinned = _hex(args.genesis_hash, "--genesis-hash")
     if args.validators is not None:
         from_file = make_genesis(load_consortium(args.validators)).hash
@@ -111,12 +119,8 @@ def _rows(raw: list[bytes]) -> list[dict]:
 
 
 def report(args: argparse.Namespace) -> int:
-    try:
-        raw = _raw_blocks(args.db)
-        rows = _rows(raw)
-    except (OSError, sqlite3.Error, ProtocolError) as exc:
-        print(f"cannot read {args.db}: {exc}", file=sys.stderr)
-        return 1
+    raw = _raw_blocks(args.db)
+    rows = _rows(raw)
     verdict = verify_chain(raw)
     if not verdict.ok:
         print(f"warning: the ledger does not verify (block {verdict.bad_index}: {verdict.error}); "
