@@ -45,4 +45,26 @@ def sample_messages() -> list:
         m.BundleManifest(device_class="wearable", name="wearable_cnn", version=2, size=5, sha256=b"\x11" * 32,
                          chunk_size=3, total=2, transfer_id=b"\x00" * 16, timestamp=1.7e9),
     ]
+    samples += secagg_samples()
     return [m.sign_message(s, key) if hasattr(s, "sig") else s for s in samples]
+
+
+def secagg_samples() -> list:
+    from protocol.secagg import messages as sa
+
+    share = sa.SealedShare(sender="d01", recipient="d02", nonce=b"\x00" * 12, ciphertext=b"\x01" * 104)
+    advert = sa.AdvertiseKeys(edge_id="edge1", round_id=3, device_id="d01", c_pk=b"\x02" * 32, s_pk=b"\x03" * 32,
+                              seed_commit=b"\x04" * 32, nonce=m.new_nonce(), sig=b"\x05" * 64)
+    return [
+        sa.RoundOpen(edge_id="edge1", round_id=3, length=10), advert,
+        sa.Roster(edge_id="edge1", round_id=3, config={"graph": "sparse", "k": 0, "threshold": 0.5}, length=10,
+                  adverts=[advert]),
+        sa.ShareKeys(edge_id="edge1", round_id=3, device_id="d01", shares=[share], nonce=m.new_nonce()),
+        sa.ShareInbox(edge_id="edge1", round_id=3, device_id="d02", shares=[share]),
+        sa.MaskedInput(edge_id="edge1", round_id=3, device_id="d01", data=b"\x06" * 20, bad_senders=["d03"],
+                       nonce=m.new_nonce()),
+        sa.UnmaskRequest(edge_id="edge1", round_id=3, survivors=["d01", "d02"], dropped=["d03"]),
+        sa.UnmaskShares(edge_id="edge1", round_id=3, device_id="d01", seed_shares={"d02": b"\x07" * 44},
+                        key_shares={"d03": b"\x08" * 44}, nonce=m.new_nonce()),
+        sa.Outcome(edge_id="edge1", round_id=3, aborted=False, survivors=["d01", "d02"]),
+    ]

@@ -26,11 +26,13 @@ def wire(msg):
 def run_cohort(vectors: Mapping[str, np.ndarray], keys: Mapping[str, Ed25519PrivateKey], config: SecAggConfig,
                edge_id: str = "edge", round_id: int = 1, drop_after_shares: set[str] = frozenset(),
                drop_after_masked: set[str] = frozenset(), relay: Callable = wire,
-               rng: np.random.Generator | None = None) -> SecAggResult:
+               rng: np.random.Generator | None = None, client_type: type[SecAggClient] = SecAggClient,
+               server_type: type[SecAggServer] = SecAggServer) -> SecAggResult:
+    """`client_type` / `server_type`: subclasses that observe the parties (benchmarks time them)."""
     directory = {d: k.public_key() for d, k in keys.items()}
     length = len(next(iter(vectors.values())))
-    server = SecAggServer(edge_id, round_id, config, length, directory)
-    clients = {d: SecAggClient(d, edge_id, round_id, keys[d], directory, rng) for d in vectors}
+    server = server_type(edge_id, round_id, config, length, directory)
+    clients = {d: client_type(d, edge_id, round_id, keys[d], directory, rng) for d in vectors}
 
     def deliver(receive, msg) -> None:
         try:
