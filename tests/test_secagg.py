@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from protocol.compression.sparsify import randk_indices
 from protocol.errors import ProtocolError, Reason
 from protocol.secagg import Graph, SecAggClient, SecAggConfig, SecAggServer, crypto, shamir
 from protocol.secagg.inprocess import run_cohort, wire
 from protocol.secagg.messages import ShareInbox
 from protocol.secagg.quant import dequantize_sum, pack, quantize, ring_bits, unpack
+from protocol.secagg.sparse import scatter, select
 from protocol.signing import generate_signing_key
 
 # clip = (2^16 - 1) / 2 makes one quantization step exactly 1.0: inputs q - clip (q integer) quantize to exactly q
@@ -241,3 +243,16 @@ def test_config_round_trips_and_rejects_bad_values():
     for bad in ({"threshold": 1.5}, {"graph": "ring"}, {"bits": "16"}, {"extra": 1}, {"min_cohort": 1}):
         with pytest.raises(ProtocolError):
             SecAggConfig.from_dict(bad)
+
+
+def test_random_k_coordinates_from_the_edge_seed_keep_masks_sparse():
+    keys, ints, dense = cohort(6, 5000)
+    seed, k = 1234, 400
+    picked = {d: select(v, seed, k) for d, v in dense.items()}
+    result = run_cohort(picked, keys, SecAggConfig(min_cohort=3, **EXACT), drop_after_shares={"dev-002"})
+    assert result.quantized.shape == (k,)                 # masks (and the wire) cover k coordinates, not 5000
+    total = scatter(result.sum, seed, 5000)
+    plain = sum(dense[d].astype(np.float64) for d in result.devices)
+    idx = randk_indices(seed, 5000, k)
+    np.testing.assert_allclose(total[idx], plain[idx], rtol=1e-6)
+    assert np.count_nonzero(total) == k
