@@ -64,6 +64,9 @@ class EdgeConfig:
     cloud: BrokerConfig | None = None  # the cloud's broker; absent = fl/cloud/* on `broker` (same broker or bridge)
     group: str = ""              # shared-subscription group; "" = edge_id (replicas of one edge share it)
     replica: str = "0"           # distinguishes replicas' client ids
+    replicas: int = 1            # replicas sharing the group: each expects 1/replicas of the devices (quorum)
+    aggregate_id: str = ""       # id the aggregates are signed and published as; "" = edge_id. Replicas each
+                                 # need their own (e.g. "edge-a-r1", enrolled at the cloud as an edge)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
@@ -80,6 +83,9 @@ class EdgeConfig:
         check_id(self.edge_id)
         check_id(self.group or self.edge_id)
         check_id(self.replica)
+        check_id(self.aggregate_id or self.edge_id)
+        if self.replicas < 1:
+            raise ValueError("replicas must be >= 1")
         self.forward.settings()
 
 

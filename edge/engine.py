@@ -40,7 +40,7 @@ from protocol.messages import (
     sign_message,
     verify_message,
 )
-from protocol.topics import aggregate_topic, check_id
+from protocol.topics import aggregate_topic, check_id, model_topic, round_topic
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class EdgeEngine:
         self.key = signing.load_private_key(cfg.signing_key)
         self.cloud_key = signing.load_public_key(cfg.cloud_public_key)
         self.forward_settings = cfg.forward.settings()
+        self.aggregate_id = cfg.aggregate_id or cfg.edge_id
         self.rejected: Counter[str] = Counter()
         self.announcement: RoundAnnouncement | None = None
         self.ctx: RoundContext | None = None
@@ -111,7 +112,7 @@ class EdgeEngine:
     def _on_model(self, data: bytes) -> list[Publication]:
         msg = decode(data, expect=GlobalModel)
         verify_message(msg, self.cloud_key)
-        relay = [Publication(f"fl/{self.cfg.edge_id}/model", data, retain=True)]
+        relay = [Publication(model_topic(self.cfg.edge_id), data, retain=True)]
         if self.model is not None and msg.model_version < self.model["version"]:
             return []
         self.model = {"version": msg.model_version, "n_params": msg.n_params}
@@ -124,7 +125,7 @@ class EdgeEngine:
         verify_message(msg, self.cloud_key)
         current = self.announcement
         if current is not None and msg.round_id <= current.round_id:
-            return [] if msg.round_id < current.round_id else [Publication(f"fl/{self.cfg.edge_id}/round", data,
+            return [] if msg.round_id < current.round_id else [Publication(round_topic(self.cfg.edge_id), data,
                                                                            retain=True)]
         out = []
         if self.cfg.rounds.mode == "sync" and current is not None and self.pending:
@@ -136,7 +137,7 @@ class EdgeEngine:
         self._refresh()
         event(self.log, "round opened", round=msg.round_id, model_version=msg.model_version,
               expected=len(self.expected), deadline=msg.deadline)
-        return out + [Publication(f"fl/{self.cfg.edge_id}/round", data, retain=True)]
+        return out + [Publication(round_topic(self.cfg.edge_id), data, retain=True)]
 
     # ------------------------------------------------------------ device -> edge
     def handle_update(self, topic_device: str, data: bytes) -> tuple[Ack | None, list[Publication]]:
@@ -187,7 +188,8 @@ class EdgeEngine:
             return self._close("buffer") if due else []
         if self.ctx.closed:
             return []
-        reason = sync_close_reason(len(self.pending), len(self.expected), now, ann.deadline, self.opened, rounds)
+        share = -(-len(self.expected) // self.cfg.replicas)   # replicas split the devices round-robin
+        reason = sync_close_reason(len(self.pending), share, now, ann.deadline, self.opened, rounds)
         return self._close(reason) if reason else []
 
     def _close(self, why: str) -> list[Publication]:
@@ -218,7 +220,7 @@ class EdgeEngine:
         if not sync:
             self.opened = time.time()
         self._refresh()
-        return [Publication(aggregate_topic(self.cfg.edge_id), payload, batch=batch)]
+        return [Publication(aggregate_topic(self.aggregate_id), payload, batch=batch)]
 
     def _aggregate(self, updates: list[Stored], ann: RoundAnnouncement, why: str) -> tuple[EdgeAggregate, Result]:
         n_params = int(self.model["n_params"])
@@ -261,7 +263,7 @@ class EdgeEngine:
               rejected=dict(self.rejected), significant=significant, relative_change=round(change, 6)
               if np.isfinite(change) else None, aggregator=result.aggregator)
         agg = EdgeAggregate(
-            edge_id=self.cfg.edge_id, round_id=ann.round_id, base_version=ann.model_version, num_devices=len(kept),
+            edge_id=self.aggregate_id, round_id=ann.round_id, base_version=ann.model_version, num_devices=len(kept),
             num_samples=int(sum(u.num_samples for u, c in zip(updates, counted) if c)),
             weight_sum=float(result.weight_sum), n_params=n_params, delta=delta, significant=significant,
             central_dp=report, filtered=flagged, rejected=dict(self.rejected), device_ids=kept,
@@ -281,7 +283,7 @@ class EdgeEngine:
 
     def unpublished(self) -> list[Publication]:
         """Aggregates closed but not yet handed to the broker (a crash between close and publish)."""
-        return [Publication(aggregate_topic(self.cfg.edge_id), p, batch=b) for b, p in self.store.unpublished()]
+        return [Publication(aggregate_topic(self.aggregate_id), p, batch=b) for b, p in self.store.unpublished()]
 
     def published(self, batch: int) -> None:
         self.store.mark_published(batch)
