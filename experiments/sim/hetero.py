@@ -1,0 +1,91 @@
+"""The heterogeneity model: per-device compute speed, link bandwidth and dropout, and what they imply on a virtual
+clock (local steps done before the deadline, upload time, arrival time). Pure functions of (config, rng).
+
+Compute speed (local steps per second) is Gamma-distributed with the configured mean and coefficient of variation
+(CV = std / mean; CV 0 = identical devices, CV 1 = exponential, a few fast devices and many slow ones). Bandwidth is
+log-normal around its median. The virtual round deadline is set from the plan: `slack` times the time the MEAN
+device needs for the planned steps, plus the median device's transfer time, so at CV 0 everyone finishes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from device.training import steps_within
+
+CLASSES = ("wearable", "phone", "pi")   # compute classes (protocol.messages.Capability), slowest first
+
+
+@dataclass(frozen=True)
+class HeteroConfig:
+    cv: float = 0.0                      # coefficient of variation of compute speed
+    mean_steps_per_s: float = 10.0       # mean device speed (virtual)
+    bandwidth_bps: float = 250_000.0     # median uplink/downlink (BLE/Wi-Fi wearables ~ 0.1-1 Mbit/s)
+    bandwidth_sigma: float = 0.5         # log-normal sigma of bandwidth
+    dropout: float = 0.0                 # probability a device is offline for a round
+    slack: float = 1.5                   # deadline = slack * planned steps / mean speed + transfers
+
+    def __post_init__(self) -> None:
+        if self.cv < 0 or self.mean_steps_per_s <= 0 or self.bandwidth_bps <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"invalid heterogeneity config {self}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    steps_per_s: float
+    bandwidth_bps: float
+    compute_class: str
+
+
+def gamma_speeds(n: int, mean: float, cv: float, rng: np.random.Generator) -> np.ndarray:
+    """n speeds with the given mean and coefficient of variation (constant when cv = 0)."""
+    if cv <= 0:
+        return np.full(n, float(mean))
+    shape = 1.0 / cv**2
+    return np.maximum(rng.gamma(shape, mean / shape, size=n), 1e-3 * mean)
+
+
+def draw_profiles(n: int, cfg: HeteroConfig, rng: np.random.Generator) -> list[Profile]:
+    speeds = gamma_speeds(n, cfg.mean_steps_per_s, cfg.cv, rng)
+    bandwidth = cfg.bandwidth_bps * np.exp(cfg.bandwidth_sigma * rng.standard_normal(n))
+    ranks = np.argsort(np.argsort(speeds)) * len(CLASSES) // max(n, 1)   # speed terciles -> compute class
+    return [Profile(float(s), float(b), CLASSES[min(int(r), len(CLASSES) - 1)])
+            for s, b, r in zip(speeds, bandwidth, ranks)]
+
+
+def transfer_s(nbytes: int, bandwidth_bps: float) -> float:
+    return 8.0 * nbytes / bandwidth_bps
+
+
+def deadline_s(planned_steps: int, download_bytes: int, upload_bytes: int, cfg: HeteroConfig) -> float:
+    """The round's virtual length: everyone at the mean speed and median bandwidth fits, with `slack`."""
+    compute = planned_steps / cfg.mean_steps_per_s
+    return cfg.slack * compute + transfer_s(download_bytes + upload_bytes, cfg.bandwidth_bps) * 2.0
+
+
+def local_steps(planned: int, profile: Profile, time_left_s: float, partial_work: bool) -> int:
+    """Steps a device runs: all planned ones (classic FedAvg: it may then miss the deadline), or, with partial
+    work, as many as fit in the time it has left (device.training.steps_within, what the device agent does)."""
+    if not partial_work:
+        return planned
+    return steps_within(planned, max(time_left_s, 0.0), profile.steps_per_s)
+
+
+def arrival_s(download_bytes: int, steps: int, upload_bytes: int, profile: Profile) -> float:
+    """Virtual time at which a device's update reaches its edge, from the round's start."""
+    return (transfer_s(download_bytes, profile.bandwidth_bps) + steps / profile.steps_per_s
+            + transfer_s(upload_bytes, profile.bandwidth_bps))
+
+
+def offline(n: int, dropout: float, rng: np.random.Generator) -> np.ndarray:
+    """Which devices are offline this round (independent, probability `dropout`)."""
+    return rng.random(n) < dropout if dropout > 0 else np.zeros(n, bool)
+
+
+def coefficient_of_variation(values: np.ndarray) -> float:
+    values = np.asarray(values, np.float64)
+    mean = values.mean()
+    return float(values.std() / mean) if mean > 0 else math.nan

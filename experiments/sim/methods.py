@@ -1,0 +1,47 @@
+"""The federated methods the experiments compare, as configurations of the project's real components.
+
+A method is a cloud strategy (cloud.strategies) plus what it asks of devices (compression settings, whether a slow
+device trains only the steps that fit before the deadline) and of edges (filters, weighting), and how the cloud
+sends the global model down ("full" float32, or "delta": compressed against the previous version, every
+`full_every`-th version in full, like the cloud daemon's `model_encoding = "delta"`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from edge.aggregate import FilterConfig
+from edge.weighting import WeightingConfig
+from protocol.compression import CompressionSettings
+
+DENSE = CompressionSettings(method="dense", bits=32, entropy=False).to_dict()
+SPARSE = CompressionSettings(method="topk", density=0.1, bits=8).to_dict()
+NO_FILTERS = FilterConfig(enabled=[])
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    strategy: str
+    options: dict = field(default_factory=dict)       # strategy keyword options (configs/cloud.toml [strategy])
+    compression: dict = field(default_factory=lambda: dict(DENSE))
+    filters: FilterConfig = NO_FILTERS
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    partial_work: bool = False       # False: classic fixed local work, a slow device misses the deadline
+    downlink: str = "full"           # "full" | "delta"
+    downlink_compression: dict = field(default_factory=lambda: dict(SPARSE))
+    full_every: int = 5
+
+    def with_(self, **changes) -> Method:
+        return replace(self, **changes)
+
+
+FEDIOMT_OPTIONS = {"importance_sampling": True, "adaptive_lr": False, "adaptive_steps": True, "fednova": True}
+
+METHODS: dict[str, Method] = {
+    "fedavg": Method("fedavg", "fedavg"),
+    "fedprox": Method("fedprox", "fedprox", {"mu": 0.01}, partial_work=True),
+    "scaffold": Method("scaffold", "scaffold"),
+    "fediomt": Method("fediomt", "fediomt", dict(FEDIOMT_OPTIONS), dict(SPARSE),
+                      FilterConfig(enabled=["norm", "cosine"]), partial_work=True, downlink="delta"),
+}

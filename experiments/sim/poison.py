@@ -1,0 +1,47 @@
+"""Poisoning attacks a malicious device can mount on its own update (used by the poisoning experiment).
+
+- sign_flip: sends -delta (pushes the model away from its honest direction);
+- scaling: sends `scale` * delta (boosting, to dominate the mean);
+- label_flip: trains honestly on labels mapped y -> (C - 1 - y);
+- noise: sends N(0, sigma^2 I) instead of a delta.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+KINDS = ("sign_flip", "scaling", "label_flip", "noise")
+
+
+@dataclass(frozen=True)
+class Poison:
+    kind: str
+    fraction: float          # of devices that are malicious (drawn once per run)
+    scale: float = 10.0      # scaling attack factor
+    sigma: float = 1.0       # noise attack std per coordinate
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS or not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"poison kind {self.kind!r} not in {KINDS} or fraction {self.fraction} not in [0, 1]")
+
+
+def malicious(ids: list[str], fraction: float, rng: np.random.Generator) -> set[str]:
+    k = int(round(fraction * len(ids)))
+    return set(rng.choice(ids, size=k, replace=False).tolist()) if k else set()
+
+
+def flip_labels(y: np.ndarray, n_classes: int) -> np.ndarray:
+    return (n_classes - 1 - y).astype(y.dtype)
+
+
+def poison_delta(delta: np.ndarray, poison: Poison, rng: np.random.Generator) -> np.ndarray:
+    """The update a malicious device sends in place of its (honestly trained) `delta`."""
+    if poison.kind == "sign_flip":
+        return (-delta).astype(np.float32)
+    if poison.kind == "scaling":
+        return (poison.scale * delta).astype(np.float32)
+    if poison.kind == "noise":
+        return (poison.sigma * rng.standard_normal(delta.shape[0])).astype(np.float32)
+    return delta
