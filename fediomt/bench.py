@@ -22,11 +22,13 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "secagg": ("experiments.bench.secagg:run", "secure aggregation cost: device compute/bytes, edge unmasking"),
     "distill": ("experiments.bench.distill:run", "int8 student vs teacher: size, agreement, latency, OTA push"),
     "fuzz": ("experiments.bench.fuzz:run", "long fuzz run of every network-facing decoder"),
+    "ledger": ("ledger.bench:run", "contribution ledger: Shapley accuracy vs cost, append/verify/replication speed"),
 }
 
 
-def print_table(rows: list[dict], columns: list[str] | None = None, file=sys.stdout) -> None:
+def print_table(rows: list[dict], columns: list[str] | None = None, file=None) -> None:
     """Print rows as an aligned text table (floats to 4 significant digits)."""
+    file = file or sys.stdout
     if not rows:
         print("(no rows)", file=file)
         return

@@ -21,9 +21,8 @@ import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ledger.scoring import Contribution, RewardPolicy, allocate, score
-from ledger.wire import from_cbor
 from protocol import signing
-from protocol.codec import limit
+from protocol.codec import decode_as, limit
 from protocol.errors import ProtocolError, Reason
 from protocol.topics import check_id
 
@@ -122,7 +121,7 @@ class Block:
     def from_cbor(cls, data: bytes, max_bytes: int = MAX_BLOCK_BYTES) -> Block:
         """Strict decoder for blocks from the network or a database (the wire codec's rules: exact keys and
         types, finite floats, bounded sizes, no tags or trailing bytes)."""
-        block = from_cbor(cls, data, max_bytes)
+        block = decode_as(cls, data, max_bytes)
         if block.version != VERSION:
             raise ProtocolError(Reason.UNKNOWN_VERSION, f"ledger block version {block.version}")
         return block

@@ -30,9 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fediomt.logs import event
 from ledger.chain import HASH_BYTES, MAX_BLOCK_BYTES, Block, sign_block, signing_payload
 from ledger.store import Ledger
-from ledger.wire import from_cbor
 from protocol import signing
-from protocol.codec import limit
+from protocol.codec import decode_as, limit
 from protocol.errors import ProtocolError, Reason
 from protocol.topics import check_id, last_level
 
@@ -167,7 +166,7 @@ class Validator:
         return []
 
     def _catchup(self, payload: bytes) -> list[Publish]:
-        batch = from_cbor(Catchup, payload, MAX_BLOCK_BYTES)
+        batch = decode_as(Catchup, payload, MAX_BLOCK_BYTES)
         for raw in batch.blocks:
             self._committed(Block.from_cbor(raw))
         return []
@@ -200,9 +199,9 @@ class Proposer(Validator):
     def _other(self, topic: str, payload: bytes) -> list[Publish]:
         sender = last_level(topic)
         if topic == signatures_topic(sender):
-            return self._vote(sender, from_cbor(Vote, payload, 4096))
+            return self._vote(sender, decode_as(Vote, payload, 4096))
         if topic == sync_topic(sender):
-            return self._serve(sender, from_cbor(SyncRequest, payload, 4096))
+            return self._serve(sender, decode_as(SyncRequest, payload, 4096))
         return super()._other(topic, payload)
 
     def _vote(self, sender: str, vote: Vote) -> list[Publish]:

@@ -218,8 +218,8 @@ def _reject_tags(tag, immutable):  # noqa: ARG001 - cbor2's tag_hook signature
     raise ValueError(f"CBOR tag {tag.tag} not allowed")
 
 
-def decode(data: bytes, expect: type[M] | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
-    """Decode one message; `expect` restricts the kind. Raises ProtocolError on anything unexpected."""
+def load_cbor(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> object:
+    """Parse exactly one CBOR item of at most `max_bytes`: no tags, no trailing bytes; ProtocolError otherwise."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(Reason.MALFORMED, "message is not bytes")
     data = bytes(data)
@@ -232,6 +232,18 @@ def decode(data: bytes, expect: type[M] | None = None, max_bytes: int = MAX_MESS
         raise ProtocolError(Reason.MALFORMED, f"not CBOR: {type(exc).__name__}") from None
     if stream.tell() != len(data):
         raise ProtocolError(Reason.MALFORMED, "trailing bytes after the message")
+    return obj
+
+
+def decode_as(cls: type[M], data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
+    """Decode a CBOR map straight into dataclass `cls` with the message rules, for objects that are not
+    registered wire messages (no "t"/"v" envelope: they carry their own schema, e.g. ledger blocks)."""
+    return _build(cls, load_cbor(data, max_bytes), cls.__name__)
+
+
+def decode(data: bytes, expect: type[M] | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
+    """Decode one message; `expect` restricts the kind. Raises ProtocolError on anything unexpected."""
+    obj = load_cbor(data, max_bytes)
     if type(obj) is not dict:
         raise ProtocolError(Reason.MALFORMED, "message is not a map")
     kind, version = obj.get("t"), obj.get("v")
