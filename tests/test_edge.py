@@ -291,3 +291,24 @@ def test_cloud_messages_are_verified_before_relay(tmp_path):
     ann = fed.announce()
     assert [(p.topic, p.payload, p.retain) for p in eng.handle_cloud("round", ann)] == [("fl/edge1/round", ann, True)]
     assert eng.announcement == decode(ann, expect=RoundAnnouncement)
+
+
+def test_reference_config_documents_the_defaults(tmp_path):
+    """configs/edge.toml shows every default; a drift between the file and the code fails here."""
+    import dataclasses
+    import inspect
+
+    from edge.config import EdgeConfig
+    from edge.filters import AGGREGATORS, FILTERS
+
+    from .conftest import REPO
+
+    ref = load_config(REPO / "configs" / "edge.toml")
+    required = {"edge_id": "edge1", "state_dir": ref.state_dir, "enrolment_dir": ref.enrolment_dir,
+                "signing_key": ref.signing_key, "cloud_public_key": ref.cloud_public_key}
+    assert dataclasses.replace(ref, filters=dataclasses.replace(ref.filters, params={})) == EdgeConfig(**required)
+    for name, params in ref.filters.params.items():
+        defaults = inspect.signature({**FILTERS, **AGGREGATORS}[name]).parameters
+        assert params == {k: defaults[k].default for k in params}, name
+    with pytest.raises(ValueError, match="unknown keys"):
+        Fed(tmp_path, filter={"enabled": []}).engine()

@@ -40,6 +40,7 @@ class Harness:
         c.loop_start()
         self.client = c
         self.proc: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []
 
     def _on_message(self, _c, _u, msg) -> None:
         with self.cond:
@@ -50,13 +51,15 @@ class Harness:
         with self.cond:
             assert self.cond.wait_for(pred, timeout), {k: len(v) for k, v in self.got.items()}
 
-    def start_edge(self) -> None:
-        self.log = open(self.fed.root / "edge.log", "ab")  # noqa: SIM115 - closed in stop_edge
-        self.proc = subprocess.Popen([sys.executable, "-m", "fediomt", "edge", "run", "--config", str(self.fed.config)],
-                                     cwd=REPO, stderr=self.log, stdout=self.log)
+    def start_edge(self, config=None) -> subprocess.Popen:
         n, m = len(self.got["fl/edge1/round"]), len(self.got["fl/edge1/model"])
+        self.log = open(self.fed.root / "edge.log", "ab")  # noqa: SIM115 - closed in stop_edge
+        self.proc = subprocess.Popen([sys.executable, "-m", "fediomt", "edge", "run", "--config",
+                                      str(config or self.fed.config)], cwd=REPO, stderr=self.log, stdout=self.log)
+        self.procs.append(self.proc)
         # it subscribed and relayed the retained round and model
         self.wait(lambda: len(self.got["fl/edge1/round"]) > n and len(self.got["fl/edge1/model"]) > m)
+        return self.proc
 
     def stop_edge(self, sig=signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
@@ -75,15 +78,17 @@ class Harness:
         return [decode(p, expect=Ack) for p in self.got[device]]
 
     def aggregates(self) -> list[EdgeAggregate]:
-        out = [decode(p, expect=EdgeAggregate) for p in self.got["fl/cloud/aggregates/edge1"]]
+        out = [decode(p, expect=EdgeAggregate) for t, ps in self.got.items() if t.startswith("fl/cloud/aggregates/")
+               for p in ps]
         for agg in out:
             verify_message(agg, self.fed.edge_key.public_key())
         return out
 
     def close(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -171,3 +176,33 @@ def test_kill_9_mid_round_then_restart_gives_the_same_aggregate(harness):
     np.testing.assert_allclose(decode_update(agg.delta, N_PARAMS), np.mean(deltas, axis=0), rtol=1e-5, atol=1e-7)
     assert agg.num_devices == 20 and agg.device_ids == fed.devices and agg.rejected == {"DUPLICATE": 3}
     assert h.stop_edge() == 0
+
+
+@pytest.mark.parametrize("harness", [dict(replicas=2, aggregate_id="edge1-r0", rounds={"quorum": 1.0})],
+                         indirect=True)
+def test_replicas_split_updates_through_the_shared_subscription(harness):
+    """Two replicas of edge1: every update goes to exactly one; their aggregates combine (by num_samples) to the
+    mean of all."""
+    import tomli_w
+    import tomllib
+
+    h, fed, rng = harness, harness.fed, np.random.default_rng(5)
+    raw = tomllib.loads(fed.config.read_text())
+    raw.update(replica="1", aggregate_id="edge1-r1", state_dir="state-r1")
+    second = fed.root / "edge-r1.toml"
+    second.write_bytes(tomli_w.dumps(raw).encode())
+    h.open_round()
+    first = h.start_edge()
+    h.start_edge(second)
+    deltas = honest_deltas(rng, 20)
+    for d, x in zip(fed.devices, deltas):
+        h.publish(f"fl/edge1/updates/{d}", fed.update(d, x))
+    h.wait(lambda: all(h.got[f"fl/cloud/aggregates/edge1-r{i}"] for i in (0, 1)))
+    aggs = h.aggregates()
+    assert sorted(a.edge_id for a in aggs) == ["edge1-r0", "edge1-r1"]
+    assert sorted(sum((a.device_ids for a in aggs), [])) == fed.devices
+    assert {a.num_devices for a in aggs} == {10}                  # round-robin: 10 each
+    combined = sum(a.num_samples * decode_update(a.delta, N_PARAMS) for a in aggs) / sum(a.num_samples for a in aggs)
+    np.testing.assert_allclose(combined, np.mean(deltas, axis=0), rtol=1e-5, atol=1e-7)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(15) == 0 and h.stop_edge() == 0
