@@ -301,3 +301,62 @@ def test_cloud_help_is_fast_and_does_not_import_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "--config" in out.stdout
+
+
+def test_with_the_real_edge_daemon(tmp_path, broker):
+    """Cloud (in process) <-> the real edge process <-> scripted devices: two rounds, the expected mean update."""
+    from .test_edge import Fed
+
+    fed = Fed(tmp_path / "edge", n_devices=3, n_params=N_PARAMS,
+              broker={"host": broker.host, "port": broker.port})
+    save_private_key(fed.cloud_key, tmp_path / "cloud.key")
+    save_public_key(fed.edge_key.public_key(), tmp_path / "edges" / "edge1.pub")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "holdout.npz", x=rng.normal(size=(32, 4)).astype(np.float32), y=rng.integers(0, 2, 32))
+    config = tmp_path / "cloud.toml"
+    config.write_text('run_dir = "run"\nsigning_key = "cloud.key"\nedge_keys_dir = "edges"\n'
+                      'eval_data = "holdout.npz"\nmodel = "vitals_mlp"\nrounds = 2\nround_timeout_s = 30.0\n'
+                      f'{MODEL_OPTIONS}'
+                      f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[strategy]\nname = "fedavg"\n')
+    deltas = {d: rng.normal(size=N_PARAMS).astype(np.float32) for d in fed.devices}
+    samples = {d: 10 * (i + 1) for i, d in enumerate(fed.devices)}
+    models: dict[int, np.ndarray] = {}
+
+    def on_message(client, _u, msg) -> None:  # the devices: answer every round relayed by the edge
+        if msg.topic.endswith("/model"):
+            model = decode(msg.payload, expect=GlobalModel)
+            models[model.model_version] = bytes_to_floats(model.weights, model.n_params)
+            return
+        ann = decode(msg.payload, expect=RoundAnnouncement)
+        verify_message(ann, fed.cloud_key.public_key())  # relayed byte-identical: the cloud's signature holds
+        for d in fed.devices:
+            client.publish(f"fl/edge1/updates/{d}", fed.update(d, deltas[d], round_id=ann.round_id,
+                                                              version=ann.model_version, num_samples=samples[d]),
+                           qos=1)
+
+    devices = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    devices.on_message = on_message
+    devices.connect(broker.host, broker.port)
+    devices.subscribe([("fl/edge1/round", 1), ("fl/edge1/model", 1)])
+    devices.loop_start()
+    with open(tmp_path / "edge.log", "ab") as log:
+        edge = subprocess.Popen([sys.executable, "-m", "fediomt", "edge", "run", "--config", str(fed.config)],
+                                cwd=REPO, stdout=log, stderr=log)
+        try:
+            _, thread = start_in_process(config)
+            thread.join(timeout=60)
+            assert not thread.is_alive(), (tmp_path / "edge.log").read_text()[-2000:]
+        finally:
+            edge.send_signal(signal.SIGTERM)
+            edge.wait(15)
+            devices.loop_stop()
+            devices.disconnect()
+    mean = sum(samples[d] * deltas[d] for d in fed.devices) / sum(samples.values())
+    records = rounds_of(tmp_path / "run")
+    assert [r["round"] for r in records] == [1, 2] and records[0]["num_devices"] == 3
+    assert records[0]["bytes_up"] > 3 * 4 * N_PARAMS  # the edge reports the DeviceUpdate message bytes
+    deadline = time.monotonic() + 5
+    while 3 not in models and time.monotonic() < deadline:
+        time.sleep(0.05)
+    np.testing.assert_allclose(models[2], models[1] + mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(models[3], models[2] + mean, rtol=1e-5, atol=1e-6)
