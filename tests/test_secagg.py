@@ -11,7 +11,7 @@ from scipy import stats
 
 from protocol.compression.sparsify import randk_indices
 from protocol.errors import ProtocolError, Reason
-from protocol.secagg import Graph, SecAggClient, SecAggConfig, SecAggServer, crypto, shamir
+from protocol.secagg import Graph, SecAggClient, SecAggConfig, SecAggServer, TrustMode, crypto, shamir
 from protocol.secagg.inprocess import run_cohort, wire
 from protocol.secagg.messages import ShareInbox
 from protocol.secagg.quant import dequantize_sum, pack, quantize, ring_bits, unpack
@@ -88,16 +88,20 @@ def test_min_cohort_is_enforced():
     assert err.value.reason == Reason.SECAGG_ABORT and "min_cohort" in err.value.detail
 
 
-def masked_vector(n: int = 8, length: int = 20_000) -> tuple[np.ndarray, int]:
-    """One device's masked input for an all-zero update (the most structured input there is)."""
-    keys = {f"d{i}": generate_signing_key() for i in range(n)}
+def parties(keys, config: SecAggConfig, length: int, round_id: int = 1):
+    """An edge and its devices, adverts delivered, roster made."""
     directory = {d: k.public_key() for d, k in keys.items()}
-    config = SecAggConfig(min_cohort=3)
-    server = SecAggServer("edge", 1, config, length, directory)
-    clients = {d: SecAggClient(d, "edge", 1, k, directory) for d, k in keys.items()}
+    server = SecAggServer("edge", round_id, config, length, directory)
+    clients = {d: SecAggClient(d, "edge", round_id, k, directory) for d, k in keys.items()}
     for c in clients.values():
         server.receive_advertise(c.advertise())
-    roster = server.roster()
+    return server, clients, server.roster()
+
+
+def masked_vector(n: int = 8, length: int = 20_000) -> tuple[np.ndarray, int]:
+    """One device's masked input for an all-zero update (the most structured input there is)."""
+    config = SecAggConfig(min_cohort=3)
+    server, clients, roster = parties({f"d{i}": generate_signing_key() for i in range(n)}, config, length)
     for c in clients.values():
         server.receive_shares(c.share_keys(roster))
     msg = clients["d0"].masked_input(server.inboxes()["d0"], np.zeros(length, np.float32))
@@ -174,12 +178,7 @@ def test_server_rejects_replayed_and_foreign_messages_without_losing_the_round()
 
 def test_client_refuses_to_reveal_both_secrets_of_a_device():
     keys, _, vectors = cohort(5, 4)
-    directory = {d: k.public_key() for d, k in keys.items()}
-    server = SecAggServer("edge", 1, SecAggConfig(min_cohort=3, **EXACT), 4, directory)
-    clients = {d: SecAggClient(d, "edge", 1, k, directory) for d, k in keys.items()}
-    for c in clients.values():
-        server.receive_advertise(c.advertise())
-    roster = server.roster()
+    server, clients, roster = parties(keys, SecAggConfig(min_cohort=3, **EXACT), 4)
     for c in clients.values():
         server.receive_shares(c.share_keys(roster))
     inboxes = server.inboxes()
@@ -194,12 +193,7 @@ def test_client_refuses_to_reveal_both_secrets_of_a_device():
 
 def test_client_aborts_on_a_forged_neighbour_advert_in_the_roster():
     keys, _, _ = cohort(5, 4)
-    directory = {d: k.public_key() for d, k in keys.items()}
-    server = SecAggServer("edge", 1, SecAggConfig(graph=Graph.FULL, min_cohort=3), 4, directory)
-    clients = {d: SecAggClient(d, "edge", 1, k, directory) for d, k in keys.items()}
-    for c in clients.values():
-        server.receive_advertise(c.advertise())
-    roster = server.roster()
+    _, clients, roster = parties(keys, SecAggConfig(graph=Graph.FULL, min_cohort=3), 4)
     adverts = list(roster.adverts)
     adverts[1] = dataclasses.replace(adverts[1], c_pk=crypto.public_bytes(crypto.new_private_key()))
     with pytest.raises(ProtocolError) as err:
@@ -240,6 +234,7 @@ def test_config_round_trips_and_rejects_bad_values():
     config = SecAggConfig(graph=Graph.FULL, k=6, threshold=0.6, min_cohort=10, clip=0.5, bits=12)
     assert SecAggConfig.from_dict(config.to_dict()) == config
     assert SecAggConfig().degree(100) == 20 and SecAggConfig().degree(10) == 9
+    assert SecAggConfig().devices_mask and not SecAggConfig(trust=TrustMode.TRUSTED_EDGE).devices_mask
     for bad in ({"threshold": 1.5}, {"graph": "ring"}, {"bits": "16"}, {"extra": 1}, {"min_cohort": 1}):
         with pytest.raises(ProtocolError):
             SecAggConfig.from_dict(bad)

@@ -48,6 +48,11 @@ class SecAggConfig:
             if not ok:
                 raise ProtocolError(Reason.BAD_VALUE, f"secagg config: {why}")
 
+    @property
+    def devices_mask(self) -> bool:
+        """Devices run SecAgg toward the edge (untrusted edge), or send plaintext for the edge to filter."""
+        return self.trust is TrustMode.UNTRUSTED_EDGE
+
     def degree(self, n: int) -> int:
         """Neighbours per device in a cohort of n."""
         if self.graph is Graph.FULL:
