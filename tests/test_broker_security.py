@@ -7,8 +7,10 @@ the client's handshake finished, as a disconnect. `open_session` therefore waits
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -88,6 +90,7 @@ class Session:
         self.acked = threading.Condition()
         self.messages: list[tuple[str, bytes]] = []
         self.subscribed = threading.Event()
+        self.filters: list[str] = []  # re-subscribed on every (re)connect: clean sessions forget them
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.outcome.set()
         self.client.on_connect_fail = lambda *a: self.outcome.set()
@@ -97,6 +100,8 @@ class Session:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected = not reason_code.is_failure
+        if self.connected and self.filters:
+            client.subscribe([(f, 1) for f in self.filters])
         self.outcome.set()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
@@ -113,6 +118,7 @@ class Session:
 
     def subscribe(self, topic_filter: str) -> None:
         self.subscribed.clear()
+        self.filters.append(topic_filter)
         self.client.subscribe(topic_filter, qos=1)
         assert self.subscribed.wait(5)
 
@@ -135,6 +141,7 @@ def open_session(port: int, client_id: str, context: ssl.SSLContext | None) -> S
 
 
 def connect_as(ca: Path, kind: str, name: str, port: int, client_id: str | None = None) -> Session:
+    """A session with `kind`/`name`'s certificate (the broker's certificate must match 127.0.0.1)."""
     return open_session(port, client_id or name, pki.tls_context(pki.identity(ca, kind, name)))
 
 
@@ -325,6 +332,74 @@ def test_a_packet_over_the_cap_costs_the_sender_its_connection_and_is_not_delive
         small.close()
 
 
+class Deployment:
+    """A cloud broker, an edge broker bridged to it (both from `broker config`), the real edge daemon, and a
+    scripted federation (tests.test_edge.Fed) whose every key comes from the PKI."""
+
+    def __init__(self, ca: Path, workdir: Path, tmp_path: Path, name: str, devices: list[str], **edge_cfg) -> None:
+        for d in devices:
+            if not pki.identity(ca, "device", d).cert.exists():
+                give_to_broker_user(pki.issue(ca, "device", d).key)
+        self.ca, self.tmp_path, self.devices = ca, tmp_path, devices
+        pki.enrolment(ca, tmp_path / "enrolment")
+        edge_id, cloud_id = pki.identity(ca, "edge", EDGE), pki.identity(ca, "cloud", pki.CLOUD_ID)
+        self.cloud_broker = start_broker(workdir, {"role": "cloud", "id": pki.CLOUD_ID, "pki": ca}, f"{name}-cloud")
+        self.edge_broker = start_broker(workdir, {"role": "edge", "id": EDGE, "pki": ca, "cloud_host": "127.0.0.1",
+                                                 "cloud_port": self.cloud_broker.port}, f"{name}-edge")
+        self.fed = Fed(tmp_path / "fed", n_devices=0, enrolment_dir=str(tmp_path / "enrolment"),
+                       signing_key=str(edge_id.sign_key), cloud_public_key=str(cloud_id.sign_pub),
+                       broker={"host": "127.0.0.1", "port": self.edge_broker.port, "ca": str(pki.ca_cert_path(ca)),
+                               "cert": str(edge_id.cert), "key": str(edge_id.key)}, **edge_cfg)
+        self.fed.devices = devices
+        self.fed.keys = {d: signing.load_private_key(pki.identity(ca, "device", d).sign_key) for d in devices}
+        self.fed.cloud_key = signing.load_private_key(cloud_id.sign_key)
+        self.fed.edge_key = signing.load_private_key(edge_id.sign_key)
+        self.opened: list[Session] = []
+        self.cloud = self.connect("cloud", pki.CLOUD_ID, self.cloud_broker.port)
+        self.cloud.subscribe("fl/cloud/aggregates/+")
+        self.daemon: subprocess.Popen | None = None
+
+    def connect(self, kind: str, name: str, port: int | None = None) -> Session:
+        s = connect_as(self.ca, kind, name, port or self.edge_broker.port, client_id=f"{name}-{len(self.opened)}")
+        self.opened.append(s)
+        return s
+
+    def open_round(self, **announce) -> None:
+        assert self.cloud.publish(topics.CLOUD_MODEL, self.fed.model(), retain=True) in ACCEPTED
+        assert self.cloud.publish(topics.CLOUD_ROUND, self.fed.announce(**announce), retain=True) in ACCEPTED
+
+    def start_edge(self) -> None:
+        self.log = open(self.tmp_path / "edge.log", "wb")  # noqa: SIM115 - closed in close()
+        self.daemon = subprocess.Popen([sys.executable, "-m", "fediomt", "edge", "run", "--config",
+                                        str(self.fed.config)], cwd=REPO, stdout=self.log, stderr=self.log)
+
+    def log_tail(self) -> str:
+        return (self.tmp_path / "edge.log").read_text()[-3000:]
+
+    def aggregate(self) -> EdgeAggregate:
+        assert wait_for(lambda: self.cloud.messages, 20), self.log_tail()
+        ((topic, payload),) = self.cloud.messages
+        agg = decode(payload, expect=EdgeAggregate)
+        verify_message(agg, self.fed.edge_key.public_key())
+        assert topic == topics.aggregate_topic(EDGE)
+        return agg
+
+    def stop_edge(self) -> int:
+        self.daemon.send_signal(signal.SIGTERM)
+        return self.daemon.wait(15)
+
+    def close(self) -> None:
+        if self.daemon is not None:
+            if self.daemon.poll() is None:
+                self.daemon.kill()
+                self.daemon.wait()
+            self.log.close()
+        for s in self.opened:
+            s.close()
+        self.edge_broker.close()
+        self.cloud_broker.close()
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
 def test_a_round_of_the_edge_daemon_through_the_mtls_deployment_survives_a_broker_restart(ca, workdir, tmp_path,
                                                                                          stop_signal):
@@ -333,53 +408,27 @@ def test_a_round_of_the_edge_daemon_through_the_mtls_deployment_survives_a_broke
     duplicate, and a restart of the edge broker mid-round (SIGTERM, or kill -9 which loses what the broker had not
     autosaved) loses no acknowledged update, and devices connecting afterwards still find the round."""
     devices = [f"d{i:02d}" for i in range(6)]
-    for d in devices:
-        if not pki.identity(ca, "device", d).cert.exists():
-            give_to_broker_user(pki.issue(ca, "device", d).key)
-    enrolled = tmp_path / "enrolment"
-    pki.enrolment(ca, enrolled)
-    ident = {d: pki.identity(ca, "device", d) for d in devices}
-    edge_id = pki.identity(ca, "edge", EDGE)
-    name = f"round-{stop_signal.name}"
-    cloud_broker = start_broker(workdir, {"role": "cloud", "id": pki.CLOUD_ID, "pki": ca}, f"{name}-cloud")
-    edge_broker = start_broker(workdir, {"role": "edge", "id": EDGE, "pki": ca, "cloud_host": "127.0.0.1",
-                                         "cloud_port": cloud_broker.port}, f"{name}-edge")
-    fed = Fed(tmp_path / "fed", n_devices=0, rounds={"quorum": 1.0}, enrolment_dir=str(enrolled),
-              signing_key=str(edge_id.sign_key), cloud_public_key=str(pki.identity(ca, "cloud", "cloud").sign_pub),
-              broker={"host": "127.0.0.1", "port": edge_broker.port, "ca": str(pki.ca_cert_path(ca)),
-                      "cert": str(edge_id.cert), "key": str(edge_id.key)})
-    fed.devices, fed.keys = devices, {d: signing.load_private_key(ident[d].sign_key) for d in devices}
-    fed.cloud_key = signing.load_private_key(pki.identity(ca, "cloud", "cloud").sign_key)
-    fed.edge_key = signing.load_private_key(edge_id.sign_key)
-    opened: list[Session] = []
-    edge_log = open(tmp_path / "edge.log", "wb")  # noqa: SIM115 - closed below
-    daemon = None
+    dep = Deployment(ca, workdir, tmp_path, f"round-{stop_signal.name}", devices, rounds={"quorum": 1.0})
+    fed = dep.fed
 
     def device(d: str) -> Session:
-        s = connect_as(ca, "device", d, edge_broker.port, client_id=f"{d}-{len(opened)}")
+        s = dep.connect("device", d)
         s.subscribe(topics.ack_topic(EDGE, d))
-        opened.append(s)
         return s
 
-    def send_until_acked(s: Session, d: str, payload: bytes, topic_of: str | None = None) -> Ack:
+    def send_until_acked(s: Session, d: str, payload: bytes) -> Ack:
         """A device's retry: PUBACK 16 (no edge subscribed yet, e.g. after a broker restart) means send again."""
         before = len(s.messages)
-        assert wait_for(lambda: s.publish(topics.update_topic(EDGE, topic_of or d), payload) == 0, 20)
+        assert wait_for(lambda: s.publish(topics.update_topic(EDGE, d), payload) == 0, 20)
         assert wait_for(lambda: len(s.messages) > before, 10)
         return decode(s.messages[-1][1], expect=Ack)
 
     try:
-        cloud = connect_as(ca, "cloud", pki.CLOUD_ID, cloud_broker.port)
-        opened.append(cloud)
-        cloud.subscribe("fl/cloud/aggregates/+")
-        assert cloud.publish(topics.CLOUD_MODEL, fed.model(), retain=True) in ACCEPTED
-        assert cloud.publish(topics.CLOUD_ROUND, fed.announce(round_id=2, cohort=devices), retain=True) in ACCEPTED
-        daemon = subprocess.Popen([sys.executable, "-m", "fediomt", "edge", "run", "--config", str(fed.config)],
-                                  cwd=REPO, stdout=edge_log, stderr=edge_log)
+        dep.open_round(round_id=2, cohort=devices)
+        dep.start_edge()
         watcher = device("d05")
         watcher.subscribe(topics.round_topic(EDGE))  # relayed by the edge once the bridge delivered the round
-        assert wait_for(lambda: any(t == topics.round_topic(EDGE) for t, _ in watcher.messages), 20), \
-            (tmp_path / "edge.log").read_text()[-2000:]
+        assert wait_for(lambda: any(t == topics.round_topic(EDGE) for t, _ in watcher.messages), 20), dep.log_tail()
         rng = np.random.default_rng(12)
         deltas = {d: rng.normal(size=N_PARAMS).astype(np.float32) for d in devices}
         updates = {d: fed.update(d, deltas[d], round_id=2) for d in devices}
@@ -392,30 +441,121 @@ def test_a_round_of_the_edge_daemon_through_the_mtls_deployment_survives_a_broke
         for d in devices[:3]:
             ack = send_until_acked(d00 if d == "d00" else device(d), d, updates[d])
             assert (ack.accepted, ack.reason) == (True, Reason.OK)
-        edge_broker.stop(stop_signal)  # mid-round: half the cohort acknowledged
-        edge_broker.start()
+        dep.edge_broker.stop(stop_signal)  # mid-round: half the cohort acknowledged
+        dep.edge_broker.start()
         late = device("d04")  # a device that connects after the restart still finds the round (retained)
         late.subscribe(topics.round_topic(EDGE))
         assert wait_for(lambda: any(t == topics.round_topic(EDGE) for t, _ in late.messages), 20)
         for d in ["d00", *devices[3:]]:  # d00 resends (a device unsure of its Ack): counted once
             ack = send_until_acked(device(d), d, updates[d])
             assert ack.accepted and ack.reason == (Reason.DUPLICATE if d == "d00" else Reason.OK)
-        assert wait_for(lambda: cloud.messages, 20), (tmp_path / "edge.log").read_text()[-2000:]
-        (topic, payload), = cloud.messages
-        agg = decode(payload, expect=EdgeAggregate)
-        verify_message(agg, fed.edge_key.public_key())
-        assert topic == topics.aggregate_topic(EDGE) and agg.device_ids == devices
+        agg = dep.aggregate()
+        assert agg.device_ids == devices
         np.testing.assert_allclose(decode_update(agg.delta, N_PARAMS), np.mean([deltas[d] for d in devices], 0),
                                    rtol=1e-5, atol=1e-7)
         assert agg.rejected == {"WRONG_SENDER": 1, "WRONG_ROUND": 1, "DUPLICATE": 1}
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(15) == 0
+        assert dep.stop_edge() == 0
     finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        edge_log.close()
-        for s in opened:
-            s.close()
-        edge_broker.close()
-        cloud_broker.close()
+        dep.close()
+
+
+class FlakyLink:
+    """A TCP proxy standing for a bad radio link: every chunk is delayed, and every connection is cut after a
+    random lifetime. (`tc netem` would be the kernel's way, but needs the sch_netem module, absent in containers.)"""
+
+    def __init__(self, upstream_port: int, delay_s: float = 0.01, lifetime_s: tuple[float, float] = (0.4, 1.5),
+                 seed: int = 0) -> None:
+        self.upstream_port, self.delay_s, self.lifetime_s = upstream_port, delay_s, lifetime_s
+        self.rng, self.cuts = random.Random(seed), 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.listener.accept()
+                up = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                return
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            cut = threading.Timer(self.rng.uniform(*self.lifetime_s), self._cut, args=(down, up))
+            cut.daemon = True
+            cut.start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                time.sleep(self.delay_s)
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._cut(src, dst, count=False)
+
+    def _cut(self, *socks: socket.socket, count: bool = True) -> None:
+        self.cuts += count
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_flaky_links_and_30_percent_of_devices_vanishing_mid_round(ca, workdir, tmp_path):
+    """10 devices in the cohort: 3 see the round and vanish, 7 reach the edge through links that drop every
+    connection within 0.4-1.5 s and resend until the edge's Ack. The round closes at its deadline, and the
+    aggregate is the NumPy mean of exactly the updates the edge acknowledged."""
+    devices = [f"f{i:02d}" for i in range(10)]
+    senders, vanishing = devices[:7], devices[7:]
+    dep = Deployment(ca, workdir, tmp_path, "flaky", devices, rounds={"quorum": 1.0})
+    link = FlakyLink(dep.edge_broker.port)
+    rng = np.random.default_rng(30)
+    deltas = {d: rng.normal(size=N_PARAMS).astype(np.float32) for d in senders}
+    updates = {d: dep.fed.update(d, deltas[d]) for d in senders}
+    acks: dict[str, list[Ack]] = {d: [] for d in senders}
+
+    def deliver(d: str, until: float) -> None:
+        s = Session(f"{d}-flaky", pki.tls_context(pki.identity(ca, "device", d)))
+        s.client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
+        s.filters.append(topics.ack_topic(EDGE, d))
+        dep.opened.append(s)
+        s.client.connect_async("127.0.0.1", link.port)
+        s.client.loop_start()
+        while time.monotonic() < until and not any(a.accepted for a in acks[d]):
+            if s.client.is_connected():
+                s.client.publish(topics.update_topic(EDGE, d), updates[d], qos=1)
+            wait_for(lambda: len(s.messages) > len(acks[d]), 1.5)
+            acks[d] = [decode(p, expect=Ack) for _, p in list(s.messages)]
+
+    def vanish(d: str) -> None:
+        """It gets the round, then its radio dies without a word (no DISCONNECT)."""
+        s = dep.connect("device", d)
+        s.subscribe(topics.round_topic(EDGE))
+        assert wait_for(lambda: s.messages, 20), dep.log_tail()
+        s.client.loop_stop()
+        s.client.socket().shutdown(socket.SHUT_RDWR)
+
+    try:
+        dep.open_round(deadline=time.time() + 8, cohort=devices)
+        dep.start_edge()
+        for d in vanishing:
+            vanish(d)
+        workers = [threading.Thread(target=deliver, args=(d, time.monotonic() + 7)) for d in senders]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        agg = dep.aggregate()
+        acknowledged = sorted(d for d in senders if any(a.accepted for a in acks[d]))
+        assert link.cuts > 0 and len(acknowledged) >= 4, (link.cuts, acks)
+        assert sorted(agg.device_ids) == acknowledged  # no acknowledged update lost, no vanished device counted
+        np.testing.assert_allclose(decode_update(agg.delta, N_PARAMS), np.mean([deltas[d] for d in acknowledged], 0),
+                                   rtol=1e-5, atol=1e-7)
+        assert dep.stop_edge() == 0
+    finally:
+        link.close()
+        dep.close()
