@@ -1,5 +1,6 @@
-"""Two-level privacy accounting with dp-accounting (RDP and PLD), Opacus-style: the state is a history, epsilon is
-derived from it, so anyone can recompute the report from the run directory.
+"""Two-level privacy accounting with dp-accounting (RDP and PLD), Opacus-style: the state is a history of
+(noise_mult, sample_rate, steps) entries and epsilon is derived from it (with device.accountant, the code the devices
+run), so anyone can recompute the report from the checkpoint.
 
 - Device level (example-level DP-SGD on each device): one event per round (noise_mult, sample_rate q = batch /
   local examples, steps), re-derived from the round's plan and the smallest per-edge mean local dataset
@@ -8,7 +9,7 @@ derived from it, so anyone can recompute the report from the run directory.
   it; the device-level epsilon is the larger of the two.
 - Edge level (user-level central DP: each device's delta clipped, Gaussian noise on the sum): one event per round
   (noise_mult, sampling_rate, 1 step), taking the weakest edge of the round (smallest noise, largest rate).
-An event with noise 0 and at least one step makes epsilon infinite (reported as None in JSON).
+An entry with noise 0 and at least one step makes epsilon infinite (reported as None in JSON).
 """
 
 from __future__ import annotations
@@ -16,70 +17,45 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from absl import logging as absl_logging
-from dp_accounting import dp_event
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
-
+from device.accountant import ACCOUNTANTS, Entry
+from device.accountant import epsilon as history_epsilon
 from protocol.messages import CentralDPReport, TrainingPlan
 
-absl_logging.set_verbosity(absl_logging.ERROR)  # RDP's "failed to converge for order..." warnings on large q
-ACCOUNTANTS = ("rdp", "pld")
+__all__ = ["ACCOUNTANTS", "Entry", "PrivacyLedger", "central_event", "device_event", "epsilon", "exhausted",
+           "json_epsilon"]
 
 
-@dataclass(frozen=True)
-class DpEvent:
-    """`steps` applications of the Gaussian mechanism with `noise_mult`, each on a Poisson sample of rate q."""
-
-    noise_mult: float
-    sample_rate: float
-    steps: int
-
-
-def epsilon(history: Iterable[DpEvent], delta: float, accountant: str = "rdp") -> float:
-    """epsilon(delta) of the composition of `history`; identical events are grouped (PLD cost grows per group)."""
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant {accountant!r} not in {ACCOUNTANTS}")
-    groups = Counter()
+def epsilon(history: Iterable[Entry], delta: float, accountant: str = "rdp") -> float:
+    """epsilon(delta) of `history` (device.accountant's composition); entries with the same noise and rate are
+    merged first: the same mechanism composed, and PLD's cost grows with the number of entries."""
+    groups: Counter = Counter()
     for e in history:
-        if e.steps > 0 and e.sample_rate > 0:
-            if e.noise_mult <= 0:
-                return math.inf
-            groups[(e.noise_mult, e.sample_rate)] += e.steps
-    if not groups:
-        return 0.0
-    events = []
-    for (z, q), steps in sorted(groups.items()):
-        gaussian = dp_event.GaussianDpEvent(z)
-        events.append(dp_event.SelfComposedDpEvent(
-            gaussian if q >= 1 else dp_event.PoissonSampledDpEvent(q, gaussian), steps))
-    acc = rdp_privacy_accountant.RdpAccountant() if accountant == "rdp" else pld_privacy_accountant.PLDAccountant()
-    acc.compose(dp_event.ComposedDpEvent(events))
-    return float(acc.get_epsilon(delta))
+        groups[(e.noise_mult, e.sample_rate)] += e.steps
+    return history_epsilon(tuple(Entry(z, q, n) for (z, q), n in sorted(groups.items())), delta, accountant)
 
 
-def device_event(plan: TrainingPlan, min_local_examples: int) -> DpEvent:
+def device_event(plan: TrainingPlan, min_local_examples: int) -> Entry:
     """A device's example-level DP-SGD in one round as the device runs it (device.training.planned_steps):
     q = batch / n examples, epochs * ceil(n / batch) steps, capped by max_steps."""
     if min_local_examples <= 0:
-        return DpEvent(plan.noise_mult, 0.0, 0)
+        return Entry(plan.noise_mult, 0.0, 0)
     q = min(1.0, plan.batch_size / min_local_examples)
     steps = plan.local_epochs * math.ceil(min_local_examples / plan.batch_size)
     if plan.max_steps:
         steps = min(steps, plan.max_steps)
-    return DpEvent(plan.noise_mult, q, steps)
+    return Entry(plan.noise_mult, q, steps)
 
 
-def central_event(reports: Iterable[CentralDPReport | None]) -> DpEvent:
+def central_event(reports: Iterable[CentralDPReport | None]) -> Entry:
     """The weakest edge's user-level mechanism this round; an edge without central DP makes it noise 0."""
     reports = list(reports)
     if not reports:
-        return DpEvent(0.0, 0.0, 0)
+        return Entry(0.0, 0.0, 0)
     if any(r is None for r in reports):
-        return DpEvent(0.0, 1.0, 1)
-    return DpEvent(min(r.noise_mult for r in reports), max(r.sampling_rate for r in reports), 1)
+        return Entry(0.0, 1.0, 1)
+    return Entry(min(r.noise_mult for r in reports), max(r.sampling_rate for r in reports), 1)
 
 
 @dataclass
@@ -87,12 +63,12 @@ class PrivacyLedger:
     """Histories per level plus the largest device epsilon the edges reported; JSON-serialisable for checkpoints."""
 
     delta: float = 1e-5
-    device: list[DpEvent] = field(default_factory=list)
-    central: list[DpEvent] = field(default_factory=list)
+    device: list[Entry] = field(default_factory=list)
+    central: list[Entry] = field(default_factory=list)
     device_reported: float = 0.0
 
-    def report(self, accountant: str = "rdp", extra_device: DpEvent | None = None,
-               extra_central: DpEvent | None = None) -> dict[str, float]:
+    def report(self, accountant: str = "rdp", extra_device: Entry | None = None,
+               extra_central: Entry | None = None) -> dict[str, float]:
         """epsilon(delta) per level ("device" = max(derived, reported)); `extra_*` project one more round."""
         device = epsilon(self.device + ([extra_device] if extra_device else []), self.delta, accountant)
         return {"device": max(device, self.device_reported), "device_derived": device,
@@ -100,12 +76,13 @@ class PrivacyLedger:
                 "central": epsilon(self.central + ([extra_central] if extra_central else []), self.delta, accountant)}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"delta": self.delta, "device": [e.to_list() for e in self.device],
+                "central": [e.to_list() for e in self.central], "device_reported": self.device_reported}
 
     @classmethod
     def from_dict(cls, d: dict) -> PrivacyLedger:
-        return cls(float(d["delta"]), [DpEvent(**e) for e in d["device"]], [DpEvent(**e) for e in d["central"]],
-                   float(d["device_reported"]))
+        return cls(float(d["delta"]), [Entry.from_list(e) for e in d["device"]],
+                   [Entry.from_list(e) for e in d["central"]], float(d["device_reported"]))
 
 
 def exhausted(report: dict[str, float], device_budget: float, central_budget: float) -> str | None:

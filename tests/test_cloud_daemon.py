@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud.accounting import DpEvent, epsilon
+from cloud.accounting import Entry, epsilon
 from fediomt.logs import setup
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.messages import (
@@ -216,7 +216,7 @@ def test_delta_models_rebuild_exactly_and_full_versions_fold_the_residual_in(fed
 
 def test_privacy_budget_exhaustion_stops_with_a_clear_message(federation, tmp_path):
     write_config, edges = federation
-    per_round = [DpEvent(1.0, 1.0, 1)]
+    per_round = [Entry(1.0, 1.0, 1)]
     budget = (epsilon(per_round * 2, 1e-5) + epsilon(per_round * 3, 1e-5)) / 2
     config = write_config(f'rounds = 10\nround_timeout_s = 20.0\n[central_dp]\nclip = 1.0\nnoise_mult = 1.0\n'
                           f'[privacy]\ncentral_epsilon = {budget}\nfinal_pld = false\n'
