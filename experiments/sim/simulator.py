@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.accounting import DpEvent, PrivacyLedger, central_event, device_event, epsilon
+from cloud.accounting import Entry, PrivacyLedger, central_event, device_event, epsilon
 from cloud.aggregator import RESIDUAL, decode_payload
 from cloud.model import compress_broadcast
 from cloud.strategies import make
@@ -394,4 +394,4 @@ def edge_aggregate(edge: str, accepted: list, ann: RoundAnnouncement, method: Me
 def round_epsilon(noise_mult: float, sample_rate: float, steps: int, delta: float) -> float:
     """Example-level epsilon of one round of DP-SGD, as the device reports it in PrivacySpent. Without noise it is
     infinite, which the strict decoder refuses (NON_FINITE): NO_DP_EPSILON stands for it on the wire."""
-    return min(epsilon([DpEvent(noise_mult, sample_rate, steps)], delta), NO_DP_EPSILON)
+    return min(epsilon([Entry(noise_mult, sample_rate, steps)], delta), NO_DP_EPSILON)

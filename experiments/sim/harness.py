@@ -1,0 +1,219 @@
+"""What every experiment (experiments/<name>.py) shares: datasets at a chosen scale, one simulated run, seeds ->
+three outputs (DIR/NAME.json, DIR/NAME.md, DIR/NAME*.png)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from experiments.datasets import Client, Federation, load
+from experiments.datasets.federation import assign_edges
+from experiments.sim import METHODS, RoundLog, SimConfig, Simulator
+from experiments.sim.models import initial_weights, trainable
+
+REPO = Path(__file__).resolve().parents[2]
+PHYSIONET = REPO.parent / "shared" / "datasets" / "physionet2012"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How a dataset is spread: each natural client split into `split` devices; `edges` > 0 regroups the natural
+    sites over that many edges (0 keeps the loader's edges)."""
+
+    split: int = 1
+    edges: int = 0
+
+
+def available_datasets(quick: bool) -> list[str]:
+    if quick:
+        return ["heart"]
+    return ["heart", "watch"] + (["physionet2012"] if PHYSIONET.exists() else [])
+
+
+def dataset(name: str, scale: Scale = Scale(), seed: int = 0) -> Federation:
+    if name == "physionet2012":
+        from experiments.datasets.physionet2012 import load_physionet_federation
+
+        fed = load_physionet_federation(PHYSIONET)
+    else:
+        fed = load(name)
+    return rescale(fed, scale, np.random.default_rng(seed))
+
+
+def rescale(fed: Federation, scale: Scale, rng: np.random.Generator) -> Federation:
+    """Split every client into `scale.split` devices (random, equal parts) and optionally regroup sites onto edges."""
+    edge_of = assign_edges(sorted({c.site or c.id for c in fed.clients}), scale.edges) if scale.edges else None
+    clients = []
+    for c in fed.clients:
+        edge = edge_of[c.site or c.id] if edge_of else c.edge
+        parts = np.array_split(rng.permutation(len(c.x)), scale.split) if scale.split > 1 else [np.arange(len(c.x))]
+        for j, idx in enumerate(parts):
+            cid = c.id if scale.split == 1 else f"{c.id}-{j}"
+            clients.append(Client(cid, edge, c.x[idx], c.y[idx], c.site))
+    return replace(fed, clients=clients)
+
+
+def batch_for(fed: Federation, largest: int = 16) -> int:
+    """The largest power of two <= `largest` that every device can fill once."""
+    smallest = min(len(c.x) for c in fed.clients)
+    return 1 << int(math.log2(max(1, min(largest, smallest))))
+
+
+def simulate(fed: Federation, method: str, seed: int, **options) -> list[RoundLog]:
+    """One simulated federated run of `method` (experiments.sim.METHODS or a Method) with SimConfig `options`."""
+    m = METHODS[method] if isinstance(method, str) else method
+    batch = options.pop("batch_size", None) or batch_for(fed)
+    model, manifest = trainable(fed.model, batch, **fed.model_options)
+    cfg = SimConfig(method=m, seed=seed, **options)
+    return Simulator(fed, model, manifest, initial_weights(fed.model, seed, **fed.model_options), cfg).run()
+
+
+def centralized(fed: Federation, seed: int, epochs: int) -> float:
+    """The centralized yardstick (experiments.baseline: same architecture, pooled data, Keras, no privacy)."""
+    from experiments.baseline import centralized_accuracy
+
+    return centralized_accuracy(fed, epochs=epochs, seed=seed)
+
+
+def mean_spread(values: Iterable[float | None]) -> dict:
+    """mean, std (population), min, max and n over the finite values (None when none is finite)."""
+    v = np.array([x for x in values if x is not None and math.isfinite(x)], np.float64)
+    if v.size == 0:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()),
+            "n": int(v.size)}
+
+
+def summarize(rows: list[dict], keys: list[str], value: str) -> list[dict]:
+    """Group per-seed rows by `keys` and give the mean and spread of `value` (rows keep the key order seen)."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for r in rows:
+        groups[tuple(r[k] for k in keys)].append(r[value])
+    out = []
+    for key, vals in groups.items():
+        s = mean_spread(vals)
+        out.append({**dict(zip(keys, key)), value: s["mean"], f"{value}_std": s["std"], f"{value}_min": s["min"],
+                    f"{value}_max": s["max"], "seeds": s["n"], "missing": len(vals) - s["n"]})
+    return out
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def log_rows(logs: list[RoundLog]) -> list[dict]:
+    return [asdict(log) for log in logs]
+
+
+def write_outputs(out: Path, name: str, args, rows: list[dict], summary: list[dict], table: list[dict],
+                  columns: list[str], notes: str, extra: dict | None = None) -> dict:
+    """DIR/NAME.json (per-seed rows, mean/spread summary, the table, the run's settings) and DIR/NAME.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    doc = {"experiment": name, "quick": bool(args.quick), "seeds": int(args.seeds), "settings": settings,
+           "rows": rows, "summary": summary, "table": table, **(extra or {})}
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1, default=_json_default, allow_nan=False))
+    quick = " (--quick: small and short, not the paper's figures)" if args.quick else ""
+    (out / f"{name}.md").write_text(f"# {name}{quick}\n\n{notes}\n\n{markdown_table(table, columns)}\n")
+    return doc
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def plot(path: Path, series: dict[str, tuple[list, list, list | None]], xlabel: str, ylabel: str, title: str,
+         hlines: dict[str, float] | None = None, xscale: str = "linear") -> None:
+    """Line plot of {label: (x, mean, std or None)} with optional horizontal reference lines (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (x, y, err) in series.items():
+        y = np.array([np.nan if v is None else v for v in y], float)
+        ax.plot(x, y, marker="o", ms=3, label=label)
+        if err is not None:
+            e = np.array([0.0 if v is None else v for v in err], float)
+            ax.fill_between(x, y - e, y + e, alpha=0.2)
+    for label, value in (hlines or {}).items():
+        ax.axhline(value, ls="--", lw=1, color="grey")
+        ax.annotate(label, (ax.get_xlim()[0], value), fontsize=7, va="bottom")
+    ax.set_xscale(xscale)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.s = time.monotonic() - self.t0
+
+
+def quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Per-dataset training settings shared by every method (tuned once on FedAvg, then fixed)."""
+
+    lr: float
+    rounds: int
+    quick_rounds: int
+    local_epochs: int = 1
+    centralized_epochs: int = 30
+
+
+RECIPES = {
+    "heart": Recipe(lr=0.1, rounds=30, quick_rounds=6),
+    "watch": Recipe(lr=0.2, rounds=40, quick_rounds=4),
+    "physionet2012": Recipe(lr=0.05, rounds=30, quick_rounds=4),
+}
+
+
+def rounds_for(name: str, args) -> int:
+    if getattr(args, "rounds", 0):
+        return int(args.rounds)
+    recipe = RECIPES[name]
+    return recipe.quick_rounds if args.quick else recipe.rounds
+
+
+def datasets_for(args) -> list[str]:
+    return list(args.datasets) if getattr(args, "datasets", None) else available_datasets(args.quick)
+
+
+def scale_for(args) -> Scale:
+    return Scale(split=int(getattr(args, "split", 1) or 1), edges=int(getattr(args, "edges", 0) or 0))
