@@ -53,7 +53,7 @@ def message_kinds() -> list[str]:
 
 def target_messages(data: bytes) -> None:
     """protocol.messages.decode, either any kind or one expected kind (the first byte picks); a decoded message
-    must survive encode -> decode unchanged."""
+    must survive encode -> decode unchanged, and its compression settings (if any) must parse or be refused."""
     if not data:
         return
     kinds = message_kinds()
@@ -64,6 +64,11 @@ def target_messages(data: bytes) -> None:
     except ProtocolError:
         return
     assert messages.decode(messages.encode(msg)) == msg, "message does not round-trip"
+    if isinstance(getattr(msg, "compression", None), dict):  # the settings parser is network-facing too
+        try:
+            CompressionSettings.from_dict(msg.compression)
+        except ProtocolError:
+            pass
 
 
 def target_update(data: bytes) -> None:

@@ -270,6 +270,19 @@ def test_settings_from_dict_is_strict(bad):
         CompressionSettings.from_dict([1, 2])
 
 
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=8))
+
+
+@given(st.dictionaries(st.sampled_from(sorted(CompressionSettings.__dataclass_fields__) + ["x"]), SCALARS))
+@settings(max_examples=300, deadline=None)
+def test_settings_from_any_scalar_map_raise_only_protocol_errors(d):
+    try:
+        s = CompressionSettings.from_dict(d)
+    except ProtocolError:
+        return
+    assert CompressionSettings.from_dict(s.to_dict()) == s
+
+
 @pytest.mark.parametrize("n,bw,cls,cap", [
     (100_000, 1e6, "pi", 128 * 1024), (100_000, 2e4, "wearable", 64 * 1024), (1_000_000, 1e7, "server", 128 * 1024),
     (50_000, 1e9, "server", 1 << 20), (1_000_000, 1e5, "phone", 64 * 1024),
