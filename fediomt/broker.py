@@ -95,13 +95,15 @@ def edge_acl(edge: str) -> str:
 def cloud_acl(edges: list[str]) -> str:
     """The cloud aggregator and each listed edge (directly or through its bridge) on the cloud's broker; edges are
     also ledger validators (ledger/replication.py), connecting directly with the same certificate."""
-    lines = ["# The cloud aggregator (and ledger proposer).", f"user {pki.CLOUD_ID}", "topic readwrite fl/cloud/#",
-             "topic readwrite fl/ledger/#", ""]
+    lines = ["# The cloud aggregator (ledger proposer; OTA bundles, bridged in to each edge's devices).",
+             f"user {pki.CLOUD_ID}", "topic readwrite fl/cloud/#", "topic readwrite fl/ledger/#",
+             "topic write fl/+/bundles/#", ""]
     for edge in edges:
-        lines += [f"# Edge {edge}: its own aggregate and status up, the cloud's round and model down; ledger votes.",
+        lines += [f"# Edge {edge}: its aggregate and status up; the cloud's round, model and its bundles down; ledger.",
                   f"user {check_id(edge)}", f"topic write {aggregate_topic(edge)}",
                   f"topic write {edge_status_topic(edge)}", f"topic read {CLOUD_ROUND}", f"topic read {CLOUD_MODEL}",
-                  f"topic read {PROPOSALS}", f"topic read {BLOCKS}", f"topic write {signatures_topic(edge)}",
+                  f"topic read fl/{edge}/bundles/#", f"topic read {PROPOSALS}", f"topic read {BLOCKS}",
+                  f"topic write {signatures_topic(edge)}",
                   f"topic write {sync_topic(edge)}", f"topic read {catchup_topic(edge)}", ""]
     return "\n".join(lines)
 
@@ -167,6 +169,7 @@ def render(cfg: BrokerConfig, acl_path: Path) -> str:
             f"topic {edge_status_topic(cfg.id)} out 1",
             f"topic {CLOUD_ROUND} in 1",
             f"topic {CLOUD_MODEL} in 1",
+            f"topic fl/{cfg.id}/bundles/# in 1",
         ]
     return "\n".join(lines) + "\n"
 

@@ -255,6 +255,13 @@ def test_edge_bridges_its_aggregate_to_the_cloud_over_mtls(ca, workdir):
         assert cloud.messages[0] == (topics.aggregate_topic(EDGE), b"agg")
         assert cloud.publish(topics.CLOUD_MODEL, b"global model", retain=True) in ACCEPTED
         assert wait_for(lambda: (topics.CLOUD_MODEL, b"global model") in edge.messages)
+        manifest = topics.bundle_manifest_topic(EDGE, "ecg")  # OTA: the cloud publishes, the bridge brings it in
+        device = connect_as(ca, "device", "d2", bridged.port)
+        opened.append(device)
+        device.subscribe(f"fl/{EDGE}/bundles/#")
+        assert cloud.publish(manifest, b"bundle manifest", retain=True) in ACCEPTED
+        assert wait_for(lambda: (manifest, b"bundle manifest") in device.messages)
+        assert e2.publish(manifest, b"forged manifest") == NOT_AUTHORIZED
         # On the cloud broker an edge writes only its own aggregate and sees no other edge's; devices get nothing.
         assert e2.publish(topics.aggregate_topic(EDGE), b"forged") == NOT_AUTHORIZED
         assert e2.publish(signatures_topic(EDGE), b"forged vote") == NOT_AUTHORIZED
