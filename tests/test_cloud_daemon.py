@@ -360,3 +360,19 @@ def test_with_the_real_edge_daemon(tmp_path, broker):
         time.sleep(0.05)
     np.testing.assert_allclose(models[2], models[1] + mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(models[3], models[2] + mean, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_config_loads_and_its_strategy_builds(tmp_path):
+    from cloud.config import load_config
+    from cloud.strategies import make
+    from cloud.strategies.base import RoundDefaults
+
+    cfg = load_config(REPO / "configs" / "cloud.toml")
+    assert cfg.strategy.name == "fediomt" and cfg.broker.session_expiry_s == 3600 and cfg.model_encoding == "full"
+    strategy = make(cfg.strategy.name, RoundDefaults(cfg.plan, cfg.compression_settings(), cfg.central_dp.report()),
+                    cfg.strategy.options)
+    assert strategy.importance_sampling and strategy.fednova and strategy.class_lr == {}
+    typo = tmp_path / "typo.toml"
+    typo.write_text('run_dir = "r"\nsigning_key = "k"\nedge_keys_dir = "e"\nroundz = 3\n')
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_config(typo)

@@ -130,7 +130,7 @@ def test_observe_tracks_norms_and_filter_flags():
 
 
 def test_fediomt_configures_a_sampled_cohort_with_lr_scales_steps_and_central_dp():
-    s = make("fediomt", DEFAULTS, {"cohort_size": 3})
+    s = make("fediomt", DEFAULTS, {"cohort_size": 3, "class_lr": {"wearable": 0.5}})
     devices = {f"d{i}": DeviceInfo(f"d{i}", "wearable" if i % 2 else "pi", steps_per_s=10.0, norm=1.0 + i)
                for i in range(6)}
     cfg = s.configure_round(s.init_state(np.zeros(2, np.float32)), 1, devices, np.random.default_rng(0))

@@ -28,8 +28,6 @@ from cloud.strategies.base import (
 )
 from cloud.strategies.heterogeneity import deadline_steps, fednova_combine, importance_sample, lr_scales
 
-DEFAULT_CLASS_LR = {"wearable": 0.5, "phone": 0.8, "pi": 1.0, "server": 1.0}
-
 
 class FedIoMT(Strategy):
     name = "fediomt"
@@ -42,7 +40,7 @@ class FedIoMT(Strategy):
         if cohort_size < 0 or not 0 <= uniform_mix <= 1 or not 0 < step_time_fraction <= 1:
             raise ValueError("need cohort_size >= 0, 0 <= uniform_mix <= 1, 0 < step_time_fraction <= 1")
         self.importance_sampling, self.cohort_size, self.uniform_mix = importance_sampling, cohort_size, uniform_mix
-        self.adaptive_lr, self.class_lr = adaptive_lr, dict(DEFAULT_CLASS_LR if class_lr is None else class_lr)
+        self.adaptive_lr, self.class_lr = adaptive_lr, dict(class_lr or {})
         self.min_quality = min_quality
         self.adaptive_steps, self.step_time_fraction = adaptive_steps, step_time_fraction
         self.fednova = fednova
