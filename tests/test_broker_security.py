@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from fediomt import broker as broker_config
 from fediomt import pki
@@ -127,10 +129,13 @@ class Session:
         self.client.loop_stop()
 
 
-def open_session(port: int, client_id: str, context: ssl.SSLContext | None) -> Session:
+def open_session(port: int, client_id: str, context: ssl.SSLContext | None, session_expiry: int = 0) -> Session:
+    """Connected (or refused) session; `session_expiry` > 0 keeps subscriptions and queued messages on the broker."""
     session = Session(client_id, context)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = session_expiry
     try:
-        session.client.connect("127.0.0.1", port)
+        session.client.connect("127.0.0.1", port, clean_start=session_expiry == 0, properties=props)
     except (OSError, ssl.SSLError):
         return session  # refused during the handshake (TLS 1.2 style)
     session.client.loop_start()
@@ -140,9 +145,10 @@ def open_session(port: int, client_id: str, context: ssl.SSLContext | None) -> S
     return session
 
 
-def connect_as(ca: Path, kind: str, name: str, port: int, client_id: str | None = None) -> Session:
+def connect_as(ca: Path, kind: str, name: str, port: int, client_id: str | None = None,
+               session_expiry: int = 0) -> Session:
     """A session with `kind`/`name`'s certificate (the broker's certificate must match 127.0.0.1)."""
-    return open_session(port, client_id or name, pki.tls_context(pki.identity(ca, kind, name)))
+    return open_session(port, client_id or name, pki.tls_context(pki.identity(ca, kind, name)), session_expiry)
 
 
 @pytest.fixture
@@ -268,6 +274,32 @@ def test_edge_bridges_its_aggregate_to_the_cloud_over_mtls(ca, workdir):
         assert e2.publish(signatures_topic("e2"), b"vote") in ACCEPTED
         assert device_at_cloud.publish(topics.aggregate_topic("d1"), b"x") == NOT_AUTHORIZED
         assert [t for t, _ in e2.messages] == [topics.CLOUD_MODEL]
+    finally:
+        for s in opened:
+            s.close()
+        bridged.close()
+        cloud_broker.close()
+
+
+def test_aggregates_wait_in_the_bridge_while_the_cloud_broker_is_down(ca, workdir):
+    """The bridge's local session is persistent (`cleansession false`): an aggregate published while the cloud
+    broker is down is delivered once it is back, to a cloud subscriber with a persistent session."""
+    cloud_broker = start_broker(workdir, {"role": "cloud", "id": pki.CLOUD_ID, "pki": ca}, "outage-cloud")
+    bridged = start_broker(workdir, {"role": "edge", "id": EDGE, "pki": ca, "cloud_host": "127.0.0.1",
+                                     "cloud_port": cloud_broker.port}, "outage-edge")
+    opened: list[Session] = []
+    try:
+        cloud = connect_as(ca, "cloud", pki.CLOUD_ID, cloud_broker.port, session_expiry=3600)
+        edge = connect_as(ca, "edge", EDGE, bridged.port, client_id="edge-outage")
+        opened += [cloud, edge]
+        cloud.subscribe("fl/cloud/aggregates/+")
+        assert wait_for(lambda: edge.publish(topics.aggregate_topic(EDGE), b"probe") in ACCEPTED and
+                        wait_for(lambda: cloud.messages, 0.3), timeout=10)
+        cloud_broker.stop()
+        assert edge.publish(topics.aggregate_topic(EDGE), b"sent during the outage") in ACCEPTED
+        cloud_broker.start()
+        assert wait_for(lambda: (topics.aggregate_topic(EDGE), b"sent during the outage") in cloud.messages, 40), \
+            bridged.log_tail()
     finally:
         for s in opened:
             s.close()
