@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+import tomllib
 
 from fediomt.logs import setup
 
@@ -20,18 +23,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edge.config import load_config
     from edge.gateway import Gateway
 
-    cfg = load_config(args.config)
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
     log = setup("edge", cfg.log_level)
-    gateway = Gateway(cfg, log)
+    try:
+        gateway = Gateway(cfg, log)
+    except (OSError, ValueError) as exc:  # keys or state directory unusable
+        print(f"fediomt edge: cannot start: {exc}", file=sys.stderr)
+        return 2
     gateway.install_signal_handlers()
     return gateway.run()
 
 
 def _check(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    print(cfg)
+    return 0
+
+
+def _load(path: str):
+    """The config, or None after a one-line error (a bad config is the operator's error, not a traceback)."""
     from edge.config import load_config
 
-    print(load_config(args.config))
-    return 0
+    try:
+        return load_config(path)
+    except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+        print(f"fediomt edge: {path}: {exc}", file=sys.stderr)
+        return None
