@@ -213,6 +213,13 @@ def decode_sparse(payload: bytes, n_params: int, seed: int | None = None, *,
     enforcing the policy, it stops a sender from making the edge derive rand-k coordinates for seeds and k of its
     choosing (an O(n_params) computation each).
     """
+    idx, values = _decode(payload, n_params, seed, expect)
+    return (np.arange(n_params, dtype=np.int64) if idx is None else idx), values
+
+
+def _decode(payload: bytes, n_params: int, seed: int | None,
+            expect: CompressionSettings | None) -> tuple[np.ndarray | None, np.ndarray]:
+    """decode_sparse with None for the indices of a dense payload (decode_update needs no arange)."""
     h = read_header(payload, n_params)
     if h.index_coding == INDEX_SEED and seed is not None and h.seed != seed:
         raise ProtocolError(Reason.BAD_VALUE, "rand-k seed differs from the announced one")
@@ -221,7 +228,7 @@ def decode_sparse(payload: bytes, n_params: int, seed: int | None = None, *,
     body = _body(payload, h)
     split = h.index_bytes
     if h.index_coding == INDEX_NONE:
-        idx = np.arange(n_params, dtype=np.int64)
+        idx = None
     elif h.index_coding == INDEX_SEED:
         idx = randk_indices(h.seed, n_params, h.k)
     else:
@@ -242,8 +249,8 @@ def decode_sparse(payload: bytes, n_params: int, seed: int | None = None, *,
 def decode_update(payload: bytes, n_params: int, seed: int | None = None, *,
                   expect: CompressionSettings | None = None) -> np.ndarray:
     """The dense float32 delta carried by an update for an n_params model (see decode_sparse)."""
-    idx, values = decode_sparse(payload, n_params, seed, expect=expect)
-    if idx.shape[0] == n_params:
+    idx, values = _decode(payload, n_params, seed, expect)
+    if idx is None:
         return values
     out = np.zeros(n_params, dtype=np.float32)
     out[idx] = values

@@ -42,8 +42,15 @@ def quantize(values: np.ndarray, bits: int, block_size: int, stochastic: bool,
 
 
 def dequantize(codes: np.ndarray, scales: np.ndarray, block_size: int) -> np.ndarray:
-    """float32 values codes * scales[block]."""
-    return (codes.astype(np.float32) * np.repeat(scales, block_size)[: codes.shape[0]]).astype(np.float32, copy=False)
+    """float32 values codes * scales[block] (block-wise broadcast: no per-element scale array)."""
+    k = codes.shape[0]
+    full = k // block_size * block_size
+    out = np.empty(k, dtype=np.float32)
+    np.multiply(codes[:full].reshape(-1, block_size), scales[: full // block_size, None],
+                out=out[:full].reshape(-1, block_size), casting="unsafe")
+    if full < k:
+        np.multiply(codes[full:], scales[full // block_size], out=out[full:], casting="unsafe")
+    return out
 
 
 def pack(codes: np.ndarray, bits: int) -> bytes:
