@@ -312,3 +312,16 @@ def test_reference_config_documents_the_defaults(tmp_path):
         assert params == {k: defaults[k].default for k in params}, name
     with pytest.raises(ValueError, match="unknown keys"):
         Fed(tmp_path, filter={"enabled": []}).engine()
+
+
+def test_scaffold_control_deltas_are_averaged_over_counted_devices(tmp_path, rng):
+    fed = Fed(tmp_path, n_devices=3)
+    eng = fed.engine()
+    open_round(fed, eng)
+    controls = [rng.normal(size=N_PARAMS).astype(np.float32) for _ in range(3)]
+    pubs = []
+    for d, c in zip(fed.devices, controls):
+        data = fed.update(d, np.ones(N_PARAMS, np.float32), control_delta=encode_update(c, DENSE)[0])
+        pubs += eng.handle_update(d, data)[1]
+    agg, _ = aggregate_of(fed, pubs)
+    np.testing.assert_allclose(decode_update(agg.control_delta, N_PARAMS), np.mean(controls, axis=0), rtol=1e-6)
