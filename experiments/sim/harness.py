@@ -1,5 +1,5 @@
 """What every experiment (experiments/<name>.py) shares: datasets at a chosen scale, one simulated run, seeds ->
-three outputs (DIR/NAME.json, DIR/NAME.md, DIR/NAME*.png)."""
+mean and spread, and the three outputs (DIR/NAME.json, DIR/NAME.md, DIR/NAME*.png)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from protocol.compression import CompressionSettings
 
 DENSE = CompressionSettings(method="dense", bits=32, entropy=False).to_dict()
 SPARSE = CompressionSettings(method="topk", density=0.1, bits=8).to_dict()
+DENSE8 = CompressionSettings(method="dense", bits=8).to_dict()
 NO_FILTERS = FilterConfig(enabled=[])
 
 
@@ -28,9 +29,10 @@ class Method:
     filters: FilterConfig = NO_FILTERS
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     partial_work: bool = False       # False: classic fixed local work, a slow device misses the deadline
-    downlink: str = "full"           # "full" | "delta"
-    downlink_compression: dict = field(default_factory=lambda: dict(SPARSE))
-    full_every: int = 5
+    forward_compression: dict = field(default_factory=lambda: dict(DENSE))   # edge -> cloud (edge forward.compression)
+    downlink: str = "full"           # "full" | "delta" (cloud model_encoding)
+    downlink_compression: dict = field(default_factory=lambda: dict(SPARSE))  # cloud model_compression
+    full_every: int = 5              # cloud model_full_every
 
     def with_(self, **changes) -> Method:
         return replace(self, **changes)
@@ -43,5 +45,6 @@ METHODS: dict[str, Method] = {
     "fedprox": Method("fedprox", "fedprox", {"mu": 0.01}, partial_work=True),
     "scaffold": Method("scaffold", "scaffold"),
     "fediomt": Method("fediomt", "fediomt", dict(FEDIOMT_OPTIONS), dict(SPARSE),
-                      FilterConfig(enabled=["norm", "cosine"]), partial_work=True, downlink="delta"),
+                      FilterConfig(enabled=["norm", "cosine"]), partial_work=True, forward_compression=dict(DENSE8),
+                      downlink="delta", full_every=20),
 }

@@ -147,6 +147,7 @@ class Simulator:
             self.devices.append(DeviceSim(client.id, client.edge, client.x.astype(np.float32), y, profile, key,
                                           malicious=client.id in bad))
         self.keyrings = {e: KeyRing(self.workdir / "enrol" / e) for e in self.edges}
+        self.edge_residuals: dict[str, np.ndarray | None] = {}
         self.plan = TrainingPlan(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=self.batch, clip=cfg.clip,
                                  noise_mult=cfg.noise_mult, max_steps=cfg.max_steps)
         central = CentralDPReport(cfg.central_clip, cfg.central_noise, 0.0) if cfg.central_clip > 0 else None
@@ -347,14 +348,19 @@ class Simulator:
             ack_bytes += len(encode(ack))
         if not accepted:
             return None, ack_bytes, close
-        return edge_aggregate(edge, accepted, ann, self.method, self.n, self.edge_keys[edge], self.rng,
-                              expected / max(len(self.devices), 1), self.clock), ack_bytes, close
+        data, self.edge_residuals[edge] = edge_aggregate(edge, accepted, ann, self.method, self.n,
+                                                         self.edge_keys[edge], self.rng,
+                                                         expected / max(len(self.devices), 1), self.clock,
+                                                         self.edge_residuals.get(edge))
+        return data, ack_bytes, close
 
 
 def edge_aggregate(edge: str, accepted: list, ann: RoundAnnouncement, method: Method, n_params: int, key,
-                   rng: np.random.Generator, sampling_rate: float, now: float) -> bytes:
-    """The edge engine's _aggregate over already-admitted updates: edge.aggregate.aggregate, then the signed
-    EdgeAggregate (dense float32 forward, the edge's default `forward.compression`)."""
+                   rng: np.random.Generator, sampling_rate: float, now: float,
+                   residual: np.ndarray | None) -> tuple[bytes, np.ndarray | None]:
+    """The edge engine's _aggregate + _encode over already-admitted updates: edge.aggregate.aggregate, then the
+    signed EdgeAggregate compressed with the method's forward compression (error feedback when it is lossy).
+    Returns (message bytes, the edge's new residual)."""
     msgs = [a[0] for a in accepted]
     rows = Rows.stack(n_params, [(idx, values) for _, idx, values, _, _ in accepted])
     ids = [m.device_id for m in msgs]
@@ -369,10 +375,14 @@ def edge_aggregate(edge: str, accepted: list, ann: RoundAnnouncement, method: Me
                        noise=noise)
     counted = result.alpha > 0
     kept = [d for d, c in zip(ids, counted) if c]
-    dense = CompressionSettings(method="dense", bits=32, entropy=False)
-    delta = encode_update(result.mean, dense)[0] if kept else b""
+    forward = CompressionSettings.from_dict({**CompressionSettings().to_dict(), **method.forward_compression})
+    lossy = not (forward.method == "dense" and forward.bits == 32)
+    delta = b""
+    if kept:
+        delta, new_residual = encode_update(result.mean, forward, residual if lossy else None)
+        residual = new_residual if lossy else None
     controls = [a[3] for a, c in zip(accepted, counted) if c and a[3] is not None]
-    control = encode_update(np.mean(controls, axis=0).astype(np.float32), dense)[0] if controls else None
+    control = encode_update(np.mean(controls, axis=0).astype(np.float32), forward)[0] if controls else None
     report = None
     if clip > 0:
         rate = dp.sampling_rate if dp.sampling_rate > 0 else sampling_rate
@@ -387,7 +397,7 @@ def edge_aggregate(edge: str, accepted: list, ann: RoundAnnouncement, method: Me
         nonce=rng.bytes(16), timestamp=now, control_delta=control,
         device_bytes=int(sum(a[4] for a, c in zip(accepted, counted) if c)),
         update_norms={d: float(result.norms[i]) for i, d in enumerate(ids) if counted[i]})
-    return encode(sign_message(agg, key))
+    return encode(sign_message(agg, key)), residual
 
 
 @lru_cache(maxsize=4096)
