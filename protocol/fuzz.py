@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -212,6 +213,8 @@ def fuzz(name: str, runs: int | None = None, max_total_time: int | None = None, 
     libFuzzer stops at the first crash, so `crashes` is 0 or 1; the crashing input is saved under `artifacts`.
     A slow input (> 10 s) or a process over 2 GB RSS counts as a crash: both are denial of service.
     """
+    if importlib.util.find_spec("atheris") is None:
+        raise RuntimeError("atheris is not installed (it comes with the dev extra: pip install 'fediomt[dev]')")
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus"
         corpus.mkdir()
