@@ -1,4 +1,5 @@
-"""`fediomt bench edge --quick`: runs the real path and reports the documented keys, with the floor above the path."""
+"""`fediomt bench edge --quick`: runs the real path (and the daemon behind Mosquitto) and reports the documented
+keys, with the NumPy floor above the path."""
 
 from __future__ import annotations
 
@@ -15,4 +16,5 @@ def test_bench_edge_quick_reports_its_figures(tmp_path, capsys):
     assert 0 < figures["updates_per_s"] < figures["numpy_floor_updates_per_s"]
     assert {"norm", "cosine", "krum", "trimmed_mean", "median", "mean"} <= set(figures["filters"])
     assert [c["density"] for c in figures["cases"]] == [0.01, 1.0]
+    assert figures["mqtt"]["acked"] == figures["mqtt"]["updates"]      # the daemon behind Mosquitto acked all
     assert "updates_per_s" in capsys.readouterr().out

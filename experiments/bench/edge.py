@@ -53,7 +53,8 @@ PARAMS = 100_000
 KRUM_MAX = 2_000
 
 
-def _setup(root: Path, n_devices: int, filters: list[str]) -> tuple[EdgeEngine, dict, signing.Ed25519PrivateKey]:
+def _setup(root: Path, n_devices: int, filters: list[str],
+           **overrides) -> tuple[EdgeEngine, dict, signing.Ed25519PrivateKey]:
     cloud = signing.generate_signing_key()
     (root / "enrolment").mkdir(parents=True)
     signing.save_public_key(cloud.public_key(), root / "cloud.pub")
@@ -63,7 +64,7 @@ def _setup(root: Path, n_devices: int, filters: list[str]) -> tuple[EdgeEngine, 
         pem = k.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         (root / "enrolment" / f"{d}.pub").write_bytes(pem)
     cfg = {"edge_id": "bench", "state_dir": "state", "enrolment_dir": "enrolment", "signing_key": "edge.key",
-           "cloud_public_key": "cloud.pub", "filters": {"enabled": filters}}
+           "cloud_public_key": "cloud.pub", "filters": {"enabled": filters}, **overrides}
     (root / "edge.toml").write_bytes(tomli_w.dumps(cfg).encode())
     engine = EdgeEngine(load_config(root / "edge.toml"))
     w = np.zeros(PARAMS, np.float32).tobytes()
@@ -164,6 +165,49 @@ def _case(density: float, n: int, filters: list[str], rng: np.random.Generator) 
             "filter_seconds": {k: round(v, 4) if isinstance(v, float) else v for k, v in filter_times.items()}}
 
 
+def _mqtt_case(n: int, rng: np.random.Generator) -> dict:
+    """The daemon itself (Gateway, in a thread) behind a private Mosquitto: wall-clock updates/s from the first
+    publish to the last device Ack, one publisher connection playing every device. Not pinned: the broker and the
+    publisher need their own cores."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from edge.gateway import Gateway
+    from fediomt.logs import setup
+    from fediomt.mosquitto import MosquittoBroker
+
+    settings = CompressionSettings(method="topk", density=0.01, bits=32)
+    with tempfile.TemporaryDirectory(prefix="fediomt-bench-edge-mqtt-") as tmp, \
+            MosquittoBroker(workdir=Path(tmp) / "mosquitto", persistence=False) as broker:
+        root = Path(tmp)
+        engine, keys, cloud = _setup(root, n, ["norm", "cosine"], broker={"host": broker.host, "port": broker.port})
+        engine.close()
+        msgs = _messages(keys, settings, rng)
+        gateway = Gateway(load_config(root / "edge.toml"), setup("edge", "warning"))
+        thread = threading.Thread(target=gateway.run, daemon=True)
+        thread.start()
+        acks = threading.Semaphore(0)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-devices", protocol=mqtt.MQTTv5)
+        client.on_message = lambda *_: acks.release()
+        client.connect(broker.host, broker.port)
+        client.subscribe("fl/bench/ack/+", qos=1)
+        client.loop_start()
+        while not gateway.local.connected.is_set():
+            time.sleep(0.01)
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        for d, m in msgs:
+            client.publish(f"fl/bench/updates/{d}", m, qos=1)
+        got = sum(acks.acquire(timeout=60) for _ in msgs)
+        elapsed = time.perf_counter() - t0
+        gateway.stop.set()
+        thread.join(30)
+        client.disconnect()
+        client.loop_stop()
+    return {"updates": n, "acked": got, "mqtt_updates_per_s_wall": got / elapsed}
+
+
 def _current_cpu(cores: set[int]) -> int:
     """The core this process runs on now (Linux /proc), so the pin does not pile benchmarks onto core 0."""
     try:
@@ -184,6 +228,9 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cores)
+    mqtt_case = _mqtt_case(100 if args.quick else 2_000, rng)
+    print(f"through Mosquitto (daemon, 1% sparse): {mqtt_case['mqtt_updates_per_s_wall']:.0f} updates/s wall, "
+          f"{mqtt_case['acked']}/{mqtt_case['updates']} acknowledged")
     print_table(cases, ["params", "density", "updates", "filters", "updates_per_s", "updates_per_s_wall",
                         "ingest_updates_per_s",
                         "round_close_s", "numpy_floor_updates_per_s", "cbor_decode_us", "verify_us",
@@ -196,4 +243,4 @@ def run(args: argparse.Namespace) -> dict:
     return {"params": PARAMS, "density": sparse["density"], "updates_per_s": sparse["updates_per_s"],
             "numpy_floor_updates_per_s": sparse["numpy_floor_updates_per_s"],
             "filters": sparse["filter_seconds"], "cores": 1, "quick": bool(args.quick),
-            "seconds_per_round_10k_devices": per_round, "cases": cases}
+            "seconds_per_round_10k_devices": per_round, "mqtt": mqtt_case, "cases": cases}
