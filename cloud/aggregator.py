@@ -86,6 +86,9 @@ class CloudAggregator:
         self.edge_keys: dict[str, Ed25519PublicKey] = {}
         self.model = CloudModel(cfg.model, cfg.model_options, cfg.seed)
         self.eval_data = load_eval_data(cfg.eval_data) if cfg.eval_data else None
+        if self.eval_data is not None and self.eval_data.x.shape[1:] != self.model.input_shape:
+            raise ValueError(f"{cfg.eval_data}: rows of shape {self.eval_data.x.shape[1:]}, model {cfg.model!r} "
+                             f"takes {self.model.input_shape}")
         defaults = RoundDefaults(cfg.plan, cfg.compression_settings(), cfg.central_dp.report(), cfg.round_timeout_s)
         self.strategy = make(cfg.strategy.name, defaults, cfg.strategy.options)
         self.metrics = Metrics()
@@ -402,6 +405,7 @@ class CloudAggregator:
             self._loop()
             self.conn.close()
         self.write_report()
+        event(self.log, "cloud stopped", finished=bool(self.state.stop_reason), rounds=len(self.state.history))
         return 0
 
     def _loop(self) -> None:

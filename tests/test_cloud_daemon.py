@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.accounting import Entry, epsilon
 from fediomt.logs import setup
+from fediomt.mosquitto import free_port
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.messages import (
     CentralDPReport,
@@ -141,7 +143,9 @@ def rounds_of(run_dir: Path) -> list[dict]:
 
 def test_rounds_advance_by_the_server_update_and_bad_aggregates_are_counted(federation, tmp_path):
     write_config, edges = federation
-    config = write_config('rounds = 3\nround_timeout_s = 4.0\nmin_edges = 1\n[strategy]\nname = "fedavg"\n')
+    port = free_port()
+    config = write_config(f'rounds = 3\nround_timeout_s = 4.0\nmin_edges = 1\nmetrics_port = {port}\n'
+                          '[strategy]\nname = "fedavg"\n')
     agg, thread = start_in_process(config)
     rng = np.random.default_rng(1)
 
@@ -157,6 +161,9 @@ def test_rounds_advance_by_the_server_update_and_bad_aggregates_are_counted(fede
 
     ann2 = edges.next_round()
     assert ann2.round_id == 2 and ann2.model_version == 2
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "fediomt_cloud_round 1.0" in metrics and 'fediomt_cloud_aggregates_rejected_total{reason="REPLAY"} 1.0' \
+        in metrics
     expected = edges.models[1] + ((30 * d1 + 10 * d2) / 40).astype(np.float32)
     np.testing.assert_allclose(edges.models[2], expected, rtol=1e-6, atol=1e-7)
 
@@ -184,7 +191,6 @@ def test_rounds_advance_by_the_server_update_and_bad_aggregates_are_counted(fede
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["finished"] and report["stop_reason"] == "completed 3 rounds"
     assert report["total_bytes_up"] == 5000 and report["final_accuracy"] == records[-1]["accuracy"]
-    assert agg.metrics.rejected.labels(reason="REPLAY")._value.get() == 1
 
 
 def dataclass_round(ann: RoundAnnouncement, round_id: int) -> RoundAnnouncement:
@@ -239,15 +245,15 @@ def test_privacy_budget_exhaustion_stops_with_a_clear_message(federation, tmp_pa
         edges.next_round(timeout=0.5)  # no third announcement
 
 
-def auto_respond(edges: Edges, stop: threading.Event) -> None:
-    """Both edges answer every round once (a re-announced round is not answered twice)."""
+def auto_respond(edges: Edges, stop: threading.Event, limit: list[int] | None = None) -> None:
+    """Both edges answer every round up to limit[0] once (a re-announced round is not answered twice)."""
     answered = set()
     while not stop.is_set():
         try:
             ann = edges.next_round(timeout=0.2)
         except queue.Empty:
             continue
-        if ann.round_id in answered:
+        if ann.round_id in answered or (limit is not None and ann.round_id > limit[0]):
             continue
         answered.add(ann.round_id)
         for edge in ("edge1", "edge2"):
@@ -260,38 +266,45 @@ def cloud_process(config: Path, log) -> subprocess.Popen:
                             cwd=REPO, env=env, stdout=log, stderr=log)
 
 
-def test_kill_9_mid_run_resumes_from_the_checkpoint(federation, tmp_path):
+def test_kill_9_mid_run_resumes_from_the_checkpoint_and_sigterm_stops_cleanly(federation, tmp_path):
     write_config, edges = federation
-    config = write_config('rounds = 5\nround_timeout_s = 30.0\n[strategy]\nname = "fedadam"\n')
-    stop = threading.Event()
-    responder = threading.Thread(target=auto_respond, args=(edges, stop), daemon=True)
+    config = write_config('rounds = 8\nround_timeout_s = 60.0\n[strategy]\nname = "fedadam"\n')
+    stop, limit = threading.Event(), [3]
+    responder = threading.Thread(target=auto_respond, args=(edges, stop, limit), daemon=True)
     responder.start()
+    run_dir = tmp_path / "run"
+
+    def wait_rounds(n: int) -> None:
+        deadline = time.monotonic() + 90
+        while len(rounds_of(run_dir)) < n and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert len(rounds_of(run_dir)) == n, (tmp_path / "cloud.log").read_text()[-3000:]
+
     with open(tmp_path / "cloud.log", "ab") as log:
         proc = cloud_process(config, log)
         try:
-            deadline = time.monotonic() + 90
-            while len(rounds_of(tmp_path / "run")) < 2 and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.05)
-            assert len(rounds_of(tmp_path / "run")) >= 2, (tmp_path / "cloud.log").read_text()[-3000:]
+            wait_rounds(3)                    # round 4 is open and nobody answers it
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-            done_before = len(rounds_of(tmp_path / "run"))
-            assert done_before < 5
-            proc = cloud_process(config, log)
-            assert proc.wait(120) == 0
+            limit[0] = 5
+            proc = cloud_process(config, log)  # resumes: re-announces round 4; edges answer 4 and 5
+            wait_rounds(5)
+            proc.send_signal(signal.SIGTERM)  # a clean stop: exit 0, report.json says unfinished
+            assert proc.wait(30) == 0
         finally:
             stop.set()
             if proc.poll() is None:
                 proc.kill()
     text = (tmp_path / "cloud.log").read_text()
-    records = rounds_of(tmp_path / "run")
+    records = rounds_of(run_dir)
     assert [r["round"] for r in records] == [1, 2, 3, 4, 5], text[-3000:]
     assert [r["model_version"] for r in records] == [2, 3, 4, 5, 6]
-    assert '"resumed": true' in text and "completed 5 rounds" in text
+    assert text.count('"resumed": true') == 1 and "federation stopped" not in text
+    assert text.count('"msg": "cloud stopped"') == 1  # the SIGTERM; the SIGKILL left no line
     assert max(edges.models) == 6
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["rounds_completed"] == 5 and report["strategy"] == "fedadam"
-    assert (tmp_path / "run" / "config.toml").read_text() == config.read_text()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert not report["finished"] and report["rounds_completed"] == 5 and report["strategy"] == "fedadam"
+    assert (run_dir / "config.toml").read_text() == config.read_text()
 
 
 def test_cloud_help_is_fast_and_does_not_import_tensorflow():

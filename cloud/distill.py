@@ -1,0 +1,258 @@
+"""Knowledge distillation of the global model (teacher) into small full-int8 students, one per device class.
+
+Heterogeneous fleets: capable devices (Pis) train the teacher architecture in the federation; wearables only run a
+student of the same family with smaller options (fewer filters / hidden units). The cloud keeps the teacher (the
+global model) and the students' float weights, and every N rounds calls `distill_round`, which for each class:
+distils on transfer data, converts to full-int8 TFLite (int8 in/out, calibrated on transfer rows), measures the
+int8 model's top-1 agreement with the teacher (and accuracy when labels exist) in LiteRT, and writes a signed
+bundle (firmware_models bundle format) ready for `cloud.push.push_bundle`.
+
+Loss, per batch: alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(y, s) when the transfer set
+has labels, else the KL term alone (t: teacher logits, s: student logits, T: temperature). The teacher labels each
+batch as it is drawn, after augmentation (mixup of two rows + small noise and per-feature scaling: "function
+matching"), so the student learns the teacher's function around the data, not just its answers on it.
+
+Transfer data (the cloud never sees device data):
+- a public / proxy unlabeled set (configurable: an NPZ with `x`, optional `y`), e.g. consented or open recordings
+  of the same sensor; best agreement on real inputs;
+- otherwise synthetic inputs by teacher inversion (data-free): smooth noise optimised so that the teacher assigns
+  each row confidently to a chosen class (balanced), with an L2 and (for time series) a smoothness prior. No data
+  needed, but the rows only resemble what the teacher responds to, so agreement on real inputs is lower (measured
+  by `fediomt bench distill`: docs/distillation.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol.weights import unflatten
+
+WEARABLE_MAX_BYTES = 32 * 1024
+
+
+@dataclass(frozen=True)
+class StudentTarget:
+    """One device class's student: a firmware model of the teacher's family with smaller options."""
+
+    device_class: str           # the OTA class its bundle is pushed to ("wearable", "pi")
+    model: str                  # firmware model name (firmware_models.MODELS)
+    options: dict               # build options, e.g. {"n_classes": 7, "filters": 8}
+    max_bytes: int              # int8 TFLite budget; a student over it is reported, and not bundled
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    temperature: float = 4.0
+    alpha: float = 0.7          # weight of the soft term when the transfer set has labels (else 1)
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 3e-3
+    mixup: bool = True          # teacher labels mixed rows too (function matching)
+    noise: float = 0.05         # augmentation: gaussian noise (x std of each feature) ...
+    scale: float = 0.1          # ... and per-feature scaling in [1 - scale, 1 + scale]
+    synthetic_rows: int = 2048  # rows made by teacher inversion when there is no proxy set
+    synthetic_steps: int = 200
+    calibration_rows: int = 200
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StudentReport:
+    device_class: str
+    name: str
+    options: dict
+    version: int
+    bundle: Path | None         # None when the student is over its budget
+    student_bytes: int          # int8 TFLite
+    teacher_bytes: int          # the teacher as an fp32 inference TFLite
+    agreement: float            # top-1 agreement of the int8 student with the teacher on the evaluation rows
+    student_accuracy: float | None
+    teacher_accuracy: float | None
+    float_agreement: float      # the float student before quantisation
+    seconds: float
+    weights: list[np.ndarray] = field(repr=False, default_factory=list)  # float student, kept for warm starts
+
+
+def default_targets(teacher: str, options: dict) -> list[StudentTarget]:
+    """A wearable student (<= 32 KB int8) and a larger Pi student of the teacher's family."""
+    opts = dict(options)
+    if teacher == "wearable_cnn":
+        f = int(opts.get("filters", 16))
+        return [StudentTarget("wearable", teacher, {**opts, "filters": max(4, f // 8)}, WEARABLE_MAX_BYTES),
+                StudentTarget("pi", teacher, {**opts, "filters": max(8, f // 2)}, 256 * 1024)]
+    if teacher in ("har_mlp", "vitals_mlp"):
+        h = int(opts.get("hidden", 64 if teacher == "har_mlp" else 16))
+        return [StudentTarget("wearable", teacher, {**opts, "hidden": max(4, h // 4)}, WEARABLE_MAX_BYTES),
+                StudentTarget("pi", teacher, {**opts, "hidden": max(8, h // 2)}, 256 * 1024)]
+    raise ValueError(f"no default students for {teacher!r}")
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Top-1 agreement of two logit arrays."""
+    return float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+
+
+def predict(model, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+    return np.concatenate([np.asarray(model(x[i:i + batch], training=False)) for i in range(0, len(x), batch)])
+
+
+def float_tflite(name: str, weights: list[np.ndarray], **options) -> bytes:
+    """The fp32 inference-only TFLite of a model (the fair size to compare an int8 student with)."""
+    import tensorflow as tf
+
+    from firmware_models.models import forward, model_spec
+
+    spec = model_spec(name, **options)
+    consts = [tf.constant(np.asarray(w, np.float32)) for w in weights]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *spec.input_shape], tf.float32, name="x")])
+    def infer(x):
+        return {"logits": forward(spec, consts, x)[0]}
+
+    holder = tf.Module()
+    holder.infer = infer
+    return tf.lite.TFLiteConverter.from_concrete_functions([infer.get_concrete_function()], holder).convert()
+
+
+def synthetic_inputs(teacher, input_shape: tuple[int, ...], n_classes: int, cfg: DistillConfig) -> np.ndarray:
+    """Teacher inversion: rows the teacher classifies confidently, balanced over classes, with smoothness and L2
+    priors (data-free distillation when the cloud has no proxy set)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(cfg.seed)
+    n = cfg.synthetic_rows
+    start = rng.normal(size=(n, *input_shape)).astype(np.float32)
+    if len(input_shape) == 2:  # time series: start from a random walk low-passed along time
+        start = np.cumsum(start, axis=1) / np.sqrt(np.arange(1, input_shape[0] + 1))[None, :, None]
+    x = tf.Variable(start.astype(np.float32))
+    target = tf.constant(np.arange(n) % n_classes)
+    opt = tf.keras.optimizers.Adam(0.05)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            logits = teacher(x, training=False)
+            ce = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(target, logits, from_logits=True))
+            prior = 1e-3 * tf.reduce_mean(tf.square(x))
+            if len(input_shape) == 2:
+                prior += 1e-2 * tf.reduce_mean(tf.square(x[:, 1:] - x[:, :-1]))
+            loss = ce + prior
+        opt.apply_gradients([(tape.gradient(loss, x), x)])
+        return loss
+
+    for _ in range(cfg.synthetic_steps):
+        step()
+    return x.numpy()
+
+
+def _augment(x: np.ndarray, rng: np.random.Generator, cfg: DistillConfig, std: np.ndarray) -> np.ndarray:
+    if cfg.mixup:
+        lam = rng.beta(0.4, 0.4, size=(len(x),) + (1,) * (x.ndim - 1)).astype(np.float32)
+        x = lam * x + (1 - lam) * x[rng.permutation(len(x))]
+    feature_axes = x.shape[-1:]
+    x = x * rng.uniform(1 - cfg.scale, 1 + cfg.scale, size=(len(x), *([1] * (x.ndim - 2)), *feature_axes))
+    return (x + cfg.noise * std * rng.standard_normal(x.shape)).astype(np.float32)
+
+
+def distil(teacher, target: StudentTarget, x: np.ndarray, y: np.ndarray | None, cfg: DistillConfig,
+           init: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Train the float student of `target` on transfer rows `x` (labels `y` optional); returns its weights."""
+    import keras
+    import tensorflow as tf
+
+    from firmware_models import keras_model, model_spec
+
+    spec = model_spec(target.model, **target.options)
+    student = keras_model(target.model, init or spec.init_weights(cfg.seed), **target.options)
+    opt = keras.optimizers.Adam(cfg.lr)
+    temp = float(cfg.temperature)
+    alpha = cfg.alpha if y is not None else 1.0
+
+    @tf.function
+    def step(xb, yb, hard):
+        t = teacher(xb, training=False)
+        with tf.GradientTape() as tape:
+            s = student(xb, training=True)
+            soft = tf.reduce_mean(tf.reduce_sum(
+                tf.nn.softmax(t / temp) * (tf.nn.log_softmax(t / temp) - tf.nn.log_softmax(s / temp)), axis=1))
+            loss = alpha * temp * temp * soft
+            if hard:
+                ce = tf.keras.losses.sparse_categorical_crossentropy(yb, s, from_logits=True)
+                loss += (1 - alpha) * tf.reduce_mean(ce)
+        grads = tape.gradient(loss, student.trainable_variables)
+        opt.apply_gradients(zip(grads, student.trainable_variables))
+        return loss
+
+    rng = np.random.default_rng(cfg.seed)
+    std = x.reshape(-1, x.shape[-1]).std(axis=0).astype(np.float32)
+    n = len(x)
+    for _ in range(cfg.epochs):
+        order = rng.permutation(n)
+        for i in range(0, n - cfg.batch_size + 1, cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            if y is not None:  # labelled rows are not mixed: the hard term needs their true class
+                step(tf.constant(x[idx]), tf.constant(y[idx]), True)
+            else:
+                step(tf.constant(_augment(x[idx], rng, cfg, std)), tf.constant(np.zeros(len(idx), np.int64)), False)
+    return [np.asarray(w, np.float32) for w in student.get_weights()]
+
+
+def distill_round(teacher_name: str, teacher_weights: np.ndarray | list[np.ndarray], teacher_options: dict,
+                  key: Ed25519PrivateKey, out_dir: str | os.PathLike, version: int,
+                  proxy_x: np.ndarray | None = None, proxy_y: np.ndarray | None = None,
+                  eval_x: np.ndarray | None = None, eval_y: np.ndarray | None = None,
+                  targets: list[StudentTarget] | None = None, cfg: DistillConfig | None = None,
+                  previous: dict[str, list[np.ndarray]] | None = None) -> list[StudentReport]:
+    """Distil the teacher (the global model: flat vector or tensors in layout order) into one int8 student per
+    target, bundle each under `out_dir/<device_class>` at `version`, and report size, agreement and accuracy.
+
+    Transfer rows: `proxy_x` (labels `proxy_y` optional) or, when None, synthetic rows by teacher inversion.
+    Agreement/accuracy are measured on `eval_x`/`eval_y` when given, else on a held-back fifth of the transfer
+    rows. `previous` {device_class: float weights} warm-starts the students (the cloud keeps them between rounds).
+    """
+    from device.runtime import Int8Model
+    from firmware_models import keras_model, model_spec
+    from firmware_models.build import build_student_bundle
+
+    cfg = cfg or DistillConfig()
+    spec = model_spec(teacher_name, **teacher_options)
+    tensors = (unflatten(np.asarray(teacher_weights, np.float32), spec.layout)
+               if isinstance(teacher_weights, np.ndarray) else list(teacher_weights))
+    teacher = keras_model(teacher_name, tensors, **teacher_options)
+    teacher_bytes = len(float_tflite(teacher_name, tensors, **teacher_options))
+    if proxy_x is None:
+        proxy_x, proxy_y = synthetic_inputs(teacher, spec.input_shape, spec.n_classes, cfg), None
+    proxy_x = np.asarray(proxy_x, np.float32)
+    if eval_x is None:  # hold back a fifth of the transfer rows for the agreement measurement
+        cut = len(proxy_x) * 4 // 5
+        eval_x, eval_y = proxy_x[cut:], None
+        proxy_x, proxy_y = proxy_x[:cut], None if proxy_y is None else proxy_y[:cut]
+    teacher_logits = predict(teacher, eval_x)
+    teacher_acc = None if eval_y is None else float(np.mean(np.argmax(teacher_logits, axis=1) == eval_y))
+    reports = []
+    for target in targets or default_targets(teacher_name, teacher_options):
+        start = time.monotonic()
+        weights = distil(teacher, target, proxy_x, proxy_y, cfg, (previous or {}).get(target.device_class))
+        float_agree = agreement(predict(keras_model(target.model, weights, **target.options), eval_x),
+                                teacher_logits)
+        calibration = proxy_x[np.random.default_rng(cfg.seed).permutation(len(proxy_x))[:cfg.calibration_rows]]
+        bundle = build_student_bundle(target.model, Path(out_dir) / target.device_class, key, weights, calibration,
+                                      version=version, **{**target.options, "device_class": target.device_class})
+        model = (bundle / "model.tflite").read_bytes()
+        logits = Int8Model(model).infer(eval_x)
+        if len(model) > target.max_bytes:  # over the class's budget: reported, never pushed
+            shutil.rmtree(bundle)
+            bundle = None
+        reports.append(StudentReport(
+            target.device_class, target.model, dict(target.options), version, bundle, len(model), teacher_bytes,
+            agreement(logits, teacher_logits),
+            None if eval_y is None else float(np.mean(np.argmax(logits, axis=1) == eval_y)), teacher_acc,
+            float_agree, time.monotonic() - start, weights))
+    return reports
