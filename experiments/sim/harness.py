@@ -195,12 +195,14 @@ class Recipe:
     quick_rounds: int
     local_epochs: int = 1
     centralized_epochs: int = 30
+    dp_clip: float = 1.0           # per-example clip of DP-SGD runs (~ median per-example gradient norm)
+    central_clip: float = 0.2      # edge user-level clip of central-DP runs (~ median update norm)
 
 
 RECIPES = {
     "heart": Recipe(lr=0.1, rounds=30, quick_rounds=6),
-    "watch": Recipe(lr=0.2, rounds=40, quick_rounds=4),
-    "physionet2012": Recipe(lr=0.05, rounds=30, quick_rounds=4),
+    "watch": Recipe(lr=0.2, rounds=40, quick_rounds=4, dp_clip=3.0, central_clip=0.8),
+    "physionet2012": Recipe(lr=0.05, rounds=30, quick_rounds=4, central_clip=0.1),
 }
 
 

@@ -350,7 +350,8 @@ class Simulator:
             return None, ack_bytes, close
         data, self.edge_residuals[edge] = edge_aggregate(edge, accepted, ann, self.method, self.n,
                                                          self.edge_keys[edge], self.rng,
-                                                         expected / max(len(self.devices), 1), self.clock,
+                                                         expected / max(len(self.keyrings[edge].enrolled()), 1),
+                                                         self.clock,
                                                          self.edge_residuals.get(edge))
         return data, ack_bytes, close
 
