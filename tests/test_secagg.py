@@ -36,7 +36,7 @@ def expected_sum(ints, devices) -> np.ndarray:
 
 
 SIZES = [  # (n, graph, k): sparse neighbourhoods large enough that 30% dropout leaves t holders everywhere
-    (5, Graph.FULL, 0), (20, Graph.FULL, 0), (50, Graph.SPARSE, 30), (200, Graph.SPARSE, 40)]
+    (5, Graph.FULL, 0), (20, Graph.FULL, 0), (50, Graph.SPARSE, 30), (200, Graph.SPARSE, 30)]
 DROPOUTS = [(0.0, "none"), (0.1, "shares"), (0.1, "masked"), (0.1, "both"), (0.3, "shares"), (0.3, "masked"),
             (0.3, "both")]
 CASES = [(n, g, k, p, when) for n, g, k in SIZES for p, when in DROPOUTS

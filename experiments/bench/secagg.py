@@ -11,6 +11,7 @@ from real encoded messages of the same shape, since simulating 1024 devices x 1M
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -77,6 +78,7 @@ def run_case(devices: int, params: int, dropout: float, graph: Graph, bits: int 
             super().__init__(*args)
             parties["edge"] = self
 
+    print(f"  {devices} devices, {graph.value}, {dropout:.0%} dropout ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     result = run_cohort(vectors, keys, config, drop_after_shares=set(drops[::2]),
                         drop_after_masked=set(drops[1::2]), client_type=Client, server_type=Server)

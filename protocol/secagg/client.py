@@ -123,6 +123,8 @@ class SecAggClient:
         vector = np.asarray(vector, np.float32).ravel()
         if vector.size != view.length:
             raise ProtocolError(Reason.BAD_SHAPE, f"{vector.size} values, the round masks {view.length}")
+        if not np.isfinite(vector).all():
+            raise ProtocolError(Reason.NON_FINITE, "NaN or infinity in the update")
         bad = self._open_inbox(inbox)
         y = quantize(vector, view.config.clip, view.config.bits, self._rng)
         y += crypto.prg(self._seed, view.length)

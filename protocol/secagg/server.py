@@ -60,6 +60,8 @@ class SecAggServer:
         self.view: RoundView | None = None
         self.survivors: list[str] = []
         self.dropped: list[str] = []
+        self._survivor_set: set[str] = set()
+        self._dropped_set: set[str] = set()
 
     # ------------------------------------------------------------ intake
     def _admit(self, msg, step: str, seen: Mapping[str, object], allowed) -> None:
@@ -121,10 +123,12 @@ class SecAggServer:
         """Close masked input (U3): devices reported with a bad share are dropped like dropouts."""
         self._step = "reveal"
         self.survivors = [d for d in self._masked if d not in self._bad]
-        self.dropped = [d for d in self._shares if d not in self.survivors]
+        self._survivor_set = set(self.survivors)
+        self.dropped = [d for d in self._shares if d not in self._survivor_set]
+        self._dropped_set = set(self.dropped)
         if len(self.survivors) < self.config.min_cohort:
             raise _abort(f"{len(self.survivors)} masked inputs < min_cohort {self.config.min_cohort}")
-        alive = set(self.survivors)
+        alive = self._survivor_set
         for device in self._shares:
             holders = sum(h in alive for h in self.view.holders(device))
             if holders < self.view.threshold(device):
@@ -133,9 +137,10 @@ class SecAggServer:
         return UnmaskRequest(self.edge_id, self.round_id, list(self.survivors), list(self.dropped))
 
     def receive_unmask(self, msg: UnmaskShares) -> None:
-        self._admit(msg, "reveal", self._reveals, self.survivors)
-        seeds_ok = all(d in self.survivors and msg.device_id in self.view.holders(d) for d in msg.seed_shares)
-        keys_ok = all(d in self.dropped and msg.device_id in self.view.holders(d) for d in msg.key_shares)
+        self._admit(msg, "reveal", self._reveals, self._survivor_set)
+        holds = self.view.holds
+        seeds_ok = all(d in self._survivor_set and holds(msg.device_id, d) for d in msg.seed_shares)
+        keys_ok = all(d in self._dropped_set and holds(msg.device_id, d) for d in msg.key_shares)
         if not (seeds_ok and keys_ok):
             raise ProtocolError(Reason.MALFORMED, f"{msg.device_id} reveals shares it cannot hold")
         for share in (*msg.seed_shares.values(), *msg.key_shares.values()):
@@ -169,7 +174,7 @@ class SecAggServer:
             if seed_commitment(view.ctx, device, seed) != view.adverts[device].seed_commit:
                 raise _abort(f"reconstructed seed of {device} does not match its commitment")
             total -= crypto.prg(seed, self.length)
-        alive = set(self.survivors)
+        alive = self._survivor_set
         for device in self.dropped:
             key = X25519PrivateKey.from_private_bytes(self._recover(device, "key_shares"))
             if crypto.public_bytes(key) != view.adverts[device].s_pk:

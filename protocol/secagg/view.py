@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -79,6 +80,13 @@ class RoundView:
     def holders(self, device: str) -> list[str]:
         """Who holds shares of `device`'s secrets: its neighbours and itself."""
         return [*self.neighbours[device], device]
+
+    def holds(self, holder: str, device: str) -> bool:
+        return holder == device or holder in self._neighbour_sets[device]
+
+    @cached_property
+    def _neighbour_sets(self) -> dict[str, frozenset[str]]:
+        return {d: frozenset(n) for d, n in self.neighbours.items()}
 
     def threshold(self, device: str) -> int:
         return self.config.shares_needed(len(self.holders(device)))
