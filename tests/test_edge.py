@@ -325,3 +325,30 @@ def test_scaffold_control_deltas_are_averaged_over_counted_devices(tmp_path, rng
         pubs += eng.handle_update(d, data)[1]
     agg, _ = aggregate_of(fed, pubs)
     np.testing.assert_allclose(decode_update(agg.control_delta, N_PARAMS), np.mean(controls, axis=0), rtol=1e-6)
+
+
+def test_hostile_bytes_never_raise(tmp_path, rng):
+    """Random bytes and bit-flipped valid updates: always a negative Ack with a reason, never an exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    fed = Fed(tmp_path, n_devices=1)
+    eng = fed.engine()
+    open_round(fed, eng)
+    valid = fed.update("d00", rng.normal(size=N_PARAMS).astype(np.float32), settings=TOPK)
+
+    def flip(bits: list[int]) -> bytes:
+        out = bytearray(valid)
+        for i in bits:
+            out[i // 8] ^= 1 << (i % 8)
+        return bytes(out)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.binary(max_size=2048),
+                     st.lists(st.integers(0, len(valid) * 8 - 1), min_size=1, max_size=4, unique=True).map(flip)))
+    def check(data):
+        ack, pubs = eng.handle_update("d00", data)
+        assert not ack.accepted and ack.reason != Reason.OK and not pubs
+
+    check()
+    assert not eng.pending
