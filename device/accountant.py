@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 ACCOUNTANTS = ("rdp", "pld")
+# Integer orders: the subsampled-Gaussian RDP is exact and fast there (fractional orders cost ~20x on a large
+# sample rate); the epsilon is within ~2% of dp-accounting's default order grid and always a valid upper bound.
+RDP_ORDERS = (*range(2, 65), 128, 256, 512)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
     if accountant == "rdp":
         from dp_accounting.rdp import rdp_privacy_accountant
 
-        acc = rdp_privacy_accountant.RdpAccountant()
+        acc = rdp_privacy_accountant.RdpAccountant(list(RDP_ORDERS))
     else:
         from dp_accounting.pld import pld_privacy_accountant
 

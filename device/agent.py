@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -27,6 +25,7 @@ from device.link import Link
 from device.runtime import TrainableModel, secure_generator
 from device.state import STATE_FILE, DeviceState, load_state, save_state
 from device.training import LocalResult, planned_steps, steps_within, train_round
+from fediomt.flash import flash_local
 from fediomt.logs import event
 from protocol import topics
 from protocol.bundle import Bundle, load_bundle, load_installed
@@ -98,29 +97,17 @@ class DeviceAgent:
         return replace(self.state, extra={**self.state.extra, **facts})
 
     def install_bundle(self, source: str | Path) -> Bundle:
-        """Verify the bundle in `source`, make it current (the old one becomes previous), reload the interpreter.
+        """Verify the bundle in `source`, install it as `fediomt flash` does (bundle_dir/current, the old one kept
+        as previous; refuses a downgrade), and reload the interpreter."""
+        flash_local(load_bundle(source, self.bundle_key), Path(self.cfg.bundle_dir), self.bundle_key)
+        return self.reload_bundle()
 
-        The hook for OTA bundle pushes. The swap follows `fediomt flash`'s layout (bundle_dir/current, previous):
-        two renames, and protocol.bundle.load_installed falls back to previous if we die between them.
-        """
-        new = load_bundle(source, self.bundle_key)
-        if new.name == self.bundle.name and new.version < self.bundle.version:
-            raise ProtocolError(Reason.DOWNGRADE, f"bundle {new.name} v{new.version} < v{self.bundle.version}")
-        root = Path(self.cfg.bundle_dir)
-        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
-        shutil.rmtree(staging)
-        shutil.copytree(source, staging)
-        new = load_bundle(staging, self.bundle_key)  # what was copied is what is verified
-        current, previous = root / "current", root / "previous"
-        if previous.exists():
-            shutil.rmtree(previous)
-        if current.exists():
-            current.rename(previous)
-        staging.rename(current)
-        self.bundle = new
+    def reload_bundle(self) -> Bundle:
+        """Load bundle_dir/current into a fresh interpreter: the hook for OTA (device.ota's on_installed)."""
+        self.bundle = load_installed(self.cfg.bundle_dir, self.bundle_key)
         self._load_model()
-        event(self.log, "bundle installed", name=new.name, version=new.version)
-        return new
+        event(self.log, "bundle loaded", name=self.bundle.name, version=self.bundle.version)
+        return self.bundle
 
     def _on_model(self, payload: bytes) -> None:
         msg = decode(payload, expect=GlobalModel)

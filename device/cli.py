@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 from pathlib import Path
 
@@ -43,10 +44,15 @@ def run(args: argparse.Namespace) -> int:
     from device.agent import DeviceAgent
     from device.config import load_config
     from fediomt import logs
+    from protocol.errors import ProtocolError
 
     cfg = load_config(args.config)
     log = logs.setup(f"device.{cfg.id}", args.log_level or cfg.log_level)
-    agent = DeviceAgent(cfg, log)
+    try:
+        agent = DeviceAgent(cfg, log)
+    except ProtocolError as exc:  # e.g. a bundle that does not verify: refuse to start, say why
+        logs.event(log, "refusing to start", logging.ERROR, reason=exc.reason.name, detail=exc.detail)
+        return 3
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop.set())
     return agent.run()

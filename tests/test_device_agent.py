@@ -1,0 +1,201 @@
+"""Device agent against a real Mosquitto, a real interpreter and a scripted cloud/edge (device.sandbox)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device import accountant
+from device.agent import DeviceAgent
+from device.config import load_config
+from device.runtime import TrainableModel
+from device.sandbox import ScriptedCloud, provision
+from device.training import train_round
+from protocol.bundle import MODEL_FILE, load_bundle, write_bundle
+from protocol.compression import decode_update
+from protocol.errors import ProtocolError, Reason
+from protocol.messages import TrainingPlan, verify_message
+from protocol.signing import generate_signing_key, load_private_key, load_public_key, save_public_key
+
+REPO = Path(__file__).resolve().parent.parent
+PREBUILT = REPO / "firmware_models" / "prebuilt"
+DEV_KEY, DEV_PUB = PREBUILT / "DEVELOPMENT_ONLY_signing.key", PREBUILT / "DEVELOPMENT_ONLY_signing.key.pub"
+MODEL = "wearable_cnn"
+DENSE = {"method": "dense", "density": 1.0, "bits": 32, "block_size": 256, "stochastic": False, "seed": None,
+         "entropy": False}
+PLAN = TrainingPlan(lr=0.05, local_epochs=1, batch_size=32, clip=1.0, noise_mult=1.1)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle(PREBUILT / MODEL, load_public_key(DEV_PUB))
+
+
+@pytest.fixture
+def fed(tmp_path, broker, bundle):
+    """A cloud key, a scripted cloud/edge on the broker, and a factory of provisioned devices."""
+    cloud_key = generate_signing_key()
+    save_public_key(cloud_key.public_key(), tmp_path / "cloud.pub")
+    cloud = ScriptedCloud(broker.port, "e1", cloud_key)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(128, 100, 6)).astype(np.float32), rng.integers(0, 7, 128)
+    weights = TrainableModel(bundle.model_bytes, bundle.manifest).get_flat() + 0.01  # a "global" model
+    procs = []
+
+    def device(name: str = "d1", **overrides) -> Path:
+        return provision(tmp_path / name, name, "e1", PREBUILT / MODEL, DEV_PUB, tmp_path / "cloud.pub", x, y,
+                         broker.port, **overrides)
+
+    def start(config: Path) -> subprocess.Popen:
+        log = open(config.parent / "agent.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([sys.executable, "-m", "fediomt", "device", "run", "--config", str(config)],
+                                cwd=REPO, stderr=log, stdout=log)
+        log.close()
+        procs.append(proc)
+        return proc
+
+    yield type("Fed", (), dict(cloud=cloud, device=staticmethod(device), start=staticmethod(start), x=x, y=y,
+                               weights=weights, broker=broker))
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    cloud.close()
+
+
+def logs(config: Path) -> list[dict]:
+    path = config.parent / "agent.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def wait_log(config: Path, msg: str, timeout: float = 20.0, **fields) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in logs(config):
+            if entry["msg"] == msg and all(entry.get(k) == v for k, v in fields.items()):
+                return entry
+        time.sleep(0.05)
+    raise AssertionError(f"no log {msg!r} {fields} in {[e['msg'] for e in logs(config)]}")
+
+
+def test_update_arrives_decodes_verifies_and_matches_the_interpreter(fed, bundle):
+    """In-process agent with a known generator: replaying it on a second interpreter gives the same delta."""
+    config = fed.device(privacy={"epsilon": 100.0})
+    agent = DeviceAgent(load_config(config), logging.getLogger("test.device"))
+    agent.rng = agent.model.rng = np.random.default_rng(7)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        fed.cloud.publish_model(MODEL, 1, fed.weights)
+        fed.cloud.announce(1, MODEL, 1, PLAN, compression=DENSE)
+        update, size = fed.cloud.next_update(30)
+    finally:
+        agent.stop.set()
+        thread.join(10)
+    verify_message(update, load_public_key(config.parent / "d1.pub"))
+    assert (update.device_id, update.round_id, update.base_version, update.local_steps) == ("d1", 1, 1, 4)
+    assert update.privacy.sample_rate == 0.25 and update.privacy.steps == 4
+    assert update.privacy.epsilon == pytest.approx(accountant.epsilon((accountant.Entry(1.1, 0.25, 4),), 1e-5))
+    assert update.capability.compute_class == "pi" and update.capability.steps_per_s > 0
+    delta = decode_update(update.delta, update.n_params)
+    replay = TrainableModel(bundle.model_bytes, bundle.manifest)
+    expected = train_round(replay, fed.x, fed.y.astype(np.int32), fed.weights, PLAN, 4, np.random.default_rng(7))
+    np.testing.assert_allclose(delta, expected.delta, atol=1e-6)
+    assert np.linalg.norm(delta) > 0.01 and size > 4 * update.n_params
+    state = agent.state
+    assert state.seen_rounds == (1,) and len(state.history) == 1 and np.all(state.residual == 0)
+
+
+def test_budget_stops_training_and_survives_kill_9(fed):
+    entry = accountant.Entry(PLAN.noise_mult, 0.25, 4)
+    budget = (accountant.epsilon((entry,), 1e-5) + accountant.epsilon((entry, entry), 1e-5)) / 2
+    config = fed.device(privacy={"epsilon": budget})
+    proc = fed.start(config)
+    fed.cloud.publish_model(MODEL, 1, fed.weights)
+    fed.cloud.announce(1, MODEL, 1, PLAN)
+    update, _ = fed.cloud.next_update(30)
+    assert update.round_id == 1 and update.privacy.epsilon <= budget
+    fed.cloud.announce(2, MODEL, 1, PLAN)
+    status = fed.cloud.wait_status("budget_exhausted", 30)
+    assert status.round_id == 2 and status.epsilon_spent == pytest.approx(update.privacy.epsilon)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert fed.cloud.wait_status("offline", 10).device_id == "d1"  # the last will
+    fed.start(config)
+    fed.cloud.announce(3, MODEL, 1, PLAN)
+    status = fed.cloud.wait_status("budget_exhausted", 30)
+    assert status.round_id == 3 and status.epsilon_spent <= budget
+    assert fed.cloud.updates.empty()
+    out = subprocess.run([sys.executable, "-m", "fediomt", "device", "status", "--config", str(config)], cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["rounds_trained"] == 1
+
+
+def test_broker_restart_mid_round_update_still_delivered(fed):
+    """The broker goes down while the device trains, the update is published while it is down (paho queues it),
+    the broker comes back (persistent sessions on both sides): the update arrives."""
+    config = fed.device(privacy={"epsilon": 1e4})
+    fed.start(config)
+    fed.cloud.publish_model(MODEL, 1, fed.weights)
+    long_plan = TrainingPlan(lr=0.05, local_epochs=1000, batch_size=32, clip=1.0, noise_mult=1.1, max_steps=300)
+    fed.cloud.announce(1, MODEL, 1, long_plan, deadline_s=120)
+    fed.cloud.wait_status("training", 30)
+    fed.broker.stop()
+    sent = wait_log(config, "update sent", timeout=30)
+    assert sent["ts"] > wait_log(config, "disconnected")["ts"]  # published while the broker was down
+    fed.broker.start()
+    update, _ = fed.cloud.next_update(30)
+    assert update.round_id == 1 and update.local_steps == 300
+    assert len([e for e in logs(config) if e["msg"] == "connected"]) >= 2  # it reconnected
+
+
+def test_tampered_global_model_is_refused(fed):
+    config = fed.device(privacy={"epsilon": 100.0})
+    fed.start(config)
+    wait_log(config, "connected")
+    fed.cloud.publish_model(MODEL, 1, fed.weights, tamper=True)
+    fed.cloud.announce(1, MODEL, 1, PLAN)
+    wait_log(config, "refused a message", reason="BAD_SIGNATURE")
+    wait_log(config, "waiting for the round's model", round=1)
+    assert fed.cloud.updates.empty()
+    fed.cloud.publish_model(MODEL, 1, fed.weights)  # the genuine one: now the round can run
+    update, _ = fed.cloud.next_update(30)
+    assert update.round_id == 1 and update.base_version == 1
+
+
+def test_tampered_bundle_refused_at_start_and_on_install(fed, tmp_path):
+    config = fed.device(privacy={"epsilon": 100.0})
+    current = config.parent / "bundles" / "current"
+    good = (current / MODEL_FILE).read_bytes()
+    (current / MODEL_FILE).write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    proc = fed.start(config)
+    assert proc.wait(30) == 3
+    assert wait_log(config, "refusing to start")["reason"] == "BAD_HASH"
+    (current / MODEL_FILE).write_bytes(good)
+
+    agent = DeviceAgent(load_config(config), logging.getLogger("test.device"))
+    manifest = dict(agent.bundle.manifest)
+    v2 = write_bundle(tmp_path / "v2", good, {**manifest, "version": 2}, load_private_key(DEV_KEY))
+    forged = write_bundle(tmp_path / "forged", good, {**manifest, "version": 3}, generate_signing_key())
+    with pytest.raises(ProtocolError) as err:
+        agent.install_bundle(forged)
+    assert err.value.reason == Reason.BAD_SIGNATURE and agent.bundle.version == 1
+    assert agent.install_bundle(v2).version == 2 and agent.bundle.version == 2
+    assert load_bundle(config.parent / "bundles" / "previous", load_public_key(DEV_PUB)).version == 1
+    old = write_bundle(tmp_path / "old", good, {**manifest, "version": 1}, load_private_key(DEV_KEY))
+    with pytest.raises(ProtocolError) as err:
+        agent.install_bundle(old)
+    assert err.value.reason == Reason.DOWNGRADE
