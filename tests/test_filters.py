@@ -78,11 +78,14 @@ def test_filters_compose_by_union():
     assert flags[0] and flags[16:].all() and not flags[1:16].any()
 
 
-def test_rows_sparse_and_dense_agree_with_numpy():
+@pytest.mark.parametrize("chunk", [1, 60, 1 << 22])
+def test_rows_sparse_and_dense_agree_with_numpy(monkeypatch, chunk):
+    monkeypatch.setattr("edge.rows.CHUNK_VALUES", chunk)  # chunk boundaries anywhere give the same results
     rng = np.random.default_rng(1)
     dense = rng.normal(size=(3, 50)).astype(np.float32)
     idx = np.array([3, 7, 40], dtype=np.int32)
     rows = Rows.stack(50, [(None, dense[0]), (idx, dense[1, idx]), (None, dense[2])])
+    assert rows.indices.shape == (3,)  # dense rows store no indices
     ref = dense.copy()
     ref[1] = 0
     ref[1, idx] = dense[1, idx]
@@ -93,6 +96,9 @@ def test_rows_sparse_and_dense_agree_with_numpy():
     np.testing.assert_array_equal(rows.dense(np.array([3, 4, 40])), ref[:, [3, 4, 40]])
     np.testing.assert_array_equal(rows.column_block(5, 45), ref[:, 5:45])
     np.testing.assert_array_equal(rows.take(np.array([False, True, True])).dense(), ref[1:])
+    sparse_only = rows.take(np.array([False, True, False]))
+    np.testing.assert_array_equal(sparse_only.touched(), idx)
+    assert rows.touched().shape == (50,)
 
 
 def test_fedavg_is_the_special_case_of_the_weights():
