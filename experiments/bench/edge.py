@@ -243,4 +243,12 @@ def run(args: argparse.Namespace) -> dict:
     return {"params": PARAMS, "density": sparse["density"], "updates_per_s": sparse["updates_per_s"],
             "numpy_floor_updates_per_s": sparse["numpy_floor_updates_per_s"],
             "filters": sparse["filter_seconds"], "cores": 1, "quick": bool(args.quick),
-            "seconds_per_round_10k_devices": per_round, "mqtt": mqtt_case, "cases": cases}
+            "seconds_per_round_10k_devices": per_round, "peak_rss_mb": _peak_rss_mb(), "mqtt": mqtt_case,
+            "cases": cases}
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB), message generation included."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
