@@ -163,6 +163,8 @@ class EdgeEngine:
                             idx, values, control)
             self.store.add(stored, msg.nonce)
         except ProtocolError as exc:
+            if exc.reason == Reason.DEADLINE and self.store.has(topic_device, round_id):
+                exc = ProtocolError(Reason.DUPLICATE, f"{topic_device} was counted in round {round_id}")
             self._reject(exc, topic_device)
             accepted = exc.reason == Reason.DUPLICATE   # already counted: a QoS 1 redelivery, not an error
             return Ack(self.cfg.edge_id, topic_device, round_id, accepted, int(exc.reason), exc.detail[:256]), []

@@ -73,10 +73,13 @@ class Store:
         self.db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
 
     # ------------------------------------------------------------ updates
+    def has(self, device_id: str, round_id: int) -> bool:
+        return self.db.execute("SELECT 1 FROM updates WHERE device_id = ? AND round_id = ?",
+                               (device_id, round_id)).fetchone() is not None
+
     def check_fresh(self, device_id: str, round_id: int, nonce: bytes) -> None:
         """ProtocolError(DUPLICATE) when (device, round) is already stored, REPLAY when the nonce was seen."""
-        if self.db.execute("SELECT 1 FROM updates WHERE device_id = ? AND round_id = ?",
-                           (device_id, round_id)).fetchone():
+        if self.has(device_id, round_id):
             raise ProtocolError(Reason.DUPLICATE, f"{device_id} already counted in round {round_id}")
         if self.db.execute("SELECT 1 FROM nonces WHERE device_id = ? AND nonce = ?", (device_id, nonce)).fetchone():
             raise ProtocolError(Reason.REPLAY, f"nonce from {device_id} seen before")

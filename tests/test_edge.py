@@ -160,8 +160,8 @@ def test_round_aggregate_is_the_weighted_mean_of_accepted_updates(tmp_path, rng)
     np.testing.assert_allclose(mean, ref, rtol=1e-5, atol=1e-6)
     assert (agg.num_devices, agg.num_samples, agg.weight_sum) == (6, sum(samples.values()), pytest.approx(w.sum()))
     assert agg.device_ids == fed.devices and agg.rejected == {"DUPLICATE": 1} and agg.central_dp is None
-    late, _ = eng.handle_update("d00", fed.update("d00", deltas["d00"]))
-    assert late.reason == Reason.DEADLINE
+    again, _ = eng.handle_update("d00", fed.update("d00", deltas["d00"]))  # after the close: still "counted"
+    assert again.accepted and again.reason == Reason.DUPLICATE
 
 
 def test_poisoned_updates_are_filtered(tmp_path, rng):
