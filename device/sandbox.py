@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -35,23 +36,6 @@ from protocol.messages import (
     sign_message,
 )
 from protocol.signing import generate_signing_key, save_private_key, save_public_key
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def toml_text(config: dict) -> str:
-    """A flat TOML document: top-level scalars, then one level of tables (what device.toml needs)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in config.items() if not isinstance(v, dict) and v is not None]
-    for name, table in config.items():
-        if isinstance(table, dict):
-            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
-    return "\n".join(lines) + "\n"
 
 
 def provision(root: str | Path, device_id: str, edge: str, bundle_src: str | Path, bundle_pubkey: str | Path,
@@ -75,7 +59,7 @@ def provision(root: str | Path, device_id: str, edge: str, bundle_src: str | Pat
     for name, value in overrides.items():
         config[name] = {**config.get(name, {}), **value} if isinstance(value, dict) else value
     path = root / "device.toml"
-    path.write_text(toml_text(config))
+    path.write_bytes(tomli_w.dumps(config).encode())
     return path
 
 
@@ -87,7 +71,8 @@ class ScriptedCloud:
         self.edge, self.key = edge, cloud_key
         self.updates: queue.Queue[tuple[DeviceUpdate, int]] = queue.Queue()
         self.statuses: queue.Queue[DeviceStatus] = queue.Queue()
-        self.bytes_down = 0  # what devices receive from us (models, rounds, acks), per subscriber
+        self.bytes_down = 0  # payload bytes devices receive from us (models, rounds, acks), per subscriber
+        self.bytes_up = 0    # payload bytes devices sent us (updates, statuses)
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         client.on_message = self._message
         client.on_connect = lambda c, *_: c.subscribe([(f"fl/{edge}/updates/+", 1), (f"fl/{edge}/status/+", 1)])
@@ -99,6 +84,7 @@ class ScriptedCloud:
         self.client = client
 
     def _message(self, _client, _userdata, msg) -> None:
+        self.bytes_up += len(msg.payload)
         if "/updates/" in msg.topic:
             self.updates.put((decode(msg.payload, expect=DeviceUpdate), len(msg.payload)))
         elif msg.payload:

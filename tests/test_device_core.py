@@ -79,6 +79,20 @@ def test_accountant_matches_published_values_and_composes_history():
     assert accountant.epsilon((Entry(0.0, 0.1, 1),), 1e-5) == math.inf
 
 
+@pytest.mark.parametrize("noise_mult", [0.5, 1.1, 4.0])
+@pytest.mark.parametrize("q", [1e-3, 0.05, 0.5, 1.0])
+def test_numpy_rdp_equals_dp_accounting(noise_mult, q):
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    history = (Entry(noise_mult, q, 250), Entry(noise_mult * 1.5, q / 2, 40))
+    ref = rdp_privacy_accountant.RdpAccountant(list(accountant.RDP_ORDERS))
+    ref.compose(dp_event.ComposedDpEvent([dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(
+        e.sample_rate, dp_event.GaussianDpEvent(e.noise_mult)), e.steps) for e in history]))
+    for delta in (1e-6, 1e-3):
+        assert accountant.epsilon(history, delta, "rdp") == pytest.approx(ref.get_epsilon(delta), rel=1e-9)
+
+
 def test_can_afford_refuses_the_round_that_would_exceed_the_budget():
     one = (Entry(1.1, 0.25, 4),)
     eps1 = accountant.epsilon(one, 1e-5)
