@@ -67,13 +67,18 @@ def batch_for(fed: Federation, largest: int = 16) -> int:
     return 1 << int(math.log2(max(1, min(largest, smallest))))
 
 
-def simulate(fed: Federation, method: str, seed: int, **options) -> list[RoundLog]:
-    """One simulated federated run of `method` (experiments.sim.METHODS or a Method) with SimConfig `options`."""
+def simulator(fed: Federation, method, seed: int, **options) -> Simulator:
+    """A simulator for `method` (a name in experiments.sim.METHODS or a Method) with SimConfig `options`."""
     m = METHODS[method] if isinstance(method, str) else method
     batch = options.pop("batch_size", None) or batch_for(fed)
     model, manifest = trainable(fed.model, batch, **fed.model_options)
     cfg = SimConfig(method=m, seed=seed, **options)
-    return Simulator(fed, model, manifest, initial_weights(fed.model, seed, **fed.model_options), cfg).run()
+    return Simulator(fed, model, manifest, initial_weights(fed.model, seed, **fed.model_options), cfg)
+
+
+def simulate(fed: Federation, method, seed: int, **options) -> list[RoundLog]:
+    """One simulated federated run: its per-round logs."""
+    return simulator(fed, method, seed, **options).run()
 
 
 def centralized(fed: Federation, seed: int, epochs: int) -> float:
