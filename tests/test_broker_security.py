@@ -32,7 +32,15 @@ from ledger.replication import signatures_topic
 from protocol import signing, topics
 from protocol.compression import decode_update
 from protocol.errors import Reason
-from protocol.messages import Ack, EdgeAggregate, decode, verify_message
+from protocol.messages import (
+    Ack,
+    EdgeAggregate,
+    GlobalModel,
+    RoundAnnouncement,
+    bytes_to_floats,
+    decode,
+    verify_message,
+)
 
 from .conftest import REPO
 from .test_edge import N_PARAMS, Fed
@@ -380,7 +388,9 @@ class Deployment:
             if not pki.identity(ca, "device", d).cert.exists():
                 give_to_broker_user(pki.issue(ca, "device", d).key)
         self.ca, self.tmp_path, self.devices = ca, tmp_path, devices
-        pki.enrolment(ca, tmp_path / "enrolment")
+        (tmp_path / "enrolment").mkdir()  # exactly this federation's devices: the edge's "everyone enrolled"
+        for d in devices:
+            shutil.copy(pki.identity(ca, "device", d).sign_pub, tmp_path / "enrolment" / f"{d}.pub")
         edge_id, cloud_id = pki.identity(ca, "edge", EDGE), pki.identity(ca, "cloud", pki.CLOUD_ID)
         self.cloud_broker = start_broker(workdir, {"role": "cloud", "id": pki.CLOUD_ID, "pki": ca}, f"{name}-cloud")
         self.edge_broker = start_broker(workdir, {"role": "edge", "id": EDGE, "pki": ca, "cloud_host": "127.0.0.1",
@@ -597,4 +607,80 @@ def test_flaky_links_and_30_percent_of_devices_vanishing_mid_round(ca, workdir, 
         assert dep.stop_edge() == 0
     finally:
         link.close()
+        dep.close()
+
+
+@pytest.mark.slow
+def test_the_whole_stack_over_mtls_survives_the_cloud_being_killed_mid_round(ca, workdir, tmp_path):
+    """Cloud daemon, edge daemon and devices, each with its own PKI identity, through the bridged brokers from
+    `broker config`. The cloud is killed (-9) as soon as round 2's announcement reaches the devices, and
+    restarted: it resumes from its checkpoint, the round-2 aggregate is not lost (the cloud's persistent session
+    holds it), and each new global model is the previous one plus the NumPy FedAvg of the device deltas."""
+    from .test_cloud_daemon import MODEL_OPTIONS, cloud_process, rounds_of
+    from .test_cloud_daemon import N_PARAMS as MLP_PARAMS
+
+    devices = ["s00", "s01", "s02"]
+    dep = Deployment(ca, workdir, tmp_path, "stack", devices, n_params=MLP_PARAMS, rounds={"quorum": 1.0})
+    cloud_id = pki.identity(ca, "cloud", pki.CLOUD_ID)
+    pki.enrolment(ca, tmp_path / "edge-keys", kind="edge")
+    config = tmp_path / "cloud.toml"
+    config.write_text(f'run_dir = "run"\nsigning_key = "{cloud_id.sign_key}"\nedge_keys_dir = "edge-keys"\n'
+                      f'edges = ["{EDGE}"]\nmodel = "vitals_mlp"\nrounds = 2\nround_timeout_s = 60.0\n'
+                      f'{MODEL_OPTIONS}[strategy]\nname = "fedavg"\n'
+                      f'[broker]\nhost = "127.0.0.1"\nport = {dep.cloud_broker.port}\n'
+                      f'ca = "{pki.ca_cert_path(ca)}"\ncert = "{cloud_id.cert}"\nkey = "{cloud_id.key}"\n'
+                      'session_expiry_s = 3600\n')  # without it a [broker] table means a clean session: lost
+    rng = np.random.default_rng(5)
+    deltas = {d: rng.normal(size=MLP_PARAMS).astype(np.float32) for d in devices}
+    samples = {d: 10 * (i + 1) for i, d in enumerate(devices)}
+    sessions = {d: dep.connect("device", d) for d in devices}
+    for s in sessions.values():
+        s.subscribe(topics.round_topic(EDGE))
+        s.subscribe(topics.model_topic(EDGE))
+    stop = threading.Event()
+    watched = sessions["s00"]  # what every device sees
+
+    def received(topic: str, kind: type) -> list:
+        return [decode(p, expect=kind) for t, p in list(watched.messages) if t == topic]
+
+    def models() -> dict[int, np.ndarray]:
+        return {m.model_version: bytes_to_floats(m.weights, m.n_params)
+                for m in received(topics.model_topic(EDGE), GlobalModel)}
+
+    def devices_answer_each_round_once() -> None:
+        answered: set[int] = set()
+        while not stop.wait(0.05):
+            for ann in received(topics.round_topic(EDGE), RoundAnnouncement):
+                if ann.round_id not in answered:
+                    answered.add(ann.round_id)
+                    for d, s in sessions.items():
+                        update = dep.fed.update(d, deltas[d], round_id=ann.round_id, version=ann.model_version,
+                                                num_samples=samples[d])
+                        s.client.publish(topics.update_topic(EDGE, d), update, qos=1)
+
+    responder = threading.Thread(target=devices_answer_each_round_once, daemon=True)
+    log = open(tmp_path / "cloud.log", "ab")  # noqa: SIM115 - closed below
+    cloud = None
+    try:
+        dep.start_edge()
+        responder.start()
+        cloud = cloud_process(config, log)
+        assert wait_for(lambda: any(a.round_id == 2 for a in received(topics.round_topic(EDGE), RoundAnnouncement))
+                        or cloud.poll() is not None, 120), (tmp_path / "cloud.log").read_text()[-3000:]
+        cloud.send_signal(signal.SIGKILL)  # round 2 reached the devices; their updates are on their way
+        cloud.wait(10)
+        cloud = cloud_process(config, log)
+        assert cloud.wait(120) == 0, (tmp_path / "cloud.log").read_text()[-3000:]
+        assert [r["round"] for r in rounds_of(tmp_path / "run")] == [1, 2]
+        assert '"resumed": true' in (tmp_path / "cloud.log").read_text()
+        assert wait_for(lambda: 3 in models())
+        got, mean = models(), sum(samples[d] * deltas[d] for d in devices) / sum(samples.values())
+        np.testing.assert_allclose(got[2], got[1] + mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[3], got[2] + mean, rtol=1e-5, atol=1e-6)
+    finally:
+        stop.set()
+        if cloud is not None and cloud.poll() is None:
+            cloud.kill()
+            cloud.wait()
+        log.close()
         dep.close()
