@@ -1,7 +1,8 @@
 """The MQTT shell around EdgeEngine: paho-mqtt 2.x, MQTT 5, one consumer thread.
 
-paho's network thread only queues incoming messages; the main loop hands each to the engine and acknowledges it to
-the broker (manual PUBACK) only after the engine returned, i.e. after an accepted update is committed to SQLite. A
+paho's network thread only queues incoming messages; the main loop hands what is queued (up to GROUP messages) to
+the engine inside one SQLite transaction, commits it, and only then publishes the Acks and aggregates and
+acknowledges the messages to the broker (manual PUBACK), so every acknowledged update is durable. A
 kill -9 at any point therefore leaves each update either durable or un-acknowledged (the broker redelivers it on a
 persistent session, or the device resends after its Ack timeout); duplicates are counted once.
 
@@ -35,6 +36,7 @@ from protocol.messages import encode
 from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, ack_topic, shared
 
 INBOX_SIZE = 10_000  # a full inbox blocks paho's thread: TCP back-pressure instead of unbounded memory
+GROUP = 64           # messages per SQLite commit (group commit) at most
 
 
 class Connection:
@@ -133,28 +135,40 @@ class Gateway:
                     event(self.log, "aggregate not confirmed by the broker; resent on restart", logging.WARNING,
                           batch=p.batch)
 
-    def _dispatch(self, conn: Connection, topic: str, payload: bytes) -> None:
+    def _dispatch(self, topic: str, payload: bytes) -> list[Publication]:
         if topic == CLOUD_ROUND:
-            self._publish(self.engine.handle_cloud("round", payload))
-        elif topic == CLOUD_MODEL:
-            self._publish(self.engine.handle_cloud("model", payload))
-        elif topic.startswith(self.updates_prefix):
-            device = topic[len(self.updates_prefix):]
-            ack, pubs = self.engine.handle_update(device, payload)
-            if ack is not None:
-                self._publish([Publication(ack_topic(self.cfg.edge_id, ack.device_id), encode(ack))])
-            self._publish(pubs)
+            return self.engine.handle_cloud("round", payload)
+        if topic == CLOUD_MODEL:
+            return self.engine.handle_cloud("model", payload)
+        if not topic.startswith(self.updates_prefix):
+            return []
+        device = topic[len(self.updates_prefix):]
+        ack, pubs = self.engine.handle_update(device, payload)
+        acks = [] if ack is None else [Publication(ack_topic(self.cfg.edge_id, ack.device_id), encode(ack))]
+        return acks + pubs
 
-    def _drain_one(self, timeout: float) -> bool:
+    def _drain_some(self, timeout: float) -> bool:
+        """Handle up to GROUP queued messages in one SQLite transaction (group commit), then publish their Acks and
+        aggregates and acknowledge them to the broker: nothing is acknowledged before it is durable."""
         try:
-            conn, topic, payload, mid, qos = self.inbox.get(timeout=timeout)
+            batch = [self.inbox.get(timeout=timeout)]
         except queue.Empty:
             return False
-        try:
-            self._dispatch(conn, topic, payload)
-        except Exception:  # the daemon must not die on a message; the message is still acknowledged
-            self.log.exception("message handling failed", extra={"fields": {"topic": topic[:200]}})
-        conn.ack(mid, qos)
+        while len(batch) < GROUP:
+            try:
+                batch.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        pubs: list[Publication] = []
+        with self.engine.store.group():
+            for _conn, topic, payload, _mid, _qos in batch:
+                try:
+                    pubs += self._dispatch(topic, payload)
+                except Exception:  # the daemon must not die on a message; the message is still acknowledged
+                    self.log.exception("message handling failed", extra={"fields": {"topic": topic[:200]}})
+        self._publish(pubs)
+        for conn, _topic, _payload, mid, qos in batch:
+            conn.ack(mid, qos)
         return True
 
     def run(self) -> int:
@@ -165,7 +179,7 @@ class Gateway:
         event(self.log, "edge running", edge=self.cfg.edge_id, replica=self.cfg.replica, mode=self.cfg.rounds.mode)
         self._publish(self.engine.unpublished())
         while not self.stop.is_set():
-            self._drain_one(self.cfg.tick_s)
+            self._drain_some(self.cfg.tick_s)
             self._publish(self.engine.tick(time.time()))
         self._drain()
         return 0
@@ -176,7 +190,7 @@ class Gateway:
         for conn in filter(None, (self.local, self.cloud)):
             conn.unsubscribe()
         deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline and self._drain_one(0.2):
+        while time.monotonic() < deadline and self._drain_some(0.2):
             pass
         self._publish(self.engine.tick(time.time()))
         for conn in filter(None, (self.local, self.cloud)):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,30 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        """All or nothing: its own transaction, or a savepoint inside a `group()`."""
+        self.db.execute("SAVEPOINT tx")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK TO tx")
+            self.db.execute("RELEASE tx")
+            raise
+        self.db.execute("RELEASE tx")
+
+    @contextmanager
+    def group(self) -> Iterator[None]:
+        """Group commit: everything inside becomes durable in one commit (the caller acknowledges nothing it
+        received inside before the block has exited)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     # ------------------------------------------------------------ key/value state
     def get(self, key: str) -> bytes | None:
         row = self.db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
@@ -88,8 +114,7 @@ class Store:
         """Store an update and its nonce atomically; DUPLICATE if a copy won a race."""
         idx = None if u.indices is None else u.indices.astype("<i4", copy=False).tobytes()
         try:
-            with self.db:
-                self.db.execute("BEGIN IMMEDIATE")
+            with self._tx():
                 self.db.execute(
                     "INSERT INTO updates VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (u.device_id, u.round_id, u.base_version, u.num_samples, u.train_loss, u.compute_class,
@@ -113,8 +138,7 @@ class Store:
     def close_batch(self, batch: int, devices: list[tuple[str, int]], payload: bytes, state: dict[str, bytes]) -> None:
         """One transaction: queue the aggregate, mark its updates aggregated (their deltas dropped, their
         (device, round) kept for duplicate detection) and save the gateway state that goes with it."""
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self._tx():
             self.db.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?, 0)", (batch, payload))
             self.db.executemany("UPDATE updates SET batch = ?, indices = NULL, vals = x'', control = NULL"
                                 " WHERE device_id = ? AND round_id = ?", [(batch, d, r) for d, r in devices])
@@ -129,7 +153,7 @@ class Store:
 
     def prune(self, before_round: int) -> None:
         """Forget aggregated updates and nonces of rounds before `before_round`, and published aggregates."""
-        with self.db:
+        with self._tx():
             self.db.execute("DELETE FROM updates WHERE round_id < ? AND batch IS NOT NULL", (before_round,))
             self.db.execute("DELETE FROM nonces WHERE round_id < ?", (before_round,))
             self.db.execute("DELETE FROM outbox WHERE published = 1")
