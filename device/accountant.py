@@ -6,11 +6,12 @@ uniformly drawn fixed-size batches are accounted with q = batch / n as Poisson s
 approximation). `can_afford` is asked BEFORE training, with the round's planned steps, so a device never silently
 exceeds its budget; the caller persists the new history before it publishes.
 
-"rdp" is dp-accounting's RdpAccountant restricted to integer orders, computed here in NumPy: the same formulas
-(log A_alpha of Mironov et al. 2019 and the Canonne-Kamath-Steinke conversion to (epsilon, delta)), equal to
-dp-accounting to 1e-9 (tests/test_device_core.py checks it) -- because importing dp-accounting pulls in SciPy,
-~80 MB of resident memory that a wearable cannot spare. "pld" (tighter) uses dp-accounting's PLDAccountant and
-pays that memory, lazily.
+"rdp" is dp-accounting's RdpAccountant (same order grid, same formulas: log A_alpha of Mironov et al. 2019, the
+series of its Sec. 3.3 for fractional orders, the Canonne-Kamath-Steinke conversion to (epsilon, delta)) ported to
+the standard library + NumPy, equal to dp-accounting to 1e-9 (tests/test_device_core.py checks it): importing
+dp-accounting pulls in SciPy, ~80 MB of resident memory that a wearable cannot spare. Per (q, noise) pair the RDP
+curve is computed once and cached, so a device pays it once, not every round. "pld" (tighter) uses dp-accounting's
+PLDAccountant and pays that memory, lazily.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from functools import lru_cache
 import numpy as np
 
 ACCOUNTANTS = ("rdp", "pld")
-# Integer orders: the subsampled-Gaussian RDP has a closed form there (fractional orders need series that cost ~20x
-# at large sample rates); the epsilon is within ~2% of dp-accounting's default grid and always a valid upper bound.
-RDP_ORDERS = (*range(2, 65), 128, 256, 512)
+RDP_ORDERS = (*(1 + x / 10 for x in range(1, 100)), *range(11, 64), 128, 256, 512, 1024)  # dp-accounting's default
+MAX_SERIES_TERMS = 1000  # as dp-accounting: a fractional order whose series has not converged is left out
 
 
 @dataclass(frozen=True)
@@ -57,30 +57,65 @@ def _quiet_absl() -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 
-def _log_comb(n: int) -> np.ndarray:
-    """log C(n, k) for k = 0..n."""
-    return np.array([math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) for k in range(n + 1)])
+def _log_add(a: float, b: float) -> float:
+    hi, lo = max(a, b), min(a, b)
+    return hi if lo == -math.inf else hi + math.log1p(math.exp(lo - hi))
 
 
-_LOG_COMB = {alpha: _log_comb(alpha) for alpha in RDP_ORDERS}
+def _log_comb(n: float, k: float) -> float:
+    """log |C(n, k)| (for fractional n too, like scipy's gammaln)."""
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
 
-@lru_cache(maxsize=256)
+def _log_erfc(x: float) -> float:
+    r = math.erfc(x)
+    if r > 0:
+        return math.log(r)
+    # the Laurent series of the tail at infinity (dp-accounting's fallback)
+    return (-math.log(math.pi) / 2 - math.log(x) - x**2 - 0.5 * x**-2 + 0.625 * x**-4 - 37.0 / 24.0 * x**-6
+            + 353.0 / 64.0 * x**-8)
+
+
+def _log_a_int(q: float, sigma: float, alpha: int) -> float:
+    k = np.arange(alpha + 1, dtype=np.float64)
+    log_comb = np.array([_log_comb(alpha, i) for i in range(alpha + 1)])
+    terms = log_comb + k * math.log(q) + (alpha - k) * math.log1p(-q) + (k * k - k) / (2 * sigma**2)
+    top = terms.max()
+    return float(top + math.log(np.exp(terms - top).sum()))
+
+
+def _log_a_frac(q: float, sigma: float, alpha: float) -> float:
+    """The two-sided series of Mironov et al. 2019, Sec. 3.3; inf when it does not converge."""
+    log_a0 = log_a1 = last_s0 = last_s1 = -math.inf
+    z0 = sigma**2 * math.log(1 / q - 1) + 0.5
+    log_q, log_1mq = math.log(q), math.log1p(-q)
+    for i in range(MAX_SERIES_TERMS):
+        log_coef, j = _log_comb(alpha, i), alpha - i
+        log_s0 = (log_coef + i * log_q + j * log_1mq + (i * i - i) / (2 * sigma**2) + math.log(0.5)
+                  + _log_erfc((i - z0) / (math.sqrt(2) * sigma)))
+        log_s1 = (log_coef + j * log_q + i * log_1mq + (j * j - j) / (2 * sigma**2) + math.log(0.5)
+                  + _log_erfc((z0 - j) / (math.sqrt(2) * sigma)))
+        log_a0, log_a1 = _log_add(log_a0, log_s0), _log_add(log_a1, log_s1)
+        total = _log_add(log_a0, log_a1)
+        if log_s0 < last_s0 and log_s1 < last_s1 and max(log_s0, log_s1) < total - 30:
+            return total
+        last_s0, last_s1 = log_s0, log_s1
+    return math.inf
+
+
+@lru_cache(maxsize=64)
 def rdp_subsampled_gaussian(q: float, noise_mult: float) -> np.ndarray:
-    """RDP of one Poisson-subsampled Gaussian step at each of RDP_ORDERS (log A_alpha / (alpha - 1)); cached, so
-    the returned array is read-only."""
+    """RDP of one Poisson-subsampled Gaussian step at each of RDP_ORDERS; cached (the array is read-only)."""
     orders = np.array(RDP_ORDERS, np.float64)
-    if q == 0 or noise_mult == 0 or q == 1:
-        out = np.zeros_like(orders) if q == 0 else np.full_like(orders, np.inf) if noise_mult == 0 else \
-            orders / (2 * noise_mult**2)
-        out.flags.writeable = False
-        return out
-    out = np.empty_like(orders)
-    for j, alpha in enumerate(RDP_ORDERS):
-        k = np.arange(alpha + 1, dtype=np.float64)
-        terms = _LOG_COMB[alpha] + k * math.log(q) + (alpha - k) * math.log1p(-q) + (k * k - k) / (2 * noise_mult**2)
-        top = terms.max()
-        out[j] = (top + math.log(np.exp(terms - top).sum())) / (alpha - 1)
+    if q == 0:
+        out = np.zeros_like(orders)
+    elif noise_mult == 0:
+        out = np.full_like(orders, np.inf)
+    elif q == 1:
+        out = orders / (2 * noise_mult**2)
+    else:
+        out = np.array([(_log_a_int(q, noise_mult, int(a)) if float(a).is_integer()
+                         else _log_a_frac(q, noise_mult, a)) / (a - 1) for a in RDP_ORDERS])
     out.flags.writeable = False
     return out
 
@@ -91,7 +126,8 @@ def rdp_to_epsilon(rdp: np.ndarray, delta: float) -> float:
     for alpha, r in zip(RDP_ORDERS, rdp):
         if r < 0 or delta**2 + math.expm1(-r) > 0:
             return 0.0
-        best = min(best, r + math.log1p(-1 / alpha) - math.log(delta * alpha) / (alpha - 1))
+        if alpha > 1.01:
+            best = min(best, r + math.log1p(-1 / alpha) - math.log(delta * alpha) / (alpha - 1))
     return max(0.0, best)
 
 
