@@ -205,7 +205,7 @@ class Recipe:
 
 
 RECIPES = {
-    "heart": Recipe(lr=0.1, rounds=30, quick_rounds=6),
+    "heart": Recipe(lr=0.1, rounds=30, quick_rounds=4),
     "watch": Recipe(lr=0.2, rounds=40, quick_rounds=4, dp_clip=3.0, central_clip=0.8),
     "physionet2012": Recipe(lr=0.05, rounds=30, quick_rounds=4, central_clip=0.1),
 }
