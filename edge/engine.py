@@ -31,6 +31,7 @@ from protocol.compression import CompressionSettings, decode_update, encode_upda
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
     Ack,
+    DeviceStatus,
     EdgeAggregate,
     GlobalModel,
     RoundAnnouncement,
@@ -41,6 +42,9 @@ from protocol.messages import (
     verify_message,
 )
 from protocol.topics import aggregate_topic, check_id, model_topic, round_topic
+
+EXCUSED = ("skipped", "declined", "budget_exhausted", "offline")
+MAX_STATUS_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class EdgeEngine:
         self.forward_settings = cfg.forward.settings()
         self.aggregate_id = cfg.aggregate_id or cfg.edge_id
         self.rejected: Counter[str] = Counter()
+        self.excused: set[str] = set()   # expected devices that said they will not send this round
         self.announcement: RoundAnnouncement | None = None
         self.ctx: RoundContext | None = None
         self._restore()
@@ -130,7 +135,7 @@ class EdgeEngine:
         out = []
         if self.cfg.rounds.mode == "sync" and current is not None and self.pending:
             out += self._close("superseded")
-        self.announcement, self.opened = msg, time.time()
+        self.announcement, self.opened, self.excused = msg, time.time(), set()
         self.store.put("announcement", data)
         self.store.put("opened", repr(self.opened).encode())
         self.store.prune(msg.round_id - self.cfg.rounds.max_staleness - 1)
@@ -173,6 +178,25 @@ class EdgeEngine:
         self.metrics.pending.set(len(self.pending))
         return Ack(self.cfg.edge_id, topic_device, round_id, True, int(Reason.OK)), self.tick(time.time())
 
+    def handle_status(self, topic_device: str, data: bytes) -> list[Publication]:
+        """A device's (retained) status: "skipped", "declined", "budget_exhausted" for this round, or "offline",
+        excuses it from the quorum, so a round does not wait for its deadline on devices that will not send."""
+        self.metrics.bytes_in.inc(len(data))
+        try:
+            msg = decode(data, expect=DeviceStatus, max_bytes=MAX_STATUS_BYTES)
+        except ProtocolError:
+            return []
+        ann = self.announcement
+        if ann is None or msg.device_id != topic_device or msg.device_id not in self.expected:
+            return []
+        if msg.round_id not in (None, ann.round_id):
+            return []
+        if msg.state in EXCUSED:
+            self.excused.add(msg.device_id)
+        elif msg.state in ("online", "training"):
+            self.excused.discard(msg.device_id)
+        return self.tick(time.time())
+
     def _reject(self, exc: ProtocolError, device: str) -> None:
         self.rejected[exc.reason.name] += 1
         self.metrics.rejected.labels(reason=exc.reason.name).inc()
@@ -190,7 +214,10 @@ class EdgeEngine:
             return self._close("buffer") if due else []
         if self.ctx.closed:
             return []
-        share = -(-len(self.expected) // self.cfg.replicas)   # replicas split the devices round-robin
+        remaining = len(self.expected) - len(self.excused)
+        if self.expected and not remaining:
+            return self._close("all excused")
+        share = -(-remaining // self.cfg.replicas)   # replicas split the devices round-robin
         reason = sync_close_reason(len(self.pending), share, now, ann.deadline, self.opened, rounds)
         return self._close(reason) if reason else []
 

@@ -110,9 +110,9 @@ class Gateway:
         self.stop = threading.Event()
         self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
         edge, group = cfg.edge_id, cfg.group or cfg.edge_id
-        self.updates_prefix = f"fl/{edge}/updates/"
+        self.updates_prefix, self.status_prefix = f"fl/{edge}/updates/", f"fl/{edge}/status/"
         cloud_subs = [CLOUD_ROUND, CLOUD_MODEL]
-        device_subs = [shared(group, f"fl/{edge}/updates/+")]
+        device_subs = [shared(group, f"{self.updates_prefix}+"), f"{self.status_prefix}+"]  # statuses: every replica
         client_id = f"fediomt-edge-{edge}-{cfg.replica}"
         self.local = Connection(cfg.broker, client_id, device_subs + ([] if cfg.cloud else cloud_subs),
                                 self.inbox, log)
@@ -140,6 +140,8 @@ class Gateway:
             return self.engine.handle_cloud("round", payload)
         if topic == CLOUD_MODEL:
             return self.engine.handle_cloud("model", payload)
+        if topic.startswith(self.status_prefix):
+            return self.engine.handle_status(topic[len(self.status_prefix):], payload)
         if not topic.startswith(self.updates_prefix):
             return []
         device = topic[len(self.updates_prefix):]

@@ -352,3 +352,28 @@ def test_hostile_bytes_never_raise(tmp_path, rng):
 
     check()
     assert not eng.pending
+
+
+def test_statuses_excuse_devices_from_the_quorum(tmp_path, rng):
+    from protocol.messages import DeviceStatus
+
+    fed = Fed(tmp_path, n_devices=4)
+    eng = fed.engine()
+    open_round(fed, eng)
+
+    def status(device, state, round_id=1):
+        return encode(DeviceStatus(device, "edge1", state, 1, 1, 0.0, 8.0, time.time(), round_id))
+
+    assert eng.handle_update("d00", fed.update("d00", rng.normal(size=N_PARAMS).astype(np.float32)))[1] == []
+    assert eng.handle_status("d01", status("d01", "skipped", round_id=0)) == []    # another round: ignored
+    assert eng.handle_status("d02", status("d01", "skipped")) == []                # wrong topic: ignored
+    assert eng.handle_status("d01", status("d01", "skipped")) == []
+    assert eng.handle_status("d02", status("d02", "declined")) == []
+    assert eng.handle_status("d02", b"junk") == []
+    agg, _ = aggregate_of(fed, eng.handle_status("d03", status("d03", "offline", round_id=None)))
+    assert agg.device_ids == ["d00"]                                               # closed before the deadline
+    open_round(fed, eng, round_id=2)
+    for d in fed.devices:
+        pubs = eng.handle_status(d, status(d, "budget_exhausted", round_id=2))
+    agg, mean = aggregate_of(fed, pubs)
+    assert (agg.round_id, agg.num_devices, mean) == (2, 0, None)                   # everyone excused: closes now
