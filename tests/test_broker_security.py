@@ -589,11 +589,16 @@ def test_flaky_links_and_30_percent_of_devices_vanishing_mid_round(ca, workdir, 
         s.client.socket().shutdown(socket.SHUT_RDWR)
 
     try:
-        dep.open_round(deadline=time.time() + 8, cohort=devices)
         dep.start_edge()
+        watcher = dep.connect("device", vanishing[0])
+        watcher.subscribe(topics.model_topic(EDGE))
+        assert dep.cloud.publish(topics.CLOUD_MODEL, dep.fed.model(), retain=True) in ACCEPTED
+        assert wait_for(lambda: watcher.messages, 30), dep.log_tail()  # the edge is up: the round clock starts
+        assert dep.cloud.publish(topics.CLOUD_ROUND, dep.fed.announce(deadline=time.time() + 6, cohort=devices),
+                                 retain=True) in ACCEPTED
         for d in vanishing:
             vanish(d)
-        workers = [threading.Thread(target=deliver, args=(d, time.monotonic() + 7)) for d in senders]
+        workers = [threading.Thread(target=deliver, args=(d, time.monotonic() + 5)) for d in senders]
         for w in workers:
             w.start()
         for w in workers:
