@@ -22,10 +22,12 @@ from device import accountant
 from device.config import DeviceConfig
 from device.data import load_data
 from device.link import Link
+from device.ota import OtaConfig as OtaReceiverConfig
+from device.ota import OtaReceiver
 from device.runtime import TrainableModel, secure_generator
 from device.state import STATE_FILE, DeviceState, load_state, save_state
 from device.training import LocalResult, planned_steps, steps_within, train_round
-from fediomt.flash import flash_local
+from fediomt.flash import flash_local, rollback_local
 from fediomt.logs import event
 from protocol import topics
 from protocol.bundle import Bundle, load_bundle, load_installed
@@ -55,6 +57,7 @@ from protocol.messages import (
 )
 from protocol.signing import load_private_key, load_public_key
 
+CONNECTED = ""             # inbox marker: the link (re)connected
 ENVELOPE_BYTES = 1024      # signed DeviceUpdate fields around the compression payload
 SPEED_SMOOTHING = 0.5      # weight of the newest steps/s measurement
 
@@ -78,11 +81,21 @@ class DeviceAgent:
                        "ack": topics.ack_topic(edge, dev)}
         self.status_topic, self.update_topic = topics.status_topic(edge, dev), topics.update_topic(edge, dev)
         self.link = Link(cfg.broker, dev, [self.topics["model"], self.topics["round"], self.topics["ack"]],
-                         (self.status_topic, self._status_bytes("offline")), self._received,
-                         lambda: self.publish_status("online"), log)
+                         (self.status_topic, self._status_bytes("offline")), self._received, self._connected, log)
+        self.ota = self._make_ota() if cfg.ota.enabled else None
+
+    def _make_ota(self) -> OtaReceiver:
+        ota_cfg = OtaReceiverConfig(edge=self.cfg.edge, device_class=self.cfg.ota.device_class or
+                                    self.bundle.manifest["device_class"], bundle_dir=Path(self.cfg.bundle_dir),
+                                    retry_s=self.cfg.ota.retry_s)
+        return OtaReceiver(ota_cfg, self.cloud_key, self.bundle_key, self.link.subscribe, self.link.unsubscribe,
+                           samples=self._smoke_rows, on_installed=self._ota_installed, log=self.log)
 
     # ------------------------------------------------------------------ model and bundle
     def _load_model(self) -> None:
+        if self.bundle.manifest["kind"] != "trainable":
+            raise ProtocolError(Reason.BAD_VALUE, f"bundle {self.bundle.name} is a {self.bundle.manifest['kind']}, "
+                                                  "the agent trains: it needs a trainable bundle")
         self.model = TrainableModel(self.bundle.model_bytes, self.bundle.manifest, rng=self.rng,
                                     num_threads=self.cfg.threads)
         weights = self.state.weights
@@ -108,6 +121,22 @@ class DeviceAgent:
         self._load_model()
         event(self.log, "bundle loaded", name=self.bundle.name, version=self.bundle.version)
         return self.bundle
+
+    def _ota_installed(self, bundle: Bundle) -> None:
+        """OTA installed `bundle` as current: train with it from now on (a non-trainable one is rolled back)."""
+        if bundle.manifest["kind"] != "trainable":
+            rollback_local(Path(self.cfg.bundle_dir))
+            raise ProtocolError(Reason.BAD_VALUE, f"OTA bundle {bundle.name} v{bundle.version} is not trainable: "
+                                                  "rolled back")
+        self.reload_bundle()
+        self.publish_status("online", detail=f"bundle {bundle.name} v{bundle.version}")
+
+    def _smoke_rows(self):
+        """A few local rows for the OTA smoke test (None when the data cannot be read)."""
+        try:
+            return load_data(self.cfg.data, self.model.input_shape, self.model.n_classes)[0][:8]
+        except (ValueError, OSError):
+            return None
 
     def _on_model(self, payload: bytes) -> None:
         msg = decode(payload, expect=GlobalModel)
@@ -181,7 +210,11 @@ class DeviceAgent:
         self.publish_status("training", ann.round_id)
         result = train_round(self.model, x, y, self.state.weights, plan, steps, self.rng,
                              lr_scale=ann.lr_scale.get(cfg.id, 1.0), time_limit_s=time_left,
-                             c_global=self.state.server_control, c_local=self.state.control)
+                             c_global=self.state.server_control, c_local=self.state.control,
+                             should_stop=self.stop.is_set)
+        if self.stop.is_set():  # nothing was released, so nothing is spent: the round is simply not answered
+            event(self.log, "stopping: round abandoned", round=ann.round_id, steps=result.local_steps)
+            return
         self._finish(ann, result, time_left)
 
     def _finish(self, ann: RoundAnnouncement, result: LocalResult, time_left: float) -> None:
@@ -260,9 +293,20 @@ class DeviceAgent:
     def _received(self, topic: str, payload: bytes) -> None:
         self.inbox.put((topic, payload))
 
+    def _connected(self) -> None:
+        """On paho's thread after every (re)connection: announce ourselves; OTA resubscribes from the main loop."""
+        self.publish_status("online")
+        self.inbox.put((CONNECTED, b""))
+
     def handle(self, topic: str, payload: bytes) -> None:
+        """One message, on the main thread. Nothing that arrives can stop the agent: every failure is logged."""
         try:
-            if topic == self.topics["model"]:
+            if topic == CONNECTED:
+                if self.ota is not None:
+                    self.ota.on_connect()
+            elif self.ota is not None and topic.startswith(self.ota.manifest_topic.rsplit("/", 1)[0] + "/"):
+                self.ota.handle(topic, payload)
+            elif topic == self.topics["model"]:
                 self._on_model(payload)
             elif topic == self.topics["round"]:
                 self._on_round(payload)
@@ -274,6 +318,8 @@ class DeviceAgent:
                   detail=exc.detail)
         except (ValueError, OSError) as exc:  # local data or disk trouble: report, keep serving
             event(self.log, "round failed", logging.ERROR, topic=topic, error=f"{type(exc).__name__}: {exc}")
+        except Exception:  # a bug must not take the device off the federation; the traceback is in the log
+            self.log.exception("unexpected error handling %s", topic)
 
     def run(self) -> int:
         event(self.log, "starting", device=self.cfg.id, edge=self.cfg.edge, bundle=self.bundle.name,
@@ -284,10 +330,11 @@ class DeviceAgent:
         try:
             while not self.stop.is_set():
                 try:
-                    topic, payload = self.inbox.get(timeout=0.2)
+                    self.handle(*self.inbox.get(timeout=0.2))
                 except queue.Empty:
-                    continue
-                self.handle(topic, payload)
+                    pass
+                if self.ota is not None:
+                    self.ota.tick()
         finally:
             self.link.close((self.status_topic, self._status_bytes("offline")))
             event(self.log, "stopped")

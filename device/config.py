@@ -65,6 +65,15 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class OtaConfig:
+    """Over-the-air bundle updates (device/ota.py): manifests signed by the cloud key, bundles by bundle_pubkey."""
+
+    enabled: bool = True
+    device_class: str = ""              # the bundle class to follow; "" = the installed bundle's device_class
+    retry_s: float = 10.0               # re-request missing chunks after this long without progress
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     id: str
     edge: str
@@ -77,6 +86,7 @@ class DeviceConfig:
     capability: CapabilityConfig = field(default_factory=CapabilityConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
     significance_threshold: float = 0.0  # L2 norm of the (noised) delta below which only a "skipped" status is sent
     min_steps: int = 1                  # decline a round when fewer local steps fit before its deadline
     deadline_margin_s: float = 2.0      # stop training this long before the deadline (time to compress + send)
@@ -111,7 +121,7 @@ def _build(cls, raw: dict, base: Path, where: str):
         kind = str(fields[name].type)
         if isinstance(value, dict):
             sub = {"data": DataConfig, "capability": CapabilityConfig, "privacy": PrivacyConfig,
-                   "broker": BrokerConfig}.get(name)
+                   "broker": BrokerConfig, "ota": OtaConfig}.get(name)
             if sub is None:
                 raise ValueError(f"{where}.{name}: not a table")
             value = _build(sub, value, base, f"{where}.{name}")

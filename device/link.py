@@ -90,6 +90,15 @@ class Link:
         self.client.loop_start()
         return True
 
+    def subscribe(self, topics: list[str]) -> None:
+        """Extra subscriptions (OTA chunks); the persistent session keeps them across reconnects."""
+        if topics:
+            self.client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in topics])
+
+    def unsubscribe(self, topics: list[str]) -> None:
+        if topics:
+            self.client.unsubscribe(topics)
+
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
         """QoS 1; while disconnected paho queues it and sends it after the reconnect."""
         return self.client.publish(topic, payload, qos=1, retain=retain)

@@ -23,6 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from protocol import topics
+from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.messages import (
     Ack,
     DeviceStatus,
@@ -95,14 +96,21 @@ class ScriptedCloud:
         self.bytes_down += len(data)
 
     def publish_model(self, name: str, version: int, weights: np.ndarray, control: np.ndarray | None = None,
-                      tamper: bool = False) -> GlobalModel:
-        """A full float32 global model, signed; `tamper` flips a weight AFTER signing (devices must refuse it)."""
+                      tamper: bool = False, base: np.ndarray | None = None) -> GlobalModel:
+        """A signed global model: full float32, or (with `base`, version - 1's weights) a dense delta against it.
+        `tamper` flips a weight AFTER signing (devices must refuse it)."""
+        weights = np.asarray(weights, np.float32)
+        body, base_version = floats_to_bytes(weights), None
+        if base is not None:
+            body, _ = encode_update((weights - base).astype(np.float32), CompressionSettings(method="dense", bits=32))
+            weights, base_version = (base + decode_update(body, len(base))).astype(np.float32), version - 1
         raw = floats_to_bytes(weights)
-        msg = sign_message(GlobalModel(model_name=name, model_version=version, encoding="full", base_version=None,
-                                       n_params=len(weights), weights=raw, sha256=hashlib.sha256(raw).digest(),
+        msg = sign_message(GlobalModel(model_name=name, model_version=version, encoding="full" if base is None
+                                       else "delta", base_version=base_version, n_params=len(weights), weights=body,
+                                       sha256=hashlib.sha256(raw).digest(),
                                        control=None if control is None else floats_to_bytes(control)), self.key)
         if tamper:
-            bad = np.array(weights, np.float32)
+            bad = weights.copy()
             bad[0] += 1.0
             msg = dataclasses.replace(msg, weights=floats_to_bytes(bad))
         self._publish(topics.model_topic(self.edge), encode(msg))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,8 +51,10 @@ def scaffold_control_delta(global_flat: np.ndarray, local_flat: np.ndarray, c_gl
 
 def train_round(model, x: np.ndarray, y: np.ndarray, global_flat: np.ndarray, plan: TrainingPlan, steps: int,
                 rng: np.random.Generator, lr_scale: float = 1.0, time_limit_s: float = math.inf,
-                c_global: np.ndarray | None = None, c_local: np.ndarray | None = None) -> LocalResult:
-    """Run up to `steps` DP-SGD steps from `global_flat` (stopping early when `time_limit_s` runs out).
+                c_global: np.ndarray | None = None, c_local: np.ndarray | None = None,
+                should_stop: Callable[[], bool] | None = None) -> LocalResult:
+    """Run up to `steps` DP-SGD steps from `global_flat`, stopping early (with what is done) when `time_limit_s` runs
+    out or `should_stop()` says so.
 
     `model` is a device.runtime.TrainableModel (anything with its train_step/get_flat/set_flat/batch_size).
     SCAFFOLD (plan.scaffold) needs the server's c_global; c_local defaults to zeros.
@@ -70,7 +73,7 @@ def train_round(model, x: np.ndarray, y: np.ndarray, global_flat: np.ndarray, pl
     model.set_flat(global_flat)
     start, losses = time.monotonic(), []
     for _ in range(steps):
-        if losses and time.monotonic() - start >= time_limit_s:
+        if losses and (time.monotonic() - start >= time_limit_s or (should_stop is not None and should_stop())):
             break
         idx = rng.choice(n, size=batch, replace=False)
         losses.append(model.train_step(x[idx], y[idx], None, lr, plan.clip, plan.noise_mult, mu=plan.mu,

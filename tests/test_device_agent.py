@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -64,7 +65,7 @@ def fed(tmp_path, broker, bundle):
         return proc
 
     yield type("Fed", (), dict(cloud=cloud, device=staticmethod(device), start=staticmethod(start), x=x, y=y,
-                               weights=weights, broker=broker))
+                               weights=weights, broker=broker, cloud_key=cloud_key))
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -117,6 +118,57 @@ def test_update_arrives_decodes_verifies_and_matches_the_interpreter(fed, bundle
     assert np.linalg.norm(delta) > 0.01 and size > 4 * update.n_params
     state = agent.state
     assert state.seen_rounds == (1,) and len(state.history) == 1 and np.all(state.residual == 0)
+
+
+def test_skipped_declined_delta_model_and_scaffold(fed):
+    """Significance threshold -> "skipped" (the delta waits in the residual); too few steps fit -> "declined";
+    a delta-encoded global model with a SCAFFOLD control variate -> an update with c_i+ - c_i, and c_i moves by it."""
+    config = fed.device(privacy={"epsilon": 100.0}, significance_threshold=1e6)
+    agent = DeviceAgent(load_config(config), logging.getLogger("test.device"))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        fed.cloud.publish_model(MODEL, 1, fed.weights)
+        fed.cloud.announce(1, MODEL, 1, PLAN)
+        skipped = fed.cloud.wait_status("skipped", 30)
+        assert skipped.round_id == 1 and "|delta|" in skipped.detail
+        assert len(agent.state.history) == 1 and np.linalg.norm(agent.state.residual) > 0  # spent; delta kept
+        agent.cfg = dataclasses.replace(agent.cfg, significance_threshold=0.0, min_steps=1000)
+        fed.cloud.announce(2, MODEL, 1, PLAN)
+        assert fed.cloud.wait_status("declined", 30).round_id == 2
+        assert len(agent.state.history) == 1  # nothing trained, nothing spent
+        agent.cfg = dataclasses.replace(agent.cfg, min_steps=1)
+        c = np.full(len(fed.weights), 0.001, np.float32)
+        fed.cloud.publish_model(MODEL, 2, fed.weights * 1.01, control=c, base=fed.weights)
+        fed.cloud.announce(3, MODEL, 2, dataclasses.replace(PLAN, scaffold=True), compression=DENSE)
+        update, _ = fed.cloud.next_update(30)
+    finally:
+        agent.stop.set()
+        thread.join(10)
+    assert update.round_id == 3 and update.base_version == 2 and update.control_delta is not None
+    np.testing.assert_array_equal(agent.state.control, decode_update(update.control_delta, update.n_params))
+    np.testing.assert_allclose(agent.state.server_control, c)
+    assert len(agent.state.history) == 2 and agent.state.seen_rounds == (1, 2, 3)
+
+
+def test_ota_push_installs_a_new_bundle_that_the_agent_trains_with(fed, tmp_path):
+    from cloud.push import push_bundle
+    from edge.config import BrokerConfig as PushBroker
+
+    config = fed.device(privacy={"epsilon": 100.0})
+    fed.start(config)
+    wait_log(config, "connected")
+    manifest = load_bundle(PREBUILT / MODEL, load_public_key(DEV_PUB)).manifest
+    v2 = write_bundle(tmp_path / "v2", (PREBUILT / MODEL / MODEL_FILE).read_bytes(), {**manifest, "version": 2},
+                      load_private_key(DEV_KEY))
+    push_bundle(v2, manifest["device_class"], ["e1"], PushBroker(port=fed.broker.port), fed.cloud_key,
+                message_cap=16 * 1024, bundle_key=load_public_key(DEV_PUB))
+    wait_log(config, "bundle loaded", version=2, timeout=30)
+    fed.cloud.publish_model(MODEL, 1, fed.weights)
+    fed.cloud.announce(1, MODEL, 1, PLAN)
+    update, _ = fed.cloud.next_update(30)
+    assert update.round_id == 1
+    assert load_bundle(config.parent / "bundles" / "current", load_public_key(DEV_PUB)).version == 2
 
 
 def test_budget_stops_training_and_survives_kill_9(fed):

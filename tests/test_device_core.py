@@ -17,7 +17,7 @@ import pytest
 
 from device import accountant
 from device.accountant import Entry
-from device.config import BrokerConfig, CapabilityConfig, DeviceConfig, PrivacyConfig, load_config
+from device.config import BrokerConfig, CapabilityConfig, DeviceConfig, OtaConfig, PrivacyConfig, load_config
 from device.data import load_data
 from device.runtime import TrainableModel
 from device.state import DeviceState, load_state, save_state
@@ -40,7 +40,7 @@ def cnn():
 def test_example_config_documents_the_defaults():
     cfg = load_config(REPO / "configs" / "device.toml")
     for section, cls in ((cfg.broker, BrokerConfig), (cfg.capability, CapabilityConfig),
-                         (cfg.privacy, PrivacyConfig)):
+                         (cfg.privacy, PrivacyConfig), (cfg.ota, OtaConfig)):
         assert section == cls(), f"configs/device.toml disagrees with the {cls.__name__} defaults"
     for f in fields(DeviceConfig):
         if isinstance(f.default, (int, float, str)) or f.default is None:
