@@ -1,0 +1,103 @@
+"""All six experiments in their --quick form through the real CLI: JSON schema, Markdown table, plots and sane
+values (accuracy above chance, attacks near chance on balanced sets, more bytes for dense FedAvg than FedIoMT).
+They run in one process so TensorFlow (model builds, the Keras baseline) is imported once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fediomt.cli import main
+
+SEEDS = 2
+HEART_MAJORITY = 127 / 230          # heart's test set: the majority class share (always-"disease" accuracy)
+ROW_KEYS = {
+    "accuracy": {"method", "dataset", "round", "accuracy"},
+    "communication": {"method", "dataset", "bytes_to_target", "target_accuracy"},
+    "privacy": {"mode", "epsilon", "accuracy", "nonprivate_accuracy"},
+    "heterogeneity": {"method", "cv", "accuracy"},
+    "membership": {"method", "dataset", "attack", "attack_accuracy"},
+    "poisoning": {"filter", "attack", "fraction", "accuracy"},
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiments")
+    docs = {}
+    for name in ROW_KEYS:
+        assert main(["experiment", name, "--quick", "--out", str(out), "--seeds", str(SEEDS)]) == 0
+        docs[name] = json.loads((out / f"{name}.json").read_text())
+    return out, docs
+
+
+@pytest.mark.parametrize("name", list(ROW_KEYS))
+def test_outputs_and_schema(results, name):
+    out, docs = results
+    doc = docs[name]
+    assert doc["experiment"] == name and doc["quick"] is True and doc["seeds"] == SEEDS
+    assert doc["rows"] and all(ROW_KEYS[name] <= set(r) for r in doc["rows"])
+    assert {r["seed"] for r in doc["rows"]} == set(range(SEEDS))
+    assert doc["summary"] and doc["table"]
+    table = (out / f"{name}.md").read_text()
+    assert "--quick" in table and table.count("\n|") >= 2
+    if name != "membership":
+        assert list(out.glob(f"{name}_*.png"))
+
+
+def test_accuracy_above_chance(results):
+    rows = results[1]["accuracy"]["rows"]
+    final = max(r["round"] for r in rows if r["method"] != "centralized")
+    for method in ("centralized", "fedavg", "fedprox", "scaffold", "fediomt"):
+        accs = [r["accuracy"] for r in rows if r["method"] == method and r["round"] == final]
+        assert len(accs) == SEEDS and all(HEART_MAJORITY + 0.05 < a <= 1.0 for a in accs), (method, accs)
+
+
+def test_communication_counts_every_message(results):
+    rows = results[1]["communication"]["rows"]
+    per_round = {r["method"]: r["bytes_per_round"] for r in rows if r["seed"] == 0}
+    # SCAFFOLD also sends control variates; FedIoMT compresses (heart: 498 parameters, so envelopes weigh a lot)
+    assert per_round["scaffold"] > per_round["fedavg"] > 1.4 * per_round["fediomt"]
+    for r in rows:
+        assert r["bytes_down"] > 0 and r["bytes_up"] > 0
+        assert r["bytes_to_target"] is None or r["bytes_to_target"] <= r["bytes_up"] + r["bytes_down"]
+
+
+def test_privacy_noise_costs_accuracy(results):
+    rows = results[1]["privacy"]["rows"]
+    assert {r["epsilon"] for r in rows} == {1.0, None}
+    for r in rows:
+        assert r["nonprivate_accuracy"] > HEART_MAJORITY
+        if r["epsilon"] is None:
+            assert r["noise_mult"] == 0 and r["central_noise"] == 0
+        else:
+            assert (r["noise_mult"] > 0) == (r["mode"] != "central")
+            assert (r["central_noise"] > 0) == (r["mode"] != "local")
+            if r["mode"] == "local":   # the ledger's epsilon never exceeds the calibrated target
+                assert 0 < r["epsilon_device"] <= 1.0 + 1e-6
+
+
+def test_heterogeneity_drops_stragglers_of_fixed_work(results):
+    rows = results[1]["heterogeneity"]["rows"]
+    part = {(r["method"], r["cv"]): r["participation"] for r in rows if r["seed"] == 0}
+    assert part[("fedavg", 1.0)] < part[("fedavg", 0.0)]
+    assert part[("fediomt", 1.0)] > part[("fedavg", 1.0)]       # partial work keeps slow devices in
+    assert {r["cv"] for r in rows} == {0.0, 0.25, 0.5, 1.0}
+
+
+def test_membership_balanced_attacks(results):
+    rows = results[1]["membership"]["rows"]
+    assert {r["method"] for r in rows} == {"centralized", "fedavg", "fedavg+dp", "fediomt", "fediomt+dp"}
+    assert {r["attack"] for r in rows} == {"loss_threshold", "oracle_threshold", "shadow"}
+    for r in rows:
+        assert 0.0 <= r["attack_accuracy"] <= 1.0
+        if r["attack"] == "oracle_threshold":
+            assert r["attack_accuracy"] >= 0.5     # the best threshold is at least chance on a balanced set
+
+
+def test_poisoning_rows(results):
+    rows = results[1]["poisoning"]["rows"]
+    clean = [r["accuracy"] for r in rows if r["fraction"] == 0.0]
+    assert clean and all(a > HEART_MAJORITY for a in clean)
+    assert {r["fraction"] for r in rows} == {0.0, 0.3}
