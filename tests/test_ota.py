@@ -186,3 +186,29 @@ def test_manifest_signed_by_another_key_or_class_is_ignored(tmp_path, keys, sour
     bad = sign_message(dataclasses.replace(manifest, device_class=CLS, total=manifest.total + 1), keys["cloud"])
     feed.rx.handle(bundle_manifest_topic(EDGE, CLS), encode(bad))
     assert feed.rx.transfer is None
+
+
+def test_push_cli(tmp_path, keys, source, broker, capsys):
+    from fediomt.cli import main
+    from protocol.signing import save_private_key, save_public_key
+
+    save_private_key(keys["cloud"], tmp_path / "cloud.key")
+    save_public_key(keys["bundle"].public_key(), tmp_path / "bundle.pub")
+    v1 = make_bundle(tmp_path, source, keys["bundle"], 1)
+    device = OtaClient("d", broker.host, broker.port, OtaConfig(EDGE, CLS, tmp_path / "dev"),
+                       keys["cloud"].public_key(), keys["bundle"].public_key()).start()
+    try:
+        assert device.connected.wait(10)
+        common = ["push", str(v1), "--class", CLS, "--edge", EDGE, "--key", str(tmp_path / "cloud.key"),
+                  "--host", broker.host, "--port", str(broker.port), "--pubkey", str(tmp_path / "bundle.pub")]
+        # a chunk that would not fit the broker's cap is refused before anything is published
+        assert main([*common, "--max-message-bytes", "16384", "--chunk-bytes", "20000"]) == 1
+        assert "exceeds the broker cap" in capsys.readouterr().err
+        assert main([*common, "--max-message-bytes", "16384"]) == 0
+        assert '"chunks": 5' in capsys.readouterr().out
+        wait_until(lambda: device.receiver.installed_version == 1)
+        # a bundle that does not verify against --pubkey is not pushed at all
+        other = make_bundle(tmp_path / "other", source, generate_signing_key(), 2)
+        assert main([*common[:1], str(other), *common[2:]]) == 1
+    finally:
+        device.stop()
