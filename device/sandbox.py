@@ -68,7 +68,8 @@ class ScriptedCloud:
     """The cloud + edge of one edge id, scripted: publish signed models/rounds, collect updates and statuses."""
 
     def __init__(self, port: int, edge: str, cloud_key: Ed25519PrivateKey, host: str = "127.0.0.1",
-                 client_id: str = "scripted-cloud") -> None:
+                 client_id: str = "scripted-cloud", tls: tuple[Path, Path, Path] | None = None) -> None:
+        """`tls`: (ca, cert, key) to connect with a client certificate (an mTLS broker; CN = client_id)."""
         self.edge, self.key = edge, cloud_key
         self.updates: queue.Queue[tuple[DeviceUpdate, int]] = queue.Queue()
         self.statuses: queue.Queue[DeviceStatus] = queue.Queue()
@@ -78,6 +79,8 @@ class ScriptedCloud:
         client.on_message = self._message
         client.on_connect = lambda c, *_: c.subscribe([(f"fl/{edge}/updates/+", 1), (f"fl/{edge}/status/+", 1)])
         client.reconnect_delay_set(1, 2)
+        if tls is not None:
+            client.tls_set(ca_certs=str(tls[0]), certfile=str(tls[1]), keyfile=str(tls[2]))
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600  # a persistent session: updates sent while we reconnect are queued
         client.connect(host, port, clean_start=False, properties=props)

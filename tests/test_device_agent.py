@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,3 +252,48 @@ def test_tampered_bundle_refused_at_start_and_on_install(fed, tmp_path):
     with pytest.raises(ProtocolError) as err:
         agent.install_bundle(old)
     assert err.value.reason == Reason.DOWNGRADE
+
+
+def test_mtls_broker_with_client_certificates_and_acl(tmp_path, bundle):
+    """A broker as `fediomt broker config` writes it (mTLS, CN = username, per-device ACL), identities from
+    `fediomt pki`: the device connects with its certificate, signs with its pki signing key, and its update arrives."""
+    import os
+    import tempfile
+
+    from fediomt import broker as broker_config
+    from fediomt import pki
+    from fediomt.mosquitto import MosquittoBroker, free_port, give_to_broker_user
+
+    work = Path(tempfile.mkdtemp(prefix="fediomt-device-tls-"))  # readable by the mosquitto user, unlike tmp_path
+    os.chmod(work, 0o755)
+    ca = work / "pki"
+    pki.init_ca(ca)
+    device, edge = pki.issue(ca, "device", "d1"), pki.issue(ca, "edge", "e1")
+    give_to_broker_user(pki.issue(ca, "server", "broker-e1").key)
+    port = free_port()
+    conf, _ = broker_config.write(broker_config.BrokerConfig(role="edge", id="e1", pki=ca, port=port,
+                                                             bind="127.0.0.1", data_dir=work / "broker"),
+                                  work / "broker.conf")
+    cloud_key = generate_signing_key()
+    save_public_key(cloud_key.public_key(), tmp_path / "cloud.pub")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 100, 6)).astype(np.float32), rng.integers(0, 7, 64)
+    config = provision(tmp_path / "d1", "d1", "e1", PREBUILT / MODEL, DEV_PUB, tmp_path / "cloud.pub", x, y, port,
+                       broker={"host": "localhost", "ca": str(device.ca), "cert": str(device.cert),
+                               "key": str(device.key)}, signing_key=str(device.sign_key), privacy={"epsilon": 100.0})
+    with MosquittoBroker(workdir=work / "broker", port=port, config_file=conf):
+        cloud = ScriptedCloud(port, "e1", cloud_key, host="localhost", client_id="e1",
+                              tls=(edge.ca, edge.cert, edge.key))
+        proc = subprocess.Popen([sys.executable, "-m", "fediomt", "device", "run", "--config", str(config)],
+                                cwd=REPO, stderr=subprocess.DEVNULL)
+        try:
+            cloud.publish_model(MODEL, 1, TrainableModel(bundle.model_bytes, bundle.manifest).get_flat())
+            cloud.announce(1, MODEL, 1, PLAN)
+            update, _ = cloud.next_update(30)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+            cloud.close()
+    verify_message(update, load_public_key(device.sign_pub))
+    assert update.device_id == "d1" and update.round_id == 1
+    shutil.rmtree(work, ignore_errors=True)
