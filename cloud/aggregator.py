@@ -414,7 +414,7 @@ class CloudAggregator:
             self._drain_one(self.cfg.tick_s)
             now = time.time()
             complete = set(self.edges) <= set(self.received)
-            if not complete and now < self.deadline:
+            if not complete and now < self.deadline + self.cfg.grace_s:
                 continue
             if complete or len(self.received) >= self.cfg.min_edges:
                 self._close_round(now)

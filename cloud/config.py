@@ -58,6 +58,7 @@ class CloudConfig:
     eval_data: Path | None = None    # held-out NPZ (x, y); None = no evaluation (accuracy/loss null)
     rounds: int = 20
     round_timeout_s: float = 60.0    # deadline = announcement + this
+    grace_s: float = 5.0             # edges close at the deadline: wait this long after it for their aggregates
     min_edges: int = 1               # at the deadline: close with >= this many aggregates, else re-announce
     devices: list[str] = field(default_factory=list)  # known device ids (cohort selection before any round)
     population: int = 0              # devices in the federation (SCAFFOLD's N); 0 = devices known so far
@@ -92,8 +93,8 @@ class CloudConfig:
             raise ValueError("privacy.device_epsilon is set but plan.noise_mult = 0: device DP would be unbounded")
         if self.privacy.central_epsilon > 0 and (self.central_dp.clip <= 0 or self.central_dp.noise_mult <= 0):
             raise ValueError("privacy.central_epsilon is set but central_dp asks for no noise")
-        if self.rounds < 1 or self.round_timeout_s <= 0 or self.min_edges < 1:
-            raise ValueError("need rounds >= 1, round_timeout_s > 0 and min_edges >= 1")
+        if self.rounds < 1 or self.round_timeout_s <= 0 or self.grace_s < 0 or self.min_edges < 1:
+            raise ValueError("need rounds >= 1, round_timeout_s > 0, grace_s >= 0 and min_edges >= 1")
         if self.model_encoding not in ("full", "delta") or self.model_full_every < 1:
             raise ValueError("model_encoding must be 'full' or 'delta' and model_full_every >= 1")
         compression_from_table(self.compression)

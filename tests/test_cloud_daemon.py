@@ -115,7 +115,7 @@ def federation(tmp_path, broker):
 
     def write_config(extra: str) -> Path:
         text = (f'run_dir = "run"\nsigning_key = "cloud.key"\nedge_keys_dir = "edges"\neval_data = "holdout.npz"\n'
-                f'model = "vitals_mlp"\n{extra}\n{MODEL_OPTIONS}'
+                f'model = "vitals_mlp"\ngrace_s = 0.5\n{extra}\n{MODEL_OPTIONS}'
                 f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\nsession_expiry_s = 600\n')
         path = tmp_path / "cloud.toml"
         path.write_text(text)
