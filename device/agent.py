@@ -193,20 +193,31 @@ class DeviceAgent:
         self.publish_status(state, ann.round_id, detail)
 
     def run_round(self, ann: RoundAnnouncement) -> None:
+        """Answer one round: decline what cannot be done, refuse what the budget cannot pay, else train + send."""
         cfg, plan = self.cfg, ann.plan
-        x, y = load_data(cfg.data, self.model.input_shape, self.model.n_classes)
+        try:
+            x, y = load_data(cfg.data, self.model.input_shape, self.model.n_classes)
+        except (ValueError, OSError) as exc:
+            return self._answer(ann, "declined", f"local data: {exc}")
         batch = self.model.batch_size
         if len(x) < batch:
             return self._answer(ann, "declined", f"{len(x)} examples, fewer than one batch of {batch}")
+        if plan.scaffold and self.state.server_control is None:
+            return self._answer(ann, "declined", "SCAFFOLD round but the global model has no control variate")
         time_left = ann.deadline - time.time() - cfg.deadline_margin_s
         speed = self.state.steps_per_s or cfg.capability.steps_per_s
         steps = steps_within(planned_steps(plan, len(x), batch), time_left, speed)
         if steps < cfg.min_steps or time_left <= 0:
             return self._answer(ann, "declined", f"{steps} steps fit before the deadline")
+        try:
+            settings = self._settings(ann, time_left)
+        except ProtocolError as exc:  # bad announced settings, or nothing fits the broker's cap
+            return self._answer(ann, "declined", f"compression: {exc}")
         history, budget = self.state.history, cfg.privacy
         if not accountant.can_afford(history, accountant.Entry(plan.noise_mult, batch / len(x), steps),
                                      budget.epsilon, budget.delta, budget.accountant):
-            return self._answer(ann, "budget_exhausted", f"round {ann.round_id} would exceed epsilon {budget.epsilon}")
+            return self._answer(ann, "budget_exhausted", f"round {ann.round_id} ({steps} steps, noise "
+                                                         f"{plan.noise_mult}) would exceed epsilon {budget.epsilon}")
         self.publish_status("training", ann.round_id)
         result = train_round(self.model, x, y, self.state.weights, plan, steps, self.rng,
                              lr_scale=ann.lr_scale.get(cfg.id, 1.0), time_limit_s=time_left,
@@ -215,9 +226,9 @@ class DeviceAgent:
         if self.stop.is_set():  # nothing was released, so nothing is spent: the round is simply not answered
             event(self.log, "stopping: round abandoned", round=ann.round_id, steps=result.local_steps)
             return
-        self._finish(ann, result, time_left)
+        self._finish(ann, result, settings)
 
-    def _finish(self, ann: RoundAnnouncement, result: LocalResult, time_left: float) -> None:
+    def _finish(self, ann: RoundAnnouncement, result: LocalResult, settings: CompressionSettings) -> None:
         cfg, budget = self.cfg, self.cfg.privacy
         entry = accountant.Entry(result.noise_mult, result.sample_rate, result.local_steps)
         history = (*self.state.history, entry)
@@ -230,7 +241,6 @@ class DeviceAgent:
             residual = result.delta if self.state.residual is None else self.state.residual + result.delta
             return self._answer(ann, "skipped", f"|delta| {norm:.3g} < {cfg.significance_threshold}",
                                 history=history, residual=residual, steps_per_s=speed)
-        settings = self._settings(ann, time_left)
         payload, residual = encode_update(result.delta, settings, self.state.residual, self.rng)
         control_payload, control = None, self.state.control
         if result.control_delta is not None:
