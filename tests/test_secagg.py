@@ -12,6 +12,7 @@ from scipy import stats
 from protocol.compression.sparsify import randk_indices
 from protocol.errors import ProtocolError, Reason
 from protocol.secagg import Graph, SecAggClient, SecAggConfig, SecAggServer, TrustMode, crypto, shamir
+from protocol.secagg.graph import neighbours
 from protocol.secagg.inprocess import run_cohort, wire
 from protocol.secagg.messages import ShareInbox
 from protocol.secagg.quant import dequantize_sum, pack, quantize, ring_bits, unpack
@@ -251,3 +252,12 @@ def test_random_k_coordinates_from_the_edge_seed_keep_masks_sparse():
     idx = randk_indices(seed, 5000, k)
     np.testing.assert_allclose(total[idx], plain[idx], rtol=1e-6)
     assert np.count_nonzero(total) == k
+
+
+def test_sparse_graph_is_k_regular_symmetric_and_shared_by_everyone():
+    devices = [f"d{i}" for i in range(40)]
+    graph = neighbours(devices, 8, bytes(32))
+    assert all(len(set(nb)) == 8 and d not in nb for d, nb in graph.items())
+    assert all(d in graph[e] for d, nb in graph.items() for e in nb)          # u ~ v  <=>  v ~ u
+    assert graph == neighbours(devices, 8, bytes(32)) != neighbours(devices, 8, bytes([1] * 32))
+    assert all(len(nb) == 39 for nb in neighbours(devices, 39, bytes(32)).values())

@@ -21,11 +21,12 @@ def graph_seed(ctx: bytes, roster: list[tuple[str, bytes]]) -> bytes:
 
 
 def neighbours(devices: list[str], k: int, seed: bytes) -> dict[str, list[str]]:
-    """Each device's neighbours (not itself). k >= n-1 gives the complete graph; odd k is rounded up."""
+    """Each device's neighbours (not itself) in `devices` order. k >= n-1 gives the complete graph; odd k is
+    rounded up."""
     n = len(devices)
     if k >= n - 1:
         return {d: [e for e in devices if e != d] for d in devices}
     half = (k + 1) // 2
     order = np.random.default_rng(np.frombuffer(seed, np.uint32)).permutation(n)
-    ring = [devices[i] for i in order]
-    return {ring[p]: [ring[(p + off) % n] for off in range(-half, half + 1) if off] for p in range(n)}
+    offsets = [off for off in range(-half, half + 1) if off]
+    return {devices[order[p]]: [devices[i] for i in sorted(order[(p + off) % n] for off in offsets)] for p in range(n)}

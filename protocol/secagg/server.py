@@ -149,7 +149,10 @@ class SecAggServer:
 
     # ------------------------------------------------------------ unmasking
     def _recover(self, device: str, field: str) -> bytes:
+        """`device`'s secret from the first t revealed shares in roster order (so that most reconstructions share
+        one set of points and one set of Lagrange coefficients)."""
         view = self.view
+        t = view.threshold(device)
         points, shares = [], []
         for holder in view.holders(device):
             reveal = self._reveals.get(holder)
@@ -157,10 +160,9 @@ class SecAggServer:
             if share is not None:
                 points.append(view.index[holder])
                 shares.append(shamir.share_from_bytes(share))
-        t = view.threshold(device)
-        if len(points) < t:
-            raise _abort(f"{len(points)} shares of {device}'s {field.split('_')[0]} revealed, {t} needed")
-        return shamir.reconstruct(points[:t], np.stack(shares[:t]))
+                if len(points) == t:
+                    return shamir.reconstruct(points, np.stack(shares))
+        raise _abort(f"{len(points)} shares of {device}'s {field.split('_')[0]} revealed, {t} needed")
 
     def finalize(self) -> SecAggResult:
         """Close unmasking; return the exact sum of the survivors' quantized inputs (and its float value)."""

@@ -57,16 +57,16 @@ def split(secret: bytes, xs: np.ndarray, t: int) -> np.ndarray:
 
 @lru_cache(maxsize=256)
 def _lagrange_at_zero(xs: tuple[int, ...]) -> np.ndarray:
+    """l_i(0) = prod_{j != i} x_j / (x_j - x_i) mod p, one NumPy pass per point."""
     points = np.asarray(xs, np.int64)
-    coeffs = np.empty(len(points), np.int64)
-    for i, xi in enumerate(points):
-        others = np.delete(points, i)
-        num, den = 1, 1
-        for xj in others.tolist():
-            num = num * xj % PRIME
-            den = den * (xj - int(xi)) % PRIME
-        coeffs[i] = num * pow(den, PRIME - 2, PRIME) % PRIME
-    return coeffs
+    num = np.ones(len(points), np.int64)
+    den = np.ones(len(points), np.int64)
+    for j, xj in enumerate(points):
+        others = np.arange(len(points)) != j
+        num = np.where(others, num * xj % PRIME, num)
+        den = np.where(others, den * ((xj - points) % PRIME) % PRIME, den)
+    inverses = np.array([pow(int(d), PRIME - 2, PRIME) for d in den], np.int64)
+    return num * inverses % PRIME
 
 
 def reconstruct(xs: list[int], shares: np.ndarray) -> bytes:

@@ -7,6 +7,7 @@ whom, the Shamir points (1-based roster positions) and the ring size, without an
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -78,8 +79,10 @@ class RoundView:
         return np.uint32((1 << self.ring_bits) - 1)
 
     def holders(self, device: str) -> list[str]:
-        """Who holds shares of `device`'s secrets: its neighbours and itself."""
-        return [*self.neighbours[device], device]
+        """Who holds shares of `device`'s secrets: its neighbours and itself, in roster order."""
+        others = self.neighbours[device]
+        at = bisect_left([self.index[d] for d in others], self.index[device])
+        return [*others[:at], device, *others[at:]]
 
     def holds(self, holder: str, device: str) -> bool:
         return holder == device or holder in self._neighbour_sets[device]
