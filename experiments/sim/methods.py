@@ -38,7 +38,7 @@ class Method:
         return replace(self, **changes)
 
 
-FEDIOMT_OPTIONS = {"importance_sampling": True, "adaptive_lr": False, "adaptive_steps": True, "fednova": True}
+FEDIOMT_OPTIONS = {"importance_sampling": True, "adaptive_lr": False, "adaptive_steps": False, "fednova": True}
 
 METHODS: dict[str, Method] = {
     "fedavg": Method("fedavg", "fedavg"),
