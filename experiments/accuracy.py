@@ -7,6 +7,8 @@ data, Adam, `centralized_epochs`), reported as one value per seed.
 
 from __future__ import annotations
 
+import json
+
 from experiments.sim.harness import (
     RECIPES,
     centralized,
@@ -25,8 +27,21 @@ METHODS = ("fedavg", "fedprox", "scaffold", "fediomt")
 NO_CLIP = 1e6   # per-example clip so large that DP-SGD without noise is plain SGD
 
 
+def same_runs(a: dict, b: dict) -> bool:
+    keys = ("quick", "seeds", "datasets", "rounds", "split", "edges")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
 def curves(args, methods=METHODS) -> tuple[list[dict], list[dict]]:
-    """(rows: method, dataset, seed, round, accuracy, bytes_up, bytes_down, ...; centralized rows per seed)."""
+    """(rows: method, dataset, seed, round, accuracy, bytes_up, bytes_down, ...; centralized rows per seed).
+
+    Reuses DIR/accuracy.json when it holds the same runs (same seeds, datasets, rounds and scale)."""
+    previous = args.out / "accuracy.json"
+    if previous.is_file():
+        doc = json.loads(previous.read_text())
+        if same_runs(doc.get("settings", {}), vars(args)) and all("bytes_up" in r for r in doc["rows"]):
+            rows = [r for r in doc["rows"] if r["method"] in methods]
+            return rows, [r for r in doc["rows"] if r["method"] == "centralized"]
     rows, central = [], []
     for name in datasets_for(args):
         recipe = RECIPES[name]
@@ -66,7 +81,8 @@ def run(args) -> dict:
             series[method] = ([p["round"] for p in pts], [p["accuracy"] for p in pts], [p["accuracy_std"] for p in pts])
         plot(args.out / f"accuracy_{d}.png", series, "round", "test accuracy", f"accuracy vs rounds ({d})",
              {"centralized": base[d]})
-    out_rows = [{k: r[k] for k in ("method", "dataset", "seed", "round", "accuracy")} for r in rows + central]
+    out_rows = [{k: r.get(k) for k in ("method", "dataset", "seed", "round", "accuracy", "bytes_up", "bytes_down")}
+                for r in rows + central]
     return write_outputs(args.out, "accuracy", args, out_rows, per_round, table,
                          ["dataset", "method", "final_accuracy", "std", "pct_of_centralized"],
                          "Final-round test accuracy, mean and std over seeds; no DP.")
