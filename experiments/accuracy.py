@@ -15,6 +15,7 @@ from experiments.sim.harness import (
     dataset,
     datasets_for,
     log_rows,
+    methods_for,
     plot,
     rounds_for,
     scale_for,
@@ -28,7 +29,7 @@ NO_CLIP = 1e6   # per-example clip so large that DP-SGD without noise is plain S
 
 
 def same_runs(a: dict, b: dict) -> bool:
-    keys = ("quick", "seeds", "datasets", "rounds", "split", "edges")
+    keys = ("quick", "seeds", "datasets", "rounds", "split", "edges", "methods")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -59,7 +60,8 @@ def curves(args, methods=METHODS) -> tuple[list[dict], list[dict]]:
 
 
 def run(args) -> dict:
-    rows, central = curves(args)
+    methods = methods_for(args, METHODS)
+    rows, central = curves(args, methods)
     per_round = summarize([{k: r[k] for k in ("method", "dataset", "round", "accuracy")} for r in rows + central],
                           ["method", "dataset", "round"], "accuracy")
     base = {s["dataset"]: s["accuracy"] for s in per_round if s["method"] == "centralized"}
@@ -76,7 +78,7 @@ def run(args) -> dict:
     table.sort(key=lambda r: (r["dataset"], r["method"]))
     for d in base:
         series = {}
-        for method in METHODS:
+        for method in methods:
             pts = [s for s in per_round if s["method"] == method and s["dataset"] == d]
             series[method] = ([p["round"] for p in pts], [p["accuracy"] for p in pts], [p["accuracy_std"] for p in pts])
         plot(args.out / f"accuracy_{d}.png", series, "round", "test accuracy", f"accuracy vs rounds ({d})",

@@ -8,7 +8,7 @@ run never reaches the target within its rounds has bytes_to_target None (counted
 from __future__ import annotations
 
 from experiments.accuracy import METHODS, curves
-from experiments.sim.harness import plot, summarize, write_outputs
+from experiments.sim.harness import methods_for, plot, summarize, write_outputs
 
 TARGET_FRACTION = 0.9
 
@@ -26,11 +26,12 @@ def bytes_to_target(logs: list[dict], target: float) -> tuple[int | None, int | 
 
 
 def run(args) -> dict:
-    logs, central = curves(args)
+    methods = methods_for(args, METHODS)
+    logs, central = curves(args, methods)
     rows = []
     for c in central:
         target = TARGET_FRACTION * c["accuracy"]
-        for method in METHODS:
+        for method in methods:
             run_logs = [r for r in logs if r["method"] == method and r["dataset"] == c["dataset"]
                         and r["seed"] == c["seed"]]
             nbytes, rnd, up, down = bytes_to_target(run_logs, target)
@@ -57,7 +58,7 @@ def run(args) -> dict:
                       else None})
     for dataset in sorted({r["dataset"] for r in table}):
         series = {}
-        for method in METHODS:
+        for method in methods:
             pts = [r for r in logs if r["method"] == method and r["dataset"] == dataset and r["seed"] == 0]
             cum, xs = 0, []
             for r in pts:

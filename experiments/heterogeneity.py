@@ -16,6 +16,7 @@ from experiments.sim.harness import (
     RECIPES,
     dataset,
     datasets_for,
+    methods_for,
     plot,
     rounds_for,
     scale_for,
@@ -30,13 +31,13 @@ METHODS = ("fedavg", "fedprox", "scaffold", "fediomt")
 
 
 def run(args) -> dict:
-    rows = []
+    rows, methods = [], methods_for(args, METHODS)
     for name in datasets_for(args):
         recipe, rounds = RECIPES[name], rounds_for(name, args)
         for seed in range(args.seeds):
             fed = dataset(name, scale_for(args), seed)
             for cv in CVS:
-                for method in METHODS:
+                for method in methods:
                     logs = simulate(fed, method, seed, rounds=rounds, lr=recipe.lr, local_epochs=recipe.local_epochs,
                                     clip=NO_CLIP, hetero=HeteroConfig(cv=cv), eval_every=rounds)
                     offered = [x.participants + x.missed_deadline + x.declined for x in logs]
@@ -58,7 +59,7 @@ def run(args) -> dict:
         series = {m: ([s["cv"] for s in summary if s["dataset"] == name and s["method"] == m],
                       [s["accuracy"] for s in summary if s["dataset"] == name and s["method"] == m],
                       [s["accuracy_std"] for s in summary if s["dataset"] == name and s["method"] == m])
-                  for m in METHODS}
+                  for m in methods}
         plot(args.out / f"heterogeneity_{name}.png", series, "CV of device compute speed", "final test accuracy",
              f"accuracy vs compute heterogeneity ({name})")
     return write_outputs(args.out, "heterogeneity", args, rows, summary, table,

@@ -224,3 +224,8 @@ def datasets_for(args) -> list[str]:
 
 def scale_for(args) -> Scale:
     return Scale(split=int(getattr(args, "split", 1) or 1), edges=int(getattr(args, "edges", 0) or 0))
+
+
+def methods_for(args, default: tuple[str, ...]) -> tuple[str, ...]:
+    chosen = getattr(args, "methods", None)
+    return tuple(m for m in default if m in chosen) if chosen else default
