@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from device.config import load_config
 from device.runtime import TrainableModel
 from device.sandbox import ScriptedCloud, provision
 from device.training import train_round
+from fediomt.mosquitto import MosquittoBroker
 from protocol.bundle import MODEL_FILE, load_bundle, write_bundle
 from protocol.compression import decode_update
 from protocol.errors import ProtocolError, Reason
@@ -35,6 +38,18 @@ MODEL = "wearable_cnn"
 DENSE = {"method": "dense", "density": 1.0, "bits": 32, "block_size": 256, "stochastic": False, "seed": None,
          "entropy": False}
 PLAN = TrainingPlan(lr=0.05, local_epochs=1, batch_size=32, clip=1.0, noise_mult=1.1)
+
+
+@pytest.fixture
+def broker():
+    """Like conftest's, but in a directory the `mosquitto` user can enter: Mosquitto started as root drops to that
+    user, and under pytest's 0700 tmp_path it cannot save its persistence file ("Permission denied"), so sessions
+    would not survive the broker restart this file tests."""
+    work = Path(tempfile.mkdtemp(prefix="fediomt-device-broker-"))
+    os.chmod(work, 0o755)
+    with MosquittoBroker(workdir=work / "mosquitto") as b:
+        yield b
+    shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +226,7 @@ def test_broker_restart_mid_round_update_still_delivered(fed):
     assert sent["ts"] > wait_log(config, "disconnected")["ts"]  # published while the broker was down
     fed.broker.start()
     update, _ = fed.cloud.next_update(30)
+    assert "Permission denied" not in fed.broker.log_tail()  # the sessions really were persisted
     assert update.round_id == 1 and update.local_steps == 300
     assert len([e for e in logs(config) if e["msg"] == "connected"]) >= 2  # it reconnected
 
@@ -257,12 +273,9 @@ def test_tampered_bundle_refused_at_start_and_on_install(fed, tmp_path):
 def test_mtls_broker_with_client_certificates_and_acl(tmp_path, bundle):
     """A broker as `fediomt broker config` writes it (mTLS, CN = username, per-device ACL), identities from
     `fediomt pki`: the device connects with its certificate, signs with its pki signing key, and its update arrives."""
-    import os
-    import tempfile
-
     from fediomt import broker as broker_config
     from fediomt import pki
-    from fediomt.mosquitto import MosquittoBroker, free_port, give_to_broker_user
+    from fediomt.mosquitto import free_port, give_to_broker_user
 
     work = Path(tempfile.mkdtemp(prefix="fediomt-device-tls-"))  # readable by the mosquitto user, unlike tmp_path
     os.chmod(work, 0o755)
