@@ -58,6 +58,7 @@ from protocol.signing import load_private_key, load_public_key
 from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, ROOT, last_level
 
 AGGREGATES = f"{ROOT}/cloud/aggregates/+"
+UNAVAILABLE = ("budget_exhausted", "offline")  # device states the strategies do not select
 RESIDUAL = "model_residual"  # server-side error feedback of "delta" GlobalModels
 STATUSES = f"{ROOT}/+/status/+"
 
@@ -136,9 +137,14 @@ class CloudAggregator:
             if ann.deadline < now + 1.0:  # restarted after its deadline: same round, same cohort, new deadline
                 ann = sign_message(dataclasses.replace(ann, deadline=now + self.cfg.round_timeout_s), self.key)
         else:
+            available = {k: d for k, d in s.devices.items() if d.state not in UNAVAILABLE}
+            if s.devices and all(d.state == "budget_exhausted" for d in s.devices.values()):
+                self._finish(f"privacy budget spent on every device: all {len(s.devices)} report budget_exhausted: "
+                             f"stopping before round {s.round_id}")
+                return
             rng = np.random.default_rng()
             rng.bit_generator.state = s.rng_state
-            rc = self.strategy.configure_round(s.server, s.round_id, s.devices, rng)
+            rc = self.strategy.configure_round(s.server, s.round_id, available, rng)
             s.rng_state = rng.bit_generator.state
             projected = s.ledger.report(
                 self.cfg.privacy.accountant,
@@ -219,11 +225,12 @@ class CloudAggregator:
             status = decode(payload, expect=DeviceStatus)
         except ProtocolError:
             return  # edge statuses and other traffic on the wildcard: not for us
-        if status.capability is None:
-            return
         info = self.state.devices.get(status.device_id) or DeviceInfo(status.device_id)
-        self.state.devices[status.device_id] = dataclasses.replace(
-            info, compute_class=status.capability.compute_class, steps_per_s=status.capability.steps_per_s)
+        info = dataclasses.replace(info, state=status.state)
+        if status.capability is not None:
+            info = dataclasses.replace(info, compute_class=status.capability.compute_class,
+                                       steps_per_s=status.capability.steps_per_s)
+        self.state.devices[status.device_id] = info
 
     def _load_pending(self) -> None:
         if not self.pending_dir.exists():

@@ -28,7 +28,9 @@ from fediomt.logs import setup
 from fediomt.mosquitto import free_port
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.messages import (
+    Capability,
     CentralDPReport,
+    DeviceStatus,
     EdgeAggregate,
     GlobalModel,
     RoundAnnouncement,
@@ -243,6 +245,28 @@ def test_privacy_budget_exhaustion_stops_with_a_clear_message(federation, tmp_pa
     assert json.loads((tmp_path / "run" / "report.json").read_text())["stop_reason"] == agg.state.stop_reason
     with pytest.raises(queue.Empty):
         edges.next_round(timeout=0.5)  # no third announcement
+
+
+def test_stops_when_every_device_reports_its_budget_spent(federation, tmp_path):
+    write_config, edges = federation
+    config = write_config('rounds = 5\nround_timeout_s = 20.0\n[strategy]\nname = "fediomt"\n'
+                          '[strategy.options]\ncohort_size = 1\n')
+    agg, thread = start_in_process(config)
+    ann = edges.next_round()
+    for device in ("edge1-d1", "edge1-d2", "edge2-d1", "edge2-d2"):  # retained statuses, as devices publish them
+        status = DeviceStatus(device, device[:5], "budget_exhausted", 1, 1, 7.9, 8.0, time.time(), round_id=1,
+                              capability=Capability("wearable", 256, 1e5, steps_per_s=50.0))
+        edges.client.publish(f"fl/{device[:5]}/status/{device}", encode(status), qos=1,
+                             retain=True).wait_for_publish(5)
+    time.sleep(0.5)
+    for edge in ("edge1", "edge2"):
+        edges.send(edge, edges.aggregate(edge, ann, np.zeros(N_PARAMS)))
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert agg.state.stop_reason.startswith("privacy budget spent on every device")
+    assert "stopping before round 2" in agg.state.stop_reason
+    info = agg.state.devices["edge2-d1"]
+    assert info.compute_class == "wearable" and info.steps_per_s == 50.0 and info.rounds == 1
 
 
 def auto_respond(edges: Edges, stop: threading.Event, limit: list[int] | None = None) -> None:

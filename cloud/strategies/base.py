@@ -48,6 +48,7 @@ class DeviceInfo:
     norm: float = 0.0        # running mean of the device's update L2 norm (0 = never seen)
     quality: float = 1.0     # running fraction of its updates NOT flagged by the edges' filters
     rounds: int = 0          # rounds it was part of an aggregate
+    state: str = ""          # its last DeviceStatus state ("online", "budget_exhausted", "offline", ...)
 
 
 @dataclass(frozen=True)
