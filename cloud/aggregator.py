@@ -97,6 +97,9 @@ class CloudAggregator:
         self.pending_dir = self.run_dir / "pending"
         self.checkpoint = self.run_dir / "checkpoint.npz"
         self.state = load(self.checkpoint) if self.checkpoint.exists() else self._fresh()
+        expected = set(self.strategy.init_state(self.model.initial).arrays)
+        if self.state.server.weights.size != self.model.n_params or not expected <= set(self.state.server.arrays):
+            raise ValueError(f"{self.checkpoint} holds another model or strategy's state: use a new run_dir")
         self.nonces = set(self.state.nonces)
         self.received: dict[str, Received] = {}
         self.rejected: Counter = Counter()

@@ -32,10 +32,14 @@ def _run(args: argparse.Namespace) -> int:
     from cloud.config import load_config
     from protocol.atomic import atomic_write
 
-    cfg = load_config(args.config)
-    log = setup("cloud", cfg.log_level)
+    try:
+        cfg = load_config(args.config)
+        log = setup("cloud", cfg.log_level)
+        aggregator = CloudAggregator(cfg, log)
+    except (OSError, ValueError) as exc:  # a config, key, data or checkpoint problem: say it, no traceback
+        print(f"fediomt cloud: {exc}", file=sys.stderr)
+        return 2
     atomic_write(Path(cfg.run_dir) / "config.toml", Path(args.config).read_bytes())
-    aggregator = CloudAggregator(cfg, log)
     aggregator.install_signal_handlers()
     status = aggregator.run()
     if aggregator.state.stop_reason:

@@ -413,3 +413,12 @@ def test_reference_config_loads_and_its_strategy_builds(tmp_path):
     typo.write_text('run_dir = "r"\nsigning_key = "k"\nedge_keys_dir = "e"\nroundz = 3\n')
     with pytest.raises(ValueError, match="unknown keys"):
         load_config(typo)
+
+
+def test_a_bad_setup_is_one_clear_line_and_exit_status_2(tmp_path):
+    config = tmp_path / "cloud.toml"
+    config.write_text('run_dir = "run"\nsigning_key = "missing.key"\nedge_keys_dir = "edges"\n')
+    out = subprocess.run([sys.executable, "-m", "fediomt", "cloud", "run", "--config", str(config)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("fediomt cloud: ") and "missing.key" in out.stderr
+    assert "Traceback" not in out.stderr
