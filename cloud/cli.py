@@ -6,7 +6,6 @@ TensorFlow is imported only when the daemon starts, so `--help` and `check-confi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -27,7 +26,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ banner would break the JSON log lines
     from cloud.aggregator import CloudAggregator
     from cloud.config import load_config
     from protocol.atomic import atomic_write
