@@ -394,7 +394,7 @@ class CloudAggregator:
         }
         if self.cfg.privacy.final_pld and h:
             report["epsilon_pld"] = json_epsilon({
-                "device": epsilon(s.ledger.device, s.ledger.delta, "pld"),
+                "device_derived": epsilon(s.ledger.device, s.ledger.delta, "pld"),
                 "central": epsilon(s.ledger.central, s.ledger.delta, "pld")})
         atomic_write(self.run_dir / "report.json", json.dumps(report, indent=1).encode())
         return report

@@ -193,6 +193,7 @@ def test_rounds_advance_by_the_server_update_and_bad_aggregates_are_counted(fede
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["finished"] and report["stop_reason"] == "completed 3 rounds"
     assert report["total_bytes_up"] == 5000 and report["final_accuracy"] == records[-1]["accuracy"]
+    assert report["epsilon_pld"]["device_derived"] > 0 and report["epsilon_pld"]["central"] is None
 
 
 def dataclass_round(ann: RoundAnnouncement, round_id: int) -> RoundAnnouncement:
