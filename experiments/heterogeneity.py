@@ -1,10 +1,10 @@
 """Figure 4: final accuracy vs the coefficient of variation (CV) of device compute speed, CV in {0, 0.25, 0.5, 1}.
 
-The virtual deadline of every round is 1.5x the time the mean-speed device needs for one local epoch, plus its
-transfers (experiments.sim.hetero). FedAvg and SCAFFOLD are classic fixed-work methods: a device runs its full
-local epoch and, if that takes past the deadline, its update arrives late and the edge refuses it (DEADLINE).
-FedProx and FedIoMT let a slow device run only the steps that fit (device.training.steps_within, what the device
-agent does); FedIoMT also asks for deadline-adapted steps and normalises by local steps (FedNova).
+The virtual deadline of every round is 1.5x what the mean-speed, median-bandwidth device needs for one local epoch
+and a dense model down + update up, the same for every method (experiments.sim.hetero). FedAvg and SCAFFOLD are
+classic fixed-work methods: a device runs its full local epoch and, if that takes past the deadline, its update
+arrives late and the edge refuses it (DEADLINE). FedProx and FedIoMT let a slow device run only the steps that fit
+(device.training.steps_within, what the device agent does); FedIoMT also normalises by local steps (FedNova).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from cloud.strategies import make
 from cloud.strategies.base import DeviceInfo, EdgeResult, RoundDefaults
 from cloud.strategies.heterogeneity import observe
 from cloud.strategies.scaffold import CONTROL
+from device.agent import ENVELOPE_BYTES
 from device.runtime import TrainableModel
 from device.training import planned_steps, train_round
 from edge import central_dp
@@ -152,7 +153,8 @@ class Simulator:
                                  noise_mult=cfg.noise_mult, max_steps=cfg.max_steps)
         central = CentralDPReport(cfg.central_clip, cfg.central_noise, 0.0) if cfg.central_clip > 0 else None
         steps = planned_steps(self.plan, int(np.median([len(d.x) for d in self.devices])), self.batch)
-        self.round_seconds = steps / cfg.hetero.mean_steps_per_s * cfg.hetero.slack
+        dense = 4 * self.n + ENVELOPE_BYTES   # the deadline is the operator's, the same whatever the method sends
+        self.round_seconds = hetero.deadline_s(steps, dense, dense, cfg.hetero)
         options = dict(self.method.options)
         if self.method.strategy == "fediomt":
             options["cohort_size"] = cfg.cohort_size
@@ -206,8 +208,7 @@ class Simulator:
         self.round_id += 1
         rc = self.strategy.configure_round(self.server, self.round_id, self.infos, self.rng)
         gm_bytes = encode(self._global_model())
-        deadline = self.round_seconds + hetero.transfer_s(len(gm_bytes) + encoded_size_bound(
-            self.n, CompressionSettings.from_dict(rc.compression)) + 2048, cfg.hetero.bandwidth_bps) * 2.0
+        deadline = self.round_seconds
         ann = sign_message(RoundAnnouncement(
             round_id=self.round_id, model_name="sim", model_version=self.version, strategy=self.strategy.name,
             deadline=self.clock + deadline, plan=rc.plan, compression=rc.compression, edges=list(self.edges),
@@ -235,7 +236,8 @@ class Simulator:
                 continue
             planned = planned_steps(rc.plan, len(dev.x), self.batch)
             download_s = hetero.transfer_s(len(gm_bytes) + len(ann_bytes), dev.profile.bandwidth_bps)
-            upload_s = hetero.transfer_s(encoded_size_bound(self.n, settings) + 1024, dev.profile.bandwidth_bps)
+            upload_s = hetero.transfer_s(encoded_size_bound(self.n, settings) + ENVELOPE_BYTES,
+                                         dev.profile.bandwidth_bps)
             steps = hetero.local_steps(planned, dev.profile, deadline - download_s - upload_s, m.partial_work)
             if steps < 1 or len(dev.x) < self.batch:
                 up += len(self._status(dev, "declined"))
