@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -77,8 +78,13 @@ def simulator(fed: Federation, method, seed: int, **options) -> Simulator:
 
 
 def simulate(fed: Federation, method, seed: int, **options) -> list[RoundLog]:
-    """One simulated federated run: its per-round logs."""
-    return simulator(fed, method, seed, **options).run()
+    """One simulated federated run: its per-round logs (one progress line on stderr)."""
+    sim = simulator(fed, method, seed, **options)
+    logs = sim.run()
+    print(f"{fed.name} {sim.method.name} seed={seed} devices={len(fed.clients)} rounds={len(logs)} "
+          f"accuracy={logs[-1].accuracy} wall/round={np.mean([x.wall_s for x in logs]):.3f}s", file=sys.stderr,
+          flush=True)
+    return logs
 
 
 def centralized(fed: Federation, seed: int, epochs: int) -> float:
