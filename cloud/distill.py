@@ -53,7 +53,8 @@ class DistillConfig:
     alpha: float = 0.7          # weight of the soft term when the transfer set has labels (else 1)
     epochs: int = 40
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-2
+    cosine: bool = True         # cosine decay of the learning rate to 0 over the epochs
     mixup: bool = True          # teacher labels mixed rows too (function matching)
     noise: float = 0.05         # augmentation: gaussian noise (x std of each feature) ...
     scale: float = 0.1          # ... and per-feature scaling in [1 - scale, 1 + scale]
@@ -171,7 +172,8 @@ def distil(teacher, target: StudentTarget, x: np.ndarray, y: np.ndarray | None, 
 
     spec = model_spec(target.model, **target.options)
     student = keras_model(target.model, init or spec.init_weights(cfg.seed), **target.options)
-    opt = keras.optimizers.Adam(cfg.lr)
+    steps = cfg.epochs * max(1, len(x) // cfg.batch_size)
+    opt = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(cfg.lr, steps) if cfg.cosine else cfg.lr)
     temp = float(cfg.temperature)
     alpha = cfg.alpha if y is not None else 1.0
 

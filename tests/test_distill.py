@@ -52,12 +52,12 @@ def test_wearable_student_is_small_and_agrees_with_the_teacher(tmp_path, watch, 
                              eval_x=watch.x_test, eval_y=watch.y_test,
                              targets=[StudentTarget("wearable", "wearable_cnn", {"n_classes": 7, "filters": 16},
                                                     32 * 1024)],
-                             cfg=DistillConfig(epochs=6, lr=1e-2))
+                             cfg=DistillConfig(epochs=6))
     print(f"teacher {report.teacher_bytes} B acc {report.teacher_accuracy:.3f}; int8 student {report.student_bytes} B "
           f"acc {report.student_accuracy:.3f}, agreement {report.agreement:.3f}")
     assert report.student_bytes <= 32 * 1024
     assert report.student_bytes * 4 <= report.teacher_bytes
-    assert report.agreement >= 0.88  # measured 0.94 with these settings (bench, 40 epochs: 0.98)
+    assert report.agreement >= 0.88  # measured 0.93 with these settings (bench, 40 epochs: 0.98)
     assert report.student_accuracy >= report.teacher_accuracy - 0.1
     bundle = load_bundle(report.bundle, key.public_key())
     assert bundle.manifest["kind"] == "int8_student" and bundle.manifest["device_class"] == "wearable"
@@ -96,3 +96,17 @@ def test_default_targets_shrink_the_teacher_family():
     assert default_targets("har_mlp", {})[0].options["hidden"] == 16
     with pytest.raises(ValueError):
         default_targets("unknown", {})
+
+
+def test_bench_distill_quick_reports_its_figures(tmp_path, capsys):
+    import argparse
+
+    from experiments.bench.distill import run
+
+    figures = run(argparse.Namespace(quick=True, out=tmp_path))
+    for key in ("teacher_bytes", "student_bytes", "teacher_accuracy", "student_accuracy", "agreement",
+                "int8_infer_us", "push_s_5_devices"):
+        assert figures[key] > 0, key
+    assert figures["student_bytes"] * 8 <= figures["teacher_bytes"]
+    assert figures["push_bundle_bytes"] > figures["student_bytes"]
+    assert "agreement" in capsys.readouterr().out
