@@ -62,6 +62,10 @@ class DistillConfig:
     synthetic_steps: int = 200
     calibration_rows: int = 200
     seed: int = 0
+    every_rounds: int = 10      # the cloud distils (and pushes) after every N-th round
+
+    def due(self, round_id: int) -> bool:
+        return self.every_rounds > 0 and round_id > 0 and round_id % self.every_rounds == 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,18 @@ def default_targets(teacher: str, options: dict) -> list[StudentTarget]:
         return [StudentTarget("wearable", teacher, {**opts, "hidden": max(4, h // 4)}, WEARABLE_MAX_BYTES),
                 StudentTarget("pi", teacher, {**opts, "hidden": max(8, h // 2)}, 256 * 1024)]
     raise ValueError(f"no default students for {teacher!r}")
+
+
+def load_proxy(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """A transfer set from an NPZ: `x` (float32, (n, *input_shape)) and optionally `y` (integer labels)."""
+    with np.load(path, allow_pickle=False) as data:
+        if "x" not in data:
+            raise ValueError(f"{path}: a proxy NPZ needs an array 'x'")
+        x = np.asarray(data["x"], np.float32)
+        y = np.asarray(data["y"]).astype(np.int64) if "y" in data else None
+    if len(x) == 0 or (y is not None and len(y) != len(x)):
+        raise ValueError(f"{path}: {len(x)} rows in x, {None if y is None else len(y)} labels")
+    return x, y
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:

@@ -34,7 +34,7 @@ from fediomt.flash import CURRENT, PREVIOUS, check_downgrade, flash_local, rollb
 from fediomt.logs import event
 from protocol import topics
 from protocol.bundle import MAX_ARCHIVE_BYTES, Bundle, load_installed, unpack_files, verify_files
-from protocol.chunking import Reassembler
+from protocol.chunking import PART_OVERHEAD, Reassembler
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import BundleManifest, Chunk, decode, verify_message
 
@@ -81,6 +81,11 @@ def smoke_test(bundle: Bundle, samples: np.ndarray | None) -> None:
     if np.shape(logits) != (len(rows), manifest["n_classes"]) or not np.all(np.isfinite(logits)):
         raise ProtocolError(Reason.NON_FINITE, f"smoke inference gave logits of shape {np.shape(logits)}, "
                                                "or non-finite values")
+
+
+def _reassembler(m: BundleManifest) -> Reassembler:
+    """One transfer, sized for exactly this manifest, never timed out (a transfer may span disconnections)."""
+    return Reassembler(timeout_s=float("inf"), max_total_bytes=m.size + PART_OVERHEAD * m.total, max_transfers=1)
 
 
 @dataclass
@@ -163,8 +168,7 @@ class OtaReceiver:
             self.finished.add(tid)
             return None
         self._abandon()
-        self.transfer = _Transfer(m, Reassembler(timeout_s=float("inf"), max_total_bytes=self.cfg.max_bundle_bytes,
-                                                 max_transfers=1), set(), time.monotonic())
+        self.transfer = _Transfer(m, _reassembler(m), set(), time.monotonic())
         event(self.log, "ota transfer started", name=m.name, version=m.version, size=m.size, chunks=m.total)
         self._request_missing(self.transfer)
         return None
@@ -222,7 +226,7 @@ class OtaReceiver:
             self.finished.add(bytes(m.transfer_id))
             return self._record(OtaResult("refused", m.name, m.version, exc.reason.name, exc.detail))
         t.attempts += 1
-        t.reassembler = Reassembler(timeout_s=float("inf"), max_total_bytes=self.cfg.max_bundle_bytes, max_transfers=1)
+        t.reassembler = _reassembler(m)
         t.received.clear()
         detail = f"attempt {t.attempts - 1}: {exc.detail}; re-requesting after {self.cfg.retry_s} s"
         return self._record(OtaResult("refused", m.name, m.version, exc.reason.name, detail))

@@ -110,3 +110,16 @@ def test_bench_distill_quick_reports_its_figures(tmp_path, capsys):
     assert figures["student_bytes"] * 8 <= figures["teacher_bytes"]
     assert figures["push_bundle_bytes"] > figures["student_bytes"]
     assert "agreement" in capsys.readouterr().out
+
+
+def test_proxy_file_and_schedule(tmp_path):
+    from cloud.distill import load_proxy
+
+    np.savez(tmp_path / "p.npz", x=np.ones((4, 3), np.float32))
+    x, y = load_proxy(tmp_path / "p.npz")
+    assert x.shape == (4, 3) and y is None
+    np.savez(tmp_path / "bad.npz", x=np.ones((4, 3)), y=np.zeros(3))
+    with pytest.raises(ValueError):
+        load_proxy(tmp_path / "bad.npz")
+    cfg = DistillConfig(every_rounds=5)
+    assert [r for r in range(12) if cfg.due(r)] == [5, 10]
