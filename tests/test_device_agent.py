@@ -310,3 +310,16 @@ def test_mtls_broker_with_client_certificates_and_acl(tmp_path, bundle):
     verify_message(update, load_public_key(device.sign_pub))
     assert update.device_id == "d1" and update.round_id == 1
     shutil.rmtree(work, ignore_errors=True)
+
+
+def test_bench_device_quick(tmp_path):
+    """`fediomt bench device --quick`: one real agent process, 3 rounds; the figures the issue asks for."""
+    import argparse
+
+    from experiments.bench.device import run
+
+    figures = run(argparse.Namespace(quick=True, out=tmp_path, json=False))
+    assert figures["model"] == MODEL and figures["rounds"] == 3 and figures["exit_code"] == 0
+    assert 0 < figures["peak_rss_mb"] <= 100  # the target, interpreter and MQTT client included
+    assert figures["cpu_s"] > 0 and figures["local_steps_per_round"] > 0
+    assert 0 < figures["bytes_up_per_round"] < figures["bytes_down_per_round"]  # sparse int8 up, fp32 model down
