@@ -212,3 +212,23 @@ def test_push_cli(tmp_path, keys, source, broker, capsys):
         assert main([*common[:1], str(other), *common[2:]]) == 1
     finally:
         device.stop()
+
+
+def test_push_on_the_cloud_broker_reaches_a_device_through_the_edge_bridge(tmp_path, keys, source):
+    """Production path (docs/deployment.md): the cloud publishes on its broker, each edge broker bridges
+    fl/E/bundles/# in (MQTT 5 keeps the retain flag), and the edge broker has the 16 KB cap."""
+    bkey = keys["bundle"]
+    with MosquittoBroker(workdir=tmp_path / "cloud-mq") as cloud_mq, MosquittoBroker(
+            workdir=tmp_path / "edge-mq", extra_config=[
+                "connection bridge-edge1", f"address 127.0.0.1:{cloud_mq.port}", "bridge_protocol_version mqttv50",
+                "remote_clientid bridge-edge1", "cleansession false", "try_private true",
+                f"topic fl/{EDGE}/bundles/# in 1", f"message_size_limit {CAP}"]) as edge_mq:
+        push_bundle(make_bundle(tmp_path, source, bkey, 1), CLS, [EDGE],
+                    BrokerConfig(host=cloud_mq.host, port=cloud_mq.port), keys["cloud"], message_cap=CAP)
+        # the device connects only after the push: everything it needs is retained on its edge broker
+        device = OtaClient("late", edge_mq.host, edge_mq.port, OtaConfig(EDGE, CLS, tmp_path / "dev"),
+                           keys["cloud"].public_key(), bkey.public_key()).start()
+        try:
+            wait_until(lambda: device.receiver.installed_version == 1)
+        finally:
+            device.stop()
