@@ -103,11 +103,8 @@ class DeviceAgent:
             # a first start, or a new architecture: the bundle's initial weights, no global version yet
             self.state = DeviceState(history=self.state.history, seen_rounds=self.state.seen_rounds,
                                      extra=self.state.extra).for_new_model(self.bundle.name, -1, self.model.get_flat())
-        self.state = self._with_extra(bundle_version=self.bundle.version)
+        self.state = replace(self.state, extra={**self.state.extra, "bundle_version": self.bundle.version})
         save_state(self.state_path, self.state)
-
-    def _with_extra(self, **facts) -> DeviceState:
-        return replace(self.state, extra={**self.state.extra, **facts})
 
     def install_bundle(self, source: str | Path) -> Bundle:
         """Verify the bundle in `source`, install it as `fediomt flash` does (bundle_dir/current, the old one kept
@@ -266,16 +263,17 @@ class DeviceAgent:
               density=settings.density, bits=settings.bits)
 
     def _settings(self, ann: RoundAnnouncement, time_left: float) -> CompressionSettings:
-        """The round's settings, or adaptive ones from our capability when none are announced or they overflow
-        the broker's message cap."""
-        n, cap = self.model.n_params, self.cfg.broker.max_message_bytes
+        """The round's settings, or adaptive ones from our capability when none are announced or they would
+        overflow the broker's message cap (SCAFFOLD sends two payloads with the same settings)."""
+        n, c = self.model.n_params, self.cfg.capability
+        parts = 2 if ann.plan.scaffold else 1
+        room = (self.cfg.broker.max_message_bytes - ENVELOPE_BYTES) // parts
         if ann.compression:
             settings = CompressionSettings.from_dict(ann.compression)
-            if encoded_size_bound(n, settings) + ENVELOPE_BYTES <= cap:
+            if encoded_size_bound(n, settings) <= room:
                 return settings
-        c = self.cfg.capability
-        return adaptive_settings(n, c.bandwidth_bps, c.compute_class, cap, deadline_s=max(time_left, 1.0),
-                                 envelope_bytes=ENVELOPE_BYTES)
+        return adaptive_settings(n, c.bandwidth_bps / parts, c.compute_class, room + ENVELOPE_BYTES,
+                                 deadline_s=max(time_left, 1.0), envelope_bytes=ENVELOPE_BYTES)
 
     # ------------------------------------------------------------------ status
     def capability(self, steps_per_s: float | None = None) -> Capability:

@@ -7,6 +7,7 @@ Relative paths in the file are resolved against the file's own directory, so a d
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,8 +99,8 @@ class DeviceConfig:
         check_id(self.edge)
         if self.privacy.accountant not in ACCOUNTANTS:
             raise ValueError(f"privacy.accountant {self.privacy.accountant!r} not in {ACCOUNTANTS}")
-        if not (self.privacy.epsilon > 0 and 0 < self.privacy.delta < 1):
-            raise ValueError("privacy.epsilon must be > 0 and privacy.delta in (0, 1)")
+        if not (0 < self.privacy.epsilon < math.inf and 0 < self.privacy.delta < 1):
+            raise ValueError("privacy.epsilon must be finite and > 0, privacy.delta in (0, 1)")
         if self.capability.compute_class not in COMPUTE_CLASSES:
             raise ValueError(f"capability.compute_class {self.capability.compute_class!r} not in {COMPUTE_CLASSES}")
         if not 0 < self.broker.reconnect_min_s <= self.broker.reconnect_max_s:

@@ -56,6 +56,7 @@ def test_config_refuses_unknown_keys_and_bad_values(tmp_path):
     cfg = load_config(tmp_path / "ok.toml")
     assert cfg.privacy.epsilon == 3.0 and isinstance(cfg.privacy.epsilon, float)
     for extra, match in (("[broker]\nhots = 'x'\n", "unknown keys"), ("[privacy]\naccountant = 'gdp'\n", "accountant"),
+                         ("[privacy]\nepsilon = inf\n", "finite"),
                          ("[capability]\ncompute_class = 'toaster'\n", "compute_class")):
         (tmp_path / "bad.toml").write_text(base + extra)
         with pytest.raises(ValueError, match=match):
