@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -143,9 +144,13 @@ def _pld_epsilon(history: History, delta: float) -> float:
     return float(acc.get_epsilon(delta))
 
 
+def epsilon(history: Sequence[Entry], delta: float, accountant: str = "rdp") -> float:
+    """The (epsilon, delta)-DP guarantee of everything in `history`; inf if any entry had no noise."""
+    return _epsilon(tuple(history), float(delta), accountant)
+
+
 @lru_cache(maxsize=64)
-def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
-    """The (epsilon, delta)-DP guarantee of everything in `history`; inf if any entry had no noise (cached)."""
+def _epsilon(history: History, delta: float, accountant: str) -> float:
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant {accountant!r} not in {ACCOUNTANTS}")
     active = tuple(e for e in history if e.steps > 0 and e.sample_rate > 0)
@@ -158,7 +163,8 @@ def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
     return rdp_to_epsilon(sum(e.steps * rdp_subsampled_gaussian(e.sample_rate, e.noise_mult) for e in active), delta)
 
 
-def can_afford(history: History, entry: Entry, budget_epsilon: float, delta: float, accountant: str = "rdp") -> bool:
+def can_afford(history: Sequence[Entry], entry: Entry, budget_epsilon: float, delta: float,
+               accountant: str = "rdp") -> bool:
     """Would running `entry` keep the total within `budget_epsilon` at `delta`?"""
     return epsilon((*history, entry), delta, accountant) <= budget_epsilon
 

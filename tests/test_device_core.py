@@ -72,7 +72,7 @@ def test_accountant_matches_published_values_and_composes_history():
     rdp = accountant.epsilon((Entry(1.1, 0.01, 1000),), 1e-5, "rdp")
     assert rdp == pytest.approx(1.7118, abs=1e-4)
     split = (Entry(1.1, 0.01, 400), Entry(1.1, 0.01, 600))
-    assert accountant.epsilon(split, 1e-5, "rdp") == pytest.approx(rdp, rel=1e-9)
+    assert accountant.epsilon(list(split), 1e-5, "rdp") == pytest.approx(rdp, rel=1e-9)
     pld = accountant.epsilon((Entry(1.1, 0.01, 1000),), 1e-5, "pld")
     assert 1.4 < pld < 1.712  # PLD is tighter
     assert accountant.epsilon((), 1e-5) == 0.0
