@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cloud.accounting import PrivacyLedger, central_event, device_event, epsilon, exhausted, json_epsilon
 from cloud.config import CloudConfig, compression_from_table
+from cloud.contributions import ContributionRecorder, tls_context
 from cloud.metrics import Metrics
 from cloud.model import CloudModel, compress_broadcast, load_eval_data
 from cloud.state import CloudState, load, save
@@ -110,6 +111,9 @@ class CloudAggregator:
         self.stop = threading.Event()
         self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
         self.conn = Connection(cfg.broker, cfg.client_id, [AGGREGATES, STATUSES], self.inbox, log)
+        self.recorder: ContributionRecorder | None = None
+        if cfg.ledger is not None and self.eval_data is None:
+            raise ValueError("[ledger] needs eval_data: contributions are scored on the held-out set")
 
     def _fresh(self) -> CloudState:
         server = self.strategy.init_state(self.model.initial)
@@ -276,6 +280,7 @@ class CloudAggregator:
             s.devices = observe(s.devices, got.agg.device_ids, got.agg.filtered, got.agg.update_norms)
         previous = s.server.weights
         s.server = self.strategy.apply(s.server, results, self.cfg.population or len(s.devices))
+        rewards = self._record_contributions(ann.round_id, s.version + 1, results, previous)
         s.version += 1
         self._compress_model(previous)
         participating = [a for a in aggs if a.num_devices > 0]
@@ -288,6 +293,7 @@ class CloudAggregator:
         report = s.ledger.report(self.cfg.privacy.accountant)
         loss, acc = self.model.evaluate(s.server.weights, self.eval_data) if self.eval_data else (None, None)
         record = self._record(ann, aggs, report, loss, acc, now)
+        record["rewards"] = rewards
         s.history.append(record)
         s.round_id += 1
         s.announcement = b""
@@ -309,6 +315,16 @@ class CloudAggregator:
               cloud_step_s=round(time.monotonic() - t0, 4))
         if s.stop_reason:
             self._finish(s.stop_reason)
+
+    def _record_contributions(self, round_id: int, version: int, results: list[EdgeResult],
+                              previous: np.ndarray) -> dict | None:
+        scored = [r for r in results if r.delta is not None and r.num_devices > 0]
+        if self.recorder is None or not scored:
+            return None
+        return self.recorder.record(round_id, version, [r.edge_id for r in scored], [r.delta for r in scored],
+                                    [r.num_samples for r in scored], previous,
+                                    lambda w: self.model.evaluate(w, self.eval_data)[1],
+                                    np.random.default_rng([self.cfg.seed, round_id]))
 
     def _compress_model(self, previous: np.ndarray) -> None:
         """Delta mode: the new version goes out compressed (the server adopts exactly what devices rebuild), except
@@ -409,11 +425,17 @@ class CloudAggregator:
             event(self.log, "cloud running", strategy=self.strategy.name, model=self.cfg.model,
                   n_params=self.model.n_params, edges=self.edges, round=self.state.round_id,
                   resumed=bool(self.state.history))
+            if self.cfg.ledger is not None:
+                b = self.cfg.broker
+                self.recorder = ContributionRecorder(self.cfg.ledger, self.key, b.host, b.port,
+                                                     tls_context(b.ca, b.cert, b.key), self.log)
             self._load_pending()
             self._publish_model()
             self._open_round(time.time())
             self._loop()
             self.conn.close()
+            if self.recorder is not None:
+                self.recorder.close()
         self.write_report()
         event(self.log, "cloud stopped", finished=bool(self.state.stop_reason), rounds=len(self.state.history))
         return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import tomllib
 
 from cloud.accounting import ACCOUNTANTS
+from cloud.contributions import LedgerConfig
 from cloud.strategies import STRATEGIES
 from edge.config import BrokerConfig
 from edge.config import _build as build_dataclass
@@ -78,6 +79,7 @@ class CloudConfig:
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    ledger: LedgerConfig | None = None  # contribution ledger (cloud/contributions.py); None = off
 
     def __post_init__(self) -> None:
         for edge in self.edges:

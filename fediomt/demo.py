@@ -146,6 +146,11 @@ def prepare(settings: DemoSettings, run_dir: Path, port: int):
             "privacy": {"epsilon": settings.device_epsilon, "delta": 1e-5, "accountant": "rdp"},
             "broker": broker,
         })
+    # the contribution ledger's consortium: the cloud proposes, the edges (hospitals) and the cloud validate
+    _toml(run_dir / "consortium.toml", {
+        "validators": {"cloud": str((keys / "cloud.pub").resolve()),
+                       **{edge: str((edge_keys / f"{edge}.pub").resolve()) for edge in fed.edges}},
+        "policy": {"tokens_per_round": 1000}})
     configs["cloud"] = _toml(run_dir / "cloud" / "cloud.toml", {
         "run_dir": "run", "signing_key": str(cloud_key.resolve()), "edge_keys_dir": "edge_keys",
         "edges": fed.edges, "devices": [c.id for c in fed.clients], "model": fed.model,
@@ -157,6 +162,8 @@ def prepare(settings: DemoSettings, run_dir: Path, port: int):
         "central_dp": {"clip": settings.central_clip, "noise_mult": settings.central_noise_mult},
         "privacy": {"delta": 1e-5, "device_epsilon": settings.device_epsilon if settings.noise_mult > 0 else 0.0},
         "strategy": {"name": settings.strategy},
+        "ledger": {"db": str((run_dir / "ledger.db").resolve()),
+                   "consortium": str((run_dir / "consortium.toml").resolve())},
     })
     return fed, configs
 
@@ -221,6 +228,18 @@ def build_report(settings: DemoSettings, records: list[dict], cloud_report: dict
     }
 
 
+def ledger_summary(db: Path) -> dict:
+    """Audit the chain the demo leaves behind (what `fediomt ledger verify` checks) and its balances."""
+    from ledger.chain import verify_chain
+    from ledger.cli import raw_blocks
+
+    if not db.exists():
+        return {"db": str(db), "valid": False, "detail": "no ledger was written"}
+    verdict = verify_chain(raw_blocks(db))
+    return {"db": str(db), "valid": verdict.ok, "blocks": verdict.height, "head_hash": verdict.head_hash.hex(),
+            "balances": verdict.balances, "detail": str(verdict.error or "")}
+
+
 def write_report(report: dict, run_dir: Path) -> None:
     (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"# FedIoMT demo: {report['dataset']}, strategy {report['strategy']}", "",
@@ -232,6 +251,8 @@ def write_report(report: dict, run_dir: Path) -> None:
               f"- bytes up: {report['total_bytes_up']} vs {report['dense_bytes_up']} for dense float32 FedAvg "
               f"(x{report['compression_ratio']:.1f} less)" if report["compression_ratio"] else "- no bytes sent",
               f"- privacy: epsilon {report['epsilon']} (RDP), {report['epsilon_pld']} (PLD) at delta 1e-5",
+              f"- contribution ledger: {report['ledger'].get('blocks')} blocks, valid: {report['ledger']['valid']}, "
+              f"balances {report['ledger'].get('balances')} (`fediomt ledger verify {report['ledger']['db']}`)",
               f"- wall time: {report['wall_s']} s"]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     _plots(report, run_dir)
@@ -271,6 +292,10 @@ def run_demo(settings: DemoSettings, run_dir: Path, timeout_s: float = 900.0, ba
         group.start("cloud", ["cloud", "run", "--config", str(configs["cloud"])])
         for edge in fed.edges:
             group.start(f"edge-{edge}", ["edge", "run", "--config", str(configs[f"edge-{edge}"])])
+            edge_dir = run_dir / "edges" / edge
+            group.start(f"ledger-{edge}", ["ledger", "replica", str(edge_dir / "ledger.db"), "--consortium",
+                                           str(run_dir / "consortium.toml"), "--id", edge, "--key",
+                                           str(edge_dir / "edge.key"), "--port", str(broker.port)])
         for client in fed.clients:
             group.start(client.id, ["device", "run", "--config", str(configs[client.id])])
         records = watch(group, run_dir / "cloud" / "run", settings.rounds, timeout_s)
@@ -286,6 +311,7 @@ def run_demo(settings: DemoSettings, run_dir: Path, timeout_s: float = 900.0, ba
         centralized = centralized_accuracy(fed, epochs=settings.baseline_epochs)
     report = build_report(settings, records, cloud_report, centralized, time.monotonic() - start)
     report["processes_left"] = leftovers
+    report["ledger"] = ledger_summary(run_dir / "ledger.db")
     write_report(report, run_dir)
     print(f"final accuracy {report['final_accuracy']} vs centralized {centralized}"
           + (f" ({100 * report['accuracy_ratio']:.1f}%)" if report["accuracy_ratio"] else "")

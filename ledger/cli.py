@@ -63,7 +63,7 @@ def _clear_errors(func):
     return run
 
 
-def _raw_blocks(db: Path) -> list[bytes]:
+def raw_blocks(db: Path) -> list[bytes]:
     """Stored block bytes in index order, read-only (an audit must not create or migrate anything)."""
     if not db.is_file():
         raise FileNotFoundError(f"{db}: no such ledger database")
@@ -87,7 +87,7 @@ def _hex(value: str | None, what: str) -> bytes | None:
 
 
 def verify(args: argparse.Namespace) -> int:
-    raw = _raw_blocks(args.db)
+    raw = raw_blocks(args.db)
     pinned = _hex(args.genesis_hash, "--genesis-hash")
     if args.validators is not None:
         from_file = make_genesis(load_consortium(args.validators)).hash
@@ -119,7 +119,7 @@ def _rows(raw: list[bytes]) -> list[dict]:
 
 
 def report(args: argparse.Namespace) -> int:
-    raw = _raw_blocks(args.db)
+    raw = raw_blocks(args.db)
     rows = _rows(raw)
     verdict = verify_chain(raw)
     if not verdict.ok:
