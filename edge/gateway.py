@@ -46,6 +46,7 @@ class Connection:
                  log: logging.Logger) -> None:
         self.cfg, self.subscriptions, self.inbox, self.log = cfg, subscriptions, inbox, log
         self.connected = threading.Event()
+        self.subscribed = threading.Event()   # the broker granted the subscriptions (SUBACK)
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
                              manual_ack=True)
         if cfg.ca is not None:
@@ -55,6 +56,7 @@ class Connection:
             client.username_pw_set(cfg.username, cfg.password)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = lambda *_: self.subscribed.set()
         client.on_message = lambda _c, _u, m: self.inbox.put((self, m.topic, m.payload, m.mid, m.qos))
         self.client = client
 
@@ -72,6 +74,7 @@ class Connection:
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         event(self.log, "disconnected", logging.WARNING, reason=str(reason_code))
 
     def start(self, stop: threading.Event) -> bool:

@@ -190,12 +190,13 @@ def _mqtt_case(n: int, rng: np.random.Generator) -> dict:
         acks = threading.Semaphore(0)
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-devices", protocol=mqtt.MQTTv5)
         client.on_message = lambda *_: acks.release()
+        ready = threading.Event()
+        client.on_subscribe = lambda *_: ready.set()
         client.connect(broker.host, broker.port)
         client.subscribe("fl/bench/ack/+", qos=1)
         client.loop_start()
-        while not gateway.local.connected.is_set():
-            time.sleep(0.01)
-        time.sleep(0.2)
+        if not (gateway.local.subscribed.wait(30) and ready.wait(30)):
+            raise RuntimeError("the edge or the bench client did not subscribe within 30 s")
         t0 = time.perf_counter()
         for d, m in msgs:
             client.publish(f"fl/bench/updates/{d}", m, qos=1)
