@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import signal
+import threading
 from pathlib import Path
 
 HELP = """\
@@ -38,6 +39,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                               epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     status_p.add_argument("--config", type=Path, required=True, help="device TOML config file")
     status_p.set_defaults(func=status)
+    new_p = sub.add_parser("new-run", help="forget the global model, rounds, residual and control variates before a "
+                                           "new federation run; KEEP the privacy history (the lifetime budget)",
+                           epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    new_p.add_argument("--config", type=Path, required=True, help="device TOML config file (the agent must be stopped)")
+    new_p.set_defaults(func=new_run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,13 +54,15 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     log = logs.setup(f"device.{cfg.id}", args.log_level or cfg.log_level)
+    stop = threading.Event()  # handlers first: a SIGTERM while the interpreter loads is a clean stop too
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         agent = DeviceAgent(cfg, log)
     except ProtocolError as exc:  # e.g. a bundle that does not verify: refuse to start, say why
         logs.event(log, "refusing to start", logging.ERROR, reason=exc.reason.name, detail=exc.detail)
         return 3
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: agent.stop.set())
+    agent.stop = stop
     return agent.run()
 
 
@@ -72,4 +80,16 @@ def status(args: argparse.Namespace) -> int:
         "epsilon_spent": accountant.epsilon(state.history, p.delta, p.accountant), "epsilon_budget": p.epsilon,
         "delta": p.delta, "accountant": p.accountant, "steps_per_s": state.steps_per_s, **state.extra,
     }, indent=2))
+    return 0
+
+
+def new_run(args: argparse.Namespace) -> int:
+    from device.config import load_config
+    from device.state import STATE_FILE, DeviceState, load_state, save_state
+
+    cfg = load_config(args.config)
+    old = load_state(cfg.state_dir / STATE_FILE)
+    save_state(cfg.state_dir / STATE_FILE, DeviceState(history=old.history, extra=old.extra))
+    print(json.dumps({"device": cfg.id, "kept_history_entries": len(old.history), "forgot_rounds": len(old.seen_rounds),
+                      "forgot_model_version": old.model_version}))
     return 0

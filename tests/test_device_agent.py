@@ -23,6 +23,7 @@ from device.agent import DeviceAgent
 from device.config import load_config
 from device.runtime import TrainableModel
 from device.sandbox import ScriptedCloud, provision
+from device.state import load_state
 from device.training import train_round
 from fediomt.mosquitto import MosquittoBroker
 from protocol.bundle import MODEL_FILE, load_bundle, write_bundle
@@ -202,7 +203,7 @@ def test_budget_stops_training_and_survives_kill_9(fed):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert fed.cloud.wait_status("offline", 10).device_id == "d1"  # the last will
-    fed.start(config)
+    again = fed.start(config)
     fed.cloud.announce(3, MODEL, 1, PLAN)
     status = fed.cloud.wait_status("budget_exhausted", 30)
     assert status.round_id == 3 and status.epsilon_spent <= budget
@@ -210,6 +211,13 @@ def test_budget_stops_training_and_survives_kill_9(fed):
     out = subprocess.run([sys.executable, "-m", "fediomt", "device", "status", "--config", str(config)], cwd=REPO,
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["rounds_trained"] == 1
+    again.send_signal(signal.SIGTERM)  # a clean stop, then a new run: the budget is per device, it stays spent
+    assert again.wait(15) == 0
+    assert fed.cloud.wait_status("offline", 10).round_id is None
+    subprocess.run([sys.executable, "-m", "fediomt", "device", "new-run", "--config", str(config)], cwd=REPO,
+                   capture_output=True, check=True)
+    state = load_state(config.parent / "state" / "state.npz")
+    assert len(state.history) == 1 and state.seen_rounds == () and state.model_version == -1
 
 
 def test_broker_restart_mid_round_update_still_delivered(fed):
