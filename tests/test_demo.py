@@ -1,0 +1,44 @@
+"""End to end: a short `fediomt demo` (real Mosquitto, cloud, edges, devices and ledger replicas as processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fediomt.demo import DemoSettings, run_demo
+
+pytestmark = pytest.mark.slow
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_short_demo_report(tmp_path):
+    settings = DemoSettings(rounds=3, devices=4, device_epsilon=12.0)
+    run_dir = tmp_path / "run"
+    report = run_demo(settings, run_dir, timeout_s=400, baseline=False)
+    assert report["completed"], (run_dir / "logs" / "cloud.log").read_text()[-3000:]
+    assert json.loads((run_dir / "report.json").read_text())["final_accuracy"] == report["final_accuracy"]
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert report["final_accuracy"] > 1 / 7 + 0.1  # 7 exercises: chance is 0.14
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in report["rounds"])
+    assert report["total_bytes_up"] * 5 < report["dense_bytes_up"]
+    eps = [r["epsilon"] for r in report["rounds"]]
+    assert all(e is not None for e in eps) and eps == sorted(eps) and eps[-1] <= settings.device_epsilon
+    assert report["ledger"]["valid"] and report["ledger"]["blocks"] == 1 + 3
+    assert sum(report["ledger"]["balances"].values()) == 3 * 1000
+    assert (run_dir / "accuracy_bytes.png").stat().st_size > 1000
+    assert report["processes_left"] == []
+    assert processes_mentioning(str(run_dir)) == []
