@@ -102,12 +102,12 @@ def run_client_round(mqtt_client: mqtt.Client, client: SecAggClient, vector: np.
 
     try:
         opened = wait(RoundOpen)
+        vector = np.asarray(vector, np.float32).ravel()
+        if vector.size != opened.length:             # before taking part: a device that cannot finish stays out
+            raise ProtocolError(Reason.BAD_SHAPE, f"{vector.size} values, the round masks {opened.length}")
         uplink = {step: secagg_topic(edge, step, me) for step in UPLINK}
         _publish(mqtt_client, uplink["advertise"], client.advertise())
         _publish(mqtt_client, uplink["shares"], client.share_keys(wait(Roster)))
-        vector = np.asarray(vector, np.float32).ravel()
-        if vector.size != opened.length:
-            raise ProtocolError(Reason.BAD_SHAPE, f"{vector.size} values, the round masks {opened.length}")
         _publish(mqtt_client, uplink["masked"], client.masked_input(wait(ShareInbox), vector))
         _publish(mqtt_client, uplink["reveal"], client.unmask(wait(UnmaskRequest)))
         outcome = wait(Outcome)
