@@ -235,7 +235,8 @@ def test_config_round_trips_and_rejects_bad_values():
     config = SecAggConfig(graph=Graph.FULL, k=6, threshold=0.6, min_cohort=10, clip=0.5, bits=12)
     assert SecAggConfig.from_dict(config.to_dict()) == config
     assert SecAggConfig().degree(100) == 20 and SecAggConfig().degree(10) == 9
-    assert SecAggConfig().devices_mask and not SecAggConfig(trust=TrustMode.TRUSTED_EDGE).devices_mask
+    assert SecAggConfig().devices_mask and not SecAggConfig(mode=TrustMode.TRUSTED_EDGE).devices_mask
+    assert SecAggConfig.from_dict({"mode": "trusted_edge"}).mode is TrustMode.TRUSTED_EDGE   # as rounds announce it
     for bad in ({"threshold": 1.5}, {"graph": "ring"}, {"bits": "16"}, {"extra": 1}, {"min_cohort": 1}):
         with pytest.raises(ProtocolError):
             SecAggConfig.from_dict(bad)

@@ -34,7 +34,7 @@ class SecAggConfig:
     min_cohort: int = 5         # privacy parameter: fewer survivors and the round aborts (the edge learns no sum)
     clip: float = 1.0           # inputs clipped to [-clip, clip] before quantization
     bits: int = 16              # quantization bits per coordinate
-    trust: TrustMode = TrustMode.UNTRUSTED_EDGE
+    mode: TrustMode = TrustMode.UNTRUSTED_EDGE      # key "mode" as in RoundAnnouncement.secagg
 
     def __post_init__(self) -> None:
         checks = [
@@ -51,7 +51,7 @@ class SecAggConfig:
     @property
     def devices_mask(self) -> bool:
         """Devices run SecAgg toward the edge (untrusted edge), or send plaintext for the edge to filter."""
-        return self.trust is TrustMode.UNTRUSTED_EDGE
+        return self.mode is TrustMode.UNTRUSTED_EDGE
 
     def degree(self, n: int) -> int:
         """Neighbours per device in a cohort of n."""
@@ -76,8 +76,8 @@ class SecAggConfig:
             values = dict(data)
             if "graph" in values:
                 values["graph"] = Graph(values["graph"])
-            if "trust" in values:
-                values["trust"] = TrustMode(values["trust"])
+            if "mode" in values:
+                values["mode"] = TrustMode(values["mode"])
             for name, kind in (("k", int), ("min_cohort", int), ("bits", int), ("threshold", float), ("clip", float)):
                 if name in values and (type(values[name]) not in (kind, int) or isinstance(values[name], bool)):
                     raise ValueError(f"{name} must be a number")
