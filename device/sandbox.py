@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import queue
-import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +21,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fediomt.flash import flash_local
 from protocol import topics
+from protocol.bundle import load_bundle
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.messages import (
     Ack,
@@ -36,7 +37,7 @@ from protocol.messages import (
     floats_to_bytes,
     sign_message,
 )
-from protocol.signing import generate_signing_key, save_private_key, save_public_key
+from protocol.signing import generate_signing_key, load_public_key, save_private_key, save_public_key
 
 
 def provision(root: str | Path, device_id: str, edge: str, bundle_src: str | Path, bundle_pubkey: str | Path,
@@ -49,8 +50,8 @@ def provision(root: str | Path, device_id: str, edge: str, bundle_src: str | Pat
     key = generate_signing_key()
     save_private_key(key, root / "signing.key")
     save_public_key(key.public_key(), root / f"{device_id}.pub")
-    if not (root / "bundles" / "current").exists():
-        shutil.copytree(bundle_src, root / "bundles" / "current")
+    bundle_key = load_public_key(bundle_pubkey)
+    flash_local(load_bundle(bundle_src, bundle_key), root / "bundles", bundle_key)
     (root / "data").mkdir(exist_ok=True)
     np.savez(root / "data" / "train.npz", x=np.asarray(x, np.float32), y=np.asarray(y, np.int64))
     config = {"id": device_id, "edge": edge, "state_dir": "state", "bundle_dir": "bundles",
