@@ -1,7 +1,9 @@
 """Start a private Mosquitto on a free loopback port (tests, the demo, benchmarks).
 
-Mosquitto started as root drops to the `mosquitto` user before it opens its log, pid and persistence files, so the
-run directory is made writable by that user. Extra config lines (TLS, ACLs, size limits, bridges) pass through.
+Mosquitto started as root drops to the `mosquitto` user before it opens its log, pid and persistence files; a private
+broker started as root keeps running as root (`user root`), because its run directory may sit under directories
+that user cannot enter (pytest's 0700 tmp dirs), where it could not save its persistence file and sessions would
+not survive a restart. Extra config lines (TLS, ACLs, size limits, bridges) pass through.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ class MosquittoBroker:
             "log_type error",
             "log_type warning",
         ]
+        if os.geteuid() == 0 and not any(line.startswith("user ") for line in self.extra_config):
+            lines.append("user root")
         if not any(line.startswith(("allow_anonymous", "password_file")) for line in self.extra_config):
             lines.append("allow_anonymous true")
         if self.persistence:

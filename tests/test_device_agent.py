@@ -41,18 +41,6 @@ DENSE = {"method": "dense", "density": 1.0, "bits": 32, "block_size": 256, "stoc
 PLAN = TrainingPlan(lr=0.05, local_epochs=1, batch_size=32, clip=1.0, noise_mult=1.1)
 
 
-@pytest.fixture
-def broker():
-    """Like conftest's, but in a directory the `mosquitto` user can enter: Mosquitto started as root drops to that
-    user, and under pytest's 0700 tmp_path it cannot save its persistence file ("Permission denied"), so sessions
-    would not survive the broker restart this file tests."""
-    work = Path(tempfile.mkdtemp(prefix="fediomt-device-broker-"))
-    os.chmod(work, 0o755)
-    with MosquittoBroker(workdir=work / "mosquitto") as b:
-        yield b
-    shutil.rmtree(work, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def bundle():
     return load_bundle(PREBUILT / MODEL, load_public_key(DEV_PUB))
