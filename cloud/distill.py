@@ -51,10 +51,10 @@ class StudentTarget:
 class DistillConfig:
     temperature: float = 4.0
     alpha: float = 0.7          # weight of the soft term when the transfer set has labels (else 1)
-    epochs: int = 40
+    steps: int = 2500           # optimizer steps, whatever the transfer set's size: a small set is cycled more
     batch_size: int = 64
     lr: float = 1e-2
-    cosine: bool = True         # cosine decay of the learning rate to 0 over the epochs
+    cosine: bool = True         # cosine decay of the learning rate to 0 over the steps
     mixup: bool = True          # teacher labels mixed rows too (function matching)
     noise: float = 0.05         # augmentation: gaussian noise (x std of each feature) ...
     scale: float = 0.1          # ... and per-feature scaling in [1 - scale, 1 + scale]
@@ -188,8 +188,7 @@ def distil(teacher, target: StudentTarget, x: np.ndarray, y: np.ndarray | None, 
 
     spec = model_spec(target.model, **target.options)
     student = keras_model(target.model, init or spec.init_weights(cfg.seed), **target.options)
-    steps = cfg.epochs * max(1, len(x) // cfg.batch_size)
-    opt = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(cfg.lr, steps) if cfg.cosine else cfg.lr)
+    opt = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(cfg.lr, cfg.steps) if cfg.cosine else cfg.lr)
     temp = float(cfg.temperature)
     alpha = cfg.alpha if y is not None else 1.0
 
@@ -210,15 +209,16 @@ def distil(teacher, target: StudentTarget, x: np.ndarray, y: np.ndarray | None, 
 
     rng = np.random.default_rng(cfg.seed)
     std = x.reshape(-1, x.shape[-1]).std(axis=0).astype(np.float32)
-    n = len(x)
-    for _ in range(cfg.epochs):
-        order = rng.permutation(n)
-        for i in range(0, n - cfg.batch_size + 1, cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            if y is not None:  # labelled rows are not mixed: the hard term needs their true class
-                step(tf.constant(x[idx]), tf.constant(y[idx]), True)
-            else:
-                step(tf.constant(_augment(x[idx], rng, cfg, std)), tf.constant(np.zeros(len(idx), np.int64)), False)
+    batch = min(cfg.batch_size, len(x))
+    order, pos = rng.permutation(len(x)), 0
+    for _ in range(cfg.steps):
+        if pos + batch > len(x):
+            order, pos = rng.permutation(len(x)), 0
+        idx, pos = order[pos:pos + batch], pos + batch
+        if y is not None:  # labelled rows are not mixed: the hard term needs their true class
+            step(tf.constant(x[idx]), tf.constant(y[idx]), True)
+        else:  # fresh augmentation every time a row comes round again
+            step(tf.constant(_augment(x[idx], rng, cfg, std)), tf.constant(np.zeros(len(idx), np.int64)), False)
     return [np.asarray(w, np.float32) for w in student.get_weights()]
 
 

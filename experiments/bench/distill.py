@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
     proxies = {"pooled": fed.pooled()[0], "public": np.concatenate([c.x for c in public]), "synthetic": None}
     if quick:
         proxies = {"pooled": proxies["pooled"][::4]}
-    cfg = DistillConfig(epochs=3 if quick else 40, synthetic_rows=4096)
+    cfg = DistillConfig(steps=60 if quick else 2500, synthetic_rows=4096)
     key = generate_signing_key()
     rows, figures = [], {}
     with tempfile.TemporaryDirectory(prefix="fediomt-bench-distill-") as tmp:
