@@ -53,7 +53,8 @@ def infer_us(model_bytes: bytes, rows: np.ndarray, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def push_seconds(bundle: Path, key, n_devices: int, samples: np.ndarray, tmp: Path) -> float:
+def push_seconds(bundle: Path, key, n_devices: int, samples: np.ndarray, tmp: Path, device_class: str = "wearable"
+                 ) -> float:
     """Wall time from the start of `push_bundle` until every device has installed (and smoke-tested) it."""
     from cloud.push import push_bundle
     from device.ota import OtaClient, OtaConfig
@@ -61,14 +62,15 @@ def push_seconds(bundle: Path, key, n_devices: int, samples: np.ndarray, tmp: Pa
     from fediomt.mosquitto import MosquittoBroker
 
     with MosquittoBroker(extra_config=[f"message_size_limit {MESSAGE_CAP}"], workdir=tmp / f"mq{n_devices}") as mq:
-        devices = [OtaClient(f"d{i}", mq.host, mq.port, OtaConfig("edge1", "wearable", tmp / f"n{n_devices}-d{i}"),
+        devices = [OtaClient(f"d{i}", mq.host, mq.port,
+                             OtaConfig("edge1", device_class, tmp / f"{device_class}{n_devices}-d{i}"),
                              key.public_key(), key.public_key(), samples=lambda: samples).start()
                    for i in range(n_devices)]
         try:
             for d in devices:
                 d.connected.wait(10)
             start = time.monotonic()
-            push_bundle(bundle, "wearable", ["edge1"], BrokerConfig(host=mq.host, port=mq.port), key,
+            push_bundle(bundle, device_class, ["edge1"], BrokerConfig(host=mq.host, port=mq.port), key,
                         message_cap=MESSAGE_CAP)
             deadline = start + 120
             while any(d.receiver.installed_version == 0 for d in devices):
@@ -133,6 +135,13 @@ def run(args: argparse.Namespace) -> dict:
         figures["push_s_5_devices"] = push_seconds(bundle, key, 5, samples, tmp)
         if not quick:
             figures["push_s_50_devices"] = push_seconds(bundle, key, 50, samples, tmp)
+            # the Pi class gets the trainable teacher architecture: a bundle of many chunks under the 16 KB cap
+            from firmware_models import build_bundle
+
+            pi_bundle = build_bundle("wearable_cnn", tmp / "teacher-bundle", key, version=1, **TEACHER)
+            figures["pi_push_bundle_bytes"] = len(archive_of(pi_bundle))
+            for n in (5, 50):
+                figures[f"pi_push_s_{n}_devices"] = push_seconds(pi_bundle, key, n, samples, tmp, "pi")
     print_table(rows)
     print_table([{k: v for k, v in figures.items() if not k.startswith(("agreement_", "student_accuracy_"))}])
     return figures
