@@ -93,8 +93,7 @@ def test_push_through_capped_broker_to_five_devices(tmp_path, keys, source):
             assert load_bundle(tmp_path / f"dev{i}" / "previous", bkey.public_key()).version == 1
         # the resumed device asked again only for the chunks it still missed
         resumed = [r for r in devices[4].subscribe_requests[requests_at_drop[0]:] if "/chunk/" in r[0]]
-        assert resumed and sorted(resumed[0]) == sorted(bundle_chunk_topic(EDGE, CLS, i)
-                                                         for i in range(2, report.chunks))
+        assert resumed and set(resumed[0]) <= {bundle_chunk_topic(EDGE, CLS, i) for i in range(2, report.chunks)}
 
         # a downgrade is refused and nothing changes
         push_bundle(v1, CLS, [EDGE], cfg, cloud, message_cap=CAP)
