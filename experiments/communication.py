@@ -14,14 +14,14 @@ TARGET_FRACTION = 0.9
 
 
 def bytes_to_target(logs: list[dict], target: float) -> tuple[int | None, int | None, int, int]:
-    """(bytes, round) at the first round whose accuracy >= target (None when never), and the up/down split then."""
-    total = up = down = 0
+    """(bytes, round) at the first round whose accuracy >= target (None, None when never), and the up/down bytes
+    until then (until the end of the run when never)."""
+    up = down = 0
     for r in logs:
         up += r["bytes_up"]
         down += r["bytes_down"]
-        total = up + down
         if r["accuracy"] is not None and r["accuracy"] >= target:
-            return total, r["round"], up, down
+            return up + down, r["round"], up, down
     return None, None, up, down
 
 
@@ -37,7 +37,7 @@ def run(args) -> dict:
             nbytes, rnd, up, down = bytes_to_target(run_logs, target)
             rows.append({"method": method, "dataset": c["dataset"], "seed": c["seed"], "bytes_to_target": nbytes,
                          "target_accuracy": target, "rounds_to_target": rnd, "bytes_up": up, "bytes_down": down,
-                         "bytes_per_round": (up + down) / max(len(run_logs), 1)})
+                         "bytes_per_round": (up + down) / max(rnd or len(run_logs), 1)})
     summary = []
     for value in ("bytes_to_target", "target_accuracy", "rounds_to_target", "bytes_per_round"):
         summary += [dict(s, figure=value) for s in summarize(rows, ["method", "dataset"], value)]
