@@ -36,7 +36,7 @@ class DemoSettings:
     lr: float = 0.5
     local_epochs: int = 1
     batch_size: int = 32             # the firmware models' fixed training batch
-    density: float = 0.05            # top-k fraction of coordinates sent
+    density: float = 0.1             # top-k fraction of coordinates sent (error feedback keeps the rest)
     bits: int = 8
     central_noise_mult: float = 0.0  # edge (user-level) noise; with ~5 devices per edge it costs much accuracy
     central_clip: float = 0.0
