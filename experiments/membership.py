@@ -21,6 +21,7 @@ from experiments.sim.harness import (
     batch_for,
     dataset,
     datasets_for,
+    n_params,
     rounds_for,
     scale_for,
     simulator,
@@ -67,7 +68,7 @@ def run(args) -> dict:
                 train_fed = single_device(fed, x_all, y_all, fed.x_test, fed.y_test) if target == "centralized" \
                     else fed
                 opts = {"clip": NO_CLIP} if mode is None else mode_options(mode, EPSILON, recipe, batch, min_local,
-                                                                           rounds)
+                                                                           rounds, n_params(fed))
                 base = dict(rounds=rounds, lr=recipe.lr, local_epochs=recipe.local_epochs, eval_every=rounds,
                             batch_size=batch)
                 sim = simulator(train_fed, method, seed, **base, **opts)

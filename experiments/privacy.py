@@ -6,7 +6,8 @@ Privacy units and the budget split:
 - central: user-level DP at the edges (each device's delta clipped to `central_clip`, Gaussian noise on the sum),
   epsilon for one device's whole participation over all rounds (cloud.accounting.central_event, 1 step per round);
 - two-level: both, each level calibrated to epsilon / 2, so that the two guarantees add up to epsilon under basic
-  composition (an example's device is also a user at its edge).
+  composition (an example's device is also a user at its edge); the edges then clip at the expected norm of a
+  locally noised delta (`noisy_update_norm`), not at the noise-free `central_clip`.
 Noise multipliers are the smallest whose accountant epsilon (RDP, delta = 1e-5) is <= the target; the epsilons the
 run's ledger actually reports are in the rows (`epsilon_device`, `epsilon_central`). epsilon = inf: no noise and no
 clipping (the non-private reference).
@@ -25,6 +26,7 @@ from experiments.sim.harness import (
     dataset,
     datasets_for,
     finite_or_none,
+    n_params,
     plot,
     rounds_for,
     scale_for,
@@ -70,8 +72,15 @@ def central_noise(target: float, rate: float, rounds: int) -> float:
     return calibrate(target, lambda z: [Entry(z, rate, 1)] * rounds)
 
 
-def mode_options(mode: str, eps: float, recipe, batch: int, min_local: int, rounds: int) -> dict:
-    """SimConfig options for one (mode, epsilon)."""
+def noisy_update_norm(signal: float, lr: float, steps: int, noise_mult: float, clip: float, batch: int,
+                      n_params: int) -> float:
+    """Expected L2 norm of a DP-SGD delta: the signal plus `steps` independent N(0, (lr z C / B)^2 I) draws."""
+    return math.sqrt(signal**2 + steps * (lr * noise_mult * clip / batch) ** 2 * n_params)
+
+
+def mode_options(mode: str, eps: float, recipe, batch: int, min_local: int, rounds: int, n_params: int) -> dict:
+    """SimConfig options for one (mode, epsilon). Two-level: the edges' clip is the expected norm of a locally
+    noised delta (clipping at the noise-free norm would scale the signal down by the local noise's norm)."""
     if math.isinf(eps):
         return {"clip": NO_CLIP}
     share = eps / 2 if mode == "two_level" else eps
@@ -79,7 +88,11 @@ def mode_options(mode: str, eps: float, recipe, batch: int, min_local: int, roun
     if mode in ("local", "two_level"):
         opts.update(clip=recipe.dp_clip, noise_mult=device_noise(share, batch, recipe.local_epochs, min_local, rounds))
     if mode in ("central", "two_level"):
-        opts.update(central_clip=recipe.central_clip, central_noise=central_noise(share, 1.0, rounds))
+        clip = recipe.central_clip
+        if mode == "two_level":
+            steps = recipe.local_epochs * math.ceil(min_local / batch)
+            clip = noisy_update_norm(clip, recipe.lr, steps, opts["noise_mult"], recipe.dp_clip, batch, n_params)
+        opts.update(central_clip=clip, central_noise=central_noise(share, 1.0, rounds))
     return opts
 
 
@@ -90,22 +103,22 @@ def run(args) -> dict:
         recipe, rounds = RECIPES[name], rounds_for(name, args)
         for seed in range(args.seeds):
             fed = dataset(name, scale_for(args), seed)
-            batch, min_local = batch_for(fed), min(len(c.x) for c in fed.clients)
+            batch, min_local, n = batch_for(fed), min(len(c.x) for c in fed.clients), n_params(fed)
             base = dict(rounds=rounds, lr=recipe.lr, local_epochs=recipe.local_epochs, eval_every=rounds)
-            nonprivate = simulate(fed, METHOD, seed, **base, **mode_options("local", math.inf, recipe, batch,
-                                                                             min_local, rounds))[-1].accuracy
+            nonprivate = simulate(fed, METHOD, seed, **base, clip=NO_CLIP)[-1].accuracy
             for mode in MODES:
                 for eps in epsilons:
                     if math.isinf(eps):
                         acc, opts, logs = nonprivate, {}, None
                     else:
-                        opts = mode_options(mode, eps, recipe, batch, min_local, rounds)
+                        opts = mode_options(mode, eps, recipe, batch, min_local, rounds, n)
                         logs = simulate(fed, METHOD, seed, **base, **opts)
                         acc = logs[-1].accuracy
                     rows.append({"mode": mode, "epsilon": None if math.isinf(eps) else eps, "accuracy": acc,
                                  "nonprivate_accuracy": nonprivate, "dataset": name, "seed": seed,
                                  "noise_mult": opts.get("noise_mult", 0.0),
                                  "central_noise": opts.get("central_noise", 0.0),
+                                 "central_clip": opts.get("central_clip", 0.0),
                                  "epsilon_device": finite_or_none(logs[-1].epsilon_device) if logs else None,
                                  "epsilon_central": finite_or_none(logs[-1].epsilon_central) if logs else None})
     for r in rows:

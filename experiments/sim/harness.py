@@ -235,3 +235,7 @@ def scale_for(args) -> Scale:
 def methods_for(args, default: tuple[str, ...]) -> tuple[str, ...]:
     chosen = getattr(args, "methods", None)
     return tuple(m for m in default if m in chosen) if chosen else default
+
+
+def n_params(fed: Federation) -> int:
+    return int(initial_weights(fed.model, 0, **fed.model_options).size)
