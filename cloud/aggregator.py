@@ -32,8 +32,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cloud.accounting import PrivacyLedger, central_event, device_event, epsilon, exhausted, json_epsilon
 from cloud.config import CloudConfig, compression_from_table
 from cloud.contributions import ContributionRecorder, tls_context
+from cloud.distill import distill_round, load_proxy
 from cloud.metrics import Metrics
 from cloud.model import CloudModel, compress_broadcast, load_eval_data
+from cloud.push import push_bundle
 from cloud.state import CloudState, load, save
 from cloud.strategies import make
 from cloud.strategies.base import DeviceInfo, EdgeResult, RoundDefaults
@@ -112,6 +114,8 @@ class CloudAggregator:
         self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
         self.conn = Connection(cfg.broker, cfg.client_id, [AGGREGATES, STATUSES], self.inbox, log)
         self.recorder: ContributionRecorder | None = None
+        self.distiller: threading.Thread | None = None
+        self.students: dict[str, list[np.ndarray]] = {}  # float student weights per class: warm starts
         if cfg.ledger is not None and self.eval_data is None:
             raise ValueError("[ledger] needs eval_data: contributions are scored on the held-out set")
 
@@ -309,12 +313,52 @@ class CloudAggregator:
         self.received.clear()
         self.rejected.clear()
         self._publish_model()
+        self._maybe_distill(ann.round_id)
         self._observe_metrics(record, report, time.monotonic() - t0)
         event(self.log, "round closed", **{k: record[k] for k in ("round", "accuracy", "loss", "num_devices",
                                                                     "bytes_up", "bytes_down", "epsilon")},
               cloud_step_s=round(time.monotonic() - t0, 4))
         if s.stop_reason:
             self._finish(s.stop_reason)
+
+    def _maybe_distill(self, round_id: int) -> None:
+        """Every N rounds, distil the new global model into int8 students and push them (a worker thread: the
+        rounds go on meanwhile; one distillation at a time, a due round is skipped while one runs)."""
+        schedule = self.cfg.distill
+        if schedule is None or not schedule.config().due(round_id):
+            return
+        if self.distiller is not None and self.distiller.is_alive():
+            event(self.log, "distillation still running: skipping this one", logging.WARNING, round=round_id)
+            return
+        weights, version = self.state.server.weights.copy(), self.state.version
+        self.distiller = threading.Thread(target=self._distill, args=(weights, version), daemon=True)
+        self.distiller.start()
+
+    def _distill(self, weights: np.ndarray, version: int) -> None:
+        schedule = self.cfg.distill
+        try:
+            proxy_x, proxy_y = load_proxy(schedule.proxy) if schedule.proxy else (None, None)
+            data = self.eval_data
+            reports = distill_round(self.cfg.model, weights, self.cfg.model_options, self.key,
+                                    self.run_dir / "students" / f"v{version}", version, proxy_x, proxy_y,
+                                    data.x if data else None, data.y if data else None, cfg=schedule.config(),
+                                    previous=self.students)
+            for r in reports:
+                self.students[r.device_class] = r.weights
+                pushed = None
+                if schedule.push and r.bundle is not None:
+                    pushed = push_bundle(r.bundle, r.device_class, self.edges, self.cfg.broker, self.key,
+                                         message_cap=schedule.message_cap)
+                line = {"version": version, "device_class": r.device_class, "student_bytes": r.student_bytes,
+                        "teacher_bytes": r.teacher_bytes, "agreement": r.agreement,
+                        "student_accuracy": r.student_accuracy, "teacher_accuracy": r.teacher_accuracy,
+                        "bundle": None if r.bundle is None else str(r.bundle),
+                        "pushed_s": None if pushed is None else round(pushed.seconds, 3)}
+                with open(self.run_dir / "distill.jsonl", "a") as f:
+                    f.write(json.dumps(line) + "\n")
+                event(self.log, "student distilled", **line)
+        except Exception:  # a failed distillation must not take the federation down
+            self.log.exception("distillation failed", extra={"fields": {"version": version}})
 
     def _record_contributions(self, round_id: int, version: int, results: list[EdgeResult],
                               previous: np.ndarray) -> dict | None:
@@ -436,6 +480,8 @@ class CloudAggregator:
             self.conn.close()
             if self.recorder is not None:
                 self.recorder.close()
+            if self.distiller is not None:
+                self.distiller.join()
         self.write_report()
         event(self.log, "cloud stopped", finished=bool(self.state.stop_reason), rounds=len(self.state.history))
         return 0

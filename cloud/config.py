@@ -13,6 +13,7 @@ import tomllib
 
 from cloud.accounting import ACCOUNTANTS
 from cloud.contributions import LedgerConfig
+from cloud.distill import DistillSchedule
 from cloud.strategies import STRATEGIES
 from edge.config import BrokerConfig
 from edge.config import _build as build_dataclass
@@ -80,6 +81,7 @@ class CloudConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     ledger: LedgerConfig | None = None  # contribution ledger (cloud/contributions.py); None = off
+    distill: DistillSchedule | None = None  # int8 students + OTA push (cloud/distill.py); None = off
 
     def __post_init__(self) -> None:
         for edge in self.edges:

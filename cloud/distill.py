@@ -274,3 +274,17 @@ def distill_round(teacher_name: str, teacher_weights: np.ndarray | list[np.ndarr
             None if eval_y is None else float(np.mean(np.argmax(logits, axis=1) == eval_y)), teacher_acc,
             float_agree, time.monotonic() - start, weights))
     return reports
+
+
+@dataclass(frozen=True)
+class DistillSchedule:
+    """`[distill]` of cloud.toml: distil the global model every N rounds and push the students (cloud/push.py)."""
+
+    every_rounds: int = 10        # 0 = never
+    proxy: Path | None = None     # NPZ (x, optional y) the cloud may use; None = synthetic rows from the teacher
+    steps: int = 2500             # optimizer steps per student
+    push: bool = True             # push every student within its budget to its device class behind every edge
+    message_cap: int = 256 * 1024  # the brokers' message cap (chunks stay under it)
+
+    def config(self) -> DistillConfig:
+        return DistillConfig(steps=self.steps, every_rounds=self.every_rounds)

@@ -26,7 +26,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def test_short_demo_report(tmp_path):
-    settings = DemoSettings(rounds=3, devices=4, device_epsilon=12.0)
+    settings = DemoSettings(rounds=3, devices=4, device_epsilon=12.0, distill_steps=50)
     run_dir = tmp_path / "run"
     report = run_demo(settings, run_dir, timeout_s=400, baseline=False)
     assert report["completed"], (run_dir / "logs" / "cloud.log").read_text()[-3000:]
@@ -40,5 +40,8 @@ def test_short_demo_report(tmp_path):
     assert report["ledger"]["valid"] and report["ledger"]["blocks"] == 1 + 3
     assert sum(report["ledger"]["balances"].values()) == 3 * 1000
     assert (run_dir / "accuracy_bytes.png").stat().st_size > 1000
+    assert {s["device_class"] for s in report["students"]} == {"wearable", "pi"}
+    assert all(s["student_bytes"] < s["teacher_bytes"] for s in report["students"])
+    assert any(s["pushed_s"] is not None for s in report["students"])  # within budget: bundled and pushed
     assert report["processes_left"] == []
     assert processes_mentioning(str(run_dir)) == []
