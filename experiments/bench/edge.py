@@ -163,7 +163,8 @@ def _case(density: float, n: int, filters: list[str], rng: np.random.Generator) 
             "ingest_updates_per_s": (n - 1) / ingest, "round_close_s": close,
             "numpy_floor_updates_per_s": floor, "bytes_per_update": float(np.mean([len(m) for _, m in msgs])),
             **{k: round(v, 2) for k, v in stages.items()},
-            "filter_seconds": {k: round(v, 4) if isinstance(v, float) else v for k, v in filter_times.items()}}
+            "filter_seconds": {k: round(v, 4) if isinstance(v, float) else v for k, v in filter_times.items()},
+            "peak_rss_mb_so_far": _peak_rss_mb()}
 
 
 def _mqtt_case(n: int, rng: np.random.Generator) -> dict:
@@ -267,7 +268,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB), message generation included."""
+    """Peak resident memory of this process so far (Linux reports KiB): the bench's own copies included (every
+    message, the floor's decoded arrays, the filter timings' second copy of the rows)."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
