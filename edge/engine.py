@@ -174,6 +174,7 @@ class EdgeEngine:
             accepted = exc.reason == Reason.DUPLICATE   # already counted: a QoS 1 redelivery, not an error
             return Ack(self.cfg.edge_id, topic_device, round_id, accepted, int(exc.reason), exc.detail[:256]), []
         self.pending.append(stored)
+        self.excused.discard(stored.device_id)   # it said it would not send, and did: it counts as sent
         self.metrics.accepted.inc()
         self.metrics.pending.set(len(self.pending))
         return Ack(self.cfg.edge_id, topic_device, round_id, True, int(Reason.OK)), self.tick(time.time())
@@ -191,7 +192,7 @@ class EdgeEngine:
             return []
         if msg.round_id not in (None, ann.round_id):
             return []
-        if msg.state in EXCUSED:
+        if msg.state in EXCUSED and not self.store.has(msg.device_id, ann.round_id):  # sent, then went offline
             self.excused.add(msg.device_id)
         elif msg.state in ("online", "training"):
             self.excused.discard(msg.device_id)

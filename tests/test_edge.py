@@ -365,6 +365,8 @@ def test_statuses_excuse_devices_from_the_quorum(tmp_path, rng):
         return encode(DeviceStatus(device, "edge1", state, 1, 1, 0.0, 8.0, time.time(), round_id))
 
     assert eng.handle_update("d00", fed.update("d00", rng.normal(size=N_PARAMS).astype(np.float32)))[1] == []
+    assert eng.handle_status("d00", status("d00", "offline", round_id=None)) == []  # sent, then left: not excused
+    assert eng.excused == set()
     assert eng.handle_status("d01", status("d01", "skipped", round_id=0)) == []    # another round: ignored
     assert eng.handle_status("d02", status("d01", "skipped")) == []                # wrong topic: ignored
     assert eng.handle_status("d01", status("d01", "skipped")) == []
