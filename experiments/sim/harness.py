@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
@@ -182,15 +181,6 @@ def plot(path: Path, series: dict[str, tuple[list, list, list | None]], xlabel: 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-class Timer:
-    def __enter__(self) -> Timer:
-        self.t0 = time.monotonic()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.s = time.monotonic() - self.t0
 
 
 def quiet_tensorflow() -> None:
