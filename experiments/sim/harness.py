@@ -42,6 +42,9 @@ def dataset(name: str, scale: Scale = Scale(), seed: int = 0) -> Federation:
     if name == "physionet2012":
         from experiments.datasets.physionet2012 import load_physionet_federation
 
+        if not PHYSIONET.exists():
+            raise SystemExit(f"physionet2012: no set-a at {PHYSIONET} (the shared datasets live beside the repository "
+                             "in development only)")
         fed = load_physionet_federation(PHYSIONET)
     else:
         fed = load(name)
