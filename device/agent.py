@@ -55,6 +55,9 @@ from protocol.messages import (
     sign_message,
     verify_message,
 )
+from protocol.secagg import SecAggClient
+from protocol.secagg.deploy import MaskedRound
+from protocol.secagg.mqtt_driver import run_client_round
 from protocol.signing import load_private_key, load_public_key
 
 CONNECTED = ""             # inbox marker: the link (re)connected
@@ -201,6 +204,12 @@ class DeviceAgent:
             return self._answer(ann, "declined", f"{len(x)} examples, fewer than one batch of {batch}")
         if plan.scaffold and self.state.server_control is None:
             return self._answer(ann, "declined", "SCAFFOLD round but the global model has no control variate")
+        try:
+            masked = MaskedRound.from_announcement(ann.secagg)
+        except ProtocolError as exc:
+            return self._answer(ann, "declined", f"secagg: {exc}")
+        if masked is not None and (plan.scaffold or cfg.secagg_keys_dir is None):
+            return self._answer(ann, "declined", "secure aggregation needs secagg_keys_dir and no SCAFFOLD")
         time_left = ann.deadline - time.time() - cfg.deadline_margin_s
         speed = self.state.steps_per_s or cfg.capability.steps_per_s
         steps = steps_within(planned_steps(plan, len(x), batch), time_left, speed)
@@ -223,15 +232,18 @@ class DeviceAgent:
         if self.stop.is_set():  # nothing was released, so nothing is spent: the round is simply not answered
             event(self.log, "stopping: round abandoned", round=ann.round_id, steps=result.local_steps)
             return
-        self._finish(ann, result, settings)
+        self._finish(ann, result, settings, masked)
 
-    def _finish(self, ann: RoundAnnouncement, result: LocalResult, settings: CompressionSettings) -> None:
+    def _finish(self, ann: RoundAnnouncement, result: LocalResult, settings: CompressionSettings,
+                masked: MaskedRound | None = None) -> None:
         cfg, budget = self.cfg, self.cfg.privacy
         entry = accountant.Entry(result.noise_mult, result.sample_rate, result.local_steps)
         history = (*self.state.history, entry)
         speed = result.local_steps / max(result.elapsed_s, 1e-6)
         old = self.state.steps_per_s
         speed = speed if old <= 0 else SPEED_SMOOTHING * speed + (1 - SPEED_SMOOTHING) * old
+        if masked is not None:  # no significance skip: a silent cohort member would count as a dropout
+            return self._send_masked(ann, result, masked, history, speed)
         norm = float(np.linalg.norm(result.delta))
         if norm < cfg.significance_threshold:
             # post-processing of the DP output: the skipped delta waits in the error-feedback residual
@@ -261,6 +273,33 @@ class DeviceAgent:
         event(self.log, "update sent", round=ann.round_id, steps=result.local_steps, loss=round(result.loss, 4),
               norm=round(norm, 4), bytes=len(data), epsilon=round(spent.epsilon, 4), method=settings.method,
               density=settings.density, bits=settings.bits)
+
+    def _send_masked(self, ann: RoundAnnouncement, result: LocalResult, masked: MaskedRound,
+                     history: tuple, speed: float) -> None:
+        """Untrusted-edge round: persist the spend, then take part in the cohort's secure aggregation with the
+        clipped delta (docs/secagg.md "Deployment"); the edge learns only the cohort sum. The error-feedback residual
+        is left as it is (masked rounds send no compression payload)."""
+        cfg = self.cfg
+        vector = masked.device_vector(result.delta, result.num_samples, result.local_steps)
+        self.state = replace(self.state.answered(ann.round_id), history=history, steps_per_s=speed)
+        save_state(self.state_path, self.state)  # the spend is on disk before anything leaves the device
+        self.publish_status("masking", ann.round_id, f"{vector.size} values")
+        client = SecAggClient(cfg.id, cfg.edge, ann.round_id, self.signing_key, self._secagg_directory())
+        start = time.monotonic()
+        try:
+            outcome = run_client_round(self.link.client, client, vector, cfg.secagg_timeout_s)
+        except ProtocolError as exc:
+            event(self.log, "masked update not aggregated", logging.WARNING, round=ann.round_id,
+                  reason=exc.reason.name, detail=exc.detail)
+            return
+        event(self.log, "masked update aggregated", round=ann.round_id, steps=result.local_steps,
+              values=vector.size, cohort=len(outcome.survivors), seconds=round(time.monotonic() - start, 3),
+              epsilon=round(self.epsilon_spent(), 4))
+
+    def _secagg_directory(self) -> dict:
+        """Identity keys of the edge's devices, from the enrolment export in secagg_keys_dir ({device_id}.pub)."""
+        paths = sorted(Path(self.cfg.secagg_keys_dir).glob("*.pub"))
+        return {topics.check_id(p.stem): load_public_key(p) for p in paths}
 
     def _settings(self, ann: RoundAnnouncement, time_left: float) -> CompressionSettings:
         """The round's settings, or adaptive ones from our capability when none are announced or they would

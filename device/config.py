@@ -92,6 +92,8 @@ class DeviceConfig:
     min_steps: int = 1                  # decline a round when fewer local steps fit before its deadline
     deadline_margin_s: float = 2.0      # stop training this long before the deadline (time to compress + send)
     threads: int | None = None          # interpreter threads (None: the runtime's default)
+    secagg_keys_dir: Path | None = None  # enrolment export: {device_id}.pub of the edge's devices (secure aggregation)
+    secagg_timeout_s: float = 120.0     # a masked round (docs/secagg.md "Deployment") gives up after this long
     log_level: str = "info"
 
     def __post_init__(self) -> None:

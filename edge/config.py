@@ -77,6 +77,8 @@ class EdgeConfig:
     metrics_port: int = 0        # Prometheus /metrics on this port; 0 = off
     metrics_host: str = "127.0.0.1"
     tick_s: float = 0.2          # how often deadlines are checked
+    secagg_step_timeout_s: float = 30.0  # masked rounds: wait this long per protocol step (the first one also
+                                         # covers the devices' training); silent devices count as dropped
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ from edge.config import EdgeConfig
 from edge.metrics import Metrics
 from edge.rounds import expected_devices, staleness_weight, sync_close_reason
 from edge.rows import Rows
+from edge.secagg_round import masked_mean
 from edge.store import Store, Stored
 from edge.validation import KeyRing, RoundContext, authenticate, decode_delta
 from fediomt.logs import event
@@ -31,6 +32,7 @@ from protocol.compression import CompressionSettings, decode_update, encode_upda
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
     Ack,
+    CentralDPReport,
     DeviceStatus,
     EdgeAggregate,
     GlobalModel,
@@ -41,6 +43,8 @@ from protocol.messages import (
     sign_message,
     verify_message,
 )
+from protocol.secagg import SecAggResult
+from protocol.secagg.deploy import MaskedRound
 from protocol.topics import aggregate_topic, check_id, model_topic, round_topic
 
 EXCUSED = ("skipped", "declined", "budget_exhausted", "offline")
@@ -90,6 +94,7 @@ class EdgeEngine:
     def _refresh(self) -> None:
         """Rebuild the round context after the announcement, the model or the closed state changed."""
         ann = self.announcement
+        self.masked = None if ann is None else MaskedRound.from_announcement(ann.secagg)  # untrusted-edge round
         if ann is None or self.model is None:
             self.ctx, self.expected = None, set()
             return
@@ -128,6 +133,7 @@ class EdgeEngine:
     def _on_round(self, data: bytes) -> list[Publication]:
         msg = decode(data, expect=RoundAnnouncement)
         verify_message(msg, self.cloud_key)
+        MaskedRound.from_announcement(msg.secagg)   # refuse a malformed secagg table before adopting the round
         current = self.announcement
         if current is not None and msg.round_id <= current.round_id:
             return [] if msg.round_id < current.round_id else [Publication(round_topic(self.cfg.edge_id), data,
@@ -158,6 +164,8 @@ class EdgeEngine:
         try:
             if self.ctx is None:
                 raise ProtocolError(Reason.WRONG_ROUND, "no open round (announcement or model not received yet)")
+            if self.masked is not None:
+                raise ProtocolError(Reason.BAD_VALUE, "plaintext update in a secure-aggregation round")
             msg, stale = authenticate(data, topic_device, self.ctx, self.keys, self.cfg.max_update_bytes)
             round_id = msg.round_id
             self.store.check_fresh(msg.device_id, msg.round_id, msg.nonce)
@@ -213,7 +221,7 @@ class EdgeEngine:
                 rounds.round_timeout_s > 0 and len(self.pending) >= max(rounds.min_updates, 1)
                 and now - min(self.opened, now) >= rounds.round_timeout_s)
             return self._close("buffer") if due else []
-        if self.ctx.closed:
+        if self.ctx.closed or self.masked is not None:   # a masked round closes when its protocol ends
             return []
         remaining = len(self.expected) - len(self.excused)
         if self.expected and not remaining:
@@ -222,23 +230,38 @@ class EdgeEngine:
         reason = sync_close_reason(len(self.pending), share, now, ann.deadline, self.opened, rounds)
         return self._close(reason) if reason else []
 
-    def _close(self, why: str) -> list[Publication]:
+    def close_masked(self, round_id: int, outcome: SecAggResult | ProtocolError) -> list[Publication]:
+        """The masked round `round_id` ended (edge.secagg_round.SecAggRunner): forward the survivors' mean, or an
+        insignificant aggregate after an abort."""
+        if self.masked is None or self.ctx is None or self.ctx.closed or self.ctx.round_id != round_id:
+            return []
+        if isinstance(outcome, ProtocolError):
+            self.rejected[outcome.reason.name] += 1
+            event(self.log, "secagg round aborted", logging.WARNING, round=round_id, detail=outcome.detail)
+            return self._close("secagg aborted")
+        return self._close("secagg", outcome)
+
+    def _close(self, why: str, masked: SecAggResult | None = None) -> list[Publication]:
         ann = self.announcement
         assert ann is not None and self.model is not None
         sync = self.cfg.rounds.mode == "sync"
         batch = ann.round_id if sync else self.batch + 1
-        agg, result = self._aggregate(self.pending, ann, why)
+        if masked is None:
+            agg, result = self._aggregate(self.pending, ann, why)
+            mean = result.mean
+        else:
+            agg, mean = self._masked_aggregate(masked, ann, why)
         payload = encode(sign_message(agg, self.key))
         state = {"batch": str(batch).encode()}
         if sync:
             state["closed_round"] = str(ann.round_id).encode()
         if agg.significant:
-            state["last_forwarded"] = result.mean.tobytes()
+            state["last_forwarded"] = mean.tobytes()
             if self.residual is not None:
                 state["residual"] = self.residual.tobytes()
         self.store.close_batch(batch, [(u.device_id, u.round_id) for u in self.pending], payload, state)
         if agg.significant:
-            self.last_forwarded = result.mean
+            self.last_forwarded = mean
         self.batch = batch
         if sync:
             self.closed_round = ann.round_id
@@ -303,6 +326,34 @@ class EdgeEngine:
             device_bytes=int(sum(u.nbytes for u, c in zip(updates, counted) if c)),
             update_norms={d: float(result.norms[i]) for i, d in enumerate(ids) if counted[i]})
         return agg, result
+
+    def _masked_aggregate(self, result: SecAggResult, ann: RoundAnnouncement,
+                          why: str) -> tuple[EdgeAggregate, np.ndarray]:
+        """The EdgeAggregate of a masked round: the survivors' unweighted mean (no filters: nothing to inspect),
+        central DP with the on-device clip bound as sensitivity when the round or the config asks for noise."""
+        masked, n_params, dp = self.masked, int(self.model["n_params"]), ann.central_dp
+        noise_mult = (dp.noise_mult if dp is not None and dp.clip > 0 else
+                      self.cfg.central_dp.noise_mult if self.cfg.central_dp.clip > 0 else 0.0)
+        mean, samples, steps = masked_mean(result, masked, n_params, noise_mult)
+        change = relative_change(mean, self.last_forwarded)
+        significant = self.cfg.forward.significance <= 0 or change > self.cfg.forward.significance
+        delta = b""
+        if significant:
+            delta, self.residual = self._encode(mean, self.residual)
+        report = None
+        if noise_mult > 0:
+            rate = (dp.sampling_rate if dp is not None and dp.sampling_rate > 0 else self.cfg.central_dp.sampling_rate
+                    or len(self.expected) / max(len(self.keys.enrolled()), 1))
+            report = CentralDPReport(masked.config.clip, noise_mult, min(rate, 1.0), 0)
+        n = len(result.devices)
+        event(self.log, "aggregate", round=ann.round_id, why=why, devices=n, dropped=len(result.dropped),
+              significant=significant, secagg=True)
+        agg = EdgeAggregate(
+            edge_id=self.aggregate_id, round_id=ann.round_id, base_version=ann.model_version, num_devices=n,
+            num_samples=samples, weight_sum=float(n), n_params=n_params, delta=delta, significant=significant,
+            central_dp=report, filtered=[], rejected=dict(self.rejected), device_ids=list(result.devices),
+            max_device_epsilon=0.0, mean_local_steps=steps / max(n, 1), nonce=new_nonce(), timestamp=time.time())
+        return agg, mean
 
     def _encode(self, vector: np.ndarray, residual: np.ndarray | None) -> tuple[bytes, np.ndarray | None]:
         """The aggregate as a compression payload; error feedback only when the forward compression is lossy."""

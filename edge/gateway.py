@@ -31,6 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from device.link import backoff_delays
 from edge.config import BrokerConfig, EdgeConfig
 from edge.engine import EdgeEngine, Publication
+from edge.secagg_round import SecAggRunner
 from fediomt.logs import event
 from protocol.messages import encode
 from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, ack_topic, shared
@@ -43,12 +44,12 @@ class Connection:
     """One paho client with manual acknowledgements; messages go to `inbox` as (conn, topic, payload, mid, qos)."""
 
     def __init__(self, cfg: BrokerConfig, client_id: str, subscriptions: list[str], inbox: queue.Queue,
-                 log: logging.Logger) -> None:
+                 log: logging.Logger, manual_ack: bool = True) -> None:
         self.cfg, self.subscriptions, self.inbox, self.log = cfg, subscriptions, inbox, log
         self.connected = threading.Event()
         self.subscribed = threading.Event()   # the broker granted the subscriptions (SUBACK)
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-                             manual_ack=True)
+                             manual_ack=manual_ack)
         if cfg.ca is not None:
             client.tls_set(ca_certs=str(cfg.ca), certfile=str(cfg.cert) if cfg.cert else None,
                            keyfile=str(cfg.key) if cfg.key else None)
@@ -120,6 +121,9 @@ class Gateway:
         self.local = Connection(cfg.broker, client_id, device_subs + ([] if cfg.cloud else cloud_subs),
                                 self.inbox, log)
         self.cloud = Connection(cfg.cloud, client_id + "-cloud", cloud_subs, self.inbox, log) if cfg.cloud else None
+        # masked rounds (docs/secagg.md "Deployment"): their own connection, acknowledged automatically
+        self.secagg_conn = Connection(cfg.broker, client_id + "-secagg", [], self.inbox, log, manual_ack=False)
+        self.secagg = SecAggRunner(self.secagg_conn.client, cfg.secagg_step_timeout_s, log)
 
     def _publish(self, pubs: list[Publication]) -> None:
         for p in pubs:
@@ -178,7 +182,7 @@ class Gateway:
 
     def run(self) -> int:
         self.engine.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
-        for conn in filter(None, (self.local, self.cloud)):
+        for conn in filter(None, (self.local, self.cloud, self.secagg_conn)):
             if not conn.start(self.stop):
                 return 0
         event(self.log, "edge running", edge=self.cfg.edge_id, replica=self.cfg.replica, mode=self.cfg.rounds.mode)
@@ -186,8 +190,15 @@ class Gateway:
         while not self.stop.is_set():
             self._drain_some(self.cfg.tick_s)
             self._publish(self.engine.tick(time.time()))
+            self._secagg()
         self._drain()
         return 0
+
+    def _secagg(self) -> None:
+        """Start the open masked round's protocol; forward the aggregates of those that ended."""
+        self.secagg.maybe_start(self.engine)
+        for round_id, outcome in self.secagg.finished():
+            self._publish(self.engine.close_masked(round_id, outcome))
 
     def _drain(self) -> None:
         """SIGTERM: stop taking new updates, persist what was already received, publish what closed, disconnect."""
@@ -198,7 +209,7 @@ class Gateway:
         while time.monotonic() < deadline and self._drain_some(0.2):
             pass
         self._publish(self.engine.tick(time.time()))
-        for conn in filter(None, (self.local, self.cloud)):
+        for conn in filter(None, (self.local, self.cloud, self.secagg_conn)):
             conn.close()
         self.engine.close()
         event(self.log, "stopped")
