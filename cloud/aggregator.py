@@ -169,7 +169,8 @@ class CloudAggregator:
                 round_id=s.round_id, model_name=self.cfg.model, model_version=s.version,
                 strategy=self.strategy.name, deadline=now + self.cfg.round_timeout_s, plan=rc.plan,
                 compression=rc.compression, edges=list(self.edges), cohort=rc.cohort, lr_scale=rc.lr_scale,
-                sample_weight=rc.sample_weight, central_dp=rc.central_dp), self.key)
+                sample_weight=rc.sample_weight, central_dp=rc.central_dp, secagg=self.cfg.secagg_for_round()),
+                self.key)
         s.announcement = encode(ann)
         save(self.checkpoint, s)
         self.deadline = ann.deadline

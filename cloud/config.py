@@ -6,6 +6,7 @@ edge's BrokerConfig (same keys), and the TOML loader is the edge's (one implemen
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from edge.config import BrokerConfig
 from edge.config import _build as build_dataclass
 from protocol.compression import CompressionSettings
 from protocol.messages import CentralDPReport, TrainingPlan
+from protocol.secagg.deploy import MaskedRound
 from protocol.topics import check_id
 
 
@@ -82,6 +84,7 @@ class CloudConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     ledger: LedgerConfig | None = None  # contribution ledger (cloud/contributions.py); None = off
     distill: DistillSchedule | None = None  # int8 students + OTA push (cloud/distill.py); None = off
+    secagg: dict | None = None       # RoundAnnouncement.secagg (docs/secagg.md "Deployment"); None = plaintext rounds
 
     def __post_init__(self) -> None:
         for edge in self.edges:
@@ -103,6 +106,17 @@ class CloudConfig:
             raise ValueError("model_encoding must be 'full' or 'delta' and model_full_every >= 1")
         compression_from_table(self.compression)
         compression_from_table(self.model_compression)
+        MaskedRound.from_announcement(self.secagg_for_round())
+
+    def secagg_for_round(self) -> dict | None:
+        """The announced secagg table: [secagg] as configured, with a fresh random-k seed per round when it asks for
+        random-k (density < 1) without fixing a seed."""
+        if not self.secagg:
+            return None
+        table = dict(self.secagg)
+        if table.get("density", 1.0) < 1 and "seed" not in table:
+            table["seed"] = secrets.randbits(63)
+        return table
 
     def compression_settings(self) -> dict:
         """The full settings dict announced to devices (unset keys take CompressionSettings defaults)."""
