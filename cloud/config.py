@@ -10,17 +10,15 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
-
 from cloud.accounting import ACCOUNTANTS
 from cloud.contributions import LedgerConfig
 from cloud.distill import DistillSchedule
 from cloud.strategies import STRATEGIES
 from edge.config import BrokerConfig
-from edge.config import _build as build_dataclass
 from protocol.compression import CompressionSettings
 from protocol.messages import CentralDPReport, TrainingPlan
 from protocol.secagg.deploy import MaskedRound
+from protocol.tomlconfig import load_toml
 from protocol.topics import check_id
 
 
@@ -129,7 +127,4 @@ def compression_from_table(partial: dict) -> CompressionSettings:
 
 
 def load_config(path: str | Path) -> CloudConfig:
-    path = Path(path)
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
-    return build_dataclass(CloudConfig, raw, path.resolve().parent, path.name)
+    return load_toml(CloudConfig, path)

@@ -6,13 +6,11 @@ Relative paths in the file are resolved against the file's own directory, so a d
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
-
+from protocol.tomlconfig import load_toml
 from protocol.topics import check_id
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -113,34 +111,5 @@ class DeviceConfig:
             raise ValueError("significance_threshold must be >= 0 and min_steps >= 1")
 
 
-def _build(cls, raw: dict, base: Path, where: str):
-    """Instantiate dataclass `cls` from a TOML table: known keys only, Path fields resolved against `base`."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(raw) - set(fields)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-    kwargs = {}
-    for name, value in raw.items():
-        kind = str(fields[name].type)
-        if isinstance(value, dict):
-            sub = {"data": DataConfig, "capability": CapabilityConfig, "privacy": PrivacyConfig,
-                   "broker": BrokerConfig, "ota": OtaConfig}.get(name)
-            if sub is None:
-                raise ValueError(f"{where}.{name}: not a table")
-            value = _build(sub, value, base, f"{where}.{name}")
-        elif kind.startswith("Path"):
-            value = base / Path(value).expanduser()
-        elif kind.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
 def load_config(path: str | Path) -> DeviceConfig:
-    path = Path(path)
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
-    try:
-        return _build(DeviceConfig, raw, path.resolve().parent, path.name)
-    except TypeError as exc:  # a missing required key
-        raise ValueError(f"{path}: {exc}") from None
+    return load_toml(DeviceConfig, path)

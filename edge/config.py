@@ -6,17 +6,14 @@ falls back to a default.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from edge.aggregate import FilterConfig
 from edge.rounds import RoundsConfig
 from edge.weighting import WeightingConfig
 from protocol.compression import CompressionSettings
+from protocol.tomlconfig import load_toml
 from protocol.topics import check_id
 
 
@@ -91,35 +88,5 @@ class EdgeConfig:
         self.forward.settings()
 
 
-def _build(cls, raw: dict, base: Path, where: str):
-    """Instantiate dataclass `cls` from a TOML table: known keys only, nested dataclasses, Paths resolved."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(raw) - names
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-    kwargs = {}
-    for name, value in raw.items():
-        tp = hints[name]
-        options = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
-        target = options[0]
-        if dataclasses.is_dataclass(target):
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}.{name}: expected a table")
-            value = _build(target, value, base, f"{where}.{name}")
-        elif target is Path:
-            value = base / Path(value).expanduser()
-        elif target is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"{where}: {exc}") from None
-
-
 def load_config(path: str | Path) -> EdgeConfig:
-    path = Path(path)
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
-    return _build(EdgeConfig, raw, path.resolve().parent, path.name)
+    return load_toml(EdgeConfig, path)

@@ -1,0 +1,51 @@
+"""TOML config files -> frozen dataclasses, the same rules for every daemon (device, edge, cloud).
+
+Known keys only (a typo must not silently fall back to a default), nested tables become the annotated nested
+dataclasses, paths resolve against the config file's own directory (a device directory can be copied or flashed
+as a whole), integers are accepted where a float is declared, and a missing required key is a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import TypeVar
+
+import tomllib
+
+T = TypeVar("T")
+
+
+def build_dataclass(cls: type[T], raw: dict, base: Path, where: str) -> T:
+    """Instantiate dataclass `cls` from the TOML table `raw`; `where` names the table in error messages."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        options = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
+        target = options[0]
+        if dataclasses.is_dataclass(target):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.{name}: expected a table")
+            value = build_dataclass(target, value, base, f"{where}.{name}")
+        elif target is Path:
+            value = base / Path(value).expanduser()
+        elif target is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a missing required key
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def load_toml(cls: type[T], path: str | Path) -> T:
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    return build_dataclass(cls, raw, path.resolve().parent, path.name)
