@@ -26,6 +26,7 @@ from edge.config import BrokerConfig, EdgeConfig
 from edge.gateway import Gateway
 from protocol.bundle import load_bundle
 from protocol.compression import decode_update
+from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
     EdgeAggregate,
     GlobalModel,
@@ -38,9 +39,11 @@ from protocol.messages import (
     verify_message,
 )
 from protocol.secagg.deploy import MaskedRound
+from protocol.secagg.inprocess import run_cohort
 from protocol.signing import generate_signing_key, load_public_key, save_private_key, save_public_key
 
 from .conftest import REPO
+from .test_edge import Fed, aggregate_of, open_round
 
 PREBUILT = REPO / "firmware_models" / "prebuilt"
 DEV_PUB = PREBUILT / "DEVELOPMENT_ONLY_signing.key.pub"
@@ -188,3 +191,39 @@ def test_untrusted_edge_round_with_two_dropouts_forwards_the_survivors_mean(depl
         assert agent.state.seen_rounds == (1,) and len(agent.state.history) == 1   # the spend is on disk
     print(f"secagg round with 6 devices, 2 dropouts: {elapsed:.1f} s to the aggregate "
           f"(2 x {STEP_TIMEOUT_S} s waiting for the dead)")
+
+
+def test_engine_masked_round_refuses_plaintext_and_forwards_the_noised_mean(tmp_path):
+    """The engine alone (no broker): a malformed secagg table is refused; in a masked round a plaintext update is
+    refused before decoding, the deadline does not close the round, the runner's result does (central DP with the
+    secagg clip as sensitivity), and an abort closes it as insignificant."""
+    fed = Fed(tmp_path, n_devices=6, n_params=200, central_dp={"clip": 9.0, "noise_mult": 0.5})
+    eng = fed.engine()
+    assert eng.handle_cloud("model", fed.model())
+    assert eng.handle_cloud("round", fed.announce(secagg={"mode": "untrusted_edge", "clip": -1.0})) == []
+    table = {"mode": "untrusted_edge", "min_cohort": 3, "clip": 0.5, "seed": 3, "density": 0.5}
+    open_round(fed, eng, secagg=table, deadline=time.time() + 0.1)
+    masked = eng.masked
+    assert masked is not None and masked.length(200) == 102
+    ack, _ = eng.handle_update("d00", fed.update("d00", np.ones(200, np.float32)))
+    assert not ack.accepted and ack.reason == Reason.BAD_VALUE and eng.store.pending() == []
+    time.sleep(0.15)
+    assert eng.tick(time.time()) == []                       # past the deadline: still open, the runner closes it
+    rng = np.random.default_rng(1)
+    deltas = {d: rng.normal(size=200).astype(np.float32) * 0.1 for d in fed.devices}
+    vectors = {d: masked.device_vector(v, 10 + i, 3) for i, (d, v) in enumerate(deltas.items())}
+    result = run_cohort(vectors, fed.keys, masked.config, edge_id="edge1", drop_after_shares={"d05"})
+    assert eng.close_masked(2, result) == []                  # another round's outcome is ignored
+    agg, mean = aggregate_of(fed, eng.close_masked(1, result))
+    survivors = fed.devices[:5]
+    assert agg.device_ids == survivors and abs(agg.num_samples - 60) <= 5
+    assert agg.central_dp.clip == 0.5 and agg.central_dp.noise_mult == 0.5 and agg.weight_sum == 5.0
+    expected = np.mean([masked.dense(vectors[d][:-2], 200) for d in survivors], axis=0)
+    off = mean - expected
+    kept = masked.dense(np.ones(100, np.float32), 200) > 0
+    assert np.all(off[~kept] == 0)                            # noise only where the cohort masked
+    assert 0.5 * 0.5 / 5 * 0.7 < off[kept].std() < 0.5 * 0.5 / 5 * 1.3   # std z * clip / survivors
+    assert eng.close_masked(1, result) == []                  # closed once
+    open_round(fed, eng, round_id=2, secagg=table)
+    agg, _ = aggregate_of(fed, eng.close_masked(2, ProtocolError(Reason.SECAGG_ABORT, "2 survivors < min_cohort")))
+    assert not agg.significant and agg.rejected == {"SECAGG_ABORT": 1}
