@@ -14,12 +14,19 @@ from cloud.accounting import ACCOUNTANTS
 from cloud.contributions import LedgerConfig
 from cloud.distill import DistillSchedule
 from cloud.strategies import STRATEGIES
-from edge.config import BrokerConfig
 from protocol.compression import CompressionSettings
 from protocol.messages import CentralDPReport, TrainingPlan
+from protocol.mqtt import BrokerConfig
 from protocol.secagg.deploy import MaskedRound
 from protocol.tomlconfig import load_toml
 from protocol.topics import check_id
+
+
+@dataclass(frozen=True)
+class CloudBrokerConfig(BrokerConfig):
+    """The cloud's broker, with a persistent session: aggregates sent while the cloud restarts are queued."""
+
+    session_expiry_s: int = 3600
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ class CloudConfig:
     metrics_host: str = "127.0.0.1"
     tick_s: float = 0.2
     log_level: str = "info"
-    broker: BrokerConfig = field(default_factory=lambda: BrokerConfig(session_expiry_s=3600))
+    broker: CloudBrokerConfig = field(default_factory=lambda: CloudBrokerConfig())
     plan: TrainingPlan = field(default_factory=lambda: TrainingPlan(
         lr=0.05, local_epochs=1, batch_size=32, clip=1.0, noise_mult=1.1))
     compression: dict = field(default_factory=lambda: CompressionSettings().to_dict())

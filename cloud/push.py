@@ -27,14 +27,13 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge.config import BrokerConfig
 from protocol.bundle import MANIFEST_FILE, pack_bundle, unpack_files, verify_files
 from protocol.chunking import chunk_data_size, split_payload
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import BundleManifest, Chunk, decode, encode, sign_message
+from protocol.mqtt import BrokerConfig, new_client
 from protocol.signing import load_private_key, load_public_key
 from protocol.topics import bundle_chunk_topic, bundle_manifest_topic, check_id
 
@@ -89,12 +88,7 @@ def plan_push(archive: bytes, device_class: str, key: Ed25519PrivateKey, chunk_b
 
 def connect(broker: BrokerConfig, client_id: str, timeout_s: float = 10.0) -> mqtt.Client:
     """A connected paho client (MQTT 5, clean session, network loop running)."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    if broker.ca is not None:
-        client.tls_set(ca_certs=str(broker.ca), certfile=str(broker.cert) if broker.cert else None,
-                       keyfile=str(broker.key) if broker.key else None)
-    if broker.username is not None:
-        client.username_pw_set(broker.username, broker.password)
+    client = new_client(broker, client_id)
     ready = threading.Event()
     client.on_connect = lambda _c, _u, _f, rc, _p: ready.set() if not rc.is_failure else None
     client.connect(broker.host, broker.port, keepalive=broker.keepalive, clean_start=True)

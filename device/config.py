@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.mqtt import BrokerConfig as SharedBrokerConfig
 from protocol.tomlconfig import load_toml
 from protocol.topics import check_id
 
@@ -18,21 +19,10 @@ COMPUTE_CLASSES = ("wearable", "phone", "pi", "server")
 
 
 @dataclass(frozen=True)
-class BrokerConfig:
-    """The edge's MQTT broker. TLS when `ca` is set (client certificate when `cert`/`key` too)."""
+class BrokerConfig(SharedBrokerConfig):
+    """The edge's MQTT broker, with a persistent session: QoS 1 messages queued while the device is offline."""
 
-    host: str = "127.0.0.1"
-    port: int = 1883
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    username: str | None = None
-    password: str | None = None
-    keepalive: int = 30                 # seconds between PINGREQs; the broker declares us dead after 1.5x
-    session_expiry_s: int = 86_400      # persistent session: queued QoS 1 messages survive this long offline
-    reconnect_min_s: float = 1.0        # exponential back-off with jitter between these bounds
-    reconnect_max_s: float = 60.0
-    max_message_bytes: int = 256 * 1024  # the broker's message cap (adaptive compression stays under it)
+    session_expiry_s: int = 86_400
 
 
 @dataclass(frozen=True)
@@ -103,8 +93,6 @@ class DeviceConfig:
             raise ValueError("privacy.epsilon must be finite and > 0, privacy.delta in (0, 1)")
         if self.capability.compute_class not in COMPUTE_CLASSES:
             raise ValueError(f"capability.compute_class {self.capability.compute_class!r} not in {COMPUTE_CLASSES}")
-        if not 0 < self.broker.reconnect_min_s <= self.broker.reconnect_max_s:
-            raise ValueError("broker: need 0 < reconnect_min_s <= reconnect_max_s")
         if self.data.dir is None and self.data.entry_point is None:
             raise ValueError("data: set `dir` (train.npz / train.csv) or `entry_point` (module:function)")
         if self.significance_threshold < 0 or self.min_steps < 1:

@@ -10,28 +10,15 @@ rebooting together does not hammer the broker in lock-step.
 from __future__ import annotations
 
 import logging
-import random
-import socket
 import threading
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from device.config import BrokerConfig
 from fediomt.logs import event
-
-
-def backoff_delays(min_s: float, max_s: float, rng: random.Random | None = None):
-    """Exponential back-off with full jitter: attempt k waits uniform(min_s, min(max_s, min_s * 2**k))."""
-    rng = rng or random.Random()
-    ceiling = min_s
-    while True:
-        yield rng.uniform(min_s, ceiling)
-        ceiling = min(max_s, ceiling * 2)
+from protocol.mqtt import backoff_delays, connect_properties, new_client, tcp_nodelay
 
 
 class Link:
@@ -43,12 +30,7 @@ class Link:
         self.cfg, self.subscriptions, self.log = cfg, subscriptions, log
         self._on_message, self._on_connected = on_message, on_connected
         self.connected = threading.Event()
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        if cfg.ca is not None:
-            client.tls_set(ca_certs=str(cfg.ca), certfile=str(cfg.cert) if cfg.cert else None,
-                           keyfile=str(cfg.key) if cfg.key else None)
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
+        client = new_client(cfg, client_id)
         client.will_set(will[0], will[1], qos=1, retain=True)
         client.reconnect_delay_set(min_delay=max(1, round(cfg.reconnect_min_s)),
                                    max_delay=max(1, round(cfg.reconnect_max_s)))
@@ -61,9 +43,7 @@ class Link:
         if reason_code.is_failure:
             event(self.log, "broker refused the connection", logging.WARNING, reason=str(reason_code))
             return
-        sock = client.socket()
-        if isinstance(sock, socket.socket):  # TLS + >16 KB messages: Nagle costs ~90 ms a message
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tcp_nodelay(client)
         client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self.subscriptions])
         self.connected.set()
         event(self.log, "connected", host=self.cfg.host, port=self.cfg.port)
@@ -75,8 +55,7 @@ class Link:
 
     def connect(self, stop: threading.Event) -> bool:
         """First connection, retried with back-off and jitter until it succeeds (True) or `stop` is set."""
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        props = connect_properties(self.cfg)
         for delay in backoff_delays(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s):
             if stop.is_set():
                 return False

@@ -13,23 +13,9 @@ from edge.aggregate import FilterConfig
 from edge.rounds import RoundsConfig
 from edge.weighting import WeightingConfig
 from protocol.compression import CompressionSettings
+from protocol.mqtt import BrokerConfig
 from protocol.tomlconfig import load_toml
 from protocol.topics import check_id
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    """An MQTT broker connection. TLS when `ca` is set (client certificate with `cert`/`key`)."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    username: str | None = None
-    password: str | None = None
-    keepalive: int = 30
-    session_expiry_s: int = 0   # 0 = clean session (required for replicas sharing a $share group)
 
 
 @dataclass(frozen=True)

@@ -18,22 +18,17 @@ from __future__ import annotations
 import logging
 import queue
 import signal
-import socket
 import threading
 import time
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from device.link import backoff_delays
 from edge.config import BrokerConfig, EdgeConfig
 from edge.engine import EdgeEngine, Publication
 from edge.secagg_round import SecAggRunner
 from fediomt.logs import event
 from protocol.messages import encode
+from protocol.mqtt import backoff_delays, connect_properties, new_client, tcp_nodelay
 from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, ack_topic, shared
 
 INBOX_SIZE = 10_000  # a full inbox blocks paho's thread: TCP back-pressure instead of unbounded memory
@@ -48,13 +43,7 @@ class Connection:
         self.cfg, self.subscriptions, self.inbox, self.log = cfg, subscriptions, inbox, log
         self.connected = threading.Event()
         self.subscribed = threading.Event()   # the broker granted the subscriptions (SUBACK)
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-                             manual_ack=manual_ack)
-        if cfg.ca is not None:
-            client.tls_set(ca_certs=str(cfg.ca), certfile=str(cfg.cert) if cfg.cert else None,
-                           keyfile=str(cfg.key) if cfg.key else None)
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
+        client = new_client(cfg, client_id, manual_ack=manual_ack)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = lambda *_: self.subscribed.set()
@@ -65,9 +54,7 @@ class Connection:
         if reason_code.is_failure:
             event(self.log, "broker refused the connection", logging.WARNING, reason=str(reason_code))
             return
-        sock = client.socket()
-        if isinstance(sock, socket.socket):  # TLS + >16 KB messages: Nagle costs ~90 ms a message
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tcp_nodelay(client)
         if self.subscriptions:
             client.subscribe([(t, SubscribeOptions(qos=1)) for t in self.subscriptions])
         self.connected.set()
@@ -79,9 +66,8 @@ class Connection:
         event(self.log, "disconnected", logging.WARNING, reason=str(reason_code))
 
     def start(self, stop: threading.Event) -> bool:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.cfg.session_expiry_s
-        for delay in backoff_delays(0.5, 30.0):
+        props = connect_properties(self.cfg)
+        for delay in backoff_delays(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s):
             if stop.is_set():
                 return False
             try:
