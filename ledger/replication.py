@@ -17,7 +17,6 @@ Trust: the proposer is trusted for liveness (it alone orders blocks), not for sa
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import threading
 from collections import deque
@@ -33,6 +32,7 @@ from ledger.store import Ledger
 from protocol import signing
 from protocol.codec import decode_as, limit
 from protocol.errors import ProtocolError, Reason
+from protocol.mqtt import tcp_nodelay
 from protocol.topics import check_id, last_level
 
 PROPOSALS = "fl/ledger/proposals"
@@ -288,7 +288,7 @@ class MqttNode:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             return
-        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle/delayed-ACK stalls
+        tcp_nodelay(client)
         client.subscribe([(t, mqtt.SubscribeOptions(qos=1)) for t in self.node.subscriptions()])
         with self._cond:
             out = self.node.on_connect()
