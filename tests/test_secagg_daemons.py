@@ -59,14 +59,14 @@ class Observer:
     """Watches the broker: plaintext updates (there must be none), secagg uplink messages, aggregates, statuses."""
 
     def __init__(self, port: int) -> None:
-        self.lock, self.seen = threading.Condition(), []
+        self.lock, self.seen, self.on_topic = threading.Condition(), [], {}
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="observer", protocol=mqtt.MQTTv5)
         c.on_message = self._on_message
         c.connect("127.0.0.1", port)
         c.subscribe([("fl/e1/updates/+", 1), ("fl/e1/secagg/+/+", 1), ("fl/cloud/aggregates/+", 1),
                      ("fl/e1/status/+", 1)])
         c.loop_start()
-        self.client, self.on_topic = c, {}
+        self.client = c
 
     def _on_message(self, _c, _u, msg) -> None:
         action = self.on_topic.pop(msg.topic, None)
