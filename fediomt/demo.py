@@ -224,7 +224,9 @@ def build_report(settings: DemoSettings, records: list[dict], cloud_report: dict
     dense_up = sum(r["dense_bytes_up"] for r in records)
     return {
         "dataset": settings.dataset, "strategy": settings.strategy, "settings": asdict(settings),
-        "completed": len(records) >= settings.rounds,
+        # the federation ends normally after its rounds or when the privacy budget is spent (the cloud's decision)
+        "completed": bool(cloud_report.get("finished")) and bool(records),
+        "stop_reason": cloud_report.get("stop_reason"),
         "rounds": rounds, "final_accuracy": final, "centralized_accuracy": centralized,
         "accuracy_ratio": (final / centralized) if final is not None and centralized else None,
         "total_bytes_up": total_up, "dense_bytes_up": dense_up,
@@ -253,7 +255,8 @@ def write_report(report: dict, run_dir: Path) -> None:
              "| round | accuracy | bytes up | bytes down | device epsilon |", "| --- | --- | --- | --- | --- |"]
     for r in report["rounds"]:
         lines.append(f"| {r['round']} | {r['accuracy']} | {r['bytes_up']} | {r['bytes_down']} | {r['epsilon']} |")
-    lines += ["", f"- final accuracy: {report['final_accuracy']}; centralized baseline (pooled data, no DP, no "
+    lines += ["", f"- stopped: {report['stop_reason']}",
+              f"- final accuracy: {report['final_accuracy']}; centralized baseline (pooled data, no DP, no "
               f"compression): {report['centralized_accuracy']}; ratio {report['accuracy_ratio']}",
               f"- bytes up: {report['total_bytes_up']} vs {report['dense_bytes_up']} for dense float32 FedAvg "
               f"(x{report['compression_ratio']:.1f} less)" if report["compression_ratio"] else "- no bytes sent",
