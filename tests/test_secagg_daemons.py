@@ -123,13 +123,14 @@ def deployment(tmp_path, broker):
     observer.close()
 
 
-def publish_round(client: mqtt.Client, cloud_key, weights: np.ndarray, secagg: dict) -> None:
+def publish_round(client: mqtt.Client, cloud_key, weights: np.ndarray, secagg: dict | None,
+                  cohort: list[str] = SURVIVORS + VICTIMS) -> None:
     model = sign_message(GlobalModel(model_name=MODEL, model_version=1, encoding="full", base_version=None,
                                      n_params=len(weights), weights=floats_to_bytes(weights),
                                      sha256=hashlib.sha256(floats_to_bytes(weights)).digest()), cloud_key)
     ann = sign_message(RoundAnnouncement(round_id=1, model_name=MODEL, model_version=1, strategy="fedavg",
                                          deadline=time.time() + 120, plan=PLAN, compression={}, edges=["e1"],
-                                         cohort=SURVIVORS + VICTIMS, secagg=secagg), cloud_key)
+                                         cohort=cohort, secagg=secagg), cloud_key)
     client.publish("fl/cloud/model", encode(model), qos=1, retain=True).wait_for_publish(5)
     client.publish("fl/cloud/round", encode(ann), qos=1, retain=True).wait_for_publish(5)
 
