@@ -72,6 +72,7 @@ class EdgeEngine:
         self.aggregate_id = cfg.aggregate_id or cfg.edge_id
         self.rejected: Counter[str] = Counter()
         self.excused: set[str] = set()   # expected devices that said they will not send this round
+        self.masked_epsilon: dict[str, float] = {}   # masked round: epsilon each device reported with "masking"
         self.announcement: RoundAnnouncement | None = None
         self.ctx: RoundContext | None = None
         self._restore()
@@ -141,7 +142,7 @@ class EdgeEngine:
         out = []
         if self.cfg.rounds.mode == "sync" and current is not None and self.pending:
             out += self._close("superseded")
-        self.announcement, self.opened, self.excused = msg, time.time(), set()
+        self.announcement, self.opened, self.excused, self.masked_epsilon = msg, time.time(), set(), {}
         self.store.put("announcement", data)
         self.store.put("opened", repr(self.opened).encode())
         self.store.prune(msg.round_id - self.cfg.rounds.max_staleness - 1)
@@ -204,6 +205,8 @@ class EdgeEngine:
             self.excused.add(msg.device_id)
         elif msg.state in ("online", "training"):
             self.excused.discard(msg.device_id)
+        elif msg.state == "masking" and self.masked is not None:
+            self.masked_epsilon[msg.device_id] = msg.epsilon_spent
         return self.tick(time.time())
 
     def _reject(self, exc: ProtocolError, device: str) -> None:
@@ -352,7 +355,8 @@ class EdgeEngine:
             edge_id=self.aggregate_id, round_id=ann.round_id, base_version=ann.model_version, num_devices=n,
             num_samples=samples, weight_sum=float(n), n_params=n_params, delta=delta, significant=significant,
             central_dp=report, filtered=[], rejected=dict(self.rejected), device_ids=list(result.devices),
-            max_device_epsilon=0.0, mean_local_steps=steps / max(n, 1), nonce=new_nonce(), timestamp=time.time())
+            max_device_epsilon=max((self.masked_epsilon.get(d, 0.0) for d in result.devices), default=0.0),
+            mean_local_steps=steps / max(n, 1), nonce=new_nonce(), timestamp=time.time())
         return agg, mean
 
     def _encode(self, vector: np.ndarray, residual: np.ndarray | None) -> tuple[bytes, np.ndarray | None]:

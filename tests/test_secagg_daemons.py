@@ -190,6 +190,7 @@ def test_untrusted_edge_round_with_two_dropouts_forwards_the_survivors_mean(depl
     assert np.abs(got - expected).max() > 0                                # (stochastic rounding happened)
     for agent in survivors:
         assert agent.state.seen_rounds == (1,) and len(agent.state.history) == 1   # the spend is on disk
+    assert agg.max_device_epsilon == pytest.approx(max(a.epsilon_spent() for a in survivors))  # "masking" status
     print(f"secagg round with 6 devices, 2 dropouts: {elapsed:.1f} s to the aggregate "
           f"(2 x {STEP_TIMEOUT_S} s waiting for the dead)")
 
