@@ -18,6 +18,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
+from cloud.config import CloudConfig
 from device.agent import DeviceAgent
 from device.config import load_config as load_device_config
 from device.runtime import TrainableModel
@@ -229,3 +230,15 @@ def test_engine_masked_round_refuses_plaintext_and_forwards_the_noised_mean(tmp_
     open_round(fed, eng, round_id=2, secagg=table)
     agg, _ = aggregate_of(fed, eng.close_masked(2, ProtocolError(Reason.SECAGG_ABORT, "2 survivors < min_cohort")))
     assert not agg.significant and agg.rejected == {"SECAGG_ABORT": 1}
+
+
+def test_cloud_secagg_table_is_validated_and_gets_a_fresh_random_k_seed_per_round(tmp_path):
+    base = dict(run_dir=tmp_path, signing_key=tmp_path / "k", edge_keys_dir=tmp_path)
+    assert CloudConfig(**base).secagg_for_round() is None                     # no table: plaintext rounds
+    cfg = CloudConfig(**base, secagg={"mode": "untrusted_edge", "clip": 1.0, "density": 0.1})
+    first, second = cfg.secagg_for_round(), cfg.secagg_for_round()
+    assert first["seed"] != second["seed"] and MaskedRound.from_announcement(first).coordinates(1000) == 100
+    assert CloudConfig(**base, secagg={"mode": "trusted_edge"}).secagg_for_round() == {"mode": "trusted_edge"}
+    for bad in ({"mode": "nobody"}, {"mode": "untrusted_edge", "density": 2.0}, {"clip": 1.0, "typo": 1}):
+        with pytest.raises(ProtocolError):
+            CloudConfig(**base, secagg=bad)
