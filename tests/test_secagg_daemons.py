@@ -242,3 +242,16 @@ def test_cloud_secagg_table_is_validated_and_gets_a_fresh_random_k_seed_per_roun
     for bad in ({"mode": "nobody"}, {"mode": "untrusted_edge", "density": 2.0}, {"clip": 1.0, "typo": 1}):
         with pytest.raises(ProtocolError):
             CloudConfig(**base, secagg=bad)
+
+
+def test_device_without_the_cohort_keys_declines_a_masked_round_before_training(tmp_path, broker):
+    cloud_key = generate_signing_key()
+    save_public_key(cloud_key.public_key(), tmp_path / "cloud.pub")
+    rng = np.random.default_rng(0)
+    config = provision(tmp_path / "d", "d", "e1", PREBUILT / MODEL, DEV_PUB, tmp_path / "cloud.pub",
+                       rng.normal(size=(64, 100, 6)).astype(np.float32), rng.integers(0, 7, 64), broker.port)
+    agent = DeviceAgent(load_device_config(config), logging.getLogger("test.d"))
+    ann = RoundAnnouncement(round_id=1, model_name=MODEL, model_version=0, strategy="fedavg",
+                            deadline=time.time() + 60, plan=PLAN, compression={}, secagg=SECAGG)
+    agent.run_round(ann)
+    assert agent.state.seen_rounds == (1,) and agent.state.history == ()     # declined: nothing trained or spent
