@@ -10,6 +10,7 @@ defaults below). Any violation raises `ProtocolError` with a reason code; nothin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import types
@@ -104,6 +105,19 @@ def _hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
+@functools.cache
+def _schema(cls: type) -> tuple[tuple[tuple[str, Any, dict], ...], frozenset[str]]:
+    """(name, type, metadata) of every field, and the set of names: computed once per class (hot path)."""
+    hints = _hints(cls)
+    fields = tuple((f.name, hints[f.name], dict(f.metadata)) for f in dataclasses.fields(cls))
+    return fields, frozenset(name for name, _, _ in fields)
+
+
+@functools.cache
+def _shape(tp: Any) -> tuple[Any, tuple]:
+    return typing.get_origin(tp), typing.get_args(tp)
+
+
 def _fail(reason: Reason, path: str, detail: str) -> typing.NoReturn:
     raise ProtocolError(reason, f"{path}: {detail}")
 
@@ -123,9 +137,9 @@ def _check_range(value: float, meta: dict, path: str) -> None:
 
 
 def _convert(value: Any, tp: Any, meta: dict, path: str) -> Any:
-    origin = typing.get_origin(tp)
+    origin, args = _shape(tp)
     if origin in (typing.Union, types.UnionType):
-        alternatives = typing.get_args(tp)
+        alternatives = args
         if value is None:
             if type(None) in alternatives:
                 return None
@@ -174,14 +188,14 @@ def _convert(value: Any, tp: Any, meta: dict, path: str) -> Any:
         if type(value) is not list:
             _fail(Reason.WRONG_TYPE, path, f"expected array, got {type(value).__name__}")
         _check_len(len(value), meta, DEFAULT_MAX_ITEMS, path)
-        (item_tp,) = typing.get_args(tp)
+        (item_tp,) = args
         item_meta = meta.get("items", {})
         return [_convert(v, item_tp, item_meta, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if type(value) is not dict:
             _fail(Reason.WRONG_TYPE, path, f"expected map, got {type(value).__name__}")
         _check_len(len(value), meta, DEFAULT_MAX_ITEMS, path)
-        _, value_tp = typing.get_args(tp)
+        _, value_tp = args
         out = {}
         for k, v in value.items():
             if type(k) is not str or len(k) > DEFAULT_MAX_STR:
@@ -196,17 +210,15 @@ def _convert(value: Any, tp: Any, meta: dict, path: str) -> Any:
 def _build(cls: type, obj: Any, path: str, skip: tuple[str, ...] = ()) -> Any:
     if type(obj) is not dict:
         _fail(Reason.MALFORMED, path, f"expected map, got {type(obj).__name__}")
-    hints = _hints(cls)
-    fields = dataclasses.fields(cls)
-    expected = {f.name for f in fields} | set(skip)
-    extra = set(obj) - expected
+    fields, names = _schema(cls)
+    extra = set(obj) - names - set(skip)
     if extra:
         _fail(Reason.MALFORMED, path, f"unknown fields {sorted(map(str, extra))[:5]}")
     kwargs = {}
-    for f in fields:
-        if f.name not in obj:
-            _fail(Reason.MALFORMED, path, f"missing field {f.name!r}")
-        kwargs[f.name] = _convert(obj[f.name], hints[f.name], dict(f.metadata), f"{path}.{f.name}")
+    for name, tp, meta in fields:
+        if name not in obj:
+            _fail(Reason.MALFORMED, path, f"missing field {name!r}")
+        kwargs[name] = _convert(obj[name], tp, meta, f"{path}.{name}")
     try:
         return cls(**kwargs)
     except ProtocolError:
