@@ -169,13 +169,12 @@ class EdgeEngine:
                 raise ProtocolError(Reason.BAD_VALUE, "plaintext update in a secure-aggregation round")
             msg, stale = authenticate(data, topic_device, self.ctx, self.keys, self.cfg.max_update_bytes)
             round_id = msg.round_id
-            self.store.check_fresh(msg.device_id, msg.round_id, msg.nonce)
             idx, values = decode_delta(msg, self.ctx)
             control = None if msg.control_delta is None else decode_update(msg.control_delta, self.ctx.n_params)
             stored = Stored(msg.device_id, msg.round_id, msg.base_version, msg.num_samples, msg.train_loss,
                             msg.capability.compute_class, stale, msg.privacy.epsilon, msg.local_steps, len(data),
                             idx, values, control)
-            self.store.add(stored, msg.nonce)
+            self.store.add(stored, msg.nonce)   # its constraints refuse duplicates and replays (one statement)
         except ProtocolError as exc:
             if exc.reason == Reason.DEADLINE and self.store.has(topic_device, round_id):
                 exc = ProtocolError(Reason.DUPLICATE, f"{topic_device} was counted in round {round_id}")

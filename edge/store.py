@@ -1,9 +1,14 @@
-"""Crash-safe round state in SQLite (WAL): an update is stored, with its nonce, in the same transaction that makes
-it count, before the broker gets its PUBACK; closing a round (outbox entry + rows marked aggregated) is one
-transaction too. After kill -9 the gateway reloads exactly the rows that were committed: nothing lost, nothing
-counted twice (the (device, round) primary key refuses a second copy).
+"""Crash-safe round state in SQLite (WAL): an update is stored, with its nonce, by one INSERT that makes it count,
+before the broker gets its PUBACK; closing a round (outbox entry + rows marked aggregated) is one transaction. After
+kill -9 the gateway reloads exactly the rows that were committed: nothing lost, nothing counted twice.
 
-`synchronous = NORMAL` (default) survives a process crash; `full` also survives power loss, at an fsync per update.
+Duplicate and replay checks are the INSERT's own constraints (the (device, round) primary key, a unique
+(device, nonce) index), so an accepted update costs one statement and no read; only a refused one is read back to
+say which constraint refused it.
+
+`synchronous = NORMAL` (default): a WAL commit is a write() into the OS page cache, fsynced at checkpoints, so a
+committed update survives kill -9 of the edge but not power loss; `full` also survives power loss, at an fsync per
+commit (per group commit in the gateway).
 """
 
 from __future__ import annotations
@@ -25,13 +30,17 @@ CREATE TABLE IF NOT EXISTS updates (
     device_id TEXT NOT NULL, round_id INTEGER NOT NULL, batch INTEGER,
     base_version INTEGER NOT NULL, num_samples INTEGER NOT NULL, train_loss REAL NOT NULL,
     compute_class TEXT NOT NULL, staleness INTEGER NOT NULL, epsilon REAL NOT NULL, local_steps INTEGER NOT NULL,
-    nbytes INTEGER NOT NULL, indices BLOB, vals BLOB, control BLOB, received REAL NOT NULL,
+    nbytes INTEGER NOT NULL, indices BLOB, vals BLOB, control BLOB, received REAL NOT NULL, nonce BLOB,
     PRIMARY KEY (device_id, round_id));
-CREATE INDEX IF NOT EXISTS updates_pending ON updates (batch);
-CREATE TABLE IF NOT EXISTS nonces (device_id TEXT NOT NULL, nonce BLOB NOT NULL, round_id INTEGER NOT NULL,
-    PRIMARY KEY (device_id, nonce));
 CREATE TABLE IF NOT EXISTS outbox (batch INTEGER PRIMARY KEY, payload BLOB NOT NULL, published INTEGER NOT NULL);
 """
+INDEXES = """
+CREATE INDEX IF NOT EXISTS updates_pending ON updates (batch);
+CREATE UNIQUE INDEX IF NOT EXISTS updates_nonce ON updates (device_id, nonce);
+"""
+INSERT = ("INSERT INTO updates (device_id, round_id, base_version, num_samples, train_loss, compute_class, staleness,"
+          " epsilon, local_steps, nbytes, indices, vals, control, received, nonce)"
+          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,8 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self.db.executescript(SCHEMA)
+        _move_nonces(self.db)
+        self.db.executescript(INDEXES)
 
     def close(self) -> None:
         self.db.close()
@@ -103,27 +114,20 @@ class Store:
         return self.db.execute("SELECT 1 FROM updates WHERE device_id = ? AND round_id = ?",
                                (device_id, round_id)).fetchone() is not None
 
-    def check_fresh(self, device_id: str, round_id: int, nonce: bytes) -> None:
-        """ProtocolError(DUPLICATE) when (device, round) is already stored, REPLAY when the nonce was seen."""
-        if self.has(device_id, round_id):
-            raise ProtocolError(Reason.DUPLICATE, f"{device_id} already counted in round {round_id}")
-        if self.db.execute("SELECT 1 FROM nonces WHERE device_id = ? AND nonce = ?", (device_id, nonce)).fetchone():
-            raise ProtocolError(Reason.REPLAY, f"nonce from {device_id} seen before")
-
     def add(self, u: Stored, nonce: bytes) -> None:
-        """Store an update and its nonce atomically; DUPLICATE if a copy won a race."""
+        """Store an update and its nonce (one statement: atomic, and a commit of its own outside `group()`);
+        ProtocolError(DUPLICATE) when (device, round) is already stored, REPLAY when the device used the nonce
+        before."""
         idx = None if u.indices is None else u.indices.astype("<i4", copy=False).tobytes()
         try:
-            with self._tx():
-                self.db.execute(
-                    "INSERT INTO updates VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (u.device_id, u.round_id, u.base_version, u.num_samples, u.train_loss, u.compute_class,
-                     u.staleness, u.epsilon, u.local_steps, u.nbytes, idx,
-                     u.values.astype("<f4", copy=False).tobytes(),
-                     None if u.control is None else u.control.astype("<f4", copy=False).tobytes(), time.time()))
-                self.db.execute("INSERT INTO nonces VALUES (?, ?, ?)", (u.device_id, nonce, u.round_id))
-        except sqlite3.IntegrityError:
-            raise ProtocolError(Reason.DUPLICATE, f"{u.device_id} already counted in round {u.round_id}") from None
+            self.db.execute(INSERT, (
+                u.device_id, u.round_id, u.base_version, u.num_samples, u.train_loss, u.compute_class, u.staleness,
+                u.epsilon, u.local_steps, u.nbytes, idx, u.values.astype("<f4", copy=False).tobytes(),
+                None if u.control is None else u.control.astype("<f4", copy=False).tobytes(), time.time(), nonce))
+        except sqlite3.IntegrityError:  # the row is validated: only the two uniqueness constraints can refuse it
+            if self.has(u.device_id, u.round_id):
+                raise ProtocolError(Reason.DUPLICATE, f"{u.device_id} already counted in round {u.round_id}") from None
+            raise ProtocolError(Reason.REPLAY, f"nonce from {u.device_id} seen before") from None
 
     def pending(self) -> list[Stored]:
         """Accepted updates not yet aggregated, in arrival order."""
@@ -152,8 +156,24 @@ class Store:
         self.db.execute("UPDATE outbox SET published = 1 WHERE batch = ?", (batch,))
 
     def prune(self, before_round: int) -> None:
-        """Forget aggregated updates and nonces of rounds before `before_round`, and published aggregates."""
+        """Forget aggregated updates (with their nonces) of rounds before `before_round`, and published aggregates."""
         with self._tx():
             self.db.execute("DELETE FROM updates WHERE round_id < ? AND batch IS NOT NULL", (before_round,))
-            self.db.execute("DELETE FROM nonces WHERE round_id < ?", (before_round,))
             self.db.execute("DELETE FROM outbox WHERE published = 1")
+
+
+def _move_nonces(db: sqlite3.Connection) -> None:
+    """State written before nonces lived in `updates` (a separate `nonces` table): move them over, once."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'nonces'").fetchone():
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if "nonce" not in {row[1] for row in db.execute("PRAGMA table_info(updates)")}:
+            db.execute("ALTER TABLE updates ADD COLUMN nonce BLOB")
+        db.execute("UPDATE updates SET nonce = (SELECT n.nonce FROM nonces n WHERE n.device_id = updates.device_id"
+                   " AND n.round_id = updates.round_id)")
+        db.execute("DROP TABLE nonces")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
