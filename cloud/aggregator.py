@@ -55,7 +55,7 @@ from protocol.messages import (
     encode,
     floats_to_bytes,
     sign_message,
-    verify_message,
+    verify_raw,
 )
 from protocol.signing import load_private_key, load_public_key
 from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, ROOT, last_level
@@ -196,7 +196,7 @@ class CloudAggregator:
         agg = decode(payload, expect=EdgeAggregate)
         if agg.edge_id != edge:
             raise ProtocolError(Reason.WRONG_SENDER, f"topic names {edge!r}, message {agg.edge_id!r}")
-        verify_message(agg, self._edge_key(edge))
+        verify_raw(payload, agg, self._edge_key(edge))
         if agg.nonce.hex() in self.nonces:
             raise ProtocolError(Reason.REPLAY, f"nonce of {edge!r} seen before")
         if agg.round_id != s.round_id:

@@ -53,7 +53,7 @@ from protocol.messages import (
     floats_to_bytes,
     new_nonce,
     sign_message,
-    verify_message,
+    verify_raw,
 )
 from protocol.secagg import SecAggClient
 from protocol.secagg.deploy import MaskedRound
@@ -140,7 +140,7 @@ class DeviceAgent:
 
     def _on_model(self, payload: bytes) -> None:
         msg = decode(payload, expect=GlobalModel)
-        verify_message(msg, self.cloud_key)
+        verify_raw(payload, msg, self.cloud_key)
         if msg.model_name != self.bundle.name or msg.n_params != self.model.n_params:
             raise ProtocolError(Reason.BAD_SHAPE, f"model {msg.model_name} ({msg.n_params} params) is not the "
                                                   f"installed {self.bundle.name} ({self.model.n_params})")
@@ -164,7 +164,7 @@ class DeviceAgent:
     # ------------------------------------------------------------------ rounds
     def _on_round(self, payload: bytes) -> None:
         ann = decode(payload, expect=RoundAnnouncement)
-        verify_message(ann, self.cloud_key)
+        verify_raw(payload, ann, self.cloud_key)
         if ann.model_name != self.bundle.name or ann.round_id in self.state.seen_rounds:
             return
         if ann.cohort and self.cfg.id not in ann.cohort:
@@ -262,7 +262,7 @@ class DeviceAgent:
         update = sign_message(DeviceUpdate(
             device_id=cfg.id, edge_id=cfg.edge, round_id=ann.round_id, base_version=self.state.model_version,
             num_samples=result.num_samples, local_steps=result.local_steps, train_loss=result.loss, privacy=spent,
-            compression=settings.to_dict(), n_params=self.model.n_params, delta=payload,
+            n_params=self.model.n_params, delta=payload,
             capability=self.capability(speed), nonce=new_nonce(), timestamp=time.time(),
             control_delta=control_payload), self.signing_key)
         data = encode(update)

@@ -36,7 +36,7 @@ from protocol import topics
 from protocol.bundle import MAX_ARCHIVE_BYTES, Bundle, load_installed, unpack_files, verify_files
 from protocol.chunking import PART_OVERHEAD, Reassembler
 from protocol.errors import ProtocolError, Reason
-from protocol.messages import BundleManifest, Chunk, decode, verify_message
+from protocol.messages import BundleManifest, Chunk, decode, verify_raw
 
 SMOKE_ROWS = 8
 
@@ -156,7 +156,7 @@ class OtaReceiver:
     # ------------------------------------------------------------------ manifest and chunks
     def _on_manifest(self, payload: bytes) -> OtaResult | None:
         m = decode(payload, expect=BundleManifest)
-        verify_message(m, self.manifest_key)
+        verify_raw(payload, m, self.manifest_key)
         tid = bytes(m.transfer_id)
         if tid in self.finished:
             return None

@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.rounds import RoundsConfig, staleness
 from protocol import signing
-from protocol.compression import CompressionSettings, decode_sparse
+from protocol.compression import decode_sparse
 from protocol.errors import ProtocolError, Reason
-from protocol.messages import DeviceUpdate, decode, verify_message
+from protocol.messages import DeviceUpdate, decode, verify_raw
 from protocol.topics import check_id
 
 
@@ -81,15 +81,15 @@ def authenticate(data: bytes, topic_device: str, ctx: RoundContext, keys: KeyRin
         stale = staleness(ctx.model_version, msg.base_version, ctx.rounds)
     if msg.n_params != ctx.n_params:
         raise ProtocolError(Reason.BAD_SHAPE, f"n_params {msg.n_params}, model has {ctx.n_params}")
-    verify_message(msg, key)
+    verify_raw(data, msg, key)
     return msg, stale
 
 
 def decode_delta(msg: DeviceUpdate, ctx: RoundContext) -> tuple[np.ndarray | None, np.ndarray]:
-    """(int32 indices or None for dense, float32 values): strict payload decoding (shape, indices, finite), and
-    the payload must be what the signed message declares (method, bits, k, block size, rand-k seed)."""
-    declared = CompressionSettings.from_dict(msg.compression)
-    idx, values = decode_sparse(msg.delta, ctx.n_params, ctx.seed, expect=declared)
+    """(int32 indices or None for dense, float32 values): strict payload decoding (shape, indices, finite). The
+    signed payload's own header says how it was compressed (devices may pick adaptive settings when the announced
+    ones do not fit); a seed-coded rand-k payload must use the announced seed."""
+    idx, values = decode_sparse(msg.delta, ctx.n_params, ctx.seed)
     if idx.shape[0] == ctx.n_params:
         return None, values
     return idx.astype(np.int32), values

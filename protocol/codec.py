@@ -1,10 +1,16 @@
 """Strict CBOR codec for message dataclasses: the schema is the dataclass, the decoder trusts nothing.
 
-A message is a CBOR map `{"t": kind, "v": version, <field>: <value>, ...}` with every field present (None is CBOR
-null). The decoder enforces, before building anything: a maximum message size, no trailing bytes, the known kind
-and schema version, exactly the declared fields, exact CBOR types (a bool is not an int, an int is not a float),
-finite floats, 64-bit integer range, and per-field length limits (`field(metadata=limit(max_len=...))`, with
-defaults below). Any violation raises `ProtocolError` with a reason code; nothing else escapes.
+A message is a CBOR array `[kind, version, field1, field2, ...]` holding every field in dataclass order (None is
+CBOR null); a nested dataclass is the array of its fields in order, a `dict` field a map, a `list` field an array.
+Positions instead of names keep small messages small (a DeviceUpdate envelope is mostly field names otherwise).
+The decoder enforces, before building anything: a maximum message size, no trailing bytes, the known kind and
+schema version, exactly as many elements as declared fields, exact CBOR types (a bool is not an int, an int is not
+a float; a float may be half, single or double), finite floats, 64-bit integer range, and per-field limits
+(`field(metadata=limit(max_len=...))`, with defaults below). Any violation raises `ProtocolError` with a reason
+code; nothing else escapes.
+
+`decode_as` reads the older named layout (a map per dataclass) for objects that are not wire messages and define
+their own encoding (ledger blocks), with the same rules.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ DEFAULT_MAX_STR = 1024
 DEFAULT_MAX_BYTES = MAX_MESSAGE_BYTES
 DEFAULT_MAX_ITEMS = 100_000
 INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+SCHEMA_VERSION = 2
 
 _REGISTRY: dict[str, type] = {}
 M = TypeVar("M")
+Check = Callable[[Any], Any]  # a compiled field rule: the value as the dataclass wants it, or _Invalid
 
 
 def limit(max_len: int | None = None, min_len: int = 0, min_value: float | None = None,
@@ -39,7 +47,7 @@ def limit(max_len: int | None = None, min_len: int = 0, min_value: float | None 
             "items": items or {}}
 
 
-def register(kind: str, version: int = 1) -> Callable[[type[M]], type[M]]:
+def register(kind: str, version: int = SCHEMA_VERSION) -> Callable[[type[M]], type[M]]:
     """Class decorator: make a dataclass a wire message of type `kind` at schema `version`."""
 
     def decorate(cls: type[M]) -> type[M]:
@@ -59,172 +67,255 @@ def registry() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
+# ---------------------------------------------------------------- schema (once per class)
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
+    """(name, type) of every field in order."""
+    hints = _hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+
+
 # ---------------------------------------------------------------- encoding
-def _to_plain(value: Any) -> Any:
+@functools.cache
+def _args(tp: Any) -> tuple:
+    return typing.get_args(tp)
+
+
+@functools.cache
+def _wants_float(tp: Any) -> bool:
+    options = _args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return float in options and int not in options
+
+
+def _plain(value: Any, tp: Any) -> Any:
+    """The CBOR data model of `value` declared as `tp`: dataclasses as arrays, ints where floats are declared as
+    floats (the decoder would refuse them)."""
+    if type(value) is int and _wants_float(tp):
+        return float(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return [_plain(getattr(value, name), ftp) for name, ftp in _fields(type(value))]
+    args = _args(tp)
     if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
+        return [_plain(v, args[0] if len(args) == 1 else None) for v in value]
     if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
+        return {k: _plain(v, args[1] if len(args) == 2 else None) for k, v in value.items()}
     return value
 
 
-def to_wire(msg: Any, exclude: tuple[str, ...] = ()) -> dict:
+def to_wire(msg: Any) -> list:
+    """`[kind, version, field1, ...]`: the message in the CBOR data model."""
     cls = type(msg)
     if getattr(cls, "KIND", None) is None:
         raise TypeError(f"{cls.__name__} is not a registered message")
-    out = {"t": cls.KIND, "v": cls.VERSION}
-    hints = _hints(cls)
-    for f in dataclasses.fields(msg):
-        if f.name in exclude:
-            continue
-        value = getattr(msg, f.name)
-        if hints[f.name] is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        out[f.name] = _to_plain(value)
-    return out
+    return [cls.KIND, cls.VERSION, *_plain(msg, None)]
 
 
 def encode(msg: Any) -> bytes:
-    """Canonical CBOR (RFC 8949 deterministic encoding), so signatures cover one exact byte string."""
+    """Deterministic CBOR (RFC 8949 core: shortest integers and floats, sorted map keys), so that a signature
+    covers one exact byte string."""
     return cbor2.dumps(to_wire(msg), canonical=True)
 
 
-def canonical_without(msg: Any, *fields: str) -> bytes:
-    return cbor2.dumps(to_wire(msg, exclude=fields), canonical=True)
-
-
 # ---------------------------------------------------------------- decoding
-_HINTS: dict[type, dict[str, Any]] = {}
+class _Invalid(Exception):
+    """A rule violation on its way out: the path is collected while it propagates (only failures pay for it)."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail, self.path = reason, detail, []
+
+    def error(self, root: str) -> ProtocolError:
+        return ProtocolError(self.reason, f"{root}{''.join(reversed(self.path))}: {self.detail}")
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+def _located(exc: _Invalid, step: str) -> _Invalid:
+    exc.path.append(step)
+    return exc
 
 
-@functools.cache
-def _schema(cls: type) -> tuple[tuple[tuple[str, Any, dict], ...], frozenset[str]]:
-    """(name, type, metadata) of every field, and the set of names: computed once per class (hot path)."""
-    hints = _hints(cls)
-    fields = tuple((f.name, hints[f.name], dict(f.metadata)) for f in dataclasses.fields(cls))
-    return fields, frozenset(name for name, _, _ in fields)
-
-
-@functools.cache
-def _shape(tp: Any) -> tuple[Any, tuple]:
-    return typing.get_origin(tp), typing.get_args(tp)
-
-
-def _fail(reason: Reason, path: str, detail: str) -> typing.NoReturn:
-    raise ProtocolError(reason, f"{path}: {detail}")
-
-
-def _check_len(n: int, meta: dict, default_max: int, path: str) -> None:
+def _check_len(n: int, meta: dict, default_max: int) -> None:
     max_len = meta.get("max_len") or default_max
     if n > max_len:
-        _fail(Reason.TOO_LARGE, path, f"length {n} > {max_len}")
+        raise _Invalid(Reason.TOO_LARGE, f"length {n} > {max_len}")
     if n < (meta.get("min_len") or 0):
-        _fail(Reason.MALFORMED, path, f"length {n} < {meta['min_len']}")
+        raise _Invalid(Reason.MALFORMED, f"length {n} < {meta['min_len']}")
 
 
-def _check_range(value: float, meta: dict, path: str) -> None:
+def _wrong_type(expected: str, value: Any) -> _Invalid:
+    return _Invalid(Reason.WRONG_TYPE, f"expected {expected}, got {type(value).__name__}")
+
+
+def _boolean(value: Any) -> bool:
+    if type(value) is not bool:
+        raise _wrong_type("bool", value)
+    return value
+
+
+def _number(py: type, meta: dict) -> Check:
     lo, hi = meta.get("min_value"), meta.get("max_value")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        _fail(Reason.BAD_VALUE, path, f"{value} outside [{lo}, {hi}]")
+    name = py.__name__
+
+    def check(value: Any) -> Any:
+        if type(value) is not py:
+            raise _wrong_type(name, value)
+        if py is int and not INT_MIN <= value <= INT_MAX:
+            raise _Invalid(Reason.BAD_VALUE, "integer out of 64-bit range")
+        if py is float and not math.isfinite(value):
+            raise _Invalid(Reason.NON_FINITE, "NaN or infinity")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise _Invalid(Reason.BAD_VALUE, f"{value} outside [{lo}, {hi}]")
+        return value
+
+    return check
 
 
-def _convert(value: Any, tp: Any, meta: dict, path: str) -> Any:
-    origin, args = _shape(tp)
-    if origin in (typing.Union, types.UnionType):
-        alternatives = args
-        if value is None:
-            if type(None) in alternatives:
-                return None
-            _fail(Reason.WRONG_TYPE, path, "null not allowed")
-        errors = []
-        # the alternative of the value's own type first: no exception on the common path
-        for alt in sorted(alternatives, key=lambda a: a is not type(value)):
-            if alt is type(None):
-                continue
-            try:
-                return _convert(value, alt, meta, path)
-            except ProtocolError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if tp is Any:
-        _fail(Reason.WRONG_TYPE, path, "untyped field")
-    if tp is bool:
-        if type(value) is not bool:
-            _fail(Reason.WRONG_TYPE, path, f"expected bool, got {type(value).__name__}")
+def _sized(py: type, name: str, meta: dict, default_max: int) -> Check:
+    def check(value: Any) -> Any:
+        if type(value) is not py:
+            raise _wrong_type(name, value)
+        _check_len(len(value), meta, default_max)
         return value
-    if tp is int:
-        if type(value) is not int:
-            _fail(Reason.WRONG_TYPE, path, f"expected int, got {type(value).__name__}")
-        if not INT_MIN <= value <= INT_MAX:
-            _fail(Reason.BAD_VALUE, path, "integer out of 64-bit range")
-        _check_range(value, meta, path)
-        return value
-    if tp is float:
-        if type(value) is not float:
-            _fail(Reason.WRONG_TYPE, path, f"expected float, got {type(value).__name__}")
-        if not math.isfinite(value):
-            _fail(Reason.NON_FINITE, path, "NaN or infinity")
-        _check_range(value, meta, path)
-        return value
-    if tp is str:
-        if type(value) is not str:
-            _fail(Reason.WRONG_TYPE, path, f"expected text, got {type(value).__name__}")
-        _check_len(len(value), meta, DEFAULT_MAX_STR, path)
-        return value
-    if tp is bytes:
-        if type(value) is not bytes:
-            _fail(Reason.WRONG_TYPE, path, f"expected bytes, got {type(value).__name__}")
-        _check_len(len(value), meta, DEFAULT_MAX_BYTES, path)
-        return value
-    if origin is list:
+
+    return check
+
+
+def _list(item: Check, meta: dict) -> Check:
+    def check(value: Any) -> list:
         if type(value) is not list:
-            _fail(Reason.WRONG_TYPE, path, f"expected array, got {type(value).__name__}")
-        _check_len(len(value), meta, DEFAULT_MAX_ITEMS, path)
-        (item_tp,) = args
-        item_meta = meta.get("items", {})
-        return [_convert(v, item_tp, item_meta, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+            raise _wrong_type("array", value)
+        _check_len(len(value), meta, DEFAULT_MAX_ITEMS)
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(item(v))
+            except _Invalid as exc:
+                raise _located(exc, f"[{i}]") from None
+        return out
+
+    return check
+
+
+def _map(item: Check, meta: dict) -> Check:
+    def check(value: Any) -> dict:
         if type(value) is not dict:
-            _fail(Reason.WRONG_TYPE, path, f"expected map, got {type(value).__name__}")
-        _check_len(len(value), meta, DEFAULT_MAX_ITEMS, path)
-        _, value_tp = args
+            raise _wrong_type("map", value)
+        _check_len(len(value), meta, DEFAULT_MAX_ITEMS)
         out = {}
         for k, v in value.items():
             if type(k) is not str or len(k) > DEFAULT_MAX_STR:
-                _fail(Reason.WRONG_TYPE, path, "map keys must be short text")
-            out[k] = _convert(v, value_tp, meta.get("items", {}), f"{path}.{k}")
+                raise _Invalid(Reason.WRONG_TYPE, "map keys must be short text")
+            try:
+                out[k] = item(v)
+            except _Invalid as exc:
+                raise _located(exc, f".{k}") from None
         return out
+
+    return check
+
+
+def _union(alternatives: tuple, meta: dict, positional: bool) -> Check:
+    """Dispatch on the CBOR type of the value; alternatives sharing a CBOR type are tried in order."""
+    by_type: dict[type, list[Check]] = {}
+    for alt in alternatives:
+        if alt is not type(None):
+            by_type.setdefault(_wire_type(alt, positional), []).append(_compile(alt, meta, positional))
+    allow_null = type(None) in alternatives
+
+    def check(value: Any) -> Any:
+        if value is None:
+            if allow_null:
+                return None
+            raise _Invalid(Reason.WRONG_TYPE, "null not allowed")
+        candidates = by_type.get(type(value))
+        if not candidates:
+            raise _Invalid(Reason.WRONG_TYPE, f"{type(value).__name__} not allowed")
+        errors = []
+        for candidate in candidates:
+            try:
+                return candidate(value)
+            except _Invalid as exc:
+                errors.append(exc)
+        raise errors[0]
+
+    return check
+
+
+def _wire_type(tp: Any, positional: bool) -> type:
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    raise TypeError(f"unsupported field type {tp!r} at {path}")
+        return list if positional else dict
+    return typing.get_origin(tp) or tp
 
 
-def _build(cls: type, obj: Any, path: str, skip: tuple[str, ...] = ()) -> Any:
-    if type(obj) is not dict:
-        _fail(Reason.MALFORMED, path, f"expected map, got {type(obj).__name__}")
-    fields, names = _schema(cls)
-    extra = set(obj) - names - set(skip)
-    if extra:
-        _fail(Reason.MALFORMED, path, f"unknown fields {sorted(map(str, extra))[:5]}")
-    kwargs = {}
-    for name, tp, meta in fields:
-        if name not in obj:
-            _fail(Reason.MALFORMED, path, f"missing field {name!r}")
-        kwargs[name] = _convert(obj[name], tp, meta, f"{path}.{name}")
+def _compile(tp: Any, meta: dict, positional: bool) -> Check:
+    """The rule for one declared type and its limits, built once per field."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _union(args, meta, positional)
+    if tp is bool:
+        return _boolean
+    if tp in (int, float):
+        return _number(tp, meta)
+    if tp is str:
+        return _sized(str, "text", meta, DEFAULT_MAX_STR)
+    if tp is bytes:
+        return _sized(bytes, "bytes", meta, DEFAULT_MAX_BYTES)
+    if origin is list:
+        return _list(_compile(args[0], meta.get("items", {}), positional), meta)
+    if origin is dict:
+        return _map(_compile(args[1], meta.get("items", {}), positional), meta)
+    if dataclasses.is_dataclass(tp):
+        return functools.partial(_build, tp, positional=positional)
+    raise TypeError(f"unsupported field type {tp!r}")
+
+
+@functools.cache
+def _rules(cls: type, positional: bool) -> tuple[tuple[str, Check], ...]:
+    """(name, compiled rule) of every field in order: computed once per class and layout (the hot path)."""
+    return tuple((f.name, _compile(_hints(cls)[f.name], dict(f.metadata), positional))
+                 for f in dataclasses.fields(cls))
+
+
+def _build(cls: type, obj: Any, positional: bool = True) -> Any:
+    """An instance of `cls` from its array (positional) or map of fields, every rule checked first."""
+    rules = _rules(cls, positional)
+    if positional:
+        if type(obj) is not list:
+            raise _Invalid(Reason.MALFORMED, f"expected array, got {type(obj).__name__}")
+        if len(obj) != len(rules):
+            raise _Invalid(Reason.MALFORMED, f"{len(obj)} elements, {cls.__name__} has {len(rules)} fields")
+        values = obj
+    else:
+        values = _named_values(cls, obj, rules)
+    args = []
+    for (name, rule), value in zip(rules, values):
+        try:
+            args.append(rule(value))
+        except _Invalid as exc:
+            raise _located(exc, f".{name}") from None
     try:
-        return cls(**kwargs)
+        return cls(*args)
     except ProtocolError:
         raise
     except (TypeError, ValueError) as exc:  # a dataclass __post_init__ refusing the values
-        _fail(Reason.BAD_VALUE, path, str(exc))
+        raise _Invalid(Reason.BAD_VALUE, str(exc)) from None
+
+
+def _named_values(cls: type, obj: Any, rules: tuple[tuple[str, Check], ...]) -> list:
+    if type(obj) is not dict:
+        raise _Invalid(Reason.MALFORMED, f"expected map, got {type(obj).__name__}")
+    names = [name for name, _ in rules]
+    extra = set(obj) - set(names)
+    if extra:
+        raise _Invalid(Reason.MALFORMED, f"unknown fields {sorted(map(str, extra))[:5]}")
+    missing = [name for name in names if name not in obj]
+    if missing:
+        raise _Invalid(Reason.MALFORMED, f"missing field {missing[0]!r} of {cls.__name__}")
+    return [obj[name] for name in names]
 
 
 def _reject_tags(tag, immutable):  # noqa: ARG001 - cbor2's tag_hook signature
@@ -249,17 +340,21 @@ def load_cbor(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> object:
 
 
 def decode_as(cls: type[M], data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
-    """Decode a CBOR map straight into dataclass `cls` with the message rules, for objects that are not
-    registered wire messages (no "t"/"v" envelope: they carry their own schema, e.g. ledger blocks)."""
-    return _build(cls, load_cbor(data, max_bytes), cls.__name__)
+    """Decode a CBOR map of named fields (nested dataclasses maps too) into `cls` with the message rules, for
+    objects that are not wire messages and carry their own schema version (ledger blocks and votes)."""
+    obj = load_cbor(data, max_bytes)
+    try:
+        return _build(cls, obj, positional=False)
+    except _Invalid as exc:
+        raise exc.error(cls.__name__) from None
 
 
 def decode(data: bytes, expect: type[M] | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
     """Decode one message; `expect` restricts the kind. Raises ProtocolError on anything unexpected."""
     obj = load_cbor(data, max_bytes)
-    if type(obj) is not dict:
-        raise ProtocolError(Reason.MALFORMED, "message is not a map")
-    kind, version = obj.get("t"), obj.get("v")
+    if type(obj) is not list or len(obj) < 2:
+        raise ProtocolError(Reason.MALFORMED, "message is not an array [kind, version, fields...]")
+    kind, version = obj[0], obj[1]
     if type(kind) is not str or kind not in _REGISTRY:
         raise ProtocolError(Reason.WRONG_TYPE, f"unknown message type {str(kind)[:40]!r}")
     cls = _REGISTRY[kind]
@@ -267,4 +362,7 @@ def decode(data: bytes, expect: type[M] | None = None, max_bytes: int = MAX_MESS
         raise ProtocolError(Reason.WRONG_TYPE, f"expected {expect.KIND!r}, got {kind!r}")
     if type(version) is not int or version != cls.VERSION:
         raise ProtocolError(Reason.UNKNOWN_VERSION, f"{kind} schema version {version!r}, we speak {cls.VERSION}")
-    return _build(cls, obj, kind, skip=("t", "v"))
+    try:
+        return _build(cls, obj[2:])
+    except _Invalid as exc:
+        raise exc.error(kind) from None

@@ -2,14 +2,17 @@
 validates samples of every kind against it with an independent validator, so the two cannot drift.
 
 Arrays travel as byte strings: flat float32 weights (little-endian) or a compression payload
-(protocol.compression). Messages that carry a `sig` are signed by their sender's Ed25519 key over the canonical
-CBOR of the message without `sig` (`sign_message` / `verify_message`); they also carry a fresh `nonce` so that
-receivers can refuse replays.
+(protocol.compression). Messages that carry a `sig` have it as their last field and are signed by their sender's
+Ed25519 key over the deterministic encoding of the message with `sig = b""` (`sign_message`). A receiver holding
+the raw bytes checks the signature on them (`verify_raw`: the trailing 66-byte sig item swapped for the empty byte
+string, no re-encoding); `verify_message` re-encodes, for messages that arrive inside others. Signed messages also
+carry a fresh `nonce` so that receivers can refuse replays.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,11 +21,12 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocol import signing
-from protocol.codec import canonical_without, decode, encode, limit, register
+from protocol.codec import decode, encode, limit, register
 from protocol.errors import ProtocolError, Reason
 
 __all__ = [
-    "decode", "encode", "register", "limit", "new_nonce", "sign_message", "verify_message", "floats_to_bytes",
+    "decode", "encode", "register", "limit", "new_nonce", "sign_message", "verify_message", "verify_raw",
+    "floats_to_bytes",
     "bytes_to_floats", "TrainingPlan", "Capability", "PrivacySpent", "CentralDPReport", "RoundAnnouncement",
     "GlobalModel", "DeviceUpdate", "EdgeAggregate", "Ack", "DeviceStatus", "Chunk", "BundleManifest",
 ]
@@ -53,13 +57,44 @@ def bytes_to_floats(data: bytes, n_params: int) -> np.ndarray:
     return vector
 
 
+_SIG_ITEM = b"\x58\x40"  # CBOR head of a 64-byte byte string: the signature, last element of a signed message
+_NO_SIG = b"\x40"         # the empty byte string it stands for in the signed bytes
+
+
+@functools.cache
+def _check_signable(cls: type) -> None:
+    """Raw verification relies on `sig` being the last element of the array."""
+    if dataclasses.fields(cls)[-1].name != "sig":
+        raise TypeError(f"{cls.__name__}: `sig` must be the last field of a signed message")
+
+
+def signed_bytes(msg) -> bytes:
+    """What a signature covers: the message encoded with `sig = b""`."""
+    _check_signable(type(msg))
+    return encode(dataclasses.replace(msg, sig=b""))
+
+
 def sign_message(msg, key: Ed25519PrivateKey):
-    """Return a copy of `msg` with `sig` set over everything else."""
-    return dataclasses.replace(msg, sig=signing.sign(key, canonical_without(msg, "sig")))
+    """Return a copy of `msg` with `sig` set over everything else (deterministic: Ed25519 and the encoding are)."""
+    return dataclasses.replace(msg, sig=signing.sign(key, signed_bytes(msg)))
 
 
 def verify_message(msg, public_key: Ed25519PublicKey) -> None:
-    signing.verify(public_key, msg.sig, canonical_without(msg, "sig"))
+    """Verify by re-encoding `msg`: for messages without their own received bytes (e.g. adverts in a roster)."""
+    signing.verify(public_key, msg.sig, signed_bytes(msg))
+
+
+def verify_raw(data: bytes, msg, public_key: Ed25519PublicKey) -> None:
+    """Verify `msg`, strictly decoded from exactly `data`, on those bytes: the signed bytes are `data` with its
+    trailing sig item (0x58 0x40 + 64 bytes) replaced by 0x40. Cheaper than re-encoding, and it checks what was
+    sent. The tail must be the 64-byte item of `msg.sig` (a non-minimal or chunked encoding is refused); since
+    senders sign deterministic encodings and CBOR items parse prefix-free, a valid signature over the replaced
+    bytes means the decoded fields are the signed ones."""
+    _check_signable(type(msg))
+    tail = _SIG_ITEM + msg.sig
+    if len(msg.sig) != signing.SIGNATURE_BYTES or bytes(data[-len(tail):]) != tail:
+        raise ProtocolError(Reason.BAD_SIGNATURE, "the message does not end with its 64-byte signature item")
+    signing.verify(public_key, msg.sig, bytes(data[:-len(tail)]) + _NO_SIG)
 
 
 # ------------------------------------------------------------------ nested records
@@ -167,9 +202,8 @@ class DeviceUpdate:
     local_steps: int = field(metadata=limit(min_value=0))
     train_loss: float
     privacy: PrivacySpent
-    compression: dict[str, Scalar] = field(metadata=limit(max_len=16))
     n_params: int = field(metadata=PARAMS)
-    delta: bytes                                                      # protocol.compression payload
+    delta: bytes                                                      # self-describing protocol.compression payload
     capability: Capability
     nonce: bytes = field(metadata=NONCE)
     timestamp: float = field(metadata=limit(min_value=0))

@@ -31,7 +31,7 @@ def sample_messages() -> list:
         m.DeviceUpdate(device_id="d01", edge_id="edge1", round_id=3, base_version=2, num_samples=120, local_steps=4,
                        train_loss=0.7, privacy=m.PrivacySpent(epsilon=0.9, delta=1e-5, accountant="rdp",
                                                                noise_mult=1.1, sample_rate=0.25, steps=4),
-                       compression=COMPRESSION, n_params=10, delta=b"\x01\x02", capability=CAPABILITY,
+                       n_params=10, delta=b"\x01\x02", capability=CAPABILITY,
                        nonce=m.new_nonce(), timestamp=1.7e9),
         m.EdgeAggregate(edge_id="edge1", round_id=3, base_version=2, num_devices=2, num_samples=240, weight_sum=240.0,
                         n_params=10, delta=b"\x01", significant=True,

@@ -231,7 +231,7 @@ def test_tampered_global_model_is_refused(fed):
     config = fed.device(privacy={"epsilon": 100.0})
     fed.start(config)
     wait_log(config, "connected")
-    fed.cloud.client.publish("fl/e1/round", b"\xa1\x61t\x65round", qos=1).wait_for_publish(5)  # hostile bytes
+    fed.cloud.client.publish("fl/e1/round", b"\x82\x65round\x01", qos=1).wait_for_publish(5)  # a v1 round
     wait_log(config, "refused a message", reason="UNKNOWN_VERSION")  # refused, and the agent carries on
     fed.cloud.publish_model(MODEL, 1, fed.weights, tamper=True)
     fed.cloud.announce(1, MODEL, 1, PLAN)

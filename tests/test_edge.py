@@ -79,9 +79,8 @@ class Fed:
                payload: bytes | None = None, **kw) -> bytes:
         payload = payload if payload is not None else encode_update(delta.astype(np.float32), settings)[0]
         msg = DeviceUpdate(device, kw.pop("edge_id", "edge1"), round_id, version, num_samples, 3, loss,
-                           PrivacySpent(1.0, 1e-5, "rdp", 1.0, 0.1, 3), settings.to_dict(),
-                           kw.pop("n_params", self.n_params), payload, Capability("pi", 512, 1e6),
-                           nonce or new_nonce(), time.time(), **kw)
+                           PrivacySpent(1.0, 1e-5, "rdp", 1.0, 0.1, 3), kw.pop("n_params", self.n_params), payload,
+                           Capability("pi", 512, 1e6), nonce or new_nonce(), time.time(), **kw)
         return encode(sign_message(msg, key or self.keys[device]))
 
 
@@ -118,7 +117,7 @@ def test_every_rejection_has_its_reason_and_nothing_crashes(tmp_path, rng):
         "zz": (fed.update("zz", ok, key=stranger), Reason.UNKNOWN_SENDER),
         "d05": (fed.update("d05", ok, n_params=N_PARAMS + 1), Reason.BAD_SHAPE),
         "d06": (fed.update("d06", ok, payload=bytes(nan_payload)), Reason.NON_FINITE),
-        "d07": (b"\xa1\x61t\x66update", Reason.UNKNOWN_VERSION),  # a map with no schema version
+        "d07": (b"\x82\x66update\x01", Reason.UNKNOWN_VERSION),  # an update of schema version 1
         "d08": (b"\xff" * 10, Reason.MALFORMED),
         "d09": (fed.update("d09", ok, edge_id="edge2"), Reason.WRONG_SENDER),
         "d10": (fed.update("d10", ok, payload=encode_update(np.ones(10, np.float32), DENSE)[0]), Reason.BAD_SHAPE),

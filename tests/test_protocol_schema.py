@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import struct
 
 import cbor2
 import pycddl
@@ -39,21 +40,27 @@ def test_every_registered_kind_has_a_sample_and_a_rule():
         assert rule(kind) in re.split(r"[\s/]+", union), f"list {rule(kind)!r} in the `message` rule"
 
 
+def test_cddl_labels_follow_the_dataclass_field_order():
+    """The CDDL names each array position; the decoder reads positions in dataclass order: they must agree."""
+    for kind, cls in registry().items():
+        body = re.search(rf"^{re.escape(rule(kind))} = \[(.*?)\]\n(\n|$)", CDDL, re.M | re.S).group(1)
+        labels = re.findall(r"([a-z_0-9]+): ", body)
+        assert labels == ["kind", "version", *(f.name for f in dataclasses.fields(cls))], kind
+
+
 @pytest.mark.parametrize("kind", sorted(SAMPLES))
-def test_sample_validates_against_cddl_and_round_trips(kind):
+def test_sample_round_trips_as_a_kind_version_array(kind):
     msg = SAMPLES[kind]
     data = m.encode(msg)
-    schema_for(kind).validate_cbor(data)
-    pycddl.Schema(f"root = message\n{CDDL}").validate_cbor(data)
+    assert cbor2.loads(data)[:2] == [kind, 2]
     assert m.decode(data) == msg
     assert m.decode(data, expect=type(msg)) == msg
+    assert m.encode(m.decode(data)) == data
 
 
 def test_cddl_rejects_what_the_decoder_rejects():
     """The validator is independent: a wrong type fails both the schema and the decoder."""
-    wire = cbor2.loads(m.encode(SAMPLES["update"]))
-    wire["round_id"] = "three"
-    bad = cbor2.dumps(wire, canonical=True)
+    bad = _mutate("update", round_id="three")
     with pytest.raises(pycddl.ValidationError):
         schema_for("update").validate_cbor(bad)
     with pytest.raises(ProtocolError) as exc:
@@ -64,6 +71,7 @@ def test_cddl_rejects_what_the_decoder_rejects():
 def test_signature_covers_every_field():
     key = generate_signing_key()
     msg = m.sign_message(SAMPLES["update"], key)
+    assert m.sign_message(msg, key) == msg  # deterministic, and the old sig is not part of the signed bytes
     m.verify_message(msg, key.public_key())
     tampered = dataclasses.replace(msg, num_samples=msg.num_samples + 1)
     with pytest.raises(ProtocolError) as exc:
@@ -73,32 +81,115 @@ def test_signature_covers_every_field():
         m.verify_message(msg, generate_signing_key().public_key())
 
 
+def test_sig_is_the_last_field_of_every_signed_message():
+    for cls in registry().values():
+        names = [f.name for f in dataclasses.fields(cls)]
+        assert "sig" not in names or names[-1] == "sig", cls.KIND
+
+
+def _signed(kind: str = "update"):
+    key = generate_signing_key()
+    msg = m.sign_message(SAMPLES[kind], key)
+    return msg, m.encode(msg), key.public_key()
+
+
+@pytest.mark.parametrize("kind", sorted(k for k, s in SAMPLES.items() if hasattr(s, "sig")))
+def test_verify_raw_accepts_what_verify_message_accepts(kind):
+    msg, data, pub = _signed(kind)
+    assert data.endswith(b"\x58\x40" + msg.sig)
+    m.verify_raw(data, msg, pub)
+    m.verify_raw(memoryview(data), msg, pub)
+    m.verify_message(msg, pub)
+
+
+def _reason(fn) -> Reason:
+    with pytest.raises(ProtocolError) as exc:
+        fn()
+    return exc.value.reason
+
+
+def test_verify_raw_rejects_any_flipped_byte():
+    msg, data, pub = _signed()
+    for i in range(len(data)):
+        raw = bytearray(data)
+        raw[i] ^= 0x01
+        try:
+            got = m.decode(bytes(raw))
+        except ProtocolError:
+            continue
+        assert _reason(lambda got=got, raw=raw: m.verify_raw(bytes(raw), got, pub)) == Reason.BAD_SIGNATURE, i
+
+
+def test_verify_raw_rejects_swapped_truncated_and_reencoded_signatures():
+    msg, data, pub = _signed()
+    other, other_data, _ = _signed()
+    swapped = data[:-64] + other.sig
+    assert _reason(lambda: m.verify_raw(swapped, m.decode(swapped), pub)) == Reason.BAD_SIGNATURE
+    assert _reason(lambda: m.verify_raw(data[:-1], msg, pub)) == Reason.BAD_SIGNATURE
+    assert _reason(lambda: m.verify_raw(other_data, msg, pub)) == Reason.BAD_SIGNATURE
+    assert _reason(lambda: m.verify_raw(data, msg, generate_signing_key().public_key())) == Reason.BAD_SIGNATURE
+    # the same message with a non-minimal length head on its sig: decodes, but is not what was signed
+    long_head = data[:-66] + b"\x59\x00\x40" + msg.sig
+    assert m.decode(long_head) == msg
+    assert _reason(lambda: m.verify_raw(long_head, msg, pub)) == Reason.BAD_SIGNATURE
+    unsigned = dataclasses.replace(msg, sig=b"")
+    assert _reason(lambda: m.verify_raw(m.encode(unsigned), unsigned, pub)) == Reason.BAD_SIGNATURE
+
+
+def _position(kind: str, name: str) -> int:
+    return 2 + [f.name for f in dataclasses.fields(type(SAMPLES[kind]))].index(name)
+
+
 def _mutate(kind: str, **changes) -> bytes:
+    """The sample's wire array with fields replaced (KeyError: dropped) or appended (names not in the schema)."""
     wire = cbor2.loads(m.encode(SAMPLES[kind]))
-    for key, value in changes.items():
-        if value is KeyError:
-            del wire[key]
+    names = [f.name for f in dataclasses.fields(type(SAMPLES[kind]))]
+    for name, value in changes.items():
+        if name == "version":
+            wire[1] = value
+        elif name not in names:
+            wire.append(value)
+        elif value is KeyError:
+            del wire[_position(kind, name)]
         else:
-            wire[key] = value
+            wire[_position(kind, name)] = value
     return cbor2.dumps(wire)
+
+
+CAPABILITY = cbor2.loads(m.encode(SAMPLES["update"]))[_position("update", "capability")]
 
 
 @pytest.mark.parametrize(("data", "reason"), [
     (b"", Reason.MALFORMED),
     (b"\xff", Reason.MALFORMED),
-    (cbor2.dumps([1, 2]), Reason.MALFORMED),
-    (cbor2.dumps({"t": "nope", "v": 1}), Reason.WRONG_TYPE),
-    (_mutate("ack", v=2), Reason.UNKNOWN_VERSION),
+    (cbor2.dumps([1, 2]), Reason.WRONG_TYPE),
+    (cbor2.dumps(["ack"]), Reason.MALFORMED),
+    (cbor2.dumps(["nope", 2]), Reason.WRONG_TYPE),
+    (cbor2.dumps({"t": "ack", "v": 2}), Reason.MALFORMED),                     # the v1 map layout
+    (cbor2.dumps({"t": "ack", "v": 1, **dataclasses.asdict(SAMPLES["ack"])}), Reason.MALFORMED),
+    (_mutate("ack", version=1), Reason.UNKNOWN_VERSION),
+    (_mutate("ack", version=3), Reason.UNKNOWN_VERSION),
+    (_mutate("ack", version=2.0), Reason.UNKNOWN_VERSION),
     (_mutate("ack", accepted=1), Reason.WRONG_TYPE),
     (_mutate("ack", round_id=True), Reason.WRONG_TYPE),
+    (_mutate("ack", round_id=3.0), Reason.WRONG_TYPE),
     (_mutate("ack", extra=1), Reason.MALFORMED),
     (_mutate("ack", detail=KeyError), Reason.MALFORMED),
     (_mutate("ack", device_id="x" * 65), Reason.TOO_LARGE),
     (_mutate("ack", round_id=-1), Reason.BAD_VALUE),
     (_mutate("ack", round_id=2**70), Reason.BAD_VALUE),
+    (_mutate("update", train_loss=1), Reason.WRONG_TYPE),
     (_mutate("update", train_loss=float("nan")), Reason.NON_FINITE),
     (_mutate("update", timestamp=float("inf")), Reason.NON_FINITE),
     (_mutate("update", nonce=b"short"), Reason.MALFORMED),
+    (_mutate("update", capability=CAPABILITY[:-1]), Reason.MALFORMED),
+    (_mutate("update", capability=[*CAPABILITY, None]), Reason.MALFORMED),
+    (_mutate("update", capability=dataclasses.asdict(SAMPLES["update"].capability)), Reason.MALFORMED),
+    (_mutate("update", capability=[CAPABILITY[0], 256.0, *CAPABILITY[2:]]), Reason.WRONG_TYPE),
+    (_mutate("update", capability=[*CAPABILITY[:4], 1.5]), Reason.BAD_VALUE),
+    (_mutate("update", privacy=None), Reason.MALFORMED),
+    (_mutate("round", lr_scale={"d01": 1}), Reason.WRONG_TYPE),
+    (_mutate("round", compression=[1]), Reason.WRONG_TYPE),
     (_mutate("chunk", index=5), Reason.BAD_VALUE),
     (_mutate("model", encoding="zip"), Reason.BAD_VALUE),
     (m.encode(SAMPLES["ack"]) + b"\x00", Reason.MALFORMED),
@@ -108,6 +199,42 @@ def test_hostile_inputs_raise_one_typed_error(data, reason):
     with pytest.raises(ProtocolError) as exc:
         m.decode(data)
     assert exc.value.reason == reason
+
+
+def test_floats_travel_in_the_shortest_exact_width_and_any_width_decodes():
+    msg = dataclasses.replace(SAMPLES["update"], train_loss=0.15625)     # exact in half precision
+    data = m.encode(msg)
+    half = b"\xf9" + struct.pack(">e", 0.15625)
+    assert data.count(half) == 1
+    assert b"\xfa" + struct.pack(">f", 250_000.0) in data                # capability.bandwidth_bps: single
+    for wider in (b"\xfa" + struct.pack(">f", 0.15625), b"\xfb" + struct.pack(">d", 0.15625)):
+        assert m.decode(data.replace(half, wider)) == msg
+    assert m.decode(cbor2.dumps(cbor2.loads(data))) == msg                # cbor2's default: every float a double
+
+
+def test_ints_in_float_fields_are_encoded_as_floats():
+    msg = dataclasses.replace(SAMPLES["update"], train_loss=1, timestamp=1_700_000_000,
+                              capability=dataclasses.replace(SAMPLES["update"].capability, bandwidth_bps=250_000))
+    decoded = m.decode(m.encode(msg))
+    assert type(decoded.train_loss) is float and type(decoded.capability.bandwidth_bps) is float
+
+
+def test_errors_name_the_path_of_the_bad_field():
+    with pytest.raises(ProtocolError) as exc:
+        m.decode(_mutate("update", capability=[*CAPABILITY[:4], 1.5]))
+    assert exc.value.detail.startswith("update.capability.battery: ")
+
+
+def test_device_update_envelope_is_small():
+    """Everything but the payload of a typical wearable update: positions instead of field names."""
+    privacy = m.PrivacySpent(epsilon=3.4127, delta=1e-5, accountant="rdp", noise_mult=1.5, sample_rate=0.0776699,
+                             steps=13)
+    capability = m.Capability(compute_class="wearable", memory_mb=256, bandwidth_bps=250_000.0, steps_per_s=41.7283)
+    msg = m.DeviceUpdate(device_id="watch07", edge_id="edge_a", round_id=12, base_version=12, num_samples=412,
+                         local_steps=13, train_loss=0.4817263, privacy=privacy, n_params=3286, delta=b"",
+                         capability=capability, nonce=m.new_nonce(), timestamp=1.7e9 + 0.123)
+    size = len(m.encode(m.sign_message(msg, generate_signing_key())))
+    assert size <= 200, size
 
 
 def test_size_limit_checked_before_parsing():

@@ -28,7 +28,7 @@ from device.sandbox import ScriptedCloud, provision
 from fediomt.bench import print_table
 from fediomt.mosquitto import MosquittoBroker
 from protocol.bundle import load_bundle
-from protocol.compression import decode_update
+from protocol.compression import decode_update, read_header
 from protocol.messages import TrainingPlan
 from protocol.signing import generate_signing_key, load_public_key, save_public_key
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
         log = open(root / "agent.log", "wb")  # noqa: SIM115 - closed below
         proc = subprocess.Popen([sys.executable, "-m", "fediomt", "device", "run", "--config", str(config)],
                                 cwd=REPO, stdout=log, stderr=log)
-        round_s, steps, settings, epsilon = [], [], {}, 0.0
+        round_s, steps, header, epsilon = [], [], None, 0.0
         try:
             for r in range(1, rounds + 1):
                 start = time.perf_counter()
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
                 round_s.append(time.perf_counter() - start)
                 steps.append(update.local_steps)
                 weights = weights + decode_update(update.delta, update.n_params)
-                settings, epsilon = update.compression, update.privacy.epsilon
+                header, epsilon = read_header(update.delta, update.n_params), update.privacy.epsilon
             time.sleep(0.2)  # the ack and the last status reach the broker/agent
             peak_kb = _peak_rss_kb(proc.pid)
         finally:
@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> dict:
         "bytes_up_per_round": round(cloud.bytes_up / rounds), "bytes_down_per_round": round(cloud.bytes_down / rounds),
         "round_s_mean": round(float(np.mean(round_s)), 3),
         "local_steps_per_round": round(float(np.mean(steps)), 1), "epsilon_spent": round(epsilon, 3),
-        "compression": f"{settings.get('method')} {settings.get('density')} int{settings.get('bits')}",
+        "compression": "none" if header is None else
+                       f"{header.method} {header.k / header.n_params:.3g} int{header.bits}",
         "exit_code": proc.returncode,
     }
     print_table([figures])

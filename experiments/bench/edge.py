@@ -83,7 +83,7 @@ def _messages(keys: dict, settings: CompressionSettings, rng: np.random.Generato
         delta = (base + rng.normal(size=PARAMS).astype(np.float32)) * 0.01
         payload = encode_update(delta, settings)[0]
         msg = DeviceUpdate(d, "bench", 1, 1, 32, 10, 0.5, PrivacySpent(1.0, 1e-5, "rdp", 1.0, 0.1, 10),
-                           settings.to_dict(), PARAMS, payload, Capability("pi", 512, 1e6), new_nonce(), time.time())
+                           PARAMS, payload, Capability("pi", 512, 1e6), new_nonce(), time.time())
         out.append((d, encode(sign_message(msg, key))))
     return out
 

@@ -324,7 +324,7 @@ class Simulator:
             device_id=dev.id, edge_id=dev.edge, round_id=self.round_id, base_version=self.version,
             num_samples=result.num_samples, local_steps=result.local_steps,
             train_loss=result.loss if math.isfinite(result.loss) else 0.0, privacy=spent,
-            compression=settings.to_dict(), n_params=self.n, delta=payload, capability=cap,
+            n_params=self.n, delta=payload, capability=cap,
             nonce=np.frombuffer(self.rng.bytes(16), np.uint8).tobytes(), timestamp=self.clock,
             control_delta=control_payload), dev.key)
         return encode(update), result.local_steps

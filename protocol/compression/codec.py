@@ -208,7 +208,7 @@ def decode_sparse(payload: bytes, n_params: int, seed: int | None = None, *,
     """(indices int64 sorted unique, values float32 finite) of an update for an n_params model.
 
     seed: the rand-k seed the edge announced; a seed-coded payload with another seed is refused (BAD_VALUE).
-    expect: the settings the sender declared or the round announced; the payload must then use the same method,
+    expect: the settings the round announced; the payload must then use the same method,
     bit width, k, block size and rand-k seed (BAD_VALUE otherwise). An edge should pass one of them: besides
     enforcing the policy, it stops a sender from making the edge derive rand-k coordinates for seeds and k of its
     choosing (an O(n_params) computation each).
