@@ -61,7 +61,7 @@ from protocol.secagg.mqtt_driver import run_client_round
 from protocol.signing import load_private_key, load_public_key
 
 CONNECTED = ""             # inbox marker: the link (re)connected
-ENVELOPE_BYTES = 1024      # signed DeviceUpdate fields around the compression payload
+ENVELOPE_BYTES = 1024      # bound on the signed DeviceUpdate fields around the payload (typically ~200 B in v2)
 SPEED_SMOOTHING = 0.5      # weight of the newest steps/s measurement
 
 
