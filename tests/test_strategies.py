@@ -157,3 +157,18 @@ def test_unknown_strategy_or_option_is_a_clear_error():
         make("fedsgd", DEFAULTS)
     with pytest.raises(ValueError, match="fedadam"):
         make("fedadam", DEFAULTS, {"momentum": 0.9})
+
+
+def test_fediomt_lr_decay_anneals_the_announced_lr_along_a_half_cosine():
+    from cloud.strategies.fediomt import cosine_lr_factor
+
+    s = make("fediomt", DEFAULTS, {"lr_decay_rounds": 5, "lr_floor": 0.2, "adaptive_steps": False})
+    devices = {"d0": DeviceInfo("d0", "wearable")}
+    lrs = [s.configure_round(None, r, devices, np.random.default_rng(0)).plan.lr for r in (1, 2, 3, 5, 9)]
+    # round 3 is half-way: 0.2 + 0.8 * 0.5 = 0.6 of plan.lr; round 2: 0.2 + 0.8 * (1 + cos(pi/4)) / 2
+    np.testing.assert_allclose(lrs, [0.1, 0.1 * (0.2 + 0.4 * (1 + np.sqrt(0.5))), 0.06, 0.02, 0.02], rtol=1e-6)
+    assert make("fediomt", DEFAULTS, {"adaptive_steps": False}).configure_round(None, 40, devices,
+                                                                                np.random.default_rng(0)).plan == PLAN
+    assert cosine_lr_factor(7, 1, 0.1) == 1.0
+    with pytest.raises(ValueError, match="lr_floor"):
+        make("fediomt", DEFAULTS, {"lr_decay_rounds": 5, "lr_floor": 0.0})

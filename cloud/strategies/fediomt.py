@@ -7,12 +7,15 @@ cloud.accounting. On top, each switchable for ablations (cloud.strategies.hetero
 `importance_sampling` (cohort of `cohort_size` devices drawn by update norm, sample_weight = 1/(N pi_i), and the
 edges' means combined by their weight_sum, which carries those weights), `adaptive_lr` (lr_scale from compute class
 and data quality), `adaptive_steps` (plan.max_steps from the deadline and the devices' speed) and `fednova`
-(edge means normalised by their mean local steps).
+(edge means normalised by their mean local steps). `lr_decay_rounds` > 0 anneals the announced device learning rate
+along a half cosine from plan.lr (round 1) to `lr_floor` * plan.lr (round `lr_decay_rounds`, and after): under
+device DP-SGD the noise in the global model scales with the step size, so small late steps average it out.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -29,25 +32,40 @@ from cloud.strategies.base import (
 from cloud.strategies.heterogeneity import deadline_steps, fednova_combine, importance_sample, lr_scales
 
 
+def cosine_lr_factor(round_id: int, rounds: int, floor: float) -> float:
+    """1 at round 1, `floor` from round `rounds` on, a half cosine in between; 1 throughout when rounds <= 1."""
+    if rounds <= 1:
+        return 1.0
+    t = min(1.0, max(0.0, (round_id - 1) / (rounds - 1)))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 class FedIoMT(Strategy):
     name = "fediomt"
 
     def __init__(self, defaults: RoundDefaults, server_lr: float = 1.0, importance_sampling: bool = True,
                  cohort_size: int = 0, uniform_mix: float = 0.2, adaptive_lr: bool = True,
                  class_lr: Mapping[str, float] | None = None, min_quality: float = 0.2, adaptive_steps: bool = True,
-                 step_time_fraction: float = 0.5, fednova: bool = True) -> None:
+                 step_time_fraction: float = 0.5, fednova: bool = True, lr_decay_rounds: int = 0,
+                 lr_floor: float = 0.1) -> None:
         super().__init__(defaults, server_lr)
         if cohort_size < 0 or not 0 <= uniform_mix <= 1 or not 0 < step_time_fraction <= 1:
             raise ValueError("need cohort_size >= 0, 0 <= uniform_mix <= 1, 0 < step_time_fraction <= 1")
+        if lr_decay_rounds < 0 or not 0 < lr_floor <= 1:
+            raise ValueError("need lr_decay_rounds >= 0 and 0 < lr_floor <= 1")
         self.importance_sampling, self.cohort_size, self.uniform_mix = importance_sampling, cohort_size, uniform_mix
         self.adaptive_lr, self.class_lr = adaptive_lr, dict(class_lr or {})
         self.min_quality = min_quality
         self.adaptive_steps, self.step_time_fraction = adaptive_steps, step_time_fraction
         self.fednova = fednova
+        self.lr_decay_rounds, self.lr_floor = int(lr_decay_rounds), float(lr_floor)
 
     def configure_round(self, state: ServerState, round_id: int, devices: Mapping[str, DeviceInfo],
                         rng: np.random.Generator) -> RoundConfig:
         plan, central_dp = self.defaults.plan, self.defaults.central_dp
+        if self.lr_decay_rounds:
+            plan = dataclasses.replace(plan, lr=plan.lr * cosine_lr_factor(round_id, self.lr_decay_rounds,
+                                                                            self.lr_floor))
         cohort, sample_weight = [], {}
         sampling = self.importance_sampling and 0 < self.cohort_size < len(devices)
         if sampling:
