@@ -40,7 +40,7 @@ class ForwardConfig:
 class EdgeConfig:
     edge_id: str
     state_dir: Path              # SQLite round store (edge.db)
-    enrolment_dir: Path          # {device_id}.pub of every device allowed to send updates
+    enrolment_dir: Path          # {device_id}.pub (+ .crt) of every device allowed to send updates
     signing_key: Path            # this edge's Ed25519 private key (signs EdgeAggregates)
     cloud_public_key: Path       # verifies the cloud's RoundAnnouncements and GlobalModels before relaying
     broker: BrokerConfig = field(default_factory=BrokerConfig)   # the edge's broker (devices connect here)
@@ -50,6 +50,8 @@ class EdgeConfig:
     replicas: int = 1            # replicas sharing the group: each expects 1/replicas of the devices (quorum)
     aggregate_id: str = ""       # id the aggregates are signed and published as; "" = edge_id. Replicas each
                                  # need their own (e.g. "edge-a-r1", enrolled at the cloud as an edge)
+    crl_file: Path | None = None  # the consortium CRL (pki crl.pem): devices whose {id}.crt it lists are REVOKED
+    key_check_s: float = 5.0     # re-stat enrolment_dir and crl_file at most this often (and on SIGHUP)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
@@ -71,6 +73,8 @@ class EdgeConfig:
         check_id(self.aggregate_id or self.edge_id)
         if self.replicas < 1:
             raise ValueError("replicas must be >= 1")
+        if self.key_check_s < 0:
+            raise ValueError("key_check_s must be >= 0")
         self.forward.settings()
 
 

@@ -65,7 +65,7 @@ class EdgeEngine:
         self.log = log or logging.getLogger("edge")
         self.metrics = metrics or Metrics()
         self.store = Store(cfg.state_dir / "edge.db", cfg.synchronous)
-        self.keys = KeyRing(cfg.enrolment_dir)
+        self.keys = KeyRing(cfg.enrolment_dir, cfg.crl_file, cfg.key_check_s, log=self.log)
         self.key = signing.load_private_key(cfg.signing_key)
         self.cloud_key = signing.load_public_key(cfg.cloud_public_key)
         self.forward_settings = cfg.forward.settings()

@@ -203,3 +203,4 @@ class Gateway:
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.engine.keys.expire())  # reload enrolment and CRL now

@@ -287,18 +287,23 @@ def export(directory: str | os.PathLike, out: str | os.PathLike, members: Sequen
 
 
 def enrolment(directory: str | os.PathLike, out: str | os.PathLike, kind: str = "device") -> list[str]:
-    """Sync `out` to `{id}.pub` (Ed25519) of every `kind` identity with a valid certificate: the enrolment
-    directory the edge gateway (device keys) or the cloud (edge keys) verifies signatures with. Revoked identities'
-    keys are removed, so revocation also stops their signed messages. Returns the enrolled ids."""
+    """Sync `out` to `{id}.pub` (Ed25519) and `{id}.crt` (its TLS certificate) of every `kind` identity with a
+    valid certificate: the enrolment directory the edge gateway (device keys) or the cloud (edge keys) verifies
+    signatures with. Revoked identities' files are removed, so revocation also stops their signed messages; the
+    certificate lets an edge with `crl_file` refuse a revoked device before this is re-run. Returns the enrolled
+    ids."""
     directory, out = Path(directory), Path(out)
     with _locked(directory) as index:
         valid = sorted({e["name"] for e in index["certs"] if e["kind"] == kind and e["revoked_at"] is None})
         revoked = {e["name"] for e in index["certs"] if e["kind"] == kind} - set(valid)
     out.mkdir(parents=True, exist_ok=True)
     for name in valid:
-        atomic_write(out / f"{name}.pub", identity(directory, kind, name).sign_pub.read_bytes())
+        ident = identity(directory, kind, name)
+        atomic_write(out / f"{name}.pub", ident.sign_pub.read_bytes())   # key first: an edge that reads the two
+        atomic_write(out / f"{name}.crt", ident.cert.read_bytes())       # mid-rotation refuses, never accepts
     for name in revoked:
-        (out / f"{name}.pub").unlink(missing_ok=True)
+        for suffix in (".pub", ".crt"):
+            (out / f"{name}{suffix}").unlink(missing_ok=True)
     return valid
 
 

@@ -33,6 +33,7 @@ class Reason(IntEnum):
     FILTERED = 20          # flagged by an anomaly filter
     BAD_VALUE = 21         # out of the allowed range
     SECAGG_ABORT = 22      # secure aggregation below threshold / protocol violation
+    REVOKED = 23           # the sender's certificate is on the CRL
 
 
 class ProtocolError(ValueError):

@@ -124,7 +124,7 @@ def test_enrolment_dir_follows_issue_and_revoke(ca, tmp_path):
     signing.load_public_key(out / "d2.pub")
     pki.revoke(ca, "d2")
     assert pki.enrolment(ca, out) == ["d1"]
-    assert sorted(p.name for p in out.iterdir()) == ["d1.pub"]
+    assert sorted(p.name for p in out.iterdir()) == ["d1.crt", "d1.pub"]
     assert pki.enrolment(ca, tmp_path / "edges", kind="edge") == ["e1"]
 
 
