@@ -5,7 +5,11 @@ fl/cloud/round); collect signed EdgeAggregates from fl/cloud/aggregates/+ (each 
 `edge_keys_dir`; replays, wrong rounds, duplicates, stale bases and bad payloads are rejected and counted); close
 when every expected edge reported or at the deadline; combine and apply the strategy; account privacy; evaluate;
 checkpoint atomically; append the round to rounds.jsonl; publish the next model. Stops after `rounds` rounds or
-when a privacy budget would be exceeded. Retained device statuses (fl/+/status/+) tell it devices' compute class
+when a privacy budget would be exceeded. With edge-level secure aggregation (`[secagg]` mode "trusted_edge",
+`edges_mask = true`) the edges send only metadata aggregates and the cloud runs the SecAgg server over them
+(edge/secagg_round.py's runner on a second connection): it closes the round when the protocol ends, with the
+sample-weighted mean over the edges in the sum, and skips it (model unchanged) when the protocol aborts. Retained
+device statuses (fl/+/status/+) tell it devices' compute class
 and speed for the heterogeneity-aware strategies.
 
 Crash safety: an aggregate is written to pending/ before its PUBACK (manual acknowledgements, persistent session),
@@ -42,6 +46,7 @@ from cloud.strategies.base import DeviceInfo, EdgeResult, RoundDefaults
 from cloud.strategies.heterogeneity import observe
 from cloud.strategies.scaffold import CONTROL
 from edge.gateway import INBOX_SIZE, Connection
+from edge.secagg_round import SecAggRunner
 from fediomt.logs import event
 from protocol.atomic import atomic_write
 from protocol.compression import decode_update
@@ -57,8 +62,10 @@ from protocol.messages import (
     sign_message,
     verify_raw,
 )
+from protocol.secagg import SecAggResult, SecAggServer
+from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.signing import load_private_key, load_public_key
-from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, ROOT, last_level
+from protocol.topics import CLOUD, CLOUD_MODEL, CLOUD_ROUND, ROOT, last_level
 
 AGGREGATES = f"{ROOT}/cloud/aggregates/+"
 UNAVAILABLE = ("budget_exhausted", "offline")  # device states the strategies do not select
@@ -84,7 +91,7 @@ class CloudAggregator:
     def __init__(self, cfg: CloudConfig, log: logging.Logger) -> None:
         self.cfg, self.log = cfg, log
         self.key = load_private_key(cfg.signing_key)
-        self.edges = cfg.edges or sorted(p.stem for p in Path(cfg.edge_keys_dir).glob("*.pub"))
+        self.edges = cfg.edge_ids()
         if not self.edges:
             raise ValueError(f"no edges: set `edges` or put {{edge}}.pub files in {cfg.edge_keys_dir}")
         self.edge_keys: dict[str, Ed25519PublicKey] = {}
@@ -116,6 +123,12 @@ class CloudAggregator:
         self.recorder: ContributionRecorder | None = None
         self.distiller: threading.Thread | None = None
         self.students: dict[str, list[np.ndarray]] = {}  # float student weights per class: warm starts
+        self.edge_tier = EdgeMaskedRound.from_announcement(cfg.secagg)  # edge-level SecAgg; None = plaintext
+        self.secagg_conn = Connection(cfg.broker, cfg.client_id + "-secagg", [], self.inbox, log, manual_ack=False) \
+            if self.edge_tier else None
+        self.secagg = SecAggRunner(self.secagg_conn.client, cfg.secagg_step_timeout_s, log) if self.secagg_conn \
+            else None
+        self.masked_outcome: tuple[SecAggResult | ProtocolError, float] | None = None  # (outcome, monotonic time)
         if cfg.ledger is not None and self.eval_data is None:
             raise ValueError("[ledger] needs eval_data: contributions are scored on the held-out set")
 
@@ -177,6 +190,12 @@ class CloudAggregator:
         self.conn.client.publish(CLOUD_ROUND, s.announcement, qos=1, retain=True)
         event(self.log, "round announced", round=ann.round_id, version=ann.model_version,
               cohort=len(ann.cohort) or "all", deadline_in_s=round(ann.deadline - now, 1))
+        if self.secagg is not None and self.secagg.started != ann.round_id:
+            self.masked_outcome = None
+            tier = self.edge_tier
+            server = SecAggServer(CLOUD, ann.round_id, tier.config, tier.length(self.model.n_params),
+                                  {e: self._edge_key(e) for e in self.edges})
+            self.secagg.start(server, max(0.0, ann.deadline + self.cfg.grace_s - now))  # edges close by then
 
     # ------------------------------------------------------------------ receiving
     def _edge_key(self, edge: str) -> Ed25519PublicKey:
@@ -208,6 +227,9 @@ class CloudAggregator:
             raise ProtocolError(Reason.STALE, f"base version {agg.base_version}, current {s.version}")
         if agg.n_params != self.model.n_params:
             raise ProtocolError(Reason.BAD_SHAPE, f"{agg.n_params} params, model has {self.model.n_params}")
+        if self.edge_tier is not None and (agg.delta or agg.control_delta or agg.num_samples or agg.weight_sum
+                                           or agg.update_norms or agg.significant):
+            raise ProtocolError(Reason.BAD_VALUE, "plaintext aggregate in an edge-masked round (metadata only)")
         delta = decode_payload(agg.delta, agg.n_params) if agg.significant else None
         if agg.significant and delta is None:
             raise ProtocolError(Reason.MALFORMED, "significant aggregate without a delta")
@@ -269,11 +291,9 @@ class CloudAggregator:
         conn.ack(mid, qos)
 
     # ------------------------------------------------------------------ closing a round
-    def _close_round(self, now: float) -> None:
-        t0 = time.monotonic()
-        s = self.state
-        ann = decode(s.announcement, expect=RoundAnnouncement)
-        results, aggs = [], [r.agg for r in self.received.values()]
+    def _edge_results(self) -> tuple[list[EdgeResult], list[EdgeAggregate]]:
+        """Plaintext rounds: one result per edge (a non-significant one reuses that edge's last delta)."""
+        s, results = self.state, []
         for edge, got in sorted(self.received.items()):
             delta = got.delta
             if got.agg.significant:
@@ -282,14 +302,38 @@ class CloudAggregator:
                 delta = s.last_delta.get(edge)
             results.append(EdgeResult(edge, delta, got.agg.num_samples, got.agg.weight_sum, got.agg.num_devices,
                                       got.agg.mean_local_steps, got.control))
-            s.devices = observe(s.devices, got.agg.device_ids, got.agg.filtered, got.agg.update_norms)
+        return results, [r.agg for r in self.received.values()]
+
+    def _masked_results(self, result: SecAggResult) -> tuple[list[EdgeResult], list[EdgeAggregate]]:
+        """Edge-masked rounds: one result for the sum over the edges in it (its weighted mean is the strategy's
+        combination of them), and the metadata of those edges."""
+        total = self.edge_tier.total(result)
+        event(self.log, "edge secagg unmasked", round=self.state.round_id, edges=total.edges, dropped=total.dropped,
+              devices=total.num_devices, samples=total.num_samples)
+        combined = EdgeResult("+".join(total.edges), total.mean if total.num_devices else None, total.num_samples,
+                              float(total.num_samples), total.num_devices)
+        return [combined], [g.agg for e, g in sorted(self.received.items()) if e in set(total.edges)]
+
+    def _close_round(self, now: float, masked: SecAggResult | None = None) -> None:
+        t0 = time.monotonic()
+        s = self.state
+        ann = decode(s.announcement, expect=RoundAnnouncement)
+        results, aggs = self._edge_results() if masked is None else self._masked_results(masked)
+        for agg in aggs:
+            s.devices = observe(s.devices, agg.device_ids, agg.filtered, agg.update_norms)
         previous = s.server.weights
         s.server = self.strategy.apply(s.server, results, self.cfg.population or len(s.devices))
-        rewards = self._record_contributions(ann.round_id, s.version + 1, results, previous)
+        rewards = None
+        if masked is None:
+            rewards = self._record_contributions(ann.round_id, s.version + 1, results, previous)
+        elif self.recorder is not None:
+            event(self.log, "ledger: edge-masked round, per-edge contributions not scored", round=ann.round_id)
         s.version += 1
         self._compress_model(previous)
         participating = [a for a in aggs if a.num_devices > 0]
-        sizes = [a.num_samples // a.num_devices for a in participating]
+        counts = [(r.num_samples, r.num_devices) for r in results] if masked else \
+            [(a.num_samples, a.num_devices) for a in participating]
+        sizes = [n // d for n, d in counts if d > 0]
         if sizes:
             s.min_local_examples = min(sizes)
             s.ledger.device.append(device_event(ann.plan, s.min_local_examples))
@@ -299,6 +343,21 @@ class CloudAggregator:
         loss, acc = self.model.evaluate(s.server.weights, self.eval_data) if self.eval_data else (None, None)
         record = self._record(ann, aggs, report, loss, acc, now)
         record["rewards"] = rewards
+        if masked is not None:
+            record["edge_secagg"] = {"edges": sorted(masked.devices), "dropped": sorted(masked.dropped)}
+        self._end_round(ann.round_id, record, report, t0)
+        self._publish_model()
+        self._maybe_distill(ann.round_id)
+        self._observe_metrics(record, report, time.monotonic() - t0)
+        event(self.log, "round closed", **{k: record[k] for k in ("round", "accuracy", "loss", "num_devices",
+                                                                    "bytes_up", "bytes_down", "epsilon")},
+              cloud_step_s=round(time.monotonic() - t0, 4))
+        if s.stop_reason:
+            self._finish(s.stop_reason)
+
+    def _end_round(self, round_id: int, record: dict, report: dict, t0: float) -> None:
+        """Append the round's record, move to the next round, checkpoint, drop the round's pending aggregates."""
+        s = self.state
         s.history.append(record)
         s.round_id += 1
         s.announcement = b""
@@ -309,16 +368,25 @@ class CloudAggregator:
         record["cloud_step_s"] = round(time.monotonic() - t0, 4)
         save(self.checkpoint, s)
         self._write_rounds()
-        for path in self.pending_dir.glob(f"{ann.round_id}-*.cbor"):
+        for path in self.pending_dir.glob(f"{round_id}-*.cbor"):
             path.unlink()
         self.received.clear()
         self.rejected.clear()
-        self._publish_model()
-        self._maybe_distill(ann.round_id)
-        self._observe_metrics(record, report, time.monotonic() - t0)
-        event(self.log, "round closed", **{k: record[k] for k in ("round", "accuracy", "loss", "num_devices",
-                                                                    "bytes_up", "bytes_down", "epsilon")},
-              cloud_step_s=round(time.monotonic() - t0, 4))
+
+    def _skip_round(self, now: float, detail: str) -> None:
+        """An edge-masked round whose protocol aborted: no sum, so no update (never a wrong or too-small sum). The
+        devices trained, so their example-level spend is still accounted; the next round starts from the same
+        model."""
+        t0, s = time.monotonic(), self.state
+        ann = decode(s.announcement, expect=RoundAnnouncement)
+        event(self.log, "edge secagg aborted: round skipped, model unchanged", logging.ERROR, round=ann.round_id,
+              detail=detail)
+        if s.min_local_examples:
+            s.ledger.device.append(device_event(ann.plan, s.min_local_examples))
+        report = s.ledger.report(self.cfg.privacy.accountant)
+        record = self._record(ann, [], report, None, None, now)
+        record.update(rewards=None, edge_secagg={"aborted": detail})
+        self._end_round(ann.round_id, record, report, t0)
         if s.stop_reason:
             self._finish(s.stop_reason)
 
@@ -465,7 +533,7 @@ class CloudAggregator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
         if not self.state.stop_reason:
-            if not self.conn.start(self.stop):
+            if not all(c.start(self.stop) for c in filter(None, (self.conn, self.secagg_conn))):
                 return 0
             event(self.log, "cloud running", strategy=self.strategy.name, model=self.cfg.model,
                   n_params=self.model.n_params, edges=self.edges, round=self.state.round_id,
@@ -478,7 +546,8 @@ class CloudAggregator:
             self._publish_model()
             self._open_round(time.time())
             self._loop()
-            self.conn.close()
+            for conn in filter(None, (self.conn, self.secagg_conn)):
+                conn.close()
             if self.recorder is not None:
                 self.recorder.close()
             if self.distiller is not None:
@@ -492,6 +561,9 @@ class CloudAggregator:
         while not self.stop.is_set() and not s.stop_reason:
             self._drain_one(self.cfg.tick_s)
             now = time.time()
+            if self.secagg is not None:
+                self._poll_masked(now)
+                continue
             complete = set(self.edges) <= set(self.received)
             if not complete and now < self.deadline + self.cfg.grace_s:
                 continue
@@ -503,6 +575,26 @@ class CloudAggregator:
                 event(self.log, "deadline passed with too few aggregates: re-announcing", logging.WARNING,
                       round=s.round_id, received=sorted(self.received), min_edges=self.cfg.min_edges)
                 self._open_round(now)
+
+    def _poll_masked(self, now: float) -> None:
+        """Edge-masked rounds close when the protocol ends (and the metadata of the edges in the sum arrived, or
+        grace_s after it ended); an abort skips the round."""
+        for round_id, outcome in self.secagg.finished():
+            if round_id == self.state.round_id:
+                self.masked_outcome = (outcome, time.monotonic())
+        if self.masked_outcome is None:
+            return
+        outcome, ended = self.masked_outcome
+        if isinstance(outcome, SecAggResult) and not set(outcome.devices) <= set(self.received) \
+                and time.monotonic() - ended < self.cfg.grace_s:
+            return
+        self.masked_outcome = None
+        if isinstance(outcome, ProtocolError):
+            self._skip_round(now, outcome.detail)
+        else:
+            self._close_round(now, outcome)
+        if not self.state.stop_reason:
+            self._open_round(time.time())
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

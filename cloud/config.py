@@ -13,11 +13,13 @@ from pathlib import Path
 from cloud.accounting import ACCOUNTANTS
 from cloud.contributions import LedgerConfig
 from cloud.distill import DistillSchedule
-from cloud.strategies import STRATEGIES
+from cloud.strategies import STRATEGIES, make
+from cloud.strategies.base import RoundDefaults
 from protocol.compression import CompressionSettings
 from protocol.messages import CentralDPReport, TrainingPlan
 from protocol.mqtt import BrokerConfig
 from protocol.secagg.deploy import MaskedRound
+from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.tomlconfig import load_toml
 from protocol.topics import check_id
 
@@ -90,6 +92,7 @@ class CloudConfig:
     ledger: LedgerConfig | None = None  # contribution ledger (cloud/contributions.py); None = off
     distill: DistillSchedule | None = None  # int8 students + OTA push (cloud/distill.py); None = off
     secagg: dict | None = None       # RoundAnnouncement.secagg (docs/secagg.md "Deployment"); None = plaintext rounds
+    secagg_step_timeout_s: float = 10.0  # edge-masked rounds: each protocol step after the edges' keys waits this long
 
     def __post_init__(self) -> None:
         for edge in self.edges:
@@ -112,6 +115,28 @@ class CloudConfig:
         compression_from_table(self.compression)
         compression_from_table(self.model_compression)
         MaskedRound.from_announcement(self.secagg_for_round())
+        tier = EdgeMaskedRound.from_announcement(self.secagg)
+        if tier is not None:
+            self._check_edge_tier(tier)
+
+    def edge_ids(self) -> list[str]:
+        """The edges a round waits for: `edges`, or every {edge}.pub in edge_keys_dir."""
+        return self.edges or sorted(p.stem for p in Path(self.edge_keys_dir).glob("*.pub"))
+
+    def _check_edge_tier(self, tier: EdgeMaskedRound) -> None:
+        """Edge-level SecAgg: enough edges for min_cohort, and a strategy that needs nothing per edge."""
+        n, least = len(self.edge_ids()), tier.config.min_cohort
+        if n < least:
+            raise ValueError(f"[secagg] edges_mask: {n} edges < min_cohort {least}: the cloud would learn the sum of "
+                             "too few edges (with 2, the cloud and one edge together learn the other's aggregate)")
+        strategy = make(self.strategy.name, RoundDefaults(self.plan, self.compression_settings(),
+                                                          self.central_dp.report()), self.strategy.options)
+        needs = strategy.per_edge_inputs()
+        if needs:
+            raise ValueError(f"[secagg] edges_mask: strategy {self.strategy.name!r} needs what the cloud cannot see "
+                             f"under edge masking: {'; '.join(needs)}")
+        if self.secagg_step_timeout_s <= 0:
+            raise ValueError("secagg_step_timeout_s must be > 0")
 
     def secagg_for_round(self) -> dict | None:
         """The announced secagg table: [secagg] as configured, with a fresh random-k seed per round when it asks for

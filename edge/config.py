@@ -63,7 +63,10 @@ class EdgeConfig:
     metrics_host: str = "127.0.0.1"
     tick_s: float = 0.2          # how often deadlines are checked
     secagg_step_timeout_s: float = 30.0  # masked rounds: wait this long per protocol step (the first one also
-                                         # covers the devices' training); silent devices count as dropped
+                                         # covers the devices' training); silent devices count as dropped.
+                                         # Edge-masked rounds: each edge waits up to the deadline + 4x this
+    edge_keys_dir: Path | None = None    # {edge_id}.pub of the federation's edges (edge-masked rounds check the
+                                         # cloud's roster with them); None: this edge cannot take part in them
     log_level: str = "info"
 
     def __post_init__(self) -> None:

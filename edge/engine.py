@@ -23,7 +23,7 @@ from edge.config import EdgeConfig
 from edge.metrics import Metrics
 from edge.rounds import expected_devices, staleness_weight, sync_close_reason
 from edge.rows import Rows
-from edge.secagg_round import masked_mean
+from edge.secagg_round import masked_mean, metadata
 from edge.store import Store, Stored
 from edge.validation import KeyRing, RoundContext, authenticate, decode_delta
 from fediomt.logs import event
@@ -45,6 +45,7 @@ from protocol.messages import (
 )
 from protocol.secagg import SecAggResult
 from protocol.secagg.deploy import MaskedRound
+from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.topics import aggregate_topic, check_id, model_topic, round_topic
 
 EXCUSED = ("skipped", "declined", "budget_exhausted", "offline")
@@ -75,6 +76,7 @@ class EdgeEngine:
         self.masked_epsilon: dict[str, float] = {}   # masked round: epsilon each device reported with "masking"
         self.announcement: RoundAnnouncement | None = None
         self.ctx: RoundContext | None = None
+        self.to_mask: tuple[int, np.ndarray] | None = None   # edge tier: (round, vector) for the gateway to mask
         self._restore()
 
     # ------------------------------------------------------------ state
@@ -96,6 +98,8 @@ class EdgeEngine:
         """Rebuild the round context after the announcement, the model or the closed state changed."""
         ann = self.announcement
         self.masked = None if ann is None else MaskedRound.from_announcement(ann.secagg)  # untrusted-edge round
+        self.edge_masked = None if ann is None or self.cfg.rounds.mode != "sync" else \
+            EdgeMaskedRound.from_announcement(ann.secagg)   # trusted-edge round, masked toward the cloud
         if ann is None or self.model is None:
             self.ctx, self.expected = None, set()
             return
@@ -135,6 +139,7 @@ class EdgeEngine:
         msg = decode(data, expect=RoundAnnouncement)
         verify_message(msg, self.cloud_key)
         MaskedRound.from_announcement(msg.secagg)   # refuse a malformed secagg table before adopting the round
+        EdgeMaskedRound.from_announcement(msg.secagg)
         current = self.announcement
         if current is not None and msg.round_id <= current.round_id:
             return [] if msg.round_id < current.round_id else [Publication(round_topic(self.cfg.edge_id), data,
@@ -251,6 +256,9 @@ class EdgeEngine:
         if masked is None:
             agg, result = self._aggregate(self.pending, ann, why)
             mean = result.mean
+            if self.edge_masked is not None:   # only metadata in plaintext; the gateway masks the weighted sum
+                self.to_mask = (ann.round_id, self.edge_masked.edge_vector(mean, agg.num_samples, agg.num_devices))
+                agg = metadata(agg)
         else:
             agg, mean = self._masked_aggregate(masked, ann, why)
         payload = encode(sign_message(agg, self.key))
@@ -302,7 +310,8 @@ class EdgeEngine:
                   devices={d: {n: round(float(v.scores[i]), 4) for n, v in result.verdicts.items()}
                            for i, d in enumerate(ids) if result.flagged[i]})
         change = relative_change(result.mean, self.last_forwarded) if kept else 0.0
-        significant = bool(kept) and (self.cfg.forward.significance <= 0 or change > self.cfg.forward.significance)
+        significant = bool(kept) and self.edge_masked is None and (
+            self.cfg.forward.significance <= 0 or change > self.cfg.forward.significance)
         delta, control = b"", None
         if significant:
             delta, self.residual = self._encode(result.mean, self.residual)

@@ -25,7 +25,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge.config import BrokerConfig, EdgeConfig
 from edge.engine import EdgeEngine, Publication
-from edge.secagg_round import SecAggRunner
+from edge.secagg_round import SecAggRunner, mask_for_cloud
 from fediomt.logs import event
 from protocol.messages import encode
 from protocol.mqtt import backoff_delays, connect_properties, new_client, tcp_nodelay
@@ -110,6 +110,9 @@ class Gateway:
         # masked rounds (docs/secagg.md "Deployment"): their own connection, acknowledged automatically
         self.secagg_conn = Connection(cfg.broker, client_id + "-secagg", [], self.inbox, log, manual_ack=False)
         self.secagg = SecAggRunner(self.secagg_conn.client, cfg.secagg_step_timeout_s, log)
+        # edge-tier masked rounds (trusted_edge + edges_mask): toward the cloud's broker, acknowledged automatically
+        self.edge_tier = Connection(cfg.cloud or cfg.broker, client_id + "-edge-secagg", [], self.inbox, log,
+                                    manual_ack=False) if cfg.edge_keys_dir else None
 
     def _publish(self, pubs: list[Publication]) -> None:
         for p in pubs:
@@ -168,7 +171,7 @@ class Gateway:
 
     def run(self) -> int:
         self.engine.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
-        for conn in filter(None, (self.local, self.cloud, self.secagg_conn)):
+        for conn in filter(None, (self.local, self.cloud, self.secagg_conn, self.edge_tier)):
             if not conn.start(self.stop):
                 return 0
         event(self.log, "edge running", edge=self.cfg.edge_id, replica=self.cfg.replica, mode=self.cfg.rounds.mode)
@@ -185,6 +188,19 @@ class Gateway:
         self.secagg.maybe_start(self.engine)
         for round_id, outcome in self.secagg.finished():
             self._publish(self.engine.close_masked(round_id, outcome))
+        if self.engine.to_mask is not None:
+            self._mask_for_cloud(*self.engine.to_mask)
+            self.engine.to_mask = None
+
+    def _mask_for_cloud(self, round_id: int, vector) -> None:
+        """Mask this edge's weighted sum toward the cloud (its metadata aggregate is already published)."""
+        cfg, ann = self.cfg, self.engine.announcement
+        if self.edge_tier is None:
+            event(self.log, "edge-masked round but no edge_keys_dir: not taking part", logging.ERROR, round=round_id)
+            return
+        args = (self.edge_tier.client, self.engine.aggregate_id, round_id, self.engine.key, cfg.edge_keys_dir, vector,
+                ann.deadline if ann is not None else 0.0, cfg.secagg_step_timeout_s, self.log)
+        threading.Thread(target=mask_for_cloud, args=args, name=f"edge-secagg-{round_id}", daemon=True).start()
 
     def _drain(self) -> None:
         """SIGTERM: stop taking new updates, persist what was already received, publish what closed, disconnect."""
@@ -195,7 +211,7 @@ class Gateway:
         while time.monotonic() < deadline and self._drain_some(0.2):
             pass
         self._publish(self.engine.tick(time.time()))
-        for conn in filter(None, (self.local, self.cloud, self.secagg_conn)):
+        for conn in filter(None, (self.local, self.cloud, self.secagg_conn, self.edge_tier)):
             conn.close()
         self.engine.close()
         event(self.log, "stopped")

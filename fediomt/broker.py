@@ -23,7 +23,8 @@ from fediomt import pki
 from ledger.replication import BLOCKS, PROPOSALS, catchup_topic, signatures_topic, sync_topic
 from protocol.atomic import atomic_write
 from protocol.codec import MAX_MESSAGE_BYTES
-from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, aggregate_topic, check_id, edge_status_topic
+from protocol.secagg.mqtt_driver import UPLINK
+from protocol.topics import CLOUD, CLOUD_MODEL, CLOUD_ROUND, aggregate_topic, check_id, edge_status_topic, secagg_topic
 
 PACKET_HEADROOM = 64 * 1024  # fixed header, topic and MQTT 5 properties around the largest protocol message
 DEFAULT_PORT = 8883
@@ -104,8 +105,16 @@ def cloud_acl(edges: list[str]) -> str:
                   f"topic write {edge_status_topic(edge)}", f"topic read {CLOUD_ROUND}", f"topic read {CLOUD_MODEL}",
                   f"topic read fl/{edge}/bundles/#", f"topic read {PROPOSALS}", f"topic read {BLOCKS}",
                   f"topic write {signatures_topic(edge)}",
-                  f"topic write {sync_topic(edge)}", f"topic read {catchup_topic(edge)}", ""]
+                  f"topic write {sync_topic(edge)}", f"topic read {catchup_topic(edge)}",
+                  *edge_tier_acl(edge), ""]
     return "\n".join(lines)
+
+
+def edge_tier_acl(edge: str) -> list[str]:
+    """Edge-level secure aggregation (the cloud is the server): the edge's own uplink steps, the cloud's broadcasts
+    and its own share inbox, never another edge's."""
+    return [f"topic write {secagg_topic(CLOUD, step, edge)}" for step in UPLINK] + [
+        f"topic read fl/{CLOUD}/secagg/+", f"topic read {secagg_topic(CLOUD, 'inbox', edge)}"]
 
 
 def pki_edges(directory: Path) -> list[str]:
@@ -170,6 +179,9 @@ def render(cfg: BrokerConfig, acl_path: Path) -> str:
             f"topic {CLOUD_ROUND} in 1",
             f"topic {CLOUD_MODEL} in 1",
             f"topic fl/{cfg.id}/bundles/# in 1",
+            *(f"topic {secagg_topic(CLOUD, step, cfg.id)} out 1" for step in UPLINK),
+            f"topic fl/{CLOUD}/secagg/+ in 1",
+            f"topic {secagg_topic(CLOUD, 'inbox', cfg.id)} in 1",
         ]
     return "\n".join(lines) + "\n"
 

@@ -55,6 +55,7 @@ def secagg_topic(edge: str, step: str, device: str | None = None) -> str:
 
 
 # edge <-> cloud
+CLOUD = "cloud"   # the cloud's id; as the SecAgg server of the edge tier: secagg_topic(CLOUD, step[, edge])
 CLOUD_ROUND = f"{ROOT}/cloud/round"
 CLOUD_MODEL = f"{ROOT}/cloud/model"
 

@@ -111,6 +111,11 @@ class Strategy:
     def combine(self, results: list[EdgeResult], n_params: int) -> np.ndarray:
         return weighted_mean(results, [float(r.num_samples) for r in results], n_params)
 
+    def per_edge_inputs(self) -> list[str]:
+        """What this strategy needs from each edge beyond the sample-weighted sum of their mean deltas: under
+        edge-level secure aggregation the cloud sees only that sum, so a non-empty list refuses the setup."""
+        return []
+
     def apply(self, state: ServerState, results: list[EdgeResult], population: int) -> ServerState:
         """`population`: how many devices the federation has (SCAFFOLD scales its control update by |S|/N)."""
         delta = self.combine(results, state.weights.size)

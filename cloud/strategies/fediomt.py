@@ -81,6 +81,12 @@ class FedIoMT(Strategy):
         lr_scale = lr_scales(members, self.class_lr, self.min_quality) if self.adaptive_lr else {}
         return RoundConfig(plan, dict(self.defaults.compression), cohort, lr_scale, sample_weight, central_dp)
 
+    def per_edge_inputs(self) -> list[str]:
+        return [why for on, why in (
+            (self.fednova, "fednova = true: each edge's mean local steps"),
+            (self.importance_sampling, "importance_sampling = true: each device's update norm and the edges' "
+                                       "weight_sum")) if on]
+
     def combine(self, results: list[EdgeResult], n_params: int) -> np.ndarray:
         weights = [r.weight_sum if self.importance_sampling else float(r.num_samples) for r in results]
         if self.fednova:

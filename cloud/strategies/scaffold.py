@@ -28,6 +28,9 @@ class Scaffold(Strategy):
     def plan(self) -> TrainingPlan:
         return dataclasses.replace(self.defaults.plan, scaffold=True)
 
+    def per_edge_inputs(self) -> list[str]:
+        return ["each edge's control-variate delta (a second vector the edges do not mask)"]
+
     def apply(self, state: ServerState, results: list[EdgeResult], population: int) -> ServerState:
         new = super().apply(state, results, population)
         with_control = [dataclasses.replace(r, delta=r.control_delta) for r in results if r.control_delta is not None]

@@ -3,7 +3,8 @@ delta into the vector it masks, and how the edge turns the unmasked sum back int
 "Deployment").
 
 The announcement's table holds the SecAggConfig keys plus `seed` (random-k coordinates the cohort shares; absent =
-every coordinate) and `density` (fraction of coordinates kept under random-k). Only `mode = "untrusted_edge"` makes
+every coordinate) and `density` (fraction of coordinates kept under random-k), and the edge tier's keys
+(protocol/secagg/edge_tier.py, `trusted_edge` only). Only `mode = "untrusted_edge"` makes
 devices mask; `trusted_edge` rounds stay on the plaintext path. The masked vector is the device's delta clipped to
 L2 norm `clip` (the on-device bound the edge relies on, and the sensitivity of the sum), restricted to the cohort's
 coordinates, plus two extra coordinates encoding the device's sample count and local steps on the quantization grid,
@@ -18,6 +19,7 @@ import numpy as np
 
 from protocol.errors import ProtocolError, Reason
 from protocol.secagg.config import SecAggConfig
+from protocol.secagg.edge_tier import EDGE_KEYS
 from protocol.secagg.server import SecAggResult
 from protocol.secagg.sparse import scatter, select
 
@@ -36,7 +38,7 @@ class MaskedRound:
         malformed table."""
         if not secagg:
             return None
-        data = dict(secagg)
+        data = {k: v for k, v in secagg.items() if k not in EDGE_KEYS}
         seed, density = data.pop("seed", None), data.pop("density", 1.0)
         if seed is not None and (type(seed) is not int or not 0 <= seed < 1 << 64):
             raise ProtocolError(Reason.BAD_VALUE, "secagg seed must be an integer in [0, 2^64)")

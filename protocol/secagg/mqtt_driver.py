@@ -1,6 +1,7 @@
 """Secure aggregation over MQTT 5 (paho-mqtt 2.x, QoS 1): one call per round for a device and for its edge.
 
-Topics (protocol.topics.secagg_topic), all under `fl/{edge}/secagg/`:
+Topics (protocol.topics.secagg_topic), all under `fl/{edge}/secagg/` (the edge tier: the cloud is the server,
+`fl/cloud/secagg/`, and the edges are the clients):
   edge -> devices: `open` (retained while the round runs), `roster`, `inbox/{device}`, `unmask`, `outcome`
   device -> edge:  `advertise/{device}`, `shares/{device}`, `masked/{device}`, `reveal/{device}`
 The driver only adds per-topic callbacks (`message_callback_add`) and subscriptions to the caller's connected,
@@ -138,20 +139,23 @@ def _collect(box: _Mailbox, server: SecAggServer, step: str, expected: set[str],
     event(log, "secagg step closed", step=step, answered=len(answered), expected=len(expected))
 
 
-def run_server_round(mqtt_client: mqtt.Client, server: SecAggServer, step_timeout_s: float = 30.0) -> SecAggResult:
+def run_server_round(mqtt_client: mqtt.Client, server: SecAggServer, step_timeout_s: float = 30.0,
+                     first_step_timeout_s: float | None = None) -> SecAggResult:
     """Run the edge's side of one round: open it, collect each step until all devices answered or
-    `step_timeout_s` passed (the silent ones count as dropped), unmask. Returns the sum of the survivors' inputs;
-    raises ProtocolError(SECAGG_ABORT) (after telling the devices) when too few remain."""
+    `step_timeout_s` passed (the silent ones count as dropped), unmask. `first_step_timeout_s` (default
+    `step_timeout_s`) bounds the advertise step, which also covers the clients' work before they join (the cloud
+    waits for the edges to close their rounds). Returns the sum of the survivors' inputs; raises
+    ProtocolError(SECAGG_ABORT) (after telling the devices) when too few remain."""
     edge = server.edge_id
     box = _Mailbox(mqtt_client, {secagg_topic(edge, step) + "/+": kind for step, kind in UPLINK.items()})
     open_topic = secagg_topic(edge, "open")
 
-    def step(name: str, expected) -> None:
-        _collect(box, server, name, set(expected), time.monotonic() + step_timeout_s)
+    def step(name: str, expected, timeout_s: float = step_timeout_s) -> None:
+        _collect(box, server, name, set(expected), time.monotonic() + timeout_s)
 
     try:
         _publish(mqtt_client, open_topic, RoundOpen(edge, server.round_id, server.length), retain=True)
-        step("advertise", server.directory)
+        step("advertise", server.directory, step_timeout_s if first_step_timeout_s is None else first_step_timeout_s)
         _publish(mqtt_client, secagg_topic(edge, "roster"), server.roster())
         step("shares", server.view.adverts)
         inboxes = server.inboxes()
