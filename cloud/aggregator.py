@@ -7,7 +7,7 @@ when every expected edge reported or at the deadline; combine and apply the stra
 checkpoint atomically; append the round to rounds.jsonl; publish the next model. Stops after `rounds` rounds or
 when a privacy budget would be exceeded. With edge-level secure aggregation (`[secagg]` mode "trusted_edge",
 `edges_mask = true`) the edges send only metadata aggregates and the cloud runs the SecAgg server over them
-(edge/secagg_round.py's runner on a second connection): it closes the round when the protocol ends, with the
+(protocol/secagg/runner.py, on a second connection): it closes the round when the protocol ends, with the
 sample-weighted mean over the edges in the sum, and skips it (model unchanged) when the protocol aborts. Retained
 device statuses (fl/+/status/+) tell it devices' compute class
 and speed for the heterogeneity-aware strategies.
@@ -45,8 +45,6 @@ from cloud.strategies import make
 from cloud.strategies.base import DeviceInfo, EdgeResult, RoundDefaults
 from cloud.strategies.heterogeneity import observe
 from cloud.strategies.scaffold import CONTROL
-from edge.gateway import INBOX_SIZE, Connection
-from edge.secagg_round import SecAggRunner
 from fediomt.logs import event
 from protocol.atomic import atomic_write
 from protocol.compression import decode_update
@@ -62,8 +60,10 @@ from protocol.messages import (
     sign_message,
     verify_raw,
 )
+from protocol.mqtt import INBOX_SIZE, Connection
 from protocol.secagg import SecAggResult, SecAggServer
 from protocol.secagg.edge_tier import EdgeMaskedRound
+from protocol.secagg.runner import SecAggRunner
 from protocol.signing import load_private_key, load_public_key
 from protocol.topics import CLOUD, CLOUD_MODEL, CLOUD_ROUND, ROOT, last_level
 

@@ -1,10 +1,10 @@
 """Masked rounds at the edge (`mode = "untrusted_edge"`, docs/secagg.md "Deployment"): the edge is the SecAgg
 server of its cohort, learns only the sum of the survivors' clipped deltas, and forwards their mean.
 
-`SecAggRunner` runs the protocol's blocking steps in a worker thread on its own MQTT connection: the gateway's
-connection acknowledges messages by hand after SQLite commits, and the protocol's messages need no durability (an
-edge that crashes mid-protocol loses the round; the devices' spend is already on their disks). The gateway starts
-it for each masked round and hands its outcome to `EdgeEngine.close_masked`. `masked_mean` is the pure part: no
+`start_cohort_round` starts the server side of each masked round on the gateway's
+`protocol.secagg.runner.SecAggRunner` (a worker thread on its own MQTT connection; an edge that crashes
+mid-protocol loses the round, the devices' spend is already on their disks); the gateway hands its outcome to
+`EdgeEngine.close_masked`. `masked_mean` is the pure part: no
 filters (the edge never sees an update), and central DP calibrated to the on-device clip bound, the sensitivity of
 the sum to one honest device.
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,16 +27,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge import central_dp
 from fediomt.logs import event
-from protocol.errors import ProtocolError, Reason
+from protocol.errors import ProtocolError
 from protocol.messages import EdgeAggregate
 from protocol.secagg import SecAggClient, SecAggResult, SecAggServer
 from protocol.secagg.deploy import MaskedRound
-from protocol.secagg.mqtt_driver import run_client_round, run_server_round
+from protocol.secagg.mqtt_driver import run_client_round
 from protocol.signing import load_public_key
 from protocol.topics import CLOUD
 
 if TYPE_CHECKING:
     from edge.engine import EdgeEngine
+    from protocol.secagg.runner import SecAggRunner
 
 
 def masked_mean(result: SecAggResult, masked: MaskedRound, n_params: int,
@@ -55,51 +54,18 @@ def masked_mean(result: SecAggResult, masked: MaskedRound, n_params: int,
     return masked.dense(mean.astype(np.float32), n_params), samples, steps
 
 
-class SecAggRunner:
-    """One masked round at a time, on `client` (connected, network loop running, automatic acknowledgements)."""
-
-    def __init__(self, client: mqtt.Client, step_timeout_s: float, log: logging.Logger) -> None:
-        self.client, self.step_timeout_s, self.log = client, step_timeout_s, log
-        self.outcomes: queue.Queue[tuple[int, SecAggResult | ProtocolError]] = queue.Queue()
-        self.started: int | None = None   # the last round started
-
-    def maybe_start(self, engine: EdgeEngine) -> None:
-        """Start the server side of the engine's open masked round, once per round."""
-        ann, masked, ctx = engine.announcement, engine.masked, engine.ctx
-        if masked is None or ctx is None or ctx.closed or ann.round_id == self.started:
-            return
-        keys = {}
-        for device in sorted(engine.expected):
-            try:
-                keys[device] = engine.keys.get(device)
-            except ProtocolError:
-                continue
-        self.start(SecAggServer(engine.cfg.edge_id, ann.round_id, masked.config, masked.length(ctx.n_params), keys))
-
-    def start(self, server: SecAggServer, first_step_timeout_s: float | None = None) -> None:
-        """Run `server`'s round in a worker thread; its outcome comes out of `finished`."""
-        self.started = server.round_id
-        event(self.log, "secagg round started", round=server.round_id, cohort=len(server.directory),
-              length=server.length)
-        threading.Thread(target=self._run, args=(server, first_step_timeout_s), name=f"secagg-{server.round_id}",
-                         daemon=True).start()
-
-    def _run(self, server: SecAggServer, first_step_timeout_s: float | None) -> None:
+def start_cohort_round(runner: SecAggRunner, engine: EdgeEngine) -> None:
+    """Start the server side of the engine's open masked round, once per round."""
+    ann, masked, ctx = engine.announcement, engine.masked, engine.ctx
+    if masked is None or ctx is None or ctx.closed or ann.round_id == runner.started:
+        return
+    keys = {}
+    for device in sorted(engine.expected):
         try:
-            outcome: SecAggResult | ProtocolError = run_server_round(self.client, server, self.step_timeout_s,
-                                                                     first_step_timeout_s)
-        except ProtocolError as exc:
-            outcome = exc
-        except Exception:  # a bug must not leave the round open forever
-            self.log.exception("secagg round failed")
-            outcome = ProtocolError(Reason.SECAGG_ABORT, "edge error")
-        self.outcomes.put((server.round_id, outcome))
-
-    def finished(self) -> list[tuple[int, SecAggResult | ProtocolError]]:
-        out = []
-        while not self.outcomes.empty():
-            out.append(self.outcomes.get_nowait())
-        return out
+            keys[device] = engine.keys.get(device)
+        except ProtocolError:
+            continue
+    runner.start(SecAggServer(engine.cfg.edge_id, ann.round_id, masked.config, masked.length(ctx.n_params), keys))
 
 
 def metadata(agg: EdgeAggregate) -> EdgeAggregate:
