@@ -49,6 +49,7 @@ from fediomt.logs import event
 from protocol.atomic import atomic_write
 from protocol.compression import decode_update
 from protocol.errors import ProtocolError, Reason
+from protocol.keyring import KeyRing
 from protocol.messages import (
     DeviceStatus,
     EdgeAggregate,
@@ -64,7 +65,7 @@ from protocol.mqtt import INBOX_SIZE, Connection
 from protocol.secagg import SecAggResult, SecAggServer
 from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.secagg.runner import SecAggRunner
-from protocol.signing import load_private_key, load_public_key
+from protocol.signing import load_private_key
 from protocol.topics import CLOUD, CLOUD_MODEL, CLOUD_ROUND, ROOT, last_level
 
 AGGREGATES = f"{ROOT}/cloud/aggregates/+"
@@ -94,7 +95,7 @@ class CloudAggregator:
         self.edges = cfg.edge_ids()
         if not self.edges:
             raise ValueError(f"no edges: set `edges` or put {{edge}}.pub files in {cfg.edge_keys_dir}")
-        self.edge_keys: dict[str, Ed25519PublicKey] = {}
+        self.edge_keys = KeyRing(cfg.edge_keys_dir, cfg.crl_file, cfg.key_check_s, log=log)
         self.model = CloudModel(cfg.model, cfg.model_options, cfg.seed)
         self.eval_data = load_eval_data(cfg.eval_data) if cfg.eval_data else None
         if self.eval_data is not None and self.eval_data.x.shape[1:] != self.model.input_shape:
@@ -201,12 +202,7 @@ class CloudAggregator:
     def _edge_key(self, edge: str) -> Ed25519PublicKey:
         if edge not in self.edges:
             raise ProtocolError(Reason.UNKNOWN_SENDER, f"edge {edge!r} is not part of this federation")
-        if edge not in self.edge_keys:
-            path = Path(self.cfg.edge_keys_dir) / f"{edge}.pub"
-            if not path.exists():
-                raise ProtocolError(Reason.UNKNOWN_SENDER, f"no public key {path.name} for edge {edge!r}")
-            self.edge_keys[edge] = load_public_key(path)
-        return self.edge_keys[edge]
+        return self.edge_keys.get(edge)
 
     def _accept(self, topic: str, payload: bytes) -> Received:
         """Verify one aggregate completely; raises ProtocolError (nothing is changed) or returns it decoded."""

@@ -62,8 +62,10 @@ class StrategyConfig:
 class CloudConfig:
     run_dir: Path                    # config copy, rounds.jsonl, report.json, checkpoint.npz, pending/
     signing_key: Path                # the cloud's Ed25519 private key (signs rounds and models)
-    edge_keys_dir: Path              # {edge_id}.pub of every edge allowed to send aggregates
+    edge_keys_dir: Path              # {edge_id}.pub of every edge allowed to send aggregates (+ .crt: pki enrol)
     edges: list[str] = field(default_factory=list)  # edges a round waits for; [] = every {edge}.pub in the dir
+    crl_file: Path | None = None     # the consortium CRL: edges whose {edge_id}.crt it lists are REVOKED
+    key_check_s: float = 5.0         # re-stat edge_keys_dir and crl_file at most this often
     model: str = "wearable_cnn"      # firmware_models name
     model_options: dict = field(default_factory=dict)
     eval_data: Path | None = None    # held-out NPZ (x, y); None = no evaluation (accuracy/loss null)
@@ -110,6 +112,8 @@ class CloudConfig:
             raise ValueError("privacy.central_epsilon is set but central_dp asks for no noise")
         if self.rounds < 1 or self.round_timeout_s <= 0 or self.grace_s < 0 or self.min_edges < 1:
             raise ValueError("need rounds >= 1, round_timeout_s > 0, grace_s >= 0 and min_edges >= 1")
+        if self.key_check_s < 0:
+            raise ValueError("key_check_s must be >= 0")
         if self.model_encoding not in ("full", "delta") or self.model_full_every < 1:
             raise ValueError("model_encoding must be 'full' or 'delta' and model_full_every >= 1")
         compression_from_table(self.compression)

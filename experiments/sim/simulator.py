@@ -41,7 +41,7 @@ from edge import central_dp
 from edge.aggregate import Meta, aggregate
 from edge.rounds import RoundsConfig, quorum_count
 from edge.rows import Rows
-from edge.validation import KeyRing, RoundContext, authenticate, decode_delta
+from edge.validation import RoundContext, authenticate, decode_delta
 from experiments.datasets import Federation
 from experiments.sim import hetero
 from experiments.sim.methods import Method
@@ -49,6 +49,7 @@ from experiments.sim.poison import Poison, flip_labels, malicious, poison_delta
 from protocol import signing
 from protocol.compression import CompressionSettings, decode_update, encode_update, encoded_size_bound
 from protocol.errors import ProtocolError, Reason
+from protocol.keyring import KeyRing
 from protocol.messages import (
     Ack,
     Capability,

@@ -1,5 +1,6 @@
-"""The edge's KeyRing forgets removed enrolments, refuses revoked certificates and picks up replaced keys within
-its check interval, without a restart; a broken key or CRL file never crashes it. Real PKI, real keys."""
+"""protocol.keyring.KeyRing forgets removed enrolments, refuses revoked certificates and picks up replaced keys
+within its check interval, without a restart; a broken key or CRL file never crashes it. The edge checks devices
+with it and the cloud checks edges. Real PKI, real keys."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import os
 import numpy as np
 import pytest
 
-from edge.validation import KeyRing
 from fediomt import pki
 from protocol import signing
 from protocol.errors import ProtocolError, Reason
+from protocol.keyring import KeyRing
 
 from .test_edge import Fed, open_round
 
@@ -149,3 +150,33 @@ def test_engine_refuses_a_device_revoked_while_it_runs(tmp_path, clock):
     assert (ack.accepted, ack.reason) == (False, Reason.REVOKED)
     assert eng.rejected["REVOKED"] == 1                       # counted like every rejection
     assert eng.handle_update("d2", fed.update("d2", delta, round_id=2, key=signers["d2"]))[0].accepted
+
+
+def test_cloud_refuses_an_edge_revoked_while_it_runs(tmp_path, clock):
+    """The cloud's edge keys come from the same KeyRing: `fediomt pki revoke` of an edge -> its aggregates refused."""
+    from cloud.aggregator import CloudAggregator
+    from cloud.config import load_config
+
+    ca = tmp_path / "pki"
+    pki.init_ca(ca)
+    cloud = pki.issue(ca, "cloud")
+    for edge in ("edge1", "edge2"):
+        pki.issue(ca, "edge", edge)
+    pki.enrolment(ca, tmp_path / "edges", kind="edge")
+    config = tmp_path / "cloud.toml"
+    config.write_text(f'run_dir = "run"\nsigning_key = "{cloud.sign_key}"\nedge_keys_dir = "edges"\n'
+                      f'crl_file = "{pki.crl_path(ca)}"\nmodel = "vitals_mlp"\n'
+                      '[model_options]\nn_features = 4\nhidden = 4\n')
+    agg = CloudAggregator(load_config(config), logging.getLogger("cloud-test"))
+    agg.edge_keys.clock = clock
+    agg.edge_keys.revalidate()
+    expected = raw(signing.load_public_key(pki.identity(ca, "edge", "edge1").sign_pub))
+    assert raw(agg._edge_key("edge1")) == expected and agg.edges == ["edge1", "edge2"]
+    pki.revoke(ca, "edge1")
+    clock.now += 4.9
+    assert raw(agg._edge_key("edge1")) == expected               # not before the check interval
+    clock.now += 0.2
+    with pytest.raises(ProtocolError) as exc:
+        agg._edge_key("edge1")
+    assert exc.value.reason == Reason.REVOKED
+    assert raw(agg._edge_key("edge2")) == raw(signing.load_public_key(pki.identity(ca, "edge", "edge2").sign_pub))
