@@ -1,4 +1,4 @@
-"""The device agent: verify what the cloud sends, train, account, compress, sign, publish.
+"""The device agent: verify what the cloud sends, train, account, compress, sign (or MAC), publish.
 
 Messages arrive on paho's network thread and are queued; the main thread handles them one at a time, so training
 never races a model swap. Every handler refuses bad input with a logged ProtocolError and carries on. Order within
@@ -51,6 +51,7 @@ from protocol.messages import (
     decode,
     encode,
     floats_to_bytes,
+    mac_message,
     new_nonce,
     sign_message,
     verify_raw,
@@ -58,7 +59,7 @@ from protocol.messages import (
 from protocol.secagg import SecAggClient
 from protocol.secagg.deploy import MaskedRound
 from protocol.secagg.mqtt_driver import run_client_round
-from protocol.signing import load_private_key, load_public_key
+from protocol.signing import derive_mac_key, load_mac_key, load_private_key, load_public_key
 
 CONNECTED = ""             # inbox marker: the link (re)connected
 ENVELOPE_BYTES = 1024      # bound on the signed DeviceUpdate fields around the payload (typically ~200 B in v2)
@@ -71,6 +72,7 @@ class DeviceAgent:
         self.cloud_key = load_public_key(cfg.cloud_pubkey)
         self.bundle_key = load_public_key(cfg.bundle_pubkey)
         self.signing_key = load_private_key(cfg.signing_key)
+        self.mac_key = None if cfg.mac_key is None else derive_mac_key(load_mac_key(cfg.mac_key), cfg.id, cfg.edge)
         self.state_path = cfg.state_dir / STATE_FILE
         self.state = load_state(self.state_path)
         self.rng = secure_generator()
@@ -259,12 +261,12 @@ class DeviceAgent:
         spent = PrivacySpent(epsilon=accountant.epsilon(history, budget.delta, budget.accountant), delta=budget.delta,
                              accountant=budget.accountant, noise_mult=result.noise_mult,
                              sample_rate=result.sample_rate, steps=result.local_steps)
-        update = sign_message(DeviceUpdate(
+        update = self.seal(DeviceUpdate(
             device_id=cfg.id, edge_id=cfg.edge, round_id=ann.round_id, base_version=self.state.model_version,
             num_samples=result.num_samples, local_steps=result.local_steps, train_loss=result.loss, privacy=spent,
             n_params=self.model.n_params, delta=payload,
             capability=self.capability(speed), nonce=new_nonce(), timestamp=time.time(),
-            control_delta=control_payload), self.signing_key)
+            control_delta=control_payload))
         data = encode(update)
         self.state = replace(self.state.answered(ann.round_id), history=history, residual=residual, control=control,
                              steps_per_s=speed)
@@ -313,6 +315,10 @@ class DeviceAgent:
                 return settings
         return adaptive_settings(n, c.bandwidth_bps / parts, c.compute_class, room + ENVELOPE_BYTES,
                                  deadline_s=max(time_left, 1.0), envelope_bytes=ENVELOPE_BYTES)
+
+    def seal(self, update: DeviceUpdate) -> DeviceUpdate:
+        """Sign the update, or tag it with the MAC key toward this edge (auth = "mac": the edge's cheap path)."""
+        return sign_message(update, self.signing_key) if self.mac_key is None else mac_message(update, self.mac_key)
 
     # ------------------------------------------------------------------ status
     def capability(self, steps_per_s: float | None = None) -> Capability:

@@ -16,6 +16,7 @@ from protocol.topics import check_id
 
 ACCOUNTANTS = ("rdp", "pld")
 COMPUTE_CLASSES = ("wearable", "phone", "pi", "server")
+AUTH_MODES = ("signature", "mac")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class DeviceConfig:
     bundle_pubkey: Path                 # Ed25519 public key that signs bundles
     cloud_pubkey: Path                  # Ed25519 public key that signs rounds and global models
     signing_key: Path                   # this device's Ed25519 private key (PEM, 0600)
+    auth: str = "signature"             # updates: "signature" (Ed25519) | "mac" (HMAC toward `edge`, from mac_key)
+    mac_key: Path | None = None         # the MAC master secret (pki devices/ID/mac.key, 0600), for auth = "mac"
     data: DataConfig = field(default_factory=DataConfig)
     capability: CapabilityConfig = field(default_factory=CapabilityConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -87,6 +90,8 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         check_id(self.id)
         check_id(self.edge)
+        if self.auth not in AUTH_MODES or (self.auth == "mac") != (self.mac_key is not None):
+            raise ValueError(f"auth {self.auth!r} must be one of {AUTH_MODES}; mac_key is set exactly for \"mac\"")
         if self.privacy.accountant not in ACCOUNTANTS:
             raise ValueError(f"privacy.accountant {self.privacy.accountant!r} not in {ACCOUNTANTS}")
         if not (0 < self.privacy.epsilon < math.inf and 0 < self.privacy.delta < 1):

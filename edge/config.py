@@ -40,7 +40,7 @@ class ForwardConfig:
 class EdgeConfig:
     edge_id: str
     state_dir: Path              # SQLite round store (edge.db)
-    enrolment_dir: Path          # {device_id}.pub (+ .crt) of every device allowed to send updates
+    enrolment_dir: Path          # {device_id}.pub (+ .crt, .mac) of every device allowed to send updates
     signing_key: Path            # this edge's Ed25519 private key (signs EdgeAggregates)
     cloud_public_key: Path       # verifies the cloud's RoundAnnouncements and GlobalModels before relaying
     broker: BrokerConfig = field(default_factory=BrokerConfig)   # the edge's broker (devices connect here)
@@ -52,6 +52,7 @@ class EdgeConfig:
                                  # need their own (e.g. "edge-a-r1", enrolled at the cloud as an edge)
     crl_file: Path | None = None  # the consortium CRL (pki crl.pem): devices whose {id}.crt it lists are REVOKED
     key_check_s: float = 5.0     # re-stat enrolment_dir and crl_file at most this often (and on SIGHUP)
+    accept_signatures: bool = True  # false: a device with a MAC key ({id}.mac) must tag its updates with it
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)

@@ -173,7 +173,8 @@ class EdgeEngine:
                 raise ProtocolError(Reason.WRONG_ROUND, "no open round (announcement or model not received yet)")
             if self.masked is not None:
                 raise ProtocolError(Reason.BAD_VALUE, "plaintext update in a secure-aggregation round")
-            msg, stale = authenticate(data, topic_device, self.ctx, self.keys, self.cfg.max_update_bytes)
+            msg, stale = authenticate(data, topic_device, self.ctx, self.keys, self.cfg.max_update_bytes,
+                                      self.cfg.accept_signatures)
             round_id = msg.round_id
             idx, values = decode_delta(msg, self.ctx)
             control = None if msg.control_delta is None else decode_update(msg.control_delta, self.ctx.n_params)

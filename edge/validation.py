@@ -1,8 +1,8 @@
 """Admission of a device update, cheapest checks first, so that a flood of junk costs little CPU: the strict
 decoder, topic/sender agreement, enrolment and revocation (protocol.keyring), round, shape, then the Ed25519
-signature, then the payload (`decode_delta`). Duplicates and replays are refused last, by the store's INSERT constraints
-(edge/store.py). Every failure is a ProtocolError with a Reason; the gateway turns it into a metric, a log line
-and a negative Ack.
+signature or the per-(device, edge) HMAC tag (`check_sig`), then the payload (`decode_delta`). Duplicates and
+replays are refused last, by the store's INSERT constraints (edge/store.py). Every failure is a ProtocolError with a
+Reason; the gateway turns it into a metric, a log line and a negative Ack.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 from edge.rounds import RoundsConfig, staleness
 from protocol.compression import decode_sparse
 from protocol.errors import ProtocolError, Reason
-from protocol.keyring import KeyRing
-from protocol.messages import DeviceUpdate, decode, verify_raw
+from protocol.keyring import Enrolled, KeyRing
+from protocol.messages import MAC_BYTES, DeviceUpdate, decode, verify_mac_raw, verify_raw
 
 
 @dataclass(frozen=True)
@@ -32,14 +32,14 @@ class RoundContext:
     rounds: RoundsConfig
 
 
-def authenticate(data: bytes, topic_device: str, ctx: RoundContext, keys: KeyRing,
-                 max_bytes: int) -> tuple[DeviceUpdate, int]:
+def authenticate(data: bytes, topic_device: str, ctx: RoundContext, keys: KeyRing, max_bytes: int,
+                 accept_signatures: bool = True) -> tuple[DeviceUpdate, int]:
     """(the verified update, its staleness) or ProtocolError."""
     msg = decode(data, expect=DeviceUpdate, max_bytes=max_bytes)
     if msg.device_id != topic_device or msg.edge_id != ctx.edge_id:
         raise ProtocolError(Reason.WRONG_SENDER, f"{msg.device_id}@{msg.edge_id} published on {topic_device}"
                                                  f"@{ctx.edge_id}'s topic")
-    key = keys.get(msg.device_id)
+    entry = keys.entry(msg.device_id)
     if ctx.cohort and msg.device_id not in ctx.cohort:
         raise ProtocolError(Reason.UNKNOWN_SENDER, f"{msg.device_id} is not in round {ctx.round_id}'s cohort")
     if ctx.rounds.mode == "sync":
@@ -55,8 +55,22 @@ def authenticate(data: bytes, topic_device: str, ctx: RoundContext, keys: KeyRin
         stale = staleness(ctx.model_version, msg.base_version, ctx.rounds)
     if msg.n_params != ctx.n_params:
         raise ProtocolError(Reason.BAD_SHAPE, f"n_params {msg.n_params}, model has {ctx.n_params}")
-    verify_raw(data, msg, key)
+    check_sig(data, msg, entry, accept_signatures)
     return msg, stale
+
+
+def check_sig(data: bytes, msg: DeviceUpdate, entry: Enrolled, accept_signatures: bool) -> None:
+    """A 32-byte `sig` is an HMAC tag under the device's key toward this edge, a 64-byte one an Ed25519 signature;
+    `accept_signatures=False` makes a device that has a MAC key use it (the cheap path only)."""
+    if len(msg.sig) == MAC_BYTES:
+        if entry.mac is None:
+            raise ProtocolError(Reason.BAD_SIGNATURE, f"{msg.device_id} sent a MAC but has no MAC key enrolled here")
+        verify_mac_raw(data, msg, entry.mac)
+    elif entry.mac is not None and not accept_signatures:
+        raise ProtocolError(Reason.BAD_SIGNATURE, f"{msg.device_id} has a MAC key here and must use it "
+                                                  "(accept_signatures = false)")
+    else:
+        verify_raw(data, msg, entry.key)
 
 
 def decode_delta(msg: DeviceUpdate, ctx: RoundContext) -> tuple[np.ndarray | None, np.ndarray]:

@@ -9,7 +9,7 @@ Layout of a PKI directory (everything public is 0644; private keys 0600; the CA 
 never leaves the CA host — `export` copies what one host needs without it):
 
     ca.crt  crl.pem  index.json  private/ca.key
-    devices/ID/  edges/ID/  cloud/cloud/     tls.crt tls.key sign.key sign.pub
+    devices/ID/  edges/ID/  cloud/cloud/     tls.crt tls.key sign.key sign.pub  (+ mac.key for devices)
     servers/NAME/                            tls.crt tls.key
 """
 
@@ -51,7 +51,8 @@ class PkiError(RuntimeError):
 
 @dataclass(frozen=True)
 class Identity:
-    """Paths of one issued identity. `sign_key`/`sign_pub` are None for broker (server) certificates."""
+    """Paths of one issued identity. `sign_key`/`sign_pub` are None for broker (server) certificates; `mac_key`
+    (the device's MAC master secret) is None except for devices."""
 
     kind: str
     name: str
@@ -60,6 +61,7 @@ class Identity:
     ca: Path
     sign_key: Path | None
     sign_pub: Path | None
+    mac_key: Path | None
 
 
 def ca_cert_path(directory: str | os.PathLike) -> Path:
@@ -77,7 +79,8 @@ def identity(directory: str | os.PathLike, kind: str, name: str) -> Identity:
     d = Path(directory) / _SUBDIR[kind] / check_id(name)
     signs = kind != "server"
     return Identity(kind, name, d / "tls.crt", d / "tls.key", ca_cert_path(directory),
-                    d / "sign.key" if signs else None, d / "sign.pub" if signs else None)
+                    d / "sign.key" if signs else None, d / "sign.pub" if signs else None,
+                    d / "mac.key" if kind == "device" else None)
 
 
 def tls_context(ident: Identity) -> ssl.SSLContext:
@@ -166,7 +169,8 @@ def _valid_entries(index: dict, kind: str, name: str) -> list[dict]:
 
 def issue(directory: str | os.PathLike, kind: str, name: str = CLOUD_ID, hosts: Sequence[str] = (), days: int = 825,
           rotate: bool = False) -> Identity:
-    """Issue a TLS certificate (CN = `name`) and, for clients, an Ed25519 signing keypair.
+    """Issue a TLS certificate (CN = `name`) and, for clients, an Ed25519 signing keypair; for devices also a MAC
+    master secret (`mac.key`), from which `enrolment(..., edge=E)` derives the key the device may tag updates to E.
 
     `server` certificates are for brokers: SAN localhost, 127.0.0.1, ::1 plus `hosts` (DNS names or IPs).
     Re-issuing a live identity needs `rotate=True`: new keys, and the old certificates are revoked (the CRL is
@@ -204,6 +208,8 @@ def issue(directory: str | os.PathLike, kind: str, name: str = CLOUD_ID, hosts: 
             signing_key = signing.generate_signing_key()
             signing.save_private_key(signing_key, ident.sign_key)
             signing.save_public_key(signing_key.public_key(), ident.sign_pub)
+        if ident.mac_key is not None:
+            signing.save_mac_key(signing.generate_mac_key(), ident.mac_key)
         for entry in live:
             entry["revoked_at"] = now.isoformat()
         index["certs"].append({"kind": kind, "name": name, "serial": cert.serial_number,
@@ -280,18 +286,22 @@ def export(directory: str | os.PathLike, out: str | os.PathLike, members: Sequen
             raise PkiError(f"{kind} {name!r} is not issued in {directory}")
         dst.cert.parent.mkdir(parents=True, exist_ok=True)
         for a, b in ((src.cert, dst.cert), (src.key, dst.key), (src.sign_key, dst.sign_key),
-                     (src.sign_pub, dst.sign_pub)):
-            if a is not None:
+                     (src.sign_pub, dst.sign_pub), (src.mac_key, dst.mac_key)):
+            if a is not None and a.exists():  # identities issued before MAC keys existed have no mac.key
                 shutil.copy2(a, b)  # copy2 keeps the 0600 mode of private keys
     return out
 
 
-def enrolment(directory: str | os.PathLike, out: str | os.PathLike, kind: str = "device") -> list[str]:
+def enrolment(directory: str | os.PathLike, out: str | os.PathLike, kind: str = "device",
+              edge: str | None = None) -> list[str]:
     """Sync `out` to `{id}.pub` (Ed25519) and `{id}.crt` (its TLS certificate) of every `kind` identity with a
     valid certificate: the enrolment directory the edge gateway (device keys) or the cloud (edge keys) verifies
     signatures with. Revoked identities' files are removed, so revocation also stops their signed messages; the
-    certificate lets an edge with `crl_file` refuse a revoked device before this is re-run. Returns the enrolled
-    ids."""
+    certificate lets an edge with `crl_file` refuse a revoked device before this is re-run. With `edge` (devices
+    only) it also writes `{id}.mac`, the device's MAC key toward that edge alone (derived, never the master), so
+    the edge can accept MAC-tagged updates. Returns the enrolled ids."""
+    if edge is not None and kind != "device":
+        raise PkiError("--edge derives device MAC keys: it needs --kind device")
     directory, out = Path(directory), Path(out)
     with _locked(directory) as index:
         valid = sorted({e["name"] for e in index["certs"] if e["kind"] == kind and e["revoked_at"] is None})
@@ -301,10 +311,22 @@ def enrolment(directory: str | os.PathLike, out: str | os.PathLike, kind: str = 
         ident = identity(directory, kind, name)
         atomic_write(out / f"{name}.pub", ident.sign_pub.read_bytes())   # key first: an edge that reads the two
         atomic_write(out / f"{name}.crt", ident.cert.read_bytes())       # mid-rotation refuses, never accepts
+        if edge is not None:
+            _enrol_mac(ident, check_id(edge), out / f"{name}.mac")
     for name in revoked:
-        for suffix in (".pub", ".crt"):
+        for suffix in (".pub", ".crt", ".mac"):
             (out / f"{name}{suffix}").unlink(missing_ok=True)
     return valid
+
+
+def _enrol_mac(ident: Identity, edge: str, path: Path) -> None:
+    """Write the device's key toward `edge`; a device issued before MAC keys existed gets none (signatures only)."""
+    try:
+        master = signing.load_mac_key(ident.mac_key)
+    except FileNotFoundError:
+        path.unlink(missing_ok=True)
+        return
+    signing.save_mac_key(signing.derive_mac_key(master, ident.name, edge), path)
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
@@ -323,7 +345,7 @@ def _cmd_issue(args: argparse.Namespace) -> int:
     else:
         kind, name = "cloud", CLOUD_ID
     ident = issue(args.dir, kind, name, hosts=args.host, days=args.days, rotate=args.rotate)
-    for path in (ident.cert, ident.key, ident.sign_key, ident.sign_pub):
+    for path in (ident.cert, ident.key, ident.sign_key, ident.sign_pub, ident.mac_key):
         if path is not None:
             print(path)  # paths only: key material is never printed or logged
     return 0
@@ -348,7 +370,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_enrol(args: argparse.Namespace) -> int:
-    print(f"{len(enrolment(args.dir, args.out, args.kind))} {args.kind}(s) enrolled in {args.out}")
+    ids = enrolment(args.dir, args.out, args.kind, args.edge)
+    macs = f", with MAC keys toward edge {args.edge}" if args.edge else ""
+    print(f"{len(ids)} {args.kind}(s) enrolled in {args.out}{macs}")
     return 0
 
 
@@ -403,4 +427,5 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("enrol", parents=[common], help="sync a directory of {id}.pub signing keys (edge/cloud)")
     p.add_argument("--out", required=True, help="the edge's enrolment_dir (devices) or the cloud's (edges)")
     p.add_argument("--kind", choices=("device", "edge"), default="device")
+    p.add_argument("--edge", metavar="ID", help="also write each device's MAC key toward this edge ({id}.mac, 0600)")
     p.set_defaults(func=_safe(_cmd_enrol))

@@ -1,7 +1,8 @@
 """Enrolment keys with live revocation: who may sign messages to this daemon, re-checked without a restart.
 
-An enrolment directory (`fediomt pki enrol`) holds `{id}.pub` (the Ed25519 key its messages are signed with) and
-`{id}.crt` (its TLS certificate, whose serial the consortium CRL may list). The edge gateway checks device updates
+An enrolment directory (`fediomt pki enrol`) holds `{id}.pub` (the Ed25519 key its messages are signed with),
+`{id}.crt` (its TLS certificate, whose serial the consortium CRL may list) and, at an edge enrolled with `--edge`,
+`{id}.mac` (the device's HMAC key toward this edge). The edge gateway checks device updates
 against its devices' directory, the cloud checks edge aggregates against its edges' directory; both refuse an
 identity whose files were removed or whose certificate was revoked within `check_s` seconds (docs/deployment.md).
 """
@@ -26,7 +27,7 @@ from protocol.errors import ProtocolError, Reason
 from protocol.topics import check_id
 
 Stamp = tuple[int, int, int]   # (mtime_ns, size, inode): changes when a file is rewritten or replaced (rename)
-ENROLMENT_FILES = (".pub", ".crt")
+ENROLMENT_FILES = (".pub", ".crt", ".mac")
 
 
 def stamp(path: str | os.PathLike | os.DirEntry) -> Stamp | None:
@@ -67,20 +68,32 @@ def revoked_serials(path: Path) -> frozenset[int]:
 class Enrolled:
     key: Ed25519PublicKey
     serial: int | None   # of the device's TLS certificate ({id}.crt), checked against the CRL; None = no .crt
+    mac: bytes | None = None  # its MAC key toward this edge ({id}.mac); None = signatures only
 
 
 def load_enrolled(directory: Path, device_id: str) -> Enrolled:
-    """`{id}.pub` and, when present, `{id}.crt` (whose CN must be the id). FileNotFoundError when the device is not
-    enrolled, ValueError when a file is unusable."""
+    """`{id}.pub` and, when present, `{id}.crt` (whose CN must be the id) and `{id}.mac`. FileNotFoundError when
+    the device is not enrolled, ValueError when a file is unusable."""
     key = signing.load_public_key(directory / f"{device_id}.pub")
+    return Enrolled(key, _serial(directory, device_id), _optional_mac(directory / f"{device_id}.mac"))
+
+
+def _serial(directory: Path, device_id: str) -> int | None:
     try:
         cert = x509.load_pem_x509_certificate((directory / f"{device_id}.crt").read_bytes())
     except FileNotFoundError:
-        return Enrolled(key, None)
+        return None
     names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if names != [device_id]:
         raise ValueError(f"{device_id}.crt is issued to {names}")
-    return Enrolled(key, cert.serial_number)
+    return cert.serial_number
+
+
+def _optional_mac(path: Path) -> bytes | None:
+    try:
+        return signing.load_mac_key(path)
+    except FileNotFoundError:
+        return None
 
 
 class KeyRing:
@@ -101,17 +114,21 @@ class KeyRing:
         self.check_s, self.clock = check_s, clock
         self.log = log or logging.getLogger("fediomt.keyring")
         self._keys: dict[str, Enrolled] = {}
-        self._usable: dict[str, Ed25519PublicKey] = {}   # the hot path's view: enrolled and not revoked
+        self._usable: dict[str, Enrolled] = {}   # the hot path's view: enrolled and not revoked
         self._stamps: dict[str, Stamp] = {}
         self._crl_stamp: Stamp | None = None
         self._revoked: frozenset[int] = frozenset()
         self.revalidate()
 
     def get(self, device_id: str) -> Ed25519PublicKey:
+        return self.entry(device_id).key
+
+    def entry(self, device_id: str) -> Enrolled:
+        """The sender's enrolled keys (signature and, when enrolled, MAC), or ProtocolError."""
         if self.clock() >= self._next_check:
             self.revalidate()
-        key = self._usable.get(device_id)
-        return key if key is not None else self._admit(device_id)
+        entry = self._usable.get(device_id)
+        return entry if entry is not None else self._admit(device_id)
 
     def enrolled(self) -> set[str]:
         return {p.stem for p in self.directory.glob("*.pub")} if self.directory.is_dir() else set()
@@ -151,13 +168,13 @@ class KeyRing:
             return
         event(self.log, "CRL loaded", path=str(self.crl), revoked=len(self._revoked))
 
-    def _admit(self, device_id: str) -> Ed25519PublicKey:
-        """The slow path: load a device not seen before, refuse a revoked one, else cache its key for `get`."""
+    def _admit(self, device_id: str) -> Enrolled:
+        """The slow path: load a device not seen before, refuse a revoked one, else cache its keys for `entry`."""
         entry = self._keys.get(device_id) or self._load(device_id)
         if entry.serial in self._revoked:
             raise ProtocolError(Reason.REVOKED, f"{device_id}: certificate {entry.serial:x} is revoked")
-        self._usable[device_id] = entry.key
-        return entry.key
+        self._usable[device_id] = entry
+        return entry
 
     def _load(self, device_id: str) -> Enrolled:
         try:

@@ -5,14 +5,17 @@ Arrays travel as byte strings: flat float32 weights (little-endian) or a compres
 (protocol.compression). Messages that carry a `sig` have it as their last field and are signed by their sender's
 Ed25519 key over the deterministic encoding of the message with `sig = b""` (`sign_message`). A receiver holding
 the raw bytes checks the signature on them (`verify_raw`: the trailing 66-byte sig item swapped for the empty byte
-string, no re-encoding); `verify_message` re-encodes, for messages that arrive inside others. Signed messages also
-carry a fresh `nonce` so that receivers can refuse replays.
+string, no re-encoding); `verify_message` re-encodes, for messages that arrive inside others. A DeviceUpdate may
+instead carry a 32-byte HMAC-SHA256 tag over the same bytes, keyed per (device, edge) (`mac_message`,
+`verify_mac_raw`; SECURITY.md). Signed messages also carry a fresh `nonce` so that receivers can refuse replays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import hmac
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ from protocol.errors import ProtocolError, Reason
 
 __all__ = [
     "decode", "encode", "register", "limit", "new_nonce", "sign_message", "verify_message", "verify_raw",
+    "mac_message", "verify_mac_raw", "MAC_BYTES",
     "floats_to_bytes",
     "bytes_to_floats", "TrainingPlan", "Capability", "PrivacySpent", "CentralDPReport", "RoundAnnouncement",
     "GlobalModel", "DeviceUpdate", "EdgeAggregate", "Ack", "DeviceStatus", "Chunk", "BundleManifest",
@@ -57,8 +61,8 @@ def bytes_to_floats(data: bytes, n_params: int) -> np.ndarray:
     return vector
 
 
-_SIG_ITEM = b"\x58\x40"  # CBOR head of a 64-byte byte string: the signature, last element of a signed message
-_NO_SIG = b"\x40"         # the empty byte string it stands for in the signed bytes
+MAC_BYTES = 32              # HMAC-SHA256 tag: a DeviceUpdate's `sig` alternative to the 64-byte Ed25519 signature
+_NO_SIG = b"\x40"          # the empty byte string the sig item stands for in the signed bytes
 
 
 @functools.cache
@@ -69,7 +73,7 @@ def _check_signable(cls: type) -> None:
 
 
 def signed_bytes(msg) -> bytes:
-    """What a signature covers: the message encoded with `sig = b""`."""
+    """What a signature or MAC covers: the message encoded with `sig = b""`."""
     _check_signable(type(msg))
     return encode(dataclasses.replace(msg, sig=b""))
 
@@ -79,22 +83,42 @@ def sign_message(msg, key: Ed25519PrivateKey):
     return dataclasses.replace(msg, sig=signing.sign(key, signed_bytes(msg)))
 
 
+def mac_message(msg, key: bytes):
+    """Return a copy of `msg` whose `sig` is the HMAC-SHA256 tag (32 bytes) of the signed bytes under `key`."""
+    return dataclasses.replace(msg, sig=_tag(key, signed_bytes(msg)))
+
+
 def verify_message(msg, public_key: Ed25519PublicKey) -> None:
     """Verify by re-encoding `msg`: for messages without their own received bytes (e.g. adverts in a roster)."""
     signing.verify(public_key, msg.sig, signed_bytes(msg))
 
 
-def verify_raw(data: bytes, msg, public_key: Ed25519PublicKey) -> None:
-    """Verify `msg`, strictly decoded from exactly `data`, on those bytes: the signed bytes are `data` with its
-    trailing sig item (0x58 0x40 + 64 bytes) replaced by 0x40. Cheaper than re-encoding, and it checks what was
-    sent. The tail must be the 64-byte item of `msg.sig` (a non-minimal or chunked encoding is refused); since
-    senders sign deterministic encodings and CBOR items parse prefix-free, a valid signature over the replaced
-    bytes means the decoded fields are the signed ones."""
+def _raw_signed_bytes(data: bytes, msg, size: int) -> bytes:
+    """The signed bytes of `msg`, strictly decoded from exactly `data`: `data` with its trailing sig item (0x58,
+    `size`, then `size` bytes) replaced by 0x40. Cheaper than re-encoding, and it checks what was sent. The tail
+    must be the minimal `size`-byte item of `msg.sig` (a non-minimal or chunked encoding is refused); since senders
+    sign deterministic encodings and CBOR items parse prefix-free, a valid signature or tag over the replaced bytes
+    means the decoded fields are the signed ones."""
     _check_signable(type(msg))
-    tail = _SIG_ITEM + msg.sig
-    if len(msg.sig) != signing.SIGNATURE_BYTES or bytes(data[-len(tail):]) != tail:
-        raise ProtocolError(Reason.BAD_SIGNATURE, "the message does not end with its 64-byte signature item")
-    signing.verify(public_key, msg.sig, bytes(data[:-len(tail)]) + _NO_SIG)
+    tail = bytes((0x58, size)) + msg.sig
+    if len(msg.sig) != size or bytes(data[-len(tail):]) != tail:
+        raise ProtocolError(Reason.BAD_SIGNATURE, f"the message does not end with its {size}-byte sig item")
+    return bytes(data[:-len(tail)]) + _NO_SIG
+
+
+def verify_raw(data: bytes, msg, public_key: Ed25519PublicKey) -> None:
+    """Verify `msg`'s Ed25519 signature on the bytes it was decoded from (`_raw_signed_bytes`)."""
+    signing.verify(public_key, msg.sig, _raw_signed_bytes(data, msg, signing.SIGNATURE_BYTES))
+
+
+def verify_mac_raw(data: bytes, msg, key: bytes) -> None:
+    """Verify `msg`'s 32-byte HMAC-SHA256 tag under `key` on the bytes it was decoded from, in constant time."""
+    if not hmac.compare_digest(msg.sig, _tag(key, _raw_signed_bytes(data, msg, MAC_BYTES))):
+        raise ProtocolError(Reason.BAD_SIGNATURE, "MAC does not verify")
+
+
+def _tag(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
 
 
 # ------------------------------------------------------------------ nested records
@@ -208,7 +232,7 @@ class DeviceUpdate:
     nonce: bytes = field(metadata=NONCE)
     timestamp: float = field(metadata=limit(min_value=0))
     control_delta: bytes | None = None                                # SCAFFOLD: c_i+ - c_i (compressed)
-    sig: bytes = field(default=b"", metadata=limit(max_len=64))
+    sig: bytes = field(default=b"", metadata=limit(max_len=64))      # Ed25519 (64 bytes) or HMAC-SHA256 (32)
 
 
 @register("aggregate")

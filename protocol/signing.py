@@ -1,4 +1,5 @@
-"""Ed25519 identity keys and signatures (devices, edges, the cloud, model bundles, ledger validators)."""
+"""Ed25519 identity keys and signatures (devices, edges, the cloud, model bundles, ledger validators), and the
+devices' MAC master secrets with the per-(device, edge) keys derived from them (SECURITY.md)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,17 @@ import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from protocol.atomic import atomic_write
 from protocol.errors import ProtocolError, Reason
 
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
+MAC_KEY_BYTES = 32
+MAC_INFO = b"fediomt update mac v1|"
 
 
 def generate_signing_key() -> Ed25519PrivateKey:
@@ -68,3 +72,26 @@ def verify(public_key: Ed25519PublicKey, signature: bytes, data: bytes) -> None:
         public_key.verify(signature, data)
     except InvalidSignature:
         raise ProtocolError(Reason.BAD_SIGNATURE, "signature does not verify") from None
+
+
+def generate_mac_key() -> bytes:
+    return os.urandom(MAC_KEY_BYTES)
+
+
+def save_mac_key(key: bytes, path: str | os.PathLike) -> None:
+    """Raw 32 bytes, mode 0600 (a master secret on a device, a derived key in an edge's enrolment directory)."""
+    atomic_write(path, key, mode=0o600)
+
+
+def load_mac_key(path: str | os.PathLike) -> bytes:
+    key = Path(path).read_bytes()
+    if len(key) != MAC_KEY_BYTES:
+        raise ValueError(f"{path}: a MAC key is {MAC_KEY_BYTES} bytes, not {len(key)}")
+    return key
+
+
+def derive_mac_key(master: bytes, device_id: str, edge_id: str) -> bytes:
+    """K_{d,E} = HKDF-SHA256(master, info = MAC_INFO | d | E): the key device d tags its updates to edge E with.
+    Ids cannot contain "|" (protocol.topics.check_id), so the info string is unambiguous."""
+    info = MAC_INFO + device_id.encode() + b"|" + edge_id.encode()
+    return HKDF(algorithm=hashes.SHA256(), length=MAC_KEY_BYTES, salt=None, info=info).derive(master)
