@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from cloud.config import load_config
+from fediomt.cli import add_check_config
 from fediomt.logs import setup
 
 
@@ -20,21 +22,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                      "publish the global model. Config reference: configs/cloud.toml.")
     run.add_argument("--config", required=True, help="cloud TOML config (see configs/cloud.toml)")
     run.set_defaults(func=_run)
-    check = sub.add_parser("check-config", help="load and validate a config, print it and exit")
-    check.add_argument("--config", required=True)
-    check.set_defaults(func=_check)
+    add_check_config(sub, load_config)
 
 
 def _run(args: argparse.Namespace) -> int:
     from cloud.aggregator import CloudAggregator
-    from cloud.config import load_config
     from protocol.atomic import atomic_write
 
+    cfg = load_config(args.config)
+    log = setup("cloud", cfg.log_level)
     try:
-        cfg = load_config(args.config)
-        log = setup("cloud", cfg.log_level)
         aggregator = CloudAggregator(cfg, log)
-    except (OSError, ValueError) as exc:  # a config, key, data or checkpoint problem: say it, no traceback
+    except (OSError, ValueError) as exc:  # a key, data or checkpoint problem: say it, no traceback
         print(f"fediomt cloud: {exc}", file=sys.stderr)
         return 2
     atomic_write(Path(cfg.run_dir) / "config.toml", Path(args.config).read_bytes())
@@ -44,10 +43,3 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fediomt cloud: {aggregator.state.stop_reason} (report: {Path(cfg.run_dir) / 'report.json'})",
               file=sys.stderr)
     return status
-
-
-def _check(args: argparse.Namespace) -> int:
-    from cloud.config import load_config
-
-    print(load_config(args.config))
-    return 0

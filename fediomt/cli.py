@@ -2,7 +2,8 @@
 
 Subcommands are imported lazily, so `fediomt --help` and the device/edge commands never import TensorFlow.
 Each subcommand module exposes `configure(parser)` (add its arguments, and sub-subcommands) and sets
-`parser.set_defaults(func=...)`; `func(args)` returns the process exit status.
+`parser.set_defaults(func=...)`; `func(args)` returns the process exit status. A config file the command cannot
+use (`protocol.tomlconfig.ConfigError`) ends it with one line on stderr and exit status 2, whatever the command.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import sys
 
 from fediomt import __version__
+from protocol.tomlconfig import ConfigError
 
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -64,8 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(func(args) or 0)
+    except ConfigError as exc:
+        print(f"fediomt {name}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def add_check_config(sub: argparse._SubParsersAction, load_config) -> None:
+    """The daemons' `check-config --config FILE`: load and validate a config, print it and exit."""
+    check = sub.add_parser("check-config", help="load and validate a config, print it and exit")
+    check.add_argument("--config", required=True)
+    check.set_defaults(func=lambda args: print(load_config(args.config)) or 0)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,46 @@ def test_unknown_command_is_an_error():
     assert "invalid choice" in proc.stderr
 
 
+@pytest.mark.parametrize("command", [["device", "run"], ["device", "status"], ["edge", "run"], ["edge", "check-config"],
+                                     ["cloud", "run"], ["cloud", "check-config"]])
+@pytest.mark.parametrize("text,message", [
+    ("nonsense = 1\n", "unknown keys ['nonsense']"),
+    ("[broker\n", "bad.toml"),                               # not TOML
+])
+def test_a_bad_config_is_one_line_and_exit_status_2(tmp_path, capsys, command, text, message):
+    """Every daemon command: a config it cannot use is the operator's error, said in one line, not a traceback."""
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    assert main([*command, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fediomt {command[0]}: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+    missing = main([*command, "--config", str(tmp_path / "missing.toml")])
+    assert missing == 2 and "missing.toml" in capsys.readouterr().err
+
+
+def test_config_loader_names_the_file_and_key_of_every_problem(tmp_path):
+    """protocol.tomlconfig: one ConfigError per problem, naming where it is; valid files resolve paths locally."""
+    from edge.config import EdgeConfig
+    from protocol.tomlconfig import ConfigError, load_toml
+
+    required = 'edge_id = "e1"\nstate_dir = "s"\nenrolment_dir = "d"\nsigning_key = "k"\ncloud_public_key = "c"\n'
+    config = tmp_path / "edge.toml"
+    for text, message in ((required + "state_dir2 = 1\n", "edge.toml: unknown keys ['state_dir2']"),
+                          (required.replace('"s"', "3"), "edge.toml.state_dir: expected a path"),
+                          (required + "[broker]\nport = 1\nhots = 2\n", "edge.toml.broker: unknown keys ['hots']"),
+                          (required + "broker = 1\n", "edge.toml.broker: expected a table"),
+                          (required.replace('edge_id = "e1"\n', ""), "edge.toml: "),
+                          (required + "key_check_s = -1\n", "edge.toml: key_check_s must be >= 0"),
+                          ("edge_id = \n", str(config))):
+        config.write_text(text)
+        with pytest.raises(ConfigError) as exc:
+            load_toml(EdgeConfig, config)
+        assert str(exc.value).startswith(message), (text, str(exc.value))
+    config.write_text(required)
+    assert load_toml(EdgeConfig, config).state_dir == tmp_path / "s"
+
+
 def test_bench_list_names_every_benchmark():
     from fediomt.bench import BENCHMARKS
 
