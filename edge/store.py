@@ -30,11 +30,9 @@ CREATE TABLE IF NOT EXISTS updates (
     device_id TEXT NOT NULL, round_id INTEGER NOT NULL, batch INTEGER,
     base_version INTEGER NOT NULL, num_samples INTEGER NOT NULL, train_loss REAL NOT NULL,
     compute_class TEXT NOT NULL, staleness INTEGER NOT NULL, epsilon REAL NOT NULL, local_steps INTEGER NOT NULL,
-    nbytes INTEGER NOT NULL, indices BLOB, vals BLOB, control BLOB, received REAL NOT NULL, nonce BLOB,
+    nbytes INTEGER NOT NULL, indices BLOB, vals BLOB, control BLOB, received REAL NOT NULL, nonce BLOB NOT NULL,
     PRIMARY KEY (device_id, round_id));
 CREATE TABLE IF NOT EXISTS outbox (batch INTEGER PRIMARY KEY, payload BLOB NOT NULL, published INTEGER NOT NULL);
-"""
-INDEXES = """
 CREATE INDEX IF NOT EXISTS updates_pending ON updates (batch);
 CREATE UNIQUE INDEX IF NOT EXISTS updates_nonce ON updates (device_id, nonce);
 """
@@ -71,8 +69,6 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self.db.executescript(SCHEMA)
-        _move_nonces(self.db)
-        self.db.executescript(INDEXES)
 
     def close(self) -> None:
         self.db.close()
@@ -160,20 +156,3 @@ class Store:
         with self._tx():
             self.db.execute("DELETE FROM updates WHERE round_id < ? AND batch IS NOT NULL", (before_round,))
             self.db.execute("DELETE FROM outbox WHERE published = 1")
-
-
-def _move_nonces(db: sqlite3.Connection) -> None:
-    """State written before nonces lived in `updates` (a separate `nonces` table): move them over, once."""
-    if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'nonces'").fetchone():
-        return
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        if "nonce" not in {row[1] for row in db.execute("PRAGMA table_info(updates)")}:
-            db.execute("ALTER TABLE updates ADD COLUMN nonce BLOB")
-        db.execute("UPDATE updates SET nonce = (SELECT n.nonce FROM nonces n WHERE n.device_id = updates.device_id"
-                   " AND n.round_id = updates.round_id)")
-        db.execute("DROP TABLE nonces")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
