@@ -15,7 +15,7 @@ from protocol.secagg import Graph, SecAggClient, SecAggConfig, SecAggServer, Tru
 from protocol.secagg.graph import neighbours
 from protocol.secagg.inprocess import run_cohort, wire
 from protocol.secagg.messages import ShareInbox
-from protocol.secagg.quant import dequantize_sum, pack, quantize, ring_bits, unpack
+from protocol.secagg.quant import dequantize_sum, levels, on_grid, pack, quantize, ring_bits, unpack
 from protocol.secagg.sparse import scatter, select
 from protocol.signing import generate_signing_key
 
@@ -262,3 +262,13 @@ def test_sparse_graph_is_k_regular_symmetric_and_shared_by_everyone():
     assert all(d in graph[e] for d, nb in graph.items() for e in nb)          # u ~ v  <=>  v ~ u
     assert graph == neighbours(devices, 8, bytes(32)) != neighbours(devices, 8, bytes([1] * 32))
     assert all(len(nb) == 39 for nb in neighbours(devices, 39, bytes(32)).values())
+
+
+@pytest.mark.parametrize("clip,bits", [(0.5, 16), (3.0, 8), (1.0, 12)])
+def test_counts_on_the_grid_quantize_to_exactly_themselves_and_cap(clip, bits):
+    """How devices and edges carry their sample/device counts in a masked vector: the count comes back exact."""
+    counts = [0, 1, 7, 232, levels(bits), levels(bits) + 50]
+    q = quantize(on_grid(counts, clip, bits), clip, bits, np.random.default_rng(0))
+    assert q.tolist() == [0, 1, 7, 232, levels(bits), levels(bits)]
+    halves = quantize(np.full(20_000, on_grid(2.5, clip, bits)), clip, bits, np.random.default_rng(1))
+    assert set(halves.tolist()) == {2, 3} and abs(halves.mean() - 2.5) < 0.02     # a fraction rounds unbiased

@@ -32,6 +32,7 @@ from protocol.messages import (
 from protocol.secagg.deploy import MaskedRound
 from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.secagg.inprocess import run_cohort
+from protocol.secagg.quant import levels
 from protocol.signing import generate_signing_key, save_private_key, save_public_key
 
 from .conftest import REPO
@@ -44,7 +45,7 @@ TABLE = {"mode": "trusted_edge", "edges_mask": True, "graph": "full", "min_cohor
 
 def error_bound(tier: EdgeMaskedRound, n_edges: int, total_samples: float) -> float:
     """docs/secagg.md: n_edges quantization steps of the sum, scaled by max_samples / total samples (+ weight)."""
-    step = 2 * tier.config.clip / tier.levels
+    step = 2 * tier.config.clip / levels(tier.config.bits)
     return 1.05 * n_edges * step * tier.scale / total_samples + 1e-6
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from protocol.errors import ProtocolError, Reason
 from protocol.secagg.config import SecAggConfig
 from protocol.secagg.edge_tier import EDGE_KEYS
+from protocol.secagg.quant import on_grid
 from protocol.secagg.server import SecAggResult
 from protocol.secagg.sparse import scatter, select
 
@@ -54,11 +55,6 @@ class MaskedRound:
         """Values each device masks: the cohort's coordinates + the sample count and local steps."""
         return self.coordinates(n_params) + EXTRAS
 
-    @property
-    def max_count(self) -> int:
-        """The largest count an extra coordinate can carry (larger counts are capped there)."""
-        return (1 << self.config.bits) - 1
-
     def device_vector(self, delta: np.ndarray, num_samples: int, local_steps: int) -> np.ndarray:
         """Clip `delta` to L2 norm `clip`, keep the cohort's coordinates, append the counts: the input of
         SecAggClient.masked_input."""
@@ -67,8 +63,8 @@ class MaskedRound:
         norm = float(np.linalg.norm(delta))
         clipped = (delta * min(1.0, clip / norm) if norm > 0 else delta).astype(np.float32)
         kept = clipped if self.seed is None else select(clipped, self.seed, self.coordinates(delta.size))
-        counts = np.minimum([int(num_samples), int(local_steps)], self.max_count)
-        return np.append(kept, -clip + counts * (2 * clip / self.max_count)).astype(np.float32)
+        counts = on_grid([int(num_samples), int(local_steps)], clip, self.config.bits)
+        return np.append(kept, counts).astype(np.float32)
 
     def split(self, result: SecAggResult) -> tuple[np.ndarray, int, int]:
         """(the sum of the survivors' clipped deltas at the cohort's coordinates, their total samples, their total

@@ -18,6 +18,7 @@ import numpy as np
 
 from protocol.errors import ProtocolError, Reason
 from protocol.secagg.config import SecAggConfig
+from protocol.secagg.quant import levels, on_grid
 from protocol.secagg.server import SecAggResult
 
 EDGE_KEYS = ("edges_mask", "max_samples")   # the edge tier's keys in RoundAnnouncement.secagg
@@ -57,27 +58,24 @@ class EdgeMaskedRound:
         return cls(config, max_samples)
 
     @property
-    def levels(self) -> int:
-        return (1 << self.config.bits) - 1
-
-    @property
     def scale(self) -> int:
-        return self.max_samples or self.levels
+        return self.max_samples or levels(self.config.bits)
 
     def length(self, n_params: int) -> int:
         return n_params + EXTRAS
 
     def edge_vector(self, mean: np.ndarray, num_samples: int, num_devices: int) -> np.ndarray:
         """The input of the edge's SecAggClient.masked_input (an edge without updates masks a zero weight)."""
-        clip, share = self.config.clip, min(max(int(num_samples), 0), self.scale) / self.scale
+        clip, bits = self.config.clip, self.config.bits
+        share = min(max(int(num_samples), 0), self.scale) / self.scale
         values = np.clip(np.asarray(mean, np.float64).ravel() * share, -clip, clip)
-        extras = [-clip + 2 * clip * share, -clip + min(int(num_devices), self.levels) * (2 * clip / self.levels)]
+        extras = on_grid([share * levels(bits), int(num_devices)], clip, bits)
         return np.append(values, extras).astype(np.float32)
 
     def total(self, result: SecAggResult) -> EdgeSum:
         """The cloud's view of the unmasked sum (a zero mean when no edge in it had samples)."""
         weight_q, devices = (int(v) for v in result.quantized[-EXTRAS:])
-        samples = weight_q * self.scale / self.levels
+        samples = weight_q * self.scale / levels(self.config.bits)
         values = result.sum[:-EXTRAS].astype(np.float64)
         mean = values * (self.scale / samples) if samples > 0 else np.zeros_like(values)
         return EdgeSum(mean.astype(np.float32), round(samples), devices, list(result.devices), list(result.dropped))

@@ -24,17 +24,29 @@ def ring_bits(bits: int, cohort: int) -> int:
     return r
 
 
+def levels(bits: int) -> int:
+    """The largest quantized value of one input (also the largest count an input can carry on the grid)."""
+    return (1 << bits) - 1
+
+
+def on_grid(counts, clip: float, bits: int) -> np.ndarray:
+    """Counts (capped at `levels(bits)`) as input values that quantize to exactly those counts (a fractional count
+    rounds stochastically, unbiased): how a masked vector carries sample and device counts next to its values, so
+    that only their sum is unmasked."""
+    top = levels(bits)
+    return -clip + np.minimum(np.asarray(counts, np.float64), top) * (2 * clip / top)
+
+
 def quantize(x: np.ndarray, clip: float, bits: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    levels = (1 << bits) - 1
-    scaled = (np.clip(np.asarray(x, np.float64), -clip, clip) + clip) * (levels / (2 * clip))
+    top = levels(bits)
+    scaled = (np.clip(np.asarray(x, np.float64), -clip, clip) + clip) * (top / (2 * clip))
     noise = (rng or np.random.default_rng()).random(scaled.shape)
-    return np.minimum(np.floor(scaled + noise), levels).astype(np.uint32)
+    return np.minimum(np.floor(scaled + noise), top).astype(np.uint32)
 
 
 def dequantize_sum(q_sum: np.ndarray, count: int, clip: float, bits: int) -> np.ndarray:
     """The float sum of `count` inputs from the sum of their quantized values."""
-    levels = (1 << bits) - 1
-    return (np.asarray(q_sum, np.float64) * (2 * clip / levels) - count * clip).astype(np.float32)
+    return (np.asarray(q_sum, np.float64) * (2 * clip / levels(bits)) - count * clip).astype(np.float32)
 
 
 def pack(values: np.ndarray, r: int) -> bytes:
