@@ -45,11 +45,11 @@ from cloud.strategies import make
 from cloud.strategies.base import DeviceInfo, EdgeResult, RoundDefaults
 from cloud.strategies.heterogeneity import observe
 from cloud.strategies.scaffold import CONTROL
-from fediomt.logs import event
 from protocol.atomic import atomic_write
 from protocol.compression import decode_update
 from protocol.errors import ProtocolError, Reason
 from protocol.keyring import KeyRing
+from protocol.logs import event
 from protocol.messages import (
     DeviceStatus,
     EdgeAggregate,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cloud.config import load_config
 from fediomt.cli import add_check_config
-from fediomt.logs import setup
+from protocol.logs import setup
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

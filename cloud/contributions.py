@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fediomt.logs import event
 from ledger.consortium import load_consortium, open_ledger
 from ledger.replication import MqttNode, Proposer
 from ledger.scoring import score_round
 from ledger.store import propose_block
 from protocol.errors import ProtocolError
+from protocol.logs import event
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from device.runtime import TrainableModel, secure_generator
 from device.state import STATE_FILE, DeviceState, load_state, save_state
 from device.training import LocalResult, planned_steps, steps_within, train_round
 from fediomt.flash import flash_local, rollback_local
-from fediomt.logs import event
 from protocol import topics
 from protocol.bundle import Bundle, load_bundle, load_installed
 from protocol.compression import (
@@ -39,6 +38,7 @@ from protocol.compression import (
     encoded_size_bound,
 )
 from protocol.errors import ProtocolError, Reason
+from protocol.logs import event
 from protocol.messages import (
     Ack,
     Capability,

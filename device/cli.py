@@ -49,7 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from device.agent import DeviceAgent
     from device.config import load_config
-    from fediomt import logs
+    from protocol import logs
     from protocol.errors import ProtocolError
 
     cfg = load_config(args.config)

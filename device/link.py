@@ -17,7 +17,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from device.config import BrokerConfig
-from fediomt.logs import event
+from protocol.logs import event
 from protocol.mqtt import backoff_delays, connect_properties, new_client, tcp_nodelay
 
 

@@ -31,11 +31,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device.runtime import Int8Model, TrainableModel
 from fediomt.flash import CURRENT, PREVIOUS, check_downgrade, flash_local, rollback_local
-from fediomt.logs import event
 from protocol import topics
 from protocol.bundle import MAX_ARCHIVE_BYTES, Bundle, load_installed, unpack_files, verify_files
 from protocol.chunking import PART_OVERHEAD, Reassembler
 from protocol.errors import ProtocolError, Reason
+from protocol.logs import event
 from protocol.messages import BundleManifest, Chunk, decode, verify_raw
 
 SMOKE_ROWS = 8

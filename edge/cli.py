@@ -7,7 +7,7 @@ import sys
 
 from edge.config import load_config
 from fediomt.cli import add_check_config
-from fediomt.logs import setup
+from protocol.logs import setup
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -26,11 +26,11 @@ from edge.rows import Rows
 from edge.secagg_round import masked_mean, metadata
 from edge.store import Store, Stored
 from edge.validation import RoundContext, authenticate, decode_delta
-from fediomt.logs import event
 from protocol import signing
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.errors import ProtocolError, Reason
 from protocol.keyring import KeyRing
+from protocol.logs import event
 from protocol.messages import (
     Ack,
     CentralDPReport,

@@ -24,7 +24,7 @@ import time
 from edge.config import EdgeConfig
 from edge.engine import EdgeEngine, Publication
 from edge.secagg_round import mask_for_cloud, start_cohort_round
-from fediomt.logs import event
+from protocol.logs import event
 from protocol.messages import encode
 from protocol.mqtt import INBOX_SIZE, Connection
 from protocol.secagg.runner import SecAggRunner

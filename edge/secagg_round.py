@@ -26,8 +26,8 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge import central_dp
-from fediomt.logs import event
 from protocol.errors import ProtocolError
+from protocol.logs import event
 from protocol.messages import EdgeAggregate
 from protocol.secagg import SecAggClient, SecAggResult, SecAggServer
 from protocol.secagg.deploy import MaskedRound

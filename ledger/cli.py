@@ -168,8 +168,8 @@ def replica(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from fediomt.logs import event, setup
     from ledger.replication import MqttNode, Validator
+    from protocol.logs import event, setup
     from protocol.signing import load_private_key
 
     log = setup("ledger")

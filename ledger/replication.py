@@ -26,12 +26,12 @@ import cbor2
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fediomt.logs import event
 from ledger.chain import HASH_BYTES, MAX_BLOCK_BYTES, Block, sign_block, signing_payload
 from ledger.store import Ledger
 from protocol import signing
 from protocol.codec import decode_as, limit
 from protocol.errors import ProtocolError, Reason
+from protocol.logs import event
 from protocol.mqtt import tcp_nodelay
 from protocol.topics import check_id, last_level
 

@@ -21,9 +21,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from fediomt.logs import event
 from protocol import signing
 from protocol.errors import ProtocolError, Reason
+from protocol.logs import event
 from protocol.topics import check_id
 
 Stamp = tuple[int, int, int]   # (mtime_ns, size, inode): changes when a file is rewritten or replaced (rename)

@@ -20,7 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fediomt.logs import event
+from protocol.logs import event
 
 
 @dataclass(frozen=True)

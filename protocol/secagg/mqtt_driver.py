@@ -18,8 +18,8 @@ import time
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from fediomt.logs import event
 from protocol.errors import ProtocolError, Reason
+from protocol.logs import event
 from protocol.messages import decode, encode
 from protocol.secagg.client import SecAggClient
 from protocol.secagg.messages import (

@@ -15,8 +15,8 @@ import threading
 
 import paho.mqtt.client as mqtt
 
-from fediomt.logs import event
 from protocol.errors import ProtocolError, Reason
+from protocol.logs import event
 from protocol.secagg.mqtt_driver import run_server_round
 from protocol.secagg.server import SecAggResult, SecAggServer
 
