@@ -16,8 +16,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from device import accountant
 from device.config import DeviceConfig
 from device.data import load_data
@@ -27,6 +25,7 @@ from device.ota import OtaReceiver
 from device.runtime import TrainableModel, secure_generator
 from device.state import STATE_FILE, DeviceState, load_state, save_state
 from device.training import LocalResult, planned_steps, steps_within, train_round
+from device.update import RoundIdentity, build_update
 from fediomt.flash import flash_local, rollback_local
 from protocol import topics
 from protocol.bundle import Bundle, load_bundle, load_installed
@@ -34,7 +33,6 @@ from protocol.compression import (
     CompressionSettings,
     adaptive_settings,
     decode_update,
-    encode_update,
     encoded_size_bound,
 )
 from protocol.errors import ProtocolError, Reason
@@ -45,7 +43,6 @@ from protocol.messages import (
     DeviceStatus,
     DeviceUpdate,
     GlobalModel,
-    PrivacySpent,
     RoundAnnouncement,
     bytes_to_floats,
     decode,
@@ -239,42 +236,30 @@ class DeviceAgent:
     def _finish(self, ann: RoundAnnouncement, result: LocalResult, settings: CompressionSettings,
                 masked: MaskedRound | None = None) -> None:
         cfg, budget = self.cfg, self.cfg.privacy
-        entry = accountant.Entry(result.noise_mult, result.sample_rate, result.local_steps)
-        history = (*self.state.history, entry)
         speed = result.local_steps / max(result.elapsed_s, 1e-6)
         old = self.state.steps_per_s
         speed = speed if old <= 0 else SPEED_SMOOTHING * speed + (1 - SPEED_SMOOTHING) * old
         if masked is not None:  # no significance skip: a silent cohort member would count as a dropout
-            return self._send_masked(ann, result, masked, history, speed)
-        norm = float(np.linalg.norm(result.delta))
-        if norm < cfg.significance_threshold:
-            # post-processing of the DP output: the skipped delta waits in the error-feedback residual
-            residual = result.delta if self.state.residual is None else self.state.residual + result.delta
-            return self._answer(ann, "skipped", f"|delta| {norm:.3g} < {cfg.significance_threshold}",
-                                history=history, residual=residual, steps_per_s=speed)
-        payload, residual = encode_update(result.delta, settings, self.state.residual, self.rng)
-        control_payload, control = None, self.state.control
-        if result.control_delta is not None:
-            control_payload, _ = encode_update(result.control_delta, settings, None, self.rng)
-            sent = decode_update(control_payload, self.model.n_params)
-            control = sent if control is None else control + sent  # c_i moves by exactly what the edge learns
-        spent = PrivacySpent(epsilon=accountant.epsilon(history, budget.delta, budget.accountant), delta=budget.delta,
-                             accountant=budget.accountant, noise_mult=result.noise_mult,
-                             sample_rate=result.sample_rate, steps=result.local_steps)
-        update = self.seal(DeviceUpdate(
-            device_id=cfg.id, edge_id=cfg.edge, round_id=ann.round_id, base_version=self.state.model_version,
-            num_samples=result.num_samples, local_steps=result.local_steps, train_loss=result.loss, privacy=spent,
-            n_params=self.model.n_params, delta=payload,
-            capability=self.capability(speed), nonce=new_nonce(), timestamp=time.time(),
-            control_delta=control_payload))
+            entry = accountant.Entry(result.noise_mult, result.sample_rate, result.local_steps)
+            return self._send_masked(ann, result, masked, (*self.state.history, entry), speed)
+        who = RoundIdentity(cfg.id, cfg.edge, ann.round_id, self.state.model_version)
+        out = build_update(result, who, settings, history=self.state.history, residual=self.state.residual,
+                           control=self.state.control, delta=budget.delta, accountant_name=budget.accountant,
+                           capability=self.capability(speed), n_params=self.model.n_params, rng=self.rng,
+                           nonce=new_nonce(), timestamp=time.time(),
+                           significance_threshold=cfg.significance_threshold)
+        if out.update is None:
+            return self._answer(ann, "skipped", out.skipped, history=out.history, residual=out.residual,
+                                steps_per_s=speed)
+        update = self.seal(out.update)
         data = encode(update)
-        self.state = replace(self.state.answered(ann.round_id), history=history, residual=residual, control=control,
-                             steps_per_s=speed)
+        self.state = replace(self.state.answered(ann.round_id), history=out.history, residual=out.residual,
+                             control=out.control, steps_per_s=speed)
         save_state(self.state_path, self.state)  # the spend is on disk before anything leaves the device
         self.link.publish(self.update_topic, data)
         event(self.log, "update sent", round=ann.round_id, steps=result.local_steps, loss=round(result.loss, 4),
-              norm=round(norm, 4), bytes=len(data), epsilon=round(spent.epsilon, 4), method=settings.method,
-              density=settings.density, bits=settings.bits)
+              norm=round(out.norm, 4), bytes=len(data), epsilon=round(update.privacy.epsilon, 4),
+              method=settings.method, density=settings.density, bits=settings.bits)
 
     def _send_masked(self, ann: RoundAnnouncement, result: LocalResult, masked: MaskedRound,
                      history: tuple, speed: float) -> None:
