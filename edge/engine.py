@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,6 +43,7 @@ from protocol.messages import (
     sign_message,
     verify_message,
 )
+from protocol.publication import Publication
 from protocol.secagg import SecAggResult
 from protocol.secagg.deploy import MaskedRound
 from protocol.secagg.edge_tier import EdgeMaskedRound
@@ -51,14 +51,6 @@ from protocol.topics import aggregate_topic, check_id, model_topic, round_topic
 
 EXCUSED = ("skipped", "declined", "budget_exhausted", "offline")
 MAX_STATUS_BYTES = 64 * 1024
-
-
-@dataclass(frozen=True)
-class Publication:
-    topic: str
-    payload: bytes
-    retain: bool = False
-    batch: int | None = None    # an outbox entry: mark_published(batch) once the broker has it
 
 
 class EdgeEngine:

@@ -22,11 +22,12 @@ import threading
 import time
 
 from edge.config import EdgeConfig
-from edge.engine import EdgeEngine, Publication
+from edge.engine import EdgeEngine
 from edge.secagg_round import mask_for_cloud, start_cohort_round
 from protocol.logs import event
 from protocol.messages import encode
 from protocol.mqtt import INBOX_SIZE, Connection
+from protocol.publication import Publication
 from protocol.secagg.runner import SecAggRunner
 from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, ack_topic, shared
 
