@@ -19,6 +19,7 @@ from pathlib import Path
 from device import accountant
 from device.config import DeviceConfig
 from device.data import load_data
+from device.flash import flash_local, load_installed, rollback_local
 from device.link import Link
 from device.ota import OtaConfig as OtaReceiverConfig
 from device.ota import OtaReceiver
@@ -26,9 +27,8 @@ from device.runtime import TrainableModel, secure_generator
 from device.state import STATE_FILE, DeviceState, load_state, save_state
 from device.training import LocalResult, planned_steps, steps_within, train_round
 from device.update import RoundIdentity, build_update
-from fediomt.flash import flash_local, rollback_local
 from protocol import topics
-from protocol.bundle import Bundle, load_bundle, load_installed
+from protocol.bundle import Bundle, load_bundle
 from protocol.compression import (
     CompressionSettings,
     adaptive_settings,

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from device.flash import CURRENT, PREVIOUS, check_downgrade, flash_local, load_installed, rollback_local
 from device.runtime import Int8Model, TrainableModel
-from fediomt.flash import CURRENT, PREVIOUS, check_downgrade, flash_local, rollback_local
 from protocol import topics
-from protocol.bundle import MAX_ARCHIVE_BYTES, Bundle, load_installed, unpack_files, verify_files
+from protocol.bundle import MAX_ARCHIVE_BYTES, Bundle, unpack_files, verify_files
 from protocol.chunking import PART_OVERHEAD, Reassembler
 from protocol.errors import ProtocolError, Reason
 from protocol.logs import event

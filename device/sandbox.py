@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fediomt.flash import flash_local
+from device.flash import flash_local
 from protocol import topics
 from protocol.bundle import load_bundle
 from protocol.compression import CompressionSettings, decode_update, encode_update

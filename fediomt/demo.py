@@ -109,8 +109,8 @@ def _toml(path: Path, data: dict) -> Path:
 
 def prepare(settings: DemoSettings, run_dir: Path, port: int):
     """Data, keys, the signed model bundle and every process's config, all inside `run_dir`."""
+    from device.flash import flash_local
     from experiments.datasets import load
-    from fediomt.flash import flash_local
     from firmware_models.build import build_bundle
     from protocol.bundle import load_bundle
 

@@ -1,11 +1,8 @@
 """`fediomt flash BUNDLE DEST`: install a verified bundle on a device, keeping the previous one for rollback.
 
-DEST is a local folder (an SD card or mounted device) or `user@host:/path` (the system's ssh and scp). Layout:
-    DEST/current/   the installed bundle (what the device agent loads)
-    DEST/previous/  the bundle it replaced (`fediomt flash --rollback DEST` swaps them back)
-The new bundle is written to DEST/.incoming/, the copy is verified (hash + signature), then two renames rotate it
-in: previous is dropped, current -> previous, .incoming -> current. A crash between the renames leaves no current
-but an intact previous: `protocol.bundle.load_installed` falls back to it.
+DEST is a local folder (an SD card or mounted device) or `user@host:/path` (the system's ssh and scp). The layout
+(DEST/current, DEST/previous, the .incoming/ copy and its two-rename rotation) is the device tier's, in device.flash;
+this module adds the command line and the ssh/scp flavour of the same rotation.
 """
 
 from __future__ import annotations
@@ -14,26 +11,16 @@ import argparse
 import hashlib
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.bundle import (
-    FILES,
-    MANIFEST_FILE,
-    MODEL_FILE,
-    SIGNATURE_FILE,
-    Bundle,
-    load_bundle,
-    load_installed,
-    write_files,
-)
+from device.flash import CURRENT, INCOMING, PREVIOUS, flash_local, rollback_local
+from protocol.bundle import FILES, load_bundle
 from protocol.errors import ProtocolError, Reason
 from protocol.signing import load_public_key
 
-CURRENT, PREVIOUS, INCOMING = "current", "previous", ".incoming"
 _REMOTE = re.compile(r"^(?P<host>(?:[A-Za-z0-9._-]+@)?[A-Za-z0-9._-]+):(?P<path>.+)$")
 
 
@@ -49,56 +36,6 @@ def parse_dest(dest: str) -> Path | Remote:
     if match and not Path(dest).exists():
         return Remote(match["host"], match["path"])
     return Path(dest)
-
-
-def check_downgrade(new: Bundle, installed: Bundle | None, force: bool) -> None:
-    if installed is None or force or installed.name != new.name:
-        return
-    if new.version < installed.version:
-        raise ProtocolError(Reason.DOWNGRADE, f"{new.name} v{new.version} is older than the installed "
-                                              f"v{installed.version} (use --force to downgrade)")
-
-
-def _installed(dest: Path, public_key) -> Bundle | None:
-    try:
-        return load_installed(dest, public_key)
-    except ProtocolError:
-        return None  # nothing valid installed: any version may go on
-
-
-def flash_local(bundle: Bundle, dest: Path, public_key, force: bool = False) -> Path:
-    """Install a verified bundle under `dest` (see the module docstring); returns DEST/current."""
-    check_downgrade(bundle, _installed(dest, public_key), force)
-    dest.mkdir(parents=True, exist_ok=True)
-    incoming = dest / INCOMING
-    shutil.rmtree(incoming, ignore_errors=True)
-    write_files(incoming, {MANIFEST_FILE: bundle.manifest_bytes, SIGNATURE_FILE: bundle.signature,
-                           MODEL_FILE: bundle.model_bytes})
-    copy = load_bundle(incoming, public_key)  # read back what actually landed on the medium
-    if copy.manifest_bytes != bundle.manifest_bytes:
-        raise ProtocolError(Reason.BAD_HASH, f"{incoming}: the written copy differs from the source")
-    _rotate(dest)
-    return dest / CURRENT
-
-
-def _rotate(dest: Path) -> None:
-    shutil.rmtree(dest / PREVIOUS, ignore_errors=True)
-    if (dest / CURRENT).exists():
-        (dest / CURRENT).rename(dest / PREVIOUS)
-    (dest / INCOMING).rename(dest / CURRENT)
-
-
-def rollback_local(dest: Path) -> None:
-    """Swap current and previous."""
-    if not (dest / PREVIOUS).is_dir():
-        raise FileNotFoundError(f"{dest / PREVIOUS}: no previous bundle to roll back to")
-    swap = dest / ".swap"
-    shutil.rmtree(swap, ignore_errors=True)
-    if (dest / CURRENT).exists():
-        (dest / CURRENT).rename(swap)
-    (dest / PREVIOUS).rename(dest / CURRENT)
-    if swap.exists():
-        swap.rename(dest / PREVIOUS)
 
 
 def remote_commands(remote: Remote, bundle_dir: Path) -> dict[str, list[str]]:

@@ -172,10 +172,3 @@ def unpack_bundle(data: bytes, dest_dir: str | os.PathLike, public_key: Ed25519P
     write_files(dest_dir, files)
     return bundle
 
-
-def load_installed(root: str | os.PathLike, public_key: Ed25519PublicKey) -> Bundle:
-    """The bundle installed by `fediomt flash` under `root`: root/current, or root/previous when a flash was
-    interrupted between its two renames (no current). A current that does not verify is refused, not skipped."""
-    root = Path(root)
-    current = root / "current"
-    return load_bundle(current if current.exists() else root / "previous", public_key)

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from device.flash import load_installed
 from firmware_models.devbundles import DEV_PUBKEY, PREBUILT, TRAINABLE
 from protocol import bundle as bmod
-from protocol.bundle import load_bundle, load_installed, pack_bundle, unpack_bundle, unpack_files, write_bundle
+from protocol.bundle import load_bundle, pack_bundle, unpack_bundle, unpack_files, write_bundle
 from protocol.errors import ProtocolError, Reason
 from protocol.signing import generate_signing_key, load_public_key
 

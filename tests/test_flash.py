@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from device.flash import flash_local, load_installed, rollback_local
 from fediomt.cli import main
-from fediomt.flash import Remote, flash_local, parse_dest, parse_sha256sum, remote_commands, rollback_local
-from protocol.bundle import load_bundle, load_installed, write_bundle
+from fediomt.flash import Remote, parse_dest, parse_sha256sum, remote_commands
+from protocol.bundle import load_bundle, write_bundle
 from protocol.errors import ProtocolError, Reason
 from protocol.signing import generate_signing_key, save_public_key
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from cloud.push import plan_push, publish_push, push_bundle
+from device.flash import flash_local
 from device.ota import OtaClient, OtaConfig, OtaReceiver
 from edge.config import BrokerConfig
-from fediomt.flash import flash_local
 from fediomt.mosquitto import MosquittoBroker
 from protocol.bundle import load_bundle, pack_bundle, write_bundle
 from protocol.messages import encode, sign_message
