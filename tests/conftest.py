@@ -1,4 +1,5 @@
-"""Shared fixtures: a real private Mosquitto per test, paths to shared data."""
+"""Shared fixtures: a real private Mosquitto per test, MQTT recorders and daemons torn down after the test, paths to
+shared data. The helpers behind them live in tests/harness.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 
 from fediomt.mosquitto import MosquittoBroker
 
-REPO = Path(__file__).resolve().parent.parent
+from .harness import REPO, Daemons, Recorder
+
 SHARED = REPO.parent / "shared"
 
 
@@ -17,6 +19,28 @@ def broker(tmp_path):
     """A private Mosquitto on a free loopback port, persistence on; `broker.restart()` keeps the port."""
     with MosquittoBroker(workdir=tmp_path / "mosquitto") as b:
         yield b
+
+
+@pytest.fixture
+def daemons():
+    """Start in-process daemons (`daemons.thread(gateway)`) and `fediomt` processes; all stopped at teardown."""
+    d = Daemons()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def recorder(broker):
+    """`recorder(filters, **kw)`: a Recorder on the test's broker (or `port=`), closed at teardown."""
+    opened: list[Recorder] = []
+
+    def start(filters: list[str], port: int | None = None, **kw) -> Recorder:
+        opened.append(Recorder(port or broker.port, filters, **kw))
+        return opened[-1]
+
+    yield start
+    for r in opened:
+        r.close()
 
 
 @pytest.fixture

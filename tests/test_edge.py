@@ -3,97 +3,29 @@ duplicates, rounds (sync and FedBuff async), poisoning filters, central DP, sign
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import tomli_w
 
 from edge.config import load_config
-from edge.engine import EdgeEngine
 from protocol import signing
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.errors import Reason
 from protocol.messages import (
-    Capability,
     CentralDPReport,
-    DeviceUpdate,
-    EdgeAggregate,
-    GlobalModel,
-    PrivacySpent,
     RoundAnnouncement,
     TrainingPlan,
     decode,
     encode,
     new_nonce,
     sign_message,
-    verify_message,
 )
 
-N_PARAMS = 1_000
-DENSE = CompressionSettings(method="dense", bits=32, entropy=False)
+from .harness import DENSE, N_PARAMS, Fed, aggregate_of, open_round
+
 TOPK = CompressionSettings(method="topk", density=0.05, bits=32)
-
-
-class Fed:
-    """Keys, enrolment and an edge config for scripted devices; builds signed cloud and device messages."""
-
-    def __init__(self, root: Path, n_devices: int = 20, n_params: int = N_PARAMS, **overrides) -> None:
-        self.root, self.n_params = root, n_params
-        self.cloud_key, self.edge_key = signing.generate_signing_key(), signing.generate_signing_key()
-        (root / "enrolment").mkdir(parents=True)
-        signing.save_public_key(self.cloud_key.public_key(), root / "cloud.pub")
-        signing.save_private_key(self.edge_key, root / "edge.key")
-        self.devices = [f"d{i:02d}" for i in range(n_devices)]
-        self.keys = {d: signing.generate_signing_key() for d in self.devices}
-        for d, k in self.keys.items():
-            signing.save_public_key(k.public_key(), root / "enrolment" / f"{d}.pub")
-        raw = {"edge_id": "edge1", "state_dir": "state", "enrolment_dir": "enrolment", "signing_key": "edge.key",
-               "cloud_public_key": "cloud.pub", "tick_s": 0.05, "filters": {"enabled": []}}
-        for key, value in overrides.items():
-            if isinstance(value, dict):
-                raw.setdefault(key, {}).update(value)
-            else:
-                raw[key] = value
-        self.config = root / "edge.toml"
-        self.config.write_bytes(tomli_w.dumps(raw).encode())
-
-    def engine(self) -> EdgeEngine:
-        return EdgeEngine(load_config(self.config))
-
-    def model(self, version: int = 1) -> bytes:
-        w = np.zeros(self.n_params, np.float32)
-        msg = GlobalModel("m", version, "full", None, self.n_params, w.tobytes(), hashlib.sha256(w.tobytes()).digest())
-        return encode(sign_message(msg, self.cloud_key))
-
-    def announce(self, round_id: int = 1, version: int = 1, deadline: float | None = None, **kw) -> bytes:
-        msg = RoundAnnouncement(round_id, "m", version, "fedavg", deadline or time.time() + 60,
-                                TrainingPlan(0.1, 1, 8, 1.0, 0.0), DENSE.to_dict(), **kw)
-        return encode(sign_message(msg, self.cloud_key))
-
-    def update(self, device: str, delta: np.ndarray, round_id: int = 1, version: int = 1, num_samples: int = 10,
-               settings: CompressionSettings = DENSE, key=None, nonce: bytes | None = None, loss: float = 0.5,
-               payload: bytes | None = None, **kw) -> bytes:
-        payload = payload if payload is not None else encode_update(delta.astype(np.float32), settings)[0]
-        msg = DeviceUpdate(device, kw.pop("edge_id", "edge1"), round_id, version, num_samples, 3, loss,
-                           PrivacySpent(1.0, 1e-5, "rdp", 1.0, 0.1, 3), kw.pop("n_params", self.n_params), payload,
-                           Capability("pi", 512, 1e6), nonce or new_nonce(), time.time(), **kw)
-        return encode(sign_message(msg, key or self.keys[device]))
-
-
-def open_round(fed: Fed, engine: EdgeEngine, **kw) -> None:
-    assert engine.handle_cloud("model", fed.model(kw.get("version", 1)))
-    assert engine.handle_cloud("round", fed.announce(**kw))
-
-
-def aggregate_of(fed: Fed, pubs) -> tuple[EdgeAggregate, np.ndarray | None]:
-    (pub,) = [p for p in pubs if p.topic == "fl/cloud/aggregates/edge1"]
-    agg = decode(pub.payload, expect=EdgeAggregate)
-    verify_message(agg, fed.edge_key.public_key())
-    return agg, decode_update(agg.delta, fed.n_params) if agg.significant else None
 
 
 @pytest.fixture

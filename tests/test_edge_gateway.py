@@ -20,7 +20,7 @@ from protocol.errors import Reason
 from protocol.messages import Ack, EdgeAggregate, decode, verify_message
 
 from .conftest import REPO
-from .test_edge import DENSE, N_PARAMS, Fed
+from .harness import DENSE, N_PARAMS, Fed
 
 TOPK = CompressionSettings(method="topk", density=0.02, bits=32)
 POISONED = (15, 16, 17, 18)  # 4 of the 20 devices

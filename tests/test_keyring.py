@@ -15,7 +15,7 @@ from protocol import signing
 from protocol.errors import ProtocolError, Reason
 from protocol.keyring import KeyRing
 
-from .test_edge import Fed, open_round
+from .harness import Fed, open_round
 
 
 class Clock:

@@ -42,7 +42,7 @@ from protocol.messages import (
 from protocol.samples import sample_messages
 
 from .conftest import REPO
-from .test_edge import Fed, open_round
+from .harness import Fed, open_round
 from .test_keyring import Clock
 
 PREBUILT = REPO / "firmware_models" / "prebuilt"

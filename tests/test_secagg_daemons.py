@@ -44,7 +44,7 @@ from protocol.secagg.inprocess import run_cohort
 from protocol.signing import generate_signing_key, load_public_key, save_private_key, save_public_key
 
 from .conftest import REPO
-from .test_edge import Fed, aggregate_of, open_round
+from .harness import Fed, aggregate_of, open_round
 
 PREBUILT = REPO / "firmware_models" / "prebuilt"
 DEV_PUB = PREBUILT / "DEVELOPMENT_ONLY_signing.key.pub"

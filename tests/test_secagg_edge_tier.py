@@ -36,8 +36,8 @@ from protocol.secagg.quant import levels
 from protocol.signing import generate_signing_key, save_private_key, save_public_key
 
 from .conftest import REPO
+from .harness import Fed
 from .test_cloud_daemon import MODEL_OPTIONS, N_PARAMS, rounds_of, start_in_process
-from .test_edge import Fed
 
 TABLE = {"mode": "trusted_edge", "edges_mask": True, "graph": "full", "min_cohort": 3, "threshold": 0.5,
          "clip": 1.0, "bits": 16, "max_samples": 64}
