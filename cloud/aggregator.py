@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cloud.accounting import PrivacyLedger, central_event, device_event, epsilon, exhausted, json_epsilon
 from cloud.config import CloudConfig, compression_from_table
-from cloud.contributions import ContributionRecorder, tls_context
+from cloud.contributions import ContributionRecorder
 from cloud.distill import distill_round, load_proxy
 from cloud.metrics import Metrics
 from cloud.model import CloudModel, compress_broadcast, load_eval_data
@@ -66,6 +66,7 @@ from protocol.secagg import SecAggResult, SecAggServer
 from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.secagg.runner import SecAggRunner
 from protocol.signing import load_private_key
+from protocol.tls import client_context
 from protocol.topics import CLOUD, CLOUD_MODEL, CLOUD_ROUND, ROOT, last_level
 
 AGGREGATES = f"{ROOT}/cloud/aggregates/+"
@@ -537,7 +538,7 @@ class CloudAggregator:
             if self.cfg.ledger is not None:
                 b = self.cfg.broker
                 self.recorder = ContributionRecorder(self.cfg.ledger, self.key, b.host, b.port,
-                                                     tls_context(b.ca, b.cert, b.key), self.log)
+                                                     client_context(b.ca, b.cert, b.key) if b.ca else None, self.log)
             self._load_pending()
             self._publish_model()
             self._open_round(time.time())

@@ -36,15 +36,6 @@ class LedgerConfig:
     timeout_s: float = 10.0       # how long a round's block may wait for a quorum of signatures
 
 
-def tls_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
-    if ca is None:
-        return None
-    context = ssl.create_default_context(cafile=str(ca))
-    if cert is not None:
-        context.load_cert_chain(str(cert), str(key) if key else None)
-    return context
-
-
 class ContributionRecorder:
     def __init__(self, cfg: LedgerConfig, key: Ed25519PrivateKey, host: str, port: int,
                  tls: ssl.SSLContext | None, log: logging.Logger) -> None:

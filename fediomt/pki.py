@@ -22,11 +22,9 @@ import ipaddress
 import json
 import os
 import shutil
-import ssl
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -36,60 +34,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol import signing
 from protocol.atomic import atomic_write
+from protocol.tls import CLIENT_KINDS, KINDS, Identity, ca_cert_path, crl_path, identity
 from protocol.topics import check_id
 
 CLOUD_ID = "cloud"
-CLIENT_KINDS = ("device", "edge", "cloud")
-KINDS = (*CLIENT_KINDS, "server")
-_SUBDIR = {"device": "devices", "edge": "edges", "cloud": "cloud", "server": "servers"}
 ORGANISATION = "FedIoMT consortium"
 
 
 class PkiError(RuntimeError):
     """A refused PKI operation (name clash, unknown identity, missing CA); the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Paths of one issued identity. `sign_key`/`sign_pub` are None for broker (server) certificates; `mac_key`
-    (the device's MAC master secret) is None except for devices."""
-
-    kind: str
-    name: str
-    cert: Path
-    key: Path
-    ca: Path
-    sign_key: Path | None
-    sign_pub: Path | None
-    mac_key: Path | None
-
-
-def ca_cert_path(directory: str | os.PathLike) -> Path:
-    return Path(directory) / "ca.crt"
-
-
-def crl_path(directory: str | os.PathLike) -> Path:
-    return Path(directory) / "crl.pem"
-
-
-def identity(directory: str | os.PathLike, kind: str, name: str) -> Identity:
-    """The paths where `kind`/`name` lives (it need not be issued yet)."""
-    if kind not in KINDS:
-        raise PkiError(f"unknown kind {kind!r}: one of {', '.join(KINDS)}")
-    d = Path(directory) / _SUBDIR[kind] / check_id(name)
-    signs = kind != "server"
-    return Identity(kind, name, d / "tls.crt", d / "tls.key", ca_cert_path(directory),
-                    d / "sign.key" if signs else None, d / "sign.pub" if signs else None,
-                    d / "mac.key" if kind == "device" else None)
-
-
-def tls_context(ident: Identity) -> ssl.SSLContext:
-    """Client-side mutual TLS 1.3 context for paho (`client.tls_set_context(...)`): verifies the broker against the
-    consortium CA, including its host name or IP, and presents `ident`'s certificate."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ident.ca))
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.load_cert_chain(str(ident.cert), str(ident.key))
-    return context
 
 
 def _now() -> dt.datetime:

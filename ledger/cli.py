@@ -176,9 +176,9 @@ def replica(args: argparse.Namespace) -> int:
     ledger = open_ledger(args.db, load_consortium(args.consortium))
     tls = None
     if args.pki is not None:
-        from fediomt.pki import identity, tls_context
+        from protocol.tls import identity, identity_context
 
-        tls = tls_context(identity(args.pki, "edge", args.id))
+        tls = identity_context(identity(args.pki, "edge", args.id))
     validator = Validator(args.id, load_private_key(args.key), ledger, genesis_hash=ledger.block(0).hash)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

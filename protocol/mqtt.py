@@ -21,6 +21,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from protocol.logs import event
+from protocol.tls import client_context
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,7 @@ def new_client(cfg: BrokerConfig, client_id: str, **options) -> mqtt.Client:
     """A paho 2.x MQTT 5 client with the configured TLS / credentials (not connected yet)."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, **options)
     if cfg.ca is not None:
-        client.tls_set(ca_certs=str(cfg.ca), certfile=str(cfg.cert) if cfg.cert else None,
-                       keyfile=str(cfg.key) if cfg.key else None)
+        client.tls_set_context(client_context(cfg.ca, cfg.cert, cfg.key))
     if cfg.username is not None:
         client.username_pw_set(cfg.username, cfg.password)
     return client

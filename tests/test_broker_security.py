@@ -41,6 +41,7 @@ from protocol.messages import (
     decode,
     verify_message,
 )
+from protocol.tls import identity_context
 
 from .conftest import REPO
 from .test_edge import N_PARAMS, Fed
@@ -156,7 +157,7 @@ def open_session(port: int, client_id: str, context: ssl.SSLContext | None, sess
 def connect_as(ca: Path, kind: str, name: str, port: int, client_id: str | None = None,
                session_expiry: int = 0) -> Session:
     """A session with `kind`/`name`'s certificate (the broker's certificate must match 127.0.0.1)."""
-    return open_session(port, client_id or name, pki.tls_context(pki.identity(ca, kind, name)), session_expiry)
+    return open_session(port, client_id or name, identity_context(pki.identity(ca, kind, name)), session_expiry)
 
 
 @pytest.fixture
@@ -568,7 +569,7 @@ def test_flaky_links_and_30_percent_of_devices_vanishing_mid_round(ca, workdir, 
     acks: dict[str, list[Ack]] = {d: [] for d in senders}
 
     def deliver(d: str, until: float) -> None:
-        s = Session(f"{d}-flaky", pki.tls_context(pki.identity(ca, "device", d)))
+        s = Session(f"{d}-flaky", identity_context(pki.identity(ca, "device", d)))
         s.client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
         s.filters.append(topics.ack_topic(EDGE, d))
         dep.opened.append(s)
