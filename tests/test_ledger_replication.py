@@ -8,12 +8,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import replace
 
 import cbor2
-import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,18 +22,10 @@ from ledger.store import Ledger, propose_block
 from protocol import signing
 from protocol.errors import ProtocolError, Reason
 
-from .conftest import REPO
+from .harness import REPO, wait_for
 from .test_ledger import VALIDATORS, contributions, membership
 
 EDGES = VALIDATORS[1:]
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -100,7 +89,7 @@ def test_replicas_converge_and_catch_up(cluster):
         assert not [e for e in node.node.refused if e.reason != Reason.DUPLICATE]
 
 
-def test_bad_blocks_are_refused_by_every_validator(cluster, broker):
+def test_bad_blocks_are_refused_by_every_validator(cluster, recorder):
     start, nodes, keys = cluster
     cloud = start("cloud")
     for v in EDGES:
@@ -116,24 +105,9 @@ def test_bad_blocks_are_refused_by_every_validator(cluster, broker):
         cloud.commit(bad)
 
     # a compromised proposer publishes it anyway: every validator votes no
-    votes: list[dict] = []
-    got = threading.Event()
-    spy = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="spy", protocol=mqtt.MQTTv5)
-    subscribed = threading.Event()
-    spy.on_subscribe = lambda *a: subscribed.set()
-
-    def on_vote(client, userdata, msg):
-        votes.append(cbor2.loads(msg.payload))
-        if len(votes) == len(EDGES):
-            got.set()
-
-    spy.on_message = on_vote
-    spy.connect(broker.host, broker.port)
-    spy.subscribe("fl/ledger/signatures/+", qos=1)
-    spy.loop_start()
-    assert subscribed.wait(5)
-    spy.publish(PROPOSALS, bad.to_cbor(), qos=1).wait_for_publish(5)
-    assert got.wait(10)
+    spy = recorder(["fl/ledger/signatures/+"], client_id="spy")
+    spy.publish(PROPOSALS, bad.to_cbor())
+    votes = [cbor2.loads(p) for _, p in spy.wait(lambda m: len(m) >= len(EDGES) and list(m), 10, "every edge's vote")]
     assert sorted(v["validator"] for v in votes) == EDGES
     assert all(v["refused"] == Reason.BAD_VALUE and v["sig"] == b"" for v in votes)
 
@@ -141,18 +115,16 @@ def test_bad_blocks_are_refused_by_every_validator(cluster, broker):
     outsiders = {v: signing.generate_signing_key() for v in VALIDATORS[:3]}
     forged = good.with_signatures({v: sign_block(good, v, k) for v, k in outsiders.items()})
     before = {v: len(nodes[v].node.refused) for v in EDGES}
-    spy.publish(BLOCKS, forged.to_cbor(), qos=1, retain=True).wait_for_publish(5)
+    spy.publish(BLOCKS, forged.to_cbor(), retain=True)
     wait_for(lambda: all(len(nodes[v].node.refused) > before[v] for v in EDGES))
     assert all(nodes[v].node.refused[-1].reason == Reason.BAD_SIGNATURE for v in EDGES)
     assert {v: nodes[v].node.ledger.head.hash for v in EDGES} == heads
 
     # a block below quorum (2 genuine signatures of 4, quorum 3) is refused as well
     weak = good.with_signatures({v: sign_block(good, v, keys[v]) for v in VALIDATORS[:2]})
-    spy.publish(BLOCKS, weak.to_cbor(), qos=1).wait_for_publish(5)
+    spy.publish(BLOCKS, weak.to_cbor())
     wait_for(lambda: all("quorum" in nodes[v].node.refused[-1].detail for v in EDGES))
     assert {v: nodes[v].node.ledger.head.hash for v in EDGES} == heads
-    spy.loop_stop()
-    spy.disconnect()
 
     # the honest path still works afterwards, and everyone agrees
     cloud.commit(good)
@@ -175,13 +147,15 @@ def test_replica_daemon_signs_replicates_and_stops_on_sigterm(broker, tmp_path):
                                "--host", broker.host, "--port", str(broker.port)],
                               cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
-        block = None
-        deadline = time.monotonic() + 30
-        while block is None:  # the daemon needs a moment to start and subscribe
+        def commit() -> Block | None:
+            """None while the daemon starts and subscribes: the block lacks its signature."""
             try:
-                block = cloud.commit(propose_block(cloud_ledger, 0, 1, contributions(0)), timeout=1.0)
+                return cloud.commit(propose_block(cloud_ledger, 0, 1, contributions(0)), timeout=1.0)
             except ProtocolError as exc:
-                assert exc.reason == Reason.INCOMPLETE and time.monotonic() < deadline and daemon.poll() is None
+                assert exc.reason == Reason.INCOMPLETE and daemon.poll() is None
+                return None
+
+        block = wait_for(commit, 30, interval=0, message="the replica daemon's signature")
         assert set(block.signatures) == {"cloud", "edge-a"}
         wait_for(lambda: stored_blocks(tmp_path / "edge-a.db") == 2)  # the committed block reached the replica
         daemon.send_signal(signal.SIGTERM)
