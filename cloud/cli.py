@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from cloud.config import load_config
-from fediomt.cli import add_check_config
 from protocol.logs import setup
+from protocol.tomlconfig import add_check_config
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from edge.config import load_config
-from fediomt.cli import add_check_config
 from protocol.logs import setup
+from protocol.tomlconfig import add_check_config
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

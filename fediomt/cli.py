@@ -73,12 +73,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def add_check_config(sub: argparse._SubParsersAction, load_config) -> None:
-    """The daemons' `check-config --config FILE`: load and validate a config, print it and exit."""
-    check = sub.add_parser("check-config", help="load and validate a config, print it and exit")
-    check.add_argument("--config", required=True)
-    check.set_defaults(func=lambda args: print(load_config(args.config)) or 0)
-
-
 if __name__ == "__main__":
     sys.exit(main())

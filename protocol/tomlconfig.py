@@ -9,8 +9,10 @@ and key, which the CLI prints as one line (an operator's mistake, not a tracebac
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -60,3 +62,11 @@ def load_toml(cls: type[T], path: str | Path) -> T:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return build_dataclass(cls, raw, path.resolve().parent, path.name)
+
+
+def add_check_config(sub: argparse._SubParsersAction, load_config: Callable[[str], object]) -> None:
+    """The daemons' `check-config --config FILE`: load and validate a config, print it and exit (a bad file is a
+    ConfigError, which the fediomt CLI prints as one line)."""
+    check = sub.add_parser("check-config", help="load and validate a config, print it and exit")
+    check.add_argument("--config", required=True)
+    check.set_defaults(func=lambda args: print(load_config(args.config)) or 0)
