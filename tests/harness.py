@@ -1,6 +1,9 @@
 """What the test modules share: one condition wait, an MQTT recorder, the daemons a test starts, a scripted
 federation (keys, enrolment, edge config, signed messages) and provisioned devices. Waits are on conditions, never
-fixed sleeps, so that a test takes as long as the behaviour does and a failure says what never happened."""
+fixed sleeps, so that a test takes as long as the behaviour does and a failure says what never happened.
+
+conftest imports this module for every test: device/edge imports stay inside the helpers that use them, so that a
+broken tier fails its own tests, not the collection of all."""
 
 from __future__ import annotations
 
@@ -12,16 +15,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import paho.mqtt.client as mqtt
 import tomli_w
 
-from device.runtime import TrainableModel
-from device.sandbox import provision
-from edge.config import load_config
-from edge.engine import EdgeEngine
 from protocol import signing
 from protocol.bundle import load_bundle
 from protocol.compression import CompressionSettings, decode_update, encode_update
@@ -40,6 +39,9 @@ from protocol.messages import (
     sign_message,
     verify_message,
 )
+
+if TYPE_CHECKING:
+    from edge.engine import EdgeEngine
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -174,6 +176,9 @@ class Fed:
         self.config.write_bytes(tomli_w.dumps(raw).encode())
 
     def engine(self) -> EdgeEngine:
+        from edge.config import load_config
+        from edge.engine import EdgeEngine
+
         return EdgeEngine(load_config(self.config))
 
     def model(self, version: int = 1) -> bytes:
@@ -217,12 +222,16 @@ def device_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def provision_device(root: Path, name: str, port: int, samples: int = 128, edge: str = "e1", **overrides) -> Path:
     """A device under root/name trusting root/cloud.pub, with `device_data(samples)`; returns its config."""
+    from device.sandbox import provision
+
     x, y = device_data(samples)
     return provision(root / name, name, edge, PREBUILT / MODEL, DEV_PUB, root / "cloud.pub", x, y, port, **overrides)
 
 
 def bundle_weights() -> np.ndarray:
     """The prebuilt model's flat weights, as a device loads them."""
+    from device.runtime import TrainableModel
+
     bundle = load_bundle(PREBUILT / MODEL, signing.load_public_key(DEV_PUB))
     return TrainableModel(bundle.model_bytes, bundle.manifest).get_flat()
 

@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
-import threading
 import urllib.request
-from collections import defaultdict
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
 from fediomt.mosquitto import free_port
@@ -19,87 +15,64 @@ from protocol.compression import CompressionSettings, decode_update
 from protocol.errors import Reason
 from protocol.messages import Ack, EdgeAggregate, decode, verify_message
 
-from .conftest import REPO
 from .harness import DENSE, N_PARAMS, Fed
 
 TOPK = CompressionSettings(method="topk", density=0.02, bits=32)
 POISONED = (15, 16, 17, 18)  # 4 of the 20 devices
 
 
+AGG = "fl/cloud/aggregates/edge1"
+
+
 class Harness:
-    """Plays the cloud and the devices over MQTT, and runs the edge process."""
+    """Plays the cloud and the devices over MQTT (a Recorder), and runs edge processes."""
 
-    def __init__(self, fed: Fed, broker) -> None:
-        self.fed, self.broker = fed, broker
-        self.got: dict[str, list[bytes]] = defaultdict(list)
-        self.cond = threading.Condition()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="harness", protocol=mqtt.MQTTv5)
-        c.on_message = self._on_message
-        c.connect(broker.host, broker.port)
-        c.subscribe([("fl/cloud/aggregates/+", 1), ("fl/edge1/ack/+", 1), ("fl/edge1/round", 1),
-                     ("fl/edge1/model", 1)])
-        c.loop_start()
-        self.client = c
+    def __init__(self, fed: Fed, recorder, daemons) -> None:
+        self.fed, self.daemons = fed, daemons
+        self.rec = recorder(["fl/cloud/aggregates/+", "fl/edge1/ack/+", "fl/edge1/round", "fl/edge1/model"],
+                            client_id="harness")
         self.proc: subprocess.Popen | None = None
-        self.procs: list[subprocess.Popen] = []
 
-    def _on_message(self, _c, _u, msg) -> None:
-        with self.cond:
-            self.got[msg.topic.split("/")[3] if "/ack/" in msg.topic else msg.topic].append(msg.payload)
-            self.cond.notify_all()
+    def got(self, topic: str) -> list[bytes]:
+        return self.rec.payloads(topic)
 
-    def wait(self, pred, timeout: float = 20.0):
-        with self.cond:
-            assert self.cond.wait_for(pred, timeout), {k: len(v) for k, v in self.got.items()}
+    def wait(self, pred, timeout: float = 20.0, message: str = "") -> None:
+        self.rec.wait(lambda _: pred(), timeout, message)
 
     def start_edge(self, config=None) -> subprocess.Popen:
-        n, m = len(self.got["fl/edge1/round"]), len(self.got["fl/edge1/model"])
-        self.log = open(self.fed.root / "edge.log", "ab")  # noqa: SIM115 - closed in stop_edge
-        self.proc = subprocess.Popen([sys.executable, "-m", "fediomt", "edge", "run", "--config",
-                                      str(config or self.fed.config)], cwd=REPO, stderr=self.log, stdout=self.log)
-        self.procs.append(self.proc)
-        # it subscribed and relayed the retained round and model
-        self.wait(lambda: len(self.got["fl/edge1/round"]) > n and len(self.got["fl/edge1/model"]) > m)
+        n, m = len(self.got("fl/edge1/round")), len(self.got("fl/edge1/model"))
+        self.proc = self.daemons.process("edge", "run", "--config", str(config or self.fed.config),
+                                         log=self.fed.root / "edge.log")
+        self.wait(lambda: len(self.got("fl/edge1/round")) > n and len(self.got("fl/edge1/model")) > m,
+                  message="the edge to relay the retained round and model (it subscribed)")
         return self.proc
 
     def stop_edge(self, sig=signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
-        rc = self.proc.wait(15)
-        self.log.close()
-        return rc
+        return self.proc.wait(15)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+        self.rec.publish(topic, payload, retain)
 
     def open_round(self, **kw) -> None:
         self.publish("fl/cloud/model", self.fed.model(), retain=True)
         self.publish("fl/cloud/round", self.fed.announce(**kw), retain=True)
 
     def acks(self, device: str) -> list[Ack]:
-        return [decode(p, expect=Ack) for p in self.got[device]]
+        return [decode(p, expect=Ack) for p in self.got(f"fl/edge1/ack/{device}")]
 
     def aggregates(self) -> list[EdgeAggregate]:
-        out = [decode(p, expect=EdgeAggregate) for t, ps in self.got.items() if t.startswith("fl/cloud/aggregates/")
-               for p in ps]
+        out = [decode(p, expect=EdgeAggregate) for t, p in list(self.rec.messages)
+               if t.startswith("fl/cloud/aggregates/")]
         for agg in out:
             verify_message(agg, self.fed.edge_key.public_key())
         return out
 
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        self.client.disconnect()
-        self.client.loop_stop()
-
 
 @pytest.fixture
-def harness(tmp_path, broker, request):
+def harness(tmp_path, broker, recorder, daemons, request):
     fed = Fed(tmp_path, broker={"host": broker.host, "port": broker.port}, **request.param)
-    h = Harness(fed, broker)
-    yield h
-    h.close()
+    return Harness(fed, recorder, daemons)
 
 
 def honest_deltas(rng, n):
@@ -130,9 +103,9 @@ def test_twenty_devices_duplicated_late_malformed_poisoned(harness):
         h.publish(f"fl/edge1/updates/{d}", msgs[d])
         if d == "d03":
             h.publish("fl/edge1/updates/d03", msgs["d03"])              # QoS 1 redelivery
-    h.wait(lambda: h.got["fl/cloud/aggregates/edge1"])
+    h.wait(lambda: h.got(AGG), message="the aggregate")
     h.publish("fl/edge1/updates/d19", msgs["d19"])                      # late
-    h.wait(lambda: h.got["d19"])
+    h.wait(lambda: h.acks("d19"), message="d19's Ack")
     (agg,) = h.aggregates()
     honest = [i for i in range(19) if i not in POISONED]
     w = np.array([samples[i] for i in honest], dtype=np.float64)
@@ -168,12 +141,12 @@ def test_kill_9_mid_round_then_restart_gives_the_same_aggregate(harness):
     msgs = [fed.update(d, x) for d, x in zip(fed.devices, deltas)]
     for d, m in zip(fed.devices[:10], msgs[:10]):
         h.publish(f"fl/edge1/updates/{d}", m)
-    h.wait(lambda: all(h.got[d] for d in fed.devices[:10]))
+    h.wait(lambda: all(h.acks(d) for d in fed.devices[:10]), message="10 Acks")
     h.stop_edge(signal.SIGKILL)
     h.start_edge()
     for d, m in zip(fed.devices[:3] + fed.devices[10:], msgs[:3] + msgs[10:]):   # 3 resent without an Ack
         h.publish(f"fl/edge1/updates/{d}", m)
-    h.wait(lambda: h.got["fl/cloud/aggregates/edge1"])
+    h.wait(lambda: h.got(AGG), message="the aggregate")
     (agg,) = h.aggregates()
     np.testing.assert_allclose(decode_update(agg.delta, N_PARAMS), np.mean(deltas, axis=0), rtol=1e-5, atol=1e-7)
     assert agg.num_devices == 20 and agg.device_ids == fed.devices and agg.rejected == {"DUPLICATE": 3}
@@ -199,7 +172,7 @@ def test_replicas_split_updates_through_the_shared_subscription(harness):
     deltas = honest_deltas(rng, 20)
     for d, x in zip(fed.devices, deltas):
         h.publish(f"fl/edge1/updates/{d}", fed.update(d, x))
-    h.wait(lambda: all(h.got[f"fl/cloud/aggregates/edge1-r{i}"] for i in (0, 1)))
+    h.wait(lambda: all(h.got(f"{AGG}-r{i}") for i in (0, 1)), message="both replicas' aggregates")
     aggs = h.aggregates()
     assert sorted(a.edge_id for a in aggs) == ["edge1-r0", "edge1-r1"]
     assert sorted(sum((a.device_ids for a in aggs), [])) == fed.devices
