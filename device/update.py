@@ -18,6 +18,7 @@ from device.training import LocalResult
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.messages import Capability, DeviceUpdate, PrivacySpent
 
+ENVELOPE_BYTES = 1024   # bound on the signed DeviceUpdate fields around the payload (typically ~200 B in v2)
 NO_DP_EPSILON = 1e9   # a round without noise has epsilon = inf, which the strict codec refuses: this stands for it
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
@@ -54,8 +55,11 @@ MAX_STATUS_BYTES = 64 * 1024
 
 
 class EdgeEngine:
-    def __init__(self, cfg: EdgeConfig, log: logging.Logger | None = None, metrics: Metrics | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: EdgeConfig, log: logging.Logger | None = None, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.time, rng: np.random.Generator | None = None) -> None:
+        """`clock` and `rng` default to the wall clock and fresh OS entropy (the daemon); the simulator passes its
+        virtual clock and a seeded generator (filter sampling, central DP noise) for reproducible runs."""
+        self.cfg, self.clock, self.rng = cfg, clock, rng
         self.log = log or logging.getLogger("edge")
         self.metrics = metrics or Metrics()
         self.store = Store(cfg.state_dir / "edge.db", cfg.synchronous)
@@ -140,7 +144,7 @@ class EdgeEngine:
         out = []
         if self.cfg.rounds.mode == "sync" and current is not None and self.pending:
             out += self._close("superseded")
-        self.announcement, self.opened, self.excused, self.masked_epsilon = msg, time.time(), set(), {}
+        self.announcement, self.opened, self.excused, self.masked_epsilon = msg, self.clock(), set(), {}
         self.store.put("announcement", data)
         self.store.put("opened", repr(self.opened).encode())
         self.store.prune(msg.round_id - self.cfg.rounds.max_staleness - 1)
@@ -184,7 +188,7 @@ class EdgeEngine:
         self.excused.discard(stored.device_id)   # it said it would not send, and did: it counts as sent
         self.metrics.accepted.inc()
         self.metrics.pending.set(len(self.pending))
-        return Ack(self.cfg.edge_id, topic_device, round_id, True, int(Reason.OK)), self.tick(time.time())
+        return Ack(self.cfg.edge_id, topic_device, round_id, True, int(Reason.OK)), self.tick(self.clock())
 
     def handle_status(self, topic_device: str, data: bytes) -> list[Publication]:
         """A device's (retained) status: "skipped", "declined", "budget_exhausted" for this round, or "offline",
@@ -205,7 +209,7 @@ class EdgeEngine:
             self.excused.discard(msg.device_id)
         elif msg.state == "masking" and self.masked is not None:
             self.masked_epsilon[msg.device_id] = msg.epsilon_spent
-        return self.tick(time.time())
+        return self.tick(self.clock())
 
     def _reject(self, exc: ProtocolError, device: str) -> None:
         self.rejected[exc.reason.name] += 1
@@ -272,10 +276,10 @@ class EdgeEngine:
         self.pending = []
         self.rejected.clear()
         self.metrics.pending.set(0)
-        self.metrics.round_latency.observe(max(0.0, time.time() - self.opened))
+        self.metrics.round_latency.observe(max(0.0, self.clock() - self.opened))
         self.metrics.aggregates.labels(significant=str(agg.significant).lower()).inc()
         if not sync:
-            self.opened = time.time()
+            self.opened = self.clock()
         self._refresh()
         return [Publication(aggregate_topic(self.aggregate_id), payload, batch=batch)]
 
@@ -292,7 +296,9 @@ class EdgeEngine:
         dp = ann.central_dp
         clip, noise_mult = (dp.clip, dp.noise_mult) if dp is not None else (self.cfg.central_dp.clip,
                                                                              self.cfg.central_dp.noise_mult)
-        result = aggregate(rows, meta, self.cfg.weighting, self.cfg.filters, clip=clip, noise_mult=noise_mult)
+        seeded = self.rng is not None and clip > 0   # the simulator's reproducible noise; else secure_normal
+        result = aggregate(rows, meta, self.cfg.weighting, self.cfg.filters, clip=clip, noise_mult=noise_mult,
+                           rng=self.rng, noise=self.rng.standard_normal(n_params) if seeded else None)
         counted = result.alpha > 0
         kept = [d for d, c in zip(ids, counted) if c]
         flagged = [d for d, f in zip(ids, result.flagged) if f]
@@ -327,7 +333,7 @@ class EdgeEngine:
             central_dp=report, filtered=flagged, rejected=dict(self.rejected), device_ids=kept,
             max_device_epsilon=float(max((u.epsilon for u in updates), default=0.0)),
             mean_local_steps=float(np.mean([u.local_steps for u in updates])) if updates else 0.0,
-            nonce=new_nonce(), timestamp=time.time(), control_delta=control,
+            nonce=new_nonce(), timestamp=self.clock(), control_delta=control,
             device_bytes=int(sum(u.nbytes for u, c in zip(updates, counted) if c)),
             update_norms={d: float(result.norms[i]) for i, d in enumerate(ids) if counted[i]})
         return agg, result
@@ -358,7 +364,7 @@ class EdgeEngine:
             num_samples=samples, weight_sum=float(n), n_params=n_params, delta=delta, significant=significant,
             central_dp=report, filtered=[], rejected=dict(self.rejected), device_ids=list(result.devices),
             max_device_epsilon=max((self.masked_epsilon.get(d, 0.0) for d in result.devices), default=0.0),
-            mean_local_steps=steps / max(n, 1), nonce=new_nonce(), timestamp=time.time())
+            mean_local_steps=steps / max(n, 1), nonce=new_nonce(), timestamp=self.clock())
         return agg, mean
 
     def _encode(self, vector: np.ndarray, residual: np.ndarray | None) -> tuple[bytes, np.ndarray | None]:

@@ -18,47 +18,39 @@ the daemons use the OS CSPRNG.
 from __future__ import annotations
 
 import hashlib
-import math
+import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from cloud.accounting import Entry, PrivacyLedger, central_event, device_event, epsilon
+from cloud.accounting import PrivacyLedger, central_event, device_event
 from cloud.aggregator import RESIDUAL, decode_payload
 from cloud.model import compress_broadcast
 from cloud.strategies import make
 from cloud.strategies.base import DeviceInfo, EdgeResult, RoundDefaults
 from cloud.strategies.heterogeneity import observe
 from cloud.strategies.scaffold import CONTROL
-from device.agent import ENVELOPE_BYTES
 from device.runtime import TrainableModel
 from device.training import planned_steps, train_round
-from edge import central_dp
-from edge.aggregate import Meta, aggregate
-from edge.rounds import RoundsConfig, quorum_count
-from edge.rows import Rows
-from edge.validation import RoundContext, authenticate, decode_delta
+from device.update import ENVELOPE_BYTES, RoundIdentity, build_update
+from edge.config import EdgeConfig, ForwardConfig
+from edge.engine import EdgeEngine
 from experiments.datasets import Federation
 from experiments.sim import hetero
 from experiments.sim.methods import Method
 from experiments.sim.poison import Poison, flip_labels, malicious, poison_delta
 from protocol import signing
-from protocol.compression import CompressionSettings, decode_update, encode_update, encoded_size_bound
-from protocol.errors import ProtocolError, Reason
-from protocol.keyring import KeyRing
+from protocol.compression import CompressionSettings, encoded_size_bound
+from protocol.errors import Reason
 from protocol.messages import (
-    Ack,
     Capability,
     CentralDPReport,
     DeviceStatus,
-    DeviceUpdate,
     EdgeAggregate,
     GlobalModel,
-    PrivacySpent,
     RoundAnnouncement,
     TrainingPlan,
     decode,
@@ -69,7 +61,8 @@ from protocol.messages import (
 )
 
 MAX_UPDATE_BYTES = 4 * 1024 * 1024
-NO_DP_EPSILON = 1e9
+QUIET = logging.getLogger("experiments.sim.edge")   # the engines' per-round log lines, off unless asked for
+QUIET.setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -120,6 +113,7 @@ class DeviceSim:
     key: object
     residual: np.ndarray | None = None
     control: np.ndarray | None = None
+    history: tuple = ()               # the device's privacy history (device.accountant entries)
     malicious: bool = False
 
 
@@ -148,8 +142,6 @@ class Simulator:
                 else client.y
             self.devices.append(DeviceSim(client.id, client.edge, client.x.astype(np.float32), y, profile, key,
                                           malicious=client.id in bad))
-        self.keyrings = {e: KeyRing(self.workdir / "enrol" / e) for e in self.edges}
-        self.edge_residuals: dict[str, np.ndarray | None] = {}
         self.plan = TrainingPlan(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=self.batch, clip=cfg.clip,
                                  noise_mult=cfg.noise_mult, max_steps=cfg.max_steps)
         central = CentralDPReport(cfg.central_clip, cfg.central_noise, 0.0) if cfg.central_clip > 0 else None
@@ -168,7 +160,9 @@ class Simulator:
         self.version = 1
         self.published: np.ndarray | None = None
         self.round_id = 0
-        self.clock = 0.0
+        self.clock = 0.0                  # virtual time at the start of the open round
+        self.now = 0.0                    # virtual time the edges' engines read (their clock)
+        self.engines = {e: self._edge_engine(e) for e in self.edges}
         self.log: list[RoundLog] = []
 
     # ------------------------------------------------------------------ cloud side
@@ -222,17 +216,18 @@ class Simulator:
         cohort = set(rc.cohort)
         addressed = [d for d in self.devices if not cohort or d.id in cohort]
         down = (len(gm_bytes) + len(ann_bytes)) * (len(addressed) + len(self.edges))
-        up = 0
+        for engine in self.engines.values():   # the edges adopt the model and open the round (relays counted above)
+            engine.handle_cloud("model", gm_bytes)
+            engine.handle_cloud("round", ann_bytes)
         gone = hetero.offline(len(addressed), cfg.hetero.dropout, self.rng)
         global_flat = self.server.weights.copy()
         c_global = self.server.arrays.get(CONTROL)
         settings = CompressionSettings.from_dict(rc.compression)
-        per_edge: dict[str, list] = {e: [] for e in self.edges}
-        arrivals: dict[str, list[float]] = {e: [] for e in self.edges}
-        declined = offline = missed = 0
+        arrivals: dict[str, list[tuple[float, str, DeviceSim, bytes]]] = {e: [] for e in self.edges}
+        declined = offline = 0
         for dev, is_gone in zip(addressed, gone):
-            if is_gone:
-                up += len(self._status(dev, "offline"))   # the broker publishes its last will
+            if is_gone:   # the broker publishes its last will
+                arrivals[dev.edge].append((0.0, "status", dev, self._status(dev, "offline")))
                 offline += 1
                 continue
             planned = planned_steps(rc.plan, len(dev.x), self.batch)
@@ -241,27 +236,20 @@ class Simulator:
                                          dev.profile.bandwidth_bps)
             steps = hetero.local_steps(planned, dev.profile, deadline - download_s - upload_s, m.partial_work)
             if steps < 1 or len(dev.x) < self.batch:
-                up += len(self._status(dev, "declined"))
+                arrivals[dev.edge].append((download_s, "status", dev, self._status(dev, "declined")))
                 declined += 1
                 continue
             data, steps_done = self._train(dev, rc, global_flat, c_global, steps, settings)
-            up += len(data)
             arrival = hetero.arrival_s(len(gm_bytes) + len(ann_bytes), steps_done, len(data), dev.profile)
-            if arrival > deadline:
-                missed += 1
-                down += len(encode(Ack(dev.edge, dev.id, self.round_id, False, int(Reason.DEADLINE), "late")))
-                continue
-            per_edge[dev.edge].append((dev, data))
-            arrivals[dev.edge].append(arrival)
-        results, aggs, close_times, filtered, steps_all = [], [], [], 0, []
+            arrivals[dev.edge].append((arrival, "update", dev, data))
+        up = sum(len(data) for events in arrivals.values() for _, _, _, data in events)
+        results, aggs, close_times, filtered, steps_all, missed = [], [], [], 0, [], 0
         for edge in self.edges:
-            expected = sum(1 for d in addressed if d.edge == edge)
-            agg_bytes, n_ack_bytes, close = self._edge_round(edge, per_edge[edge], ann, arrivals[edge], expected,
-                                                              deadline)
-            down += n_ack_bytes
+            agg_bytes, ack_bytes, close, late = self._edge_round(edge, sorted(arrivals[edge], key=lambda e: e[0]),
+                                                                  deadline)
+            down += ack_bytes
+            missed += late
             close_times.append(close)
-            if agg_bytes is None:
-                continue
             up += len(agg_bytes)
             agg = decode(agg_bytes, expect=EdgeAggregate)
             verify_message(agg, self.edge_keys[edge].public_key())
@@ -298,114 +286,77 @@ class Simulator:
         return self.log
 
     # ------------------------------------------------------------------ device side
+    def _capability(self, dev: DeviceSim) -> Capability:
+        return Capability(dev.profile.compute_class, 64, dev.profile.bandwidth_bps, dev.profile.steps_per_s)
+
     def _status(self, dev: DeviceSim, state: str) -> bytes:
-        cap = Capability(dev.profile.compute_class, 64, dev.profile.bandwidth_bps, dev.profile.steps_per_s)
         return encode(DeviceStatus(dev.id, dev.edge, state, self.version, 1, 0.0, 0.0, self.clock, self.round_id,
-                                   cap))
+                                   self._capability(dev)))
 
     def _train(self, dev: DeviceSim, rc, global_flat: np.ndarray, c_global: np.ndarray | None, steps: int,
                settings: CompressionSettings) -> tuple[bytes, int]:
-        """The device agent's run_round + _finish, minus persistence and MQTT: the signed DeviceUpdate bytes."""
+        """The device agent's round (device.training.train_round, device.update.build_update), minus persistence
+        and MQTT: the signed DeviceUpdate bytes and the steps done. A malicious device poisons its delta first."""
         result = train_round(self.model, dev.x, dev.y, global_flat, rc.plan, steps, self.rng,
                              lr_scale=rc.lr_scale.get(dev.id, 1.0), c_global=c_global, c_local=dev.control)
-        delta = result.delta
         if dev.malicious and self.cfg.poison is not None:
-            delta = poison_delta(delta, self.cfg.poison, self.rng)
-        payload, dev.residual = encode_update(delta, settings, dev.residual, self.rng)
-        control_payload = None
-        if result.control_delta is not None:
-            control_payload, _ = encode_update(result.control_delta, settings, None, self.rng)
-            sent = decode_update(control_payload, self.n)
-            dev.control = sent if dev.control is None else dev.control + sent
-        eps = round_epsilon(result.noise_mult, result.sample_rate, result.local_steps, self.cfg.delta)
-        spent = PrivacySpent(epsilon=eps, delta=self.cfg.delta, accountant="rdp", noise_mult=result.noise_mult,
-                             sample_rate=result.sample_rate, steps=result.local_steps)
-        cap = Capability(dev.profile.compute_class, 64, dev.profile.bandwidth_bps, dev.profile.steps_per_s)
-        update = sign_message(DeviceUpdate(
-            device_id=dev.id, edge_id=dev.edge, round_id=self.round_id, base_version=self.version,
-            num_samples=result.num_samples, local_steps=result.local_steps,
-            train_loss=result.loss if math.isfinite(result.loss) else 0.0, privacy=spent,
-            n_params=self.n, delta=payload, capability=cap,
-            nonce=np.frombuffer(self.rng.bytes(16), np.uint8).tobytes(), timestamp=self.clock,
-            control_delta=control_payload), dev.key)
-        return encode(update), result.local_steps
+            result = replace(result, delta=poison_delta(result.delta, self.cfg.poison, self.rng))
+        out = build_update(result, RoundIdentity(dev.id, dev.edge, self.round_id, self.version), settings,
+                           history=dev.history, residual=dev.residual, control=dev.control, delta=self.cfg.delta,
+                           accountant_name="rdp", capability=self._capability(dev), n_params=self.n, rng=self.rng,
+                           nonce=self.rng.bytes(16), timestamp=self.clock)
+        dev.history, dev.residual, dev.control = out.history, out.residual, out.control
+        return encode(sign_message(out.update, dev.key)), result.local_steps
 
     # ------------------------------------------------------------------ edge side
-    def _edge_round(self, edge: str, received: list, ann: RoundAnnouncement, arrivals: list[float], expected: int,
-                    deadline: float) -> tuple[bytes | None, int, float]:
-        """(signed EdgeAggregate bytes or None when nothing was accepted, Ack bytes, virtual close time)."""
-        ctx = RoundContext(edge_id=edge, round_id=ann.round_id, model_version=ann.model_version, n_params=self.n,
-                           cohort=frozenset(ann.cohort), closed=False, seed=None, rounds=RoundsConfig())
-        need = quorum_count(expected, RoundsConfig())
-        close = sorted(arrivals)[need - 1] if expected and len(arrivals) >= need else deadline
-        accepted, ack_bytes = [], 0
-        for dev, data in received:
-            try:
-                msg, _ = authenticate(data, dev.id, ctx, self.keyrings[edge], MAX_UPDATE_BYTES)
-                idx, values = decode_delta(msg, ctx)
-                control = None if msg.control_delta is None else decode_update(msg.control_delta, self.n)
-                accepted.append((msg, idx, values, control, len(data)))
-                ack = Ack(edge, dev.id, ann.round_id, True, int(Reason.OK))
-            except ProtocolError as exc:
-                ack = Ack(edge, dev.id, ann.round_id, False, int(exc.reason), exc.detail[:256])
+    def _edge_round(self, edge: str, events: list[tuple[float, str, DeviceSim, bytes]],
+                    deadline: float) -> tuple[bytes, int, float, int]:
+        """Deliver the round's statuses and updates to the edge's own engine in arrival order on the virtual clock,
+        closing at its quorum or deadline exactly as the gateway does. Returns (the signed EdgeAggregate bytes, the
+        Acks' bytes, the virtual close time, updates refused as late)."""
+        engine, start = self.engines[edge], self.clock
+        published: list[bytes] = []
+        close, ack_bytes, late = deadline, 0, 0
+
+        def deliver(at: float, pubs: list) -> None:
+            nonlocal close
+            if pubs and not published:
+                close = at
+            published.extend(p.payload for p in pubs)
+
+        deadline_passed = False
+        for at, kind, dev, data in events:
+            if at > deadline and not deadline_passed:
+                self.now, deadline_passed = start + deadline, True
+                deliver(deadline, engine.tick(self.now))
+            self.now = start + at
+            if kind == "status":
+                deliver(at, engine.handle_status(dev.id, data))
+                continue
+            ack, pubs = engine.handle_update(dev.id, data)
+            deliver(at, pubs)
             ack_bytes += len(encode(ack))
-        if not accepted:
-            return None, ack_bytes, close
-        data, self.edge_residuals[edge] = edge_aggregate(edge, accepted, ann, self.method, self.n,
-                                                         self.edge_keys[edge], self.rng,
-                                                         expected / max(len(self.keyrings[edge].enrolled()), 1),
-                                                         self.clock,
-                                                         self.edge_residuals.get(edge))
-        return data, ack_bytes, close
+            late += int(not ack.accepted and ack.reason == int(Reason.DEADLINE))
+        if not deadline_passed:
+            self.now = start + deadline
+            deliver(deadline, engine.tick(self.now))
+        (payload,) = published   # one synchronous round: exactly one aggregate
+        for batch in [b for b, _ in engine.store.unpublished()]:
+            engine.published(batch)   # the gateway's outbox, emptied as the broker takes it
+        return payload, ack_bytes, close, late
 
-
-def edge_aggregate(edge: str, accepted: list, ann: RoundAnnouncement, method: Method, n_params: int, key,
-                   rng: np.random.Generator, sampling_rate: float, now: float,
-                   residual: np.ndarray | None) -> tuple[bytes, np.ndarray | None]:
-    """The edge engine's _aggregate + _encode over already-admitted updates: edge.aggregate.aggregate, then the
-    signed EdgeAggregate compressed with the method's forward compression (error feedback when it is lossy).
-    Returns (message bytes, the edge's new residual)."""
-    msgs = [a[0] for a in accepted]
-    rows = Rows.stack(n_params, [(idx, values) for _, idx, values, _, _ in accepted])
-    ids = [m.device_id for m in msgs]
-    meta = Meta(num_samples=np.array([m.num_samples for m in msgs], np.float64),
-                losses=np.array([m.train_loss for m in msgs], np.float64),
-                classes=[m.capability.compute_class for m in msgs], staleness=np.ones(len(msgs)),
-                sample_weight=np.array([ann.sample_weight.get(d, 1.0) for d in ids], np.float64))
-    dp = ann.central_dp
-    clip, noise_mult = (dp.clip, dp.noise_mult) if dp is not None else (0.0, 0.0)
-    noise = rng.standard_normal(n_params) if clip > 0 else None
-    result = aggregate(rows, meta, method.weighting, method.filters, clip=clip, noise_mult=noise_mult, rng=rng,
-                       noise=noise)
-    counted = result.alpha > 0
-    kept = [d for d, c in zip(ids, counted) if c]
-    forward = CompressionSettings.from_dict({**CompressionSettings().to_dict(), **method.forward_compression})
-    lossy = not (forward.method == "dense" and forward.bits == 32)
-    delta = b""
-    if kept:
-        delta, new_residual = encode_update(result.mean, forward, residual if lossy else None)
-        residual = new_residual if lossy else None
-    controls = [a[3] for a, c in zip(accepted, counted) if c and a[3] is not None]
-    control = encode_update(np.mean(controls, axis=0).astype(np.float32), forward)[0] if controls else None
-    report = None
-    if clip > 0:
-        rate = dp.sampling_rate if dp.sampling_rate > 0 else sampling_rate
-        report = central_dp.report(clip, noise_mult, rate, result.num_clipped)
-    agg = EdgeAggregate(
-        edge_id=edge, round_id=ann.round_id, base_version=ann.model_version, num_devices=len(kept),
-        num_samples=int(sum(m.num_samples for m, c in zip(msgs, counted) if c)), weight_sum=float(result.weight_sum),
-        n_params=n_params, delta=delta, significant=bool(kept), central_dp=report,
-        filtered=[d for d, f in zip(ids, result.flagged) if f], rejected={}, device_ids=kept,
-        max_device_epsilon=float(max(m.privacy.epsilon for m in msgs)),
-        mean_local_steps=float(np.mean([m.local_steps for m in msgs])),
-        nonce=rng.bytes(16), timestamp=now, control_delta=control,
-        device_bytes=int(sum(a[4] for a, c in zip(accepted, counted) if c)),
-        update_norms={d: float(result.norms[i]) for i, d in enumerate(ids) if counted[i]})
-    return encode(sign_message(agg, key)), residual
-
-
-@lru_cache(maxsize=4096)
-def round_epsilon(noise_mult: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Example-level epsilon of one round of DP-SGD, as the device reports it in PrivacySpent. Without noise it is
-    infinite, which the strict decoder refuses (NON_FINITE): NO_DP_EPSILON stands for it on the wire."""
-    return min(epsilon([Entry(noise_mult, sample_rate, steps)], delta), NO_DP_EPSILON)
+    def _edge_engine(self, edge: str) -> EdgeEngine:
+        """The edge's own engine (edge.engine) on a state dir of this run, with the method's filters, weighting and
+        forward compression, the virtual clock and this run's seeded generator."""
+        keys = self.workdir / "keys"
+        keys.mkdir(parents=True, exist_ok=True)
+        signing.save_private_key(self.edge_keys[edge], keys / f"{edge}.key")
+        signing.save_public_key(self.cloud_key.public_key(), keys / "cloud.pub")
+        m = self.method
+        cfg = EdgeConfig(edge_id=edge, state_dir=self.workdir / "edges" / edge,
+                         enrolment_dir=self.workdir / "enrol" / edge, signing_key=keys / f"{edge}.key",
+                         cloud_public_key=keys / "cloud.pub", filters=m.filters, weighting=m.weighting,
+                         forward=ForwardConfig(compression=dict(m.forward_compression)),
+                         max_update_bytes=MAX_UPDATE_BYTES)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        return EdgeEngine(cfg, log=QUIET, clock=lambda: self.now, rng=self.rng)
