@@ -85,8 +85,7 @@ class CloudConfig:
     tick_s: float = 0.2
     log_level: str = "info"
     broker: CloudBrokerConfig = field(default_factory=lambda: CloudBrokerConfig())
-    plan: TrainingPlan = field(default_factory=lambda: TrainingPlan(
-        lr=0.05, local_epochs=1, batch_size=32, clip=1.0, noise_mult=1.1))
+    plan: TrainingPlan = field(default_factory=lambda: default_plan())
     compression: dict = field(default_factory=lambda: CompressionSettings().to_dict())
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -143,18 +142,66 @@ class CloudConfig:
             raise ValueError("secagg_step_timeout_s must be > 0")
 
     def secagg_for_round(self) -> dict | None:
-        """The announced secagg table: [secagg] as configured, with a fresh random-k seed per round when it asks for
-        random-k (density < 1) without fixing a seed."""
-        if not self.secagg:
-            return None
-        table = dict(self.secagg)
-        if table.get("density", 1.0) < 1 and "seed" not in table:
-            table["seed"] = secrets.randbits(63)
-        return table
+        return announced_secagg(self.secagg)
 
     def compression_settings(self) -> dict:
         """The full settings dict announced to devices (unset keys take CompressionSettings defaults)."""
         return compression_from_table(self.compression).to_dict()
+
+    def round_settings(self) -> RoundSettings:
+        """What the round logic (cloud.engine.CloudEngine) needs of this configuration."""
+        return RoundSettings(
+            model=self.model, edges=tuple(self.edge_ids()), rounds=self.rounds, round_timeout_s=self.round_timeout_s,
+            grace_s=self.grace_s, min_edges=self.min_edges, devices=tuple(self.devices), population=self.population,
+            seed=self.seed, plan=self.plan, compression=self.compression, central_dp=self.central_dp,
+            privacy=self.privacy, strategy=self.strategy, model_encoding=self.model_encoding,
+            model_full_every=self.model_full_every, model_compression=self.model_compression, secagg=self.secagg)
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """The round-relevant part of the configuration, without files or connections: CloudConfig.round_settings()
+    makes it from cloud.toml, the simulator builds one directly. Fields and defaults mean what CloudConfig's do
+    (CloudConfig validates them)."""
+
+    model: str
+    edges: tuple[str, ...]
+    rounds: int = 20
+    round_timeout_s: float = 60.0
+    grace_s: float = 5.0
+    min_edges: int = 1
+    devices: tuple[str, ...] = ()
+    population: int = 0
+    seed: int = 0
+    plan: TrainingPlan = field(default_factory=lambda: default_plan())
+    compression: dict = field(default_factory=lambda: CompressionSettings().to_dict())
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    model_encoding: str = "full"
+    model_full_every: int = 5
+    model_compression: dict = field(default_factory=lambda: {"method": "topk", "density": 0.1, "bits": 8})
+    secagg: dict | None = None
+
+    def defaults(self) -> RoundDefaults:
+        """What the strategy starts each round from."""
+        return RoundDefaults(self.plan, compression_from_table(self.compression).to_dict(), self.central_dp.report(),
+                             self.round_timeout_s)
+
+
+def default_plan() -> TrainingPlan:
+    return TrainingPlan(lr=0.05, local_epochs=1, batch_size=32, clip=1.0, noise_mult=1.1)
+
+
+def announced_secagg(secagg: dict | None) -> dict | None:
+    """The announced secagg table: [secagg] as configured, with a fresh random-k seed per round when it asks for
+    random-k (density < 1) without fixing a seed."""
+    if not secagg:
+        return None
+    table = dict(secagg)
+    if table.get("density", 1.0) < 1 and "seed" not in table:
+        table["seed"] = secrets.randbits(63)
+    return table
 
 
 def compression_from_table(partial: dict) -> CompressionSettings:

@@ -171,12 +171,12 @@ def test_cloud_refuses_an_edge_revoked_while_it_runs(tmp_path, clock):
     agg.edge_keys.clock = clock
     agg.edge_keys.revalidate()
     expected = raw(signing.load_public_key(pki.identity(ca, "edge", "edge1").sign_pub))
-    assert raw(agg._edge_key("edge1")) == expected and agg.edges == ["edge1", "edge2"]
+    assert raw(agg.engine.edge_key("edge1")) == expected and agg.edges == ["edge1", "edge2"]
     pki.revoke(ca, "edge1")
     clock.now += 4.9
-    assert raw(agg._edge_key("edge1")) == expected               # not before the check interval
+    assert raw(agg.engine.edge_key("edge1")) == expected               # not before the check interval
     clock.now += 0.2
     with pytest.raises(ProtocolError) as exc:
-        agg._edge_key("edge1")
+        agg.engine.edge_key("edge1")
     assert exc.value.reason == Reason.REVOKED
-    assert raw(agg._edge_key("edge2")) == raw(signing.load_public_key(pki.identity(ca, "edge", "edge2").sign_pub))
+    assert raw(agg.engine.edge_key("edge2")) == raw(signing.load_public_key(pki.identity(ca, "edge", "edge2").sign_pub))

@@ -140,9 +140,9 @@ def test_an_aborted_protocol_skips_the_round_with_the_model_unchanged(tmp_path, 
     ann = RoundAnnouncement(1, "vitals_mlp", 1, "fedavg", time.time(), agg.cfg.plan, {}, secagg=TABLE)
     agg.state.announcement = encode(sign_message(ann, agg.key))
     agg.run_dir.mkdir(parents=True)
-    agg.masked_outcome = (ProtocolError(Reason.SECAGG_ABORT, "1 masked inputs < min_cohort 3"), time.monotonic())
+    agg.engine.masked_finished(1, ProtocolError(Reason.SECAGG_ABORT, "1 masked inputs < min_cohort 3"), time.time())
     with caplog.at_level(logging.ERROR):
-        agg._poll_masked(time.time())
+        assert agg.engine.tick(time.time()) == []    # the last round: no next announcement
     (record,) = agg.state.history
     assert record["edge_secagg"] == {"aborted": "1 masked inputs < min_cohort 3"} and agg.state.version == 1
     np.testing.assert_array_equal(agg.state.server.weights, before)

@@ -1,0 +1,74 @@
+"""When and how the daemon distils: every `[distill] every_rounds` closed rounds, the new global model becomes int8
+students (cloud.distill) that are pushed to the devices (cloud.push), on a worker thread so rounds go on meanwhile.
+One distillation at a time: a due round is skipped while one runs. Each student is one line of distill.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloud.config import CloudConfig
+from cloud.distill import StudentReport, distill_round, load_proxy
+from cloud.model import EvalData
+from cloud.push import PushReport, push_bundle
+from protocol.logs import event
+
+
+def report_line(version: int, r: StudentReport, pushed: PushReport | None) -> dict:
+    """The distill.jsonl line of one student."""
+    return {"version": version, "device_class": r.device_class, "student_bytes": r.student_bytes,
+            "teacher_bytes": r.teacher_bytes, "agreement": r.agreement, "student_accuracy": r.student_accuracy,
+            "teacher_accuracy": r.teacher_accuracy, "bundle": None if r.bundle is None else str(r.bundle),
+            "pushed_s": None if pushed is None else round(pushed.seconds, 3)}
+
+
+class Distiller:
+    def __init__(self, cfg: CloudConfig, key: Ed25519PrivateKey, edges: list[str], eval_data: EvalData | None,
+                 log: logging.Logger) -> None:
+        assert cfg.distill is not None
+        self.cfg, self.schedule, self.key = cfg, cfg.distill, key
+        self.edges, self.eval_data, self.log = edges, eval_data, log
+        self.run_dir = Path(cfg.run_dir)
+        self.worker: threading.Thread | None = None
+        self.students: dict[str, list[np.ndarray]] = {}  # float student weights per class: warm starts
+
+    def after_round(self, round_id: int, weights: np.ndarray, version: int) -> None:
+        """Round `round_id` closed with model `version`: distil it when due and no distillation runs."""
+        if not self.schedule.config().due(round_id):
+            return
+        if self.worker is not None and self.worker.is_alive():
+            event(self.log, "distillation still running: skipping this one", logging.WARNING, round=round_id)
+            return
+        self.worker = threading.Thread(target=self._distill, args=(weights.copy(), version), daemon=True)
+        self.worker.start()
+
+    def join(self) -> None:
+        if self.worker is not None:
+            self.worker.join()
+
+    def _distill(self, weights: np.ndarray, version: int) -> None:
+        schedule, data = self.schedule, self.eval_data
+        try:
+            proxy_x, proxy_y = load_proxy(schedule.proxy) if schedule.proxy else (None, None)
+            reports = distill_round(self.cfg.model, weights, self.cfg.model_options, self.key,
+                                    self.run_dir / "students" / f"v{version}", version, proxy_x, proxy_y,
+                                    data.x if data else None, data.y if data else None, cfg=schedule.config(),
+                                    previous=self.students)
+            for r in reports:
+                self.students[r.device_class] = r.weights
+                pushed = None
+                if schedule.push and r.bundle is not None:
+                    pushed = push_bundle(r.bundle, r.device_class, self.edges, self.cfg.broker, self.key,
+                                         message_cap=schedule.message_cap)
+                line = report_line(version, r, pushed)
+                with open(self.run_dir / "distill.jsonl", "a") as f:
+                    f.write(json.dumps(line) + "\n")
+                event(self.log, "student distilled", **line)
+        except Exception:  # a failed distillation must not take the federation down
+            self.log.exception("distillation failed", extra={"fields": {"version": version}})

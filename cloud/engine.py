@@ -1,0 +1,372 @@
+"""The cloud's state machine, without MQTT: feed it aggregates and the clock, it returns what to publish.
+
+Contract (the daemon cloud.aggregator and the simulator drive it the same way):
+
+- `CloudEngine(settings, key, edge_keys, initial, run_dir, ...)` takes loaded objects: RoundSettings (from
+  CloudConfig.round_settings() or built directly), the cloud's Ed25519 private key, the edges' public keys (a
+  KeyRing or a callable edge_id -> key), the initial flat weights (n_params is their size), the run directory
+  (checkpoint.npz, pending/, rounds.jsonl; a checkpoint there is resumed), and optionally `evaluate(weights) ->
+  (loss, accuracy)`, `contributions(round_id, version, results, previous_weights) -> rewards` (the ledger hook,
+  plaintext rounds only), `rng` (the strategy's sampling; default: seeded from settings.seed and checkpointed),
+  a logger and cloud.metrics.Metrics.
+- `start(now)`: the signed GlobalModel and RoundAnnouncement to publish (retained), resuming the open round from
+  the checkpoint and its aggregates from pending/; [] when the federation already stopped.
+- `handle_aggregate(edge_or_topic, payload, now=None)`: admit one signed EdgeAggregate (rejections are counted and
+  logged); an accepted one is in pending/ before it returns, so the daemon acknowledges it afterwards. With `now`
+  it returns what `tick(now)` returns (a complete round closes at once), without it [].
+- `handle_status(payload)`: a retained DeviceStatus (compute class, speed, budget state) for the strategies.
+- `tick(now)`: close the round by cloud.rounds.close_decision (or re-announce it), apply the strategy, account
+  privacy, evaluate, checkpoint, append to rounds.jsonl; returns the next GlobalModel + RoundAnnouncement.
+- Edge-level SecAgg (`edge_tier` set): `masked_round(now)` gives the SecAggServer of the open round and its first
+  step's timeout; `masked_finished(round_id, outcome, now)` hands over the protocol's end, and `tick` then closes
+  the round with the unmasked sum (once the metadata of the edges in it arrived, or grace_s later) or skips it
+  on an abort (model unchanged).
+- Accessors: `state` (CloudState: history, stop_reason, version, ...), `stop_reason`, `model_payload` and
+  `announcement_payload` (the current signed bytes), `received`, `rejected`, `edges`, `n_params`, `strategy`.
+
+Crash safety: a round's effects reach disk in one atomic checkpoint, so a crash at any instant resumes at the
+open round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from cloud.accounting import PrivacyLedger, exhausted
+from cloud.config import RoundSettings, compression_from_table
+from cloud.metrics import Metrics
+from cloud.rounds import (
+    OpenRound,
+    Received,
+    Traffic,
+    account_round,
+    account_skipped,
+    admit,
+    close_decision,
+    compress_model,
+    edge_results,
+    masked_results,
+    model_message,
+    plan_round,
+    round_record,
+)
+from cloud.state import CloudState, load, save
+from cloud.strategies import make
+from cloud.strategies.base import DeviceInfo, EdgeResult
+from cloud.strategies.heterogeneity import observe
+from protocol.atomic import atomic_write
+from protocol.errors import ProtocolError, Reason
+from protocol.keyring import KeyRing
+from protocol.logs import event
+from protocol.messages import DeviceStatus, EdgeAggregate, RoundAnnouncement, decode, encode, sign_message
+from protocol.publication import Publication
+from protocol.secagg import SecAggResult, SecAggServer
+from protocol.secagg.edge_tier import EdgeMaskedRound
+from protocol.topics import CLOUD, CLOUD_MODEL, CLOUD_ROUND, last_level
+
+Evaluate = Callable[[np.ndarray], tuple[float, float]]
+Contributions = Callable[[int, int, list[EdgeResult], np.ndarray], dict | None]
+
+
+class CloudEngine:
+    def __init__(self, settings: RoundSettings, key: Ed25519PrivateKey,
+                 edge_keys: KeyRing | Callable[[str], Ed25519PublicKey], initial: np.ndarray, run_dir: str | Path,
+                 *, evaluate: Evaluate | None = None, contributions: Contributions | None = None,
+                 rng: np.random.Generator | None = None, log: logging.Logger | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.settings, self.key = settings, key
+        self.edges = list(settings.edges)
+        if not self.edges:
+            raise ValueError("no edges: a round needs at least one edge")
+        self._key_of = edge_keys.get if isinstance(edge_keys, KeyRing) else edge_keys
+        self.evaluate, self.contributions = evaluate, contributions
+        self.log = log or logging.getLogger("cloud")
+        self.metrics = metrics
+        self.n_params = int(initial.size)
+        self.strategy = make(settings.strategy.name, settings.defaults(), settings.strategy.options)
+        self.run_dir = Path(run_dir)
+        self.pending_dir = self.run_dir / "pending"
+        self.checkpoint = self.run_dir / "checkpoint.npz"
+        fresh = self.strategy.init_state(initial)
+        self.state = load(self.checkpoint) if self.checkpoint.exists() else CloudState(
+            1, 1, fresh, PrivacyLedger(settings.privacy.delta),
+            np.random.default_rng(settings.seed).bit_generator.state, {d: DeviceInfo(d) for d in settings.devices})
+        if self.state.server.weights.size != self.n_params or not set(fresh.arrays) <= set(self.state.server.arrays):
+            raise ValueError(f"{self.checkpoint} holds another model or strategy's state: use a new run_dir")
+        if rng is None:
+            rng = np.random.default_rng()
+            rng.bit_generator.state = self.state.rng_state
+        self.rng = rng
+        self.nonces = set(self.state.nonces)
+        self.received: dict[str, Received] = {}
+        self.rejected: Counter[str] = Counter()
+        self.deadline = 0.0
+        self.model_payload = b""
+        self.model_delta: bytes | None = None   # the compressed delta of the current version, when it has one
+        self.model_compression = compression_from_table(settings.model_compression)
+        self.edge_tier = EdgeMaskedRound.from_announcement(settings.secagg)   # edge-level SecAgg; None = plaintext
+        self.masked_outcome: tuple[SecAggResult | ProtocolError, float] | None = None   # (outcome, when it ended)
+
+    @property
+    def stop_reason(self) -> str:
+        return self.state.stop_reason
+
+    @property
+    def announcement_payload(self) -> bytes:
+        return self.state.announcement
+
+    def edge_key(self, edge: str) -> Ed25519PublicKey:
+        if edge not in self.edges:
+            raise ProtocolError(Reason.UNKNOWN_SENDER, f"edge {edge!r} is not part of this federation")
+        return self._key_of(edge)
+
+    # ------------------------------------------------------------------ starting
+    def start(self, now: float) -> list[Publication]:
+        if self.state.stop_reason:
+            return []
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._write_rounds()
+        if self.pending_dir.exists():
+            for path in sorted(self.pending_dir.glob("*.cbor")):
+                round_id, _, edge = path.stem.partition("-")
+                if round_id == str(self.state.round_id):
+                    self._admit(edge, path.read_bytes(), persist=False)
+                else:
+                    path.unlink()
+        return [self._model_publication(), *self._open_round(now)]
+
+    def _model_publication(self) -> Publication:
+        s = self.state
+        msg = model_message(self.settings.model, s.version, s.server, self.model_delta)
+        self.model_payload = encode(sign_message(msg, self.key))
+        event(self.log, "model published", version=s.version, bytes=len(self.model_payload))
+        return Publication(CLOUD_MODEL, self.model_payload, retain=True)
+
+    def _open_round(self, now: float) -> list[Publication]:
+        """Announce the open round: the checkpointed announcement (with a new deadline when it passed), or a new
+        one; [] when the federation stops before it."""
+        s = self.state
+        if s.announcement:
+            ann = decode(s.announcement, expect=RoundAnnouncement)
+            if ann.deadline < now + 1.0:  # restarted or re-announced after its deadline: same cohort, new deadline
+                ann = sign_message(dataclasses.replace(ann, deadline=now + self.settings.round_timeout_s), self.key)
+        else:
+            planned = plan_round(self.strategy, s, self.settings, now, self.rng)
+            s.rng_state = self.rng.bit_generator.state
+            if isinstance(planned, str):
+                self._finish(planned)
+                return []
+            ann = sign_message(planned, self.key)
+        s.announcement = encode(ann)
+        save(self.checkpoint, s)
+        self.deadline = ann.deadline
+        event(self.log, "round announced", round=ann.round_id, version=ann.model_version,
+              cohort=len(ann.cohort) or "all", deadline_in_s=round(ann.deadline - now, 1))
+        return [Publication(CLOUD_ROUND, s.announcement, retain=True)]
+
+    # ------------------------------------------------------------------ receiving
+    def handle_aggregate(self, edge_or_topic: str, payload: bytes, now: float | None = None) -> list[Publication]:
+        self._admit(edge_or_topic, payload)
+        return [] if now is None else self.tick(now)
+
+    def _admit(self, edge_or_topic: str, payload: bytes, persist: bool = True) -> None:
+        s = self.state
+        try:
+            edge = last_level(edge_or_topic)
+            got = admit(payload, edge, self.edge_key, OpenRound(s.round_id, s.version, self.n_params,
+                                                                self.received, self.nonces, self.edge_tier is not None))
+        except ProtocolError as exc:
+            self.rejected[exc.reason.name] += 1
+            if self.metrics is not None:
+                self.metrics.rejected.labels(reason=exc.reason.name).inc()
+            event(self.log, "aggregate rejected", logging.WARNING, sender=edge_or_topic[:200],
+                  reason=exc.reason.name, detail=exc.detail[:200])
+            return
+        if persist:  # durable before the daemon acknowledges it: a crash now re-reads it from pending/
+            atomic_write(self.pending_dir / f"{got.agg.round_id}-{edge}.cbor", payload)
+        self.nonces.add(got.agg.nonce.hex())
+        s.nonces.append(got.agg.nonce.hex())
+        self.received[edge] = got
+        if self.metrics is not None:
+            self.metrics.aggregates.labels(edge=edge).inc()
+        event(self.log, "aggregate accepted", edge=edge, round=got.agg.round_id, devices=got.agg.num_devices,
+              significant=got.agg.significant, bytes=got.size)
+
+    def handle_status(self, payload: bytes) -> None:
+        try:
+            status = decode(payload, expect=DeviceStatus)
+        except ProtocolError:
+            return  # edge statuses and other traffic on the wildcard: not for us
+        info = self.state.devices.get(status.device_id) or DeviceInfo(status.device_id)
+        info = dataclasses.replace(info, state=status.state)
+        if status.capability is not None:
+            info = dataclasses.replace(info, compute_class=status.capability.compute_class,
+                                       steps_per_s=status.capability.steps_per_s)
+        self.state.devices[status.device_id] = info
+
+    # ------------------------------------------------------------------ edge-level SecAgg
+    def masked_round(self, now: float) -> tuple[SecAggServer, float]:
+        """The SecAgg server of the open edge-masked round and how long its first step may wait (the edges close at
+        the deadline, then mask)."""
+        assert self.edge_tier is not None and self.state.announcement
+        server = SecAggServer(CLOUD, self.state.round_id, self.edge_tier.config, self.edge_tier.length(self.n_params),
+                              {e: self.edge_key(e) for e in self.edges})
+        return server, max(0.0, self.deadline + self.settings.grace_s - now)
+
+    def masked_finished(self, round_id: int, outcome: SecAggResult | ProtocolError, now: float) -> None:
+        if round_id == self.state.round_id:
+            self.masked_outcome = (outcome, now)
+
+    # ------------------------------------------------------------------ closing
+    def tick(self, now: float) -> list[Publication]:
+        s, cfg = self.state, self.settings
+        if s.stop_reason or not s.announcement:
+            return []
+        if self.edge_tier is not None:
+            return self._tick_masked(now)
+        decision = close_decision(self.received, self.edges, now, self.deadline, cfg.grace_s, cfg.min_edges)
+        if decision == "reannounce":
+            event(self.log, "deadline passed with too few aggregates: re-announcing", logging.WARNING,
+                  round=s.round_id, received=sorted(self.received), min_edges=cfg.min_edges)
+            return self._open_round(now)
+        return [] if decision is None else self._close(now)
+
+    def _tick_masked(self, now: float) -> list[Publication]:
+        """Edge-masked rounds close when the protocol ends (and the metadata of the edges in the sum arrived, or
+        grace_s after it ended); an abort skips the round."""
+        if self.masked_outcome is None:
+            return []
+        outcome, ended = self.masked_outcome
+        if isinstance(outcome, SecAggResult) and not set(outcome.devices) <= set(self.received) \
+                and now - ended < self.settings.grace_s:
+            return []
+        self.masked_outcome = None
+        if isinstance(outcome, ProtocolError):
+            return self._skip(now, outcome.detail)
+        return self._close(now, outcome)
+
+    def _close(self, now: float, masked: SecAggResult | None = None) -> list[Publication]:
+        t0, s, cfg = time.monotonic(), self.state, self.settings
+        ann = decode(s.announcement, expect=RoundAnnouncement)
+        if masked is None:
+            results, s.last_delta = edge_results(self.received, s.last_delta)
+            aggs = [r.agg for r in self.received.values()]
+        else:
+            total = self.edge_tier.total(masked)
+            event(self.log, "edge secagg unmasked", round=s.round_id, edges=total.edges, dropped=total.dropped,
+                  devices=total.num_devices, samples=total.num_samples)
+            results, aggs = masked_results(total, self.received)
+        for agg in aggs:
+            s.devices = observe(s.devices, agg.device_ids, agg.filtered, agg.update_norms)
+        previous = s.server.weights
+        s.server = self.strategy.apply(s.server, results, cfg.population or len(s.devices))
+        rewards = None
+        if self.contributions is not None and masked is None:
+            rewards = self.contributions(ann.round_id, s.version + 1, results, previous)
+        elif self.contributions is not None:
+            event(self.log, "ledger: edge-masked round, per-edge contributions not scored", round=ann.round_id)
+        s.version += 1
+        s.server, self.model_delta = compress_model(s.server, previous, s.version, cfg, self.model_compression)
+        participating = [a for a in aggs if a.num_devices > 0]
+        counts = [(r.num_samples, r.num_devices) for r in results] if masked else \
+            [(a.num_samples, a.num_devices) for a in participating]
+        s.ledger, s.min_local_examples = account_round(
+            s.ledger, ann.plan, counts, [a.central_dp for a in participating], [a.max_device_epsilon for a in aggs],
+            s.min_local_examples)
+        report = s.ledger.report(cfg.privacy.accountant)
+        loss, acc = self.evaluate(s.server.weights) if self.evaluate else (None, None)
+        record = self._record(ann, aggs, report, loss, acc, now)
+        record["rewards"] = rewards
+        if masked is not None:
+            record["edge_secagg"] = {"edges": sorted(masked.devices), "dropped": sorted(masked.dropped)}
+        self._end_round(ann.round_id, record, report, t0)
+        out = [self._model_publication()]
+        self._observe(record, report, time.monotonic() - t0)
+        event(self.log, "round closed", **{k: record[k] for k in ("round", "accuracy", "loss", "num_devices",
+                                                                    "bytes_up", "bytes_down", "epsilon")},
+              cloud_step_s=round(time.monotonic() - t0, 4))
+        return out + self._next(now)
+
+    def _skip(self, now: float, detail: str) -> list[Publication]:
+        """An edge-masked round whose protocol aborted: no sum, so no update (never a wrong or too-small sum). The
+        devices trained, so their example-level spend is still accounted; the next round starts from the same
+        model."""
+        t0, s = time.monotonic(), self.state
+        ann = decode(s.announcement, expect=RoundAnnouncement)
+        event(self.log, "edge secagg aborted: round skipped, model unchanged", logging.ERROR, round=ann.round_id,
+              detail=detail)
+        s.ledger = account_skipped(s.ledger, ann.plan, s.min_local_examples)
+        report = s.ledger.report(self.settings.privacy.accountant)
+        record = self._record(ann, [], report, None, None, now)
+        record.update(rewards=None, edge_secagg={"aborted": detail})
+        self._end_round(ann.round_id, record, report, t0)
+        return self._next(now)
+
+    def _next(self, now: float) -> list[Publication]:
+        if self.state.stop_reason:
+            self._finish(self.state.stop_reason)
+            return []
+        return self._open_round(now)
+
+    def _record(self, ann: RoundAnnouncement, aggs: list[EdgeAggregate], report: dict, loss: float | None,
+                acc: float | None, now: float) -> dict:
+        s = self.state
+        traffic = Traffic(len(self.model_payload), len(s.announcement), len(s.devices), len(self.edges),
+                          sum(r.size for r in self.received.values()), self.rejected)
+        return round_record(ann, aggs, report, loss, acc, now, s.version, s.server, traffic, self.settings)
+
+    def _end_round(self, round_id: int, record: dict, report: dict, t0: float) -> None:
+        """Append the round's record, move to the next round, checkpoint, drop the round's pending aggregates."""
+        s, cfg = self.state, self.settings
+        s.history.append(record)
+        s.round_id += 1
+        s.announcement = b""
+        if len(s.history) >= cfg.rounds:
+            s.stop_reason = f"completed {cfg.rounds} rounds"
+        else:
+            s.stop_reason = exhausted(report, cfg.privacy.device_epsilon, cfg.privacy.central_epsilon) or ""
+        record["cloud_step_s"] = round(time.monotonic() - t0, 4)
+        save(self.checkpoint, s)
+        with open(self.run_dir / "rounds.jsonl", "a") as f:  # start() rewrites it from the checkpoint after a crash
+            f.write(json.dumps(record) + "\n")
+        for path in self.pending_dir.glob(f"{round_id}-*.cbor"):
+            path.unlink()
+        self.received.clear()
+        self.rejected.clear()
+
+    def _observe(self, record: dict, report: dict, step_s: float) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.round.set(record["round"])
+        if record["accuracy"] is not None:
+            m.accuracy.set(record["accuracy"])
+            m.loss.set(record["loss"])
+        for level in ("device", "central"):
+            m.epsilon.labels(level=level).set(report[level])
+        m.bytes_up.inc(record["bytes_up"])
+        m.bytes_down.inc(record["bytes_down"])
+        m.round_seconds.observe(record["wall_time_s"])
+        m.step_seconds.observe(step_s)
+
+    def _write_rounds(self) -> None:
+        """rounds.jsonl from the checkpoint's history, so it never disagrees with it after a crash."""
+        lines = "".join(json.dumps(r) + "\n" for r in self.state.history)
+        atomic_write(self.run_dir / "rounds.jsonl", lines.encode())
+
+    def _finish(self, reason: str) -> None:
+        s = self.state
+        s.stop_reason = reason
+        s.announcement = b""
+        save(self.checkpoint, s)
+        event(self.log, "federation stopped", logging.WARNING if "privacy" in reason else logging.INFO,
+              reason=reason, rounds=len(s.history))

@@ -1,0 +1,242 @@
+"""The cloud's round logic as pure functions: when a round closes, which aggregate is admitted, what the strategy
+gets, how the model goes down, what a round announces, what it costs in privacy and what is recorded.
+
+cloud.engine.CloudEngine strings them together with the state and the clock; here nothing does I/O, so every rule
+is tested directly (tests/test_cloud_engine.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from cloud.accounting import PrivacyLedger, central_event, device_event, exhausted, json_epsilon
+from cloud.config import RoundSettings, announced_secagg
+from cloud.model import compress_broadcast
+from cloud.state import CloudState
+from cloud.strategies.base import EdgeResult, ServerState, Strategy
+from cloud.strategies.scaffold import CONTROL
+from protocol.compression import CompressionSettings, decode_update
+from protocol.errors import ProtocolError, Reason
+from protocol.messages import (
+    CentralDPReport,
+    EdgeAggregate,
+    GlobalModel,
+    RoundAnnouncement,
+    TrainingPlan,
+    decode,
+    floats_to_bytes,
+    verify_raw,
+)
+from protocol.secagg.edge_tier import EdgeSum
+
+Decision = Literal["complete", "deadline", "reannounce"]
+RESIDUAL = "model_residual"  # server-side error feedback of "delta" GlobalModels (a ServerState array)
+UNAVAILABLE = ("budget_exhausted", "offline")  # device states the strategies do not select
+
+
+def close_decision(received: Collection[str], expected: Collection[str], now: float, deadline: float,
+                   grace_s: float, min_edges: int) -> Decision | None:
+    """Close at once when every expected edge reported; after deadline + grace (edges close at the deadline, their
+    aggregates need a moment), close with at least min_edges aggregates, else announce the round again."""
+    if set(expected) <= set(received):
+        return "complete"
+    if now < deadline + grace_s:
+        return None
+    return "deadline" if len(received) >= min_edges else "reannounce"
+
+
+@dataclass(frozen=True)
+class OpenRound:
+    """What an aggregate is checked against: the open round and what it already holds."""
+
+    round_id: int
+    version: int
+    n_params: int
+    received: Collection[str]      # edges already counted this round
+    nonces: Collection[str]        # aggregate nonces seen (hex), across rounds
+    edge_masked: bool = False      # edge-level SecAgg: aggregates carry metadata only
+
+
+@dataclass(frozen=True)
+class Received:
+    """An accepted aggregate of the open round, decoded once."""
+
+    agg: EdgeAggregate
+    size: int
+    delta: np.ndarray | None
+    control: np.ndarray | None
+
+
+def decode_payload(payload: bytes | None, n_params: int) -> np.ndarray | None:
+    return None if not payload else decode_update(payload, n_params)
+
+
+def admit(payload: bytes, edge: str, edge_key: Callable[[str], Ed25519PublicKey], rnd: OpenRound) -> Received:
+    """Verify one aggregate that arrived on `edge`'s topic completely; raises ProtocolError or returns it decoded.
+    `edge_key` raises ProtocolError for an edge outside the federation (or revoked)."""
+    agg = decode(payload, expect=EdgeAggregate)
+    if agg.edge_id != edge:
+        raise ProtocolError(Reason.WRONG_SENDER, f"topic names {edge!r}, message {agg.edge_id!r}")
+    verify_raw(payload, agg, edge_key(edge))
+    if agg.nonce.hex() in rnd.nonces:
+        raise ProtocolError(Reason.REPLAY, f"nonce of {edge!r} seen before")
+    if agg.round_id != rnd.round_id:
+        reason = Reason.DEADLINE if agg.round_id < rnd.round_id else Reason.WRONG_ROUND
+        raise ProtocolError(reason, f"round {agg.round_id} from {edge!r}, open round is {rnd.round_id}")
+    if edge in rnd.received:
+        raise ProtocolError(Reason.DUPLICATE, f"{edge!r} already sent round {agg.round_id}")
+    if agg.base_version != rnd.version:
+        raise ProtocolError(Reason.STALE, f"base version {agg.base_version}, current {rnd.version}")
+    if agg.n_params != rnd.n_params:
+        raise ProtocolError(Reason.BAD_SHAPE, f"{agg.n_params} params, model has {rnd.n_params}")
+    if rnd.edge_masked and (agg.delta or agg.control_delta or agg.num_samples or agg.weight_sum
+                            or agg.update_norms or agg.significant):
+        raise ProtocolError(Reason.BAD_VALUE, "plaintext aggregate in an edge-masked round (metadata only)")
+    delta = decode_payload(agg.delta, agg.n_params) if agg.significant else None
+    if agg.significant and delta is None:
+        raise ProtocolError(Reason.MALFORMED, "significant aggregate without a delta")
+    return Received(agg, len(payload), delta, decode_payload(agg.control_delta, agg.n_params))
+
+
+def edge_results(received: Mapping[str, Received], last_delta: Mapping[str, np.ndarray]
+                 ) -> tuple[list[EdgeResult], dict[str, np.ndarray]]:
+    """Plaintext rounds: one result per edge, sorted by edge, and the edges' last significant deltas after it. A
+    non-significant aggregate of devices means "about the same as my last one": that delta is reused."""
+    last, results = dict(last_delta), []
+    for edge, got in sorted(received.items()):
+        delta = got.delta
+        if got.agg.significant:
+            last[edge] = got.delta
+        elif got.agg.num_devices:
+            delta = last.get(edge)
+        results.append(EdgeResult(edge, delta, got.agg.num_samples, got.agg.weight_sum, got.agg.num_devices,
+                                  got.agg.mean_local_steps, got.control))
+    return results, last
+
+
+def masked_results(total: EdgeSum, received: Mapping[str, Received]) -> tuple[list[EdgeResult], list[EdgeAggregate]]:
+    """Edge-masked rounds: one result for the sum over the edges in it (its weighted mean is the strategy's
+    combination of them), and the metadata of those edges."""
+    combined = EdgeResult("+".join(total.edges), total.mean if total.num_devices else None, total.num_samples,
+                          float(total.num_samples), total.num_devices)
+    return [combined], [g.agg for e, g in sorted(received.items()) if e in set(total.edges)]
+
+
+def compress_model(server: ServerState, previous: np.ndarray, version: int, settings: RoundSettings,
+                   compression: CompressionSettings) -> tuple[ServerState, bytes | None]:
+    """(server state to adopt, compressed delta of `version` or None when it goes out in full). Delta mode: the
+    server adopts exactly what devices rebuild, and what compression dropped waits in the RESIDUAL array; every
+    model_full_every-th version goes out in full with the residual folded in (late joiners catch up)."""
+    if settings.model_encoding != "delta":
+        return server, None
+    arrays = dict(server.arrays)
+    residual = arrays.pop(RESIDUAL, None)
+    if (version - 1) % settings.model_full_every == 0:
+        weights = server.weights if residual is None else (server.weights + residual).astype(np.float32)
+        return server.replace(weights=weights, arrays=arrays), None
+    delta, published, residual = compress_broadcast(previous, server.weights, residual, compression)
+    return server.replace(weights=published, arrays={**arrays, RESIDUAL: residual}), delta
+
+
+def model_message(model: str, version: int, server: ServerState, delta: bytes | None) -> GlobalModel:
+    """The (unsigned) GlobalModel of `version`: against version - 1 when it has a compressed delta, else in full."""
+    weights = floats_to_bytes(server.weights)
+    control = server.arrays.get(CONTROL)
+    return GlobalModel(model, version, "full" if delta is None else "delta", None if delta is None else version - 1,
+                       server.weights.size, weights if delta is None else delta, hashlib.sha256(weights).digest(),
+                       None if control is None else floats_to_bytes(control))
+
+
+def plan_round(strategy: Strategy, s: CloudState, settings: RoundSettings, now: float,
+               rng: np.random.Generator) -> RoundAnnouncement | str:
+    """The (unsigned) announcement of round s.round_id, or why the federation stops before it: every device
+    reports its budget spent, or the round would exceed a privacy budget (projected with this round's plan).
+    Draws the strategy's sampling from `rng`."""
+    if s.devices and all(d.state == "budget_exhausted" for d in s.devices.values()):
+        return (f"privacy budget spent on every device: all {len(s.devices)} report budget_exhausted: "
+                f"stopping before round {s.round_id}")
+    available = {k: d for k, d in s.devices.items() if d.state not in UNAVAILABLE}
+    rc = strategy.configure_round(s.server, s.round_id, available, rng)
+    privacy = settings.privacy
+    projected = s.ledger.report(
+        privacy.accountant, device_event(rc.plan, s.min_local_examples) if s.min_local_examples else None,
+        central_event([rc.central_dp]) if settings.central_dp.clip > 0 else None)
+    reason = exhausted(projected, privacy.device_epsilon, privacy.central_epsilon)
+    if reason:
+        return f"{reason}: stopping before round {s.round_id}"
+    return RoundAnnouncement(
+        round_id=s.round_id, model_name=settings.model, model_version=s.version, strategy=strategy.name,
+        deadline=now + settings.round_timeout_s, plan=rc.plan, compression=rc.compression,
+        edges=list(settings.edges), cohort=rc.cohort, lr_scale=rc.lr_scale, sample_weight=rc.sample_weight,
+        central_dp=rc.central_dp, secagg=announced_secagg(settings.secagg))
+
+
+def account_round(ledger: PrivacyLedger, plan: TrainingPlan, counts: list[tuple[int, int]],
+                  central: list[CentralDPReport | None], reported: list[float],
+                  min_local_examples: int) -> tuple[PrivacyLedger, int]:
+    """(ledger, smallest local dataset) after a closed round. `counts` are (samples, devices) per participating
+    edge (or the masked sum): the device-level event takes the smallest mean local dataset, the central one the
+    weakest edge (`central`); `reported` are the devices' own epsilons the edges forwarded."""
+    sizes = [n // d for n, d in counts if d > 0]
+    device, central_history = list(ledger.device), list(ledger.central)
+    if sizes:
+        min_local_examples = min(sizes)
+        device.append(device_event(plan, min_local_examples))
+        central_history.append(central_event(central))
+    return dataclasses.replace(ledger, device=device, central=central_history,
+                               device_reported=max([ledger.device_reported, *reported])), min_local_examples
+
+
+def account_skipped(ledger: PrivacyLedger, plan: TrainingPlan, min_local_examples: int) -> PrivacyLedger:
+    """A round skipped after the devices trained (edge SecAgg aborted): their example-level spend still counts."""
+    if not min_local_examples:
+        return ledger
+    return dataclasses.replace(ledger, device=[*ledger.device, device_event(plan, min_local_examples)])
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What a round moved besides the aggregates: the model and announcement bytes, and who was addressed."""
+
+    model_bytes: int               # the signed GlobalModel the round started from
+    announcement_bytes: int
+    known_devices: int
+    n_edges: int
+    bytes_up_cloud: int            # the accepted aggregates as received
+    rejected: Mapping[str, int]    # aggregates the cloud rejected, by reason
+
+
+def round_record(ann: RoundAnnouncement, aggs: list[EdgeAggregate], report: dict, loss: float | None,
+                 accuracy: float | None, now: float, version: int, server: ServerState, traffic: Traffic,
+                 settings: RoundSettings) -> dict:
+    """One line of rounds.jsonl (and of the checkpoint's history)."""
+    n_devices = sum(a.num_devices for a in aggs)
+    addressed = len(ann.cohort) or max(traffic.known_devices, n_devices)
+    down = traffic.model_bytes + traffic.announcement_bytes
+    control = server.arrays.get(CONTROL)
+    return {
+        "round": ann.round_id, "model_version": version,
+        "accuracy": accuracy, "loss": loss,
+        "bytes_up": sum(a.device_bytes for a in aggs),
+        "bytes_up_cloud": traffic.bytes_up_cloud,
+        "control_bytes_up": sum(len(a.control_delta or b"") for a in aggs),
+        "dense_bytes_up": 4 * server.weights.size * n_devices,
+        "bytes_down": down * addressed,
+        "bytes_down_cloud": down * traffic.n_edges,
+        "control_bytes_down": (0 if control is None else 4 * control.size) * addressed,
+        "epsilon": json_epsilon(report), "delta": settings.privacy.delta,
+        "num_devices": n_devices, "num_edges": len(aggs), "addressed": addressed,
+        "filtered": sum(len(a.filtered) for a in aggs),
+        "rejected_at_edges": dict(sum((Counter(a.rejected) for a in aggs), Counter())),
+        "rejected_at_cloud": dict(traffic.rejected),
+        "wall_time_s": round(now - (ann.deadline - settings.round_timeout_s), 3),
+        "timestamp": round(now, 3),
+    }
