@@ -1,8 +1,8 @@
 """`fediomt bench NAME`: benchmarks are a product feature (what can my Pi do?).
 
 A benchmark is a function `run(args) -> dict` in a module listed in BENCHMARKS; it prints its own table with
-`print_table` and may write plots into `args.out`. This shell writes `<out>/<name>.json` and, with `--json`,
-ends the output with ONE line holding the JSON object of the figures.
+`protocol.table.print_table` and may write plots into `args.out`. This shell writes `<out>/<name>.json` and,
+with `--json`, ends the output with ONE line holding the JSON object of the figures.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
 from pathlib import Path
 
 # name -> ("module:function", description)
@@ -22,29 +21,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "secagg": ("experiments.bench.secagg:run", "secure aggregation cost: device compute/bytes, edge unmasking"),
     "distill": ("experiments.bench.distill:run", "int8 student vs teacher: size, agreement, latency, OTA push"),
     "fuzz": ("experiments.bench.fuzz:run", "long fuzz run of every network-facing decoder"),
-    "ledger": ("ledger.bench:run", "contribution ledger: Shapley accuracy vs cost, append/verify/replication speed"),
+    "ledger": ("experiments.bench.ledger:run", "ledger: Shapley accuracy vs cost, append/verify/replication speed"),
 }
-
-
-def print_table(rows: list[dict], columns: list[str] | None = None, file=None) -> None:
-    """Print rows as an aligned text table (floats to 4 significant digits)."""
-    file = file or sys.stdout
-    if not rows:
-        print("(no rows)", file=file)
-        return
-    columns = columns or list(rows[0])
-
-    def fmt(v) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=file)
-    print("  ".join("-" * w for w in widths), file=file)
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=file)
 
 
 def load(name: str):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fediomt.mosquitto import MosquittoBroker
+from experiments.mosquitto import MosquittoBroker
 from fediomt.processes import ProcessGroup
 from protocol import signing
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ledger.chain import Block, make_genesis, verify_chain
 from ledger.consortium import load_consortium, open_ledger
+from protocol.table import print_table
 
 CONTRIBUTION_COLUMNS = ["block", "round", "model_version", "participant", "samples", "on_time", "flagged", "quality",
                         "loo", "shapley", "score", "reward", "balance"]
@@ -147,8 +148,6 @@ def report(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(chosen)
     else:
-        from fediomt.bench import print_table
-
         if not args.balances:
             print_table(rows, CONTRIBUTION_COLUMNS, file=sys.stdout)
             print()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fediomt.mosquitto import MosquittoBroker
+from experiments.mosquitto import MosquittoBroker
 
 from .harness import REPO, Daemons, Recorder
 

@@ -25,9 +25,9 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from experiments.mosquitto import MosquittoBroker, free_port, give_to_broker_user
 from fediomt import broker as broker_config
 from fediomt import pki
-from fediomt.mosquitto import MosquittoBroker, free_port, give_to_broker_user
 from ledger.replication import signatures_topic
 from protocol import signing, topics
 from protocol.compression import decode_update

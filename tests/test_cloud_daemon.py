@@ -24,7 +24,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.accounting import Entry, epsilon
-from fediomt.mosquitto import free_port
+from experiments.mosquitto import free_port
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.logs import setup
 from protocol.messages import (

@@ -25,7 +25,7 @@ from device.runtime import TrainableModel
 from device.sandbox import ScriptedCloud, provision
 from device.state import load_state
 from device.training import train_round
-from fediomt.mosquitto import MosquittoBroker
+from experiments.mosquitto import MosquittoBroker
 from protocol.bundle import MODEL_FILE, load_bundle, write_bundle
 from protocol.compression import decode_update
 from protocol.errors import ProtocolError, Reason
@@ -271,9 +271,9 @@ def test_tampered_bundle_refused_at_start_and_on_install(fed, tmp_path):
 def test_mtls_broker_with_client_certificates_and_acl(tmp_path, bundle):
     """A broker as `fediomt broker config` writes it (mTLS, CN = username, per-device ACL), identities from
     `fediomt pki`: the device connects with its certificate, signs with its pki signing key, and its update arrives."""
+    from experiments.mosquitto import free_port, give_to_broker_user
     from fediomt import broker as broker_config
     from fediomt import pki
-    from fediomt.mosquitto import free_port, give_to_broker_user
 
     work = Path(tempfile.mkdtemp(prefix="fediomt-device-tls-"))  # readable by the mosquitto user, unlike tmp_path
     os.chmod(work, 0o755)

@@ -10,7 +10,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from fediomt.mosquitto import free_port
+from experiments.mosquitto import free_port
 from protocol.compression import CompressionSettings, decode_update
 from protocol.errors import Reason
 from protocol.messages import Ack, EdgeAggregate, decode, verify_message

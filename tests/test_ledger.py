@@ -348,7 +348,7 @@ def test_kill_9_during_appends_leaves_a_valid_chain(tmp_path, keys):
 def test_benchmark_quick(tmp_path):
     from argparse import Namespace
 
-    from ledger.bench import run
+    from experiments.bench.ledger import run
 
     figures = run(Namespace(quick=True, out=tmp_path))
     assert figures["replication"]["replicas_converged"]

@@ -16,7 +16,7 @@ from cloud.push import plan_push, publish_push, push_bundle
 from device.flash import flash_local
 from device.ota import OtaClient, OtaConfig, OtaReceiver
 from edge.config import BrokerConfig
-from fediomt.mosquitto import MosquittoBroker
+from experiments.mosquitto import MosquittoBroker
 from protocol.bundle import load_bundle, pack_bundle, write_bundle
 from protocol.messages import encode, sign_message
 from protocol.signing import generate_signing_key

@@ -174,7 +174,7 @@ def _plot(rows: list[dict], path) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from fediomt.bench import print_table
+    from protocol.table import print_table
 
     reps = 5 if args.quick else 30
     rng = np.random.default_rng(0)

@@ -25,12 +25,12 @@ import numpy as np
 
 from device.runtime import TrainableModel
 from device.sandbox import ScriptedCloud, provision
-from fediomt.bench import print_table
-from fediomt.mosquitto import MosquittoBroker
+from experiments.mosquitto import MosquittoBroker
 from protocol.bundle import load_bundle
 from protocol.compression import decode_update, read_header
 from protocol.messages import TrainingPlan
 from protocol.signing import generate_signing_key, load_public_key, save_public_key
+from protocol.table import print_table
 
 REPO = Path(__file__).resolve().parents[2]
 PREBUILT = REPO / "firmware_models" / "prebuilt"

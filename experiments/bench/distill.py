@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fediomt.bench import print_table
+from protocol.table import print_table
 
 TEACHER = {"n_classes": 7, "filters": 64}
 WEARABLE = {"n_classes": 7, "filters": 16}
@@ -59,7 +59,7 @@ def push_seconds(bundle: Path, key, n_devices: int, samples: np.ndarray, tmp: Pa
     from cloud.push import push_bundle
     from device.ota import OtaClient, OtaConfig
     from edge.config import BrokerConfig
-    from fediomt.mosquitto import MosquittoBroker
+    from experiments.mosquitto import MosquittoBroker
 
     with MosquittoBroker(extra_config=[f"message_size_limit {MESSAGE_CAP}"], workdir=tmp / f"mq{n_devices}") as mq:
         devices = [OtaClient(f"d{i}", mq.host, mq.port,

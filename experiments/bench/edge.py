@@ -41,7 +41,6 @@ from edge.filters import AGGREGATORS, FILTERS
 from edge.gateway import GROUP
 from edge.rows import Rows
 from edge.validation import decode_delta
-from fediomt.bench import print_table
 from protocol import signing
 from protocol.compression import CompressionSettings, encode_update
 from protocol.messages import (
@@ -59,6 +58,7 @@ from protocol.messages import (
     verify_mac_raw,
     verify_raw,
 )
+from protocol.table import print_table
 
 PARAMS = 100_000
 KRUM_MAX = 2_000
@@ -242,7 +242,7 @@ def _mqtt_case(n: int, rng: np.random.Generator) -> dict:
     import paho.mqtt.client as mqtt
 
     from edge.gateway import Gateway
-    from fediomt.mosquitto import MosquittoBroker
+    from experiments.mosquitto import MosquittoBroker
 
     settings = CompressionSettings(method="topk", density=0.01, bits=32)
     with tempfile.TemporaryDirectory(prefix="fediomt-bench-edge-mqtt-") as tmp, \

@@ -12,7 +12,7 @@ from protocol.fuzz import TARGETS, fuzz, message_kinds
 
 
 def run(args: argparse.Namespace) -> dict:
-    from fediomt.bench import print_table
+    from protocol.table import print_table
 
     artifacts = args.out / "fuzz-artifacts"
     budget = {"runs": 500} if args.quick else {"max_total_time": 60}

@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 
-from fediomt.bench import print_table
 from protocol.messages import encode
 from protocol.secagg import Graph, SecAggClient, SecAggConfig, SecAggServer, shamir
 from protocol.secagg.crypto import AEAD_NONCE_BYTES
@@ -24,6 +23,7 @@ from protocol.secagg.inprocess import run_cohort
 from protocol.secagg.messages import AdvertiseKeys, MaskedInput, SealedShare, ShareKeys, UnmaskShares
 from protocol.secagg.quant import packed_size, ring_bits
 from protocol.signing import generate_signing_key
+from protocol.table import print_table
 
 BONAWITZ = {"users": 2**10, "params": 2**20, "bits": 16, "reported_expansion": 1.73}
 

@@ -103,8 +103,8 @@ def measure(name: str, steps: int, workdir: Path, key) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from fediomt.bench import print_table
     from protocol.signing import generate_signing_key, save_public_key
+    from protocol.table import print_table
 
     steps = 50 if args.quick else 500
     key = generate_signing_key()

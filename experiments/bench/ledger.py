@@ -1,4 +1,4 @@
-"""Ledger benchmark (`run(args) -> dict`, the shape `fediomt bench` expects; also `python -m ledger.bench`).
+"""`fediomt bench ledger`: the contribution ledger's costs.
 
 Measures what a consortium sizes its deployment by: how close GTG-Shapley gets to exact Shapley for a given number
 of utility evaluations, how fast blocks are appended (3 Ed25519 signatures, fsync'd SQLite WAL) and audited, and the
@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fediomt.bench import print_table
-from fediomt.mosquitto import MosquittoBroker
+from experiments.mosquitto import MosquittoBroker
 from ledger.chain import Membership, make_genesis, quorum_for, sign_block, verify_chain
 from ledger.replication import MqttNode, Proposer, Validator
 from ledger.scoring import (
@@ -30,6 +29,7 @@ from ledger.scoring import (
 )
 from ledger.store import Ledger, propose_block
 from protocol import signing
+from protocol.table import print_table
 
 
 def _toy_game(n: int, d: int, seed: int):
@@ -152,8 +152,3 @@ def run(args: argparse.Namespace) -> dict:
     print_table([latency], file=sys.stdout)
     return {"shapley": shapley, "ledger": throughput, "replication": latency}
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    run(parser.parse_args())
