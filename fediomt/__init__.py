@@ -1,3 +1,5 @@
 """FedIoMT: federated learning for the Internet of Medical Things (device -> edge -> cloud -> device)."""
 
-__version__ = "0.1.0"
+from protocol import __version__
+
+__all__ = ["__version__"]

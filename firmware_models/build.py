@@ -11,9 +11,9 @@ import tensorflow as tf
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device.runtime import interpreter_class
-from fediomt import __version__
 from firmware_models.convert import int8_tflite, trainable_tflite
 from firmware_models.models import DEFAULT_HYPERPARAMETERS, FirmwareModule, ModelSpec, model_spec
+from protocol import __version__
 from protocol.bundle import write_bundle
 from protocol.weights import layout_to_dicts
 

@@ -25,8 +25,8 @@ def cache_dir() -> Path:
 def _trainable(name: str, batch_size: int, options: tuple) -> tuple[bytes, dict]:
     import tensorflow as tf
 
-    from fediomt import __version__
     from firmware_models import build_trainable
+    from protocol import __version__
 
     key = json.dumps([name, batch_size, options, __version__, tf.__version__]).encode()
     stem = cache_dir() / hashlib.sha256(key).hexdigest()[:24]
