@@ -1,5 +1,5 @@
 """Two-level privacy accounting with dp-accounting (RDP and PLD), Opacus-style: the state is a history of
-(noise_mult, sample_rate, steps) entries and epsilon is derived from it (with device.accountant, the code the devices
+(noise_mult, sample_rate, steps) entries and epsilon is derived from it (with protocol.accountant, the code the devices
 run), so anyone can recompute the report from the checkpoint.
 
 - Device level (example-level DP-SGD on each device): one event per round (noise_mult, sample_rate q = batch /
@@ -19,8 +19,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from device.accountant import ACCOUNTANTS, Entry
-from device.accountant import epsilon as history_epsilon
+from protocol.accountant import ACCOUNTANTS, Entry
+from protocol.accountant import epsilon as history_epsilon
 from protocol.messages import CentralDPReport, TrainingPlan
 
 __all__ = ["ACCOUNTANTS", "Entry", "PrivacyLedger", "central_event", "device_event", "epsilon", "exhausted",
@@ -28,7 +28,7 @@ __all__ = ["ACCOUNTANTS", "Entry", "PrivacyLedger", "central_event", "device_eve
 
 
 def epsilon(history: Iterable[Entry], delta: float, accountant: str = "rdp") -> float:
-    """epsilon(delta) of `history` (device.accountant's composition); entries with the same noise and rate are
+    """epsilon(delta) of `history` (protocol.accountant's composition); entries with the same noise and rate are
     merged first: the same mechanism composed, and PLD's cost grows with the number of entries."""
     groups: Counter = Counter()
     for e in history:

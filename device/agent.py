@@ -16,7 +16,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from device import accountant
 from device.config import DeviceConfig
 from device.data import load_data
 from device.flash import flash_local, load_installed, rollback_local
@@ -27,7 +26,7 @@ from device.runtime import TrainableModel, secure_generator
 from device.state import STATE_FILE, DeviceState, load_state, save_state
 from device.training import LocalResult, planned_steps, steps_within, train_round
 from device.update import RoundIdentity, build_update
-from protocol import topics
+from protocol import accountant, topics
 from protocol.bundle import Bundle, load_bundle
 from protocol.compression import (
     CompressionSettings,

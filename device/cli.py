@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from device import accountant
     from device.config import load_config
     from device.state import STATE_FILE, load_state
+    from protocol import accountant
 
     cfg = load_config(args.config)
     state = load_state(cfg.state_dir / STATE_FILE)

@@ -10,11 +10,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.accountant import ACCOUNTANTS
 from protocol.mqtt import BrokerConfig as SharedBrokerConfig
 from protocol.tomlconfig import load_toml
 from protocol.topics import check_id
 
-ACCOUNTANTS = ("rdp", "pld")
 COMPUTE_CLASSES = ("wearable", "phone", "pi", "server")
 AUTH_MODES = ("signature", "mac")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.accountant import Entry, History
+from protocol.accountant import Entry, History
 from protocol.atomic import atomic_write
 
 STATE_FILE = "state.npz"

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device import accountant
 from device.training import LocalResult
+from protocol import accountant
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.messages import Capability, DeviceUpdate, PrivacySpent
 

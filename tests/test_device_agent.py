@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device import accountant
 from device.agent import DeviceAgent
 from device.config import load_config
 from device.runtime import TrainableModel
@@ -26,6 +25,7 @@ from device.sandbox import ScriptedCloud, provision
 from device.state import load_state
 from device.training import train_round
 from experiments.mosquitto import MosquittoBroker
+from protocol import accountant
 from protocol.bundle import MODEL_FILE, load_bundle, write_bundle
 from protocol.compression import decode_update
 from protocol.errors import ProtocolError, Reason

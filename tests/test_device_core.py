@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device import accountant
-from device.accountant import Entry
 from device.config import BrokerConfig, CapabilityConfig, DeviceConfig, OtaConfig, PrivacyConfig, load_config
 from device.data import load_data
 from device.runtime import TrainableModel
 from device.state import DeviceState, load_state, save_state
 from device.training import planned_steps, steps_within, train_round
+from protocol import accountant
+from protocol.accountant import Entry
 from protocol.bundle import load_bundle
 from protocol.messages import TrainingPlan
 from protocol.signing import load_public_key
@@ -123,7 +123,7 @@ def test_state_survives_kill_9_at_any_moment(tmp_path):
     path = tmp_path / "state.npz"
     writer = textwrap.dedent(f"""
         import numpy as np
-        from device.accountant import Entry
+        from protocol.accountant import Entry
         from device.state import DeviceState, save_state
         k = 0
         while True:

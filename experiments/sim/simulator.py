@@ -113,7 +113,7 @@ class DeviceSim:
     key: object
     residual: np.ndarray | None = None
     control: np.ndarray | None = None
-    history: tuple = ()               # the device's privacy history (device.accountant entries)
+    history: tuple = ()               # the device's privacy history (protocol.accountant entries)
     malicious: bool = False
 
 

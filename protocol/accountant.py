@@ -1,4 +1,5 @@
-"""Example-level privacy accounting on the device, Opacus-style: the state is the history of DP-SGD runs.
+"""Example-level privacy accounting, Opacus-style: the state is the history of DP-SGD runs. The devices enforce
+their budget with it and the cloud recomputes their guarantee with it (cloud.accounting), so both use this one code.
 
 Each round of local DP-SGD adds one entry (noise_multiplier, sample_rate, steps); epsilon(delta) is derived from the
 whole history, composing each entry as `steps` Poisson-subsampled Gaussian mechanisms. Like Opacus and TF Privacy,
