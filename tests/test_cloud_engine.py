@@ -63,20 +63,21 @@ def engine(keys, run_dir, initial=None, **settings) -> CloudEngine:
                        np.zeros(N, np.float32) if initial is None else initial, run_dir)
 
 
-def announcement(keys, pubs) -> RoundAnnouncement:
-    (pub,) = [p for p in pubs if p.topic == CLOUD_ROUND]
+def signed(keys, pubs, topic: str, kind):
+    """The one retained message on `topic` among the engine's publications, verified with the cloud's key."""
+    (pub,) = [p for p in pubs if p.topic == topic]
     assert pub.retain
-    ann = decode(pub.payload, expect=RoundAnnouncement)
-    verify_message(ann, keys["cloud"].public_key())
-    return ann
+    msg = decode(pub.payload, expect=kind)
+    verify_message(msg, keys["cloud"].public_key())
+    return msg
+
+
+def announcement(keys, pubs) -> RoundAnnouncement:
+    return signed(keys, pubs, CLOUD_ROUND, RoundAnnouncement)
 
 
 def model(keys, pubs) -> GlobalModel:
-    (pub,) = [p for p in pubs if p.topic == CLOUD_MODEL]
-    assert pub.retain
-    msg = decode(pub.payload, expect=GlobalModel)
-    verify_message(msg, keys["cloud"].public_key())
-    return msg
+    return signed(keys, pubs, CLOUD_MODEL, GlobalModel)
 
 
 # ------------------------------------------------------------------ the rules
