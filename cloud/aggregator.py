@@ -40,13 +40,12 @@ from protocol.mqtt import INBOX_SIZE, Connection
 from protocol.publication import Publication
 from protocol.secagg.runner import SecAggRunner
 from protocol.signing import load_private_key
-from protocol.tls import client_context
-from protocol.topics import ROOT
+from protocol.topics import ANY, aggregate_topic, matches, status_topic
 
 __all__ = ["RESIDUAL", "CloudAggregator", "decode_payload"]  # the simulator's imports, defined in cloud.rounds
 
-AGGREGATES = f"{ROOT}/cloud/aggregates/+"
-STATUSES = f"{ROOT}/+/status/+"
+AGGREGATES = aggregate_topic(ANY)
+STATUSES = status_topic(ANY, ANY)
 
 
 class CloudAggregator:
@@ -109,9 +108,7 @@ class CloudAggregator:
                   n_params=self.model.n_params, edges=self.edges, round=self.state.round_id,
                   resumed=bool(self.state.history))
             if self.cfg.ledger is not None:
-                b = self.cfg.broker
-                self.recorder = ContributionRecorder(self.cfg.ledger, self.key, b.host, b.port,
-                                                     client_context(b.ca, b.cert, b.key) if b.ca else None, self.log)
+                self.recorder = ContributionRecorder(self.cfg.ledger, self.key, self.cfg.broker, self.log)
             self._publish(self.engine.start(time.time()))
             self._loop()
             for conn in filter(None, (self.conn, self.secagg_conn)):
@@ -138,7 +135,7 @@ class CloudAggregator:
         except queue.Empty:
             return
         try:
-            if topic.startswith(f"{ROOT}/cloud/aggregates/"):
+            if matches(AGGREGATES, topic):
                 self._publish(self.engine.handle_aggregate(topic, payload, time.time()))
             else:
                 self.engine.handle_status(payload)

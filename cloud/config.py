@@ -1,7 +1,8 @@
 """Cloud aggregator configuration: TOML -> dataclasses with documented defaults (configs/cloud.toml is the reference).
 
 Relative paths resolve against the config file's directory; unknown keys are an error. The MQTT connection is the
-edge's BrokerConfig (same keys), and the TOML loader is the edge's (one implementation of the rules above).
+protocol.mqtt.ConnectionConfig (same keys as the edge's), and the TOML loader is the edge's (one implementation of
+the rules above).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from cloud.strategies import STRATEGIES, make
 from cloud.strategies.base import RoundDefaults
 from protocol.compression import CompressionSettings
 from protocol.messages import CentralDPReport, TrainingPlan
-from protocol.mqtt import BrokerConfig
+from protocol.mqtt import ConnectionConfig
 from protocol.secagg.deploy import MaskedRound
 from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.tomlconfig import load_toml
@@ -25,7 +26,7 @@ from protocol.topics import check_id
 
 
 @dataclass(frozen=True)
-class CloudBrokerConfig(BrokerConfig):
+class CloudConnectionConfig(ConnectionConfig):
     """The cloud's broker, with a persistent session: aggregates sent while the cloud restarts are queued."""
 
     session_expiry_s: int = 3600
@@ -84,7 +85,7 @@ class CloudConfig:
     metrics_host: str = "127.0.0.1"
     tick_s: float = 0.2
     log_level: str = "info"
-    broker: CloudBrokerConfig = field(default_factory=lambda: CloudBrokerConfig())
+    broker: CloudConnectionConfig = field(default_factory=lambda: CloudConnectionConfig())
     plan: TrainingPlan = field(default_factory=lambda: default_plan())
     compression: dict = field(default_factory=lambda: CompressionSettings().to_dict())
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)

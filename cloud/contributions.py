@@ -10,7 +10,6 @@ left out of the chain; training never waits on the ledger beyond `timeout_s`.
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from ledger.scoring import score_round
 from ledger.store import propose_block
 from protocol.errors import ProtocolError
 from protocol.logs import event
+from protocol.mqtt import ConnectionConfig
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,11 @@ class LedgerConfig:
 
 
 class ContributionRecorder:
-    def __init__(self, cfg: LedgerConfig, key: Ed25519PrivateKey, host: str, port: int,
-                 tls: ssl.SSLContext | None, log: logging.Logger) -> None:
+    def __init__(self, cfg: LedgerConfig, key: Ed25519PrivateKey, broker: ConnectionConfig,
+                 log: logging.Logger) -> None:
         self.cfg, self.log = cfg, log
         self.ledger = open_ledger(cfg.db, load_consortium(cfg.consortium))
-        self.node = MqttNode(Proposer(cfg.validator_id, key, self.ledger), host, port,
-                             client_id=f"ledger-{cfg.validator_id}", tls=tls).start()
+        self.node = MqttNode(Proposer(cfg.validator_id, key, self.ledger), broker).start()
 
     def record(self, round_id: int, model_version: int, edges: Sequence[str], deltas: Sequence[np.ndarray],
                samples: Sequence[int], base: np.ndarray, utility: Callable[[np.ndarray], float],

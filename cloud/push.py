@@ -33,7 +33,7 @@ from protocol.bundle import MANIFEST_FILE, pack_bundle, unpack_files, verify_fil
 from protocol.chunking import chunk_data_size, split_payload
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import BundleManifest, Chunk, decode, encode, sign_message
-from protocol.mqtt import BrokerConfig, new_client
+from protocol.mqtt import ConnectionConfig, new_client
 from protocol.signing import load_private_key, load_public_key
 from protocol.topics import bundle_chunk_topic, bundle_manifest_topic, check_id
 
@@ -86,7 +86,7 @@ def plan_push(archive: bytes, device_class: str, key: Ed25519PrivateKey, chunk_b
     return manifest, chunks
 
 
-def connect(broker: BrokerConfig, client_id: str, timeout_s: float = 10.0) -> mqtt.Client:
+def connect(broker: ConnectionConfig, client_id: str, timeout_s: float = 10.0) -> mqtt.Client:
     """A connected paho client (MQTT 5, clean session, network loop running)."""
     client = new_client(broker, client_id)
     ready = threading.Event()
@@ -149,7 +149,7 @@ def publish_push(client: mqtt.Client, edges: list[str], manifest: BundleManifest
     return cleared
 
 
-def push_bundle(bundle: str | os.PathLike | bytes, device_class: str, edges: list[str], broker: BrokerConfig,
+def push_bundle(bundle: str | os.PathLike | bytes, device_class: str, edges: list[str], broker: ConnectionConfig,
                 key: Ed25519PrivateKey, message_cap: int = DEFAULT_MESSAGE_CAP, chunk_bytes: int | None = None,
                 force: bool = False, bundle_key=None, timeout_s: float = 60.0) -> PushReport:
     """Push a bundle (directory, packed file or bytes) to every device of `device_class` behind `edges`."""
@@ -192,7 +192,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    broker = BrokerConfig(host=args.host, port=args.port, ca=args.ca, cert=args.cert, key=args.tls_key,
+    broker = ConnectionConfig(host=args.host, port=args.port, ca=args.ca, cert=args.cert, key=args.tls_key,
                           username=args.username, password=args.password)
     try:
         report = push_bundle(args.bundle, args.device_class, args.edge, broker, load_private_key(args.key),

@@ -19,7 +19,6 @@ from pathlib import Path
 from device.config import DeviceConfig
 from device.data import load_data
 from device.flash import flash_local, load_installed, rollback_local
-from device.link import Link
 from device.ota import OtaConfig as OtaReceiverConfig
 from device.ota import OtaReceiver
 from device.runtime import TrainableModel, secure_generator
@@ -52,6 +51,7 @@ from protocol.messages import (
     sign_message,
     verify_raw,
 )
+from protocol.mqtt import Connection
 from protocol.secagg import SecAggClient
 from protocol.secagg.deploy import MaskedRound
 from protocol.secagg.mqtt_driver import run_client_round
@@ -81,8 +81,9 @@ class DeviceAgent:
         self.topics = {"round": topics.round_topic(edge), "model": topics.model_topic(edge),
                        "ack": topics.ack_topic(edge, dev)}
         self.status_topic, self.update_topic = topics.status_topic(edge, dev), topics.update_topic(edge, dev)
-        self.link = Link(cfg.broker, dev, [self.topics["model"], self.topics["round"], self.topics["ack"]],
-                         (self.status_topic, self._status_bytes("offline")), self._received, self._connected, log)
+        self.link = Connection(cfg.broker, dev, [self.topics["model"], self.topics["round"], self.topics["ack"]],
+                               None, log, on_message=self._received, on_connected=self._connected,
+                               will=(self.status_topic, self._status_bytes("offline")))
         self.ota = self._make_ota() if cfg.ota.enabled else None
 
     def _make_ota(self) -> OtaReceiver:
@@ -362,7 +363,7 @@ class DeviceAgent:
         event(self.log, "starting", device=self.cfg.id, edge=self.cfg.edge, bundle=self.bundle.name,
               bundle_version=self.bundle.version, model_version=self.state.model_version,
               epsilon_spent=round(self.epsilon_spent(), 4), epsilon_budget=self.cfg.privacy.epsilon)
-        if not self.link.connect(self.stop):
+        if not self.link.start(self.stop):
             return 0
         try:
             while not self.stop.is_set():

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.accountant import ACCOUNTANTS
-from protocol.mqtt import BrokerConfig as SharedBrokerConfig
+from protocol.mqtt import ConnectionConfig
 from protocol.tomlconfig import load_toml
 from protocol.topics import check_id
 
@@ -20,7 +20,7 @@ AUTH_MODES = ("signature", "mac")
 
 
 @dataclass(frozen=True)
-class BrokerConfig(SharedBrokerConfig):
+class DeviceConnectionConfig(ConnectionConfig):
     """The edge's MQTT broker, with a persistent session: QoS 1 messages queued while the device is offline."""
 
     session_expiry_s: int = 86_400
@@ -77,7 +77,7 @@ class DeviceConfig:
     data: DataConfig = field(default_factory=DataConfig)
     capability: CapabilityConfig = field(default_factory=CapabilityConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    broker: DeviceConnectionConfig = field(default_factory=DeviceConnectionConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
     significance_threshold: float = 0.0  # L2 norm of the (noised) delta below which only a "skipped" status is sent
     min_steps: int = 1                  # decline a round when fewer local steps fit before its deadline

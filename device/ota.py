@@ -12,7 +12,7 @@ the new current is then smoke-tested (it loads, and inference on a few local row
 shape); on failure it is rolled back and the bad bundle deleted.
 
 `OtaReceiver` is the core (no MQTT: it is fed messages and calls `subscribe`/`unsubscribe`); `OtaClient` wraps it
-in its own paho connection for devices that only run a student, tests and benchmarks.
+in its own protocol.mqtt.Connection for devices that only run a student, tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from protocol.chunking import PART_OVERHEAD, Reassembler
 from protocol.errors import ProtocolError, Reason
 from protocol.logs import event
 from protocol.messages import BundleManifest, Chunk, decode, verify_raw
+from protocol.mqtt import Connection, ConnectionConfig
 
 SMOKE_ROWS = 8
 
@@ -292,26 +293,18 @@ class OtaReceiver:
 
 
 class OtaClient:
-    """An OtaReceiver on its own paho connection (MQTT 5, clean session, automatic reconnect)."""
+    """An OtaReceiver on its own Connection (for devices that only run a student, tests and benchmarks); messages
+    and reconnections reach the receiver on paho's thread, one at a time."""
 
-    def __init__(self, client_id: str, host: str, port: int, cfg: OtaConfig, manifest_key: Ed25519PublicKey,
+    def __init__(self, client_id: str, broker: ConnectionConfig, cfg: OtaConfig, manifest_key: Ed25519PublicKey,
                  bundle_key: Ed25519PublicKey, **receiver_options) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-        from paho.mqtt.subscribeoptions import SubscribeOptions
-
-        self._options = SubscribeOptions(qos=1)
-        self.connected = threading.Event()
         self._lock = threading.Lock()
         self.subscribe_requests: list[list[str]] = []  # what the receiver asked for, in order (resume evidence)
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=4)
-        self.client.on_connect = self._connected
-        self.client.on_disconnect = lambda *_: self.connected.clear()
-        self.client.on_message = lambda _c, _u, msg: self._locked(self.receiver.handle, msg.topic, msg.payload)
-        self.receiver = OtaReceiver(cfg, manifest_key, bundle_key, self._subscribe, self._unsubscribe,
+        self.conn = Connection(broker, client_id, [], None, logging.getLogger("fediomt.ota"),
+                               on_message=lambda topic, payload: self._locked(self.receiver.handle, topic, payload),
+                               on_connected=lambda: self._locked(self.receiver.on_connect))
+        self.receiver = OtaReceiver(cfg, manifest_key, bundle_key, self._subscribe, self.conn.unsubscribe,
                                     **receiver_options)
-        self.host, self.port = host, port
 
     def _locked(self, fn, *args):
         with self._lock:
@@ -319,25 +312,15 @@ class OtaClient:
 
     def _subscribe(self, names: list[str]) -> None:
         self.subscribe_requests.append(list(names))
-        self.client.subscribe([(name, self._options) for name in names])
+        self.conn.subscribe(names)
 
-    def _unsubscribe(self, names: list[str]) -> None:
-        if names:
-            self.client.unsubscribe(names)
-
-    def _connected(self, _client, _userdata, _flags, reason_code, _properties) -> None:
-        if not reason_code.is_failure:
-            self.connected.set()
-            self._locked(self.receiver.on_connect)
-
-    def start(self) -> OtaClient:
-        self.client.connect(self.host, self.port, keepalive=30, clean_start=True)
-        self.client.loop_start()
+    def start(self, stop: threading.Event | None = None) -> OtaClient:
+        """Connect (retrying with back-off until `stop` is set) and start receiving."""
+        self.conn.start(stop)
         return self
 
     def tick(self) -> None:
         self._locked(self.receiver.tick)
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.conn.close()

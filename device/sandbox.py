@@ -78,7 +78,8 @@ class ScriptedCloud:
         self.bytes_up = 0    # payload bytes devices sent us (updates, statuses)
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         client.on_message = self._message
-        client.on_connect = lambda c, *_: c.subscribe([(f"fl/{edge}/updates/+", 1), (f"fl/{edge}/status/+", 1)])
+        watched = [(topics.update_topic(edge, topics.ANY), 1), (topics.status_topic(edge, topics.ANY), 1)]
+        client.on_connect = lambda c, *_: c.subscribe(watched)
         client.reconnect_delay_set(1, 2)
         if tls is not None:
             client.tls_set(ca_certs=str(tls[0]), certfile=str(tls[1]), keyfile=str(tls[2]))

@@ -13,7 +13,7 @@ from edge.aggregate import FilterConfig
 from edge.rounds import RoundsConfig
 from edge.weighting import WeightingConfig
 from protocol.compression import CompressionSettings
-from protocol.mqtt import BrokerConfig
+from protocol.mqtt import ConnectionConfig
 from protocol.tomlconfig import load_toml
 from protocol.topics import check_id
 
@@ -43,8 +43,8 @@ class EdgeConfig:
     enrolment_dir: Path          # {device_id}.pub (+ .crt, .mac) of every device allowed to send updates
     signing_key: Path            # this edge's Ed25519 private key (signs EdgeAggregates)
     cloud_public_key: Path       # verifies the cloud's RoundAnnouncements and GlobalModels before relaying
-    broker: BrokerConfig = field(default_factory=BrokerConfig)   # the edge's broker (devices connect here)
-    cloud: BrokerConfig | None = None  # the cloud's broker; absent = fl/cloud/* on `broker` (same broker or bridge)
+    broker: ConnectionConfig = field(default_factory=ConnectionConfig)   # the edge's broker (devices connect here)
+    cloud: ConnectionConfig | None = None  # the cloud's broker; absent = fl/cloud/* on `broker` (same broker or bridge)
     group: str = ""              # shared-subscription group; "" = edge_id (replicas of one edge share it)
     replica: str = "0"           # distinguishes replicas' client ids
     replicas: int = 1            # replicas sharing the group: each expects 1/replicas of the devices (quorum)

@@ -29,7 +29,18 @@ from protocol.messages import encode
 from protocol.mqtt import INBOX_SIZE, Connection
 from protocol.publication import Publication
 from protocol.secagg.runner import SecAggRunner
-from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, ack_topic, shared
+from protocol.topics import (
+    ANY,
+    CLOUD,
+    CLOUD_MODEL,
+    CLOUD_ROUND,
+    ack_topic,
+    matches,
+    shared,
+    status_topic,
+    subtree,
+    update_topic,
+)
 
 GROUP = 64           # messages per SQLite commit (group commit) at most
 
@@ -41,9 +52,9 @@ class Gateway:
         self.stop = threading.Event()
         self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
         edge, group = cfg.edge_id, cfg.group or cfg.edge_id
-        self.updates_prefix, self.status_prefix = f"fl/{edge}/updates/", f"fl/{edge}/status/"
+        self.updates, self.statuses = update_topic(edge, ANY), status_topic(edge, ANY)
         cloud_subs = [CLOUD_ROUND, CLOUD_MODEL]
-        device_subs = [shared(group, f"{self.updates_prefix}+"), f"{self.status_prefix}+"]  # statuses: every replica
+        device_subs = [shared(group, self.updates), self.statuses]  # statuses: every replica
         client_id = f"fediomt-edge-{edge}-{cfg.replica}"
         self.local = Connection(cfg.broker, client_id, device_subs + ([] if cfg.cloud else cloud_subs),
                                 self.inbox, log)
@@ -57,7 +68,7 @@ class Gateway:
 
     def _publish(self, pubs: list[Publication]) -> None:
         for p in pubs:
-            to_cloud = p.topic.startswith("fl/cloud/")
+            to_cloud = matches(subtree(CLOUD), p.topic)
             conn = self.cloud if (to_cloud and self.cloud) else self.local
             info = conn.client.publish(p.topic, p.payload, qos=1, retain=p.retain)
             self.engine.metrics.bytes_out.inc(len(p.payload))
@@ -77,11 +88,11 @@ class Gateway:
             return self.engine.handle_cloud("round", payload)
         if topic == CLOUD_MODEL:
             return self.engine.handle_cloud("model", payload)
-        if topic.startswith(self.status_prefix):
-            return self.engine.handle_status(topic[len(self.status_prefix):], payload)
-        if not topic.startswith(self.updates_prefix):
+        device = topic.rsplit("/", 1)[-1]  # the filters' last level: one topic level, unchecked until the engine
+        if matches(self.statuses, topic):
+            return self.engine.handle_status(device, payload)
+        if not matches(self.updates, topic):
             return []
-        device = topic[len(self.updates_prefix):]
         ack, pubs = self.engine.handle_update(device, payload)
         acks = [] if ack is None else [Publication(ack_topic(self.cfg.edge_id, ack.device_id), encode(ack))]
         return acks + pubs

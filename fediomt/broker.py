@@ -20,19 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fediomt import pki
-from ledger.replication import BLOCKS, PROPOSALS, catchup_topic, signatures_topic, sync_topic
+from protocol import topics as t
 from protocol.atomic import atomic_write
 from protocol.codec import MAX_MESSAGE_BYTES
 from protocol.secagg.mqtt_driver import UPLINK
-from protocol.topics import CLOUD, CLOUD_MODEL, CLOUD_ROUND, aggregate_topic, check_id, edge_status_topic, secagg_topic
 
 PACKET_HEADROOM = 64 * 1024  # fixed header, topic and MQTT 5 properties around the largest protocol message
 DEFAULT_PORT = 8883
 
 
 @dataclass
-class BrokerConfig:
-    """What `fediomt broker config` needs; defaults are the documented production values."""
+class BrokerFilesConfig:
+    """What `fediomt broker config` needs to write a broker's config and ACL files (not a client's connection
+    settings: that is protocol.mqtt.ConnectionConfig); defaults are the documented production values."""
 
     role: str                                   # "edge" or "cloud"
     id: str                                     # the edge id (role edge) or "cloud"
@@ -53,14 +53,14 @@ class BrokerConfig:
     def __post_init__(self) -> None:
         if self.role not in ("edge", "cloud"):
             raise ValueError(f"role must be edge or cloud, not {self.role!r}")
-        check_id(self.id)
+        t.check_id(self.id)
         if self.role == "cloud" and self.id != pki.CLOUD_ID:
             raise ValueError(f"the cloud broker's id is {pki.CLOUD_ID!r}")
         if self.role == "cloud" and self.cloud_host:
             raise ValueError("only an edge broker bridges to the cloud")
         self.pki = Path(self.pki)
         for edge in self.edges:
-            check_id(edge)
+            t.check_id(edge)
 
     @property
     def server_name(self) -> str:
@@ -69,26 +69,26 @@ class BrokerConfig:
 
 def edge_acl(edge: str) -> str:
     """Devices (any certificate, by pattern) and the edge gateway `edge` on the edge's broker."""
-    e = check_id(edge)
+    e = t.check_id(edge)
     return "\n".join([
         "# Devices: %u is the CN of the client certificate (the device id).",
-        f"pattern write fl/{e}/updates/%u",
-        f"pattern write fl/{e}/status/%u",
-        f"pattern write fl/{e}/secagg/+/%u",
-        f"pattern read fl/{e}/round",
-        f"pattern read fl/{e}/model",
-        f"pattern read fl/{e}/ack/%u",
-        f"pattern read fl/{e}/bundles/#",
-        f"pattern read fl/{e}/secagg/+",  # the edge's broadcasts (open, roster, unmask, outcome)...
-        f"pattern read fl/{e}/secagg/inbox/%u",  # ...and the device's own share inbox, not its neighbours'
+        f"pattern write {t.update_topic(e, t.CLIENT)}",
+        f"pattern write {t.status_topic(e, t.CLIENT)}",
+        f"pattern write {t.secagg_topic(e, t.ANY, t.CLIENT)}",
+        f"pattern read {t.round_topic(e)}",
+        f"pattern read {t.model_topic(e)}",
+        f"pattern read {t.ack_topic(e, t.CLIENT)}",
+        f"pattern read {t.subtree(e, 'bundles')}",
+        f"pattern read {t.secagg_topic(e, t.ANY)}",  # the edge's broadcasts (open, roster, unmask, outcome)...
+        f"pattern read {t.secagg_topic(e, 'inbox', t.CLIENT)}",  # ...and its own share inbox, not its neighbours'
         "",
         "# The edge gateway: all of its edge's topics, and its own side of the cloud topics (bridged).",
         f"user {e}",
-        f"topic readwrite fl/{e}/#",
-        f"topic write {aggregate_topic(e)}",
-        f"topic write {edge_status_topic(e)}",
-        f"topic read {CLOUD_ROUND}",
-        f"topic read {CLOUD_MODEL}",
+        f"topic readwrite {t.subtree(e)}",
+        f"topic write {t.aggregate_topic(e)}",
+        f"topic write {t.edge_status_topic(e)}",
+        f"topic read {t.CLOUD_ROUND}",
+        f"topic read {t.CLOUD_MODEL}",
         "",
     ])
 
@@ -97,15 +97,16 @@ def cloud_acl(edges: list[str]) -> str:
     """The cloud aggregator and each listed edge (directly or through its bridge) on the cloud's broker; edges are
     also ledger validators (ledger/replication.py), connecting directly with the same certificate."""
     lines = ["# The cloud aggregator (ledger proposer; OTA bundles, bridged in to each edge's devices).",
-             f"user {pki.CLOUD_ID}", "topic readwrite fl/cloud/#", "topic readwrite fl/ledger/#",
-             "topic write fl/+/bundles/#", ""]
+             f"user {pki.CLOUD_ID}", f"topic readwrite {t.subtree(t.CLOUD)}", f"topic readwrite {t.subtree(t.LEDGER)}",
+             f"topic write {t.subtree(t.ANY, 'bundles')}", ""]
     for edge in edges:
         lines += [f"# Edge {edge}: its aggregate and status up; the cloud's round, model and its bundles down; ledger.",
-                  f"user {check_id(edge)}", f"topic write {aggregate_topic(edge)}",
-                  f"topic write {edge_status_topic(edge)}", f"topic read {CLOUD_ROUND}", f"topic read {CLOUD_MODEL}",
-                  f"topic read fl/{edge}/bundles/#", f"topic read {PROPOSALS}", f"topic read {BLOCKS}",
-                  f"topic write {signatures_topic(edge)}",
-                  f"topic write {sync_topic(edge)}", f"topic read {catchup_topic(edge)}",
+                  f"user {t.check_id(edge)}", f"topic write {t.aggregate_topic(edge)}",
+                  f"topic write {t.edge_status_topic(edge)}", f"topic read {t.CLOUD_ROUND}",
+                  f"topic read {t.CLOUD_MODEL}",
+                  f"topic read {t.subtree(edge, 'bundles')}", f"topic read {t.LEDGER_PROPOSALS}",
+                  f"topic read {t.LEDGER_BLOCKS}", f"topic write {t.ledger_vote_topic(edge)}",
+                  f"topic write {t.ledger_sync_topic(edge)}", f"topic read {t.ledger_catchup_topic(edge)}",
                   *edge_tier_acl(edge), ""]
     return "\n".join(lines)
 
@@ -113,8 +114,8 @@ def cloud_acl(edges: list[str]) -> str:
 def edge_tier_acl(edge: str) -> list[str]:
     """Edge-level secure aggregation (the cloud is the server): the edge's own uplink steps, the cloud's broadcasts
     and its own share inbox, never another edge's."""
-    return [f"topic write {secagg_topic(CLOUD, step, edge)}" for step in UPLINK] + [
-        f"topic read fl/{CLOUD}/secagg/+", f"topic read {secagg_topic(CLOUD, 'inbox', edge)}"]
+    return [f"topic write {t.secagg_topic(t.CLOUD, step, edge)}" for step in UPLINK] + [
+        f"topic read {t.secagg_topic(t.CLOUD, t.ANY)}", f"topic read {t.secagg_topic(t.CLOUD, 'inbox', edge)}"]
 
 
 def pki_edges(directory: Path) -> list[str]:
@@ -126,7 +127,7 @@ def pki_edges(directory: Path) -> list[str]:
     return sorted({c["name"] for c in certs if c["kind"] == "edge" and c["revoked_at"] is None})
 
 
-def render(cfg: BrokerConfig, acl_path: Path) -> str:
+def render(cfg: BrokerFilesConfig, acl_path: Path) -> str:
     """The mosquitto.conf text. Bridge settings come last: everything after `connection` belongs to the bridge."""
     server = pki.identity(cfg.pki, "server", cfg.server_name)
     lines = [
@@ -174,19 +175,19 @@ def render(cfg: BrokerConfig, acl_path: Path) -> str:
             f"bridge_keyfile {edge.key.absolute()}",
             "bridge_tls_version tlsv1.3",
             "bridge_insecure false",
-            f"topic {aggregate_topic(cfg.id)} out 1",
-            f"topic {edge_status_topic(cfg.id)} out 1",
-            f"topic {CLOUD_ROUND} in 1",
-            f"topic {CLOUD_MODEL} in 1",
-            f"topic fl/{cfg.id}/bundles/# in 1",
-            *(f"topic {secagg_topic(CLOUD, step, cfg.id)} out 1" for step in UPLINK),
-            f"topic fl/{CLOUD}/secagg/+ in 1",
-            f"topic {secagg_topic(CLOUD, 'inbox', cfg.id)} in 1",
+            f"topic {t.aggregate_topic(cfg.id)} out 1",
+            f"topic {t.edge_status_topic(cfg.id)} out 1",
+            f"topic {t.CLOUD_ROUND} in 1",
+            f"topic {t.CLOUD_MODEL} in 1",
+            f"topic {t.subtree(cfg.id, 'bundles')} in 1",
+            *(f"topic {t.secagg_topic(t.CLOUD, step, cfg.id)} out 1" for step in UPLINK),
+            f"topic {t.secagg_topic(t.CLOUD, t.ANY)} in 1",
+            f"topic {t.secagg_topic(t.CLOUD, 'inbox', cfg.id)} in 1",
         ]
     return "\n".join(lines) + "\n"
 
 
-def write(cfg: BrokerConfig, out: str | Path) -> tuple[Path, Path]:
+def write(cfg: BrokerFilesConfig, out: str | Path) -> tuple[Path, Path]:
     """Write the config and its ACL file; returns both paths. Refuses when a certificate it names is missing."""
     out = Path(out)
     acl_path = cfg.acl_file or out.with_suffix(".acl")
@@ -213,7 +214,7 @@ def write(cfg: BrokerConfig, out: str | Path) -> tuple[Path, Path]:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     try:
-        cfg = BrokerConfig(role=args.role, id=args.id or pki.CLOUD_ID, pki=Path(args.pki), port=args.port,
+        cfg = BrokerFilesConfig(role=args.role, id=args.id or pki.CLOUD_ID, pki=Path(args.pki), port=args.port,
                            bind=args.bind, server=args.server, cloud_host=args.cloud_host, cloud_port=args.cloud_port,
                            edges=args.edge or [], data_dir=Path(args.data_dir),
                            acl_file=Path(args.acl) if args.acl else None, max_packet_size=args.max_packet_size)

@@ -169,20 +169,21 @@ def replica(args: argparse.Namespace) -> int:
 
     from ledger.replication import MqttNode, Validator
     from protocol.logs import event, setup
+    from protocol.mqtt import ConnectionConfig
     from protocol.signing import load_private_key
+    from protocol.tls import identity
 
     log = setup("ledger")
     ledger = open_ledger(args.db, load_consortium(args.consortium))
-    tls = None
+    broker = ConnectionConfig(host=args.host, port=args.port)
     if args.pki is not None:
-        from protocol.tls import identity, identity_context
-
-        tls = identity_context(identity(args.pki, "edge", args.id))
+        ident = identity(args.pki, "edge", args.id)
+        broker = ConnectionConfig(host=args.host, port=args.port, ca=ident.ca, cert=ident.cert, key=ident.key)
     validator = Validator(args.id, load_private_key(args.key), ledger, genesis_hash=ledger.block(0).hash)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    node = MqttNode(validator, args.host, args.port, tls=tls).start()
+    node = MqttNode(validator, broker).start()
     event(log, "replica started", id=args.id, height=ledger.height, host=args.host, port=args.port)
     stop.wait()
     node.stop()

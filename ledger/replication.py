@@ -1,29 +1,27 @@
 """Replicating the ledger over MQTT: the cloud proposes, validators sign, every replica appends after checking.
 
-Topics (QoS 1):
-  fl/ledger/proposals              cloud -> validators: an unsigned block (or signed only by the cloud)
-  fl/ledger/signatures/{validator} validator -> cloud: a Vote, a signature over the block hash or a refusal
-  fl/ledger/blocks                 cloud -> all: the committed block with its quorum (retained: the last one)
-  fl/ledger/sync/{validator}       replica -> cloud: "send me blocks from index N"
-  fl/ledger/catchup/{validator}    cloud -> replica: a batch of stored blocks
+Topics (QoS 1, protocol/topics.py): the cloud publishes a proposal (an unsigned block, or signed only by the cloud)
+on LEDGER_PROPOSALS; each validator answers with a Vote (a signature over the block hash, or a refusal) on
+ledger_vote_topic(validator); the committed block with its quorum goes to LEDGER_BLOCKS (retained: the last one);
+a replica asks "send me blocks from index N" on ledger_sync_topic(validator) and gets batches of stored blocks on
+ledger_catchup_topic(validator).
 
 The protocol logic is a pure-ish core (`Validator`, `Proposer`: bytes in, `Publish` list out, state in a Ledger);
-`MqttNode` is the thin paho shell. A replica that missed blocks sees a committed block beyond its head (or its
-retained copy when it connects) and asks for the range it lacks; every block it receives passes the same rules as
-a local append, so the proposer cannot make a replica accept anything a quorum did not sign.
+`MqttNode` is the thin shell on a protocol.mqtt.Connection. A replica that missed blocks sees a committed block
+beyond its head (or its retained copy when it connects) and asks for the range it lacks; every block it receives
+passes the same rules as a local append, so the proposer cannot make a replica accept anything a quorum did not
+sign.
 Trust: the proposer is trusted for liveness (it alone orders blocks), not for safety.
 """
 
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import cbor2
-import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ledger.chain import HASH_BYTES, MAX_BLOCK_BYTES, Block, sign_block, signing_payload
@@ -32,25 +30,20 @@ from protocol import signing
 from protocol.codec import decode_as, limit
 from protocol.errors import ProtocolError, Reason
 from protocol.logs import event
-from protocol.mqtt import tcp_nodelay
-from protocol.topics import check_id, last_level
+from protocol.mqtt import Connection, ConnectionConfig
+from protocol.topics import (
+    ANY,
+    LEDGER_BLOCKS,
+    LEDGER_PROPOSALS,
+    check_id,
+    last_level,
+    ledger_catchup_topic,
+    ledger_sync_topic,
+    ledger_vote_topic,
+)
 
-PROPOSALS = "fl/ledger/proposals"
-BLOCKS = "fl/ledger/blocks"
 SYNC_BATCH_BYTES = 1024 * 1024
 log = logging.getLogger("ledger")
-
-
-def signatures_topic(validator: str) -> str:
-    return f"fl/ledger/signatures/{check_id(validator)}"
-
-
-def sync_topic(validator: str) -> str:
-    return f"fl/ledger/sync/{check_id(validator)}"
-
-
-def catchup_topic(validator: str) -> str:
-    return f"fl/ledger/catchup/{check_id(validator)}"
 
 
 @dataclass(frozen=True)
@@ -107,7 +100,7 @@ class Validator:
         self.refused: deque[ProtocolError] = deque(maxlen=256)  # the latest refusals, for tests and metrics
 
     def subscriptions(self) -> list[str]:
-        return [PROPOSALS, BLOCKS, catchup_topic(self.id)]
+        return [LEDGER_PROPOSALS, LEDGER_BLOCKS, ledger_catchup_topic(self.id)]
 
     def on_connect(self) -> list[Publish]:
         return [self._sync_request()]
@@ -115,11 +108,11 @@ class Validator:
     def handle(self, topic: str, payload: bytes) -> list[Publish]:
         """Never raises on bad input: a refused message is logged and remembered."""
         try:
-            if topic == PROPOSALS:
+            if topic == LEDGER_PROPOSALS:
                 return self._proposal(payload)
-            if topic == BLOCKS:
+            if topic == LEDGER_BLOCKS:
                 return self._committed(Block.from_cbor(payload))
-            if topic == catchup_topic(self.id):
+            if topic == ledger_catchup_topic(self.id):
                 return self._catchup(payload)
             return self._other(topic, payload)
         except ProtocolError as exc:
@@ -132,7 +125,7 @@ class Validator:
         raise ProtocolError(Reason.WRONG_TYPE, f"unexpected topic {topic}")
 
     def _sync_request(self) -> Publish:
-        return Publish(sync_topic(self.id), encode(SyncRequest(self.id, self.ledger.height)))
+        return Publish(ledger_sync_topic(self.id), encode(SyncRequest(self.id, self.ledger.height)))
 
     def _proposal(self, payload: bytes) -> list[Publish]:
         block = Block.from_cbor(payload)
@@ -148,7 +141,7 @@ class Validator:
             vote = Vote(self.id, block.index, block.hash, b"", int(exc.reason), exc.detail[:256])
         else:
             vote = Vote(self.id, block.index, block.hash, sign_block(block, self.id, self.key), 0)
-        return [Publish(signatures_topic(self.id), encode(vote))]
+        return [Publish(ledger_vote_topic(self.id), encode(vote))]
 
     def _committed(self, block: Block) -> list[Publish]:
         height = self.ledger.height
@@ -182,11 +175,11 @@ class Proposer(Validator):
         self.results: dict[bytes, Block | ProtocolError] = {}
 
     def subscriptions(self) -> list[str]:
-        return ["fl/ledger/signatures/+", "fl/ledger/sync/+"]  # it is the source of blocks: no catch-up
+        return [ledger_vote_topic(ANY), ledger_sync_topic(ANY)]  # it is the source of blocks: no catch-up
 
     def on_connect(self) -> list[Publish]:
         head = self.ledger.head
-        return [] if head is None else [Publish(BLOCKS, head.to_cbor(), retain=True)]
+        return [] if head is None else [Publish(LEDGER_BLOCKS, head.to_cbor(), retain=True)]
 
     def propose(self, block: Block) -> list[Publish]:
         """Start collecting votes for `block` (a new proposal replaces an unfinished one)."""
@@ -194,13 +187,13 @@ class Proposer(Validator):
         if self.id in self.ledger.membership.validators:
             block = block.with_signatures({self.id: sign_block(block, self.id, self.key)})
         self.pending, self.refusals = block, {}
-        return self._maybe_commit() or [Publish(PROPOSALS, block.to_cbor())]
+        return self._maybe_commit() or [Publish(LEDGER_PROPOSALS, block.to_cbor())]
 
     def _other(self, topic: str, payload: bytes) -> list[Publish]:
         sender = last_level(topic)
-        if topic == signatures_topic(sender):
+        if topic == ledger_vote_topic(sender):
             return self._vote(sender, decode_as(Vote, payload, 4096))
-        if topic == sync_topic(sender):
+        if topic == ledger_sync_topic(sender):
             return self._serve(sender, decode_as(SyncRequest, payload, 4096))
         return super()._other(topic, payload)
 
@@ -236,7 +229,7 @@ class Proposer(Validator):
             return []
         self.results[block.hash] = block
         event(log, "block committed", node=self.id, index=block.index, signers=sorted(block.signatures))
-        return [Publish(BLOCKS, block.to_cbor(), retain=True)]
+        return [Publish(LEDGER_BLOCKS, block.to_cbor(), retain=True)]
 
     def _serve(self, sender: str, request: SyncRequest) -> list[Publish]:
         if request.validator != sender:
@@ -244,59 +237,47 @@ class Proposer(Validator):
         out, batch, size = [], [], 0
         for raw in self.ledger.raw_blocks(request.start):
             if batch and (size + len(raw) > SYNC_BATCH_BYTES or len(batch) >= 4096):
-                out.append(Publish(catchup_topic(sender), encode(Catchup(batch))))
+                out.append(Publish(ledger_catchup_topic(sender), encode(Catchup(batch))))
                 batch, size = [], 0
             batch.append(raw)
             size += len(raw)
         if batch:
-            out.append(Publish(catchup_topic(sender), encode(Catchup(batch))))
+            out.append(Publish(ledger_catchup_topic(sender), encode(Catchup(batch))))
         return out
 
 
 class MqttNode:
-    """Runs a Validator or Proposer on a paho client: subscribe on connect, feed messages, publish the answers."""
+    """Runs a Validator or Proposer on a Connection: subscribe on connect, feed messages, publish the answers. The
+    session is always clean: a replica that was away asks for what it missed instead of replaying stale proposals."""
 
-    def __init__(self, node: Validator, host: str, port: int, client_id: str | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, node: Validator, broker: ConnectionConfig, client_id: str | None = None) -> None:
         self.node = node
         self._cond = threading.Condition()
-        self._subscribed = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"ledger-{node.id}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.on_message = self._on_message
-        if tls is not None:
-            self.client.tls_set_context(tls)
-        self.host, self.port = host, port
+        self.conn = Connection(replace(broker, session_expiry_s=0), client_id or f"ledger-{node.id}",
+                               node.subscriptions(), None, log, on_message=self._on_message,
+                               on_connected=self._on_connected)
 
     def start(self, timeout: float = 10.0) -> MqttNode:
-        self.client.connect(self.host, self.port)
-        self.client.loop_start()
-        if not self._subscribed.wait(timeout):
-            raise TimeoutError(f"{self.node.id}: no SUBACK from {self.host}:{self.port}")
+        if not self.conn.start(timeout_s=timeout) or not self.conn.subscribed.wait(timeout):
+            self.conn.close()
+            raise TimeoutError(f"{self.node.id}: no SUBACK from {self.conn.cfg.host}:{self.conn.cfg.port}")
         return self
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.conn.close()
 
     def _publish(self, messages: list[Publish]) -> None:
         for m in messages:
-            self.client.publish(m.topic, m.payload, qos=1, retain=m.retain)
+            self.conn.publish(m.topic, m.payload, retain=m.retain)
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            return
-        tcp_nodelay(client)
-        client.subscribe([(t, mqtt.SubscribeOptions(qos=1)) for t in self.node.subscriptions()])
+    def _on_connected(self) -> None:
         with self._cond:
             out = self.node.on_connect()
         self._publish(out)
 
-    def _on_message(self, client, userdata, msg) -> None:
+    def _on_message(self, topic: str, payload: bytes) -> None:
         with self._cond:
-            out = self.node.handle(msg.topic, msg.payload)
+            out = self.node.handle(topic, payload)
             self._cond.notify_all()
         self._publish(out)
 

@@ -1,16 +1,19 @@
-"""What every MQTT client of FedIoMT shares (device link, edge gateway, cloud, OTA push): the broker settings, one
-way to build a paho 2.x MQTT 5 client (TLS with client certificates, or username/password), Nagle off,
-reconnect back-off with jitter, and the daemons' `Connection` (manual acknowledgements into a bounded inbox).
+"""The one MQTT client layer of FedIoMT (device agent, OTA, edge gateway, cloud, ledger replication, OTA push): the
+connection settings, one way to build a paho 2.x MQTT 5 client (TLS with client certificates, or username/password),
+Nagle off, reconnect back-off with jitter, and `Connection` (last will, persistent sessions, subscribe on connect,
+inbox with manual acknowledgements or callback delivery).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import random
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +28,8 @@ from protocol.tls import client_context
 
 
 @dataclass(frozen=True)
-class BrokerConfig:
-    """An MQTT broker connection. TLS when `ca` is set (client certificate with `cert`/`key`)."""
+class ConnectionConfig:
+    """How a client connects to its broker. TLS when `ca` is set (client certificate with `cert`/`key`)."""
 
     host: str = "127.0.0.1"
     port: int = 1883
@@ -46,7 +49,7 @@ class BrokerConfig:
             raise ValueError("broker: need 0 < reconnect_min_s <= reconnect_max_s")
 
 
-def new_client(cfg: BrokerConfig, client_id: str, **options) -> mqtt.Client:
+def new_client(cfg: ConnectionConfig, client_id: str, **options) -> mqtt.Client:
     """A paho 2.x MQTT 5 client with the configured TLS / credentials (not connected yet)."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, **options)
     if cfg.ca is not None:
@@ -56,7 +59,7 @@ def new_client(cfg: BrokerConfig, client_id: str, **options) -> mqtt.Client:
     return client
 
 
-def connect_properties(cfg: BrokerConfig) -> Properties:
+def connect_properties(cfg: ConnectionConfig) -> Properties:
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = cfg.session_expiry_s
     return props
@@ -83,18 +86,38 @@ INBOX_SIZE = 10_000  # a full inbox blocks paho's thread: TCP back-pressure inst
 
 
 class Connection:
-    """One paho client with manual acknowledgements; messages go to `inbox` as (conn, topic, payload, mid, qos)."""
+    """One paho client, the only MQTT client code of the tiers (daemons, device agent, OTA, ledger replication).
 
-    def __init__(self, cfg: BrokerConfig, client_id: str, subscriptions: list[str], inbox: queue.Queue,
-                 log: logging.Logger, manual_ack: bool = True) -> None:
+    `start` makes the first connection, retried with back-off and jitter until it succeeds or `stop` is set; paho
+    then reconnects by itself within the same bounds. Every (re)connection subscribes `subscriptions` (QoS 1) and
+    then calls `on_connected()`. Messages go either into `inbox` as (conn, topic, payload, mid, qos), acknowledged
+    by the consumer with `ack` when `manual_ack` (the daemons ack only what is durable), or to
+    `on_message(topic, payload)` on paho's network thread. `will` is a retained QoS 1 last will; a persistent
+    session (cfg.session_expiry_s > 0) keeps subscriptions and queued QoS 1 messages across reconnects.
+    """
+
+    def __init__(self, cfg: ConnectionConfig, client_id: str, subscriptions: list[str], inbox: queue.Queue | None,
+                 log: logging.Logger, manual_ack: bool = True, *,
+                 on_message: Callable[[str, bytes], None] | None = None,
+                 on_connected: Callable[[], None] | None = None, will: tuple[str, bytes] | None = None) -> None:
+        if (inbox is None) == (on_message is None):
+            raise ValueError("deliver to exactly one of inbox and on_message")
         self.cfg, self.subscriptions, self.inbox, self.log = cfg, subscriptions, inbox, log
+        self._on_connected = on_connected
         self.connected = threading.Event()
-        self.subscribed = threading.Event()   # the broker granted the subscriptions (SUBACK)
-        client = new_client(cfg, client_id, manual_ack=manual_ack)
+        self.subscribed = threading.Event()   # the broker granted a subscription (SUBACK)
+        client = new_client(cfg, client_id, manual_ack=manual_ack and inbox is not None)
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=max(1, round(cfg.reconnect_min_s)),
+                                   max_delay=max(1, round(cfg.reconnect_max_s)))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = lambda *_: self.subscribed.set()
-        client.on_message = lambda _c, _u, m: self.inbox.put((self, m.topic, m.payload, m.mid, m.qos))
+        if on_message is not None:
+            client.on_message = lambda _c, _u, m: on_message(m.topic, m.payload)
+        else:
+            client.on_message = lambda _c, _u, m: self.inbox.put((self, m.topic, m.payload, m.mid, m.qos))
         self.client = client
 
     def _on_connect(self, client, _userdata, _flags, reason_code, _properties) -> None:
@@ -102,39 +125,60 @@ class Connection:
             event(self.log, "broker refused the connection", logging.WARNING, reason=str(reason_code))
             return
         tcp_nodelay(client)
-        if self.subscriptions:
-            client.subscribe([(t, SubscribeOptions(qos=1)) for t in self.subscriptions])
+        self.subscribe(self.subscriptions)
         self.connected.set()
         event(self.log, "connected", host=self.cfg.host, port=self.cfg.port)
+        if self._on_connected is not None:
+            self._on_connected()
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
         self.connected.clear()
         self.subscribed.clear()
         event(self.log, "disconnected", logging.WARNING, reason=str(reason_code))
 
-    def start(self, stop: threading.Event) -> bool:
+    def start(self, stop: threading.Event | None = None, timeout_s: float | None = None) -> bool:
+        """Connect (retrying) and start the network thread; False when `stop` was set or `timeout_s` ran out."""
+        stop = stop or threading.Event()
+        deadline = time.monotonic() + (math.inf if timeout_s is None else timeout_s)
         props = connect_properties(self.cfg)
         for delay in backoff_delays(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s):
-            if stop.is_set():
+            if stop.is_set() or time.monotonic() >= deadline:
                 return False
             try:
                 self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
                                     clean_start=self.cfg.session_expiry_s == 0, properties=props)
                 break
-            except OSError as exc:
+            except OSError as exc:  # includes ssl.SSLError
                 event(self.log, "connect failed, retrying", logging.WARNING, error=str(exc), retry_in_s=round(delay, 2))
-                stop.wait(delay)
+                stop.wait(min(delay, max(0.0, deadline - time.monotonic())))
         self.client.loop_start()
         return True
+
+    def subscribe(self, topics: list[str]) -> None:
+        """QoS 1; extra subscriptions (OTA chunks) last as long as the session, not across a clean reconnect."""
+        if topics:
+            self.client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
+
+    def unsubscribe(self, topics: list[str] | None = None) -> None:
+        """`topics`, or this connection's own subscriptions (a no-op while disconnected)."""
+        topics = self.subscriptions if topics is None else topics
+        if topics:
+            self.client.unsubscribe(topics)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """QoS 1; while disconnected paho queues it and sends it after the reconnect."""
+        return self.client.publish(topic, payload, qos=1, retain=retain)
 
     def ack(self, mid: int, qos: int) -> None:
         if qos > 0:
             self.client.ack(mid, qos)
 
-    def unsubscribe(self) -> None:
-        if self.subscriptions and self.connected.is_set():
-            self.client.unsubscribe(self.subscriptions)
-
-    def close(self) -> None:
+    def close(self, last: tuple[str, bytes] | None = None, timeout_s: float = 5.0) -> None:
+        """Publish `last` (retained, if connected), disconnect cleanly (no last will), stop the network thread."""
+        if last is not None and self.connected.is_set():
+            try:
+                self.publish(*last, retain=True).wait_for_publish(timeout_s)
+            except (RuntimeError, ValueError):
+                pass
         self.client.disconnect()
         self.client.loop_stop()

@@ -28,7 +28,6 @@ from paho.mqtt.properties import Properties
 from experiments.mosquitto import MosquittoBroker, free_port, give_to_broker_user
 from fediomt import broker as broker_config
 from fediomt import pki
-from ledger.replication import signatures_topic
 from protocol import signing, topics
 from protocol.compression import decode_update
 from protocol.errors import Reason
@@ -76,7 +75,7 @@ def ca(workdir):
 
 def start_broker(workdir: Path, cfg_kwargs: dict, name: str) -> MosquittoBroker:
     port = free_port()
-    cfg = broker_config.BrokerConfig(port=port, bind="127.0.0.1", data_dir=workdir / name, **cfg_kwargs)
+    cfg = broker_config.BrokerFilesConfig(port=port, bind="127.0.0.1", data_dir=workdir / name, **cfg_kwargs)
     conf, _ = broker_config.write(cfg, workdir / f"{name}.conf")
     return MosquittoBroker(workdir=workdir / name, port=port, config_file=conf).start()
 
@@ -279,8 +278,8 @@ def test_edge_bridges_its_aggregate_to_the_cloud_over_mtls(ca, workdir):
         assert e2.publish(manifest, b"forged manifest") == NOT_AUTHORIZED
         # On the cloud broker an edge writes only its own aggregate and sees no other edge's; devices get nothing.
         assert e2.publish(topics.aggregate_topic(EDGE), b"forged") == NOT_AUTHORIZED
-        assert e2.publish(signatures_topic(EDGE), b"forged vote") == NOT_AUTHORIZED
-        assert e2.publish(signatures_topic("e2"), b"vote") in ACCEPTED
+        assert e2.publish(topics.ledger_vote_topic(EDGE), b"forged vote") == NOT_AUTHORIZED
+        assert e2.publish(topics.ledger_vote_topic("e2"), b"vote") in ACCEPTED
         assert device_at_cloud.publish(topics.aggregate_topic("d1"), b"x") == NOT_AUTHORIZED
         assert [t for t, _ in e2.messages] == [topics.CLOUD_MODEL]
     finally:
@@ -320,9 +319,9 @@ def test_committed_examples_are_what_the_generator_writes():
     examples = REPO / "deploy" / "mosquitto"
     etc, pki_dir = Path("/etc/mosquitto/fediomt"), Path("/etc/fediomt/pki")
     var = Path("/var/lib/mosquitto")
-    edge = broker_config.BrokerConfig(role="edge", id="edge-a", pki=pki_dir, cloud_host="cloud.example.org",
+    edge = broker_config.BrokerFilesConfig(role="edge", id="edge-a", pki=pki_dir, cloud_host="cloud.example.org",
                                       data_dir=var / "edge")
-    cloud = broker_config.BrokerConfig(role="cloud", id=pki.CLOUD_ID, pki=pki_dir, data_dir=var / "cloud")
+    cloud = broker_config.BrokerFilesConfig(role="cloud", id=pki.CLOUD_ID, pki=pki_dir, data_dir=var / "cloud")
     assert (examples / "edge.conf").read_text() == broker_config.render(edge, etc / "edge.acl")
     assert (examples / "cloud.conf").read_text() == broker_config.render(cloud, etc / "cloud.acl")
     assert (examples / "edge.acl").read_text() == broker_config.edge_acl("edge-a")
@@ -330,8 +329,8 @@ def test_committed_examples_are_what_the_generator_writes():
 
 
 def test_config_has_the_documented_hardening(ca, workdir):
-    conf, acl = broker_config.write(broker_config.BrokerConfig(role="edge", id=EDGE, pki=ca, cloud_host="cloud.lan"),
-                                    workdir / "check.conf")
+    conf, acl = broker_config.write(
+        broker_config.BrokerFilesConfig(role="edge", id=EDGE, pki=ca, cloud_host="cloud.lan"), workdir / "check.conf")
     text = conf.read_text()
     for line in ["allow_anonymous false", "require_certificate true", "use_identity_as_username true",
                  "tls_version tlsv1.3", "set_tcp_nodelay true", "persistence true", "bridge_protocol_version mqttv50",
@@ -340,11 +339,11 @@ def test_config_has_the_documented_hardening(ca, workdir):
         assert line in text.splitlines()
     assert f"pattern write fl/{EDGE}/updates/%u" in acl.read_text().splitlines()
     with pytest.raises(pki.PkiError, match="issue --server broker-nope"):
-        broker_config.write(broker_config.BrokerConfig(role="edge", id=EDGE, pki=ca, server="broker-nope"),
+        broker_config.write(broker_config.BrokerFilesConfig(role="edge", id=EDGE, pki=ca, server="broker-nope"),
                             workdir / "x.conf")
     exported = pki.export(ca, workdir / "cloud-host", [("server", "broker-cloud")])  # no index: edges must be named
     with pytest.raises(pki.PkiError, match="--edge"):
-        broker_config.write(broker_config.BrokerConfig(role="cloud", id="cloud", pki=exported), workdir / "y.conf")
+        broker_config.write(broker_config.BrokerFilesConfig(role="cloud", id="cloud", pki=exported), workdir / "y.conf")
 
 
 def test_edge_replicas_split_updates_through_a_shared_subscription(ca, edge_broker, sessions):

@@ -158,7 +158,7 @@ def test_skipped_declined_delta_model_and_scaffold(fed):
 
 def test_ota_push_installs_a_new_bundle_that_the_agent_trains_with(fed, tmp_path):
     from cloud.push import push_bundle
-    from edge.config import BrokerConfig as PushBroker
+    from protocol.mqtt import ConnectionConfig
 
     config = fed.device(privacy={"epsilon": 100.0})
     fed.start(config)
@@ -166,7 +166,7 @@ def test_ota_push_installs_a_new_bundle_that_the_agent_trains_with(fed, tmp_path
     manifest = load_bundle(PREBUILT / MODEL, load_public_key(DEV_PUB)).manifest
     v2 = write_bundle(tmp_path / "v2", (PREBUILT / MODEL / MODEL_FILE).read_bytes(), {**manifest, "version": 2},
                       load_private_key(DEV_KEY))
-    push_bundle(v2, manifest["device_class"], ["e1"], PushBroker(port=fed.broker.port), fed.cloud_key,
+    push_bundle(v2, manifest["device_class"], ["e1"], ConnectionConfig(port=fed.broker.port), fed.cloud_key,
                 message_cap=16 * 1024, bundle_key=load_public_key(DEV_PUB))
     wait_log(config, "bundle loaded", version=2, timeout=30)
     fed.cloud.publish_model(MODEL, 1, fed.weights)
@@ -282,7 +282,7 @@ def test_mtls_broker_with_client_certificates_and_acl(tmp_path, bundle):
     device, edge = pki.issue(ca, "device", "d1"), pki.issue(ca, "edge", "e1")
     give_to_broker_user(pki.issue(ca, "server", "broker-e1").key)
     port = free_port()
-    conf, _ = broker_config.write(broker_config.BrokerConfig(role="edge", id="e1", pki=ca, port=port,
+    conf, _ = broker_config.write(broker_config.BrokerFilesConfig(role="edge", id="e1", pki=ca, port=port,
                                                              bind="127.0.0.1", data_dir=work / "broker"),
                                   work / "broker.conf")
     cloud_key = generate_signing_key()

@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.config import BrokerConfig, CapabilityConfig, DeviceConfig, OtaConfig, PrivacyConfig, load_config
+from device.config import (
+    CapabilityConfig,
+    DeviceConfig,
+    DeviceConnectionConfig,
+    OtaConfig,
+    PrivacyConfig,
+    load_config,
+)
 from device.data import load_data
 from device.runtime import TrainableModel
 from device.state import DeviceState, load_state, save_state
@@ -39,7 +46,7 @@ def cnn():
 # ------------------------------------------------------------------ config
 def test_example_config_documents_the_defaults():
     cfg = load_config(REPO / "configs" / "device.toml")
-    for section, cls in ((cfg.broker, BrokerConfig), (cfg.capability, CapabilityConfig),
+    for section, cls in ((cfg.broker, DeviceConnectionConfig), (cfg.capability, CapabilityConfig),
                          (cfg.privacy, PrivacyConfig), (cfg.ota, OtaConfig)):
         assert section == cls(), f"configs/device.toml disagrees with the {cls.__name__} defaults"
     for f in fields(DeviceConfig):

@@ -17,10 +17,13 @@ from hypothesis import strategies as st
 
 from ledger.chain import Block, make_genesis, sign_block, verify_chain
 from ledger.consortium import load_consortium, open_ledger
-from ledger.replication import BLOCKS, PROPOSALS, MqttNode, Proposer, Validator
+from ledger.replication import MqttNode, Proposer, Validator
 from ledger.store import Ledger, propose_block
 from protocol import signing
 from protocol.errors import ProtocolError, Reason
+from protocol.mqtt import ConnectionConfig
+from protocol.topics import LEDGER_BLOCKS as BLOCKS
+from protocol.topics import LEDGER_PROPOSALS as PROPOSALS
 
 from .harness import REPO, wait_for
 from .test_ledger import VALIDATORS, contributions, membership
@@ -45,7 +48,7 @@ def cluster(broker, tmp_path):
             core = Proposer(name, keys[name], ledger(name))
         else:
             core = Validator(name, keys[name], ledger(name, seeded), genesis_hash=genesis.hash)
-        nodes[name] = MqttNode(core, broker.host, broker.port).start()
+        nodes[name] = MqttNode(core, ConnectionConfig(host=broker.host, port=broker.port)).start()
         return nodes[name]
 
     yield start, nodes, keys
@@ -79,7 +82,7 @@ def test_replicas_converge_and_catch_up(cluster):
     # edge-b goes offline for a round (quorum is 3 of 4: cloud, edge-a, edge-c), then catches up on reconnect
     nodes["edge-b"].stop()
     cloud.commit(round_block(cloud, 3))
-    nodes["edge-b"] = MqttNode(nodes["edge-b"].node, *(cloud.host, cloud.port), client_id="ledger-edge-b-2").start()
+    nodes["edge-b"] = MqttNode(nodes["edge-b"].node, cloud.conn.cfg, client_id="ledger-edge-b-2").start()
     wait_for(lambda: len({n.node.ledger.head.hash for n in nodes.values()}) == 1
              and nodes["edge-b"].node.ledger.height == 5)
     for node in nodes.values():
@@ -141,7 +144,8 @@ def test_replica_daemon_signs_replicates_and_stops_on_sigterm(broker, tmp_path):
     consortium.write_text('quorum_fraction = 1.0\n[validators]\ncloud = "cloud.pub"\nedge-a = "edge-a.pub"\n'
                           "[policy]\ntokens_per_round = 50\n")
     cloud_ledger = open_ledger(tmp_path / "cloud.db", load_consortium(consortium))
-    cloud = MqttNode(Proposer("cloud", keys["cloud"], cloud_ledger), broker.host, broker.port).start()
+    cloud = MqttNode(Proposer("cloud", keys["cloud"], cloud_ledger),
+                     ConnectionConfig(host=broker.host, port=broker.port)).start()
     daemon = subprocess.Popen([sys.executable, "-m", "fediomt", "ledger", "replica", str(tmp_path / "edge-a.db"),
                                "--consortium", str(consortium), "--id", "edge-a", "--key", str(tmp_path / "edge-a.key"),
                                "--host", broker.host, "--port", str(broker.port)],

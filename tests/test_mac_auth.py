@@ -19,7 +19,7 @@ from device.agent import DeviceAgent
 from device.config import load_config as load_device_config
 from device.runtime import TrainableModel
 from device.sandbox import provision
-from edge.config import BrokerConfig, EdgeConfig
+from edge.config import EdgeConfig
 from edge.gateway import Gateway
 from fediomt import pki
 from protocol import signing
@@ -39,6 +39,7 @@ from protocol.messages import (
     sign_message,
     verify_mac_raw,
 )
+from protocol.mqtt import ConnectionConfig
 from protocol.samples import sample_messages
 
 from .conftest import REPO
@@ -179,7 +180,7 @@ def test_device_agent_with_auth_mac_is_accepted_by_a_real_edge_through_mosquitto
     (tmp_path / "edge").mkdir()
     gateway = Gateway(EdgeConfig(edge_id="e1", state_dir=tmp_path / "edge", enrolment_dir=tmp_path / "enrolment",
                                  signing_key=tmp_path / "edge.key", cloud_public_key=tmp_path / "cloud.pub",
-                                 broker=BrokerConfig(port=broker.port), accept_signatures=False),
+                                 broker=ConnectionConfig(port=broker.port), accept_signatures=False),
                       logging.getLogger("test.edge"))
     agent = DeviceAgent(load_device_config(config), logging.getLogger("test.device"))
     seen: dict[str, bytes] = {}

@@ -15,10 +15,10 @@ import pytest
 from cloud.push import plan_push, publish_push, push_bundle
 from device.flash import flash_local
 from device.ota import OtaClient, OtaConfig, OtaReceiver
-from edge.config import BrokerConfig
 from experiments.mosquitto import MosquittoBroker
 from protocol.bundle import load_bundle, pack_bundle, write_bundle
 from protocol.messages import encode, sign_message
+from protocol.mqtt import ConnectionConfig
 from protocol.signing import generate_signing_key
 from protocol.topics import bundle_chunk_topic, bundle_manifest_topic
 
@@ -62,23 +62,23 @@ def test_push_through_capped_broker_to_five_devices(tmp_path, keys, source):
         devices: list[OtaClient] = []
         dropped = threading.Event()
         requests_at_drop: list[int] = []
+        cfg = ConnectionConfig(host=broker.host, port=broker.port)
 
         def drop_after_two(received: int, _total: int) -> None:
             if received == 2 and not dropped.is_set():  # the link dies mid-transfer (paho reconnects by itself)
                 dropped.set()
                 requests_at_drop.append(len(devices[4].subscribe_requests))
-                devices[4].client.socket().shutdown(socket.SHUT_RDWR)
+                devices[4].conn.client.socket().shutdown(socket.SHUT_RDWR)
 
         for i in range(5):
             root = tmp_path / f"dev{i}"
             flash_local(load_bundle(v1, bkey.public_key()), root, bkey.public_key())
-            devices.append(OtaClient(f"dev{i}", broker.host, broker.port, OtaConfig(EDGE, CLS, root),
+            devices.append(OtaClient(f"dev{i}", cfg, OtaConfig(EDGE, CLS, root),
                                      cloud.public_key(), bkey.public_key(), samples=lambda: samples,
                                      on_progress=drop_after_two if i == 4 else None))
         for d in devices:
             d.start()
-            assert d.connected.wait(10)
-        cfg = BrokerConfig(host=broker.host, port=broker.port)
+            assert d.conn.connected.wait(10)
 
         start = time.monotonic()
         report = push_bundle(v2, CLS, [EDGE], cfg, cloud, message_cap=CAP, bundle_key=bkey.public_key())
@@ -122,7 +122,7 @@ def test_push_through_capped_broker_to_five_devices(tmp_path, keys, source):
 def _client(broker):
     from cloud.push import connect
 
-    return connect(BrokerConfig(host=broker.host, port=broker.port), "tamperer")
+    return connect(ConnectionConfig(host=broker.host, port=broker.port), "tamperer")
 
 
 class Feed:
@@ -194,10 +194,11 @@ def test_push_cli(tmp_path, keys, source, broker, capsys):
     save_private_key(keys["cloud"], tmp_path / "cloud.key")
     save_public_key(keys["bundle"].public_key(), tmp_path / "bundle.pub")
     v1 = make_bundle(tmp_path, source, keys["bundle"], 1)
-    device = OtaClient("d", broker.host, broker.port, OtaConfig(EDGE, CLS, tmp_path / "dev"),
-                       keys["cloud"].public_key(), keys["bundle"].public_key()).start()
+    device = OtaClient("d", ConnectionConfig(host=broker.host, port=broker.port),
+                       OtaConfig(EDGE, CLS, tmp_path / "dev"), keys["cloud"].public_key(),
+                       keys["bundle"].public_key()).start()
     try:
-        assert device.connected.wait(10)
+        assert device.conn.connected.wait(10)
         common = ["push", str(v1), "--class", CLS, "--edge", EDGE, "--key", str(tmp_path / "cloud.key"),
                   "--host", broker.host, "--port", str(broker.port), "--pubkey", str(tmp_path / "bundle.pub")]
         # a chunk that would not fit the broker's cap is refused before anything is published
@@ -223,9 +224,10 @@ def test_push_on_the_cloud_broker_reaches_a_device_through_the_edge_bridge(tmp_p
                 "remote_clientid bridge-edge1", "cleansession false", "try_private true",
                 f"topic fl/{EDGE}/bundles/# in 1", f"message_size_limit {CAP}"]) as edge_mq:
         push_bundle(make_bundle(tmp_path, source, bkey, 1), CLS, [EDGE],
-                    BrokerConfig(host=cloud_mq.host, port=cloud_mq.port), keys["cloud"], message_cap=CAP)
+                    ConnectionConfig(host=cloud_mq.host, port=cloud_mq.port), keys["cloud"], message_cap=CAP)
         # the device connects only after the push: everything it needs is retained on its edge broker
-        device = OtaClient("late", edge_mq.host, edge_mq.port, OtaConfig(EDGE, CLS, tmp_path / "dev"),
+        device = OtaClient("late", ConnectionConfig(host=edge_mq.host, port=edge_mq.port),
+                           OtaConfig(EDGE, CLS, tmp_path / "dev"),
                            keys["cloud"].public_key(), bkey.public_key()).start()
         try:
             wait_until(lambda: device.receiver.installed_version == 1)

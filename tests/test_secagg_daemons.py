@@ -23,7 +23,7 @@ from device.agent import DeviceAgent
 from device.config import load_config as load_device_config
 from device.runtime import TrainableModel
 from device.sandbox import provision
-from edge.config import BrokerConfig, EdgeConfig
+from edge.config import EdgeConfig
 from edge.gateway import Gateway
 from protocol.bundle import load_bundle
 from protocol.compression import decode_update
@@ -39,6 +39,7 @@ from protocol.messages import (
     sign_message,
     verify_message,
 )
+from protocol.mqtt import ConnectionConfig
 from protocol.secagg.deploy import MaskedRound
 from protocol.secagg.inprocess import run_cohort
 from protocol.signing import generate_signing_key, load_public_key, save_private_key, save_public_key
@@ -103,7 +104,7 @@ def deployment(tmp_path, broker):
                                   secagg_timeout_s=60.0)
         shutil.copy(tmp_path / name / f"{name}.pub", enrol / f"{name}.pub")
     cfg = EdgeConfig(edge_id="e1", state_dir=tmp_path / "edge", enrolment_dir=enrol, signing_key=tmp_path / "edge.key",
-                     cloud_public_key=tmp_path / "cloud.pub", broker=BrokerConfig(port=broker.port),
+                     cloud_public_key=tmp_path / "cloud.pub", broker=ConnectionConfig(port=broker.port),
                      secagg_step_timeout_s=STEP_TIMEOUT_S)
     (tmp_path / "edge").mkdir()
     gateway = Gateway(cfg, logging.getLogger("test.edge"))

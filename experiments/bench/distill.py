@@ -58,19 +58,20 @@ def push_seconds(bundle: Path, key, n_devices: int, samples: np.ndarray, tmp: Pa
     """Wall time from the start of `push_bundle` until every device has installed (and smoke-tested) it."""
     from cloud.push import push_bundle
     from device.ota import OtaClient, OtaConfig
-    from edge.config import BrokerConfig
     from experiments.mosquitto import MosquittoBroker
+    from protocol.mqtt import ConnectionConfig
 
     with MosquittoBroker(extra_config=[f"message_size_limit {MESSAGE_CAP}"], workdir=tmp / f"mq{n_devices}") as mq:
-        devices = [OtaClient(f"d{i}", mq.host, mq.port,
+        broker = ConnectionConfig(host=mq.host, port=mq.port)
+        devices = [OtaClient(f"d{i}", broker,
                              OtaConfig("edge1", device_class, tmp / f"{device_class}{n_devices}-d{i}"),
                              key.public_key(), key.public_key(), samples=lambda: samples).start()
                    for i in range(n_devices)]
         try:
             for d in devices:
-                d.connected.wait(10)
+                d.conn.connected.wait(10)
             start = time.monotonic()
-            push_bundle(bundle, device_class, ["edge1"], BrokerConfig(host=mq.host, port=mq.port), key,
+            push_bundle(bundle, device_class, ["edge1"], broker, key,
                         message_cap=MESSAGE_CAP)
             deadline = start + 120
             while any(d.receiver.installed_version == 0 for d in devices):

@@ -59,6 +59,7 @@ from protocol.messages import (
     verify_raw,
 )
 from protocol.table import print_table
+from protocol.topics import ANY, ack_topic, update_topic
 
 PARAMS = 100_000
 KRUM_MAX = 2_000
@@ -267,13 +268,13 @@ def _mqtt_case(n: int, rng: np.random.Generator) -> dict:
         ready = threading.Event()
         client.on_subscribe = lambda *_: ready.set()
         client.connect(broker.host, broker.port)
-        client.subscribe("fl/bench/ack/+", qos=1)
+        client.subscribe(ack_topic("bench", ANY), qos=1)
         client.loop_start()
         if not (gateway.local.subscribed.wait(30) and ready.wait(30)):
             raise RuntimeError("the edge or the bench client did not subscribe within 30 s")
         t0 = time.perf_counter()
         for d, m in msgs:
-            client.publish(f"fl/bench/updates/{d}", m, qos=1)
+            client.publish(update_topic("bench", d), m, qos=1)
         deadline, got = time.monotonic() + 120, 0
         while got < len(msgs) and acks.acquire(timeout=max(0.0, deadline - time.monotonic())):
             got += 1

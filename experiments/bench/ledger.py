@@ -29,6 +29,7 @@ from ledger.scoring import (
 )
 from ledger.store import Ledger, propose_block
 from protocol import signing
+from protocol.mqtt import ConnectionConfig
 from protocol.table import print_table
 
 
@@ -120,7 +121,7 @@ def commit_latency(workdir: Path, quick: bool) -> dict:
             ledger = Ledger.open(workdir / f"{v}.db")
             ledger.append(genesis)
             core = Proposer(v, keys[v], ledger) if v == "cloud" else Validator(v, keys[v], ledger)
-            nodes.append(MqttNode(core, broker.host, broker.port).start())
+            nodes.append(MqttNode(core, ConnectionConfig(host=broker.host, port=broker.port)).start())
         cloud = nodes[0]
         latencies = []
         for r in range(rounds):
