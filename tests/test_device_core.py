@@ -10,7 +10,6 @@ import sys
 import textwrap
 import time
 from dataclasses import fields
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,8 +32,7 @@ from protocol.bundle import load_bundle
 from protocol.messages import TrainingPlan
 from protocol.signing import load_public_key
 
-REPO = Path(__file__).resolve().parent.parent
-PREBUILT = REPO / "firmware_models" / "prebuilt"
+from .harness import PREBUILT, REPO, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +140,8 @@ def test_state_survives_kill_9_at_any_moment(tmp_path):
     rng = np.random.default_rng(1)
     for _ in range(3):
         proc = subprocess.Popen([sys.executable, "-c", writer], cwd=REPO)
-        deadline = time.monotonic() + 20
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(float(rng.uniform(0.05, 0.3)))
+        wait_for(path.exists, 20, 0.01, message="the writer's first state")
+        time.sleep(float(rng.uniform(0.05, 0.3)))  # the kill lands at a random moment of the writes
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         state = load_state(path)
