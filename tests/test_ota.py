@@ -22,7 +22,8 @@ from protocol.mqtt import ConnectionConfig
 from protocol.signing import generate_signing_key
 from protocol.topics import bundle_chunk_topic, bundle_manifest_topic
 
-PREBUILT = Path(__file__).resolve().parents[1] / "firmware_models" / "prebuilt"
+from .harness import DEV_PUB, MODEL, PREBUILT, wait_for
+
 CAP = 16 * 1024
 EDGE, CLS = "edge1", "wearable"
 
@@ -36,21 +37,13 @@ def keys():
 def source():
     from protocol.signing import load_public_key
 
-    return load_bundle(PREBUILT / "wearable_cnn", load_public_key(PREBUILT / "DEVELOPMENT_ONLY_signing.key.pub"))
+    return load_bundle(PREBUILT / MODEL, load_public_key(DEV_PUB))
 
 
 def make_bundle(tmp: Path, source, key, version: int, model_bytes: bytes | None = None) -> Path:
     """The prebuilt wearable_cnn (64 KB model) re-signed with our key at `version` (no TensorFlow needed)."""
     return write_bundle(tmp / f"v{version}-{'bad' if model_bytes else 'ok'}", model_bytes or source.model_bytes,
                         {**source.manifest, "version": version}, key)
-
-
-def wait_until(predicate, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
 
 
 def test_push_through_capped_broker_to_five_devices(tmp_path, keys, source):
@@ -82,7 +75,7 @@ def test_push_through_capped_broker_to_five_devices(tmp_path, keys, source):
 
         start = time.monotonic()
         report = push_bundle(v2, CLS, [EDGE], cfg, cloud, message_cap=CAP, bundle_key=bkey.public_key())
-        wait_until(lambda: all(d.receiver.installed_version == 2 for d in devices))
+        wait_for(lambda: all(d.receiver.installed_version == 2 for d in devices), 20, message="v2 installed on all 5")
         elapsed = time.monotonic() - start
         print(f"push of {report.size} B in {report.chunks} chunks to 5 devices: {elapsed:.2f} s")
         assert report.chunks >= 4 and report.size > 50_000
@@ -97,7 +90,7 @@ def test_push_through_capped_broker_to_five_devices(tmp_path, keys, source):
 
         # a downgrade is refused and nothing changes
         push_bundle(v1, CLS, [EDGE], cfg, cloud, message_cap=CAP)
-        wait_until(lambda: all(len(d.receiver.results) == 2 for d in devices))
+        wait_for(lambda: all(len(d.receiver.results) == 2 for d in devices), 20, message="the downgrade's verdicts")
         assert all(d.receiver.results[-1].reason == "DOWNGRADE" and d.receiver.installed_version == 2
                    for d in devices)
 
@@ -108,13 +101,13 @@ def test_push_through_capped_broker_to_five_devices(tmp_path, keys, source):
         bad[100] ^= 0xFF
         chunks[1] = dataclasses.replace(chunks[1], data=bytes(bad))
         publish_push(_client(broker), [EDGE], manifest, chunks, CAP)
-        wait_until(lambda: all(len(d.receiver.results) == 3 for d in devices))
+        wait_for(lambda: all(len(d.receiver.results) == 3 for d in devices), 20, message="the tampered push's verdicts")
         assert all(d.receiver.results[-1].outcome == "refused" and d.receiver.results[-1].reason == "BAD_HASH"
                    and d.receiver.installed_version == 2 for d in devices)
 
         # the genuine push of the same version then goes through, over the tampered retained chunks
         push_bundle(v3, CLS, [EDGE], cfg, cloud, message_cap=CAP)
-        wait_until(lambda: all(d.receiver.installed_version == 3 for d in devices))
+        wait_for(lambda: all(d.receiver.installed_version == 3 for d in devices), 20, message="v3 installed on all 5")
         for d in devices:
             d.stop()
 
@@ -206,7 +199,7 @@ def test_push_cli(tmp_path, keys, source, broker, capsys):
         assert "exceeds the broker cap" in capsys.readouterr().err
         assert main([*common, "--max-message-bytes", "16384"]) == 0
         assert '"chunks": 5' in capsys.readouterr().out
-        wait_until(lambda: device.receiver.installed_version == 1)
+        wait_for(lambda: device.receiver.installed_version == 1, 20, message="v1 installed")
         # a bundle that does not verify against --pubkey is not pushed at all
         other = make_bundle(tmp_path / "other", source, generate_signing_key(), 2)
         assert main([*common[:1], str(other), *common[2:]]) == 1
@@ -230,6 +223,6 @@ def test_push_on_the_cloud_broker_reaches_a_device_through_the_edge_bridge(tmp_p
                            OtaConfig(EDGE, CLS, tmp_path / "dev"),
                            keys["cloud"].public_key(), bkey.public_key()).start()
         try:
-            wait_until(lambda: device.receiver.installed_version == 1)
+            wait_for(lambda: device.receiver.installed_version == 1, 20, message="v1 installed")
         finally:
             device.stop()
