@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import pytest
 from device.agent import DeviceAgent
 from device.config import load_config
 from device.runtime import TrainableModel
-from device.sandbox import ScriptedCloud, provision
+from device.sandbox import ScriptedCloud
 from device.state import load_state
 from device.training import train_round
 from experiments.mosquitto import MosquittoBroker
@@ -32,13 +31,10 @@ from protocol.errors import ProtocolError, Reason
 from protocol.messages import TrainingPlan, verify_message
 from protocol.signing import generate_signing_key, load_private_key, load_public_key, save_public_key
 
-REPO = Path(__file__).resolve().parent.parent
-PREBUILT = REPO / "firmware_models" / "prebuilt"
-DEV_KEY, DEV_PUB = PREBUILT / "DEVELOPMENT_ONLY_signing.key", PREBUILT / "DEVELOPMENT_ONLY_signing.key.pub"
-MODEL = "wearable_cnn"
+from .harness import DEV_KEY, DEV_PUB, MODEL, PLAN, PREBUILT, REPO, device_data, provision_device, wait_for
+
 DENSE = {"method": "dense", "density": 1.0, "bits": 32, "block_size": 256, "stochastic": False, "seed": None,
          "entropy": False}
-PLAN = TrainingPlan(lr=0.05, local_epochs=1, batch_size=32, clip=1.0, noise_mult=1.1)
 
 
 @pytest.fixture(scope="module")
@@ -47,37 +43,22 @@ def bundle():
 
 
 @pytest.fixture
-def fed(tmp_path, broker, bundle):
+def fed(tmp_path, broker, bundle, daemons):
     """A cloud key, a scripted cloud/edge on the broker, and a factory of provisioned devices."""
     cloud_key = generate_signing_key()
     save_public_key(cloud_key.public_key(), tmp_path / "cloud.pub")
     cloud = ScriptedCloud(broker.port, "e1", cloud_key)
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(128, 100, 6)).astype(np.float32), rng.integers(0, 7, 128)
+    x, y = device_data(128)  # what provision_device gives every device
     weights = TrainableModel(bundle.model_bytes, bundle.manifest).get_flat() + 0.01  # a "global" model
-    procs = []
 
     def device(name: str = "d1", **overrides) -> Path:
-        return provision(tmp_path / name, name, "e1", PREBUILT / MODEL, DEV_PUB, tmp_path / "cloud.pub", x, y,
-                         broker.port, **overrides)
+        return provision_device(tmp_path, name, broker.port, **overrides)
 
     def start(config: Path) -> subprocess.Popen:
-        log = open(config.parent / "agent.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([sys.executable, "-m", "fediomt", "device", "run", "--config", str(config)],
-                                cwd=REPO, stderr=log, stdout=log)
-        log.close()
-        procs.append(proc)
-        return proc
+        return daemons.process("device", "run", "--config", str(config), log=config.parent / "agent.log")
 
     yield type("Fed", (), dict(cloud=cloud, device=staticmethod(device), start=staticmethod(start), x=x, y=y,
                                weights=weights, broker=broker, cloud_key=cloud_key))
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     cloud.close()
 
 
@@ -88,13 +69,10 @@ def logs(config: Path) -> list[dict]:
 
 
 def wait_log(config: Path, msg: str, timeout: float = 20.0, **fields) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for entry in logs(config):
-            if entry["msg"] == msg and all(entry.get(k) == v for k, v in fields.items()):
-                return entry
-        time.sleep(0.05)
-    raise AssertionError(f"no log {msg!r} {fields} in {[e['msg'] for e in logs(config)]}")
+    """The first log entry `msg` with `fields`, once the agent wrote it."""
+    return wait_for(lambda: next((e for e in logs(config) if e["msg"] == msg
+                                  and all(e.get(k) == v for k, v in fields.items())), None),
+                    timeout, 0.05, lambda: f"log {msg!r} {fields} in {[e['msg'] for e in logs(config)]}")
 
 
 def test_update_arrives_decodes_verifies_and_matches_the_interpreter(fed, bundle):
@@ -287,11 +265,9 @@ def test_mtls_broker_with_client_certificates_and_acl(tmp_path, bundle):
                                   work / "broker.conf")
     cloud_key = generate_signing_key()
     save_public_key(cloud_key.public_key(), tmp_path / "cloud.pub")
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(64, 100, 6)).astype(np.float32), rng.integers(0, 7, 64)
-    config = provision(tmp_path / "d1", "d1", "e1", PREBUILT / MODEL, DEV_PUB, tmp_path / "cloud.pub", x, y, port,
-                       broker={"host": "localhost", "ca": str(device.ca), "cert": str(device.cert),
-                               "key": str(device.key)}, signing_key=str(device.sign_key), privacy={"epsilon": 100.0})
+    config = provision_device(tmp_path, "d1", port, samples=64, signing_key=str(device.sign_key),
+                              broker={"host": "localhost", "ca": str(device.ca), "cert": str(device.cert),
+                                      "key": str(device.key)}, privacy={"epsilon": 100.0})
     with MosquittoBroker(workdir=work / "broker", port=port, config_file=conf):
         cloud = ScriptedCloud(port, "e1", cloud_key, host="localhost", client_id="e1",
                               tls=(edge.ca, edge.cert, edge.key))
