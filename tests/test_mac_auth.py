@@ -5,48 +5,33 @@ Real PKI, real keys; one device agent end to end through a real Mosquitto to the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
-import threading
-import time
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
 from device.agent import DeviceAgent
 from device.config import load_config as load_device_config
-from device.runtime import TrainableModel
-from device.sandbox import provision
 from edge.config import EdgeConfig
 from edge.gateway import Gateway
 from fediomt import pki
 from protocol import signing
-from protocol.bundle import load_bundle
 from protocol.errors import ProtocolError, Reason
 from protocol.keyring import KeyRing
 from protocol.messages import (
     Ack,
     DeviceUpdate,
-    GlobalModel,
-    RoundAnnouncement,
-    TrainingPlan,
     decode,
     encode,
-    floats_to_bytes,
     mac_message,
-    sign_message,
     verify_mac_raw,
 )
 from protocol.mqtt import ConnectionConfig
 from protocol.samples import sample_messages
 
-from .conftest import REPO
-from .harness import Fed, open_round
+from .harness import Fed, bundle_weights, open_round, provision_device, publish_cloud_round
 from .test_keyring import Clock
-
-PREBUILT = REPO / "firmware_models" / "prebuilt"
 
 
 @pytest.fixture
@@ -164,58 +149,28 @@ def test_removed_mac_file_is_forgotten_after_the_check_interval(ca, tmp_path):
     assert keys.entry("d1").mac is None and keys.entry("d1").key is not None
 
 
-def test_device_agent_with_auth_mac_is_accepted_by_a_real_edge_through_mosquitto(ca, tmp_path, broker):
+def test_device_agent_with_auth_mac_is_accepted_by_a_real_edge_through_mosquitto(ca, tmp_path, broker, recorder,
+                                                                                   daemons):
     """accept_signatures = false at the edge: only the MAC path can accept the agent's update."""
     cloud_key, edge_key = signing.generate_signing_key(), signing.generate_signing_key()
     signing.save_public_key(cloud_key.public_key(), tmp_path / "cloud.pub")
     signing.save_private_key(edge_key, tmp_path / "edge.key")
     pki.enrolment(ca, tmp_path / "enrolment", edge="e1")
     ident = pki.identity(ca, "device", "d1")
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(64, 100, 6)).astype(np.float32), rng.integers(0, 7, 64)
-    config = provision(tmp_path / "d1", "d1", "e1", PREBUILT / "wearable_cnn",
-                       PREBUILT / "DEVELOPMENT_ONLY_signing.key.pub", tmp_path / "cloud.pub", x, y, broker.port,
-                       signing_key=str(ident.sign_key), auth="mac", mac_key=str(ident.mac_key),
-                       privacy={"epsilon": 100.0})
+    config = provision_device(tmp_path, "d1", broker.port, samples=64, signing_key=str(ident.sign_key), auth="mac",
+                              mac_key=str(ident.mac_key), privacy={"epsilon": 100.0})
     (tmp_path / "edge").mkdir()
     gateway = Gateway(EdgeConfig(edge_id="e1", state_dir=tmp_path / "edge", enrolment_dir=tmp_path / "enrolment",
                                  signing_key=tmp_path / "edge.key", cloud_public_key=tmp_path / "cloud.pub",
                                  broker=ConnectionConfig(port=broker.port), accept_signatures=False),
                       logging.getLogger("test.edge"))
     agent = DeviceAgent(load_device_config(config), logging.getLogger("test.device"))
-    seen: dict[str, bytes] = {}
-    got = threading.Event()
-
-    def on_message(_c, _u, msg) -> None:
-        seen[msg.topic] = msg.payload
-        got.set() if msg.topic == "fl/e1/ack/d1" else None
-
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="observer", protocol=mqtt.MQTTv5)
-    client.on_message = on_message
-    client.connect("127.0.0.1", broker.port)
-    client.subscribe([("fl/e1/updates/d1", 1), ("fl/e1/ack/d1", 1)])
-    client.loop_start()
-    threads = [threading.Thread(target=t.run, daemon=True) for t in (gateway, agent)]
-    for t in threads:
-        t.start()
-    try:
-        bundle = load_bundle(PREBUILT / "wearable_cnn", signing.load_public_key(
-            PREBUILT / "DEVELOPMENT_ONLY_signing.key.pub"))
-        weights = floats_to_bytes(TrainableModel(bundle.model_bytes, bundle.manifest).get_flat())
-        model = GlobalModel("wearable_cnn", 1, "full", None, len(weights) // 4, weights,
-                            hashlib.sha256(weights).digest())
-        ann = RoundAnnouncement(1, "wearable_cnn", 1, "fedavg", time.time() + 120,
-                                TrainingPlan(0.05, 1, 32, 1.0, 1.1), {}, edges=["e1"])
-        client.publish("fl/cloud/model", encode(sign_message(model, cloud_key)), qos=1, retain=True)
-        client.publish("fl/cloud/round", encode(sign_message(ann, cloud_key)), qos=1, retain=True)
-        assert got.wait(60), sorted(seen)
-    finally:
-        agent.stop.set()
-        gateway.stop.set()
-        for t in threads:
-            t.join(15)
-        client.disconnect()
-        client.loop_stop()
+    observer = recorder(["fl/e1/updates/d1", "fl/e1/ack/d1"], client_id="observer")
+    daemons.thread(gateway)
+    daemons.thread(agent)
+    publish_cloud_round(observer, cloud_key, bundle_weights())
+    observer.wait(lambda _: observer.payloads("fl/e1/ack/d1"), 60, "d1's Ack")
+    seen = dict(observer.messages)                                    # the last of each topic
     assert len(decode(seen["fl/e1/updates/d1"], expect=DeviceUpdate).sig) == 32
     ack = decode(seen["fl/e1/ack/d1"], expect=Ack)
     assert ack.accepted and ack.reason == Reason.OK, ack
