@@ -4,165 +4,87 @@ after sharing them: the edge forwards the mean of the survivors' clipped deltas 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
 from cloud.config import CloudConfig
 from device.agent import DeviceAgent
 from device.config import load_config as load_device_config
-from device.runtime import TrainableModel
-from device.sandbox import provision
 from edge.config import EdgeConfig
 from edge.gateway import Gateway
-from protocol.bundle import load_bundle
 from protocol.compression import decode_update
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
     EdgeAggregate,
-    GlobalModel,
     RoundAnnouncement,
-    TrainingPlan,
     decode,
-    encode,
-    floats_to_bytes,
-    sign_message,
     verify_message,
 )
 from protocol.mqtt import ConnectionConfig
 from protocol.secagg.deploy import MaskedRound
 from protocol.secagg.inprocess import run_cohort
-from protocol.signing import generate_signing_key, load_public_key, save_private_key, save_public_key
+from protocol.signing import generate_signing_key, save_private_key, save_public_key
 
-from .conftest import REPO
-from .harness import Fed, aggregate_of, open_round
+from .harness import MODEL, PLAN, Fed, aggregate_of, bundle_weights, open_round, provision_device, publish_cloud_round
 
-PREBUILT = REPO / "firmware_models" / "prebuilt"
-DEV_PUB = PREBUILT / "DEVELOPMENT_ONLY_signing.key.pub"
-MODEL = "wearable_cnn"
-PLAN = TrainingPlan(lr=0.05, local_epochs=1, batch_size=32, clip=1.0, noise_mult=1.1)
 SECAGG = {"mode": "untrusted_edge", "graph": "full", "threshold": 0.3, "min_cohort": 3, "clip": 0.5, "bits": 16,
           "seed": 12345, "density": 0.5}
 SURVIVORS, VICTIMS = ["s1", "s2", "s3", "s4"], ["v1", "v2"]
-STEP_TIMEOUT_S = 10.0
-
-
-class Observer:
-    """Watches the broker: plaintext updates (there must be none), secagg uplink messages, aggregates, statuses."""
-
-    def __init__(self, port: int) -> None:
-        self.lock, self.seen, self.on_topic = threading.Condition(), [], {}
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="observer", protocol=mqtt.MQTTv5)
-        c.on_message = self._on_message
-        c.connect("127.0.0.1", port)
-        c.subscribe([("fl/e1/updates/+", 1), ("fl/e1/secagg/+/+", 1), ("fl/cloud/aggregates/+", 1),
-                     ("fl/e1/status/+", 1)])
-        c.loop_start()
-        self.client = c
-
-    def _on_message(self, _c, _u, msg) -> None:
-        action = self.on_topic.pop(msg.topic, None)
-        if action is not None:
-            action()                                  # on paho's thread: before anything else is handled
-        with self.lock:
-            self.seen.append((msg.topic, msg.payload))
-            self.lock.notify_all()
-
-    def wait(self, pred, timeout: float) -> list:
-        with self.lock:
-            assert self.lock.wait_for(lambda: pred(self.seen), timeout), sorted({t for t, _ in self.seen})
-            return list(self.seen)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+STEP_TIMEOUT_S = 4.0  # the edge waits two whole steps for the dead: as short as live devices allow
 
 
 @pytest.fixture
-def deployment(tmp_path, broker):
+def deployment(tmp_path, broker, recorder, daemons):
+    """Six provisioned devices, the edge gateway in process, and an observer; `on_topic[topic] = action` runs the
+    action on paho's thread the first time `topic` shows, before anything else is handled."""
     cloud_key, edge_key = generate_signing_key(), generate_signing_key()
     save_public_key(cloud_key.public_key(), tmp_path / "cloud.pub")
     save_private_key(edge_key, tmp_path / "edge.key")
     enrol = tmp_path / "enrolment"
     enrol.mkdir()
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(128, 100, 6)).astype(np.float32), rng.integers(0, 7, 128)
     configs = {}
     for name in SURVIVORS + VICTIMS:
-        configs[name] = provision(tmp_path / name, name, "e1", PREBUILT / MODEL, DEV_PUB, tmp_path / "cloud.pub", x, y,
-                                  broker.port, privacy={"epsilon": 100.0}, secagg_keys_dir=str(enrol),
-                                  secagg_timeout_s=60.0)
+        configs[name] = provision_device(tmp_path, name, broker.port, privacy={"epsilon": 100.0},
+                                         secagg_keys_dir=str(enrol), secagg_timeout_s=60.0)
         shutil.copy(tmp_path / name / f"{name}.pub", enrol / f"{name}.pub")
     cfg = EdgeConfig(edge_id="e1", state_dir=tmp_path / "edge", enrolment_dir=enrol, signing_key=tmp_path / "edge.key",
                      cloud_public_key=tmp_path / "cloud.pub", broker=ConnectionConfig(port=broker.port),
                      secagg_step_timeout_s=STEP_TIMEOUT_S)
     (tmp_path / "edge").mkdir()
     gateway = Gateway(cfg, logging.getLogger("test.edge"))
-    threads, procs, agents = [threading.Thread(target=gateway.run, daemon=True)], [], []
-    threads[0].start()
-    observer = Observer(broker.port)
-    yield dict(cloud_key=cloud_key, edge_key=edge_key, configs=configs, gateway=gateway, observer=observer,
-               procs=procs, agents=agents, threads=threads, tmp=tmp_path)
-    for agent in agents:
-        agent.stop.set()
-    gateway.stop.set()
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    for thread in threads:
-        thread.join(15)
-    observer.close()
+    daemons.thread(gateway)
+    on_topic: dict = {}
+    observer = recorder(["fl/e1/updates/+", "fl/e1/secagg/+/+", "fl/cloud/aggregates/+", "fl/e1/status/+"],
+                        client_id="observer", hook=lambda topic, _: on_topic.pop(topic, lambda: None)())
+    return dict(cloud_key=cloud_key, edge_key=edge_key, configs=configs, gateway=gateway, observer=observer,
+                on_topic=on_topic)
 
 
-def publish_round(client: mqtt.Client, cloud_key, weights: np.ndarray, secagg: dict | None,
-                  cohort: list[str] = SURVIVORS + VICTIMS) -> None:
-    model = sign_message(GlobalModel(model_name=MODEL, model_version=1, encoding="full", base_version=None,
-                                     n_params=len(weights), weights=floats_to_bytes(weights),
-                                     sha256=hashlib.sha256(floats_to_bytes(weights)).digest()), cloud_key)
-    ann = sign_message(RoundAnnouncement(round_id=1, model_name=MODEL, model_version=1, strategy="fedavg",
-                                         deadline=time.time() + 120, plan=PLAN, compression={}, edges=["e1"],
-                                         cohort=cohort, secagg=secagg), cloud_key)
-    client.publish("fl/cloud/model", encode(model), qos=1, retain=True).wait_for_publish(5)
-    client.publish("fl/cloud/round", encode(ann), qos=1, retain=True).wait_for_publish(5)
-
-
-def test_untrusted_edge_round_with_two_dropouts_forwards_the_survivors_mean(deployment):
+def test_untrusted_edge_round_with_two_dropouts_forwards_the_survivors_mean(deployment, daemons):
     d, obs = deployment, deployment["observer"]
-    bundle = load_bundle(PREBUILT / MODEL, load_public_key(DEV_PUB))
-    weights = TrainableModel(bundle.model_bytes, bundle.manifest).get_flat() + 0.01
-    for name in VICTIMS:      # real processes, so that they can be killed mid-protocol
-        log = open(d["configs"][name].parent / "agent.log", "ab")  # noqa: SIM115 - closed below
-        d["procs"].append(subprocess.Popen([sys.executable, "-m", "fediomt", "device", "run", "--config",
-                                            str(d["configs"][name])], cwd=REPO, stdout=log, stderr=log))
-        log.close()
+    weights = bundle_weights() + 0.01
+    v1, v2 = [daemons.process("device", "run", "--config", str(d["configs"][name]),   # killed mid-protocol
+                              log=d["configs"][name].parent / "agent.log") for name in VICTIMS]
     survivors = [DeviceAgent(load_device_config(d["configs"][n]), logging.getLogger(f"test.{n}")) for n in SURVIVORS]
-    d["agents"].extend(survivors)
     obs.wait(lambda seen: {t for t, _ in seen} >= {f"fl/e1/status/{v}" for v in VICTIMS}, 60)   # both online
-    v1, v2 = d["procs"]
     # v1 dies after advertising its keys, before any roster exists (the others only start once it is dead); the
     # edge then waits a whole step for v1's shares, so v2's shares cannot reach an inbox before v2 is dead too.
-    obs.on_topic["fl/e1/secagg/advertise/v1"] = lambda: os.kill(v1.pid, signal.SIGKILL)
-    obs.on_topic["fl/e1/secagg/shares/v2"] = lambda: os.kill(v2.pid, signal.SIGKILL)
+    d["on_topic"]["fl/e1/secagg/advertise/v1"] = lambda: os.kill(v1.pid, signal.SIGKILL)
+    d["on_topic"]["fl/e1/secagg/shares/v2"] = lambda: os.kill(v2.pid, signal.SIGKILL)
     start = time.monotonic()
-    publish_round(obs.client, d["cloud_key"], weights, SECAGG)
+    publish_cloud_round(obs, d["cloud_key"], weights, cohort=SURVIVORS + VICTIMS, secagg=SECAGG)
     obs.wait(lambda seen: any(t == "fl/e1/secagg/advertise/v1" for t, _ in seen), 30)
     v1.wait(10)
     for agent in survivors:
-        thread = threading.Thread(target=agent.run, daemon=True)
-        d["threads"].append(thread)
-        thread.start()
-    seen = obs.wait(lambda seen: any(t.startswith("fl/cloud/aggregates/") for t, _ in seen), 45)
+        daemons.thread(agent)
+    obs.wait(lambda seen: any(t.startswith("fl/cloud/aggregates/") for t, _ in seen), 45)
+    seen = list(obs.messages)
     elapsed = time.monotonic() - start
     assert v2.wait(10) == -signal.SIGKILL
 
@@ -211,8 +133,7 @@ def test_engine_masked_round_refuses_plaintext_and_forwards_the_noised_mean(tmp_
     assert masked is not None and masked.length(200) == 102
     ack, _ = eng.handle_update("d00", fed.update("d00", np.ones(200, np.float32)))
     assert not ack.accepted and ack.reason == Reason.BAD_VALUE and eng.store.pending() == []
-    time.sleep(0.15)
-    assert eng.tick(time.time()) == []                       # past the deadline: still open, the runner closes it
+    assert eng.tick(time.time() + 1) == []                   # past the deadline: still open, the runner closes it
     rng = np.random.default_rng(1)
     deltas = {d: rng.normal(size=200).astype(np.float32) * 0.1 for d in fed.devices}
     vectors = {d: masked.device_vector(v, 10 + i, 3) for i, (d, v) in enumerate(deltas.items())}
@@ -248,9 +169,7 @@ def test_cloud_secagg_table_is_validated_and_gets_a_fresh_random_k_seed_per_roun
 def test_device_without_the_cohort_keys_declines_a_masked_round_before_training(tmp_path, broker):
     cloud_key = generate_signing_key()
     save_public_key(cloud_key.public_key(), tmp_path / "cloud.pub")
-    rng = np.random.default_rng(0)
-    config = provision(tmp_path / "d", "d", "e1", PREBUILT / MODEL, DEV_PUB, tmp_path / "cloud.pub",
-                       rng.normal(size=(64, 100, 6)).astype(np.float32), rng.integers(0, 7, 64), broker.port)
+    config = provision_device(tmp_path, "d", broker.port, samples=64)
     agent = DeviceAgent(load_device_config(config), logging.getLogger("test.d"))
     ann = RoundAnnouncement(round_id=1, model_name=MODEL, model_version=0, strategy="fedavg",
                             deadline=time.time() + 60, plan=PLAN, compression={}, secagg=SECAGG)
