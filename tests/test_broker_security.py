@@ -43,7 +43,7 @@ from protocol.messages import (
 from protocol.tls import identity_context
 
 from .conftest import REPO
-from .test_edge import N_PARAMS, Fed
+from .harness import N_PARAMS, Fed, wait_for
 
 EDGE = "edge1"  # the edge id of the scripted federation in test_edge.Fed
 NOT_AUTHORIZED = 135
@@ -102,10 +102,12 @@ class Session:
         self.subscribed = threading.Event()
         self.filters: list[str] = []  # re-subscribed on every (re)connect: clean sessions forget them
         self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda *a: self.outcome.set()
-        self.client.on_connect_fail = lambda *a: self.outcome.set()
+        self.drops = 0  # disconnects and failed (re)connects
+        self.client.on_disconnect = self._on_drop
+        self.client.on_connect_fail = self._on_drop
         self.client.on_publish = self._on_publish
-        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
+        self.arrived = threading.Condition()
+        self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self.subscribed.set()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -113,6 +115,20 @@ class Session:
         if self.connected and self.filters:
             client.subscribe([(f, 1) for f in self.filters])
         self.outcome.set()
+
+    def _on_drop(self, *_) -> None:
+        self.drops += 1
+        self.outcome.set()
+
+    def _on_message(self, _c, _u, msg) -> None:
+        with self.arrived:
+            self.messages.append((msg.topic, msg.payload))
+            self.arrived.notify_all()
+
+    def received(self, pred, timeout: float) -> bool:
+        """Whether `pred()` held within `timeout` (woken by each message): a probe, not an assertion."""
+        with self.arrived:
+            return self.arrived.wait_for(pred, timeout)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self.acked:
@@ -167,15 +183,6 @@ def sessions():
         s.close()
 
 
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def test_device_with_a_consortium_certificate_connects(ca, edge_broker, sessions):
     s = connect_as(ca, "device", "d1", edge_broker.port)
     sessions.append(s)
@@ -204,12 +211,18 @@ def test_revoked_device_is_refused(ca, edge_broker, sessions):
     assert d4.connected
     pki.revoke(ca, "d4")
     edge_broker.process.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
-    assert not connect_as(ca, "device", "d4", edge_broker.port, client_id="d4-again").connected
+
+    def refused() -> bool:
+        again = connect_as(ca, "device", "d4", edge_broker.port, client_id="d4-again")
+        again.close()
+        return not again.connected
+
+    wait_for(refused, 5, message="the reloaded CRL to refuse a new connection of d4")
     assert d4.client.is_connected()  # SIGHUP reloads the CRL for new connections only...
+    d4.client.reconnect_delay_set(min_delay=0.05, max_delay=0.1)
     edge_broker.restart()  # ...a restart cuts the live session, and its reconnects are refused
-    assert wait_for(lambda: not d4.client.is_connected())
-    time.sleep(1.5)
+    up = d4.drops  # counted once the broker listens again: these are refusals, not a closed port
+    wait_for(lambda: d4.drops >= up + 2, message="two refused reconnects of d4")
     assert not d4.client.is_connected()
     sessions.append(connect_as(ca, "device", "d2", edge_broker.port))
     assert sessions[-1].connected  # same CA, not revoked
@@ -226,8 +239,8 @@ def test_device_cannot_publish_as_another_device(ca, edge_broker, sessions):
     assert d1.publish(topics.aggregate_topic(EDGE), b"forged aggregate") == NOT_AUTHORIZED
     assert d1.publish(topics.update_topic(EDGE, "d1"), b"own") in ACCEPTED
     assert d1.publish(topics.secagg_topic(EDGE, "keys", "d1"), b"own") in ACCEPTED
-    assert wait_for(lambda: edge.messages)
-    time.sleep(0.2)
+    # d1's publishes reach a subscriber in order: once its last one is in, any forged one would be too
+    wait_for(lambda: (topics.update_topic(EDGE, "d1"), b"own") in edge.messages)
     assert edge.messages == [(topics.update_topic(EDGE, "d1"), b"own")]
 
 
@@ -244,9 +257,10 @@ def test_device_reads_only_its_edges_downlink_and_its_own_acks(ca, edge_broker, 
         assert edge.publish(topic, b"x") in ACCEPTED
     assert d2.publish(topics.update_topic(EDGE, "d2"), b"d2's update") in ACCEPTED  # others' updates stay private
     assert edge.publish(topics.round_topic("e2"), b"x") == NOT_AUTHORIZED  # the edge is confined to its own tree
-    assert wait_for(lambda: len(d1.messages) >= len(allowed))
-    time.sleep(0.2)
-    assert sorted(t for t, _ in d1.messages) == sorted(allowed)
+    # Mosquitto queues to d1 in the order it handled the publishes: after the marker, nothing earlier is in flight
+    assert edge.publish(topics.round_topic(EDGE), b"marker") in ACCEPTED
+    wait_for(lambda: (topics.round_topic(EDGE), b"marker") in d1.messages)
+    assert sorted(t for t, p in d1.messages if p != b"marker") == sorted(allowed)
 
 
 def test_edge_bridges_its_aggregate_to_the_cloud_over_mtls(ca, workdir):
@@ -264,17 +278,18 @@ def test_edge_bridges_its_aggregate_to_the_cloud_over_mtls(ca, workdir):
         e2.subscribe("fl/cloud/#")
         edge.subscribe(topics.CLOUD_MODEL)
         # The bridge connects asynchronously: publish until the cloud sees the aggregate through it.
-        assert wait_for(lambda: edge.publish(topics.aggregate_topic(EDGE), b"agg") in ACCEPTED and
-                         wait_for(lambda: cloud.messages, 0.3), timeout=10), cloud_broker.log_tail()
+        wait_for(lambda: edge.publish(topics.aggregate_topic(EDGE), b"agg") in ACCEPTED and
+                 cloud.received(lambda: cloud.messages, 0.3), 10,
+                 message=lambda: f"the bridge: {cloud_broker.log_tail()}")
         assert cloud.messages[0] == (topics.aggregate_topic(EDGE), b"agg")
         assert cloud.publish(topics.CLOUD_MODEL, b"global model", retain=True) in ACCEPTED
-        assert wait_for(lambda: (topics.CLOUD_MODEL, b"global model") in edge.messages)
+        wait_for(lambda: (topics.CLOUD_MODEL, b"global model") in edge.messages)
         manifest = topics.bundle_manifest_topic(EDGE, "ecg")  # OTA: the cloud publishes, the bridge brings it in
         device = connect_as(ca, "device", "d2", bridged.port)
         opened.append(device)
         device.subscribe(f"fl/{EDGE}/bundles/#")
         assert cloud.publish(manifest, b"bundle manifest", retain=True) in ACCEPTED
-        assert wait_for(lambda: (manifest, b"bundle manifest") in device.messages)
+        wait_for(lambda: (manifest, b"bundle manifest") in device.messages)
         assert e2.publish(manifest, b"forged manifest") == NOT_AUTHORIZED
         # On the cloud broker an edge writes only its own aggregate and sees no other edge's; devices get nothing.
         assert e2.publish(topics.aggregate_topic(EDGE), b"forged") == NOT_AUTHORIZED
@@ -301,13 +316,13 @@ def test_aggregates_wait_in_the_bridge_while_the_cloud_broker_is_down(ca, workdi
         edge = connect_as(ca, "edge", EDGE, bridged.port, client_id="edge-outage")
         opened += [cloud, edge]
         cloud.subscribe("fl/cloud/aggregates/+")
-        assert wait_for(lambda: edge.publish(topics.aggregate_topic(EDGE), b"probe") in ACCEPTED and
-                        wait_for(lambda: cloud.messages, 0.3), timeout=10)
+        wait_for(lambda: edge.publish(topics.aggregate_topic(EDGE), b"probe") in ACCEPTED and
+                 cloud.received(lambda: cloud.messages, 0.3), 10, message="the bridge")
         cloud_broker.stop()
         assert edge.publish(topics.aggregate_topic(EDGE), b"sent during the outage") in ACCEPTED
         cloud_broker.start()
-        assert wait_for(lambda: (topics.aggregate_topic(EDGE), b"sent during the outage") in cloud.messages, 40), \
-            bridged.log_tail()
+        wait_for(lambda: (topics.aggregate_topic(EDGE), b"sent during the outage") in cloud.messages, 40,
+                 message=lambda: f"the queued aggregate: {bridged.log_tail()}")
     finally:
         for s in opened:
             s.close()
@@ -355,7 +370,7 @@ def test_edge_replicas_split_updates_through_a_shared_subscription(ca, edge_brok
     sent = [f"update {i}".encode() for i in range(10)]
     for payload in sent:
         assert d1.publish(topics.update_topic(EDGE, "d1"), payload) in ACCEPTED
-    assert wait_for(lambda: sum(len(r.messages) for r in replicas) >= len(sent))
+    wait_for(lambda: sum(len(r.messages) for r in replicas) >= len(sent))
     got = [p for r in replicas for _, p in r.messages]
     assert sorted(got) == sorted(sent)  # each update exactly once...
     assert all(r.messages for r in replicas)  # ...and both replicas took a share
@@ -370,10 +385,10 @@ def test_a_packet_over_the_cap_costs_the_sender_its_connection_and_is_not_delive
         sessions += [edge, d1]
         edge.subscribe(f"fl/{EDGE}/updates/+")
         d1.client.publish(topics.update_topic(EDGE, "d1"), bytes(100 * 1024), qos=0)
-        assert wait_for(lambda: "disconnected due to oversize packet" in small.log_tail(20_000))
-        assert wait_for(d1.client.is_connected)  # paho reconnects by itself
+        wait_for(lambda: "disconnected due to oversize packet" in small.log_tail(20_000))
+        wait_for(d1.client.is_connected)  # paho reconnects by itself
         assert d1.publish(topics.update_topic(EDGE, "d1"), bytes(60 * 1024)) in ACCEPTED
-        assert wait_for(lambda: edge.messages)
+        wait_for(lambda: edge.messages)
         assert [len(p) for _, p in edge.messages] == [60 * 1024]
     finally:
         small.close()
@@ -426,7 +441,7 @@ class Deployment:
         return (self.tmp_path / "edge.log").read_text()[-3000:]
 
     def aggregate(self) -> EdgeAggregate:
-        assert wait_for(lambda: self.cloud.messages, 20), self.log_tail()
+        wait_for(lambda: self.cloud.messages, 20, message=lambda: f"the aggregate: {self.log_tail()}")
         ((topic, payload),) = self.cloud.messages
         agg = decode(payload, expect=EdgeAggregate)
         verify_message(agg, self.fed.edge_key.public_key())
@@ -468,8 +483,8 @@ def test_a_round_of_the_edge_daemon_through_the_mtls_deployment_survives_a_broke
     def send_until_acked(s: Session, d: str, payload: bytes) -> Ack:
         """A device's retry: PUBACK 16 (no edge subscribed yet, e.g. after a broker restart) means send again."""
         before = len(s.messages)
-        assert wait_for(lambda: s.publish(topics.update_topic(EDGE, d), payload) == 0, 20)
-        assert wait_for(lambda: len(s.messages) > before, 10)
+        wait_for(lambda: s.publish(topics.update_topic(EDGE, d), payload) == 0, 20)
+        wait_for(lambda: len(s.messages) > before, 10)
         return decode(s.messages[-1][1], expect=Ack)
 
     try:
@@ -477,7 +492,8 @@ def test_a_round_of_the_edge_daemon_through_the_mtls_deployment_survives_a_broke
         dep.start_edge()
         watcher = device("d05")
         watcher.subscribe(topics.round_topic(EDGE))  # relayed by the edge once the bridge delivered the round
-        assert wait_for(lambda: any(t == topics.round_topic(EDGE) for t, _ in watcher.messages), 20), dep.log_tail()
+        wait_for(lambda: any(t == topics.round_topic(EDGE) for t, _ in watcher.messages), 20,
+                 message=lambda: f"the relayed round: {dep.log_tail()}")
         rng = np.random.default_rng(12)
         deltas = {d: rng.normal(size=N_PARAMS).astype(np.float32) for d in devices}
         updates = {d: fed.update(d, deltas[d], round_id=2) for d in devices}
@@ -494,7 +510,7 @@ def test_a_round_of_the_edge_daemon_through_the_mtls_deployment_survives_a_broke
         dep.edge_broker.start()
         late = device("d04")  # a device that connects after the restart still finds the round (retained)
         late.subscribe(topics.round_topic(EDGE))
-        assert wait_for(lambda: any(t == topics.round_topic(EDGE) for t, _ in late.messages), 20)
+        wait_for(lambda: any(t == topics.round_topic(EDGE) for t, _ in late.messages), 20)
         for d in ["d00", *devices[3:]]:  # d00 resends (a device unsure of its Ack): counted once
             ack = send_until_acked(device(d), d, updates[d])
             assert ack.accepted and ack.reason == (Reason.DUPLICATE if d == "d00" else Reason.OK)
@@ -577,14 +593,14 @@ def test_flaky_links_and_30_percent_of_devices_vanishing_mid_round(ca, workdir, 
         while time.monotonic() < until and not any(a.accepted for a in acks[d]):
             if s.client.is_connected():
                 s.client.publish(topics.update_topic(EDGE, d), updates[d], qos=1)
-            wait_for(lambda: len(s.messages) > len(acks[d]), 1.5)
+            s.received(lambda: len(s.messages) > len(acks[d]), 1.5)
             acks[d] = [decode(p, expect=Ack) for _, p in list(s.messages)]
 
     def vanish(d: str) -> None:
         """It gets the round, then its radio dies without a word (no DISCONNECT)."""
         s = dep.connect("device", d)
         s.subscribe(topics.round_topic(EDGE))
-        assert wait_for(lambda: s.messages, 20), dep.log_tail()
+        wait_for(lambda: s.messages, 20, message=lambda: f"the relayed round: {dep.log_tail()}")
         s.client.loop_stop()
         s.client.socket().shutdown(socket.SHUT_RDWR)
 
@@ -593,7 +609,7 @@ def test_flaky_links_and_30_percent_of_devices_vanishing_mid_round(ca, workdir, 
         watcher = dep.connect("device", vanishing[0])
         watcher.subscribe(topics.model_topic(EDGE))
         assert dep.cloud.publish(topics.CLOUD_MODEL, dep.fed.model(), retain=True) in ACCEPTED
-        assert wait_for(lambda: watcher.messages, 30), dep.log_tail()  # the edge is up: the round clock starts
+        wait_for(lambda: watcher.messages, 30, message=lambda: f"the relayed model: {dep.log_tail()}")  # edge up
         assert dep.cloud.publish(topics.CLOUD_ROUND, dep.fed.announce(deadline=time.time() + 6, cohort=devices),
                                  retain=True) in ACCEPTED
         for d in vanishing:
@@ -670,7 +686,7 @@ def test_the_whole_stack_over_mtls_survives_the_cloud_being_killed_mid_round(ca,
         dep.start_edge()
         responder.start()
         cloud = cloud_process(config, log)
-        assert wait_for(lambda: any(a.round_id == 2 for a in received(topics.round_topic(EDGE), RoundAnnouncement))
+        wait_for(lambda: any(a.round_id == 2 for a in received(topics.round_topic(EDGE), RoundAnnouncement))
                         or cloud.poll() is not None, 120), (tmp_path / "cloud.log").read_text()[-3000:]
         cloud.send_signal(signal.SIGKILL)  # round 2 reached the devices; their updates are on their way
         cloud.wait(10)
@@ -678,7 +694,7 @@ def test_the_whole_stack_over_mtls_survives_the_cloud_being_killed_mid_round(ca,
         assert cloud.wait(120) == 0, (tmp_path / "cloud.log").read_text()[-3000:]
         assert [r["round"] for r in rounds_of(tmp_path / "run")] == [1, 2]
         assert '"resumed": true' in (tmp_path / "cloud.log").read_text()
-        assert wait_for(lambda: 3 in models())
+        wait_for(lambda: 3 in models())
         got, mean = models(), sum(samples[d] * deltas[d] for d in devices) / sum(samples.values())
         np.testing.assert_allclose(got[2], got[1] + mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got[3], got[2] + mean, rtol=1e-5, atol=1e-6)
