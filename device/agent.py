@@ -8,7 +8,6 @@ only then publish (a kill -9 in between loses an update, never budget).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -19,18 +18,18 @@ from pathlib import Path
 from device.config import DeviceConfig
 from device.data import load_data
 from device.flash import flash_local, load_installed, rollback_local
+from device.global_model import rebuild
 from device.ota import OtaConfig as OtaReceiverConfig
 from device.ota import OtaReceiver
 from device.runtime import TrainableModel, secure_generator
 from device.state import STATE_FILE, DeviceState, load_state, save_state
 from device.training import LocalResult, planned_steps, steps_within, train_round
-from device.update import RoundIdentity, build_update
+from device.update import ENVELOPE_BYTES, RoundIdentity, build_update
 from protocol import accountant, topics
 from protocol.bundle import Bundle, load_bundle
 from protocol.compression import (
     CompressionSettings,
     adaptive_settings,
-    decode_update,
     encoded_size_bound,
 )
 from protocol.errors import ProtocolError, Reason
@@ -42,10 +41,8 @@ from protocol.messages import (
     DeviceUpdate,
     GlobalModel,
     RoundAnnouncement,
-    bytes_to_floats,
     decode,
     encode,
-    floats_to_bytes,
     mac_message,
     new_nonce,
     sign_message,
@@ -58,7 +55,6 @@ from protocol.secagg.mqtt_driver import run_client_round
 from protocol.signing import derive_mac_key, load_mac_key, load_private_key, load_public_key
 
 CONNECTED = ""             # inbox marker: the link (re)connected
-ENVELOPE_BYTES = 1024      # bound on the signed DeviceUpdate fields around the payload (typically ~200 B in v2)
 SPEED_SMOOTHING = 0.5      # weight of the newest steps/s measurement
 
 
@@ -145,16 +141,7 @@ class DeviceAgent:
                                                   f"installed {self.bundle.name} ({self.model.n_params})")
         if msg.model_version <= self.state.model_version:
             return  # a retained copy we already hold (or an older one)
-        if msg.encoding == "full":
-            weights = bytes_to_floats(msg.weights, msg.n_params)
-        elif msg.base_version == self.state.model_version:
-            weights = self.state.weights + decode_update(msg.weights, msg.n_params)
-        else:
-            raise ProtocolError(Reason.STALE, f"delta against v{msg.base_version}, we hold v{self.state.model_version}")
-        digest = hashlib.sha256(floats_to_bytes(weights)).digest()
-        if digest != msg.sha256:
-            raise ProtocolError(Reason.BAD_HASH, f"global model v{msg.model_version}: weights do not match sha256")
-        control = bytes_to_floats(msg.control, msg.n_params) if msg.control is not None else None
+        weights, control = rebuild(msg, self.state.model_version, self.state.weights)
         self.state = self.state.for_new_model(msg.model_name, msg.model_version, weights, control)
         save_state(self.state_path, self.state)
         event(self.log, "global model installed", version=msg.model_version, encoding=msg.encoding)

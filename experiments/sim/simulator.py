@@ -17,8 +17,8 @@ the daemons use the OS CSPRNG.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -26,13 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.accounting import PrivacyLedger, central_event, device_event
-from cloud.aggregator import RESIDUAL, decode_payload
-from cloud.model import compress_broadcast
-from cloud.strategies import make
-from cloud.strategies.base import DeviceInfo, EdgeResult, RoundDefaults
-from cloud.strategies.heterogeneity import observe
-from cloud.strategies.scaffold import CONTROL
+from cloud.config import CentralDPConfig, PrivacyConfig, RoundSettings, StrategyConfig
+from cloud.engine import CloudEngine
+from cloud.strategies.base import DeviceInfo
+from device.global_model import rebuild
 from device.runtime import TrainableModel
 from device.training import planned_steps, train_round
 from device.update import ENVELOPE_BYTES, RoundIdentity, build_update
@@ -47,7 +44,6 @@ from protocol.compression import CompressionSettings, encoded_size_bound
 from protocol.errors import Reason
 from protocol.messages import (
     Capability,
-    CentralDPReport,
     DeviceStatus,
     EdgeAggregate,
     GlobalModel,
@@ -55,7 +51,6 @@ from protocol.messages import (
     TrainingPlan,
     decode,
     encode,
-    floats_to_bytes,
     sign_message,
     verify_message,
 )
@@ -80,6 +75,7 @@ class SimConfig:
     hetero: hetero.HeteroConfig = field(default_factory=hetero.HeteroConfig)
     poison: Poison | None = None
     seed: int = 0
+    start_s: float = 0.0              # virtual time of round 1's start (a test aligns it with the wall clock)
     eval_every: int = 1
     delta: float = 1e-5
 
@@ -144,106 +140,84 @@ class Simulator:
                                           malicious=client.id in bad))
         self.plan = TrainingPlan(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=self.batch, clip=cfg.clip,
                                  noise_mult=cfg.noise_mult, max_steps=cfg.max_steps)
-        central = CentralDPReport(cfg.central_clip, cfg.central_noise, 0.0) if cfg.central_clip > 0 else None
         steps = planned_steps(self.plan, int(np.median([len(d.x) for d in self.devices])), self.batch)
         dense = 4 * self.n + ENVELOPE_BYTES   # the deadline is the operator's, the same whatever the method sends
         self.round_seconds = hetero.deadline_s(steps, dense, dense, cfg.hetero)
-        options = dict(self.method.options)
-        if self.method.strategy == "fediomt":
-            options["cohort_size"] = cfg.cohort_size
-        self.strategy = make(self.method.strategy, RoundDefaults(self.plan, dict(self.method.compression), central,
-                                                                 self.round_seconds), options)
-        self.server = self.strategy.init_state(np.asarray(initial, np.float32))
-        # what the cloud learns from the devices' retained statuses (Capability)
-        self.infos = {d.id: DeviceInfo(d.id, d.profile.compute_class, d.profile.steps_per_s) for d in self.devices}
-        self.ledger = PrivacyLedger(cfg.delta)
-        self.version = 1
-        self.published: np.ndarray | None = None
-        self.round_id = 0
-        self.clock = 0.0                  # virtual time at the start of the open round
-        self.now = 0.0                    # virtual time the edges' engines read (their clock)
+        self.clock = cfg.start_s          # virtual time at the start of the open round
+        self.now = cfg.start_s            # virtual time the edges' engines read (their clock)
         self.engines = {e: self._edge_engine(e) for e in self.edges}
+        self.cloud = CloudEngine(self._cloud_settings(), self.cloud_key, lambda e: self.edge_keys[e].public_key(),
+                                 np.asarray(initial, np.float32), self.workdir / "cloud", evaluate=self._evaluate,
+                                 rng=self.rng, log=QUIET)
+        self.version, self.weights, self.control = -1, None, None   # the global model as the devices hold it
+        for dev in self.devices:   # what the cloud learns from the devices' retained statuses (Capability)
+            self.cloud.handle_status(self._status(dev, "online"))
+        self.cloud.start(self.clock)
         self.log: list[RoundLog] = []
 
-    # ------------------------------------------------------------------ cloud side
-    def _global_model(self) -> GlobalModel:
-        """The signed GlobalModel of the current version (the cloud daemon's _compress_model + _publish_model)."""
-        s, m, previous = self.server, self.method, self.published
-        control = s.arrays.get(CONTROL)
-        control_bytes = None if control is None else floats_to_bytes(control)
-        arrays = dict(s.arrays)
-        residual = arrays.pop(RESIDUAL, None)
-        if m.downlink == "delta" and previous is not None and (self.version - 1) % m.full_every != 0:
-            settings = CompressionSettings.from_dict({**CompressionSettings().to_dict(), **m.downlink_compression})
-            payload, published, residual = compress_broadcast(previous, s.weights, residual, settings)
-            self.server = s.replace(weights=published, arrays={**arrays, RESIDUAL: residual})
-            digest = hashlib.sha256(floats_to_bytes(published)).digest()
-            msg = GlobalModel("sim", self.version, "delta", self.version - 1, self.n, payload, digest, control_bytes)
-        else:
-            if residual is not None:
-                self.server = s.replace(weights=(s.weights + residual).astype(np.float32), arrays=arrays)
-            weights = floats_to_bytes(self.server.weights)
-            msg = GlobalModel("sim", self.version, "full", None, self.n, weights, hashlib.sha256(weights).digest(),
-                              control_bytes)
-        self.published = self.server.weights.copy()   # what devices hold now
-        return sign_message(msg, self.cloud_key)
+    def _cloud_settings(self) -> RoundSettings:
+        """The cloud.toml a run's operator would write for this method and configuration."""
+        cfg, m = self.cfg, self.method
+        options = dict(m.options, cohort_size=cfg.cohort_size) if m.strategy == "fediomt" else dict(m.options)
+        return RoundSettings(
+            model="sim", edges=tuple(self.edges), rounds=cfg.rounds, round_timeout_s=self.round_seconds, grace_s=0.0,
+            devices=tuple(d.id for d in self.devices), seed=cfg.seed, plan=self.plan, compression=dict(m.compression),
+            central_dp=CentralDPConfig(cfg.central_clip, cfg.central_noise), privacy=PrivacyConfig(cfg.delta),
+            strategy=StrategyConfig(m.strategy, options), model_encoding=m.downlink, model_full_every=m.full_every,
+            model_compression={**CompressionSettings().to_dict(), **m.downlink_compression})
 
-    def accuracy(self) -> tuple[float, float]:
-        self.model.set_flat(self.server.weights)
+    @property
+    def infos(self) -> dict[str, DeviceInfo]:
+        """What the cloud knows of each device (compute class, speed, quality)."""
+        return self.cloud.state.devices
+
+    def _evaluate(self, weights: np.ndarray) -> tuple[float | None, float | None]:
+        """The cloud's evaluation hook: the held-out set through the TFLite interpreter, every eval_every rounds."""
+        due = self.cloud.state.round_id % self.cfg.eval_every == 0 or self.cloud.state.round_id == self.cfg.rounds
+        return self.accuracy(weights) if due else (None, None)
+
+    def accuracy(self, weights: np.ndarray | None = None) -> tuple[float, float]:
+        """(loss, accuracy) on the held-out set, of the cloud's current model unless `weights` are given."""
+        self.model.set_flat(self.cloud.state.server.weights if weights is None else weights)
         return self.model.evaluate(self.fed.x_test, self.fed.y_test)
-
-    def epsilons(self) -> tuple[float, float]:
-        report = self.ledger.report()
-        return report["device"], report["central"]
 
     # ------------------------------------------------------------------ one round
     def run_round(self) -> RoundLog:
         t0 = time.monotonic()
         cfg, m = self.cfg, self.method
-        self.round_id += 1
-        rc = self.strategy.configure_round(self.server, self.round_id, self.infos, self.rng)
-        gm_bytes = encode(self._global_model())
-        deadline = self.round_seconds
-        ann = sign_message(RoundAnnouncement(
-            round_id=self.round_id, model_name="sim", model_version=self.version, strategy=self.strategy.name,
-            deadline=self.clock + deadline, plan=rc.plan, compression=rc.compression, edges=list(self.edges),
-            cohort=rc.cohort, lr_scale=rc.lr_scale, sample_weight=rc.sample_weight, central_dp=rc.central_dp),
-            self.cloud_key)
-        ann_bytes = encode(ann)
-        # every device verifies the same two messages: do it once, the result is the same for all
-        verify_message(decode(ann_bytes, expect=RoundAnnouncement), self.cloud_key.public_key())
-        verify_message(decode(gm_bytes, expect=GlobalModel), self.cloud_key.public_key())
-        cohort = set(rc.cohort)
+        gm_bytes, ann_bytes = self.cloud.model_payload, self.cloud.announcement_payload
+        ann = self._receive(gm_bytes, ann_bytes)
+        deadline = ann.deadline - self.clock
+        cohort = set(ann.cohort)
         addressed = [d for d in self.devices if not cohort or d.id in cohort]
         down = (len(gm_bytes) + len(ann_bytes)) * (len(addressed) + len(self.edges))
         for engine in self.engines.values():   # the edges adopt the model and open the round (relays counted above)
+            self.now = self.clock
             engine.handle_cloud("model", gm_bytes)
             engine.handle_cloud("round", ann_bytes)
         gone = hetero.offline(len(addressed), cfg.hetero.dropout, self.rng)
-        global_flat = self.server.weights.copy()
-        c_global = self.server.arrays.get(CONTROL)
-        settings = CompressionSettings.from_dict(rc.compression)
+        settings = CompressionSettings.from_dict(ann.compression)
         arrivals: dict[str, list[tuple[float, str, DeviceSim, bytes]]] = {e: [] for e in self.edges}
         declined = offline = 0
         for dev, is_gone in zip(addressed, gone):
             if is_gone:   # the broker publishes its last will
-                arrivals[dev.edge].append((0.0, "status", dev, self._status(dev, "offline")))
+                arrivals[dev.edge].append((0.0, "status", dev, self._status(dev, "offline", ann.round_id)))
                 offline += 1
                 continue
-            planned = planned_steps(rc.plan, len(dev.x), self.batch)
+            planned = planned_steps(ann.plan, len(dev.x), self.batch)
             download_s = hetero.transfer_s(len(gm_bytes) + len(ann_bytes), dev.profile.bandwidth_bps)
             upload_s = hetero.transfer_s(encoded_size_bound(self.n, settings) + ENVELOPE_BYTES,
                                          dev.profile.bandwidth_bps)
             steps = hetero.local_steps(planned, dev.profile, deadline - download_s - upload_s, m.partial_work)
             if steps < 1 or len(dev.x) < self.batch:
-                arrivals[dev.edge].append((download_s, "status", dev, self._status(dev, "declined")))
+                arrivals[dev.edge].append((download_s, "status", dev, self._status(dev, "declined", ann.round_id)))
                 declined += 1
                 continue
-            data, steps_done = self._train(dev, rc, global_flat, c_global, steps, settings)
+            data, steps_done = self._train(dev, ann, steps, settings)
             arrival = hetero.arrival_s(len(gm_bytes) + len(ann_bytes), steps_done, len(data), dev.profile)
             arrivals[dev.edge].append((arrival, "update", dev, data))
         up = sum(len(data) for events in arrivals.values() for _, _, _, data in events)
-        results, aggs, close_times, filtered, steps_all, missed = [], [], [], 0, [], 0
+        aggs, close_times, missed = [], [], 0
         for edge in self.edges:
             agg_bytes, ack_bytes, close, late = self._edge_round(edge, sorted(arrivals[edge], key=lambda e: e[0]),
                                                                   deadline)
@@ -251,57 +225,56 @@ class Simulator:
             missed += late
             close_times.append(close)
             up += len(agg_bytes)
-            agg = decode(agg_bytes, expect=EdgeAggregate)
-            verify_message(agg, self.edge_keys[edge].public_key())
-            aggs.append(agg)
-            filtered += len(agg.filtered)
-            steps_all.append((agg.mean_local_steps, agg.num_devices))
-            results.append(EdgeResult(edge, decode_payload(agg.delta, self.n) if agg.significant else None,
-                                      agg.num_samples, agg.weight_sum, agg.num_devices, agg.mean_local_steps,
-                                      decode_payload(agg.control_delta, self.n)))
-            self.infos = observe(self.infos, agg.device_ids, agg.filtered, agg.update_norms)
-        self.server = self.strategy.apply(self.server, results, len(self.devices))
-        participating = [a for a in aggs if a.num_devices > 0]
-        if participating:
-            min_local = min(a.num_samples // a.num_devices for a in participating)
-            self.ledger.device.append(device_event(rc.plan, min_local))
-            self.ledger.central.append(central_event([a.central_dp for a in participating]))
-        self.version += 1
+            aggs.append(decode(agg_bytes, expect=EdgeAggregate))
+            self.cloud.handle_aggregate(edge, agg_bytes)
         virtual = max(close_times) if close_times else deadline
         self.clock += virtual
-        acc = loss = None
-        if self.round_id % cfg.eval_every == 0 or self.round_id == cfg.rounds:
-            loss, acc = self.accuracy()
-        eps_d, eps_c = self.epsilons()
+        self.cloud.tick(self.clock)   # every edge reported: the round closes, the next one is announced
+        record = self.cloud.state.history[-1]
+        eps = record["epsilon"]
         n_part = sum(a.num_devices for a in aggs)
-        mean_steps = sum(s * n for s, n in steps_all) / n_part if n_part else 0.0
-        log = RoundLog(self.round_id, acc, loss, up, down, n_part, missed, declined, offline, filtered, mean_steps,
-                       virtual, time.monotonic() - t0, eps_d, eps_c)
+        mean_steps = sum(a.mean_local_steps * a.num_devices for a in aggs) / n_part if n_part else 0.0
+        log = RoundLog(ann.round_id, record["accuracy"], record["loss"], up, down, n_part, missed, declined, offline,
+                       sum(len(a.filtered) for a in aggs), mean_steps, virtual, time.monotonic() - t0,
+                       _finite(eps["device"]), _finite(eps["central"]))
         self.log.append(log)
         return log
 
     def run(self) -> list[RoundLog]:
-        for _ in range(self.cfg.rounds):
+        while len(self.log) < self.cfg.rounds and not self.cloud.stop_reason:
             self.run_round()
         return self.log
+
+    def _receive(self, gm_bytes: bytes, ann_bytes: bytes) -> RoundAnnouncement:
+        """What every device does with the cloud's two messages (the same for all, so done once): verify both and
+        rebuild the global weights (device.global_model, full or delta)."""
+        public = self.cloud_key.public_key()
+        gm = decode(gm_bytes, expect=GlobalModel)
+        verify_message(gm, public)
+        ann = decode(ann_bytes, expect=RoundAnnouncement)
+        verify_message(ann, public)
+        if gm.model_version != self.version:
+            self.weights, self.control = rebuild(gm, self.version, self.weights)
+            self.version = gm.model_version
+        return ann
 
     # ------------------------------------------------------------------ device side
     def _capability(self, dev: DeviceSim) -> Capability:
         return Capability(dev.profile.compute_class, 64, dev.profile.bandwidth_bps, dev.profile.steps_per_s)
 
-    def _status(self, dev: DeviceSim, state: str) -> bytes:
-        return encode(DeviceStatus(dev.id, dev.edge, state, self.version, 1, 0.0, 0.0, self.clock, self.round_id,
+    def _status(self, dev: DeviceSim, state: str, round_id: int | None = None) -> bytes:
+        return encode(DeviceStatus(dev.id, dev.edge, state, max(self.version, 0), 1, 0.0, 0.0, self.clock, round_id,
                                    self._capability(dev)))
 
-    def _train(self, dev: DeviceSim, rc, global_flat: np.ndarray, c_global: np.ndarray | None, steps: int,
+    def _train(self, dev: DeviceSim, ann: RoundAnnouncement, steps: int,
                settings: CompressionSettings) -> tuple[bytes, int]:
         """The device agent's round (device.training.train_round, device.update.build_update), minus persistence
         and MQTT: the signed DeviceUpdate bytes and the steps done. A malicious device poisons its delta first."""
-        result = train_round(self.model, dev.x, dev.y, global_flat, rc.plan, steps, self.rng,
-                             lr_scale=rc.lr_scale.get(dev.id, 1.0), c_global=c_global, c_local=dev.control)
+        result = train_round(self.model, dev.x, dev.y, self.weights, ann.plan, steps, self.rng,
+                             lr_scale=ann.lr_scale.get(dev.id, 1.0), c_global=self.control, c_local=dev.control)
         if dev.malicious and self.cfg.poison is not None:
             result = replace(result, delta=poison_delta(result.delta, self.cfg.poison, self.rng))
-        out = build_update(result, RoundIdentity(dev.id, dev.edge, self.round_id, self.version), settings,
+        out = build_update(result, RoundIdentity(dev.id, dev.edge, ann.round_id, self.version), settings,
                            history=dev.history, residual=dev.residual, control=dev.control, delta=self.cfg.delta,
                            accountant_name="rdp", capability=self._capability(dev), n_params=self.n, rng=self.rng,
                            nonce=self.rng.bytes(16), timestamp=self.clock)
@@ -360,3 +333,8 @@ class Simulator:
                          max_update_bytes=MAX_UPDATE_BYTES)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         return EdgeEngine(cfg, log=QUIET, clock=lambda: self.now, rng=self.rng)
+
+
+def _finite(epsilon: float | None) -> float:
+    """The cloud's records write an unbounded epsilon as null (JSON has no infinity)."""
+    return math.inf if epsilon is None else epsilon
