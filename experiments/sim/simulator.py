@@ -1,18 +1,21 @@
 """One federation (devices -> edges -> cloud) in one process, round by round, on a virtual clock.
 
-Per round, exactly the daemons' steps with their code, minus MQTT:
-1. cloud: strategy.configure_round, a signed GlobalModel ("full", or "delta" via cloud.model.compress_broadcast) and
-   a signed RoundAnnouncement; every addressed device and every edge receives both (bytes counted per receiver);
-2. device: steps that fit (experiments.sim.hetero), device.training.train_round in the shared TFLite interpreter
-   (DP-SGD in the graph), protocol.compression.encode_update with its own error-feedback residual, a signed
-   DeviceUpdate (or a DeviceStatus: "declined", "offline");
-3. edge: an update that arrives after the virtual deadline is refused (DEADLINE); the others pass the edge's own
-   admission (edge.validation.authenticate + decode_delta: decoder, signature, shape), edge.aggregate.aggregate
-   (weighting, filters, central DP), a signed EdgeAggregate, an Ack per update;
-4. cloud: decode + verify every aggregate, cloud.strategies.heterogeneity.observe, strategy.apply, accounting with
-   cloud.accounting (device_event / central_event), evaluation on the held-out set.
-Bytes are the lengths of the encoded messages. The DP noise here comes from seeded generators (reproducible runs);
-the daemons use the OS CSPRNG.
+The simulator holds no tier logic: it runs the tiers' own code and replaces only MQTT (direct calls) and time (a
+virtual clock fed by the heterogeneity model, experiments.sim.hetero). Per round:
+1. cloud: the cloud's engine (cloud.engine.CloudEngine, as the daemon runs it) has published a signed GlobalModel
+   ("full", or a compressed "delta") and RoundAnnouncement; the devices verify both and rebuild the weights with
+   device.global_model.rebuild, every addressed device and every edge receives both (bytes counted per receiver);
+2. device: the steps that fit (hetero), device.training.train_round in the shared TFLite interpreter (DP-SGD in the
+   graph), device.update.build_update (compression with error feedback, SCAFFOLD control, cumulative epsilon), a
+   signed DeviceUpdate, or a DeviceStatus ("declined"; "offline" is the broker's last will);
+3. edge: each edge's own engine (edge.engine.EdgeEngine, on a state dir of this run) receives the statuses and
+   updates in virtual arrival order: admission, quorum or deadline close, filters, weighting, central DP,
+   significance, forward compression, Acks -- the gateway's code, so late updates are refused as DEADLINE;
+4. cloud: the engine admits the signed EdgeAggregates and its tick closes the round (strategy, accounting,
+   evaluation through the `evaluate` hook, here the TFLite interpreter on the held-out set).
+Bytes are the lengths of the encoded messages. The DP noise comes from seeded generators (reproducible runs); the
+daemons use the OS CSPRNG. tests/test_one_code_path.py checks that a real edge daemon over a real broker turns the
+same updates into the same aggregates.
 """
 
 from __future__ import annotations
