@@ -30,7 +30,6 @@ from cloud.distill_schedule import Distiller
 from cloud.engine import CloudEngine
 from cloud.metrics import Metrics
 from cloud.model import CloudModel, load_eval_data
-from cloud.rounds import RESIDUAL, decode_payload
 from cloud.state import CloudState
 from cloud.strategies.base import EdgeResult
 from protocol.atomic import atomic_write
@@ -41,8 +40,6 @@ from protocol.publication import Publication
 from protocol.secagg.runner import SecAggRunner
 from protocol.signing import load_private_key
 from protocol.topics import ANY, aggregate_topic, matches, status_topic
-
-__all__ = ["RESIDUAL", "CloudAggregator", "decode_payload"]  # the simulator's imports, defined in cloud.rounds
 
 AGGREGATES = aggregate_topic(ANY)
 STATUSES = status_topic(ANY, ANY)
