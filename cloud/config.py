@@ -46,6 +46,8 @@ class CentralDPConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
+    """The cloud's [privacy] table: device (example-level) and central (user-level) budgets, and the accountant."""
+
     delta: float = 1e-5
     device_epsilon: float = 0.0      # example-level budget; 0 = unlimited
     central_epsilon: float = 0.0     # user-level budget; 0 = unlimited
@@ -55,12 +57,16 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
+    """The cloud's [strategy] table: which server strategy runs, with its keyword options (cloud.strategies.make)."""
+
     name: str = "fediomt"            # fedavg | fedprox | scaffold | fedadam | fediomt
     options: dict = field(default_factory=dict)  # keyword options of the strategy class (docs/cloud.md)
 
 
 @dataclass(frozen=True)
 class CloudConfig:
+    """All the cloud aggregator is configured with (configs/cloud.toml), checked on load: a bad file fails at start."""
+
     run_dir: Path                    # config copy, rounds.jsonl, report.json, checkpoint.npz, pending/
     signing_key: Path                # the cloud's Ed25519 private key (signs rounds and models)
     edge_keys_dir: Path              # {edge_id}.pub of every edge allowed to send aggregates (+ .crt: pki enrol)

@@ -37,6 +37,8 @@ class LedgerConfig:
 
 
 class ContributionRecorder:
+    """Puts each round's per-edge contribution scores on the consortium ledger, the cloud proposing the block."""
+
     def __init__(self, cfg: LedgerConfig, key: Ed25519PrivateKey, broker: ConnectionConfig,
                  log: logging.Logger) -> None:
         self.cfg, self.log = cfg, log

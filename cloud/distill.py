@@ -49,6 +49,8 @@ class StudentTarget:
 
 @dataclass(frozen=True)
 class DistillConfig:
+    """How the cloud distils int8 students (temperature, steps, augmentation, synthetic rows) and how often."""
+
     temperature: float = 4.0
     alpha: float = 0.7          # weight of the soft term when the transfer set has labels (else 1)
     steps: int = 2500           # optimizer steps, whatever the transfer set's size: a small set is cycled more
@@ -70,6 +72,8 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class StudentReport:
+    """One distilled student's outcome: sizes, agreement with the teacher, accuracies, bundle (None: over budget)."""
+
     device_class: str
     name: str
     options: dict

@@ -6,6 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 
 class Metrics:
+    """The cloud aggregator's Prometheus metrics, in their own registry so tests can run several in one process."""
+
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.round = Gauge("fediomt_cloud_round", "Rounds closed so far", registry=r)

@@ -17,6 +17,8 @@ from protocol.weights import Layout, flatten, layout_size, unflatten
 
 @dataclass(frozen=True)
 class EvalData:
+    """The held-out set (x, y) each global model is evaluated on."""
+
     x: np.ndarray
     y: np.ndarray
 

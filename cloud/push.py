@@ -43,6 +43,8 @@ STALE_LOOKUP_S = 0.3              # how long to wait for a previous retained man
 
 @dataclass(frozen=True)
 class PushReport:
+    """What one OTA push did: which bundle, to which class and edges, in how many chunks and how long."""
+
     device_class: str
     edges: list[str]
     name: str

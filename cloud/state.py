@@ -23,6 +23,8 @@ MAX_NONCES = 10_000  # replay window: aggregate nonces remembered across rounds
 
 @dataclass
 class CloudState:
+    """What the cloud must survive a restart with, checkpointed as one NPZ so kill -9 resumes at the last round."""
+
     round_id: int                                    # the open (or next) round
     version: int                                     # the current global model version
     server: ServerState

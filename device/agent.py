@@ -59,6 +59,8 @@ SPEED_SMOOTHING = 0.5      # weight of the newest steps/s measurement
 
 
 class DeviceAgent:
+    """The device daemon: checks the cloud's messages, trains with DP-SGD, accounts its budget, sends signed updates."""
+
     def __init__(self, cfg: DeviceConfig, log: logging.Logger) -> None:
         self.cfg, self.log = cfg, log
         self.cloud_key = load_public_key(cfg.cloud_pubkey)

@@ -65,6 +65,8 @@ class OtaConfig:
 
 @dataclass(frozen=True)
 class DeviceConfig:
+    """All a device agent is configured with (configs/device.toml), checked on load so a bad file fails at start."""
+
     id: str
     edge: str
     state_dir: Path

@@ -44,6 +44,8 @@ SMOKE_ROWS = 8
 
 @dataclass(frozen=True)
 class OtaConfig:
+    """What an OtaReceiver needs: the edge and class to follow, where bundles install, retry and size limits."""
+
     edge: str
     device_class: str                        # the class whose bundles this device installs ("wearable", "pi")
     bundle_dir: Path                         # DEST of `fediomt flash`: current/ and previous/ live here

@@ -26,6 +26,8 @@ ARRAYS = ("weights", "residual", "control", "server_control")
 
 @dataclass(frozen=True)
 class DeviceState:
+    """What a device keeps across restarts (model, residual, SCAFFOLD controls, privacy history), saved as one file."""
+
     model_name: str = ""
     model_version: int = -1                       # -1: no global model yet (the bundle's initial weights)
     weights: np.ndarray | None = None             # flat float32, the installed global model

@@ -20,6 +20,8 @@ from protocol.messages import TrainingPlan
 
 @dataclass(frozen=True)
 class LocalResult:
+    """One round of local training: the noised delta plus what the accountant, the update message and SCAFFOLD need."""
+
     delta: np.ndarray                     # local - global weights (flat float32, already DP-noised)
     num_samples: int
     local_steps: int

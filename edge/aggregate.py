@@ -22,6 +22,8 @@ ACTIONS = ("drop", "downweight")
 
 @dataclass(frozen=True)
 class FilterConfig:
+    """The edge's [filters] table: which anomaly filters run, what befalls flagged updates, which aggregator is used."""
+
     enabled: list[str] = field(default_factory=lambda: ["norm", "cosine"])
     action: str = "drop"             # "drop" flagged updates, or "downweight" them by `downweight`
     downweight: float = 0.1
@@ -52,6 +54,8 @@ class Meta:
 
 @dataclass(frozen=True)
 class Result:
+    """A closed round's aggregate with the per-update weights, flags, verdicts and norms behind it (forward, logs)."""
+
     mean: np.ndarray            # float32 (d,)
     alpha: np.ndarray           # final weight per update (0 = not counted)
     flagged: np.ndarray         # bool per update
@@ -63,6 +67,7 @@ class Result:
 
 
 def filter_matrix(rows: Rows, max_cells: int, rng: np.random.Generator) -> np.ndarray:
+    """The dense matrix the filters score: the touched coordinates, or a random sample when over `max_cells`."""
     columns = rows.touched()
     budget = max(1, max_cells // max(rows.n, 1))
     if columns.shape[0] > budget:

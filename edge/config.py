@@ -29,6 +29,8 @@ class CentralDPConfig:
 
 @dataclass(frozen=True)
 class ForwardConfig:
+    """The edge's [forward] table: when the aggregate is worth forwarding to the cloud, and how it is compressed."""
+
     significance: float = 0.0    # forward only when ||agg - last|| / ||last|| exceeds this; 0 = always
     compression: dict = field(default_factory=lambda: {"method": "dense", "bits": 32})  # of the aggregate payload
 
@@ -38,6 +40,8 @@ class ForwardConfig:
 
 @dataclass(frozen=True)
 class EdgeConfig:
+    """All an edge gateway is configured with (configs/edge.toml), checked on load so a bad file fails at start."""
+
     edge_id: str
     state_dir: Path              # SQLite round store (edge.db)
     enrolment_dir: Path          # {device_id}.pub (+ .crt, .mac) of every device allowed to send updates

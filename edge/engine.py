@@ -55,6 +55,9 @@ MAX_STATUS_BYTES = 64 * 1024
 
 
 class EdgeEngine:
+    """The edge's round logic without MQTT (the daemon and the simulator share it): admits updates, closes rounds,
+    returns what to publish."""
+
     def __init__(self, cfg: EdgeConfig, log: logging.Logger | None = None, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time, rng: np.random.Generator | None = None) -> None:
         """`clock` and `rng` default to the wall clock and fresh OS entropy (the daemon); the simulator passes its

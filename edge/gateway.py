@@ -46,6 +46,8 @@ GROUP = 64           # messages per SQLite commit (group commit) at most
 
 
 class Gateway:
+    """The edge daemon: moves messages between MQTT and EdgeEngine, acking only what the round store made durable."""
+
     def __init__(self, cfg: EdgeConfig, log: logging.Logger) -> None:
         self.cfg, self.log = cfg, log
         self.engine = EdgeEngine(cfg, log)

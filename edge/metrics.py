@@ -6,6 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 
 class Metrics:
+    """The gateway's Prometheus metrics, in their own registry so several gateways can share a process (tests)."""
+
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.accepted = Counter("fediomt_edge_updates_accepted", "Device updates accepted", registry=r)

@@ -26,6 +26,8 @@ MODES = ("sync", "async")
 
 @dataclass(frozen=True)
 class RoundsConfig:
+    """The edge's [rounds] table: sync quorum, minimum and deadline margin, or async buffer size and staleness limit."""
+
     mode: str = "sync"
     quorum: float = 1.0
     min_updates: int = 1
@@ -43,14 +45,18 @@ class RoundsConfig:
 
 
 def expected_devices(cohort: list[str], enrolled: set[str]) -> set[str]:
+    """The devices a round waits for: the cohort's enrolled ones, or every enrolled device when the cohort is empty."""
     return set(cohort) & enrolled if cohort else set(enrolled)
 
 
 def quorum_count(n_expected: int, cfg: RoundsConfig) -> int:
+    """Accepted updates that close a synchronous round early: ceil(quorum * expected), at least `min_updates`."""
     return max(cfg.min_updates, math.ceil(cfg.quorum * n_expected))
 
 
 def close_time(deadline: float, opened: float, cfg: RoundsConfig) -> float:
+    """When a synchronous round closes at the latest: the cloud's deadline minus the margin, or `round_timeout_s`
+    after opening when that is sooner."""
     end = deadline - cfg.deadline_margin_s
     return min(end, opened + cfg.round_timeout_s) if cfg.round_timeout_s > 0 else end
 
@@ -76,4 +82,5 @@ def staleness(current_version: int, base_version: int, cfg: RoundsConfig) -> int
 
 
 def staleness_weight(s: np.ndarray | int, exponent: float) -> np.ndarray:
+    """FedBuff's weight sigma(s) = (1 + s)^-exponent of an update with staleness s."""
     return (1.0 + np.asarray(s, dtype=np.float64)) ** (-exponent)

@@ -18,6 +18,8 @@ CHUNK_VALUES = 1 << 22  # 4M values: ~16 MB of float32 per chunk, ~32 MB of floa
 
 @dataclass(frozen=True)
 class Rows:
+    """A round's accepted updates kept sparse (CSR), so an edge can hold and sum thousands without densifying them."""
+
     n_params: int
     indptr: np.ndarray   # int64 (n + 1,): row i's values are values[indptr[i]:indptr[i+1]]
     iptr: np.ndarray     # int64 (n + 1,): its indices are indices[iptr[i]:iptr[i+1]] (none for a dense row)

@@ -61,6 +61,8 @@ class Stored:
 
 
 class Store:
+    """The edge's crash-safe SQLite round store: an update counts once its INSERT commits, nothing is counted twice."""
+
     def __init__(self, path: str | Path, synchronous: str = "normal") -> None:
         if synchronous not in ("normal", "full"):
             raise ValueError(f"store synchronous {synchronous!r} not in ('normal', 'full')")

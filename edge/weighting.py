@@ -24,6 +24,8 @@ from edge.filters.base import robust_z
 
 @dataclass(frozen=True)
 class WeightingConfig:
+    """The edge's [weighting] table: the exponent and factors of the aggregation weight alpha_i (module docstring)."""
+
     sample_exponent: float = 1.0
     loss_gamma: float = 0.0
     class_factors: dict[str, float] = field(default_factory=dict)

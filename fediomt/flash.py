@@ -26,6 +26,8 @@ _REMOTE = re.compile(r"^(?P<host>(?:[A-Za-z0-9._-]+@)?[A-Za-z0-9._-]+):(?P<path>
 
 @dataclass(frozen=True)
 class Remote:
+    """An ssh flash destination (`user@host:/path`), as parse_dest splits it."""
+
     host: str  # [user@]host as ssh takes it
     path: str
 

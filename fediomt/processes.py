@@ -18,6 +18,8 @@ from pathlib import Path
 
 @dataclass
 class Child:
+    """One daemon a ProcessGroup started, with the log file that receives its output."""
+
     name: str
     process: subprocess.Popen
     log: Path
@@ -25,6 +27,8 @@ class Child:
 
 @dataclass
 class ProcessGroup:
+    """Starts daemons in their own process groups and makes sure none outlives us (stop_all, or leaving `with`)."""
+
     log_dir: Path
     children: list[Child] = field(default_factory=list)
 

@@ -82,6 +82,8 @@ def _glorot(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int, fan_o
 
 @dataclass
 class Dense(Layer):
+    """Fully connected layer whose per-example kernel gradients stay outer products (Outer) until DP-SGD needs them."""
+
     name: str
     n_in: int
     n_out: int
@@ -185,6 +187,8 @@ class AvgPool2(Layer):
 
 
 class GlobalAvgPool(Layer):
+    """Mean over time before the classifier head; backward spreads the gradient evenly over the time steps."""
+
     def forward(self, params, x):
         return tf.reduce_mean(x, axis=1), x.shape[1]
 

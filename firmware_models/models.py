@@ -24,6 +24,8 @@ DEFAULT_HYPERPARAMETERS = {"lr": 0.05, "clip": 1.0, "noise_mult": 1.1, "mu": 0.0
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A firmware model's definition (layers, input, classes) from which its weights, layout and TFLite are built."""
+
     name: str
     family: str
     input_shape: tuple[int, ...]

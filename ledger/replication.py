@@ -60,12 +60,16 @@ class Vote:
 
 @dataclass(frozen=True)
 class SyncRequest:
+    """A replica's request for the committed blocks from index `start` on, sent when it finds itself behind."""
+
     validator: str = field(metadata=limit(max_len=64, min_len=1))
     start: int = field(metadata=limit(min_value=0))
 
 
 @dataclass(frozen=True)
 class Catchup:
+    """A batch of stored blocks answering a SyncRequest; the replica checks each as if appending it locally."""
+
     blocks: list[bytes] = field(metadata=limit(max_len=4096))
 
 
@@ -82,6 +86,8 @@ def _reason(code: int) -> Reason:
 
 @dataclass(frozen=True)
 class Publish:
+    """A message for MqttNode to publish: what Validator and Proposer return, so the protocol core stays MQTT-free."""
+
     topic: str
     payload: bytes
     retain: bool = False

@@ -38,6 +38,8 @@ KINDS = ("trainable", "int8_student")
 
 @dataclass(frozen=True)
 class Bundle:
+    """A bundle that passed every check (signature, manifest shape, model hash): what readers hand to the rest."""
+
     manifest: dict
     model_bytes: bytes
     layout: Layout

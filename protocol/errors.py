@@ -10,6 +10,8 @@ from enum import IntEnum
 
 
 class Reason(IntEnum):
+    """Stable reason codes shared by Ack.reason, metrics labels and logs; a code never changes meaning."""
+
     OK = 0
     MALFORMED = 1          # not CBOR, wrong container, missing/extra field
     TOO_LARGE = 2          # message or container over its limit

@@ -66,6 +66,8 @@ def revoked_serials(path: Path) -> frozenset[int]:
 
 @dataclass(frozen=True)
 class Enrolled:
+    """One enrolled sender's credentials: its signature key, its TLS certificate serial (for the CRL), its MAC key."""
+
     key: Ed25519PublicKey
     serial: int | None   # of the device's TLS certificate ({id}.crt), checked against the CRL; None = no .crt
     mac: bytes | None = None  # its MAC key toward this edge ({id}.mac); None = signatures only

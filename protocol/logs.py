@@ -9,6 +9,8 @@ import time
 
 
 class JsonFormatter(logging.Formatter):
+    """Renders each record as one JSON line, merging the `fields` given to `event`, so logs can be grepped as is."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": round(record.created, 3),

@@ -44,10 +44,12 @@ Scalar = int | float | str | bool | None
 
 
 def new_nonce() -> bytes:
+    """16 random bytes for a message's `nonce`: receivers refuse a nonce seen before (REPLAY)."""
     return os.urandom(16)
 
 
 def floats_to_bytes(vector: np.ndarray) -> bytes:
+    """A vector as little-endian float32 bytes, the dense wire form (`bytes_to_floats` reads it back strictly)."""
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
 

@@ -60,6 +60,7 @@ def new_client(cfg: ConnectionConfig, client_id: str, **options) -> mqtt.Client:
 
 
 def connect_properties(cfg: ConnectionConfig) -> Properties:
+    """MQTT 5 CONNECT properties: the configured session expiry (how long the broker keeps a session)."""
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = cfg.session_expiry_s
     return props

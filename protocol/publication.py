@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Publication:
+    """One message for the MQTT shell to publish: what the edge and cloud engines return instead of touching MQTT."""
+
     topic: str
     payload: bytes
     retain: bool = False

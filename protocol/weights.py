@@ -11,6 +11,8 @@ from protocol.errors import ProtocolError, Reason
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One named tensor of a model's layout: its shape fixes where it sits in the flat wire vector."""
+
     name: str
     shape: tuple[int, ...]
 

@@ -21,6 +21,8 @@ def adam_step(weights: np.ndarray, delta: np.ndarray, m: np.ndarray, v: np.ndarr
 
 
 class FedAdam(Strategy):
+    """Adam on the server (Reddi et al. 2021): the mean delta as pseudo-gradient, moments m, v in the server state."""
+
     name = "fedadam"
 
     def __init__(self, defaults: RoundDefaults, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,

@@ -6,4 +6,6 @@ from cloud.strategies.base import Strategy
 
 
 class FedAvg(Strategy):
+    """The baseline strategy: the base Strategy as it is (sample-weighted mean of the edges' deltas)."""
+
     name = "fedavg"

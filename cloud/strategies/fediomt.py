@@ -41,6 +41,8 @@ def cosine_lr_factor(round_id: int, rounds: int, floor: float) -> float:
 
 
 class FedIoMT(Strategy):
+    """The project's strategy: FedAvg plus importance-sampled cohorts, adaptive lr/steps, FedNova (each switchable)."""
+
     name = "fediomt"
 
     def __init__(self, defaults: RoundDefaults, server_lr: float = 1.0, importance_sampling: bool = True,

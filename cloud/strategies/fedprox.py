@@ -9,6 +9,8 @@ from protocol.messages import TrainingPlan
 
 
 class FedProx(Strategy):
+    """FedAvg whose plan asks devices for the proximal term mu/2 |w - w_global|^2, which limits client drift."""
+
     name = "fedprox"
 
     def __init__(self, defaults: RoundDefaults, server_lr: float = 1.0, mu: float = 0.01) -> None:

@@ -18,6 +18,8 @@ CONTROL = "control"
 
 
 class Scaffold(Strategy):
+    """SCAFFOLD: keeps the server control variate c, sent with each model, that devices use to correct client drift."""
+
     name = "scaffold"
 
     def init_state(self, weights: np.ndarray) -> ServerState:

@@ -18,6 +18,8 @@ MAD_TO_SIGMA = 0.6745  # MAD of a standard normal: robust z = 0.6745 (x - median
 
 @dataclass(frozen=True)
 class Verdict:
+    """A filter's output: the score per update and which updates it flags, so each filter's decision can be logged."""
+
     scores: np.ndarray  # float64 (n,): the statistic the decision was made on (logged per device)
     flags: np.ndarray   # bool (n,): True = suspicious
 

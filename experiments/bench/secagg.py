@@ -52,6 +52,8 @@ class TimedClient(SecAggClient):
 
 
 class TimedServer(SecAggServer):
+    """The real SecAggServer with its unmasking step timed, for the benchmark's edge cost."""
+
     def finalize(self):
         start = time.perf_counter()
         result = super().finalize()

@@ -21,6 +21,8 @@ class Client:
 
 @dataclass
 class Federation:
+    """A dataset split into per-device clients plus a held-out test set: what every dataset loader returns."""
+
     name: str
     clients: list[Client]
     x_test: np.ndarray

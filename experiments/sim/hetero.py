@@ -23,6 +23,8 @@ CLASSES = ("wearable", "phone", "pi")   # compute classes (protocol.messages.Cap
 
 @dataclass(frozen=True)
 class HeteroConfig:
+    """How heterogeneous the simulated fleet is: spread of compute speed and bandwidth, dropout, deadline slack."""
+
     cv: float = 0.0                      # coefficient of variation of compute speed
     mean_steps_per_s: float = 10.0       # mean device speed (virtual)
     bandwidth_bps: float = 250_000.0     # median uplink/downlink (BLE/Wi-Fi wearables ~ 0.1-1 Mbit/s)
@@ -37,6 +39,8 @@ class HeteroConfig:
 
 @dataclass(frozen=True)
 class Profile:
+    """One simulated device's draw: its speed, its bandwidth and the compute class its speed tercile implies."""
+
     steps_per_s: float
     bandwidth_bps: float
     compute_class: str

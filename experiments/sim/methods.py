@@ -22,6 +22,8 @@ NO_FILTERS = FilterConfig(enabled=[])
 
 @dataclass(frozen=True)
 class Method:
+    """One federated method under comparison: a strategy plus what it sets on devices, edges and the downlink."""
+
     name: str
     strategy: str
     options: dict = field(default_factory=dict)       # strategy keyword options (configs/cloud.toml [strategy])

@@ -17,6 +17,8 @@ KINDS = ("sign_flip", "scaling", "label_flip", "noise")
 
 @dataclass(frozen=True)
 class Poison:
+    """A run's poisoning attack: its kind, the fraction of malicious devices and its strength."""
+
     kind: str
     fraction: float          # of devices that are malicious (drawn once per run)
     scale: float = 10.0      # scaling attack factor

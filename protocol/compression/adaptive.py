@@ -22,6 +22,8 @@ DENSITIES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003, 0.0001)
 
 @dataclass(frozen=True)
 class ComputeClass:
+    """What a device class may send: its density ceiling, the bit widths to try and whether zlib is affordable."""
+
     max_density: float
     bits: tuple[int, ...]
     entropy: bool

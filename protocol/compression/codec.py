@@ -43,6 +43,8 @@ _F32 = np.dtype("<f4")
 
 @dataclass(frozen=True)
 class PayloadHeader:
+    """An update payload's header once `read_header` has bounded every field, so decoding can size buffers from it."""
+
     version: int
     method: str
     bits: int

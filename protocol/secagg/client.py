@@ -31,6 +31,8 @@ from protocol.secagg.view import RoundView, seed_commitment
 
 
 class SecAggClient:
+    """One device's side of a secure-aggregation round: checks each edge message and returns its next signed message."""
+
     def __init__(self, device_id: str, edge_id: str, round_id: int, identity_key: Ed25519PrivateKey,
                  directory: Mapping[str, Ed25519PublicKey], rng: np.random.Generator | None = None) -> None:
         """`directory`: the identity keys of the cohort's devices (to check the adverts the roster relays)."""

@@ -22,12 +22,16 @@ class TrustMode(str, Enum):
 
 
 class Graph(str, Enum):
+    """Who shares masks with whom: every pair (full, Bonawitz) or a random k-regular neighbourhood (sparse, SecAgg+)."""
+
     FULL = "full"      # Bonawitz et al. 2017: every device shares with every other
     SPARSE = "sparse"  # SecAgg+ (Bell et al. 2020): a random k-regular (Harary) neighbourhood
 
 
 @dataclass(frozen=True)
 class SecAggConfig:
+    """One round's secure-aggregation parameters, validated on construction; travels in RoundAnnouncement.secagg."""
+
     graph: Graph = Graph.SPARSE
     k: int = 0                  # neighbours per device in sparse mode; 0 = auto: even ceil(3 log2 n), capped n-1
     threshold: float = 0.5      # t = floor(threshold * holders) + 1 of the holders (neighbours + self) of a secret

@@ -29,6 +29,8 @@ EXTRAS = 2   # sample count, local steps
 
 @dataclass(frozen=True)
 class MaskedRound:
+    """A device-masked round's plan: how devices build the vectors they mask and the edge reads the sum back."""
+
     config: SecAggConfig
     seed: int | None = None      # random-k coordinates shared by the cohort; None = every coordinate
     density: float = 1.0         # fraction of coordinates masked under random-k

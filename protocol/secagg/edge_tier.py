@@ -38,6 +38,8 @@ class EdgeSum:
 
 @dataclass(frozen=True)
 class EdgeMaskedRound:
+    """An edge-masked round's plan: how each edge encodes its weighted mean for masking, how the cloud decodes it."""
+
     config: SecAggConfig
     max_samples: int = 0      # weight scale: the largest sample count one edge carries; 0 = 2^bits - 1
 

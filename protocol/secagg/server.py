@@ -34,6 +34,8 @@ from protocol.secagg.view import RoundView, check_advert, seed_commitment
 
 @dataclass(frozen=True)
 class SecAggResult:
+    """What a secure-aggregation round gives the edge: the unmasked sum, whose inputs are in it, who dropped."""
+
     sum: np.ndarray         # float32: sum of the survivors' clipped inputs (quantization error only)
     quantized: np.ndarray   # uint32: the exact sum of their quantized inputs in Z_(2^R)
     devices: list[str]      # whose inputs are in the sum
@@ -45,6 +47,8 @@ def _abort(detail: str) -> ProtocolError:
 
 
 class SecAggServer:
+    """The edge's side of one secure-aggregation round: admits each step's messages, relays shares, unmasks the sum."""
+
     def __init__(self, edge_id: str, round_id: int, config: SecAggConfig, length: int,
                  directory: Mapping[str, Ed25519PublicKey]) -> None:
         """`length`: coordinates masked (the model size, or k under random-k sparsification)."""

@@ -37,6 +37,8 @@ def check_advert(advert: AdvertiseKeys, directory: Mapping[str, Ed25519PublicKey
 
 @dataclass(frozen=True)
 class RoundView:
+    """The round as both sides derive it from the roster (members, share points, neighbours, ring), so they agree."""
+
     ctx: bytes
     config: SecAggConfig
     length: int
