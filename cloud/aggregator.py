@@ -46,6 +46,8 @@ STATUSES = status_topic(ANY, ANY)
 
 
 class CloudAggregator:
+    """The cloud daemon: MQTT, SecAgg, ledger and distillation around a CloudEngine, and report.json at the end."""
+
     def __init__(self, cfg: CloudConfig, log: logging.Logger) -> None:
         self.cfg, self.log = cfg, log
         self.key = load_private_key(cfg.signing_key)

@@ -29,6 +29,8 @@ def report_line(version: int, r: StudentReport, pushed: PushReport | None) -> di
 
 
 class Distiller:
+    """Distils students every N versions on one worker thread, so rounds never wait for a distillation."""
+
     def __init__(self, cfg: CloudConfig, key: Ed25519PrivateKey, edges: list[str], eval_data: EvalData | None,
                  log: logging.Logger) -> None:
         assert cfg.distill is not None

@@ -78,6 +78,8 @@ Contributions = Callable[[int, int, list[EdgeResult], np.ndarray], dict | None]
 
 
 class CloudEngine:
+    """The cloud's round state machine without MQTT (the contract is the module docstring)."""
+
     def __init__(self, settings: RoundSettings, key: Ed25519PrivateKey,
                  edge_keys: KeyRing | Callable[[str], Ed25519PublicKey], initial: np.ndarray, run_dir: str | Path,
                  *, evaluate: Evaluate | None = None, contributions: Contributions | None = None,

@@ -76,6 +76,7 @@ class Received:
 
 
 def decode_payload(payload: bytes | None, n_params: int) -> np.ndarray | None:
+    """A compression payload as a dense vector; None for an absent or empty one (metadata-only aggregates)."""
     return None if not payload else decode_update(payload, n_params)
 
 

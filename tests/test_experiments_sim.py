@@ -121,7 +121,7 @@ def test_small_federation_counts_real_messages_and_refuses_late_updates(heart16)
         assert log.bytes_down >= 4 * n * (devices + edges)
         assert 0.0 <= log.accuracy <= 1.0 and log.wall_s > 0 and log.virtual_s > 0
     assert sum(log.missed_deadline for log in logs) > 0          # CV 1 + fixed work: stragglers miss the deadline
-    assert sim.cloud.state.version == 3 and math.isinf(logs[-1].epsilon_device)   # no DP: unbounded epsilon, said as such
+    assert sim.cloud.state.version == 3 and math.isinf(logs[-1].epsilon_device)   # no DP: unbounded epsilon
 
 
 def test_filters_flag_noise_attackers(heart16):

@@ -65,6 +65,8 @@ QUIET.setLevel(logging.ERROR)
 
 @dataclass(frozen=True)
 class SimConfig:
+    """One simulated run: the method, its round budget and device plan, DP at both levels, heterogeneity, poison."""
+
     method: Method
     rounds: int = 20
     lr: float = 0.1
@@ -85,6 +87,8 @@ class SimConfig:
 
 @dataclass
 class RoundLog:
+    """What one simulated round measured: accuracy, bytes both ways, who took part, virtual time, epsilons."""
+
     round: int
     accuracy: float | None
     loss: float | None
@@ -104,6 +108,8 @@ class RoundLog:
 
 @dataclass
 class DeviceSim:
+    """A simulated device: its data, speed profile, key and the state its agent would persist between rounds."""
+
     id: str
     edge: str
     x: np.ndarray
@@ -117,6 +123,8 @@ class DeviceSim:
 
 
 class Simulator:
+    """A whole federation in one process on a virtual clock, driving the tiers' own engines (module docstring)."""
+
     def __init__(self, fed: Federation, model_bytes: bytes, manifest: dict, initial: np.ndarray, cfg: SimConfig,
                  workdir: Path | None = None) -> None:
         self.fed, self.cfg, self.method = fed, cfg, cfg.method
