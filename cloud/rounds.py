@@ -8,7 +8,6 @@ is tested directly (tests/test_cloud_engine.py).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from protocol.messages import (
     RoundAnnouncement,
     TrainingPlan,
     decode,
-    floats_to_bytes,
+    global_model,
     verify_raw,
 )
 from protocol.secagg.edge_tier import EdgeSum
@@ -149,11 +148,7 @@ def compress_model(server: ServerState, previous: np.ndarray, version: int, sett
 
 def model_message(model: str, version: int, server: ServerState, delta: bytes | None) -> GlobalModel:
     """The (unsigned) GlobalModel of `version`: against version - 1 when it has a compressed delta, else in full."""
-    weights = floats_to_bytes(server.weights)
-    control = server.arrays.get(CONTROL)
-    return GlobalModel(model, version, "full" if delta is None else "delta", None if delta is None else version - 1,
-                       server.weights.size, weights if delta is None else delta, hashlib.sha256(weights).digest(),
-                       None if control is None else floats_to_bytes(control))
+    return global_model(model, version, server.weights, delta, server.arrays.get(CONTROL))
 
 
 def plan_round(strategy: Strategy, s: CloudState, settings: RoundSettings, now: float,

@@ -5,7 +5,8 @@
 A new bundle is written to ROOT/.incoming/, the copy is verified (hash + signature), then two renames rotate it
 in: previous is dropped, current -> previous, .incoming -> current. A crash between the renames leaves no current
 but an intact previous, which `load_installed` falls back to. The device tier owns this layout because the agent,
-the OTA receiver and the sandbox install into it; `fediomt flash` (local or over ssh) writes the same layout.
+the OTA receiver and the sandbox (experiments.sandbox) install into it; `fediomt flash` (local or over ssh) writes
+the same layout.
 """
 
 from __future__ import annotations

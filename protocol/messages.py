@@ -32,7 +32,7 @@ __all__ = [
     "mac_message", "verify_mac_raw", "MAC_BYTES",
     "floats_to_bytes",
     "bytes_to_floats", "TrainingPlan", "Capability", "PrivacySpent", "CentralDPReport", "RoundAnnouncement",
-    "GlobalModel", "DeviceUpdate", "EdgeAggregate", "Ack", "DeviceStatus", "Chunk", "BundleManifest",
+    "GlobalModel", "global_model", "DeviceUpdate", "EdgeAggregate", "Ack", "DeviceStatus", "Chunk", "BundleManifest",
 ]
 
 ID = limit(max_len=64, min_len=1)
@@ -213,6 +213,21 @@ class GlobalModel:
             raise ValueError(f"encoding {self.encoding!r}")
         if (self.encoding == "delta") != (self.base_version is not None):
             raise ValueError("a delta needs a base_version and a full model has none")
+
+
+def global_model(name: str, version: int, weights: np.ndarray, delta_payload: bytes | None = None,
+                 control: np.ndarray | None = None) -> GlobalModel:
+    """The (unsigned) GlobalModel of `version` for the published `weights` (what devices end up holding): in full,
+    or with `delta_payload` (a protocol.compression payload that turns version - 1's weights into exactly
+    `weights`) as a delta against version - 1. `sha256` is always of the published float32 weights, which is what
+    a device checks after applying the message (device.global_model.rebuild); `control` is SCAFFOLD's server
+    control variate. The one constructor of GlobalModels (cloud, scripted cloud, benchmarks, tests)."""
+    full = floats_to_bytes(weights)
+    delta = delta_payload is not None
+    return GlobalModel(model_name=name, model_version=version, encoding="delta" if delta else "full",
+                       base_version=version - 1 if delta else None, n_params=len(full) // 4,
+                       weights=delta_payload if delta else full, sha256=hashlib.sha256(full).digest(),
+                       control=None if control is None else floats_to_bytes(control))
 
 
 @register("update")

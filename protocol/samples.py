@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from protocol import messages as m
@@ -19,15 +17,13 @@ COMPRESSION = {"method": "topk", "density": 0.01, "bits": 8, "block_size": 256, 
 def sample_messages() -> list:
     key = generate_signing_key()
     weights = np.arange(10, dtype=np.float32)
-    full = m.floats_to_bytes(weights)
     samples = [
         m.RoundAnnouncement(round_id=3, model_name="har_mlp", model_version=2, strategy="fediomt", deadline=1.7e9,
                             plan=PLAN, compression=COMPRESSION, edges=["edge1"], cohort=["d01", "d02"],
                             lr_scale={"d01": 1.0}, sample_weight={"d01": 1.25},
                             central_dp=m.CentralDPReport(clip=1.0, noise_mult=0.5, sampling_rate=1.0),
                             secagg={"mode": "trusted_edge"}),
-        m.GlobalModel(model_name="har_mlp", model_version=2, encoding="full", base_version=None, n_params=10,
-                      weights=full, sha256=hashlib.sha256(full).digest()),
+        m.global_model("har_mlp", 2, weights),
         m.DeviceUpdate(device_id="d01", edge_id="edge1", round_id=3, base_version=2, num_samples=120, local_steps=4,
                        train_loss=0.7, privacy=m.PrivacySpent(epsilon=0.9, delta=1e-5, accountant="rdp",
                                                                noise_mult=1.1, sample_rate=0.25, steps=4),

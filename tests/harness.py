@@ -7,7 +7,6 @@ broken tier fails its own tests, not the collection of all."""
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import subprocess
 import sys
@@ -28,13 +27,12 @@ from protocol.messages import (
     Capability,
     DeviceUpdate,
     EdgeAggregate,
-    GlobalModel,
     PrivacySpent,
     RoundAnnouncement,
     TrainingPlan,
     decode,
     encode,
-    floats_to_bytes,
+    global_model,
     new_nonce,
     sign_message,
     verify_message,
@@ -182,8 +180,7 @@ class Fed:
         return EdgeEngine(load_config(self.config))
 
     def model(self, version: int = 1) -> bytes:
-        w = np.zeros(self.n_params, np.float32)
-        msg = GlobalModel("m", version, "full", None, self.n_params, w.tobytes(), hashlib.sha256(w.tobytes()).digest())
+        msg = global_model("m", version, np.zeros(self.n_params, np.float32))
         return encode(sign_message(msg, self.cloud_key))
 
     def announce(self, round_id: int = 1, version: int = 1, deadline: float | None = None, **kw) -> bytes:
@@ -222,7 +219,7 @@ def device_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def provision_device(root: Path, name: str, port: int, samples: int = 128, edge: str = "e1", **overrides) -> Path:
     """A device under root/name trusting root/cloud.pub, with `device_data(samples)`; returns its config."""
-    from device.sandbox import provision
+    from experiments.sandbox import provision
 
     x, y = device_data(samples)
     return provision(root / name, name, edge, PREBUILT / MODEL, DEV_PUB, root / "cloud.pub", x, y, port, **overrides)
@@ -238,8 +235,7 @@ def bundle_weights() -> np.ndarray:
 
 def publish_cloud_round(recorder: Recorder, cloud_key, weights: np.ndarray, **announcement) -> None:
     """The cloud's side of round 1 on fl/cloud: a full global model (version 1) and its signed announcement."""
-    data = floats_to_bytes(weights)
-    model = GlobalModel(MODEL, 1, "full", None, len(weights), data, hashlib.sha256(data).digest())
+    model = global_model(MODEL, 1, weights)
     ann = RoundAnnouncement(1, MODEL, 1, "fedavg", time.time() + 120, PLAN, {}, **{"edges": ["e1"], **announcement})
     recorder.publish("fl/cloud/model", encode(sign_message(model, cloud_key)), retain=True)
     recorder.publish("fl/cloud/round", encode(sign_message(ann, cloud_key)), retain=True)

@@ -1,4 +1,4 @@
-"""Device agent against a real Mosquitto, a real interpreter and a scripted cloud/edge (device.sandbox)."""
+"""Device agent against a real Mosquitto, a real interpreter and a scripted cloud/edge (experiments.sandbox)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import pytest
 from device.agent import DeviceAgent
 from device.config import load_config
 from device.runtime import TrainableModel
-from device.sandbox import ScriptedCloud
 from device.state import load_state
 from device.training import train_round
 from experiments.mosquitto import MosquittoBroker
+from experiments.sandbox import ScriptedCloud
 from protocol import accountant
 from protocol.bundle import MODEL_FILE, load_bundle, write_bundle
 from protocol.compression import decode_update
@@ -209,7 +209,7 @@ def test_tampered_global_model_is_refused(fed):
     config = fed.device(privacy={"epsilon": 100.0})
     fed.start(config)
     wait_log(config, "connected")
-    fed.cloud.client.publish("fl/e1/round", b"\x82\x65round\x01", qos=1).wait_for_publish(5)  # a v1 round
+    fed.cloud.conn.publish("fl/e1/round", b"\x82\x65round\x01").wait_for_publish(5)  # a v1 round
     wait_log(config, "refused a message", reason="UNKNOWN_VERSION")  # refused, and the agent carries on
     fed.cloud.publish_model(MODEL, 1, fed.weights, tamper=True)
     fed.cloud.announce(1, MODEL, 1, PLAN)

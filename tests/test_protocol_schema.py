@@ -287,3 +287,27 @@ def test_dense_weights_strict():
         m.bytes_to_floats(m.floats_to_bytes(vec), 3)
     with pytest.raises(ProtocolError):
         m.bytes_to_floats(m.floats_to_bytes(np.array([np.nan, 1], np.float32)), 2)
+
+
+def test_global_model_is_what_devices_rebuild():
+    """protocol.messages.global_model (the one constructor) against device.global_model.rebuild (the one applier):
+    full, and a delta whose payload turns version - 1 into the published weights; sha256 of the published ones."""
+    import hashlib
+
+    import numpy as np
+
+    from device.global_model import rebuild
+    from protocol.compression import CompressionSettings, decode_update, encode_update
+
+    base = np.arange(6, dtype=np.float32)
+    full = m.global_model("har_mlp", 3, base, control=np.ones(6, np.float32))
+    assert (full.encoding, full.base_version, full.n_params) == ("full", None, 6)
+    assert full.sha256 == hashlib.sha256(m.floats_to_bytes(base)).digest()
+    weights, control = rebuild(full, 2, None)
+    assert (weights == base).all() and (control == 1).all()
+    payload, _ = encode_update(np.full(6, 0.5, np.float32), CompressionSettings(method="dense", bits=32))
+    published = (base + decode_update(payload, 6)).astype(np.float32)
+    delta = m.global_model("har_mlp", 4, published, payload)
+    assert (delta.encoding, delta.base_version, delta.weights, delta.control) == ("delta", 3, payload, None)
+    assert (rebuild(delta, 3, base)[0] == published).all()
+    assert m.decode(m.encode(delta), expect=m.GlobalModel) == delta

@@ -1,7 +1,7 @@
 """`fediomt bench device`: one device agent PROCESS over a 10-round run of wearable_cnn: peak RSS, CPU, bytes.
 
 The agent is the real `python -m fediomt device run` against a private Mosquitto, with a scripted cloud/edge
-(device.sandbox.ScriptedCloud) that publishes a signed global model and round announcement per round, waits for
+(experiments.sandbox.ScriptedCloud) that publishes a signed global model and round announcement per round, waits for
 the update, applies it (the next global model) and acks it. Data: one subject of the seglearn smartwatch set (real
 IMU windows). Compression: none announced, so the device picks adaptive settings from its capability
 (compute_class "wearable": top-k <= 1%, int8). Peak RSS is the kernel's high-water mark of the agent process since
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from device.runtime import TrainableModel
-from device.sandbox import ScriptedCloud, provision
 from experiments.mosquitto import MosquittoBroker
+from experiments.sandbox import ScriptedCloud, provision
 from protocol.bundle import load_bundle
 from protocol.compression import decode_update, read_header
 from protocol.messages import TrainingPlan

@@ -22,7 +22,6 @@ values; dense: float32. Full run: 10,000 sparse updates of a 100k-parameter mode
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import shutil
@@ -46,12 +45,12 @@ from protocol.compression import CompressionSettings, encode_update
 from protocol.messages import (
     Capability,
     DeviceUpdate,
-    GlobalModel,
     PrivacySpent,
     RoundAnnouncement,
     TrainingPlan,
     decode,
     encode,
+    global_model,
     mac_message,
     new_nonce,
     sign_message,
@@ -88,8 +87,7 @@ def _engine(root: Path, cloud: signing.Ed25519PrivateKey) -> EdgeEngine:
     """A fresh edge (empty store) on `root`'s config, with round 1 of model v1 open."""
     shutil.rmtree(root / "state", ignore_errors=True)
     engine = EdgeEngine(load_config(root / "edge.toml"), _quiet_log())
-    w = np.zeros(PARAMS, np.float32).tobytes()
-    model = GlobalModel("m", 1, "full", None, PARAMS, w, hashlib.sha256(w).digest())
+    model = global_model("m", 1, np.zeros(PARAMS, np.float32))
     ann = RoundAnnouncement(1, "m", 1, "fedavg", time.time() + 3600, TrainingPlan(0.1, 1, 8, 1.0, 0.0), {})
     engine.handle_cloud("model", encode(sign_message(model, cloud)))
     engine.handle_cloud("round", encode(sign_message(ann, cloud)))

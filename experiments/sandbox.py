@@ -1,30 +1,29 @@
-"""Provision a device directory and script its edge: for tests, `fediomt bench device` and the local demo.
+"""Provision a device directory and script its edge: tooling for tests, `fediomt bench device` and the local demo
+(not device-tier code: it lives with the other harnesses in experiments).
 
 `provision` writes what a real device holds (signing key, installed bundle, local data, device.toml);
-`ScriptedCloud` is a plain paho client that plays the cloud and the edge on `fl/{edge}/...`: it publishes signed
-global models and round announcements (retained, as the edge relays them) and collects what devices send.
+`ScriptedCloud` plays the cloud and the edge on `fl/{edge}/...` over the one MQTT client layer
+(protocol.mqtt.Connection): it publishes signed global models and round announcements (retained, as the edge relays
+them) and collects what devices send.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import logging
 import queue
 import time
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+from cloud.model import compress_broadcast
 from device.flash import flash_local
 from protocol import topics
 from protocol.bundle import load_bundle
-from protocol.compression import CompressionSettings, decode_update, encode_update
+from protocol.compression import CompressionSettings
 from protocol.messages import (
     Ack,
     DeviceStatus,
@@ -35,9 +34,13 @@ from protocol.messages import (
     decode,
     encode,
     floats_to_bytes,
+    global_model,
     sign_message,
 )
+from protocol.mqtt import Connection, ConnectionConfig
 from protocol.signing import generate_signing_key, load_public_key, save_private_key, save_public_key
+
+DENSE32 = CompressionSettings(method="dense", bits=32)  # a delta global model: exact float32 differences
 
 
 def provision(root: str | Path, device_id: str, edge: str, bundle_src: str | Path, bundle_pubkey: str | Path,
@@ -69,51 +72,44 @@ class ScriptedCloud:
     """The cloud + edge of one edge id, scripted: publish signed models/rounds, collect updates and statuses."""
 
     def __init__(self, port: int, edge: str, cloud_key: Ed25519PrivateKey, host: str = "127.0.0.1",
-                 client_id: str = "scripted-cloud", tls: tuple[Path, Path, Path] | None = None) -> None:
-        """`tls`: (ca, cert, key) to connect with a client certificate (an mTLS broker; CN = client_id)."""
+                 client_id: str = "scripted-cloud", tls: tuple[Path, Path, Path] | None = None,
+                 timeout_s: float = 30.0) -> None:
+        """`tls`: (ca, cert, key) to connect with a client certificate (an mTLS broker; CN = client_id). A
+        persistent session: updates sent while we reconnect are queued by the broker."""
         self.edge, self.key = edge, cloud_key
         self.updates: queue.Queue[tuple[DeviceUpdate, int]] = queue.Queue()
         self.statuses: queue.Queue[DeviceStatus] = queue.Queue()
         self.bytes_down = 0  # payload bytes devices receive from us (models, rounds, acks), per subscriber
         self.bytes_up = 0    # payload bytes devices sent us (updates, statuses)
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        client.on_message = self._message
-        watched = [(topics.update_topic(edge, topics.ANY), 1), (topics.status_topic(edge, topics.ANY), 1)]
-        client.on_connect = lambda c, *_: c.subscribe(watched)
-        client.reconnect_delay_set(1, 2)
-        if tls is not None:
-            client.tls_set(ca_certs=str(tls[0]), certfile=str(tls[1]), keyfile=str(tls[2]))
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600  # a persistent session: updates sent while we reconnect are queued
-        client.connect(host, port, clean_start=False, properties=props)
-        client.loop_start()
-        self.client = client
+        ca, cert, key = tls if tls is not None else (None, None, None)
+        cfg = ConnectionConfig(host=host, port=port, ca=ca, cert=cert, key=key, session_expiry_s=3600,
+                               reconnect_min_s=0.2, reconnect_max_s=2.0)
+        self.conn = Connection(cfg, client_id, [topics.update_topic(edge, topics.ANY),
+                                                topics.status_topic(edge, topics.ANY)],
+                               None, logging.getLogger("scripted-cloud"), on_message=self._message)
+        if not self.conn.start(timeout_s=timeout_s):
+            raise ConnectionError(f"scripted cloud: no broker at {host}:{port} within {timeout_s} s")
 
-    def _message(self, _client, _userdata, msg) -> None:
-        self.bytes_up += len(msg.payload)
-        if "/updates/" in msg.topic:
-            self.updates.put((decode(msg.payload, expect=DeviceUpdate), len(msg.payload)))
-        elif msg.payload:
-            self.statuses.put(decode(msg.payload, expect=DeviceStatus))
+    def _message(self, topic: str, payload: bytes) -> None:
+        self.bytes_up += len(payload)
+        if "/updates/" in topic:
+            self.updates.put((decode(payload, expect=DeviceUpdate), len(payload)))
+        elif payload:
+            self.statuses.put(decode(payload, expect=DeviceStatus))
 
     def _publish(self, topic: str, data: bytes, retain: bool = True) -> None:
-        self.client.publish(topic, data, qos=1, retain=retain).wait_for_publish(10)
+        self.conn.publish(topic, data, retain=retain).wait_for_publish(10)
         self.bytes_down += len(data)
 
     def publish_model(self, name: str, version: int, weights: np.ndarray, control: np.ndarray | None = None,
                       tamper: bool = False, base: np.ndarray | None = None) -> GlobalModel:
-        """A signed global model: full float32, or (with `base`, version - 1's weights) a dense delta against it.
-        `tamper` flips a weight AFTER signing (devices must refuse it)."""
-        weights = np.asarray(weights, np.float32)
-        body, base_version = floats_to_bytes(weights), None
+        """A signed global model: full float32, or (with `base`, version - 1's weights) a dense delta against it
+        (the cloud's own delta path, cloud.model.compress_broadcast). `tamper` flips a weight AFTER signing
+        (devices must refuse it)."""
+        weights, delta = np.asarray(weights, np.float32), None
         if base is not None:
-            body, _ = encode_update((weights - base).astype(np.float32), CompressionSettings(method="dense", bits=32))
-            weights, base_version = (base + decode_update(body, len(base))).astype(np.float32), version - 1
-        raw = floats_to_bytes(weights)
-        msg = sign_message(GlobalModel(model_name=name, model_version=version, encoding="full" if base is None
-                                       else "delta", base_version=base_version, n_params=len(weights), weights=body,
-                                       sha256=hashlib.sha256(raw).digest(),
-                                       control=None if control is None else floats_to_bytes(control)), self.key)
+            delta, weights, _ = compress_broadcast(np.asarray(base, np.float32), weights, None, DENSE32)
+        msg = sign_message(global_model(name, version, weights, delta, control), self.key)
         if tamper:
             bad = weights.copy()
             bad[0] += 1.0
@@ -146,5 +142,4 @@ class ScriptedCloud:
                 return status
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.conn.close()
