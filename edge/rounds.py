@@ -22,6 +22,7 @@ import numpy as np
 from protocol.errors import ProtocolError, Reason
 
 MODES = ("sync", "async")
+ROUND_EXCUSES = ("skipped", "declined", "budget_exhausted")   # statuses that excuse a device from their round
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,16 @@ class RoundsConfig:
 def expected_devices(cohort: list[str], enrolled: set[str]) -> set[str]:
     """The devices a round waits for: the cohort's enrolled ones, or every enrolled device when the cohort is empty."""
     return set(cohort) & enrolled if cohort else set(enrolled)
+
+
+def excuses(status: tuple[str, int | None] | None, round_id: int) -> bool:
+    """Whether a device's last known status (state, round) excuses it from round `round_id`'s quorum: "offline"
+    until it returns (an "online"/"training" status or an update replaces it); "skipped", "declined" and
+    "budget_exhausted" for the round they name only."""
+    if status is None:
+        return False
+    state, status_round = status
+    return state == "offline" or (state in ROUND_EXCUSES and status_round == round_id)
 
 
 def quorum_count(n_expected: int, cfg: RoundsConfig) -> int:

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS updates (
     nbytes INTEGER NOT NULL, indices BLOB, vals BLOB, control BLOB, received REAL NOT NULL, nonce BLOB NOT NULL,
     PRIMARY KEY (device_id, round_id));
 CREATE TABLE IF NOT EXISTS outbox (batch INTEGER PRIMARY KEY, payload BLOB NOT NULL, published INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS statuses (device_id TEXT PRIMARY KEY, state TEXT NOT NULL, round_id INTEGER);
 CREATE INDEX IF NOT EXISTS updates_pending ON updates (batch);
 CREATE UNIQUE INDEX IF NOT EXISTS updates_nonce ON updates (device_id, nonce);
 """
@@ -106,6 +107,14 @@ class Store:
 
     def put(self, key: str, value: bytes) -> None:
         self.db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+
+    # ------------------------------------------------------------ device statuses
+    def set_status(self, device_id: str, state: str, round_id: int | None) -> None:
+        """A device's last known status: it outlives rounds and restarts (an offline device stays excused)."""
+        self.db.execute("INSERT OR REPLACE INTO statuses VALUES (?, ?, ?)", (device_id, state, round_id))
+
+    def statuses(self) -> dict[str, tuple[str, int | None]]:
+        return {d: (state, r) for d, state, r in self.db.execute("SELECT device_id, state, round_id FROM statuses")}
 
     # ------------------------------------------------------------ updates
     def has(self, device_id: str, round_id: int) -> bool:
