@@ -59,8 +59,41 @@ def test_fedadam_step_equals_a_hand_computed_adam_step():
     m2, v2 = 0.9 * m1 + 0.1 * d2, 0.99 * v1 + 0.01 * d2**2
     w2 = w1 + 0.1 * m2 / (np.sqrt(v2) + 1e-3)
     np.testing.assert_allclose(state.weights, w2, rtol=1e-5)
-    np.testing.assert_allclose(state.arrays["m"], m2, rtol=1e-5)
-    np.testing.assert_allclose(state.arrays["v"], v2, rtol=1e-5)
+    np.testing.assert_allclose(state.arrays["opt_m"], m2, rtol=1e-5)
+    np.testing.assert_allclose(state.arrays["opt_v"], v2, rtol=1e-5)
+
+
+def test_server_momentum_accumulates_the_deltas():
+    """FedAvgM: u = beta u + d, w += lr u; the velocity is checkpointed state."""
+    s = make("fedavg", DEFAULTS, {"server_optimizer": "momentum", "server_lr": 0.5, "server_momentum": 0.9})
+    state = s.init_state(np.zeros(2, np.float32))
+    for _ in range(2):
+        state = s.apply(state, [result("a", np.array([1.0, -2.0]), 5)], 1)
+    np.testing.assert_allclose(state.arrays["opt_momentum"], [1.9, -3.8], rtol=1e-6)
+    np.testing.assert_allclose(state.weights, 0.5 * np.array([1.0, -2.0]) + 0.5 * np.array([1.9, -3.8]), rtol=1e-6)
+
+
+def test_yogi_second_moment_moves_additively():
+    s = make("fedavg", DEFAULTS, {"server_optimizer": "yogi", "server_lr": 0.1, "beta2": 0.9})
+    state = s.init_state(np.zeros(2, np.float32))
+    d = np.array([0.2, -0.4])
+    state = s.apply(state, [result("a", d, 5)], 1)
+    np.testing.assert_allclose(state.arrays["opt_v"], 0.1 * d**2, rtol=1e-6)   # v < d^2: v += (1 - b2) d^2
+    state = s.apply(state, [result("a", np.zeros(2), 5)], 1)
+    np.testing.assert_allclose(state.arrays["opt_v"], 0.1 * d**2, rtol=1e-6)   # d = 0: sign(v) * 0, unchanged
+
+
+@pytest.mark.parametrize("name", ["fediomt", "scaffold", "fedprox"])
+def test_every_strategy_composes_with_a_server_optimiser(name):
+    """The optimiser's state lives beside the strategy's own (SCAFFOLD's control variate survives the step)."""
+    s = make(name, DEFAULTS, {"server_optimizer": "adam", "server_lr": 0.05})
+    state = s.init_state(np.zeros(3, np.float32))
+    d = np.array([0.1, 0.0, -0.1])
+    moved = s.apply(state, [result("a", d, 5, steps=2.0)], 4)
+    assert {"opt_m", "opt_v"} <= set(moved.arrays) and set(state.arrays) <= set(moved.arrays)
+    np.testing.assert_allclose(moved.weights, 0.05 * (0.1 * d) / (np.sqrt(0.01 * d**2) + 1e-3), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="server_optimizer"):
+        make(name, DEFAULTS, {"server_optimizer": "lion"})
 
 
 def test_scaffold_updates_the_server_control_by_the_participating_fraction():

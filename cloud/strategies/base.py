@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cloud.strategies.server_opt import ServerOptimizer
 from protocol.messages import CentralDPReport, TrainingPlan
 
 
@@ -88,18 +89,19 @@ def weighted_mean(results: list[EdgeResult], weights: list[float], n_params: int
 
 
 class Strategy:
-    """FedAvg-shaped base: announce the configured round to everyone, combine by num_samples, w += server_lr * d."""
+    """FedAvg-shaped base: announce the configured round to everyone, combine by num_samples, then one step of the
+    server optimiser (plain `w += server_lr * d` by default; momentum, Adam or Yogi with `server_optimizer`)."""
 
     name = "base"
 
-    def __init__(self, defaults: RoundDefaults, server_lr: float = 1.0) -> None:
-        if server_lr <= 0:
-            raise ValueError(f"server_lr must be > 0, got {server_lr}")
+    def __init__(self, defaults: RoundDefaults, server_lr: float = 1.0, server_optimizer: str = "sgd",
+                 server_momentum: float = 0.9, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
         self.defaults = defaults
-        self.server_lr = float(server_lr)
+        self.optimizer = ServerOptimizer(server_optimizer, float(server_lr), server_momentum, beta1, beta2, tau)
 
     def init_state(self, weights: np.ndarray) -> ServerState:
-        return ServerState(np.asarray(weights, np.float32).copy())
+        weights = np.asarray(weights, np.float32).copy()
+        return ServerState(weights, self.optimizer.init(weights))
 
     def plan(self) -> TrainingPlan:
         return self.defaults.plan
@@ -118,5 +120,5 @@ class Strategy:
 
     def apply(self, state: ServerState, results: list[EdgeResult], population: int) -> ServerState:
         """`population`: how many devices the federation has (SCAFFOLD scales its control update by |S|/N)."""
-        delta = self.combine(results, state.weights.size)
-        return state.replace(weights=(state.weights + self.server_lr * delta).astype(np.float32))
+        weights, arrays = self.optimizer.step(state.weights, self.combine(results, state.weights.size), state.arrays)
+        return state.replace(weights=weights, arrays={**state.arrays, **arrays})

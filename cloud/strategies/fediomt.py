@@ -45,12 +45,12 @@ class FedIoMT(Strategy):
 
     name = "fediomt"
 
-    def __init__(self, defaults: RoundDefaults, server_lr: float = 1.0, importance_sampling: bool = True,
+    def __init__(self, defaults: RoundDefaults, importance_sampling: bool = True,
                  cohort_size: int = 0, uniform_mix: float = 0.2, adaptive_lr: bool = True,
                  class_lr: Mapping[str, float] | None = None, min_quality: float = 0.2, adaptive_steps: bool = True,
                  step_time_fraction: float = 0.5, fednova: bool = True, lr_decay_rounds: int = 0,
-                 lr_floor: float = 0.1) -> None:
-        super().__init__(defaults, server_lr)
+                 lr_floor: float = 0.1, **server) -> None:
+        super().__init__(defaults, **server)
         if cohort_size < 0 or not 0 <= uniform_mix <= 1 or not 0 < step_time_fraction <= 1:
             raise ValueError("need cohort_size >= 0, 0 <= uniform_mix <= 1, 0 < step_time_fraction <= 1")
         if lr_decay_rounds < 0 or not 0 < lr_floor <= 1:

@@ -13,8 +13,8 @@ class FedProx(Strategy):
 
     name = "fedprox"
 
-    def __init__(self, defaults: RoundDefaults, server_lr: float = 1.0, mu: float = 0.01) -> None:
-        super().__init__(defaults, server_lr)
+    def __init__(self, defaults: RoundDefaults, mu: float = 0.01, **server) -> None:
+        super().__init__(defaults, **server)
         if mu < 0:
             raise ValueError(f"mu must be >= 0, got {mu}")
         self.mu = float(mu)

@@ -1,8 +1,9 @@
 """SCAFFOLD (Karimireddy et al. 2020): control variates correct client drift.
 
 Devices step with (c - c_i) added to their gradient and report c_i+ - c_i; the server keeps c (sent with every
-GlobalModel as `control`) and updates x += server_lr * mean(dx), c += (|S| / N) * mean(dc), where |S| is the
-number of devices that reported and N the population. The control bytes travel both ways, so they are counted.
+GlobalModel as `control`) and steps x with the server optimiser along mean(dx) and c += (|S| / N) * mean(dc),
+where |S| is the number of devices that reported and N the population. The control bytes travel both ways, so they
+are counted.
 """
 
 from __future__ import annotations
@@ -41,4 +42,4 @@ class Scaffold(Strategy):
         if reported and population > 0:
             mean_dc = weighted_mean(with_control, [float(r.num_devices) for r in with_control], control.size)
             control = (control + min(1.0, reported / population) * mean_dc).astype(np.float32)
-        return new.replace(arrays={**state.arrays, CONTROL: control})
+        return new.replace(arrays={**new.arrays, CONTROL: control})
