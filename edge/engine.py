@@ -21,7 +21,7 @@ from edge import central_dp
 from edge.aggregate import Meta, Result, aggregate, relative_change
 from edge.config import EdgeConfig
 from edge.metrics import Metrics
-from edge.rounds import expected_devices, staleness_weight, sync_close_reason
+from edge.rounds import excuses, expected_devices, staleness_weight, sync_close_reason
 from edge.rows import Rows
 from edge.secagg_round import masked_mean, metadata
 from edge.store import Store, Stored
@@ -50,7 +50,6 @@ from protocol.secagg.deploy import MaskedRound
 from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.topics import aggregate_topic, check_id, model_topic, round_topic
 
-EXCUSED = ("skipped", "declined", "budget_exhausted", "offline")
 MAX_STATUS_BYTES = 64 * 1024
 
 
@@ -72,7 +71,7 @@ class EdgeEngine:
         self.forward_settings = cfg.forward.settings()
         self.aggregate_id = cfg.aggregate_id or cfg.edge_id
         self.rejected: Counter[str] = Counter()
-        self.excused: set[str] = set()   # expected devices that said they will not send this round
+        self.excused: set[str] = set()   # expected devices whose last status excuses them from this round
         self.masked_epsilon: dict[str, float] = {}   # masked round: epsilon each device reported with "masking"
         self.announcement: RoundAnnouncement | None = None
         self.ctx: RoundContext | None = None
@@ -91,6 +90,7 @@ class EdgeEngine:
         self.last_forwarded = _floats(self.store.get("last_forwarded"))
         self.residual = _floats(self.store.get("residual"))
         self.pending: list[Stored] = self.store.pending()
+        self.status = self.store.statuses()   # each device's last known (state, round), kept across rounds
         self.metrics.pending.set(len(self.pending))
         self._refresh()
 
@@ -101,9 +101,11 @@ class EdgeEngine:
         self.edge_masked = None if ann is None or self.cfg.rounds.mode != "sync" else \
             EdgeMaskedRound.from_announcement(ann.secagg)   # trusted-edge round, masked toward the cloud
         if ann is None or self.model is None:
-            self.ctx, self.expected = None, set()
+            self.ctx, self.expected, self.excused = None, set(), set()
             return
         self.expected = expected_devices(ann.cohort, self.keys.enrolled())
+        sent = {u.device_id for u in self.pending if u.round_id == ann.round_id}
+        self.excused = {d for d in self.expected - sent if excuses(self.status.get(d), ann.round_id)}
         seed = ann.compression.get("seed")
         self.ctx = RoundContext(
             edge_id=self.cfg.edge_id, round_id=ann.round_id, model_version=ann.model_version,
@@ -147,7 +149,7 @@ class EdgeEngine:
         out = []
         if self.cfg.rounds.mode == "sync" and current is not None and self.pending:
             out += self._close("superseded")
-        self.announcement, self.opened, self.excused, self.masked_epsilon = msg, self.clock(), set(), {}
+        self.announcement, self.opened, self.masked_epsilon = msg, self.clock(), {}
         self.store.put("announcement", data)
         self.store.put("opened", repr(self.opened).encode())
         self.store.prune(msg.round_id - self.cfg.rounds.max_staleness - 1)
@@ -189,30 +191,40 @@ class EdgeEngine:
             return Ack(self.cfg.edge_id, topic_device, round_id, accepted, int(exc.reason), exc.detail[:256]), []
         self.pending.append(stored)
         self.excused.discard(stored.device_id)   # it said it would not send, and did: it counts as sent
+        if self.status.get(stored.device_id, ("",))[0] == "offline":   # an update says it is back
+            self._set_status(stored.device_id, "online", stored.round_id)
         self.metrics.accepted.inc()
         self.metrics.pending.set(len(self.pending))
         return Ack(self.cfg.edge_id, topic_device, round_id, True, int(Reason.OK)), self.tick(self.clock())
 
     def handle_status(self, topic_device: str, data: bytes) -> list[Publication]:
-        """A device's (retained) status: "skipped", "declined", "budget_exhausted" for this round, or "offline",
-        excuses it from the quorum, so a round does not wait for its deadline on devices that will not send."""
+        """An enrolled device's (retained) status, kept as its last known one across rounds and restarts:
+        "skipped", "declined", "budget_exhausted" excuse it from the quorum of the round they name, "offline" from
+        every round until it returns (rounds.excuses), so a round does not wait for its deadline on devices that
+        will not send."""
         self.metrics.bytes_in.inc(len(data))
         try:
             msg = decode(data, expect=DeviceStatus, max_bytes=MAX_STATUS_BYTES)
+            if msg.device_id != topic_device:
+                return []
+            self.keys.entry(msg.device_id)   # enrolled and not revoked (cached): strangers fill no table
         except ProtocolError:
             return []
+        self._set_status(msg.device_id, msg.state, msg.round_id)
         ann = self.announcement
-        if ann is None or msg.device_id != topic_device or msg.device_id not in self.expected:
+        if ann is None or msg.device_id not in self.expected:
             return []
-        if msg.round_id not in (None, ann.round_id):
-            return []
-        if msg.state in EXCUSED and not self.store.has(msg.device_id, ann.round_id):  # sent, then went offline
-            self.excused.add(msg.device_id)
-        elif msg.state in ("online", "training"):
+        if excuses((msg.state, msg.round_id), ann.round_id) and not self.store.has(msg.device_id, ann.round_id):
+            self.excused.add(msg.device_id)   # (one that sent, then went offline, still counts as sent)
+        else:
             self.excused.discard(msg.device_id)
-        elif msg.state == "masking" and self.masked is not None:
+        if msg.state == "masking" and self.masked is not None and msg.round_id in (None, ann.round_id):
             self.masked_epsilon[msg.device_id] = msg.epsilon_spent
         return self.tick(self.clock())
+
+    def _set_status(self, device: str, state: str, round_id: int | None) -> None:
+        self.status[device] = (state, round_id)
+        self.store.set_status(device, state, round_id)
 
     def _reject(self, exc: ProtocolError, device: str) -> None:
         self.rejected[exc.reason.name] += 1

@@ -306,7 +306,44 @@ def test_statuses_excuse_devices_from_the_quorum(tmp_path, rng):
     agg, _ = aggregate_of(fed, eng.handle_status("d03", status("d03", "offline", round_id=None)))
     assert agg.device_ids == ["d00"]                                               # closed before the deadline
     open_round(fed, eng, round_id=2)
-    for d in fed.devices:
-        pubs = eng.handle_status(d, status(d, "budget_exhausted", round_id=2))
+    assert eng.excused == {"d00", "d03"}                                            # still offline
+    pubs = [p for d in ("d01", "d02") for p in eng.handle_status(d, status(d, "budget_exhausted", round_id=2))]
     agg, mean = aggregate_of(fed, pubs)
     assert (agg.round_id, agg.num_devices, mean) == (2, 0, None)                   # everyone excused: closes now
+
+
+def test_an_offline_device_stays_excused_until_it_returns(tmp_path, rng):
+    """Issue 18, defect 5: 3 of 10 devices go offline (their last will). Every later round closes at the quorum of
+    the 7 others, an edge restart included, until a device says "online" or sends an update again."""
+    from protocol.messages import DeviceStatus
+
+    fed = Fed(tmp_path, n_devices=10)
+    live, gone = fed.devices[:7], fed.devices[7:]
+    delta = rng.normal(size=N_PARAMS).astype(np.float32)
+
+    def status(device, state):
+        return encode(DeviceStatus(device, "edge1", state, 1, 1, 0.0, 8.0, time.time(), None))
+
+    def send(eng, round_id, devices):
+        return [p for d in devices for p in eng.handle_update(d, fed.update(d, delta, round_id=round_id))[1]]
+
+    eng = fed.engine()
+    open_round(fed, eng, round_id=1)
+    assert [p for d in gone for p in eng.handle_status(d, status(d, "offline"))] == []
+    assert aggregate_of(fed, send(eng, 1, live))[0].device_ids == live             # round 1: at 7, not 10
+    open_round(fed, eng, round_id=2)
+    assert eng.excused == set(gone)                                                 # not forgotten with the round
+    assert aggregate_of(fed, send(eng, 2, live))[0].device_ids == live
+    eng.close()
+    eng = fed.engine()                                                              # restart: statuses are stored
+    open_round(fed, eng, round_id=3)
+    assert aggregate_of(fed, send(eng, 3, live))[0].device_ids == live
+    open_round(fed, eng, round_id=4)
+    assert eng.handle_status("d07", status("d07", "online")) == []                 # d07 is back: wait for it
+    assert send(eng, 4, live) == []
+    assert aggregate_of(fed, send(eng, 4, ["d07"]))[0].num_devices == 8
+    open_round(fed, eng, round_id=5)
+    assert send(eng, 5, ["d08", *live]) == []                                       # d08's update says it is back
+    assert sorted(aggregate_of(fed, send(eng, 5, ["d07"]))[0].device_ids) == fed.devices[:9]
+    open_round(fed, eng, round_id=6)
+    assert eng.excused == {"d09"}

@@ -120,6 +120,7 @@ class DeviceSim:
     control: np.ndarray | None = None
     history: tuple = ()               # the device's privacy history (protocol.accountant entries)
     malicious: bool = False
+    offline: bool = False             # its last status is its last will: the edge excuses it until it returns
 
 
 class Simulator:
@@ -214,7 +215,11 @@ class Simulator:
             if is_gone:   # the broker publishes its last will
                 arrivals[dev.edge].append((0.0, "status", dev, self._status(dev, "offline", ann.round_id)))
                 offline += 1
+                dev.offline = True
                 continue
+            if dev.offline:   # back: its agent says "online" on connecting, as the round reaches it
+                arrivals[dev.edge].append((0.0, "status", dev, self._status(dev, "online")))
+                dev.offline = False
             planned = planned_steps(ann.plan, len(dev.x), self.batch)
             download_s = hetero.transfer_s(len(gm_bytes) + len(ann_bytes), dev.profile.bandwidth_bps)
             upload_s = hetero.transfer_s(encoded_size_bound(self.n, settings) + ENVELOPE_BYTES,
