@@ -19,6 +19,7 @@ import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocol.atomic import atomic_write
+from protocol.codec import load_cbor
 from protocol.errors import ProtocolError, Reason
 from protocol.signing import sign, verify
 from protocol.weights import Layout, layout_from_dicts
@@ -152,10 +153,7 @@ def unpack_files(data: bytes) -> dict[str, bytes]:
         raise ProtocolError(Reason.WRONG_TYPE, "bundle archive must be bytes")
     if len(data) > MAX_ARCHIVE_BYTES:
         raise ProtocolError(Reason.TOO_LARGE, f"bundle archive of {len(data)} bytes (limit {MAX_ARCHIVE_BYTES})")
-    try:
-        obj = cbor2.loads(bytes(data))
-    except Exception as exc:  # cbor2 raises several types on garbage; all mean the same here
-        raise ProtocolError(Reason.MALFORMED, f"bundle archive is not CBOR: {exc}") from None
+    obj = load_cbor(data, MAX_ARCHIVE_BYTES)  # the messages' bounded decode: depth, items and memory capped first
     if not isinstance(obj, dict) or set(obj) != {"format", *FILES}:
         raise ProtocolError(Reason.MALFORMED, f"bundle archive must hold exactly format + {', '.join(FILES)}")
     if obj["format"] != ARCHIVE_FORMAT:

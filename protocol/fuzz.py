@@ -156,6 +156,57 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 }
 
 
+def _head(major: int, n: int) -> bytes:
+    """A CBOR item header (shortest form)."""
+    if n < 24:
+        return bytes([major << 5 | n])
+    width = next(w for w in (1, 2, 4, 8) if n < 1 << (8 * w))
+    return bytes([major << 5 | {1: 24, 2: 25, 4: 26, 8: 27}[width]]) + n.to_bytes(width, "big")
+
+
+def hostile_cbor(size: int = 4 * 1024 * 1024) -> dict[str, bytes]:
+    """Inputs of about `size` bytes built to make a CBOR decoder slow or big, each framed as an update message so
+    that nothing but the structure refuses them."""
+    frame, k = b"\x83\x66update\x02", size - 24  # [kind, version, body]
+    keys = b"".join(_head(3, 4) + b"%04x" % (i % 65536) + b"\x00" for i in range(k // 6))
+    return {name: frame + body for name, body in {
+        "nested arrays": b"\x81" * k + b"\x80",
+        "empty arrays": _head(4, k) + b"\x80" * k,
+        "empty maps": _head(4, k) + b"\xa0" * k,
+        "huge map": _head(5, k // 6) + keys,
+        "small ints": _head(4, k // 3) + b"\x19\x01\x00" * (k // 3),
+        "short texts": _head(4, k // 3) + b"\x62ab" * (k // 3),
+        "long string": _head(3, k) + b"a" * k,
+        "indefinite arrays": b"\x9f" * (k // 2) + b"\xff" * (k // 2),
+        "length past the end": _head(2, 2**62),
+        "map count past the end": _head(5, 2**62),
+        "tags": b"\xc6" * k + b"\x00",
+    }.items()}
+
+
+def decode_cost(data: bytes) -> dict:
+    """CPU ms and peak traced memory of protocol.messages.decode(data) (two runs: tracemalloc slows the timed
+    one otherwise), and how it ended."""
+    import tracemalloc
+
+    def attempt() -> str:
+        try:
+            return type(messages.decode(data)).__name__
+        except ProtocolError as exc:
+            return str(exc)[:120]
+
+    start = time.process_time()
+    outcome = attempt()
+    cpu_ms = (time.process_time() - start) * 1000
+    tracemalloc.start()
+    try:
+        attempt()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return {"bytes": len(data), "cpu_ms": round(cpu_ms, 2), "peak_bytes": peak, "outcome": outcome}
+
+
 def seeds(name: str) -> list[bytes]:
     """Valid inputs to start a target from (mutating real structures reaches deeper than random bytes)."""
     if name == "messages":

@@ -311,3 +311,17 @@ def test_global_model_is_what_devices_rebuild():
     assert (delta.encoding, delta.base_version, delta.weights, delta.control) == ("delta", 3, payload, None)
     assert (rebuild(delta, 3, base)[0] == published).all()
     assert m.decode(m.encode(delta), expect=m.GlobalModel) == delta
+
+
+@pytest.mark.parametrize("size", [4 * 1024 * 1024, 16 * 1024], ids=["4MiB", "16KiB"])
+def test_hostile_cbor_is_refused_within_50ms_cpu_and_16x_memory(size):
+    """Nested or tiny items, huge maps, long strings, indefinite lengths, tags: structure the schema would refuse
+    anyway, but only after cbor2 built it (4 MiB of empty arrays: 4.7 s and 64x their size). `codec.scan`
+    refuses them from the headers; what passes it decodes within the memory bound."""
+    from protocol.fuzz import decode_cost, hostile_cbor
+
+    for name, data in hostile_cbor(size).items():
+        cost = decode_cost(data)
+        assert cost["outcome"].split(":")[0] in {r.name for r in Reason}, (name, cost)  # refused, with a reason
+        assert cost["cpu_ms"] <= 50, (name, cost)
+        assert cost["peak_bytes"] <= 16 * max(len(data), 64 * 1024), (name, cost)  # issue 18's bound
