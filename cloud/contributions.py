@@ -3,8 +3,9 @@
 After each round the cloud scores every edge that sent an aggregate: quality (cosine to the others), leave-one-out
 and Shapley value of the game v(S) = accuracy of (previous model + FedAvg of S's aggregates) on the cloud's held-out
 set (ledger/scoring.py), proposes a block with the rewards of the consortium's policy and waits for a quorum of
-validator signatures over MQTT (ledger/replication.py). A round the validators do not sign in time is logged and
-left out of the chain; training never waits on the ledger beyond `timeout_s`.
+validator signatures over MQTT (ledger/replication.py). Training never waits on the ledger beyond `timeout_s`: a
+round the validators do not sign in time stays queued in the ledger database and its stored block is proposed
+again, unchanged, before the next round's, also after a crash (docs/ledger.md "Recovery after a crash").
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ledger.consortium import load_consortium, open_ledger
 from ledger.replication import MqttNode, Proposer
 from ledger.scoring import score_round
-from ledger.store import propose_block
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, Reason
 from protocol.logs import event
 from protocol.mqtt import ConnectionConfig
 
@@ -48,19 +48,37 @@ class ContributionRecorder:
     def record(self, round_id: int, model_version: int, edges: Sequence[str], deltas: Sequence[np.ndarray],
                samples: Sequence[int], base: np.ndarray, utility: Callable[[np.ndarray], float],
                rng: np.random.Generator) -> dict | None:
-        """Score the round's edges, commit the block; returns {edge: reward} or None when it was not committed."""
+        """Score the round's edges, queue the record, commit what is queued; returns {edge: reward} once the
+        round's block is on the chain (also when it got there before a crash), None while it is not."""
         contributions = score_round(list(edges), list(deltas), list(samples), [True] * len(edges),
                                     [False] * len(edges), base, utility, rng)
-        block = propose_block(self.ledger, round_id, model_version, contributions)
-        try:
-            committed = self.node.commit(block, self.cfg.timeout_s)
-        except ProtocolError as exc:
-            event(self.log, "ledger: round not recorded", logging.WARNING, round=round_id, reason=str(exc))
-            return None
-        rewards = {r.participant: r.reward for r in committed.records}
-        event(self.log, "ledger block committed", round=round_id, index=committed.index, rewards=rewards,
-              shapley={c.participant: round(c.shapley, 5) for c in contributions})
-        return rewards
+        self.ledger.enqueue(round_id, model_version, contributions)
+        self._commit_queued()
+        block = self.ledger.round_block(round_id)
+        return None if block is None else {r.participant: r.reward for r in block.records}
+
+    def _commit_queued(self) -> None:
+        """Commit the queued rounds in order; stop at the first without a quorum in time (it stays queued)."""
+        while True:
+            try:
+                block = self.ledger.next_proposal()
+            except ProtocolError as exc:
+                event(self.log, "ledger: round not recorded", logging.WARNING, reason=str(exc), queued=False)
+                continue
+            if block is None:
+                return
+            try:
+                committed = self.node.commit(block, self.cfg.timeout_s)
+            except ProtocolError as exc:
+                event(self.log, "ledger: round not recorded", logging.WARNING, round=block.round_id,
+                      index=block.index, reason=str(exc), queued=exc.reason == Reason.INCOMPLETE)
+                if exc.reason == Reason.INCOMPLETE:
+                    return
+                self.ledger.drop(block.round_id)  # refused by validators: this block can never commit
+                continue
+            event(self.log, "ledger block committed", round=committed.round_id, index=committed.index,
+                  rewards={r.participant: r.reward for r in committed.records},
+                  shapley={r.participant: round(r.shapley, 5) for r in committed.records})
 
     def close(self) -> None:
         self.node.stop()

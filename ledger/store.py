@@ -4,6 +4,10 @@ A kill -9 at any instant leaves the chain as it was before or after the append (
 database holds each block's canonical CBOR as it was signed, so an audit (`verify_chain`) needs nothing else.
 Opening a ledger decodes the chain to recover the head and balances; it does not re-check signatures (that is what
 `fediomt ledger verify` is for).
+
+The proposer's outbox lives in the same database: each round's contributions, queued once, and the block proposed
+for the oldest queued round, stored before it is published. After a crash the proposer re-proposes exactly that
+block (validators have signed it and refuse any other at its index) until it commits, then the next round's.
 """
 
 from __future__ import annotations
@@ -15,12 +19,16 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import cbor2
+
 from ledger.chain import Block, Membership, apply, build_block, check_block
 from ledger.scoring import Contribution
 from protocol.errors import ProtocolError, Reason
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS blocks (idx INTEGER PRIMARY KEY, hash BLOB NOT NULL UNIQUE, data BLOB NOT NULL)"
 VOTES = "CREATE TABLE IF NOT EXISTS votes (idx INTEGER PRIMARY KEY, hash BLOB NOT NULL)"
+OUTBOX = ("CREATE TABLE IF NOT EXISTS outbox (round_id INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, "
+          "contributions BLOB NOT NULL, block BLOB)")
 
 
 def connect(path: str | os.PathLike) -> sqlite3.Connection:
@@ -29,6 +37,7 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute(SCHEMA)
     conn.execute(VOTES)
+    conn.execute(OUTBOX)
     return conn
 
 
@@ -108,6 +117,59 @@ class Ledger:
             if row is not None and row[0] != block.hash:
                 raise ProtocolError(Reason.DUPLICATE, f"already signed another block at index {block.index}")
             self._conn.execute("INSERT OR IGNORE INTO votes (idx, hash) VALUES (?, ?)", (block.index, block.hash))
+
+    def enqueue(self, round_id: int, model_version: int, contributions: Iterable[Contribution]) -> bool:
+        """Queue one round's record for the chain (durably). The first call for a round wins, so a round re-run
+        after a crash keeps the record a proposal may already carry; False when it is queued or past the head."""
+        data = cbor2.dumps([[c.participant, int(c.samples), bool(c.on_time), bool(c.flagged), float(c.quality),
+                             float(c.loo), float(c.shapley)] for c in contributions], canonical=True)
+        with self._lock:
+            if self._head is not None and round_id <= self._head.round_id:
+                return False
+            cur = self._conn.execute("INSERT OR IGNORE INTO outbox (round_id, model_version, contributions) "
+                                     "VALUES (?, ?, ?)", (round_id, model_version, data))
+            return cur.rowcount == 1
+
+    def next_proposal(self) -> Block | None:
+        """The block to propose next: the stored proposal of the oldest queued round while it still extends the
+        head, else one built now and stored before anyone sees it. None when every queued round is on the chain;
+        ProtocolError (the round is dropped) when its record cannot make a valid block."""
+        with self._lock:
+            head = self._head
+            if head is None:
+                return None
+            self._conn.execute("DELETE FROM outbox WHERE round_id <= ?", (head.round_id,))  # committed
+            row = self._conn.execute("SELECT round_id, model_version, contributions, block FROM outbox "
+                                     "ORDER BY round_id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            round_id, model_version, contributions, stored = row
+            if stored is not None:
+                block = Block.from_cbor(stored)
+                if block.index == head.index + 1 and block.prev_hash == head.hash:
+                    return block
+            try:
+                block = propose_block(self, round_id, model_version,
+                                      [Contribution(*c) for c in cbor2.loads(contributions)])
+            except ProtocolError as exc:  # e.g. a NaN score: no block can carry it, and it must not block the rest
+                self.drop(round_id)
+                raise ProtocolError(exc.reason, f"round {round_id} dropped: {exc.detail}") from None
+            self._conn.execute("UPDATE outbox SET block = ? WHERE round_id = ?", (block.to_cbor(), round_id))
+            return block
+
+    def drop(self, round_id: int) -> None:
+        """Give up a queued round (its block was refused: it can never commit)."""
+        with self._lock:
+            self._conn.execute("DELETE FROM outbox WHERE round_id = ?", (round_id,))
+
+    def round_block(self, round_id: int) -> Block | None:
+        """The block that records `round_id` (round ids increase along the chain: a short walk back from the head)."""
+        with self._lock:
+            for index in range(self.height - 1, 0, -1):
+                block = self.block(index)
+                if block is None or block.round_id <= round_id:
+                    return block if block is not None and block.round_id == round_id else None
+        return None
 
     def append(self, block: Block) -> None:
         """Validate `block` against this chain (links, quorum of known signatures, totals) and store it atomically.
