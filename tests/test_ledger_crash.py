@@ -14,12 +14,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cloud.contributions import ContributionRecorder, LedgerConfig
 from ledger.chain import Block
 from ledger.consortium import load_consortium, open_ledger
 from ledger.replication import MqttNode, Validator
+from ledger.scoring import Contribution
 from ledger.store import Ledger
+from protocol.errors import ProtocolError
 from protocol.logs import setup
 from protocol.mqtt import ConnectionConfig
 from protocol.signing import generate_signing_key, save_private_key, save_public_key
@@ -27,6 +30,7 @@ from protocol.topics import LEDGER_PROPOSALS
 
 from .harness import REPO, wait_for
 from .test_cloud_daemon import N_PARAMS, Edges, cloud_process, federation, rounds_of  # noqa: F401 (a fixture)
+from .test_ledger import VALIDATORS, build_ledger, contributions, signed
 
 ROUNDS = 4
 CRASHES = {1, 2, 4}  # the n-th proposal seen: round 1's, its re-proposal after the restart, then round 2's
@@ -148,3 +152,18 @@ def test_a_round_whose_block_timed_out_gets_it_after_a_restart_and_no_round_is_r
         for node in validators:
             node.stop()
             node.node.ledger.close()
+
+
+def test_the_outbox_keeps_the_first_record_and_drops_one_no_block_can_carry(tmp_path):
+    keys = {v: generate_signing_key() for v in VALIDATORS}
+    with build_ledger(tmp_path / "cloud.db", keys, rounds=0) as ledger:
+        nan = [Contribution("edge-a", 10, True, False, float("nan"), 0.0, 0.1)]
+        assert ledger.enqueue(1, 2, nan) and not ledger.enqueue(1, 2, contributions(1))  # first record wins
+        assert ledger.enqueue(2, 3, contributions(2))
+        with pytest.raises(ProtocolError, match="round 1 dropped"):
+            ledger.next_proposal()
+        block = ledger.next_proposal()
+        assert block.round_id == 2 and ledger.next_proposal() == block  # stored: the same block until it commits
+        ledger.append(signed(block, keys))
+        assert ledger.next_proposal() is None and not ledger.enqueue(2, 3, contributions(2))
+        assert ledger.round_block(2) == signed(block, keys) and ledger.round_block(1) is None
