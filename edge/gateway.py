@@ -6,9 +6,10 @@ acknowledges the messages to the broker (manual PUBACK), so every acknowledged u
 kill -9 at any point therefore leaves each update either durable or un-acknowledged (the broker redelivers it on a
 persistent session, or the device resends after its Ack timeout); duplicates are counted once.
 
-Device updates arrive through the shared subscription `$share/{group}/fl/{edge}/updates/+` (replicas of one edge
-split them round-robin). `fl/cloud/round` and `fl/cloud/model` are received by every replica and relayed, verified
-and byte-identical (the cloud's signature stays valid), retained to `fl/{edge}/round` and `fl/{edge}/model`.
+Device updates arrive through `fl/{edge}/updates/+`, or with replicas through the shared subscription
+`$share/{group}/fl/{edge}/updates/+` (they split them round-robin). `fl/cloud/round` and `fl/cloud/model` are
+received by every replica and relayed, verified and byte-identical (the cloud's signature stays valid), retained
+to `fl/{edge}/round` and `fl/{edge}/model`.
 Aggregates go to `fl/cloud/aggregates/{edge}` either on the same broker (bridged to the cloud by Mosquitto) or on
 a second connection straight to the cloud's broker (`[cloud]` in the config).
 """
@@ -56,17 +57,19 @@ class Gateway:
         edge, group = cfg.edge_id, cfg.group or cfg.edge_id
         self.updates, self.statuses = update_topic(edge, ANY), status_topic(edge, ANY)
         cloud_subs = [CLOUD_ROUND, CLOUD_MODEL]
-        device_subs = [shared(group, self.updates), self.statuses]  # statuses: every replica
+        # One edge: a plain subscription (a device's `$share/...` only makes a group of its own). Replicas: a shared
+        # group whose name must be secret, since Mosquitto 2.0's acl_file does not check subscriptions (deployment.md)
+        updates = shared(group, self.updates) if cfg.replicas > 1 else self.updates
+        device_subs = [updates, self.statuses]  # statuses: every replica
         client_id = f"fediomt-edge-{edge}-{cfg.replica}"
         self.local = Connection(cfg.broker, client_id, device_subs + ([] if cfg.cloud else cloud_subs),
                                 self.inbox, log)
         self.cloud = Connection(cfg.cloud, client_id + "-cloud", cloud_subs, self.inbox, log) if cfg.cloud else None
-        # masked rounds (docs/secagg.md "Deployment"): their own connection, acknowledged automatically
-        self.secagg_conn = Connection(cfg.broker, client_id + "-secagg", [], self.inbox, log, manual_ack=False)
-        self.secagg = SecAggRunner(self.secagg_conn.client, cfg.secagg_step_timeout_s, log)
-        # edge-tier masked rounds (trusted_edge + edges_mask): toward the cloud's broker, acknowledged automatically
-        self.edge_tier = Connection(cfg.cloud or cfg.broker, client_id + "-edge-secagg", [], self.inbox, log,
-                                    manual_ack=False) if cfg.edge_keys_dir else None
+        # Masked rounds (docs/secagg.md "Deployment") ride on these connections (the secagg driver acknowledges its
+        # own messages): the edge broker binds the client id to the certificate, so a second connection with the
+        # edge's certificate would take the first one's place (docs/deployment.md "Client ids").
+        self.secagg = SecAggRunner(self.local.client, cfg.secagg_step_timeout_s, log)
+        self.edge_tier = (self.cloud or self.local) if cfg.edge_keys_dir else None  # toward the cloud's broker
 
     def _publish(self, pubs: list[Publication]) -> None:
         for p in pubs:
@@ -125,7 +128,7 @@ class Gateway:
 
     def run(self) -> int:
         self.engine.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
-        for conn in filter(None, (self.local, self.cloud, self.secagg_conn, self.edge_tier)):
+        for conn in filter(None, (self.local, self.cloud)):
             if not conn.start(self.stop):
                 return 0
         event(self.log, "edge running", edge=self.cfg.edge_id, replica=self.cfg.replica, mode=self.cfg.rounds.mode)
@@ -165,7 +168,7 @@ class Gateway:
         while time.monotonic() < deadline and self._drain_some(0.2):
             pass
         self._publish(self.engine.tick(time.time()))
-        for conn in filter(None, (self.local, self.cloud, self.secagg_conn, self.edge_tier)):
+        for conn in filter(None, (self.local, self.cloud)):
             conn.close()
         self.engine.close()
         event(self.log, "stopped")

@@ -5,6 +5,13 @@ username (`use_identity_as_username`), and the ACL grants each identity exactly 
 it needs. Devices are granted by `pattern` (`%u` = their own id), so enrolling a device needs a certificate but no
 broker change; edges are listed by name in the cloud's ACL.
 
+Client ids on the edge broker (where devices connect) are the certificate's CN (`use_username_as_clientid`): a
+device can no longer connect under the edge's client id, which took the edge's place and, with a clean start,
+destroyed its queued updates. One certificate therefore holds one connection there (the edge daemon multiplexes
+its masked rounds on it), and its persistent session is keyed by the CN: edge replicas get certificates of their
+own (`--replica CN`, granted the edge's rights). The cloud broker keeps client-chosen ids: an edge's bridge and
+its ledger validator share the edge certificate there (docs/deployment.md "Client ids").
+
 Size cap: `max_packet_size` sits just above the protocol's largest message (protocol.codec.MAX_MESSAGE_BYTES) and
 is checked before the broker reads the payload. A client that sends a bigger packet is disconnected; paho 2.2 then
 resends the same QoS 1 packet after every reconnect, forever (MQTT 3.1.1 and 5 alike). Clients must check sizes
@@ -43,6 +50,7 @@ class BrokerFilesConfig:
     cloud_host: str | None = None               # edge only: bridge to this cloud broker
     cloud_port: int = DEFAULT_PORT
     edges: list[str] = field(default_factory=list)  # cloud only: edges allowed in; default: the PKI's edges
+    replicas: list[str] = field(default_factory=list)  # edge only: CNs of edge replicas, granted the edge's rights
     data_dir: Path = Path("/var/lib/mosquitto")
     acl_file: Path | None = None                # default: the config path with suffix .acl
     max_packet_size: int = MAX_MESSAGE_BYTES + PACKET_HEADROOM
@@ -59,16 +67,19 @@ class BrokerFilesConfig:
         if self.role == "cloud" and self.cloud_host:
             raise ValueError("only an edge broker bridges to the cloud")
         self.pki = Path(self.pki)
-        for edge in self.edges:
-            t.check_id(edge)
+        if self.role == "cloud" and self.replicas:
+            raise ValueError("replicas are an edge broker's")
+        for name in [*self.edges, *self.replicas]:
+            t.check_id(name)
 
     @property
     def server_name(self) -> str:
         return self.server or f"broker-{self.id}"
 
 
-def edge_acl(edge: str) -> str:
-    """Devices (any certificate, by pattern) and the edge gateway `edge` on the edge's broker."""
+def edge_acl(edge: str, replicas: list[str] | tuple[str, ...] = ()) -> str:
+    """Devices (any certificate, by pattern) and the edge gateway `edge` (and its replicas' CNs) on the edge's
+    broker."""
     e = t.check_id(edge)
     return "\n".join([
         "# Devices: %u is the CN of the client certificate (the device id).",
@@ -82,14 +93,17 @@ def edge_acl(edge: str) -> str:
         f"pattern read {t.secagg_topic(e, t.ANY)}",  # the edge's broadcasts (open, roster, unmask, outcome)...
         f"pattern read {t.secagg_topic(e, 'inbox', t.CLIENT)}",  # ...and its own share inbox, not its neighbours'
         "",
-        "# The edge gateway: all of its edge's topics, and its own side of the cloud topics (bridged).",
-        f"user {e}",
-        f"topic readwrite {t.subtree(e)}",
-        f"topic write {t.aggregate_topic(e)}",
-        f"topic write {t.edge_status_topic(e)}",
-        f"topic read {t.CLOUD_ROUND}",
-        f"topic read {t.CLOUD_MODEL}",
-        "",
+        *(line for cn in [e, *replicas] for line in [
+            f"# The edge gateway{' replica ' + t.check_id(cn) if cn != e else ''}: all of its edge's topics, and its "
+            "own side of the cloud topics (bridged).",
+            f"user {cn}",
+            f"topic readwrite {t.subtree(e)}",
+            f"topic write {t.aggregate_topic(e)}",
+            f"topic write {t.edge_status_topic(e)}",
+            f"topic read {t.CLOUD_ROUND}",
+            f"topic read {t.CLOUD_MODEL}",
+            "",
+        ]),
     ])
 
 
@@ -157,6 +171,8 @@ def render(cfg: BrokerFilesConfig, acl_path: Path) -> str:
         "require_certificate true",
         "use_identity_as_username true",
     ]
+    if cfg.role == "edge":  # devices connect here: one client id per certificate, so none can take another's
+        lines.append("use_username_as_clientid true")
     if cfg.cloud_host:
         edge = pki.identity(cfg.pki, "edge", cfg.id)
         lines += [
@@ -201,7 +217,7 @@ def write(cfg: BrokerFilesConfig, out: str | Path) -> tuple[Path, Path]:
     if missing:
         raise pki.PkiError(f"missing {'; '.join(missing)}")
     if cfg.role == "edge":
-        acl = edge_acl(cfg.id)
+        acl = edge_acl(cfg.id, cfg.replicas)
     else:
         edges = cfg.edges or pki_edges(cfg.pki)
         if not edges:
@@ -216,7 +232,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
     try:
         cfg = BrokerFilesConfig(role=args.role, id=args.id or pki.CLOUD_ID, pki=Path(args.pki), port=args.port,
                            bind=args.bind, server=args.server, cloud_host=args.cloud_host, cloud_port=args.cloud_port,
-                           edges=args.edge or [], data_dir=Path(args.data_dir),
+                           edges=args.edge or [], replicas=args.replica or [], data_dir=Path(args.data_dir),
                            acl_file=Path(args.acl) if args.acl else None, max_packet_size=args.max_packet_size)
         for path in write(cfg, args.out):
             print(path)
@@ -241,6 +257,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--cloud-host", help="edge: bridge to the cloud broker at this host")
     p.add_argument("--cloud-port", type=int, default=DEFAULT_PORT)
     p.add_argument("--edge", action="append", help="cloud: an edge allowed in (repeatable; default: the PKI's edges)")
+    p.add_argument("--replica", action="append",
+                   help="edge: CN of an edge replica's certificate, granted the edge's rights (repeatable)")
     p.add_argument("--data-dir", default="/var/lib/mosquitto", help="persistence directory")
     p.add_argument("--max-packet-size", type=int, default=MAX_MESSAGE_BYTES + PACKET_HEADROOM,
                    help="bytes; clients must chunk below it (default: protocol maximum + 64 KiB)")

@@ -41,11 +41,13 @@ from protocol.messages import (
     verify_message,
 )
 from protocol.tls import identity_context
+from protocol.topics import matches
 
 from .conftest import REPO
 from .harness import N_PARAMS, Fed, wait_for
 
 EDGE = "edge1"  # the edge id of the scripted federation in test_edge.Fed
+REPLICA = f"{EDGE}-r1"  # a second edge daemon of EDGE: a certificate of its own (client ids are CNs)
 NOT_AUTHORIZED = 135
 ACCEPTED = (0, 16)  # success; "no matching subscribers"
 
@@ -65,7 +67,7 @@ def ca(workdir):
     directory = workdir / "pki"
     pki.init_ca(directory)
     devices = [("device", f"d{i}") for i in range(1, 5)]
-    for kind, name in [*devices, ("edge", EDGE), ("edge", "e2"), ("cloud", pki.CLOUD_ID),
+    for kind, name in [*devices, ("edge", EDGE), ("edge", REPLICA), ("edge", "e2"), ("cloud", pki.CLOUD_ID),
                        ("server", f"broker-{EDGE}"), ("server", "broker-cloud")]:
         ident = pki.issue(directory, kind, name)
         give_to_broker_user(ident.key)
@@ -82,7 +84,7 @@ def start_broker(workdir: Path, cfg_kwargs: dict, name: str) -> MosquittoBroker:
 
 @pytest.fixture(scope="module")
 def edge_broker(workdir, ca):
-    b = start_broker(workdir, {"role": "edge", "id": EDGE, "pki": ca}, "edge")
+    b = start_broker(workdir, {"role": "edge", "id": EDGE, "pki": ca, "replicas": [REPLICA]}, "edge")
     yield b
     b.close()
 
@@ -362,11 +364,11 @@ def test_config_has_the_documented_hardening(ca, workdir):
 
 
 def test_edge_replicas_split_updates_through_a_shared_subscription(ca, edge_broker, sessions):
-    replicas = [connect_as(ca, "edge", EDGE, edge_broker.port, client_id=f"edge-replica-{i}") for i in range(2)]
+    replicas = [connect_as(ca, "edge", cn, edge_broker.port) for cn in (EDGE, REPLICA)]  # one certificate each
     d1 = connect_as(ca, "device", "d1", edge_broker.port)
     sessions += [*replicas, d1]
     for replica in replicas:
-        replica.subscribe(topics.shared(EDGE, f"fl/{EDGE}/updates/+"))
+        replica.subscribe(topics.shared("k3Xq9wTzR2", f"fl/{EDGE}/updates/+"))  # a secret group name
     sent = [f"update {i}".encode() for i in range(10)]
     for payload in sent:
         assert d1.publish(topics.update_topic(EDGE, "d1"), payload) in ACCEPTED
@@ -374,6 +376,66 @@ def test_edge_replicas_split_updates_through_a_shared_subscription(ca, edge_brok
     got = [p for r in replicas for _, p in r.messages]
     assert sorted(got) == sorted(sent)  # each update exactly once...
     assert all(r.messages for r in replicas)  # ...and both replicas took a share
+
+
+def test_a_device_using_the_edges_client_id_neither_kicks_the_edge_nor_takes_its_queue(ca, edge_broker, sessions):
+    """Issue 18: a device connecting as `fediomt-edge-edge-a-0` took the edge's place and its clean start destroyed
+    the edge's 3 queued updates. The broker now makes every client id the certificate's CN."""
+    edge_id = f"fediomt-edge-{EDGE}-0"  # what edge/gateway.py asks for
+    edge = connect_as(ca, "edge", EDGE, edge_broker.port, client_id=edge_id, session_expiry=3600)
+    sessions.append(edge)
+    edge.subscribe(f"fl/{EDGE}/updates/+")
+    for stolen in (edge_id, EDGE):
+        sessions.append(connect_as(ca, "device", "d2", edge_broker.port, client_id=stolen))
+        assert sessions[-1].connected
+    time.sleep(0.5)
+    assert edge.drops == 0 and edge.client.is_connected()  # not kicked
+    edge.close()  # away: its persistent session queues the updates
+    d1 = connect_as(ca, "device", "d1", edge_broker.port)
+    sessions.append(d1)
+    for i in range(3):
+        assert d1.publish(topics.update_topic(EDGE, "d1"), f"queued {i}".encode()) == 0
+    for stolen in (edge_id, EDGE):  # a clean start under the edge's id would discard its session
+        sessions.append(connect_as(ca, "device", "d2", edge_broker.port, client_id=stolen))
+        sessions[-1].close()
+    back = connect_as(ca, "edge", EDGE, edge_broker.port, client_id=edge_id, session_expiry=3600)
+    sessions.append(back)
+    wait_for(lambda: len(back.messages) >= 3)
+    assert sorted(p for _, p in back.messages) == [f"queued {i}".encode() for i in range(3)]
+
+
+def test_a_device_cannot_take_updates_meant_for_the_edge_daemon(ca, workdir, tmp_path):
+    """Issue 18: a device joined the edge's guessable `$share/edge-a/fl/edge-a/updates/+` group and 9 of 12 of
+    another device's updates were dropped (Mosquitto 2.0's acl_file grants every subscription and filters per
+    message, so a device in the group swallows its share). The real edge daemon subscribes without a group."""
+    devices = ["h0", "h1", "h2", "h3"]
+    dep = Deployment(ca, workdir, tmp_path, "share", [*devices, "thief"], rounds={"quorum": 1.0})
+    try:
+        dep.open_round(round_id=2, cohort=devices)
+        dep.start_edge()
+        honest = {d: dep.connect("device", d) for d in devices}
+        for d, s in honest.items():
+            s.subscribe(topics.ack_topic(EDGE, d))
+        honest["h0"].subscribe(topics.round_topic(EDGE))  # relayed once the edge daemon is up and subscribed
+        wait_for(lambda: honest["h0"].messages, 20, message=lambda: f"the relayed round: {dep.log_tail()}")
+        thief = dep.connect("device", "thief")
+        for f in (topics.shared(EDGE, f"fl/{EDGE}/updates/+"), topics.shared(f"fediomt-edge-{EDGE}", f"fl/{EDGE}/#"),
+                  f"fl/{EDGE}/updates/+"):
+            thief.subscribe(f)
+        for d, s in honest.items():
+            update = dep.fed.update(d, np.full(N_PARAMS, 0.1, np.float32), round_id=2)
+            for _ in range(3):  # 12 updates; the 2nd and 3rd of each device are acked as duplicates
+                assert s.publish(topics.update_topic(EDGE, d), update) == 0
+
+        def acks(d: str) -> list[Ack]:
+            return [decode(p, expect=Ack) for t, p in list(honest[d].messages) if t == topics.ack_topic(EDGE, d)]
+
+        for d in devices:
+            wait_for(lambda d=d: len(acks(d)) >= 3, 20, message=lambda: f"acks: {dep.log_tail()}")
+            assert [a.accepted for a in acks(d)] == [True] * 3
+        assert not [t for t, _ in thief.messages if matches(f"fl/{EDGE}/updates/+", t)]  # it reads rounds only
+    finally:
+        dep.close()
 
 
 def test_a_packet_over_the_cap_costs_the_sender_its_connection_and_is_not_delivered(ca, workdir, sessions):
@@ -419,12 +481,18 @@ class Deployment:
         self.fed.cloud_key = signing.load_private_key(cloud_id.sign_key)
         self.fed.edge_key = signing.load_private_key(edge_id.sign_key)
         self.opened: list[Session] = []
+        self.by_name: dict[tuple[str, int], Session] = {}
         self.cloud = self.connect("cloud", pki.CLOUD_ID, self.cloud_broker.port)
         self.cloud.subscribe("fl/cloud/aggregates/+")
         self.daemon: subprocess.Popen | None = None
 
     def connect(self, kind: str, name: str, port: int | None = None) -> Session:
-        s = connect_as(self.ca, kind, name, port or self.edge_broker.port, client_id=f"{name}-{len(self.opened)}")
+        """A new session of `name`, after closing its previous one on that broker: the edge broker makes the CN the
+        client id, so two would take each other's place."""
+        port = port or self.edge_broker.port
+        if (name, port) in self.by_name:
+            self.by_name.pop((name, port)).close()
+        s = self.by_name[name, port] = connect_as(self.ca, kind, name, port, client_id=f"{name}-{len(self.opened)}")
         self.opened.append(s)
         return s
 

@@ -50,7 +50,8 @@ class _Mailbox:
         client.subscribe([(f, 1) for f in filters])
 
     def _receiver(self, kind: type):
-        def receive(_client, _userdata, message) -> None:
+        def receive(client, _userdata, message) -> None:
+            client.ack(message.mid, message.qos)  # on a daemon's manual-ack connection (a no-op otherwise)
             if not message.payload:          # a cleared retained message
                 return
             try:
