@@ -2,8 +2,9 @@
 
 Messages arrive on paho's network thread and are queued; the main thread handles them one at a time, so training
 never races a model swap. Every handler refuses bad input with a logged ProtocolError and carries on. Order within
-a round: check the budget BEFORE training; after training persist the spent budget, residual and c_i atomically;
-only then publish (a kill -9 in between loses an update, never budget).
+a round: check the budget BEFORE training; after training persist the spent budget, residual, c_i and the update
+itself atomically; only then publish. The update is resent, the same bytes, after each Ack timeout until the edge
+acknowledges it or the round is over, after a restart too (a kill -9 in between loses no update, and never budget).
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from device.config import DeviceConfig
+from device.config import DeviceConfig, ota_class
 from device.data import load_data
-from device.flash import flash_local, load_installed, rollback_local
+from device.flash import flash_local, load_installed
 from device.global_model import rebuild
+from device.inference import accept_for_inference, accept_for_training
 from device.ota import OtaConfig as OtaReceiverConfig
 from device.ota import OtaReceiver
 from device.runtime import TrainableModel, secure_generator
-from device.state import STATE_FILE, DeviceState, load_state, save_state
+from device.state import STATE_FILE, DeviceState, Unacked, load_state, save_state
 from device.training import LocalResult, planned_steps, steps_within, train_round
 from device.update import ENVELOPE_BYTES, RoundIdentity, build_update
 from protocol import accountant, topics
@@ -48,7 +50,7 @@ from protocol.messages import (
     sign_message,
     verify_raw,
 )
-from protocol.mqtt import Connection
+from protocol.mqtt import Connection, backoff_delays
 from protocol.secagg import SecAggClient
 from protocol.secagg.deploy import MaskedRound
 from protocol.secagg.mqtt_driver import run_client_round
@@ -69,6 +71,8 @@ class DeviceAgent:
         self.mac_key = None if cfg.mac_key is None else derive_mac_key(load_mac_key(cfg.mac_key), cfg.id, cfg.edge)
         self.state_path = cfg.state_dir / STATE_FILE
         self.state = load_state(self.state_path)
+        self.resend_at = 0.0   # monotonic time of the next resend of state.unacked; 0: once connected (a restart)
+        self.resend_delays = backoff_delays(cfg.ack_timeout_s, cfg.ack_timeout_max_s)
         self.rng = secure_generator()
         self.stop = threading.Event()
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
@@ -82,14 +86,23 @@ class DeviceAgent:
         self.link = Connection(cfg.broker, dev, [self.topics["model"], self.topics["round"], self.topics["ack"]],
                                None, log, on_message=self._received, on_connected=self._connected,
                                will=(self.status_topic, self._status_bytes("offline")))
+        self.switch_to_inference = False   # set when OTA installed an int8 student (mode "auto")
         self.ota = self._make_ota() if cfg.ota.enabled else None
 
     def _make_ota(self) -> OtaReceiver:
-        ota_cfg = OtaReceiverConfig(edge=self.cfg.edge, device_class=self.cfg.ota.device_class or
-                                    self.bundle.manifest["device_class"], bundle_dir=Path(self.cfg.bundle_dir),
-                                    retry_s=self.cfg.ota.retry_s)
+        ota_cfg = OtaReceiverConfig(edge=self.cfg.edge, device_class=ota_class(self.cfg),
+                                    bundle_dir=Path(self.cfg.bundle_dir), retry_s=self.cfg.ota.retry_s)
+        # mode "train": a bundle that cannot train (an int8 student) is refused before install; "auto": any
+        # inference-capable bundle, and an int8 student switches the device to inference (device/inference.py)
         return OtaReceiver(ota_cfg, self.cloud_key, self.bundle_key, self.link.subscribe, self.link.unsubscribe,
-                           samples=self._smoke_rows, on_installed=self._ota_installed, log=self.log)
+                           samples=self._smoke_rows, on_installed=self._ota_installed, on_result=self._ota_result,
+                           accept=accept_for_training if self.cfg.mode == "train" else accept_for_inference,
+                           log=self.log)
+
+    def _ota_result(self, result) -> None:
+        """Every OTA outcome as a status (`fediomt push` reports them): ota_installed / ota_refused / ..."""
+        self.publish_status(f"ota_{result.outcome}", detail=f"{result.name} v{result.version}: {result.reason} "
+                                                            f"{result.detail}".strip())
 
     # ------------------------------------------------------------------ model and bundle
     def _load_model(self) -> None:
@@ -120,11 +133,12 @@ class DeviceAgent:
         return self.bundle
 
     def _ota_installed(self, bundle: Bundle) -> None:
-        """OTA installed `bundle` as current: train with it from now on (a non-trainable one is rolled back)."""
+        """OTA installed `bundle` as current: train with it from now on, or, for an int8 student (mode "auto"),
+        leave the loop so that `fediomt device run` continues in inference mode with it."""
         if bundle.manifest["kind"] != "trainable":
-            rollback_local(Path(self.cfg.bundle_dir))
-            raise ProtocolError(Reason.BAD_VALUE, f"OTA bundle {bundle.name} v{bundle.version} is not trainable: "
-                                                  "rolled back")
+            self.switch_to_inference = True
+            event(self.log, "int8 bundle installed: switching to inference", name=bundle.name, version=bundle.version)
+            return
         self.reload_bundle()
         self.publish_status("online", detail=f"bundle {bundle.name} v{bundle.version}")
 
@@ -153,6 +167,8 @@ class DeviceAgent:
     def _on_round(self, payload: bytes) -> None:
         ann = decode(payload, expect=RoundAnnouncement)
         verify_raw(payload, ann, self.cloud_key)
+        if self.state.unacked is not None and ann.round_id > self.state.unacked.round_id:
+            self._settle(f"round {ann.round_id} announced")   # the edge closed the update's round
         if ann.model_name != self.bundle.name or ann.round_id in self.state.seen_rounds:
             return
         if ann.cohort and self.cfg.id not in ann.cohort:
@@ -243,9 +259,11 @@ class DeviceAgent:
         update = self.seal(out.update)
         data = encode(update)
         self.state = replace(self.state.answered(ann.round_id), history=out.history, residual=out.residual,
-                             control=out.control, steps_per_s=speed)
-        save_state(self.state_path, self.state)  # the spend is on disk before anything leaves the device
+                             control=out.control, steps_per_s=speed, unacked=Unacked(ann.round_id, ann.deadline, data))
+        save_state(self.state_path, self.state)  # the spend (and the update) is on disk before anything leaves
         self.link.publish(self.update_topic, data)
+        self.resend_delays = backoff_delays(cfg.ack_timeout_s, cfg.ack_timeout_max_s)
+        self.resend_at = time.monotonic() + next(self.resend_delays)
         event(self.log, "update sent", round=ann.round_id, steps=result.local_steps, loss=round(result.loss, 4),
               norm=round(out.norm, 4), bytes=len(data), epsilon=round(update.privacy.epsilon, 4),
               method=settings.method, density=settings.density, bits=settings.bits)
@@ -338,8 +356,7 @@ class DeviceAgent:
             elif topic == self.topics["round"]:
                 self._on_round(payload)
             elif topic == self.topics["ack"]:
-                ack = decode(payload, expect=Ack)
-                event(self.log, "ack", round=ack.round_id, accepted=ack.accepted, reason=ack.reason, detail=ack.detail)
+                self._on_ack(payload)
         except ProtocolError as exc:
             event(self.log, "refused a message", logging.WARNING, topic=topic, reason=exc.reason.name,
                   detail=exc.detail)
@@ -348,6 +365,33 @@ class DeviceAgent:
         except Exception:  # a bug must not take the device off the federation; the traceback is in the log
             self.log.exception("unexpected error handling %s", topic)
 
+    def _on_ack(self, payload: bytes) -> None:
+        """The edge's verdict on our update; for the unacknowledged round's, accepted or not, the resending stops
+        (the same bytes would get the same answer)."""
+        ack = decode(payload, expect=Ack)
+        event(self.log, "ack", round=ack.round_id, accepted=ack.accepted, reason=ack.reason, detail=ack.detail)
+        if self.state.unacked is not None and ack.round_id == self.state.unacked.round_id:
+            self._settle("acknowledged")
+
+    def _resend(self) -> None:
+        """Resend the unacknowledged update, the same bytes (the edge counts a (device, round) once), after each
+        Ack timeout (doubling, jittered) while connected and before the round's deadline: what a broker session
+        lost (an edge restarted clean, a replica's queue) still reaches the edge."""
+        unacked = self.state.unacked
+        if unacked is None or time.monotonic() < self.resend_at or not self.link.connected.is_set():
+            return
+        if time.time() >= unacked.deadline:
+            return self._settle("deadline passed without an Ack", logging.WARNING)
+        self.link.publish(self.update_topic, unacked.data)
+        self.resend_at = time.monotonic() + next(self.resend_delays)
+        event(self.log, "update resent", round=unacked.round_id, bytes=len(unacked.data))
+
+    def _settle(self, why: str, level: int = logging.INFO) -> None:
+        """Stop resending the unacknowledged update, durably."""
+        event(self.log, "update settled", level, round=self.state.unacked.round_id, why=why)
+        self.state = replace(self.state, unacked=None)
+        save_state(self.state_path, self.state)
+
     def run(self) -> int:
         event(self.log, "starting", device=self.cfg.id, edge=self.cfg.edge, bundle=self.bundle.name,
               bundle_version=self.bundle.version, model_version=self.state.model_version,
@@ -355,13 +399,14 @@ class DeviceAgent:
         if not self.link.start(self.stop):
             return 0
         try:
-            while not self.stop.is_set():
+            while not self.stop.is_set() and not self.switch_to_inference:
                 try:
                     self.handle(*self.inbox.get(timeout=0.2))
                 except queue.Empty:
                     pass
                 if self.ota is not None:
                     self.ota.tick()
+                self._resend()
         finally:
             self.link.close((self.status_topic, self._status_bytes("offline")))
             event(self.log, "stopped")

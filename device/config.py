@@ -7,16 +7,17 @@ Relative paths in the file are resolved against the file's own directory, so a d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from protocol.accountant import ACCOUNTANTS
 from protocol.mqtt import ConnectionConfig
 from protocol.tomlconfig import load_toml
-from protocol.topics import check_id
+from protocol.topics import DEVICE_CLASSES, check_id
 
-COMPUTE_CLASSES = ("wearable", "phone", "pi", "server")
+COMPUTE_CLASSES = DEVICE_CLASSES      # one class vocabulary (protocol.topics): compute class = OTA class
 AUTH_MODES = ("signature", "mac")
+MODES = ("auto", "train", "infer")
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,20 @@ class OtaConfig:
     """Over-the-air bundle updates (device/ota.py): manifests signed by the cloud key, bundles by bundle_pubkey."""
 
     enabled: bool = True
-    device_class: str = ""              # the bundle class to follow; "" = the installed bundle's device_class
+    device_class: str = ""              # the bundle class to follow; "" = [capability] compute_class
     retry_s: float = 10.0               # re-request missing chunks after this long without progress
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Inference mode (device/inference.py): sensor windows in, predictions out (docs/device.md "Inference")."""
+
+    input: str = "-"                    # windows, one per line (CSV / whitespace / JSON array): a file, a FIFO or
+                                        # "-" (stdin); relative paths resolve against the config file's directory
+    follow: bool = True                 # at the end of a file keep reading what is appended; a FIFO is reopened
+    output: str = ""                    # predictions as JSON lines: a file (appended), "-" (stdout), "" = none
+    publish: bool = False               # also publish each prediction on prediction_topic(edge, id), QoS 0
+    batch: int = 16                     # windows classified together at most (all that are waiting, up to this)
 
 
 @dataclass(frozen=True)
@@ -81,9 +94,14 @@ class DeviceConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     broker: DeviceConnectionConfig = field(default_factory=DeviceConnectionConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
+    mode: str = "auto"                  # "train" (trainable bundles only), "infer" (inference only; may start with
+                                        # no bundle and wait for a push), "auto": whatever the installed bundle is
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     significance_threshold: float = 0.0  # L2 norm of the (noised) delta below which only a "skipped" status is sent
     min_steps: int = 1                  # decline a round when fewer local steps fit before its deadline
     deadline_margin_s: float = 2.0      # stop training this long before the deadline (time to compress + send)
+    ack_timeout_s: float = 10.0         # resend an update (same bytes) not acknowledged by the edge this long
+    ack_timeout_max_s: float = 60.0     # after it was sent; the wait doubles (jittered) up to this, until the deadline
     threads: int | None = None          # interpreter threads (None: the runtime's default)
     secagg_keys_dir: Path | None = None  # enrolment export: {device_id}.pub of the edge's devices (secure aggregation)
     secagg_timeout_s: float = 120.0     # a masked round (docs/secagg.md "Deployment") gives up after this long
@@ -100,11 +118,31 @@ class DeviceConfig:
             raise ValueError("privacy.epsilon must be finite and > 0, privacy.delta in (0, 1)")
         if self.capability.compute_class not in COMPUTE_CLASSES:
             raise ValueError(f"capability.compute_class {self.capability.compute_class!r} not in {COMPUTE_CLASSES}")
+        if self.ota.device_class and self.ota.device_class not in DEVICE_CLASSES:
+            raise ValueError(f"ota.device_class {self.ota.device_class!r} not in {DEVICE_CLASSES}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} not in {MODES}")
+        if self.inference.batch < 1:
+            raise ValueError("inference.batch must be >= 1")
         if self.data.dir is None and self.data.entry_point is None:
             raise ValueError("data: set `dir` (train.npz / train.csv) or `entry_point` (module:function)")
         if self.significance_threshold < 0 or self.min_steps < 1:
             raise ValueError("significance_threshold must be >= 0 and min_steps >= 1")
+        if not 0 < self.ack_timeout_s <= self.ack_timeout_max_s:
+            raise ValueError("need 0 < ack_timeout_s <= ack_timeout_max_s")
 
 
 def load_config(path: str | Path) -> DeviceConfig:
-    return load_toml(DeviceConfig, path)
+    cfg = load_toml(DeviceConfig, path)
+    src = cfg.inference.input
+    if src != "-" and not Path(src).is_absolute():  # a string (it may be "-"), so resolve it here
+        cfg = replace(cfg, inference=replace(cfg.inference, input=str(Path(path).resolve().parent / src)))
+    out = cfg.inference.output
+    if out not in ("", "-") and not Path(out).is_absolute():
+        cfg = replace(cfg, inference=replace(cfg.inference, output=str(Path(path).resolve().parent / out)))
+    return cfg
+
+
+def ota_class(cfg: DeviceConfig) -> str:
+    """The OTA class this device follows: `[ota] device_class`, else its compute class."""
+    return cfg.ota.device_class or cfg.capability.compute_class

@@ -1,9 +1,10 @@
 """Everything a device must remember across restarts, in ONE file written atomically.
 
 Weights of the installed global model, the error-feedback residual, SCAFFOLD's c_i, the privacy accountant's
-history and the rounds already answered live together in `state.npz`, replaced with `atomic_write` (temp file,
-fsync, rename): a kill -9 at any instant leaves either the previous or the next state, never a mix (a residual
-from one round with the privacy history of another would be exactly the inconsistency that costs budget).
+history, the rounds already answered and the sent but not yet acknowledged update live together in `state.npz`,
+replaced with `atomic_write` (temp file, fsync, rename): a kill -9 at any instant leaves either the previous or
+the next state, never a mix (a residual from one round with the privacy history of another would be exactly the
+inconsistency that costs budget).
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ ARRAYS = ("weights", "residual", "control", "server_control")
 
 
 @dataclass(frozen=True)
+class Unacked:
+    """The open round's update until the edge acknowledges it: resent, the same bytes, until the round's deadline."""
+
+    round_id: int
+    deadline: float                               # the announcement's (wall clock)
+    data: bytes                                   # the signed, encoded DeviceUpdate
+
+
+@dataclass(frozen=True)
 class DeviceState:
     """What a device keeps across restarts (model, residual, SCAFFOLD controls, privacy history), saved as one file."""
 
@@ -38,6 +48,7 @@ class DeviceState:
     seen_rounds: tuple[int, ...] = ()             # rounds already answered (trained, skipped or declined)
     steps_per_s: float = 0.0                      # measured training speed (deadline planning)
     extra: dict = field(default_factory=dict)     # small JSON-able facts (e.g. the installed bundle version)
+    unacked: Unacked | None = None                # saved with the spend: a restart resends it
 
     def answered(self, round_id: int) -> DeviceState:
         seen = tuple(r for r in self.seen_rounds if r != round_id)[-(SEEN_ROUNDS_KEPT - 1):] + (round_id,)
@@ -61,6 +72,9 @@ def save_state(path: str | Path, state: DeviceState) -> None:
             "steps_per_s": state.steps_per_s, "extra": state.extra}
     arrays = {name: np.asarray(value, np.float32) for name in ARRAYS
               if (value := getattr(state, name)) is not None}
+    if state.unacked is not None:
+        meta["unacked"] = [state.unacked.round_id, state.unacked.deadline]
+        arrays["unacked"] = np.frombuffer(state.unacked.data, np.uint8)
     buf = io.BytesIO()
     np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
     atomic_write(Path(path), buf.getvalue(), mode=0o600)
@@ -74,9 +88,11 @@ def load_state(path: str | Path) -> DeviceState:
     with np.load(path, allow_pickle=False) as npz:
         meta = json.loads(npz["meta"].tobytes())
         arrays = {name: npz[name].astype(np.float32) for name in ARRAYS if name in npz}
+        unacked = Unacked(int(meta["unacked"][0]), float(meta["unacked"][1]), npz["unacked"].tobytes()) \
+            if "unacked" in meta else None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: state format {meta.get('format')!r}, expected {FORMAT}")
     return DeviceState(model_name=meta["model_name"], model_version=int(meta["model_version"]),
                        history=tuple(Entry.from_list(e) for e in meta["history"]),
                        seen_rounds=tuple(int(r) for r in meta["seen_rounds"]),
-                       steps_per_s=float(meta["steps_per_s"]), extra=dict(meta["extra"]), **arrays)
+                       steps_per_s=float(meta["steps_per_s"]), extra=dict(meta["extra"]), unacked=unacked, **arrays)

@@ -3,8 +3,9 @@
 paho's network thread only queues incoming messages; the main loop hands what is queued (up to GROUP messages) to
 the engine inside one SQLite transaction, commits it, and only then publishes the Acks and aggregates and
 acknowledges the messages to the broker (manual PUBACK), so every acknowledged update is durable. A
-kill -9 at any point therefore leaves each update either durable or un-acknowledged (the broker redelivers it on a
-persistent session, or the device resends after its Ack timeout); duplicates are counted once.
+kill -9 at any point therefore leaves each update either durable or un-acknowledged: the broker redelivers it and
+queues new ones on the edge's persistent session (the default, `broker.session_expiry_s`), and the device resends
+the same bytes after its Ack timeout (device.agent) when a session was lost; duplicates are counted once.
 
 Device updates arrive through `fl/{edge}/updates/+`, or with replicas through the shared subscription
 `$share/{group}/fl/{edge}/updates/+` (they split them round-robin). `fl/cloud/round` and `fl/cloud/model` are
@@ -160,10 +161,12 @@ class Gateway:
         threading.Thread(target=mask_for_cloud, args=args, name=f"edge-secagg-{round_id}", daemon=True).start()
 
     def _drain(self) -> None:
-        """SIGTERM: stop taking new updates, persist what was already received, publish what closed, disconnect."""
+        """SIGTERM: stop taking new updates, persist what was already received, publish what closed, disconnect.
+        A persistent session keeps its subscriptions, so the broker queues what arrives while the edge is down."""
         event(self.log, "draining", queued=self.inbox.qsize())
         for conn in filter(None, (self.local, self.cloud)):
-            conn.unsubscribe()
+            if conn.cfg.session_expiry_s == 0:
+                conn.unsubscribe()
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline and self._drain_some(0.2):
             pass

@@ -71,7 +71,8 @@ class Harness:
 
 @pytest.fixture
 def harness(tmp_path, broker, recorder, daemons, request):
-    fed = Fed(tmp_path, broker={"host": broker.host, "port": broker.port}, **request.param)
+    params = dict(request.param)
+    fed = Fed(tmp_path, broker={"host": broker.host, "port": broker.port, **params.pop("broker", {})}, **params)
     return Harness(fed, recorder, daemons)
 
 
@@ -153,8 +154,8 @@ def test_kill_9_mid_round_then_restart_gives_the_same_aggregate(harness):
     assert h.stop_edge() == 0
 
 
-@pytest.mark.parametrize("harness", [dict(replicas=2, aggregate_id="edge1-r0", rounds={"quorum": 1.0})],
-                         indirect=True)
+@pytest.mark.parametrize("harness", [dict(replicas=2, aggregate_id="edge1-r0", rounds={"quorum": 1.0},
+                                          broker={"session_expiry_s": 0})], indirect=True)
 def test_replicas_split_updates_through_the_shared_subscription(harness):
     """Two replicas of edge1: every update goes to exactly one; their aggregates combine (by num_samples) to the
     mean of all."""
