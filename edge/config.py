@@ -39,6 +39,14 @@ class ForwardConfig:
 
 
 @dataclass(frozen=True)
+class EdgeConnectionConfig(ConnectionConfig):
+    """The edge's own broker, with a persistent session by default: updates that devices publish while the edge
+    restarts (kill -9 included) are queued for it. Replicas on a shared subscription need 0 (clean sessions)."""
+
+    session_expiry_s: int = 3600
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     """All an edge gateway is configured with (configs/edge.toml), checked on load so a bad file fails at start."""
 
@@ -47,7 +55,7 @@ class EdgeConfig:
     enrolment_dir: Path          # {device_id}.pub (+ .crt, .mac) of every device allowed to send updates
     signing_key: Path            # this edge's Ed25519 private key (signs EdgeAggregates)
     cloud_public_key: Path       # verifies the cloud's RoundAnnouncements and GlobalModels before relaying
-    broker: ConnectionConfig = field(default_factory=ConnectionConfig)   # the edge's broker (devices connect here)
+    broker: EdgeConnectionConfig = field(default_factory=EdgeConnectionConfig)  # devices connect here
     cloud: ConnectionConfig | None = None  # the cloud's broker; absent = fl/cloud/* on `broker` (same broker or bridge)
     group: str = ""              # shared-subscription group; "" = edge_id (replicas of one edge share it)
     replica: str = "0"           # distinguishes replicas' client ids
@@ -81,6 +89,9 @@ class EdgeConfig:
         check_id(self.aggregate_id or self.edge_id)
         if self.replicas < 1:
             raise ValueError("replicas must be >= 1")
+        if self.replicas > 1 and self.broker.session_expiry_s > 0:
+            raise ValueError("replicas > 1 need broker.session_expiry_s = 0: a persistent session would keep the "
+                             "share of an offline replica queued for it instead of a live one (docs/edge.md)")
         if self.key_check_s < 0:
             raise ValueError("key_check_s must be >= 0")
         self.forward.settings()
