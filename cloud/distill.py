@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,8 @@ class DistillConfig:
     calibration_rows: int = 200
     seed: int = 0
     every_rounds: int = 10      # the cloud distils (and pushes) after every N-th round
+    min_agreement: float = 0.0  # quality gate: int8 top-1 agreement with the teacher on held-out rows ...
+    min_accuracy_ratio: float = 0.0  # ... and student accuracy >= this x the teacher's (when labels exist)
 
     def due(self, round_id: int) -> bool:
         return self.every_rounds > 0 and round_id > 0 and round_id % self.every_rounds == 0
@@ -87,19 +89,41 @@ class StudentReport:
     float_agreement: float      # the float student before quantisation
     seconds: float
     weights: list[np.ndarray] = field(repr=False, default_factory=list)  # float student, kept for warm starts
+    bundle_name: str = ""       # the student's bundle name (student_name(teacher, class)), versions of its own
+    refused: str = ""           # why the quality gate (or the size budget) refused it: never pushed; "" = passed
+    eval_rows: int = 0
+
+
+def student_name(teacher: str, device_class: str) -> str:
+    """A student's bundle name: its own version sequence, never compared with the teacher's trainable bundle (a
+    device on `models build --version 6` is not offered a "downgrade")."""
+    return f"{teacher}-{device_class}-student"
+
+
+def gate(r: StudentReport, min_agreement: float, min_accuracy_ratio: float) -> str:
+    """"" when the student may be pushed, else why not (the thresholds of cloud.toml [distill])."""
+    if r.agreement < min_agreement:
+        return f"agreement {r.agreement:.3f} < {min_agreement:.3f} on {r.eval_rows} held-out rows"
+    if (min_accuracy_ratio > 0 and r.student_accuracy is not None and r.teacher_accuracy
+            and r.student_accuracy < min_accuracy_ratio * r.teacher_accuracy):
+        return (f"accuracy {r.student_accuracy:.3f} < {min_accuracy_ratio:.2f} x teacher {r.teacher_accuracy:.3f} "
+                f"on {r.eval_rows} held-out rows")
+    return ""
 
 
 def default_targets(teacher: str, options: dict) -> list[StudentTarget]:
-    """A wearable student (<= 32 KB int8) and a larger Pi student of the teacher's family."""
+    """A wearable student (<= 32 KB int8) and a Pi student of the teacher's family: the teacher's width, capped at
+    16 / 32 filters (wearable_cnn; 16 filters = ~12 KB int8) or 16 / 32 hidden units (MLPs). A teacher that
+    already fits is "distilled" into its own architecture at int8 (what the wearable can run: it cannot train)."""
     opts = dict(options)
     if teacher == "wearable_cnn":
         f = int(opts.get("filters", 16))
-        return [StudentTarget("wearable", teacher, {**opts, "filters": max(4, f // 8)}, WEARABLE_MAX_BYTES),
-                StudentTarget("pi", teacher, {**opts, "filters": max(8, f // 2)}, 256 * 1024)]
+        return [StudentTarget("wearable", teacher, {**opts, "filters": max(4, min(f, 16))}, WEARABLE_MAX_BYTES),
+                StudentTarget("pi", teacher, {**opts, "filters": max(8, min(f, 32))}, 256 * 1024)]
     if teacher in ("har_mlp", "vitals_mlp"):
         h = int(opts.get("hidden", 64 if teacher == "har_mlp" else 16))
-        return [StudentTarget("wearable", teacher, {**opts, "hidden": max(4, h // 4)}, WEARABLE_MAX_BYTES),
-                StudentTarget("pi", teacher, {**opts, "hidden": max(8, h // 2)}, 256 * 1024)]
+        return [StudentTarget("wearable", teacher, {**opts, "hidden": max(4, min(h, 16))}, WEARABLE_MAX_BYTES),
+                StudentTarget("pi", teacher, {**opts, "hidden": max(8, min(h, 32))}, 256 * 1024)]
     raise ValueError(f"no default students for {teacher!r}")
 
 
@@ -231,13 +255,17 @@ def distill_round(teacher_name: str, teacher_weights: np.ndarray | list[np.ndarr
                   proxy_x: np.ndarray | None = None, proxy_y: np.ndarray | None = None,
                   eval_x: np.ndarray | None = None, eval_y: np.ndarray | None = None,
                   targets: list[StudentTarget] | None = None, cfg: DistillConfig | None = None,
-                  previous: dict[str, list[np.ndarray]] | None = None) -> list[StudentReport]:
+                  previous: dict[str, list[np.ndarray]] | None = None,
+                  versions: dict[str, int] | None = None, teacher_version: int | None = None) -> list[StudentReport]:
     """Distil the teacher (the global model: flat vector or tensors in layout order) into one int8 student per
     target, bundle each under `out_dir/<device_class>` at `version`, and report size, agreement and accuracy.
 
     Transfer rows: `proxy_x` (labels `proxy_y` optional) or, when None, synthetic rows by teacher inversion.
     Agreement/accuracy are measured on `eval_x`/`eval_y` when given, else on a held-back fifth of the transfer
     rows. `previous` {device_class: float weights} warm-starts the students (the cloud keeps them between rounds).
+    Each student's bundle is named `student_name(teacher, class)`, at `versions[class]` (default `version`), and
+    records `teacher_version`. The quality gate (cfg.min_agreement, cfg.min_accuracy_ratio) and the size budget
+    set `refused`; a refused student keeps its bundle directory for inspection but must not be pushed.
     """
     from device.runtime import Int8Model
     from firmware_models import keras_model, model_spec
@@ -265,30 +293,53 @@ def distill_round(teacher_name: str, teacher_weights: np.ndarray | list[np.ndarr
         float_agree = agreement(predict(keras_model(target.model, weights, **target.options), eval_x),
                                 teacher_logits)
         calibration = proxy_x[np.random.default_rng(cfg.seed).permutation(len(proxy_x))[:cfg.calibration_rows]]
+        name = student_name(teacher_name, target.device_class)
+        student_version = (versions or {}).get(target.device_class, version)
         bundle = build_student_bundle(target.model, Path(out_dir) / target.device_class, key, weights, calibration,
-                                      version=version, **{**target.options, "device_class": target.device_class})
+                                      version=student_version, bundle_name=name,
+                                      extra={"teacher_version": teacher_version if teacher_version is not None
+                                             else version},
+                                      **{**target.options, "device_class": target.device_class})
         model = (bundle / "model.tflite").read_bytes()
         logits = Int8Model(model).infer(eval_x)
+        report = StudentReport(
+            target.device_class, target.model, dict(target.options), student_version, bundle, len(model),
+            teacher_bytes, agreement(logits, teacher_logits),
+            None if eval_y is None else float(np.mean(np.argmax(logits, axis=1) == eval_y)), teacher_acc,
+            float_agree, time.monotonic() - start, weights, name, eval_rows=len(eval_x))
+        refused = gate(report, cfg.min_agreement, cfg.min_accuracy_ratio)
         if len(model) > target.max_bytes:  # over the class's budget: reported, never pushed
             shutil.rmtree(bundle)
-            bundle = None
-        reports.append(StudentReport(
-            target.device_class, target.model, dict(target.options), version, bundle, len(model), teacher_bytes,
-            agreement(logits, teacher_logits),
-            None if eval_y is None else float(np.mean(np.argmax(logits, axis=1) == eval_y)), teacher_acc,
-            float_agree, time.monotonic() - start, weights))
+            report = replace(report, bundle=None)
+            refused = f"{len(model)} B over the {target.max_bytes} B budget of class {target.device_class}"
+        reports.append(replace(report, refused=refused))
     return reports
 
 
 @dataclass(frozen=True)
 class DistillSchedule:
-    """`[distill]` of cloud.toml: distil the global model every N rounds and push the students (cloud/push.py)."""
+    """`[distill]` of cloud.toml (configs/cloud.toml documents every key): distil the global model every N rounds,
+    gate the students on held-out rows and push those that pass (cloud/push.py)."""
 
     every_rounds: int = 10        # 0 = never
-    proxy: Path | None = None     # NPZ (x, optional y) the cloud may use; None = synthetic rows from the teacher
+    proxy: Path | None = None     # transfer set: NPZ (x, optional y) of public/consented recordings the cloud may
+                                  # hold (never device data); None = synthetic rows by teacher inversion
     steps: int = 2500             # optimizer steps per student
-    push: bool = True             # push every student within its budget to its device class behind every edge
+    classes: list[str] = field(default_factory=lambda: ["wearable", "pi"])  # device classes to distil for
+    min_agreement: float = 0.9    # quality gate on the held-out rows (eval_data, else a fifth of the proxy):
+    min_accuracy_ratio: float = 0.9  # int8 agreement with the teacher, and student accuracy / teacher accuracy
+    bundle_key: Path | None = None  # Ed25519 key signing the students (devices' bundle_pubkey); None = signing_key
+    push: bool = True             # push every student that passes to its class behind every edge
+    push_wait_s: float = 0.0      # wait this long for the devices' outcomes (distill.jsonl lists them)
     message_cap: int = 256 * 1024  # the brokers' message cap (chunks stay under it)
 
+    def __post_init__(self) -> None:
+        from protocol.topics import DEVICE_CLASSES
+
+        unknown = [c for c in self.classes if c not in DEVICE_CLASSES]
+        if unknown:
+            raise ValueError(f"distill.classes {unknown} not in {DEVICE_CLASSES}")
+
     def config(self) -> DistillConfig:
-        return DistillConfig(steps=self.steps, every_rounds=self.every_rounds)
+        return DistillConfig(steps=self.steps, every_rounds=self.every_rounds, min_agreement=self.min_agreement,
+                             min_accuracy_ratio=self.min_accuracy_ratio)

@@ -15,6 +15,7 @@ from firmware_models.convert import int8_tflite, trainable_tflite
 from firmware_models.models import DEFAULT_HYPERPARAMETERS, FirmwareModule, ModelSpec, model_spec
 from protocol import __version__
 from protocol.bundle import write_bundle
+from protocol.topics import check_class
 from protocol.weights import layout_to_dicts
 
 DEFAULT_BATCH = 32
@@ -40,7 +41,7 @@ def base_manifest(spec: ModelSpec, kind: str, version: int, model_bytes: bytes) 
         "version": int(version),
         "kind": kind,
         "family": spec.family,
-        "device_class": spec.device_class,
+        "device_class": check_class(spec.device_class),
         "options": spec.options,
         "input": {"shape": list(spec.input_shape), "dtype": "float32"},
         "n_classes": spec.n_classes,
@@ -74,10 +75,15 @@ def build_bundle(name: str, out_dir: str | os.PathLike, private_key: Ed25519Priv
 
 def build_student_bundle(name: str, out_dir: str | os.PathLike, private_key: Ed25519PrivateKey,
                          weights: list[np.ndarray], representative: np.ndarray, version: int = 1,
-                         **options) -> Path:
-    """Full-int8 student bundle (int8 in/out, dynamic batch) of `name` with the given weights (layout order)."""
+                         bundle_name: str | None = None, extra: dict | None = None, **options) -> Path:
+    """Full-int8 student bundle (int8 in/out, dynamic batch) of `name` with the given weights (layout order).
+    `bundle_name` (default: the model's name) is the bundle's name, whose versions devices order; the
+    architecture stays in `model` and `options`; `extra` adds manifest keys (e.g. teacher_version)."""
     spec = model_spec(name, **options)
     model = int8_tflite(spec, weights, representative)
     manifest = base_manifest(spec, "int8_student", version, model)
     manifest["batch_sizes"] = {"infer": 0}  # 0: any batch size
+    manifest["model"] = spec.name
+    manifest["name"] = bundle_name or spec.name
+    manifest.update(extra or {})
     return write_bundle(out_dir, model, manifest, private_key)

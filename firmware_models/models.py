@@ -45,7 +45,7 @@ class ModelSpec:
 
 
 def wearable_cnn(n_classes: int = 7, timesteps: int = 100, channels: int = 6, filters: int = 16,
-                 kernel: int = 5, qat: bool = False, device_class: str = "wrist") -> ModelSpec:
+                 kernel: int = 5, qat: bool = False, device_class: str = "wearable") -> ModelSpec:
     """IMU windows (2 s at 50 Hz, acc xyz + gyro xyz): conv-relu-avgpool-conv-relu-globalpool-dense."""
     if (timesteps - kernel + 1) % 2 or timesteps < 3 * kernel:
         raise ValueError(f"timesteps={timesteps}: timesteps - kernel + 1 must be even and >= 2 * kernel")
@@ -64,7 +64,7 @@ def har_mlp(n_features: int = 561, hidden: int = 64, n_classes: int = 6, qat: bo
     return ModelSpec("har_mlp", "mlp", (n_features,), n_classes, layers, device_class, opts, qat)
 
 
-def vitals_mlp(n_features: int = 16, hidden: int = 16, qat: bool = False, device_class: str = "bedside") -> ModelSpec:
+def vitals_mlp(n_features: int = 16, hidden: int = 16, qat: bool = False, device_class: str = "pi") -> ModelSpec:
     """Tabular clinical features (ICU vitals, heart-disease records) -> binary outcome as 2 logits."""
     layers = (Dense("hidden", n_features, hidden), ReLU(), Dense("logits", hidden, 2))
     opts = dict(n_features=n_features, hidden=hidden, qat=qat)

@@ -72,12 +72,31 @@ def ack_topic(edge: str, device: str) -> str:
     return f"{ROOT}/{_level(edge)}/ack/{_level(device)}"
 
 
+# The one device-class vocabulary: a device's `[capability] compute_class`, the OTA class it follows (`[ota]
+# device_class`, by default its compute class), `fediomt models build --class`, `fediomt push --class` and the
+# distiller's student targets all take these names (docs/distillation.md "Device classes").
+DEVICE_CLASSES = ("wearable", "phone", "pi", "server")
+
+
+def check_class(value: str) -> str:
+    """A device class from DEVICE_CLASSES (a Wildcard passes, for subscriptions and ACLs)."""
+    if isinstance(value, Wildcard) or value in DEVICE_CLASSES:
+        return value
+    raise ProtocolError(Reason.BAD_VALUE, f"device class {value!r} not in {', '.join(DEVICE_CLASSES)}")
+
+
 def bundle_manifest_topic(edge: str, device_class: str) -> str:
     return f"{ROOT}/{_level(edge)}/bundles/{_level(device_class)}/manifest"
 
 
 def bundle_chunk_topic(edge: str, device_class: str, index: int) -> str:
     return f"{ROOT}/{_level(edge)}/bundles/{_level(device_class)}/chunk/{int(index)}"
+
+
+def prediction_topic(edge: str, device: str) -> str:
+    """An inferring device's predictions (QoS 0, not retained), when its `[inference] publish` is on: patient data,
+    for a broker on the device's own or the ward's network only (docs/device.md "Inference")."""
+    return f"{ROOT}/{_level(edge)}/predictions/{_level(device)}"
 
 
 def secagg_topic(edge: str, step: str, device: str | None = None) -> str:
