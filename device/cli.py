@@ -1,4 +1,5 @@
-"""`fediomt device run|status --config device.toml`: the on-device agent (imports no TensorFlow)."""
+"""`fediomt device run|status|new-run --config device.toml`, `fediomt device predict BUNDLE INPUT`: the on-device
+agent (training or inference) and one-off inference (imports no TensorFlow)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ The config file (TOML; every key and its default is documented in configs/device
   [privacy]     epsilon, delta, accountant (rdp|pld): the device refuses rounds beyond this budget
   [broker]      host, port, ca, cert, key, username, password, keepalive, session_expiry_s,
                 reconnect_min_s, reconnect_max_s, max_message_bytes
+  [ota]         enabled, device_class (default: the compute class), retry_s
+  mode          "auto" (run what is installed: train a trainable bundle, infer with an int8 student, and switch
+                when a student is pushed), "train" (refuse students), "infer" (never train; may start without a
+                bundle and wait for a push)
+  [inference]   input (file, FIFO or "-" = stdin; one window per line), follow, output (JSON lines file or "-"),
+                publish (prediction topic), batch
 """
 
 
@@ -35,6 +42,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run_p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                        help="override the config's log_level")
     run_p.set_defaults(func=run)
+    pred_p = sub.add_parser("predict", help="classify windows with a bundle once (JSON lines on stdout)",
+                            description="INPUT: .npz (x, optional y: accuracy is reported), .npy, or text with one "
+                                        "window per line (CSV, whitespace or JSON array), '-' = stdin")
+    pred_p.add_argument("bundle", type=Path, help="bundle directory (int8 student or trainable)")
+    pred_p.add_argument("input", help="windows: .npz / .npy / text file / FIFO / '-'")
+    pred_p.add_argument("--pubkey", type=Path, required=True, help="bundle-signing public key (PEM)")
+    pred_p.add_argument("--output", default="-", help="predictions file (JSON lines; default stdout, '' = none)")
+    pred_p.add_argument("--threads", type=int, help="interpreter threads")
+    pred_p.add_argument("--bench", type=int, default=0, metavar="N",
+                        help="also time N single-window calls: latency per window (us) and peak RSS on stderr as JSON")
+    pred_p.set_defaults(func=predict)
     status_p = sub.add_parser("status", help="print the device's local state (model, privacy spent) as JSON",
                               epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     status_p.add_argument("--config", type=Path, required=True, help="device TOML config file")
@@ -49,6 +67,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from device.agent import DeviceAgent
     from device.config import load_config
+    from device.inference import InferenceAgent
     from protocol import logs
     from protocol.errors import ProtocolError
 
@@ -57,13 +76,32 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()  # handlers first: a SIGTERM while the interpreter loads is a clean stop too
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        agent = DeviceAgent(cfg, log)
-    except ProtocolError as exc:  # e.g. a bundle that does not verify: refuse to start, say why
-        logs.event(log, "refusing to start", logging.ERROR, reason=exc.reason.name, detail=exc.detail)
-        return 3
-    agent.stop = stop
-    return agent.run()
+    while not stop.is_set():
+        try:
+            agent = InferenceAgent(cfg, log) if _infers(cfg) else DeviceAgent(cfg, log)
+        except ProtocolError as exc:  # e.g. a bundle that does not verify: refuse to start, say why
+            logs.event(log, "refusing to start", logging.ERROR, reason=exc.reason.name, detail=exc.detail)
+            return 3
+        agent.stop = stop
+        code = agent.run()
+        if not getattr(agent, "switch_to_inference", False):
+            return code
+        logs.event(log, "switching to inference: an int8 student was installed")
+    return 0
+
+
+def _infers(cfg) -> bool:
+    """Inference mode: `mode = "infer"`, or "auto" with an inference-only (int8) bundle installed."""
+    from device.flash import CURRENT, PREVIOUS
+
+    if cfg.mode != "auto":
+        return cfg.mode == "infer"
+    for name in (CURRENT, PREVIOUS):  # the kind only picks the agent; the agent verifies the bundle
+        try:
+            return json.loads((Path(cfg.bundle_dir) / name / "manifest.json").read_text()).get("kind") != "trainable"
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
 
 
 def status(args: argparse.Namespace) -> int:
@@ -92,4 +130,52 @@ def new_run(args: argparse.Namespace) -> int:
     save_state(cfg.state_dir / STATE_FILE, DeviceState(history=old.history, extra=old.extra))
     print(json.dumps({"device": cfg.id, "kept_history_entries": len(old.history), "forgot_rounds": len(old.seen_rounds),
                       "forgot_model_version": old.model_version}))
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    import resource
+    import sys
+    import time
+
+    import numpy as np
+
+    from device.inference import Predictor, classify, open_output, read_input
+    from protocol.bundle import load_bundle
+    from protocol.errors import ProtocolError
+    from protocol.signing import load_public_key
+
+    try:
+        bundle = load_bundle(args.bundle, load_public_key(args.pubkey))
+        predictor = Predictor(bundle, num_threads=args.threads)
+        x, y, text = read_input(args.input)
+        x = text(predictor.input_shape) if x is None else x
+        predictions = classify(predictor, x) if len(x) else []
+    except (ProtocolError, OSError, ValueError, KeyError) as exc:
+        print(f"predict failed: {exc}", file=sys.stderr)
+        return 1
+    out = open_output(args.output)
+    if out is not None:
+        for p in predictions:
+            out.write(json.dumps(p.as_dict()) + "\n")
+        out.flush()
+    summary = {"bundle": bundle.name, "version": bundle.version, "kind": bundle.manifest["kind"], "windows": len(x),
+               "batch_latency_us": round(predictions[0].latency_us, 2) if predictions else None}
+    if y is not None and len(x):
+        summary["accuracy"] = round(float(np.mean(np.array([p.label for p in predictions]) == y)), 4)
+    if args.bench and len(x):
+        times = []
+        for i in range(args.bench):
+            row = x[i % len(x)][None]
+            start = time.perf_counter()
+            predictor.logits(row)
+            times.append((time.perf_counter() - start) * 1e6)
+        from device.runtime import interpreter_class
+
+        summary.update(runtime=interpreter_class().__module__.split(".")[0], calls=args.bench,
+                       latency_us_median=round(float(np.median(times)), 1),
+                       latency_us_p95=round(float(np.percentile(times, 95)), 1),
+                       peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                       tensorflow_imported="tensorflow" in sys.modules)
+    print(json.dumps(summary), file=sys.stderr)
     return 0

@@ -7,9 +7,13 @@ transfer: the device subscribes exactly the chunk topics it still misses, so the
 chunks. After a disconnect, the retained manifest comes back on the re-subscription and the device re-requests only
 the missing chunks (the parts already received stay in memory); a stalled transfer is re-requested every
 `retry_s` (`tick`). Nothing is installed before the whole archive matches the manifest's SHA-256, the bundle's own
-signature verifies and the version order holds. The install is `fediomt flash`'s (DEST/current + DEST/previous);
-the new current is then smoke-tested (it loads, and inference on a few local rows gives finite logits of the right
-shape); on failure it is rolled back and the bad bundle deleted.
+signature verifies, the version order holds, the device can use it (`accept`: e.g. a training device refuses an
+int8 student) and it passes the smoke test (it loads, and inference on a few local rows gives finite logits of the
+right shape). A bundle refused then is never written, so no rollback can bring it back, and its archive hash is
+remembered (device.flash's ota.json) so a retained push of it is not downloaded again. The install is
+`fediomt flash`'s (DEST/current + DEST/previous); the installed copy is smoke-tested again; on failure it is rolled
+back, pinned and deleted. A pinned version (a rollback's) is refused until a newer one arrives. An empty retained
+manifest (`fediomt push --withdraw`) withdraws a push: a transfer in progress is abandoned.
 
 `OtaReceiver` is the core (no MQTT: it is fed messages and calls `subscribe`/`unsubscribe`); `OtaClient` wraps it
 in its own protocol.mqtt.Connection for devices that only run a student, tests and benchmarks.
@@ -29,7 +33,16 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from device.flash import CURRENT, PREVIOUS, check_downgrade, flash_local, load_installed, rollback_local
+from device.flash import (
+    CURRENT,
+    PREVIOUS,
+    check_downgrade,
+    flash_local,
+    load_installed,
+    ota_state,
+    remember_refused,
+    rollback_local,
+)
 from device.runtime import Int8Model, TrainableModel
 from protocol import topics
 from protocol.bundle import MAX_ARCHIVE_BYTES, Bundle, unpack_files, verify_files
@@ -111,8 +124,10 @@ class OtaReceiver:
                  on_installed: Callable[[Bundle], None] | None = None,
                  on_result: Callable[[OtaResult], None] | None = None,
                  on_progress: Callable[[int, int], None] | None = None,
+                 accept: Callable[[Bundle], None] | None = None,
                  log: logging.Logger | None = None) -> None:
         self.cfg, self.manifest_key, self.bundle_key = cfg, manifest_key, bundle_key
+        self._accept = accept  # raises ProtocolError for a bundle this device cannot use (checked before install)
         self._subscribe, self._unsubscribe = subscribe, unsubscribe
         self._samples, self._on_installed, self._on_result = samples, on_installed, on_result
         self._on_progress = on_progress
@@ -140,7 +155,7 @@ class OtaReceiver:
         """Process one message; bad input is refused (logged, recorded when it ends a transfer), never raised."""
         try:
             if topic == self.manifest_topic:
-                return self._on_manifest(payload)
+                return self._withdrawn() if not payload else self._on_manifest(payload)
             if topic.startswith(self.manifest_topic.rsplit("/", 1)[0] + "/chunk/"):
                 return self._on_chunk(topic, payload)
         except ProtocolError as exc:
@@ -157,6 +172,14 @@ class OtaReceiver:
             self._request_missing(t)
 
     # ------------------------------------------------------------------ manifest and chunks
+    def _withdrawn(self) -> None:
+        """The class's retained push was withdrawn (`fediomt push --withdraw`): stop downloading it."""
+        if self.transfer is not None:
+            m = self.transfer.manifest
+            self._abandon()
+            event(self.log, "ota push withdrawn: transfer abandoned", logging.WARNING, name=m.name, version=m.version)
+        return None
+
     def _on_manifest(self, payload: bytes) -> OtaResult | None:
         m = decode(payload, expect=BundleManifest)
         verify_raw(payload, m, self.manifest_key)
@@ -186,6 +209,14 @@ class OtaReceiver:
 
     def _wanted(self, m: BundleManifest) -> bool:
         """Newer than the installed bundle of the same name (or forced); a downgrade is refused and recorded."""
+        state = ota_state(self.cfg.bundle_dir)
+        if bytes(m.sha256).hex() in state["refused"]:
+            return False  # refused before (unusable here): not downloaded again
+        pinned = state["pinned"].get(m.name)
+        if pinned is not None and m.version <= pinned:
+            self._record(OtaResult("refused", m.name, m.version, Reason.DOWNGRADE.name,
+                                   f"v{m.version} is pinned out (rolled back from v{pinned}) until a newer version"))
+            return False
         have = self.installed
         if have is None or have.name != m.name or m.force or m.version > have.version:
             return True
@@ -258,6 +289,13 @@ class OtaReceiver:
                 raise ProtocolError(Reason.MALFORMED, f"archive holds {bundle.name} v{bundle.version}, manifest "
                                                       f"announced {m.name} v{m.version}")
             check_downgrade(bundle, self.installed, m.force)
+            try:  # can this device use it? checked on the verified bytes, before anything is written
+                if self._accept is not None:
+                    self._accept(bundle)
+                smoke_test(bundle, self._samples() if self._samples is not None else None)
+            except ProtocolError:
+                remember_refused(self.cfg.bundle_dir, bytes(m.sha256).hex())
+                raise
             root = Path(self.cfg.bundle_dir)
             flash_local(bundle, root, self.bundle_key, force=m.force)
         except (ProtocolError, OSError) as exc:
@@ -268,10 +306,11 @@ class OtaReceiver:
             smoke_test(installed, self._samples() if self._samples is not None else None)
         except ProtocolError as exc:
             if (root / PREVIOUS).is_dir():
-                rollback_local(root)
+                rollback_local(root)  # pins the bad version too
             else:  # nothing was installed before: there is nothing to roll back to
                 (root / CURRENT).rename(root / PREVIOUS)
             shutil.rmtree(root / PREVIOUS, ignore_errors=True)  # never leave the bad bundle to roll back to
+            remember_refused(root, bytes(m.sha256).hex())
             self.installed = self._load_installed()
             return self._record(OtaResult("rolled_back", m.name, m.version, exc.reason.name, exc.detail))
         self.installed = installed

@@ -148,21 +148,24 @@ def test_smoke_failure_rolls_back_and_forced_downgrade(tmp_path, keys, source):
     feed = Feed(tmp_path, keys, samples=np.zeros((3, 100, 6), np.float32))
     assert feed.push(make_bundle(tmp_path, source, bkey, 1), keys["cloud"]).outcome == "installed"
     assert feed.push(make_bundle(tmp_path, source, bkey, 2), keys["cloud"]).outcome == "installed"
-    # validly signed, but the model does not load: installed, smoke test fails, rolled back, bad copy deleted
+    # validly signed, but the model does not load: refused BEFORE install (nothing written, so no rollback can
+    # ever bring it back), and its hash is remembered: the retained push is not downloaded again
     broken = make_bundle(tmp_path, source, bkey, 3, model_bytes=b"\0" * 60_000)
     result = feed.push(broken, keys["cloud"])
-    assert result.outcome == "rolled_back" and feed.rx.installed_version == 2
+    assert result.outcome == "refused" and result.reason == "MALFORMED" and feed.rx.installed_version == 2
     assert load_bundle(tmp_path / "dev" / "current", bkey.public_key()).version == 2
-    assert not (tmp_path / "dev" / "previous").exists()
+    assert load_bundle(tmp_path / "dev" / "previous", bkey.public_key()).version == 1
+    assert feed.push(broken, keys["cloud"]) is None and feed.pending == [] and len(feed.rx.results) == 3
     # a downgrade goes through only when the signed manifest says force
     assert feed.push(make_bundle(tmp_path, source, bkey, 1), keys["cloud"], force=True).outcome == "installed"
     assert feed.rx.installed_version == 1
 
 
-def test_local_rows_that_do_not_fit_the_model_roll_back(tmp_path, keys, source):
+def test_local_rows_that_do_not_fit_the_model_are_refused_before_install(tmp_path, keys, source):
     feed = Feed(tmp_path, keys, samples=np.zeros((3, 50, 6), np.float32))
     result = feed.push(make_bundle(tmp_path, source, keys["bundle"], 1), keys["cloud"])
-    assert result.outcome == "rolled_back" and result.reason == "BAD_SHAPE" and feed.rx.installed is None
+    assert result.outcome == "refused" and result.reason == "BAD_SHAPE" and feed.rx.installed is None
+    assert not (tmp_path / "dev" / "current").exists() and not (tmp_path / "dev" / "previous").exists()
 
 
 def test_manifest_signed_by_another_key_or_class_is_ignored(tmp_path, keys, source):
