@@ -30,6 +30,7 @@ from cloud.distill_schedule import Distiller
 from cloud.engine import CloudEngine
 from cloud.metrics import Metrics
 from cloud.model import CloudModel, load_eval_data
+from cloud.rounds import byte_totals
 from cloud.state import CloudState
 from cloud.strategies.base import EdgeResult
 from protocol.atomic import atomic_write
@@ -83,7 +84,7 @@ class CloudAggregator:
     def state(self) -> CloudState:
         return self.engine.state
 
-    def _evaluate(self, weights: np.ndarray) -> tuple[float, float]:
+    def _evaluate(self, weights: np.ndarray) -> tuple[float, float, dict]:
         return self.model.evaluate(weights, self.eval_data)
 
     def _contributions(self, round_id: int, version: int, results: list[EdgeResult],
@@ -166,6 +167,7 @@ class CloudAggregator:
             "total_bytes_up": sum(r["bytes_up"] for r in h),
             "total_bytes_down": sum(r["bytes_down"] for r in h),
             "dense_bytes_up": sum(r["dense_bytes_up"] for r in h),
+            **byte_totals(h),
             "epsilon": last.get("epsilon"), "delta": self.cfg.privacy.delta,
             "rounds": h,
         }

@@ -6,9 +6,10 @@ Contract (the daemon cloud.aggregator and the simulator drive it the same way):
   CloudConfig.round_settings() or built directly), the cloud's Ed25519 private key, the edges' public keys (a
   KeyRing or a callable edge_id -> key), the initial flat weights (n_params is their size), the run directory
   (checkpoint.npz, pending/, rounds.jsonl; a checkpoint there is resumed), and optionally `evaluate(weights) ->
-  (loss, accuracy)`, `contributions(round_id, version, results, previous_weights) -> rewards` (the ledger hook,
-  plaintext rounds only), `rng` (the strategy's sampling; default: seeded from settings.seed and checkpointed),
-  a logger and cloud.metrics.Metrics.
+  (loss, accuracy)` or `(loss, accuracy, scores)` (scores: cloud.evaluation's AUROC, AUPRC and min(Se, +P) of a
+  binary task, recorded per round), `contributions(round_id, version, results, previous_weights) -> rewards` (the
+  ledger hook, plaintext rounds only), `rng` (the strategy's sampling; default: seeded from settings.seed and
+  checkpointed), a logger and cloud.metrics.Metrics.
 - `start(now)`: the signed GlobalModel and RoundAnnouncement to publish (retained), resuming the open round from
   the checkpoint and its aggregates from pending/; [] when the federation already stopped.
 - `handle_aggregate(edge_or_topic, payload, now=None)`: admit one signed EdgeAggregate (rejections are counted and
@@ -43,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from cloud.accounting import PrivacyLedger, exhausted
 from cloud.config import RoundSettings, compression_from_table
+from cloud.evaluation import split_evaluation
 from cloud.metrics import Metrics
 from cloud.rounds import (
     OpenRound,
@@ -53,6 +55,7 @@ from cloud.rounds import (
     admit,
     close_decision,
     compress_model,
+    dense_sizes,
     edge_results,
     masked_results,
     model_message,
@@ -73,7 +76,7 @@ from protocol.secagg import SecAggResult, SecAggServer
 from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.topics import CLOUD, CLOUD_MODEL, CLOUD_ROUND, last_level
 
-Evaluate = Callable[[np.ndarray], tuple[float, float]]
+Evaluate = Callable[[np.ndarray], tuple]   # (loss, accuracy) or (loss, accuracy, scores)
 Contributions = Callable[[int, int, list[EdgeResult], np.ndarray], dict | None]
 
 
@@ -285,8 +288,8 @@ class CloudEngine:
             s.ledger, ann.plan, counts, [a.central_dp for a in participating], [a.max_device_epsilon for a in aggs],
             s.min_local_examples)
         report = s.ledger.report(cfg.privacy.accountant)
-        loss, acc = self.evaluate(s.server.weights) if self.evaluate else (None, None)
-        record = self._record(ann, aggs, report, loss, acc, now)
+        loss, acc, scores = split_evaluation(self.evaluate(s.server.weights) if self.evaluate else None)
+        record = self._record(ann, aggs, report, loss, acc, now, scores)
         record["rewards"] = rewards
         if masked is not None:
             record["edge_secagg"] = {"edges": sorted(masked.devices), "dropped": sorted(masked.dropped)}
@@ -320,11 +323,13 @@ class CloudEngine:
         return self._open_round(now)
 
     def _record(self, ann: RoundAnnouncement, aggs: list[EdgeAggregate], report: dict, loss: float | None,
-                acc: float | None, now: float) -> dict:
+                acc: float | None, now: float, scores: dict | None = None) -> dict:
         s = self.state
+        dense = dense_sizes(self.settings.model, self.n_params, ann.model_version,
+                            max(s.devices, key=len, default="device-00"), max(self.edges, key=len))
         traffic = Traffic(len(self.model_payload), len(s.announcement), len(s.devices), len(self.edges),
-                          sum(r.size for r in self.received.values()), self.rejected)
-        return round_record(ann, aggs, report, loss, acc, now, s.version, s.server, traffic, self.settings)
+                          sum(r.size for r in self.received.values()), self.rejected, dense)
+        return round_record(ann, aggs, report, loss, acc, now, s.version, s.server, traffic, self.settings, scores)
 
     def _end_round(self, round_id: int, record: dict, report: dict, t0: float) -> None:
         """Append the round's record, move to the next round, checkpoint, drop the round's pending aggregates."""

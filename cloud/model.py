@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cloud.evaluation import evaluate_logits
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.weights import Layout, flatten, layout_size, unflatten
 
@@ -31,15 +32,6 @@ def load_eval_data(path: str | os.PathLike) -> EvalData:
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"{path}: x has {len(x)} rows and y {len(y)}")
     return EvalData(x, y)
-
-
-def cross_entropy_accuracy(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) from logits, computed stably in float64."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    loss = -float(np.mean(logp[np.arange(len(y)), y]))
-    return loss, float(np.mean(np.argmax(logits, axis=1) == y))
 
 
 def compress_broadcast(previous: np.ndarray, target: np.ndarray, residual: np.ndarray | None,
@@ -78,8 +70,8 @@ class CloudModel:
         return np.concatenate([np.asarray(self.keras(x[i:i + batch], training=False))
                                for i in range(0, len(x), batch)])
 
-    def evaluate(self, flat: np.ndarray, data: EvalData) -> tuple[float, float]:
-        """(loss, accuracy) of weights `flat` on the held-out set."""
+    def evaluate(self, flat: np.ndarray, data: EvalData) -> tuple[float, float, dict]:
+        """(loss, accuracy, binary scores: cloud.evaluation) of weights `flat` on the held-out set."""
         if data.x.shape[1:] != self.input_shape:
             raise ValueError(f"evaluation rows of shape {data.x.shape[1:]}, model input {self.input_shape}")
-        return cross_entropy_accuracy(self.logits(flat, data.x), data.y)
+        return evaluate_logits(self.logits(flat, data.x), data.y)

@@ -18,19 +18,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cloud.accounting import PrivacyLedger, central_event, device_event, exhausted, json_epsilon
 from cloud.config import RoundSettings, announced_secagg
+from cloud.evaluation import SCORES
 from cloud.model import compress_broadcast
 from cloud.state import CloudState
 from cloud.strategies.base import EdgeResult, ServerState, Strategy
 from cloud.strategies.scaffold import CONTROL
-from protocol.compression import CompressionSettings, decode_update
+from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
+    Capability,
     CentralDPReport,
+    DeviceUpdate,
     EdgeAggregate,
     GlobalModel,
+    PrivacySpent,
     RoundAnnouncement,
     TrainingPlan,
     decode,
+    encode,
     global_model,
     verify_raw,
 )
@@ -208,23 +213,81 @@ class Traffic:
     n_edges: int
     bytes_up_cloud: int            # the accepted aggregates as received
     rejected: Mapping[str, int]    # aggregates the cloud rejected, by reason
+    dense: DenseSizes | None = None  # dense FedAvg's messages of this round (dense_sizes)
+
+
+@dataclass(frozen=True)
+class DenseSizes:
+    """What FedAvg without compression sends, in FedIoMT's own signed envelopes (so "x less than dense FedAvg"
+    compares payloads, not formats): a DeviceUpdate with a dense float32 delta, a full float32 GlobalModel, and the
+    dense payload an edge would forward in its aggregate instead of what it sent."""
+
+    update: int
+    model: int
+    payload: int
+
+
+def dense_sizes(model: str, n_params: int, version: int, device_id: str = "device-00",
+                edge_id: str = "edge-00") -> DenseSizes:
+    """DenseSizes of round messages on model `version` (message lengths do not depend on the float values)."""
+    payload, _ = encode_update(np.zeros(n_params, np.float32), CompressionSettings(method="dense", bits=32,
+                                                                                     entropy=False))
+    update = DeviceUpdate(device_id=device_id, edge_id=edge_id, round_id=version, base_version=version,
+                          num_samples=1000, local_steps=10, train_loss=1.0,
+                          privacy=PrivacySpent(1.0, 1e-5, "rdp", 1.0, 0.1, 10), n_params=n_params, delta=payload,
+                          capability=Capability("wearable", 64, 250_000.0, 10.0), nonce=bytes(16),
+                          timestamp=1.7e9, sig=bytes(64))
+    full = dataclasses.replace(global_model(model, version, np.zeros(n_params, np.float32)), sig=bytes(64))
+    return DenseSizes(len(encode(update)), len(encode(full)), len(payload))
+
+
+def dense_traffic(aggs: list[EdgeAggregate], addressed: int, traffic: Traffic, n_params: int,
+                  n_devices: int) -> dict[str, int]:
+    """The round's bytes had it been dense float32 FedAvg over the same devices and edges: dense updates up, full
+    models (+ the same announcement) down to every addressed device and edge, the edges' aggregates with a dense
+    payload in place of theirs. Without traffic.dense only the payload of the updates is known (4 * n_params)."""
+    d = traffic.dense
+    if d is None:
+        return {"dense_bytes_up": 4 * n_params * n_devices}
+    down = d.model + traffic.announcement_bytes
+    return {"dense_bytes_up": d.update * n_devices, "dense_bytes_down": down * addressed,
+            "dense_bytes_up_cloud": sum(len(encode(a)) - len(a.delta) + d.payload for a in aggs),
+            "dense_bytes_down_cloud": down * traffic.n_edges}
+
+
+def byte_totals(records: list[dict]) -> dict:
+    """Bytes over every link both ways (device <-> edge and edge <-> cloud, up + down), and what dense float32
+    FedAvg would have moved over the same rounds (the records' dense_* figures): `total_bytes`,
+    `dense_total_bytes`, their ratio `bytes_ratio`, and the device links alone (`device_link_bytes`, ...)."""
+    def total(keys: tuple[str, ...]) -> int:
+        return int(sum(r.get(k) or 0 for r in records for k in keys))
+
+    link = total(("bytes_up", "bytes_down"))
+    dense_link = total(("dense_bytes_up", "dense_bytes_down"))
+    everything = link + total(("bytes_up_cloud", "bytes_down_cloud"))
+    dense = dense_link + total(("dense_bytes_up_cloud", "dense_bytes_down_cloud"))
+    return {"total_bytes": everything, "dense_total_bytes": dense,
+            "bytes_ratio": dense / everything if everything else None,
+            "device_link_bytes": link, "dense_device_link_bytes": dense_link,
+            "device_link_ratio": dense_link / link if link else None}
 
 
 def round_record(ann: RoundAnnouncement, aggs: list[EdgeAggregate], report: dict, loss: float | None,
                  accuracy: float | None, now: float, version: int, server: ServerState, traffic: Traffic,
-                 settings: RoundSettings) -> dict:
-    """One line of rounds.jsonl (and of the checkpoint's history)."""
+                 settings: RoundSettings, scores: Mapping[str, float | None] | None = None) -> dict:
+    """One line of rounds.jsonl (and of the checkpoint's history). `scores`: the binary-task scores of the
+    evaluation (cloud.evaluation.SCORES; null when not evaluated or not a binary task)."""
     n_devices = sum(a.num_devices for a in aggs)
     addressed = len(ann.cohort) or max(traffic.known_devices, n_devices)
     down = traffic.model_bytes + traffic.announcement_bytes
     control = server.arrays.get(CONTROL)
     return {
         "round": ann.round_id, "model_version": version,
-        "accuracy": accuracy, "loss": loss,
+        "accuracy": accuracy, "loss": loss, **{k: (scores or {}).get(k) for k in SCORES},
         "bytes_up": sum(a.device_bytes for a in aggs),
         "bytes_up_cloud": traffic.bytes_up_cloud,
         "control_bytes_up": sum(len(a.control_delta or b"") for a in aggs),
-        "dense_bytes_up": 4 * server.weights.size * n_devices,
+        **dense_traffic(aggs, addressed, traffic, server.weights.size, n_devices),
         "bytes_down": down * addressed,
         "bytes_down_cloud": down * traffic.n_edges,
         "control_bytes_down": (0 if control is None else 4 * control.size) * addressed,

@@ -1,8 +1,11 @@
 """Figure 2: test accuracy vs rounds for centralized, FedAvg, FedProx, SCAFFOLD and FedIoMT on each dataset.
 
 No DP here (the privacy experiment adds it); every method uses the dataset's recipe (same lr, local epochs,
-batch, rounds) and the natural partition (or --split/--edges). Centralized is experiments.baseline (Keras, pooled
-data, Adam, `centralized_epochs`), reported as one value per seed.
+batch, rounds) and the natural partition (or --split/--edges). Centralized is experiments.baseline.centralized
+(the firmware architecture on the pooled data, lr and epochs chosen on a validation split), and the non-federated
+references on the same features (logistic regression, gradient boosting, tuned on the same split) are reported
+beside it, one value per seed. Binary tasks are judged by AUROC (with AUPRC and min(Se, +P) beside it): the
+table's `pct_of_centralized` is of the headline metric, AUROC there, accuracy on multi-class tasks.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from experiments.sim.harness import (
     log_rows,
     methods_for,
     plot,
+    references,
     rounds_for,
     scale_for,
     simulate,
@@ -33,15 +37,21 @@ def same_runs(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
+SCORE_KEYS = ("accuracy", "loss", "auroc", "auprc", "min_se_ppv")
+REFERENCES = ("logreg", "gbm")
+
+
 def curves(args, methods=METHODS) -> tuple[list[dict], list[dict]]:
-    """(rows: method, dataset, seed, round, accuracy, bytes_up, bytes_down, ...; centralized rows per seed).
+    """(rows: method, dataset, seed, round, accuracy, auroc, ..., bytes_up, bytes_down, ... and the references'
+    rows (logreg, gbm: one per seed at the last round); centralized rows per seed).
 
     Reuses DIR/accuracy.json when it holds the same runs (same seeds, datasets, rounds and scale)."""
     previous = args.out / "accuracy.json"
     if previous.is_file():
         doc = json.loads(previous.read_text())
-        if same_runs(doc.get("settings", {}), vars(args)) and all("bytes_up" in r for r in doc["rows"]):
-            rows = [r for r in doc["rows"] if r["method"] in methods]
+        if same_runs(doc.get("settings", {}), vars(args)) and all("bytes_up" in r and "auroc" in r
+                                                                  for r in doc["rows"]):
+            rows = [r for r in doc["rows"] if r["method"] in methods + REFERENCES]
             return rows, [r for r in doc["rows"] if r["method"] == "centralized"]
     rows, central = [], []
     for name in datasets_for(args):
@@ -49,8 +59,9 @@ def curves(args, methods=METHODS) -> tuple[list[dict], list[dict]]:
         rounds = rounds_for(name, args)
         for seed in range(args.seeds):
             fed = dataset(name, scale_for(args), seed)
-            central.append({"method": "centralized", "dataset": name, "seed": seed, "round": rounds,
-                            "accuracy": centralized(fed, seed, 5 if args.quick else recipe.centralized_epochs)})
+            for ref in [centralized(fed, seed, args.quick), *references(fed, seed, args.quick)]:
+                (central if ref.method == "centralized" else rows).append(
+                    {"method": ref.method, "dataset": name, "seed": seed, "round": rounds, **ref.row()})
             for method in methods:
                 logs = simulate(fed, method, seed, rounds=rounds, lr=recipe.lr, local_epochs=recipe.local_epochs,
                                 clip=NO_CLIP)
@@ -59,32 +70,53 @@ def curves(args, methods=METHODS) -> tuple[list[dict], list[dict]]:
     return rows, central
 
 
+def headline(rows: list[dict], dataset: str) -> str:
+    """The metric a dataset is judged by: AUROC for a binary task (any row has one), else accuracy."""
+    return "auroc" if any(r.get("auroc") is not None for r in rows if r["dataset"] == dataset) else "accuracy"
+
+
 def run(args) -> dict:
     methods = methods_for(args, METHODS)
     rows, central = curves(args, methods)
-    per_round = summarize([{k: r[k] for k in ("method", "dataset", "round", "accuracy")} for r in rows + central],
-                          ["method", "dataset", "round"], "accuracy")
-    base = {s["dataset"]: s["accuracy"] for s in per_round if s["method"] == "centralized"}
-    last = {}
+    everything = rows + central
+    per_round = []
+    for key in ("accuracy", "auroc", "auprc", "min_se_ppv"):
+        per_round += [dict(s, figure=key) for s in summarize(
+            [{"method": r["method"], "dataset": r["dataset"], "round": r["round"], "value": r.get(key)}
+             for r in everything], ["method", "dataset", "round"], "value")]
+    datasets = sorted({r["dataset"] for r in central})
+    final = {}   # (method, dataset, figure) -> the last round's summary
     for s in per_round:
-        if s["method"] != "centralized":
-            last[(s["method"], s["dataset"])] = s
-    table = [{"dataset": d, "method": "centralized", "final_accuracy": base[d], "std": next(
-        s["accuracy_std"] for s in per_round if s["method"] == "centralized" and s["dataset"] == d),
-        "pct_of_centralized": 100.0} for d in base]
-    for (method, d), s in last.items():
-        table.append({"dataset": d, "method": method, "final_accuracy": s["accuracy"], "std": s["accuracy_std"],
-                      "pct_of_centralized": 100.0 * s["accuracy"] / base[d] if base[d] else None})
-    table.sort(key=lambda r: (r["dataset"], r["method"]))
-    for d in base:
+        final[(s["method"], s["dataset"], s["figure"])] = s
+    table = []
+    for d in datasets:
+        metric = headline(everything, d)
+        base = final[("centralized", d, metric)]["value"]
+        for method in ("centralized", *REFERENCES, *methods):
+            if (method, d, "accuracy") not in final:
+                continue
+            row = {"dataset": d, "method": method, "headline": metric}
+            for key in ("accuracy", "auroc", "auprc", "min_se_ppv"):
+                s = final[(method, d, key)]
+                row[f"final_{key}"], row[f"{key}_std"] = s["value"], s["value_std"]
+            value = row[f"final_{metric}"]
+            row["pct_of_centralized"] = 100.0 * value / base if base and value is not None else None
+            table.append(row)
         series = {}
         for method in methods:
-            pts = [s for s in per_round if s["method"] == method and s["dataset"] == d]
-            series[method] = ([p["round"] for p in pts], [p["accuracy"] for p in pts], [p["accuracy_std"] for p in pts])
-        plot(args.out / f"accuracy_{d}.png", series, "round", "test accuracy", f"accuracy vs rounds ({d})",
-             {"centralized": base[d]})
-    out_rows = [{k: r.get(k) for k in ("method", "dataset", "seed", "round", "accuracy", "bytes_up", "bytes_down")}
-                for r in rows + central]
+            pts = [s for s in per_round if s["method"] == method and s["dataset"] == d and s["figure"] == metric]
+            series[method] = ([p["round"] for p in pts], [p["value"] for p in pts], [p["value_std"] for p in pts])
+        lines = {m: final[(m, d, metric)]["value"] for m in ("centralized", *REFERENCES)
+                 if (m, d, metric) in final and final[(m, d, metric)]["value"] is not None}
+        plot(args.out / f"accuracy_{d}.png", series, "round", f"test {metric}", f"{metric} vs rounds ({d})", lines)
+    keep = ("method", "dataset", "seed", "round", *SCORE_KEYS, "bytes_up", "bytes_down", "chosen", "val_loss")
+    out_rows = [{k: r.get(k) for k in keep} for r in everything]
     return write_outputs(args.out, "accuracy", args, out_rows, per_round, table,
-                         ["dataset", "method", "final_accuracy", "std", "pct_of_centralized"],
-                         "Final-round test accuracy, mean and std over seeds; no DP.")
+                         ["dataset", "method", "headline", "final_accuracy", "accuracy_std", "final_auroc",
+                          "auroc_std", "final_auprc", "final_min_se_ppv", "pct_of_centralized"],
+                         "Final-round test figures, mean and std over seeds; no DP. Binary tasks are judged by "
+                         "AUROC (`headline`; AUPRC and the PhysioNet 2012 score min(Se, +P) at the model's own 0.5 "
+                         "threshold beside it), multi-class tasks by accuracy; `pct_of_centralized` is of the "
+                         "headline. centralized: the firmware architecture on pooled data, lr and epochs chosen on a "
+                         "validation split; logreg, gbm: scikit-learn references on the same features, tuned on "
+                         "the same split.")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import tomli_w
 
+from cloud.rounds import byte_totals
 from experiments.mosquitto import MosquittoBroker
 from fediomt.processes import ProcessGroup
 from protocol import signing
@@ -48,7 +49,11 @@ class DemoSettings:
     central_noise_mult: float = 0.0  # edge (user-level) noise; with ~5 devices per edge it costs much accuracy
     central_clip: float = 0.0
     round_timeout_s: float = 60.0
-    baseline_epochs: int = 30
+    model_encoding: str = "delta"    # the downlink: the model's change, top-k int8 with server error feedback, ...
+    model_density: float = 0.1       # ... `model_density` of the coordinates, `model_bits` each ...
+    model_bits: int = 8
+    model_full_every: int = 20       # ... and every 20th version in full (a device that missed one catches up)
+    forward_bits: int = 8            # edge -> cloud: the aggregate dense in int8 (error feedback at the edge)
     distill_steps: int = 800         # optimizer steps per int8 student after the last round (0 = no distillation)
 
 
@@ -73,6 +78,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--density", type=float, default=d.density,
                         help="fraction of coordinates each update sends, top-k (default %(default)s)")
     parser.add_argument("--bits", type=int, choices=[4, 8, 32], default=d.bits, help="bits per sent value")
+    parser.add_argument("--model-encoding", choices=["delta", "full"], default=d.model_encoding,
+                        help="global model downlink: compressed delta (default) or the full float32 model")
     parser.add_argument("--central-noise-mult", type=float, default=d.central_noise_mult,
                         help="edge user-level DP noise multiplier (default %(default)s = off)")
     parser.add_argument("--central-clip", type=float, default=d.central_clip,
@@ -88,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     settings = DemoSettings(dataset=args.dataset, rounds=args.rounds, devices=args.devices, strategy=args.strategy,
                             device_epsilon=args.device_epsilon, noise_mult=args.noise_mult, lr=args.lr,
                             lr_floor=args.lr_floor, local_epochs=args.epochs, density=args.density, bits=args.bits,
-                            central_noise_mult=args.central_noise_mult, central_clip=args.central_clip)
+                            central_noise_mult=args.central_noise_mult, central_clip=args.central_clip,
+                            model_encoding=args.model_encoding)
     run_dir = args.out / f"demo-{settings.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     report = run_demo(settings, run_dir, timeout_s=args.timeout, baseline=not args.no_baseline)
     print(f"\nrun directory: {run_dir}")
@@ -143,6 +151,7 @@ def prepare(settings: DemoSettings, run_dir: Path, port: int):
             "rounds": {"mode": "sync", "quorum": 1.0},
             "filters": {"enabled": ["norm", "cosine"], "action": "drop", "min_updates": 4},
             "central_dp": {"clip": settings.central_clip, "noise_mult": settings.central_noise_mult},
+            "forward": {"compression": {"method": "dense", "bits": settings.forward_bits}},
         })
     for client in fed.clients:
         device_dir = run_dir / "devices" / client.id
@@ -169,6 +178,8 @@ def prepare(settings: DemoSettings, run_dir: Path, port: int):
         "edges": fed.edges, "devices": [c.id for c in fed.clients], "model": fed.model,
         "model_options": fed.model_options, "eval_data": str(test_npz.resolve()), "rounds": settings.rounds,
         "round_timeout_s": settings.round_timeout_s, "min_edges": 1, "broker": broker,
+        "model_encoding": settings.model_encoding, "model_full_every": settings.model_full_every,
+        "model_compression": {"method": "topk", "density": settings.model_density, "bits": settings.model_bits},
         "plan": {"lr": settings.lr, "local_epochs": settings.local_epochs, "batch_size": settings.batch_size,
                  "clip": settings.clip, "noise_mult": settings.noise_mult},
         "compression": {"method": "topk", "density": settings.density, "bits": settings.bits},
@@ -191,9 +202,10 @@ def prepare(settings: DemoSettings, run_dir: Path, port: int):
 def _progress_line(record: dict, total: int) -> str:
     done = int(20 * record["round"] / max(total, 1))
     eps = (record.get("epsilon") or {}).get("device")
-    acc = record.get("accuracy")
+    acc, auroc = record.get("accuracy"), record.get("auroc")
     return (f"[{'#' * done}{'.' * (20 - done)}] round {record['round']:>3}/{total}  "
-            f"acc {'-' if acc is None else f'{acc:.3f}'}  up {record['bytes_up'] / 1024:8.1f} KiB  "
+            f"acc {'-' if acc is None else f'{acc:.3f}'}{'' if auroc is None else f'  auroc {auroc:.3f}'}"
+            f"  up {record['bytes_up'] / 1024:8.1f} KiB  "
             f"down {record['bytes_down'] / 1024:8.1f} KiB  eps(dev) {'inf' if eps is None else f'{eps:.2f}'}  "
             f"devices {record.get('num_devices', 0)}  filtered {record.get('filtered', 0)}")
 
@@ -225,13 +237,19 @@ def watch(group: ProcessGroup, cloud_run: Path, rounds: int, timeout_s: float) -
 
 
 # ------------------------------------------------------------------------------------------------ report
-def build_report(settings: DemoSettings, records: list[dict], cloud_report: dict, centralized: float | None,
-                 wall_s: float) -> dict:
-    rounds = [{"round": r["round"], "accuracy": r.get("accuracy"), "bytes_up": r["bytes_up"],
-               "bytes_down": r["bytes_down"], "epsilon": (r.get("epsilon") or {}).get("device"),
-               "epsilon_by_level": r.get("epsilon"), "num_devices": r.get("num_devices"),
-               "filtered": r.get("filtered")} for r in records]
-    final = rounds[-1]["accuracy"] if rounds else None
+def build_report(settings: DemoSettings, records: list[dict], cloud_report: dict, centralized: dict | None,
+                 wall_s: float, references: list[dict] | None = None) -> dict:
+    """report.json: per-round figures, the final ones next to the tuned centralized yardstick (and the
+    non-federated references), and bytes over every link both ways against dense float32 FedAvg's over the same
+    rounds (cloud.rounds.byte_totals)."""
+    rounds = [{"round": r["round"], "accuracy": r.get("accuracy"), "auroc": r.get("auroc"), "auprc": r.get("auprc"),
+               "min_se_ppv": r.get("min_se_ppv"), "bytes_up": r["bytes_up"], "bytes_down": r["bytes_down"],
+               "epsilon": (r.get("epsilon") or {}).get("device"), "epsilon_by_level": r.get("epsilon"),
+               "num_devices": r.get("num_devices"), "filtered": r.get("filtered")} for r in records]
+    last = rounds[-1] if rounds else {}
+    final, final_auroc = last.get("accuracy"), last.get("auroc")
+    central_acc = (centralized or {}).get("accuracy")
+    central_auroc = (centralized or {}).get("auroc")
     total_up = sum(r["bytes_up"] for r in records)
     dense_up = sum(r["dense_bytes_up"] for r in records)
     return {
@@ -239,14 +257,28 @@ def build_report(settings: DemoSettings, records: list[dict], cloud_report: dict
         # the federation ends normally after its rounds or when the privacy budget is spent (the cloud's decision)
         "completed": bool(cloud_report.get("finished")) and bool(records),
         "stop_reason": cloud_report.get("stop_reason"),
-        "rounds": rounds, "final_accuracy": final, "centralized_accuracy": centralized,
-        "accuracy_ratio": (final / centralized) if final is not None and centralized else None,
+        "rounds": rounds, "final_accuracy": final, "final_auroc": final_auroc, "final_auprc": last.get("auprc"),
+        "final_min_se_ppv": last.get("min_se_ppv"),
+        "centralized_accuracy": central_acc, "centralized_auroc": central_auroc, "centralized": centralized,
+        "references": references or [],
+        "accuracy_ratio": (final / central_acc) if final is not None and central_acc else None,
+        "auroc_ratio": (final_auroc / central_auroc) if final_auroc is not None and central_auroc else None,
+        **byte_totals(records),
         "total_bytes_up": total_up, "dense_bytes_up": dense_up,
         "compression_ratio": dense_up / total_up if total_up else None,
         "total_bytes_down": sum(r["bytes_down"] for r in records),
+        "dense_bytes_down": sum(r.get("dense_bytes_down") or 0 for r in records),
         "epsilon": cloud_report.get("epsilon"), "epsilon_pld": cloud_report.get("epsilon_pld"), "delta": 1e-5,
         "wall_s": round(wall_s, 1),
     }
+
+
+def bytes_line(report: dict) -> str:
+    """The headline's byte figure: up + down over every link, against dense FedAvg's over the same rounds."""
+    if not report["total_bytes"]:
+        return "no bytes sent"
+    return (f"{report['total_bytes'] / 1e6:.2f} MB up + down vs {report['dense_total_bytes'] / 1e6:.2f} MB for dense "
+            f"FedAvg (x{report['bytes_ratio']:.1f} less; device links alone x{report['device_link_ratio']:.1f})")
 
 
 def ledger_summary(db: Path) -> dict:
@@ -263,15 +295,31 @@ def ledger_summary(db: Path) -> dict:
 
 def write_report(report: dict, run_dir: Path) -> None:
     (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    binary = any(r["auroc"] is not None for r in report["rounds"])
+    head = "| round | accuracy |" + (" AUROC | AUPRC | min(Se, +P) |" if binary else "")
     lines = [f"# FedIoMT demo: {report['dataset']}, strategy {report['strategy']}", "",
-             "| round | accuracy | bytes up | bytes down | device epsilon |", "| --- | --- | --- | --- | --- |"]
+             head + " bytes up | bytes down | device epsilon |", "|" + " --- |" * (head.count("|") + 2)]
     for r in report["rounds"]:
-        lines.append(f"| {r['round']} | {r['accuracy']} | {r['bytes_up']} | {r['bytes_down']} | {r['epsilon']} |")
+        scores = f" {r['auroc']} | {r['auprc']} | {r['min_se_ppv']} |" if binary else ""
+        lines.append(f"| {r['round']} | {r['accuracy']} |{scores} {r['bytes_up']} | {r['bytes_down']} | "
+                     f"{r['epsilon']} |")
+    central = report.get("centralized") or {}
+    refs = "; ".join(f"{x['method']} accuracy {x['accuracy']:.3f}" + (f", AUROC {x['auroc']:.3f}" if x.get("auroc")
+                                                                     is not None else "")
+                     for x in report.get("references") or [])
     lines += ["", f"- stopped: {report['stop_reason']}",
               f"- final accuracy: {report['final_accuracy']}; centralized baseline (pooled data, no DP, no "
-              f"compression): {report['centralized_accuracy']}; ratio {report['accuracy_ratio']}",
-              f"- bytes up: {report['total_bytes_up']} vs {report['dense_bytes_up']} for dense float32 FedAvg "
-              f"(x{report['compression_ratio']:.1f} less)" if report["compression_ratio"] else "- no bytes sent",
+              f"compression; lr {central.get('chosen', {}).get('lr')} and {central.get('chosen', {}).get('epochs')} "
+              f"epochs chosen on a validation split): {report['centralized_accuracy']}; ratio "
+              f"{report['accuracy_ratio']}",
+              *([f"- final AUROC {report['final_auroc']}, AUPRC {report['final_auprc']}, min(Se, +P) "
+                 f"{report['final_min_se_ppv']} (at P = 0.5); centralized AUROC {report['centralized_auroc']}, "
+                 f"ratio {report['auroc_ratio']}"] if binary else []),
+              *([f"- non-federated references on the same features (tuned on the validation split): {refs}"]
+                if refs else []),
+              f"- bytes: {bytes_line(report)}; device -> edge up {report['total_bytes_up']}, edge -> device down "
+              f"{report['total_bytes_down']} (dense FedAvg: {report['dense_bytes_up']} up, "
+              f"{report['dense_bytes_down']} down)",
               f"- privacy: epsilon {report['epsilon']} (RDP), {report['epsilon_pld']} (PLD) at delta 1e-5",
               f"- contribution ledger: {report['ledger'].get('blocks')} blocks, valid: {report['ledger']['valid']}, "
               f"balances {report['ledger'].get('balances')} (`fediomt ledger verify {report['ledger']['db']}`)",
@@ -328,20 +376,24 @@ def run_demo(settings: DemoSettings, run_dir: Path, timeout_s: float = 900.0, ba
         leftovers = [c.name for c in group.alive()]
     cloud_report_path = run_dir / "cloud" / "run" / "report.json"
     cloud_report = json.loads(cloud_report_path.read_text()) if cloud_report_path.exists() else {}
-    centralized = None
+    centralized, refs = None, []
     if baseline:
-        from experiments.baseline import centralized_accuracy
+        from experiments.baseline import centralized as tuned
+        from experiments.baseline import references
 
-        print("centralized baseline (same model, pooled data, no DP, no compression) ...", flush=True)
-        centralized = centralized_accuracy(fed, epochs=settings.baseline_epochs)
-    report = build_report(settings, records, cloud_report, centralized, time.monotonic() - start)
+        print("centralized baseline (same model, pooled data, no DP, no compression; lr and epochs chosen on a "
+              "validation split) and non-federated references ...", flush=True)
+        centralized = tuned(fed).row()
+        refs = [r.row() for r in references(fed)]
+    report = build_report(settings, records, cloud_report, centralized, time.monotonic() - start, refs)
     report["processes_left"] = leftovers
     report["ledger"] = ledger_summary(run_dir / "ledger.db")
     students = run_dir / "cloud" / "run" / "distill.jsonl"
     report["students"] = _read_jsonl(students)
     write_report(report, run_dir)
-    print(f"final accuracy {report['final_accuracy']} vs centralized {centralized}"
+    print(f"final accuracy {report['final_accuracy']} vs centralized {report['centralized_accuracy']}"
           + (f" ({100 * report['accuracy_ratio']:.1f}%)" if report["accuracy_ratio"] else "")
-          + (f"; bytes up x{report['compression_ratio']:.1f} less than dense FedAvg" if report["compression_ratio"]
-             else "") + f"; epsilon {report['epsilon']}")
+          + (f"; AUROC {report['final_auroc']:.3f} vs {report['centralized_auroc']}" if report["final_auroc"]
+             is not None else "")
+          + f"; bytes {bytes_line(report)}; epsilon {report['epsilon']}")
     return report

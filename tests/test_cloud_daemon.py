@@ -24,6 +24,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.accounting import Entry, epsilon
+from cloud.rounds import dense_sizes
 from experiments.mosquitto import free_port
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.logs import setup
@@ -187,12 +188,22 @@ def test_rounds_advance_by_the_server_update_and_bad_aggregates_are_counted(fede
     assert [r["round"] for r in records] == [1, 2, 3] and [r["model_version"] for r in records] == [2, 3, 4]
     assert records[0]["rejected_at_cloud"] == {"BAD_SIGNATURE": 1, "WRONG_ROUND": 1, "REPLAY": 1}
     assert records[0]["bytes_up"] == 2000 and records[0]["num_devices"] == 4 and records[2]["num_edges"] == 1
-    assert records[0]["dense_bytes_up"] == 4 * 4 * N_PARAMS and records[0]["bytes_down"] > 0
+    # dense FedAvg over the same round: 4 dense updates up, full float32 models down, in the same envelopes
+    dense = dense_sizes("vitals_mlp", N_PARAMS, records[0]["model_version"] - 1)
+    assert abs(records[0]["dense_bytes_up"] - 4 * dense.update) <= 4 * 16 and dense.update > 4 * N_PARAMS  # ids
+    assert records[0]["bytes_down"] > 0 and records[0]["dense_bytes_down"] >= records[0]["bytes_down"]
+    assert records[0]["dense_bytes_down_cloud"] == records[0]["dense_bytes_down"] // records[0]["addressed"] * 2
+    assert all(0 <= r[k] <= 1 for r in records for k in ("auroc", "auprc", "min_se_ppv"))   # a binary task
     assert all(0 <= r["accuracy"] <= 1 and r["loss"] > 0 for r in records)
     assert records[0]["epsilon"]["device_reported"] == 0.5 and records[0]["epsilon"]["central"] is None
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["finished"] and report["stop_reason"] == "completed 3 rounds"
     assert report["total_bytes_up"] == 5000 and report["final_accuracy"] == records[-1]["accuracy"]
+    assert report["total_bytes"] == sum(r["bytes_up"] + r["bytes_down"] + r["bytes_up_cloud"] + r["bytes_down_cloud"]
+                                        for r in records)
+    assert report["dense_total_bytes"] == sum(r["dense_bytes_up"] + r["dense_bytes_down"] + r["dense_bytes_up_cloud"]
+                                              + r["dense_bytes_down_cloud"] for r in records)
+    assert report["bytes_ratio"] == report["dense_total_bytes"] / report["total_bytes"]
     assert report["epsilon_pld"]["device_derived"] > 0 and report["epsilon_pld"]["central"] is None
 
 

@@ -13,7 +13,7 @@ import pytest
 from cloud.accounting import device_event, epsilon
 from cloud.config import PrivacyConfig, RoundSettings, StrategyConfig
 from cloud.engine import CloudEngine
-from cloud.rounds import RESIDUAL, OpenRound, Received, admit, close_decision, edge_results
+from cloud.rounds import RESIDUAL, OpenRound, Received, admit, close_decision, dense_sizes, edge_results
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
@@ -157,6 +157,32 @@ def test_a_full_round(keys, tmp_path):
     assert [json.loads(line)["round"] for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()] == [1]
     assert not list((tmp_path / "run" / "pending").glob("*.cbor"))
     assert eng.announcement_payload == pubs[-1].payload and eng.model_payload == pubs[0].payload
+
+
+def test_round_records_carry_the_evaluation_scores_and_dense_fedavg_bytes(keys, tmp_path):
+    """A (loss, accuracy, scores) hook lands in the record; a (loss, accuracy) hook still works (scores null). A
+    full model down costs what dense FedAvg's does; a compressed delta model costs less, its dense twin the same."""
+    hooks = {"three": lambda w: (0.5, 0.75, {"auroc": 0.8, "auprc": 0.4, "min_se_ppv": 0.3}),
+             "two": lambda w: (0.5, 0.75)}
+    for name, hook in hooks.items():
+        eng = engine(keys, tmp_path / name, model_encoding="delta", model_full_every=5,
+                     model_compression={"method": "topk", "density": 0.25, "bits": 8})
+        eng.evaluate = hook
+        eng.start(NOW)
+        for round_id in (1, 2):
+            for edge in EDGES:
+                eng.handle_aggregate(edge, aggregate(keys, edge, round_id, round_id, np.arange(N) + round_id))
+            eng.tick(NOW + round_id)
+        first, second = eng.state.history
+        assert (first["loss"], first["accuracy"]) == (0.5, 0.75)
+        expected = (0.8, 0.4, 0.3) if name == "three" else (None, None, None)
+        assert (first["auroc"], first["auprc"], first["min_se_ppv"]) == expected
+        dense = dense_sizes("tiny", N, 1, "edge1-d1", "edge1")            # the federation's longest ids
+        assert first["dense_bytes_up"] == dense.update * 4                  # 4 devices, a dense update each
+        assert first["bytes_down"] == first["dense_bytes_down"]             # version 1 went out in full
+        assert second["bytes_down"] < second["dense_bytes_down"] == first["dense_bytes_down"]   # a delta
+        assert second["dense_bytes_down_cloud"] == second["dense_bytes_down"] // second["addressed"] * len(EDGES)
+        assert second["dense_bytes_up_cloud"] > 0
 
 
 def test_rejections_are_counted_and_change_nothing(keys, tmp_path):

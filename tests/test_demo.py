@@ -35,6 +35,14 @@ def test_short_demo_report(tmp_path):
     assert report["final_accuracy"] > 1 / 7 + 0.1  # 7 exercises: chance is 0.14
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in report["rounds"])
     assert report["total_bytes_up"] * 5 < report["dense_bytes_up"]
+    # both directions count: the compressed delta downlink (version 1 goes out in full, then deltas), and every
+    # link up + down against dense FedAvg's full float32 models and dense updates over the same rounds
+    downs = [r["bytes_down"] for r in report["rounds"]]
+    assert downs[1] * 4 < downs[0] and downs[2] * 4 < downs[0]
+    assert report["dense_total_bytes"] > 2.5 * report["total_bytes"] > 0
+    assert report["bytes_ratio"] == report["dense_total_bytes"] / report["total_bytes"]
+    assert report["total_bytes"] > report["total_bytes_up"] + report["total_bytes_down"]   # + the edge <-> cloud hop
+    assert all(r["auroc"] is None for r in report["rounds"])   # 7 classes: no binary scores
     eps = [r["epsilon"] for r in report["rounds"]]
     assert all(e is not None for e in eps) and eps == sorted(eps) and eps[-1] <= settings.device_epsilon
     assert report["ledger"]["valid"] and report["ledger"]["blocks"] == 1 + 3

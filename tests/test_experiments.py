@@ -52,6 +52,14 @@ def test_accuracy_above_chance(results):
     for method in ("centralized", "fedavg", "fedprox", "scaffold", "fediomt"):
         accs = [r["accuracy"] for r in rows if r["method"] == method and r["round"] == final]
         assert len(accs) == SEEDS and all(HEART_MAJORITY + 0.05 < a <= 1.0 for a in accs), (method, accs)
+    # heart is binary: every method and reference is judged by AUROC (with AUPRC, min(Se, +P)) beside accuracy
+    for method in ("centralized", "logreg", "gbm", "fedavg", "fediomt"):
+        final_rows = [r for r in rows if r["method"] == method and r["round"] == final]
+        assert len(final_rows) == SEEDS and all(0.6 < r["auroc"] <= 1 and 0 < r["auprc"] <= 1
+                                                and 0 <= r["min_se_ppv"] <= 1 for r in final_rows), method
+    table = results[1]["accuracy"]["table"]
+    assert {r["headline"] for r in table} == {"auroc"} and {"logreg", "gbm"} <= {r["method"] for r in table}
+    assert next(r for r in table if r["method"] == "centralized")["pct_of_centralized"] == 100.0
 
 
 def test_communication_counts_every_message(results):

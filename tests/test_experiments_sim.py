@@ -122,6 +122,16 @@ def test_small_federation_counts_real_messages_and_refuses_late_updates(heart16)
         assert 0.0 <= log.accuracy <= 1.0 and log.wall_s > 0 and log.virtual_s > 0
     assert sum(log.missed_deadline for log in logs) > 0          # CV 1 + fixed work: stragglers miss the deadline
     assert sim.cloud.state.version == 3 and math.isinf(logs[-1].epsilon_device)   # no DP: unbounded epsilon
+    # heart is binary: each round's AUROC / AUPRC / min(Se, +P) are of the interpreter's logits on the held-out set
+    from sklearn.metrics import average_precision_score, precision_score, recall_score, roc_auc_score
+
+    sim.model.set_flat(sim.cloud.state.server.weights)
+    logits = sim.model.infer(heart16.x_test)
+    margin, pred, y = logits[:, 1] - logits[:, 0], logits.argmax(1), heart16.y_test
+    assert logs[-1].auroc == pytest.approx(roc_auc_score(y, margin))
+    assert logs[-1].auprc == pytest.approx(average_precision_score(y, margin))
+    assert logs[-1].min_se_ppv == pytest.approx(min(recall_score(y, pred), precision_score(y, pred, zero_division=0)))
+    assert (logs[-1].loss, logs[-1].accuracy) == pytest.approx(sim.model.evaluate(heart16.x_test, y), rel=1e-4)
 
 
 def test_filters_flag_noise_attackers(heart16):

@@ -89,11 +89,19 @@ def simulate(fed: Federation, method, seed: int, **options) -> list[RoundLog]:
     return logs
 
 
-def centralized(fed: Federation, seed: int, epochs: int) -> float:
-    """The centralized yardstick (experiments.baseline: same architecture, pooled data, Keras, no privacy)."""
-    from experiments.baseline import centralized_accuracy
+def centralized(fed: Federation, seed: int, quick: bool = False):
+    """The centralized yardstick (experiments.baseline.centralized: the firmware architecture on the pooled data,
+    learning rate and epochs chosen on a validation split, no privacy): a Yardstick."""
+    from experiments.baseline import centralized as tuned
 
-    return centralized_accuracy(fed, epochs=epochs, seed=seed)
+    return tuned(fed, seed, lrs=(1e-3,), max_epochs=5, patience=2) if quick else tuned(fed, seed)
+
+
+def references(fed: Federation, seed: int, quick: bool = False) -> list:
+    """The non-federated references on the same features (experiments.baseline.references): Yardsticks."""
+    from experiments.baseline import references as tuned
+
+    return tuned(fed, seed, quick)
 
 
 def mean_spread(values: Iterable[float | None]) -> dict:
@@ -198,7 +206,6 @@ class Recipe:
     rounds: int
     quick_rounds: int
     local_epochs: int = 1
-    centralized_epochs: int = 30
     dp_clip: float = 1.0           # per-example clip of DP-SGD runs (~ median per-example gradient norm)
     central_clip: float = 0.2      # edge user-level clip of central-DP runs (~ median update norm)
 

@@ -12,7 +12,8 @@ virtual clock fed by the heterogeneity model, experiments.sim.hetero). Per round
    updates in virtual arrival order: admission, quorum or deadline close, filters, weighting, central DP,
    significance, forward compression, Acks -- the gateway's code, so late updates are refused as DEADLINE;
 4. cloud: the engine admits the signed EdgeAggregates and its tick closes the round (strategy, accounting,
-   evaluation through the `evaluate` hook, here the TFLite interpreter on the held-out set).
+   evaluation through the `evaluate` hook, here the TFLite interpreter's logits on the held-out set: loss,
+   accuracy and, for binary tasks, AUROC, AUPRC and min(Se, +P), cloud.evaluation).
 Bytes are the lengths of the encoded messages. The DP noise comes from seeded generators (reproducible runs); the
 daemons use the OS CSPRNG. tests/test_one_code_path.py checks that a real edge daemon over a real broker turns the
 same updates into the same aggregates.
@@ -31,6 +32,7 @@ import numpy as np
 
 from cloud.config import CentralDPConfig, PrivacyConfig, RoundSettings, StrategyConfig
 from cloud.engine import CloudEngine
+from cloud.evaluation import evaluate_logits
 from cloud.strategies.base import DeviceInfo
 from device.global_model import rebuild
 from device.runtime import TrainableModel
@@ -104,6 +106,9 @@ class RoundLog:
     wall_s: float                     # real time this round took in this process
     epsilon_device: float
     epsilon_central: float
+    auroc: float | None = None        # binary tasks (cloud.evaluation): AUROC, AUPRC, PhysioNet 2012 min(Se, +P)
+    auprc: float | None = None
+    min_se_ppv: float | None = None
 
 
 @dataclass
@@ -183,15 +188,20 @@ class Simulator:
         """What the cloud knows of each device (compute class, speed, quality)."""
         return self.cloud.state.devices
 
-    def _evaluate(self, weights: np.ndarray) -> tuple[float | None, float | None]:
+    def _evaluate(self, weights: np.ndarray) -> tuple[float | None, float | None, dict]:
         """The cloud's evaluation hook: the held-out set through the TFLite interpreter, every eval_every rounds."""
         due = self.cloud.state.round_id % self.cfg.eval_every == 0 or self.cloud.state.round_id == self.cfg.rounds
-        return self.accuracy(weights) if due else (None, None)
+        return self.evaluation(weights) if due else (None, None, {})
+
+    def evaluation(self, weights: np.ndarray | None = None) -> tuple[float, float, dict]:
+        """(loss, accuracy, binary scores: cloud.evaluation) on the held-out set, from the interpreter's logits, of
+        the cloud's current model unless `weights` are given."""
+        self.model.set_flat(self.cloud.state.server.weights if weights is None else weights)
+        return evaluate_logits(self.model.infer(self.fed.x_test), self.fed.y_test)
 
     def accuracy(self, weights: np.ndarray | None = None) -> tuple[float, float]:
         """(loss, accuracy) on the held-out set, of the cloud's current model unless `weights` are given."""
-        self.model.set_flat(self.cloud.state.server.weights if weights is None else weights)
-        return self.model.evaluate(self.fed.x_test, self.fed.y_test)
+        return self.evaluation(weights)[:2]
 
     # ------------------------------------------------------------------ one round
     def run_round(self) -> RoundLog:
@@ -252,7 +262,8 @@ class Simulator:
         mean_steps = sum(a.mean_local_steps * a.num_devices for a in aggs) / n_part if n_part else 0.0
         log = RoundLog(ann.round_id, record["accuracy"], record["loss"], up, down, n_part, missed, declined, offline,
                        sum(len(a.filtered) for a in aggs), mean_steps, virtual, time.monotonic() - t0,
-                       _finite(eps["device"]), _finite(eps["central"]))
+                       _finite(eps["device"]), _finite(eps["central"]), record.get("auroc"), record.get("auprc"),
+                       record.get("min_se_ppv"))
         self.log.append(log)
         return log
 
