@@ -185,7 +185,7 @@ def open_output(target: str) -> TextIO | None:
 class InferenceAgent:
     """`fediomt device run` in inference mode: follows OTA pushes for its class (any inference-capable bundle),
     classifies the windows read from `[inference] input` and writes/publishes the predictions. Starts without a
-    bundle too (windows are counted and dropped until one is installed). Never trains, so it spends no budget."""
+    bundle too (mode "infer": the input is not read until a push installed one). Never trains: spends no budget."""
 
     def __init__(self, cfg: DeviceConfig, log: logging.Logger) -> None:
         self.cfg, self.log = cfg, log
@@ -259,15 +259,13 @@ class InferenceAgent:
     # ------------------------------------------------------------------ input and output
     def _reader(self) -> None:
         cfg = self.cfg.inference
+        if self.predictor is None:  # nothing read before a model is installed (a FIFO's writer waits meanwhile)
+            event(self.log, "no model installed yet: waiting for a push before reading", logging.WARNING)
+        while self.predictor is None and not self.stop.is_set():
+            self.stop.wait(0.1)
         try:
             for line in lines(cfg.input, cfg.follow, self.stop):
-                shape = self.predictor.input_shape if self.predictor is not None else None
-                if shape is None:
-                    if line.strip() and not line.startswith("#"):
-                        self.dropped += 1
-                        if self.dropped == 1:
-                            event(self.log, "no model installed yet: dropping windows", logging.WARNING)
-                    continue
+                shape = self.predictor.input_shape
                 try:
                     window = parse_window(line, shape)
                 except ValueError as exc:

@@ -299,8 +299,8 @@ class OtaReceiver:
             root = Path(self.cfg.bundle_dir)
             flash_local(bundle, root, self.bundle_key, force=m.force)
         except (ProtocolError, OSError) as exc:
-            reason = exc.reason.name if isinstance(exc, ProtocolError) else "IO_ERROR"
-            return self._record(OtaResult("refused", m.name, m.version, reason, str(exc)))
+            reason, detail = (exc.reason.name, exc.detail) if isinstance(exc, ProtocolError) else ("IO_ERROR", str(exc))
+            return self._record(OtaResult("refused", m.name, m.version, reason, detail))
         try:
             installed = load_installed(root, self.bundle_key)  # the copy on the medium is what must run
             smoke_test(installed, self._samples() if self._samples is not None else None)

@@ -53,6 +53,35 @@ def infer_us(model_bytes: bytes, rows: np.ndarray, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def on_device_inference(bundle: Path, pubkey: Path, windows: Path, calls: int) -> dict[str, dict]:
+    """`fediomt device predict --bench` in a fresh process per runtime (what a wearable runs, no TensorFlow):
+    latency of one window (median, p95), peak RSS, accuracy on the held-out windows. LiteRT in this venv, and
+    tflite-runtime 2.14 + NumPy 1.x in .venv-tflite214 when it exists."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    runs = {"litert": (sys.executable, "ai_edge_litert")}
+    if (repo / ".venv-tflite214" / "bin" / "python").exists():
+        runs["tflite214"] = (str(repo / ".venv-tflite214" / "bin" / "python"), "tflite_runtime")
+    out = {}
+    for name, (python, runtime) in runs.items():
+        proc = subprocess.run([python, "-m", "fediomt", "device", "predict", str(bundle), str(windows), "--pubkey",
+                               str(pubkey), "--output", "", "--bench", str(calls), "--threads", "1"], cwd=repo,
+                              env={**os.environ, "FEDIOMT_RUNTIME": runtime}, capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            out[name] = {"error": proc.stderr.strip()[-300:]}
+            continue
+        summary = json.loads(proc.stderr.strip().splitlines()[-1])
+        out[name] = {"infer_us_median": summary["latency_us_median"], "infer_us_p95": summary["latency_us_p95"],
+                     "predict_rss_mb": summary["peak_rss_mb"], "predict_accuracy": summary.get("accuracy"),
+                     "tensorflow_imported": summary["tensorflow_imported"]}
+    return out
+
+
 def push_seconds(bundle: Path, key, n_devices: int, samples: np.ndarray, tmp: Path, device_class: str = "wearable"
                  ) -> float:
     """Wall time from the start of `push_bundle` until every device has installed (and smoke-tested) it."""
@@ -129,6 +158,13 @@ def run(args: argparse.Namespace) -> dict:
                         if r["class"] == "wearable"})
         pi = next(r for r in rows if r["class"] == "pi")
         figures.update({"pi_student_bytes": pi["student_B"], "pi_agreement": pi["agreement"]})
+        from protocol.signing import save_public_key
+
+        save_public_key(key.public_key(), tmp / "bundle.pub")
+        np.savez(tmp / "windows.npz", x=fed.x_test, y=fed.y_test)
+        for runtime, runtime_figures in on_device_inference(bundle, tmp / "bundle.pub", tmp / "windows.npz",
+                                                            200 if quick else 2000).items():
+            figures.update({f"{runtime}_{k}": v for k, v in runtime_figures.items()})
         from cloud.push import archive_of
 
         figures["push_bundle_bytes"] = len(archive_of(bundle))

@@ -129,3 +129,17 @@ def test_dynamic_range_model_needs_a_newer_runtime():
             interpreter_class()(model_content=model_bytes).allocate_tensors()
     else:
         interpreter_class()(model_content=model_bytes).allocate_tensors()
+
+
+def test_int8_student_predicts_from_text_lines_without_tensorflow():
+    """device/inference.py on the prebuilt int8 student: the windows a wearable reads, in this runtime."""
+    from device.inference import Predictor, classify, parse_window
+
+    bundle = load_bundle(PREBUILT / STUDENT, load_public_key(DEV_PUBKEY))
+    predictor = Predictor(bundle)
+    x = np.random.default_rng(0).normal(size=(5, *predictor.input_shape)).astype(np.float32)
+    rows = np.stack([parse_window(",".join(f"{v:.6f}" for v in w.reshape(-1)), predictor.input_shape) for w in x])
+    got = classify(predictor, rows)
+    want = np.argmax(Int8Model(bundle.model_bytes).infer(rows), axis=1)
+    assert [p.label for p in got] == list(want) and all(0 < p.confidence <= 1 for p in got)
+    assert {(p.bundle, p.version) for p in got} == {(bundle.name, bundle.version)}
