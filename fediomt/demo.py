@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import tomli_w
 
 from cloud.rounds import byte_totals
@@ -54,7 +55,11 @@ class DemoSettings:
     model_bits: int = 8
     model_full_every: int = 20       # ... and every 20th version in full (a device that missed one catches up)
     forward_bits: int = 8            # edge -> cloud: the aggregate dense in int8 (error feedback at the edge)
-    distill_steps: int = 800         # optimizer steps per int8 student after the last round (0 = no distillation)
+    distill_steps: int = 2500        # optimizer steps per int8 student after the last round (0 = no distillation)
+    public_subjects: int = 2         # the first N clients' recordings are a consented/public set, kept out of the
+                                     # federation: the distiller's transfer data (the cloud never holds device data)
+    inference_wearables: bool = True  # one wearable per edge that waits for the student and classifies held-out
+                                     # windows with it (device/inference.py); not enrolled, it sends no updates
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +130,8 @@ def prepare(settings: DemoSettings, run_dir: Path, port: int):
     from protocol.bundle import load_bundle
 
     fed = load(settings.dataset)
+    public = fed.clients[: settings.public_subjects] if settings.distill_steps else []
+    fed.clients = fed.clients[len(public):]
     if settings.devices:
         fed.clients = fed.clients[: settings.devices]
     keys = run_dir / "keys"
@@ -135,6 +142,8 @@ def prepare(settings: DemoSettings, run_dir: Path, port: int):
     bundle = load_bundle(bundle_dir, signing.load_public_key(keys / "cloud.pub"))
     data_dirs = fed.write_device_dirs(run_dir / "data")
     test_npz = fed.write_test(run_dir / "data" / "test.npz")
+    if public:  # unlabeled windows of the consented subjects: all the cloud gets to distil on
+        np.savez(run_dir / "data" / "public.npz", x=np.concatenate([c.x for c in public]))
     broker = {"host": "127.0.0.1", "port": port}
 
     edge_keys = run_dir / "cloud" / "edge_keys"
@@ -162,10 +171,27 @@ def prepare(settings: DemoSettings, run_dir: Path, port: int):
             "id": client.id, "edge": client.edge, "state_dir": "state", "bundle_dir": "bundles",
             "bundle_pubkey": str((keys / "cloud.pub").resolve()), "cloud_pubkey": str((keys / "cloud.pub").resolve()),
             "signing_key": "device.key", "data": {"dir": str(data_dirs[client.id].resolve())},
-            "capability": {"compute_class": "wearable" if fed.model == "wearable_cnn" else "pi"},
+            # the federation's trainers are the fleet's Pis: they refuse the int8 students (mode "train")
+            "capability": {"compute_class": "pi"}, "mode": "train",
             "privacy": {"epsilon": settings.device_epsilon, "delta": 1e-5, "accountant": "rdp"},
-            "broker": broker, "ota": {"device_class": "trainer"},
+            "broker": broker,
         })
+    if settings.inference_wearables and settings.distill_steps and fed.model == "wearable_cnn":
+        for i, edge in enumerate(fed.edges):  # held-out windows, split between the edges' wearables
+            name = f"{edge}-wearable"
+            device_dir = run_dir / "devices" / name
+            _keypair(device_dir, "device")
+            rows = slice(i, None, len(fed.edges))
+            (device_dir / "windows.txt").write_text("".join(
+                ",".join(f"{v:.4g}" for v in w.reshape(-1)) + "\n" for w in fed.x_test[rows]))
+            np.save(device_dir / "labels.npy", fed.y_test[rows])
+            configs[name] = _toml(device_dir / "device.toml", {
+                "id": name, "edge": edge, "state_dir": "state", "bundle_dir": "bundles",
+                "bundle_pubkey": str((keys / "cloud.pub").resolve()),
+                "cloud_pubkey": str((keys / "cloud.pub").resolve()), "signing_key": "device.key",
+                "data": {"dir": "data"}, "capability": {"compute_class": "wearable", "memory_mb": 64},
+                "mode": "infer", "broker": broker,
+                "inference": {"input": "windows.txt", "follow": False, "output": "predictions.jsonl"}})
     # the contribution ledger's consortium: the cloud proposes, the edges (hospitals) and the cloud validate
     _toml(run_dir / "consortium.toml", {
         "validators": {"cloud": str((keys / "cloud.pub").resolve()),
@@ -190,9 +216,10 @@ def prepare(settings: DemoSettings, run_dir: Path, port: int):
                         if settings.strategy == "fediomt" and settings.lr_floor < 1 else {})},
         "ledger": {"db": str((run_dir / "ledger.db").resolve()),
                    "consortium": str((run_dir / "consortium.toml").resolve())},
-        # after the last round: int8 students of the global model, pushed over MQTT to the wearable / pi classes
-        # (the demo's devices follow their own "trainer" class, so they keep training the full model)
-        **({"distill": {"every_rounds": settings.rounds, "steps": settings.distill_steps}}
+        # after the last round: int8 students of the global model, distilled on the public subjects' windows,
+        # gated on the held-out set and pushed over MQTT to the wearable / pi classes (the trainers refuse theirs)
+        **({"distill": {"every_rounds": settings.rounds, "steps": settings.distill_steps, "push_wait_s": 20.0,
+                        **({"proxy": str((run_dir / "data" / "public.npz").resolve())} if public else {})}}
            if settings.distill_steps else {}),
     })
     return fed, configs
@@ -293,6 +320,19 @@ def ledger_summary(db: Path) -> dict:
             "balances": verdict.balances, "detail": str(verdict.error or "")}
 
 
+def inference_summary(run_dir: Path) -> list[dict]:
+    """What each inference wearable classified with the pushed student, and its accuracy on those windows."""
+    out = []
+    for labels in sorted((run_dir / "devices").glob("*/labels.npy")):
+        preds = _read_jsonl(labels.parent / "predictions.jsonl")
+        y = np.load(labels)
+        hits = [p["class"] == int(y[p["seq"]]) for p in preds if p["seq"] < len(y)]
+        out.append({"device": labels.parent.name, "predictions": len(preds),
+                    "bundles": sorted({f"{p['bundle']} v{p['version']}" for p in preds}),
+                    "accuracy": round(sum(hits) / len(hits), 4) if hits else None})
+    return out
+
+
 def write_report(report: dict, run_dir: Path) -> None:
     (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     binary = any(r["auroc"] is not None for r in report["rounds"])
@@ -326,6 +366,8 @@ def write_report(report: dict, run_dir: Path) -> None:
               *[f"- int8 student for `{r['device_class']}`: {r['student_bytes']} B vs teacher {r['teacher_bytes']} B, "
                 f"agreement {r['agreement']:.3f}, accuracy {r['student_accuracy']}, pushed in {r['pushed_s']} s"
                 for r in report["students"]],
+              *[f"- on-device inference `{w['device']}`: {w['predictions']} windows classified by {w['bundles']}, "
+                f"accuracy {w['accuracy']}" for w in report.get("inference", [])],
               f"- wall time: {report['wall_s']} s"]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     _plots(report, run_dir)
@@ -371,6 +413,8 @@ def run_demo(settings: DemoSettings, run_dir: Path, timeout_s: float = 900.0, ba
                                            str(edge_dir / "edge.key"), "--port", str(broker.port)])
         for client in fed.clients:
             group.start(client.id, ["device", "run", "--config", str(configs[client.id])])
+        for name in [n for n in configs if n.endswith("-wearable")]:
+            group.start(name, ["device", "run", "--config", str(configs[name])])
         records = watch(group, run_dir / "cloud" / "run", settings.rounds, timeout_s)
         group.stop_all()
         leftovers = [c.name for c in group.alive()]
@@ -390,6 +434,7 @@ def run_demo(settings: DemoSettings, run_dir: Path, timeout_s: float = 900.0, ba
     report["ledger"] = ledger_summary(run_dir / "ledger.db")
     students = run_dir / "cloud" / "run" / "distill.jsonl"
     report["students"] = _read_jsonl(students)
+    report["inference"] = inference_summary(run_dir)
     write_report(report, run_dir)
     print(f"final accuracy {report['final_accuracy']} vs centralized {report['centralized_accuracy']}"
           + (f" ({100 * report['accuracy_ratio']:.1f}%)" if report["accuracy_ratio"] else "")

@@ -26,7 +26,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def test_short_demo_report(tmp_path):
-    settings = DemoSettings(rounds=3, devices=4, device_epsilon=12.0, distill_steps=50)
+    settings = DemoSettings(rounds=3, devices=4, device_epsilon=12.0, distill_steps=300)
     run_dir = tmp_path / "run"
     report = run_demo(settings, run_dir, timeout_s=400, baseline=False)
     assert report["completed"], (run_dir / "logs" / "cloud.log").read_text()[-3000:]
@@ -51,6 +51,16 @@ def test_short_demo_report(tmp_path):
     assert (run_dir / "accuracy_bytes.png").stat().st_size > 1000
     assert {s["device_class"] for s in report["students"]} == {"wearable", "pi"}
     assert all(s["student_bytes"] < s["teacher_bytes"] for s in report["students"])
-    assert any(s["pushed_s"] is not None for s in report["students"])  # within budget: bundled and pushed
+    # after 3 rounds the teacher is weak: the quality gate may refuse a student (the e2e inference path is
+    # tests/test_student_fleet.py); what holds either way:
+    for s in report["students"]:  # the quality gate: pushed, or refused with its reason, never both
+        assert (s["pushed_s"] is not None) != bool(s["refused"]), s
+    pushed = {s["device_class"]: s for s in report["students"] if s["pushed_s"] is not None}
+    if "wearable" in pushed:  # both edges' inference wearables installed it and classified their windows with it
+        assert list(pushed["wearable"]["devices"].values()) == ["installed", "installed"]
+        assert len(report["inference"]) == 2 and all(w["predictions"] > 0 for w in report["inference"])
+    if "pi" in pushed:  # the trainers (the Pis) refuse an int8 student before install, and say so
+        assert len(pushed["pi"]["devices"]) == 4
+        assert all(o.startswith("refused") for o in pushed["pi"]["devices"].values())
     assert report["processes_left"] == []
     assert processes_mentioning(str(run_dir)) == []
