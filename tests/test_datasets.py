@@ -168,3 +168,29 @@ def test_shipped_real_datasets():
     heart = load("heart")
     assert {c.edge for c in heart.clients} == {"cleveland", "hungary", "va", "switzerland"}
     assert heart.x_test.shape[1] == heart.model_options["n_features"]
+
+
+def test_validation_split_lends_each_labels_share_and_keeps_the_test_set_out():
+    """Tuning never sees the test set: the split's held-out rows come from the clients' training rows only, every label
+    lends its share, windowed series lend their LAST rows (as the test split cuts recordings in time)."""
+    from experiments.datasets.federation import Client, Federation
+
+    rng = np.random.default_rng(0)
+    series = [Client(f"d{i}", "e1", np.arange(40 * 2 * 3, dtype=np.float32).reshape(40, 2, 3) + 1000 * i,
+                     np.repeat([0, 1], 20)) for i in range(2)]
+    table = [Client("t", "e1", rng.normal(size=(30, 4)).astype(np.float32), np.repeat([0, 1, 2], 10))]
+    for clients, tail in ((series, True), (table, False)):
+        fed = Federation("f", clients, np.full((5, *clients[0].x.shape[1:]), -1.0, np.float32), np.zeros(5, int), "m")
+        val = fed.validation_split(0.25, seed=1)
+        assert len(val.x_test) + sum(len(c.y) for c in val.clients) == sum(len(c.y) for c in clients)
+        assert not np.any(val.x_test == -1.0)                      # nothing of the test set
+        for before, after in zip(clients, val.clients):
+            kept = {row.tobytes() for row in after.x}
+            lent = [row for row in before.x if row.tobytes() not in kept]
+            assert len(lent) == len(before.y) - len(after.y)
+            for label in np.unique(before.y):
+                assert np.sum(before.y == label) - np.sum(after.y == label) == round(0.25 * np.sum(before.y == label))
+            if tail:   # each label lends its last 5 rows
+                for label in (0, 1):
+                    last = before.x[np.flatnonzero(before.y == label)[-5:]]
+                    assert {r.tobytes() for r in last} <= {r.tobytes() for r in lent}

@@ -39,6 +39,25 @@ class Federation:
         """All clients' training data together: the centralized baseline's training set."""
         return np.concatenate([c.x for c in self.clients]), np.concatenate([c.y for c in self.clients])
 
+    def validation_split(self, fraction: float = 0.15, seed: int = 0) -> Federation:
+        """The federation for tuning: each client keeps 1 - `fraction` of its rows of every label and lends the rest
+        to a pooled validation set that replaces the test set. Windowed time series (rows of rank > 1) lend each
+        label's LAST rows, as their test split cuts recordings in time (overlapping windows never straddle the two
+        sets); tabular rows lend a random share. Hyperparameters are chosen on it, never on the test set."""
+        rng = np.random.default_rng(seed)
+        clients, held_x, held_y = [], [], []
+        for c in self.clients:
+            held = np.zeros(len(c.y), bool)
+            for label in np.unique(c.y):
+                rows = np.flatnonzero(c.y == label)
+                k = int(round(fraction * len(rows)))
+                held[rows[len(rows) - k:] if c.x.ndim > 2 else rng.choice(rows, k, replace=False)] = True
+            clients.append(Client(c.id, c.edge, c.x[~held], c.y[~held], c.site))
+            held_x.append(c.x[held])
+            held_y.append(c.y[held])
+        return Federation(self.name, clients, np.concatenate(held_x), np.concatenate(held_y), self.model,
+                          dict(self.model_options), list(self.classes))
+
     def write_device_dirs(self, root: Path) -> dict[str, Path]:
         """One directory per device with `train.npz` (x float32, y int64): the device agent's data schema."""
         paths = {}
