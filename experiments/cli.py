@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "heterogeneity": "accuracy vs compute coefficient of variation (Figure 4)",
     "membership": "membership-inference attack accuracy, loss threshold and shadow models (Table 2)",
     "poisoning": "accuracy with 0-30% malicious devices per filter and attack",
+    "tune": "every method's best of the same budget of configurations, on a validation split (not the test set)",
 }
 
 
@@ -30,8 +31,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="independent seeds (default 3)")
     parser.add_argument("--datasets", nargs="+", choices=["heart", "watch", "physionet2012"],
                         help="default: heart (quick) or every available dataset")
-    parser.add_argument("--methods", nargs="+", choices=["fedavg", "fedprox", "scaffold", "fediomt"],
-                        help="accuracy, communication, heterogeneity: only these federated methods (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=["fedavg", "fedprox", "scaffold", "fedadam", "fediomt"],
+                        help="accuracy, communication, heterogeneity, tune: only these federated methods (default: "
+                             "all)")
+    parser.add_argument("--tuned", type=Path, help="accuracy: each method's settings from a `tune` run's tune.json")
     parser.add_argument("--rounds", type=int, default=0, help="override the dataset recipe's rounds")
     parser.add_argument("--split", type=int, default=1, help="split each natural client into this many devices")
     parser.add_argument("--edges", type=int, default=0, help="regroup the sites over this many edges (0: natural)")
