@@ -45,6 +45,23 @@ class CentralDPConfig:
 
 
 @dataclass(frozen=True)
+class BoundsConfig:
+    """The cloud's [bounds] table: how far one edge's aggregate may move the model and how much it may weigh
+    (cloud.rounds.bound_edges; references are lower medians over the edges' latest values, protocol.bounds)."""
+
+    norm_multiple: float = 4.0       # scale an edge's delta to at most this x the reference edge delta norm; 0 = off
+    model_ratio: float = 10.0        # and to at most this x the global model's norm; 0 = off
+    samples_multiple: float = 4.0    # an edge's samples (and weight) per device count at most this x the reference
+    max_samples: int = 1_000_000     # per device: an aggregate claiming more is refused (BAD_VALUE)
+    history: int = 1000              # edges whose latest values are remembered
+
+    def __post_init__(self) -> None:
+        if min(self.norm_multiple, self.model_ratio, self.samples_multiple) < 0 or self.max_samples < 1 \
+                or self.history < 1:
+            raise ValueError("bounds: need multiples and model_ratio >= 0, max_samples >= 1, history >= 1")
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """The cloud's [privacy] table: device (example-level) and central (user-level) budgets, and the accountant."""
 
@@ -97,6 +114,7 @@ class CloudConfig:
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    bounds: BoundsConfig = field(default_factory=BoundsConfig)
     ledger: LedgerConfig | None = None  # contribution ledger (cloud/contributions.py); None = off
     distill: DistillSchedule | None = None  # int8 students + OTA push (cloud/distill.py); None = off
     secagg: dict | None = None       # RoundAnnouncement.secagg (docs/secagg.md "Deployment"); None = plaintext rounds
@@ -162,7 +180,8 @@ class CloudConfig:
             grace_s=self.grace_s, min_edges=self.min_edges, devices=tuple(self.devices), population=self.population,
             seed=self.seed, plan=self.plan, compression=self.compression, central_dp=self.central_dp,
             privacy=self.privacy, strategy=self.strategy, model_encoding=self.model_encoding,
-            model_full_every=self.model_full_every, model_compression=self.model_compression, secagg=self.secagg)
+            model_full_every=self.model_full_every, model_compression=self.model_compression, secagg=self.secagg,
+            bounds=self.bounds)
 
 
 @dataclass(frozen=True)
@@ -189,6 +208,7 @@ class RoundSettings:
     model_full_every: int = 5
     model_compression: dict = field(default_factory=lambda: {"method": "topk", "density": 0.1, "bits": 8})
     secagg: dict | None = None
+    bounds: BoundsConfig = field(default_factory=BoundsConfig)
 
     def defaults(self) -> RoundDefaults:
         """What the strategy starts each round from."""

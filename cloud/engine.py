@@ -53,6 +53,7 @@ from cloud.rounds import (
     account_round,
     account_skipped,
     admit,
+    bound_edges,
     close_decision,
     compress_model,
     dense_sizes,
@@ -188,7 +189,8 @@ class CloudEngine:
         try:
             edge = last_level(edge_or_topic)
             got = admit(payload, edge, self.edge_key, OpenRound(s.round_id, s.version, self.n_params,
-                                                                self.received, self.nonces, self.edge_tier is not None))
+                                                                self.received, self.nonces, self.edge_tier is not None,
+                                                                self.settings.bounds.max_samples))
         except ProtocolError as exc:
             self.rejected[exc.reason.name] += 1
             if self.metrics is not None:
@@ -263,17 +265,26 @@ class CloudEngine:
         t0, s, cfg = time.monotonic(), self.state, self.settings
         ann = decode(s.announcement, expect=RoundAnnouncement)
         if masked is None:
-            results, s.last_delta = edge_results(self.received, s.last_delta)
-            aggs = [r.agg for r in self.received.values()]
+            received, bounded, s.bounds = bound_edges(self.received, s.bounds,
+                                                      float(np.linalg.norm(s.server.weights.astype(np.float64))),
+                                                      cfg.bounds)
+            if bounded:
+                event(self.log, "aggregates bounded", logging.WARNING, round=s.round_id, edges=bounded)
+            results, s.last_delta = edge_results(received, s.last_delta)
+            aggs = [r.agg for r in received.values()]
         else:
             total = self.edge_tier.total(masked)
             event(self.log, "edge secagg unmasked", round=s.round_id, edges=total.edges, dropped=total.dropped,
                   devices=total.num_devices, samples=total.num_samples)
             results, aggs = masked_results(total, self.received)
+            bounded = {}
         for agg in aggs:
             s.devices = observe(s.devices, agg.device_ids, agg.filtered, agg.update_norms)
-        previous = s.server.weights
+        before, previous = s.server, s.server.weights
         s.server = self.strategy.apply(s.server, results, cfg.population or len(s.devices))
+        if not np.isfinite(s.server.weights).all():   # never publish a model devices would refuse (NON_FINITE)
+            event(self.log, "non-finite model refused: round applied as no change", logging.ERROR, round=s.round_id)
+            s.server, bounded = before, {**bounded, "model": "non-finite: not applied"}
         rewards = None
         if self.contributions is not None and masked is None:
             rewards = self.contributions(ann.round_id, s.version + 1, results, previous)
@@ -291,6 +302,7 @@ class CloudEngine:
         loss, acc, scores = split_evaluation(self.evaluate(s.server.weights) if self.evaluate else None)
         record = self._record(ann, aggs, report, loss, acc, now, scores)
         record["rewards"] = rewards
+        record["bounded_at_cloud"] = bounded
         if masked is not None:
             record["edge_secagg"] = {"edges": sorted(masked.devices), "dropped": sorted(masked.dropped)}
         self._end_round(ann.round_id, record, report, t0)

@@ -17,12 +17,13 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cloud.accounting import PrivacyLedger, central_event, device_event, exhausted, json_epsilon
-from cloud.config import RoundSettings, announced_secagg
+from cloud.config import BoundsConfig, RoundSettings, announced_secagg
 from cloud.evaluation import SCORES
 from cloud.model import compress_broadcast
 from cloud.state import CloudState
 from cloud.strategies.base import EdgeResult, ServerState, Strategy
 from cloud.strategies.scaffold import CONTROL
+from protocol.bounds import reference, remember, scale_to
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
@@ -67,6 +68,7 @@ class OpenRound:
     received: Collection[str]      # edges already counted this round
     nonces: Collection[str]        # aggregate nonces seen (hex), across rounds
     edge_masked: bool = False      # edge-level SecAgg: aggregates carry metadata only
+    max_samples: int = 1_000_000   # per device (bounds.max_samples)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ def admit(payload: bytes, edge: str, edge_key: Callable[[str], Ed25519PublicKey]
         raise ProtocolError(Reason.DUPLICATE, f"{edge!r} already sent round {agg.round_id}")
     if agg.base_version != rnd.version:
         raise ProtocolError(Reason.STALE, f"base version {agg.base_version}, current {rnd.version}")
+    if agg.num_samples > rnd.max_samples * agg.num_devices:
+        raise ProtocolError(Reason.BAD_VALUE, f"{agg.num_samples} samples from {agg.num_devices} devices >"
+                                              f" {rnd.max_samples} per device")
     if agg.n_params != rnd.n_params:
         raise ProtocolError(Reason.BAD_SHAPE, f"{agg.n_params} params, model has {rnd.n_params}")
     if rnd.edge_masked and (agg.delta or agg.control_delta or agg.num_samples or agg.weight_sum
@@ -109,6 +114,41 @@ def admit(payload: bytes, edge: str, edge_key: Callable[[str], Ed25519PublicKey]
     if agg.significant and delta is None:
         raise ProtocolError(Reason.MALFORMED, "significant aggregate without a delta")
     return Received(agg, len(payload), delta, decode_payload(agg.control_delta, agg.n_params))
+
+
+def bound_edges(received: Mapping[str, Received], latest: Mapping[str, list[float]], model_norm: float,
+                cfg: BoundsConfig) -> tuple[dict[str, Received], dict[str, dict], dict[str, list[float]]]:
+    """(the round's aggregates with each edge's delta scaled to the norm bound and its samples and weight per device
+    capped, what was bounded per edge, the edges' latest [norm, samples/device, weight/device]). The norm bound is
+    norm_multiple x the reference norm and model_ratio x the model's norm; the references are lower medians over
+    the edges' latest values including this round's (protocol.bounds: one edge, one vote), so no single edge can
+    move the model implausibly far or outweigh the others however it reports."""
+    new = {e: [float(np.linalg.norm(g.delta.astype(np.float64))), g.agg.num_samples / g.agg.num_devices,
+               g.agg.weight_sum / g.agg.num_devices] for e, g in received.items()
+           if g.delta is not None and g.agg.num_devices > 0}
+    merged = remember(latest, new, cfg.history)
+    norm_bound = min(cfg.norm_multiple * reference(merged, 0) if cfg.norm_multiple > 0 else np.inf,
+                     cfg.model_ratio * model_norm if cfg.model_ratio > 0 and model_norm > 0 else np.inf)
+    per_device = [cfg.samples_multiple * reference(merged, c) if cfg.samples_multiple > 0 else 0.0 for c in (1, 2)]
+    out, notes = dict(received), {}
+    for edge, got in received.items():
+        agg, note = got.agg, {}
+        factor = float(scale_to(new[edge][0], norm_bound)) if edge in new else 1.0
+        if factor < 1.0:
+            note["norm_factor"] = factor
+        samples, weight = agg.num_samples, agg.weight_sum
+        if per_device[0] > 0 and agg.num_devices:
+            samples = min(samples, int(per_device[0] * agg.num_devices))
+        if per_device[1] > 0 and agg.num_devices:
+            weight = min(weight, per_device[1] * agg.num_devices)
+        if (samples, weight) != (agg.num_samples, agg.weight_sum):
+            note["samples"], note["weight_sum"] = samples, weight
+        if note:
+            notes[edge] = note
+            out[edge] = dataclasses.replace(
+                got, agg=dataclasses.replace(agg, num_samples=samples, weight_sum=weight),
+                delta=None if got.delta is None else (factor * got.delta).astype(np.float32))
+    return out, notes, merged
 
 
 def edge_results(received: Mapping[str, Received], last_delta: Mapping[str, np.ndarray]

@@ -37,13 +37,14 @@ class CloudState:
     min_local_examples: int = 0                      # smallest local dataset the edges reported (device DP q)
     announcement: bytes = b""                        # the signed announcement of the open round
     stop_reason: str = ""                            # set once the federation is over
+    bounds: dict[str, list[float]] = field(default_factory=dict)   # per edge: latest [norm, samples/dev, weight/dev]
 
 
 def save(path: Path, s: CloudState) -> None:
     meta = {"round_id": s.round_id, "version": s.version, "ledger": s.ledger.to_dict(), "rng_state": s.rng_state,
             "devices": {k: asdict(v) for k, v in s.devices.items()}, "history": s.history,
             "nonces": s.nonces[-MAX_NONCES:], "min_local_examples": s.min_local_examples,
-            "announcement": s.announcement.hex(), "stop_reason": s.stop_reason,
+            "announcement": s.announcement.hex(), "stop_reason": s.stop_reason, "bounds": s.bounds,
             "arrays": sorted(s.server.arrays), "edges": sorted(s.last_delta)}
     arrays = {"weights": s.server.weights, "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
     arrays.update({f"server_{k}": v for k, v in s.server.arrays.items()})
@@ -61,4 +62,4 @@ def load(path: Path) -> CloudState:
     return CloudState(meta["round_id"], meta["version"], server, PrivacyLedger.from_dict(meta["ledger"]),
                       meta["rng_state"], {k: DeviceInfo(**v) for k, v in meta["devices"].items()}, last,
                       meta["history"], meta["nonces"], meta["min_local_examples"],
-                      bytes.fromhex(meta["announcement"]), meta["stop_reason"])
+                      bytes.fromhex(meta["announcement"]), meta["stop_reason"], meta.get("bounds", {}))

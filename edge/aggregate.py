@@ -16,6 +16,7 @@ from edge import central_dp
 from edge.filters import AGGREGATORS, FILTERS, Verdict, run_filters
 from edge.rows import Rows
 from edge.weighting import WeightingConfig, weights
+from protocol.bounds import scale_to
 
 ACTIONS = ("drop", "downweight")
 
@@ -60,7 +61,7 @@ class Result:
     alpha: np.ndarray           # final weight per update (0 = not counted)
     flagged: np.ndarray         # bool per update
     verdicts: dict[str, Verdict]   # per filter: scores and its own flags
-    norms: np.ndarray           # L2 norm of each update as received
+    norms: np.ndarray           # L2 norm of each update as aggregated (after the edge's bounds)
     weight_sum: float           # sum of alpha over counted updates
     num_clipped: int
     aggregator: str
@@ -88,16 +89,19 @@ def robust_aggregate(rows: Rows, name: str, params: dict, max_cells: int) -> np.
 
 def aggregate(rows: Rows, meta: Meta, wcfg: WeightingConfig, fcfg: FilterConfig, clip: float = 0.0,
               noise_mult: float = 0.0, rng: np.random.Generator | None = None,
-              noise: np.ndarray | None = None) -> Result:
+              noise: np.ndarray | None = None, factors: np.ndarray | None = None) -> Result:
     """Aggregate a round. With central DP (clip > 0) the aggregator is always the weighted mean of the updates
-    that survived the filters (the only one whose sensitivity is bounded, see edge.central_dp)."""
+    that survived the filters (the only one whose sensitivity is bounded, see edge.central_dp). `factors` scale
+    the rows after the filters saw them as received (edge.bounds: an outsized update is still flagged)."""
     rng = rng if rng is not None else np.random.default_rng()
-    norms = rows.norms()
     alpha = weights(meta.num_samples, meta.losses, meta.classes, meta.staleness, meta.sample_weight, wcfg)
     flagged = np.zeros(rows.n, dtype=bool)
     verdicts: dict[str, Verdict] = {}
     if fcfg.enabled and rows.n >= fcfg.min_updates:
         flagged, verdicts = run_filters(filter_matrix(rows, fcfg.max_cells, rng), fcfg.enabled, fcfg.params)
+    if factors is not None:
+        rows = rows.scaled(factors)
+    norms = rows.norms()
     robust = fcfg.aggregator != "mean" and clip <= 0
     keep_factor = 0.0 if (fcfg.action == "drop" or robust) else fcfg.downweight
     alpha = np.where(flagged, alpha * keep_factor, alpha)
@@ -108,7 +112,7 @@ def aggregate(rows: Rows, meta: Meta, wcfg: WeightingConfig, fcfg: FilterConfig,
         mean = np.zeros(rows.n_params)
     elif clip > 0:
         omega = alpha / alpha.max()
-        factors = central_dp.clip_factors(norms, clip)
+        factors = scale_to(norms, clip)
         num_clipped = int(((factors < 1.0) & counted).sum())
         mean = central_dp.noisy_mean(rows.weighted_sum(omega * factors), float(omega.sum()), clip, noise_mult,
                                      noise)

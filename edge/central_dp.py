@@ -35,11 +35,6 @@ def secure_normal(n: int) -> np.ndarray:
     return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
 
 
-def clip_factors(norms: np.ndarray, clip: float) -> np.ndarray:
-    """min(1, S / ||delta_i||) per device (1 for a zero delta)."""
-    return np.minimum(1.0, clip / np.maximum(norms, 1e-300))
-
-
 def noisy_mean(weighted_sum: np.ndarray, weight_sum: float, clip: float, noise_mult: float,
                noise: np.ndarray | None = None) -> np.ndarray:
     """(sum + N(0, z^2 S^2)) / W; `noise` (standard normal, for tests) defaults to secure_normal."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.aggregate import FilterConfig
+from edge.bounds import BoundsConfig
 from edge.rounds import RoundsConfig
 from edge.weighting import WeightingConfig
 from protocol.compression import CompressionSettings
@@ -68,6 +69,7 @@ class EdgeConfig:
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    bounds: BoundsConfig = field(default_factory=BoundsConfig)  # per-device norm and weight bounds (edge.bounds)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     max_update_bytes: int = 4 * 1024 * 1024

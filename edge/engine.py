@@ -19,6 +19,7 @@ import numpy as np
 
 from edge import central_dp
 from edge.aggregate import Meta, Result, aggregate, relative_change
+from edge.bounds import check_update, plan_cap, round_bounds
 from edge.config import EdgeConfig
 from edge.metrics import Metrics
 from edge.rounds import excuses, expected_devices, staleness_weight, sync_close_reason
@@ -89,6 +90,7 @@ class EdgeEngine:
         self.batch = int(self.store.get("batch") or 0)
         self.last_forwarded = _floats(self.store.get("last_forwarded"))
         self.residual = _floats(self.store.get("residual"))
+        self.latest: dict[str, list[float]] = json.loads(self.store.get("bounds") or b"{}")  # device -> [norm, n]
         self.pending: list[Stored] = self.store.pending()
         self.status = self.store.statuses()   # each device's last known (state, round), kept across rounds
         self.metrics.pending.set(len(self.pending))
@@ -178,6 +180,10 @@ class EdgeEngine:
                                       self.cfg.accept_signatures)
             round_id = msg.round_id
             idx, values = decode_delta(msg, self.ctx)
+            ann = self.announcement
+            check_update(float(np.linalg.norm(values.astype(np.float64))), msg.num_samples,
+                         plan_cap(ann.plan, self.ctx.n_params, msg.num_samples, ann.lr_scale.get(msg.device_id, 1.0),
+                                  self.cfg.bounds.plan_slack), self.cfg.bounds)
             control = None if msg.control_delta is None else decode_update(msg.control_delta, self.ctx.n_params)
             stored = Stored(msg.device_id, msg.round_id, msg.base_version, msg.num_samples, msg.train_loss,
                             msg.capability.compute_class, stale, msg.privacy.epsilon, msg.local_steps, len(data),
@@ -278,6 +284,8 @@ class EdgeEngine:
         state = {"batch": str(batch).encode()}
         if sync:
             state["closed_round"] = str(ann.round_id).encode()
+        if masked is None:
+            state["bounds"] = json.dumps(self.latest).encode()
         if agg.significant:
             state["last_forwarded"] = mean.tobytes()
             if self.residual is not None:
@@ -302,7 +310,16 @@ class EdgeEngine:
         n_params = int(self.model["n_params"])
         rows = Rows.stack(n_params, [(u.indices, u.values) for u in updates])
         ids = [u.device_id for u in updates]
-        meta = Meta(num_samples=np.array([u.num_samples for u in updates], dtype=np.float64),
+        bounds = round_bounds(ids, rows.norms(), np.array([u.num_samples for u in updates], dtype=np.float64),
+                              self.latest, self.cfg.bounds)
+        self.latest = bounds.latest
+        bounded = {d: round(float(f), 6) for d, f in zip(ids, bounds.factors) if f < 1.0}
+        capped = {d: int(n) for d, n, u in zip(ids, bounds.samples, updates) if n < u.num_samples}
+        if bounded or capped:
+            self.metrics.bounded.inc(len(set(bounded) | set(capped)))
+            event(self.log, "updates bounded", logging.WARNING, round=ann.round_id, norm_bound=bounds.norm_bound,
+                  devices=bounded, samples_capped=capped)
+        meta = Meta(num_samples=bounds.samples,
                     losses=np.array([u.train_loss for u in updates], dtype=np.float64),
                     classes=[u.compute_class for u in updates],
                     staleness=staleness_weight(np.array([u.staleness for u in updates], dtype=np.int64),
@@ -313,7 +330,8 @@ class EdgeEngine:
                                                                              self.cfg.central_dp.noise_mult)
         seeded = self.rng is not None and clip > 0   # the simulator's reproducible noise; else secure_normal
         result = aggregate(rows, meta, self.cfg.weighting, self.cfg.filters, clip=clip, noise_mult=noise_mult,
-                           rng=self.rng, noise=self.rng.standard_normal(n_params) if seeded else None)
+                           rng=self.rng, noise=self.rng.standard_normal(n_params) if seeded else None,
+                           factors=bounds.factors)
         counted = result.alpha > 0
         kept = [d for d, c in zip(ids, counted) if c]
         flagged = [d for d, f in zip(ids, result.flagged) if f]
@@ -343,7 +361,7 @@ class EdgeEngine:
               if np.isfinite(change) else None, aggregator=result.aggregator)
         agg = EdgeAggregate(
             edge_id=self.aggregate_id, round_id=ann.round_id, base_version=ann.model_version, num_devices=len(kept),
-            num_samples=int(sum(u.num_samples for u, c in zip(updates, counted) if c)),
+            num_samples=int(sum(n for n, c in zip(bounds.samples, counted) if c)),
             weight_sum=float(result.weight_sum), n_params=n_params, delta=delta, significant=significant,
             central_dp=report, filtered=flagged, rejected=dict(self.rejected), device_ids=kept,
             max_device_epsilon=float(max((u.epsilon for u in updates), default=0.0)),

@@ -12,6 +12,8 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.accepted = Counter("fediomt_edge_updates_accepted", "Device updates accepted", registry=r)
         self.rejected = Counter("fediomt_edge_updates_rejected", "Device updates rejected", ["reason"], registry=r)
+        self.bounded = Counter("fediomt_edge_updates_bounded", "Updates scaled down or sample-capped by edge.bounds",
+                               registry=r)
         self.bytes_in = Counter("fediomt_edge_bytes_in", "Bytes received (updates, rounds, models)", registry=r)
         self.bytes_out = Counter("fediomt_edge_bytes_out", "Bytes published (aggregates, relays, acks)", registry=r)
         self.filter_decisions = Counter("fediomt_edge_filter_decisions", "Filter verdicts per update",

@@ -109,6 +109,11 @@ class Rows:
             return np.arange(self.n_params)
         return np.flatnonzero(np.bincount(self.indices, minlength=self.n_params))
 
+    def scaled(self, factors: np.ndarray) -> Rows:
+        """Row i multiplied by factors[i] (the edge's norm bound, edge.bounds)."""
+        per_value = np.repeat(np.asarray(factors, dtype=np.float64), np.diff(self.indptr))
+        return Rows(self.n_params, self.indptr, self.iptr, self.indices, (self.values * per_value).astype(np.float32))
+
     def take(self, mask: np.ndarray) -> Rows:
         """The rows where `mask` is True."""
         keep_values = np.repeat(mask, np.diff(self.indptr))

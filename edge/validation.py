@@ -1,6 +1,8 @@
 """Admission of a device update, cheapest checks first, so that a flood of junk costs little CPU: the strict
-decoder, topic/sender agreement, enrolment and revocation (protocol.keyring), round, shape, then the Ed25519
-signature or the per-(device, edge) HMAC tag (`check_sig`), then the payload (`decode_delta`). Duplicates and
+decoder (and counts that fit the store's 64-bit integers: BAD_VALUE), topic/sender agreement, enrolment and
+revocation (protocol.keyring), round, shape, then the Ed25519 signature or the per-(device, edge) HMAC tag
+(`check_sig`), then "round closed" (DEADLINE: after the signature, so a forged late copy is never answered as an
+accepted DUPLICATE), then the payload (`decode_delta`) and the edge's bounds (edge.bounds.check_update). Duplicates and
 replays are refused last, by the store's INSERT constraints (edge/store.py). Every failure is a ProtocolError with a
 Reason; the gateway turns it into a metric, a log line and a negative Ack.
 """
@@ -16,6 +18,8 @@ from protocol.compression import decode_sparse
 from protocol.errors import ProtocolError, Reason
 from protocol.keyring import Enrolled, KeyRing
 from protocol.messages import MAC_BYTES, DeviceUpdate, decode, verify_mac_raw, verify_raw
+
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,9 @@ def authenticate(data: bytes, topic_device: str, ctx: RoundContext, keys: KeyRin
                  accept_signatures: bool = True) -> tuple[DeviceUpdate, int]:
     """(the verified update, its staleness) or ProtocolError."""
     msg = decode(data, expect=DeviceUpdate, max_bytes=max_bytes)
+    for name in ("num_samples", "local_steps"):   # the store keeps them as SQLite (64-bit signed) integers
+        if getattr(msg, name) > INT64_MAX:
+            raise ProtocolError(Reason.BAD_VALUE, f"{name} {getattr(msg, name)} > {INT64_MAX}")
     if msg.device_id != topic_device or msg.edge_id != ctx.edge_id:
         raise ProtocolError(Reason.WRONG_SENDER, f"{msg.device_id}@{msg.edge_id} published on {topic_device}"
                                                  f"@{ctx.edge_id}'s topic")
@@ -46,8 +53,6 @@ def authenticate(data: bytes, topic_device: str, ctx: RoundContext, keys: KeyRin
         if msg.round_id != ctx.round_id or msg.base_version != ctx.model_version:
             raise ProtocolError(Reason.WRONG_ROUND, f"round {msg.round_id} v{msg.base_version}, open is "
                                                     f"{ctx.round_id} v{ctx.model_version}")
-        if ctx.closed:
-            raise ProtocolError(Reason.DEADLINE, f"round {ctx.round_id} already closed")
         stale = 0
     else:
         if msg.round_id > ctx.round_id:
@@ -56,6 +61,8 @@ def authenticate(data: bytes, topic_device: str, ctx: RoundContext, keys: KeyRin
     if msg.n_params != ctx.n_params:
         raise ProtocolError(Reason.BAD_SHAPE, f"n_params {msg.n_params}, model has {ctx.n_params}")
     check_sig(data, msg, entry, accept_signatures)
+    if ctx.rounds.mode == "sync" and ctx.closed:   # after the signature: a forged copy is BAD_SIGNATURE, never
+        raise ProtocolError(Reason.DEADLINE, f"round {ctx.round_id} already closed")   # acked as a DUPLICATE
     return msg, stale
 
 

@@ -164,7 +164,9 @@ class Fed:
         for d, k in self.keys.items():
             signing.save_public_key(k.public_key(), root / "enrolment" / f"{d}.pub")
         raw = {"edge_id": "edge1", "state_dir": "state", "enrolment_dir": "enrolment", "signing_key": "edge.key",
-               "cloud_public_key": "cloud.pub", "tick_s": 0.05, "filters": {"enabled": []}}
+               "cloud_public_key": "cloud.pub", "tick_s": 0.05, "filters": {"enabled": []},
+               "bounds": {"norm_multiple": 0.0, "samples_multiple": 0.0}}   # random deltas: exact FedAvg
+        # arithmetic; tests of the (default) bounds pass them (tests/test_bounds.py, tests/test_hostile_device.py)
         for key, value in overrides.items():
             if isinstance(value, dict):
                 raw.setdefault(key, {}).update(value)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cloud.accounting import device_event, epsilon
-from cloud.config import PrivacyConfig, RoundSettings, StrategyConfig
+from cloud.config import BoundsConfig, PrivacyConfig, RoundSettings, StrategyConfig
 from cloud.engine import CloudEngine
 from cloud.rounds import RESIDUAL, OpenRound, Received, admit, close_decision, dense_sizes, edge_results
 from protocol.compression import CompressionSettings, decode_update, encode_update
@@ -130,7 +130,7 @@ def test_edge_results_reuse_an_edges_last_delta_when_not_significant(keys):
 
 # ------------------------------------------------------------------ the engine
 def test_a_full_round(keys, tmp_path):
-    eng = engine(keys, tmp_path / "run")
+    eng = engine(keys, tmp_path / "run", bounds=BoundsConfig(norm_multiple=0.0))   # plain FedAvg (tests/test_bounds.py)
     pubs = eng.start(NOW)
     assert model(keys, pubs).model_version == 1 and model(keys, pubs).encoding == "full"
     ann = announcement(keys, pubs)

@@ -97,14 +97,16 @@ def test_round_aggregate_is_the_weighted_mean_of_accepted_updates(tmp_path, rng)
 
 def test_poisoned_updates_are_filtered(tmp_path, rng):
     """20% of devices send sign-flipped updates scaled 10x: with the filter the aggregate stays within 10% (relative
-    L2) of the honest mean, without it the aggregate points the wrong way."""
+    L2) of the honest mean, without it (and without the norm bound) the aggregate points the wrong way; the default
+    norm bound alone (edge.bounds) keeps it pointing the right way."""
     base = rng.normal(size=N_PARAMS).astype(np.float32)
     honest = [(base + 0.5 * rng.normal(size=N_PARAMS)).astype(np.float32) * 0.01 for _ in range(16)]
     poisoned = [-10 * h for h in honest[:4]]
     ref = np.mean(honest, axis=0)
     results = {}
-    for name, filters in {"off": [], "on": ["norm", "cosine"], "krum": ["krum"]}.items():
-        fed = Fed(tmp_path / name, filters={"enabled": filters})
+    for name, filters in {"off": [], "bounds": [], "on": ["norm", "cosine"], "krum": ["krum"]}.items():
+        fed = Fed(tmp_path / name, filters={"enabled": filters},
+                  bounds={"norm_multiple": 0.0 if name == "off" else 2.0})
         eng = fed.engine()
         open_round(fed, eng)
         pubs = []
@@ -115,7 +117,7 @@ def test_poisoned_updates_are_filtered(tmp_path, rng):
         if filters:
             assert agg.filtered == fed.devices[16:] and agg.device_ids == fed.devices[:16]
     assert results["on"] < 0.1 and results["krum"] < 0.1
-    assert results["off"] > 1.0
+    assert results["off"] > 1.0 and results["bounds"] < 1.0
 
 
 def test_central_dp_noise_and_report(tmp_path, rng):
