@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from edge.aggregate import FilterConfig
+from edge.bounds import BoundsConfig
 from edge.weighting import WeightingConfig
 from protocol.compression import CompressionSettings
 
@@ -30,6 +31,7 @@ class Method:
     compression: dict = field(default_factory=lambda: dict(DENSE))
     filters: FilterConfig = NO_FILTERS
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    bounds: BoundsConfig = field(default_factory=BoundsConfig)   # edge [bounds] (edge.bounds)
     partial_work: bool = False       # False: classic fixed local work, a slow device misses the deadline
     forward_compression: dict = field(default_factory=lambda: dict(DENSE))   # edge -> cloud (edge forward.compression)
     downlink: str = "full"           # "full" | "delta" (cloud model_encoding)

@@ -4,6 +4,8 @@
 - scaling: sends `scale` * delta (boosting, to dominate the mean);
 - label_flip: trains honestly on labels mapped y -> (C - 1 - y);
 - noise: sends N(0, sigma^2 I) instead of a delta.
+
+Any kind may also claim `num_samples` (0: its true count), to buy weight (issue 18: 2^63 - 1 took a whole edge).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Poison:
     fraction: float          # of devices that are malicious (drawn once per run)
     scale: float = 10.0      # scaling attack factor
     sigma: float = 1.0       # noise attack std per coordinate
+    num_samples: int = 0     # the count malicious devices claim; 0 = their true one
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS or not 0.0 <= self.fraction <= 1.0:

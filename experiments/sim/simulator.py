@@ -306,7 +306,10 @@ class Simulator:
                            accountant_name="rdp", capability=self._capability(dev), n_params=self.n, rng=self.rng,
                            nonce=self.rng.bytes(16), timestamp=self.clock)
         dev.history, dev.residual, dev.control = out.history, out.residual, out.control
-        return encode(sign_message(out.update, dev.key)), result.local_steps
+        update = out.update
+        if dev.malicious and self.cfg.poison is not None and self.cfg.poison.num_samples:
+            update = replace(update, num_samples=self.cfg.poison.num_samples)
+        return encode(sign_message(update, dev.key)), result.local_steps
 
     # ------------------------------------------------------------------ edge side
     def _edge_round(self, edge: str, events: list[tuple[float, str, DeviceSim, bytes]],
@@ -355,7 +358,7 @@ class Simulator:
         m = self.method
         cfg = EdgeConfig(edge_id=edge, state_dir=self.workdir / "edges" / edge,
                          enrolment_dir=self.workdir / "enrol" / edge, signing_key=keys / f"{edge}.key",
-                         cloud_public_key=keys / "cloud.pub", filters=m.filters, weighting=m.weighting,
+                         cloud_public_key=keys / "cloud.pub", filters=m.filters, weighting=m.weighting, bounds=m.bounds,
                          forward=ForwardConfig(compression=dict(m.forward_compression)),
                          max_update_bytes=MAX_UPDATE_BYTES)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
