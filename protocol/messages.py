@@ -30,7 +30,7 @@ from protocol.errors import ProtocolError, Reason
 __all__ = [
     "decode", "encode", "register", "limit", "new_nonce", "sign_message", "verify_message", "verify_raw",
     "mac_message", "verify_mac_raw", "MAC_BYTES",
-    "floats_to_bytes",
+    "floats_to_bytes", "new_run_id", "newer_run",
     "bytes_to_floats", "TrainingPlan", "Capability", "PrivacySpent", "CentralDPReport", "RoundAnnouncement",
     "GlobalModel", "global_model", "DeviceUpdate", "EdgeAggregate", "Ack", "DeviceStatus", "Chunk", "BundleManifest",
 ]
@@ -123,6 +123,12 @@ def _tag(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()
 
 
+def newer_run(incoming: str, current: str) -> int:
+    """-1 when `incoming` belongs to an older run than `current` (ignore it), 0 the same run, 1 a newer one (start
+    it). Run ids sort by start time (new_run_id)."""
+    return (incoming > current) - (incoming < current)
+
+
 # ------------------------------------------------------------------ nested records
 @dataclass(frozen=True)
 class TrainingPlan:
@@ -172,10 +178,22 @@ class CentralDPReport:
 
 
 # ------------------------------------------------------------------ messages
-@register("round")
+RUN_ID = limit(max_len=64)  # "" (no run) or an id that sorts by start time: protocol.messages.new_run_id()
+
+
+def new_run_id(now: float | None = None) -> str:
+    """A federation run's id: UTC start time to the millisecond, then 4 random hex digits. Ids of later runs sort
+    after earlier ones, so every receiver can tell an old run's retained round or model from the new run's and
+    ignore it (docs/protocol.md "Runs")."""
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}Z"
+    return f"{stamp}-{os.urandom(2).hex()}"
+
+
+@register("round", version=3)
 @dataclass(frozen=True)
 class RoundAnnouncement:
-    """Cloud -> edges -> devices (retained): open a round."""
+    """Cloud -> edges -> devices (retained): open a round of the run `run_id`."""
 
     round_id: int = field(metadata=limit(min_value=0))
     model_name: str = field(metadata=ID)
@@ -190,13 +208,15 @@ class RoundAnnouncement:
     sample_weight: dict[str, float] = field(default_factory=dict, metadata=limit(max_len=100_000))  # 1/(N p_i)
     central_dp: CentralDPReport | None = None                         # what edges must add (clip, noise)
     secagg: dict[str, Scalar] | None = field(default=None, metadata=limit(max_len=32))
+    run_id: str = field(default="", metadata=RUN_ID)                 # the federation run (new_run_id)
     sig: bytes = field(default=b"", metadata=limit(max_len=64))
 
 
-@register("model")
+@register("model", version=3)
 @dataclass(frozen=True)
 class GlobalModel:
-    """Cloud -> edges -> devices (retained): a model version, full or as a delta against `base_version`."""
+    """Cloud -> edges -> devices (retained): a model version of the run `run_id`, full or as a delta against
+    `base_version`."""
 
     model_name: str = field(metadata=ID)
     model_version: int = field(metadata=limit(min_value=0))
@@ -206,6 +226,7 @@ class GlobalModel:
     weights: bytes
     sha256: bytes = field(metadata=SHA256)                          # of the full float32 weights after applying
     control: bytes | None = None                                      # SCAFFOLD server control variate (float32)
+    run_id: str = field(default="", metadata=RUN_ID)                 # the federation run (new_run_id)
     sig: bytes = field(default=b"", metadata=limit(max_len=64))
 
     def __post_init__(self) -> None:
@@ -216,7 +237,7 @@ class GlobalModel:
 
 
 def global_model(name: str, version: int, weights: np.ndarray, delta_payload: bytes | None = None,
-                 control: np.ndarray | None = None) -> GlobalModel:
+                 control: np.ndarray | None = None, run_id: str = "") -> GlobalModel:
     """The (unsigned) GlobalModel of `version` for the published `weights` (what devices end up holding): in full,
     or with `delta_payload` (a protocol.compression payload that turns version - 1's weights into exactly
     `weights`) as a delta against version - 1. `sha256` is always of the published float32 weights, which is what
@@ -227,7 +248,7 @@ def global_model(name: str, version: int, weights: np.ndarray, delta_payload: by
     return GlobalModel(model_name=name, model_version=version, encoding="delta" if delta else "full",
                        base_version=version - 1 if delta else None, n_params=len(full) // 4,
                        weights=delta_payload if delta else full, sha256=hashlib.sha256(full).digest(),
-                       control=None if control is None else floats_to_bytes(control))
+                       control=None if control is None else floats_to_bytes(control), run_id=run_id)
 
 
 @register("update")
