@@ -27,7 +27,7 @@ from cloud.accounting import epsilon, json_epsilon
 from cloud.config import CloudConfig
 from cloud.contributions import ContributionRecorder
 from cloud.distill_schedule import Distiller
-from cloud.engine import CloudEngine
+from cloud.engine import CloudEngine, failed
 from cloud.metrics import Metrics
 from cloud.model import CloudModel, load_eval_data
 from cloud.rounds import byte_totals
@@ -43,6 +43,7 @@ from protocol.signing import load_private_key
 from protocol.topics import ANY, aggregate_topic, matches, status_topic
 
 AGGREGATES = aggregate_topic(ANY)
+EXIT_FAILED = 4   # the run failed (cloud.engine.failed): the units' RestartPreventExitStatus keeps it stopped
 STATUSES = status_topic(ANY, ANY)
 
 
@@ -104,7 +105,8 @@ class CloudAggregator:
         if not self.state.stop_reason:
             if not all(c.start(self.stop) for c in filter(None, (self.conn, self.secagg_conn))):
                 return 0
-            event(self.log, "cloud running", strategy=self.engine.strategy.name, model=self.cfg.model,
+            event(self.log, "cloud running", run_id=self.state.run_id, strategy=self.engine.strategy.name,
+                  model=self.cfg.model,
                   n_params=self.model.n_params, edges=self.edges, round=self.state.round_id,
                   resumed=bool(self.state.history))
             if self.cfg.ledger is not None:
@@ -118,8 +120,9 @@ class CloudAggregator:
             if self.distiller is not None:
                 self.distiller.join()
         self.write_report()
-        event(self.log, "cloud stopped", finished=bool(self.state.stop_reason), rounds=len(self.state.history))
-        return 0
+        event(self.log, "cloud stopped", finished=bool(self.state.stop_reason) and not failed(self.state.stop_reason),
+              reason=self.state.stop_reason, rounds=len(self.state.history))
+        return EXIT_FAILED if failed(self.state.stop_reason) else 0
 
     def _loop(self) -> None:
         while not self.stop.is_set() and not self.state.stop_reason:
@@ -162,7 +165,8 @@ class CloudAggregator:
         last = h[-1] if h else {}
         report = {
             "strategy": self.engine.strategy.name, "model": self.cfg.model, "n_params": self.model.n_params,
-            "rounds_completed": len(h), "finished": bool(s.stop_reason), "stop_reason": s.stop_reason,
+            "rounds_completed": len(h), "finished": bool(s.stop_reason) and not failed(s.stop_reason),
+            "failed": failed(s.stop_reason), "stop_reason": s.stop_reason, "run_id": s.run_id,
             "final_accuracy": last.get("accuracy"), "final_loss": last.get("loss"),
             "total_bytes_up": sum(r["bytes_up"] for r in h),
             "total_bytes_down": sum(r["bytes_down"] for r in h),

@@ -97,6 +97,10 @@ class CloudConfig:
     round_timeout_s: float = 60.0    # deadline = announcement + this
     grace_s: float = 5.0             # edges close at the deadline: wait this long after it for their aggregates
     min_edges: int = 1               # at the deadline: close with >= this many aggregates, else re-announce
+    min_devices: int = 1             # a round that closes with fewer devices in it fails the run: the cloud stops,
+                                     # says why (report.json finished = false) and exits 4; 0 = never
+    run_id: str = ""                 # this run's id in every round and model; "" = drawn at the first start
+                                     # (protocol.messages.new_run_id) and kept in the checkpoint
     devices: list[str] = field(default_factory=list)  # known device ids (cohort selection before any round)
     population: int = 0              # devices in the federation (SCAFFOLD's N); 0 = devices known so far
     seed: int = 0                    # initial weights and the strategy's sampling
@@ -138,6 +142,10 @@ class CloudConfig:
             raise ValueError("need rounds >= 1, round_timeout_s > 0, grace_s >= 0 and min_edges >= 1")
         if self.key_check_s < 0:
             raise ValueError("key_check_s must be >= 0")
+        if self.min_devices < 0:
+            raise ValueError("min_devices must be >= 0")
+        if self.run_id:
+            check_id(self.run_id)
         if self.model_encoding not in ("full", "delta") or self.model_full_every < 1:
             raise ValueError("model_encoding must be 'full' or 'delta' and model_full_every >= 1")
         compression_from_table(self.compression)
@@ -181,7 +189,7 @@ class CloudConfig:
             seed=self.seed, plan=self.plan, compression=self.compression, central_dp=self.central_dp,
             privacy=self.privacy, strategy=self.strategy, model_encoding=self.model_encoding,
             model_full_every=self.model_full_every, model_compression=self.model_compression, secagg=self.secagg,
-            bounds=self.bounds)
+            bounds=self.bounds, min_devices=self.min_devices, run_id=self.run_id)
 
 
 @dataclass(frozen=True)
@@ -196,6 +204,8 @@ class RoundSettings:
     round_timeout_s: float = 60.0
     grace_s: float = 5.0
     min_edges: int = 1
+    min_devices: int = 0             # the daemon's default is 1 (CloudConfig); the simulator's rounds may be empty
+    run_id: str = ""
     devices: tuple[str, ...] = ()
     population: int = 0
     seed: int = 0

@@ -71,11 +71,27 @@ from protocol.atomic import atomic_write
 from protocol.errors import ProtocolError, Reason
 from protocol.keyring import KeyRing
 from protocol.logs import event
-from protocol.messages import DeviceStatus, EdgeAggregate, RoundAnnouncement, decode, encode, sign_message
+from protocol.messages import (
+    DeviceStatus,
+    EdgeAggregate,
+    RoundAnnouncement,
+    decode,
+    encode,
+    new_run_id,
+    sign_message,
+)
 from protocol.publication import Publication
 from protocol.secagg import SecAggResult, SecAggServer
 from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.topics import CLOUD, CLOUD_MODEL, CLOUD_ROUND, last_level
+
+FAILED_PREFIX = "failed:"   # a stop_reason that starts so is a failed run (report.json finished=false, exit 4)
+
+
+def failed(stop_reason: str) -> bool:
+    """Whether the run stopped as a failure (a round closed below min_devices), not completed or out of budget."""
+    return stop_reason.startswith(FAILED_PREFIX)
+
 
 Evaluate = Callable[[np.ndarray], tuple]   # (loss, accuracy) or (loss, accuracy, scores)
 Contributions = Callable[[int, int, list[EdgeResult], np.ndarray], dict | None]
@@ -108,6 +124,10 @@ class CloudEngine:
             np.random.default_rng(settings.seed).bit_generator.state, {d: DeviceInfo(d) for d in settings.devices})
         if self.state.server.weights.size != self.n_params or not set(fresh.arrays) <= set(self.state.server.arrays):
             raise ValueError(f"{self.checkpoint} holds another model or strategy's state: use a new run_dir")
+        if settings.run_id and self.state.run_id and settings.run_id != self.state.run_id:
+            raise ValueError(f"{self.checkpoint} is run {self.state.run_id}, not run_id {settings.run_id}: "
+                             "`fediomt cloud new-run` first")
+        self.state.run_id = self.state.run_id or settings.run_id or new_run_id()
         if rng is None:
             rng = np.random.default_rng()
             rng.bit_generator.state = self.state.rng_state
@@ -152,7 +172,8 @@ class CloudEngine:
 
     def _model_publication(self) -> Publication:
         s = self.state
-        msg = model_message(self.settings.model, s.version, s.server, self.model_delta)
+        msg = dataclasses.replace(model_message(self.settings.model, s.version, s.server, self.model_delta),
+                                  run_id=s.run_id)
         self.model_payload = encode(sign_message(msg, self.key))
         event(self.log, "model published", version=s.version, bytes=len(self.model_payload))
         return Publication(CLOUD_MODEL, self.model_payload, retain=True)
@@ -171,7 +192,7 @@ class CloudEngine:
             if isinstance(planned, str):
                 self._finish(planned)
                 return []
-            ann = sign_message(planned, self.key)
+            ann = sign_message(dataclasses.replace(planned, run_id=s.run_id), self.key)
         s.announcement = encode(ann)
         save(self.checkpoint, s)
         self.deadline = ann.deadline
@@ -338,7 +359,7 @@ class CloudEngine:
                 acc: float | None, now: float, scores: dict | None = None) -> dict:
         s = self.state
         dense = dense_sizes(self.settings.model, self.n_params, ann.model_version,
-                            max(s.devices, key=len, default="device-00"), max(self.edges, key=len))
+                            max(s.devices, key=len, default="device-00"), max(self.edges, key=len), s.run_id)
         traffic = Traffic(len(self.model_payload), len(s.announcement), len(s.devices), len(self.edges),
                           sum(r.size for r in self.received.values()), self.rejected, dense)
         return round_record(ann, aggs, report, loss, acc, now, s.version, s.server, traffic, self.settings, scores)
@@ -349,7 +370,11 @@ class CloudEngine:
         s.history.append(record)
         s.round_id += 1
         s.announcement = b""
-        if len(s.history) >= cfg.rounds:
+        short = record.get("num_devices", 0) < cfg.min_devices and "edge_secagg" not in record
+        if short:   # never report a run completed on rounds nobody trained in: stop, say why, exit non-zero
+            s.stop_reason = (f"{FAILED_PREFIX} round {round_id} closed with {record.get('num_devices', 0)} "
+                             f"device(s), fewer than min_devices = {cfg.min_devices}")
+        elif len(s.history) >= cfg.rounds:
             s.stop_reason = f"completed {cfg.rounds} rounds"
         else:
             s.stop_reason = exhausted(report, cfg.privacy.device_epsilon, cfg.privacy.central_epsilon) or ""
@@ -387,5 +412,6 @@ class CloudEngine:
         s.stop_reason = reason
         s.announcement = b""
         save(self.checkpoint, s)
-        event(self.log, "federation stopped", logging.WARNING if "privacy" in reason else logging.INFO,
+        event(self.log, "federation stopped", logging.ERROR if failed(reason) else
+              logging.WARNING if "privacy" in reason else logging.INFO,
               reason=reason, rounds=len(s.history))

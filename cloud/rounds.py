@@ -268,8 +268,9 @@ class DenseSizes:
 
 
 def dense_sizes(model: str, n_params: int, version: int, device_id: str = "device-00",
-                edge_id: str = "edge-00") -> DenseSizes:
-    """DenseSizes of round messages on model `version` (message lengths do not depend on the float values)."""
+                edge_id: str = "edge-00", run_id: str = "") -> DenseSizes:
+    """DenseSizes of round messages on model `version` of run `run_id` (message lengths do not depend on the
+    float values)."""
     payload, _ = encode_update(np.zeros(n_params, np.float32), CompressionSettings(method="dense", bits=32,
                                                                                      entropy=False))
     update = DeviceUpdate(device_id=device_id, edge_id=edge_id, round_id=version, base_version=version,
@@ -277,7 +278,8 @@ def dense_sizes(model: str, n_params: int, version: int, device_id: str = "devic
                           privacy=PrivacySpent(1.0, 1e-5, "rdp", 1.0, 0.1, 10), n_params=n_params, delta=payload,
                           capability=Capability("wearable", 64, 250_000.0, 10.0), nonce=bytes(16),
                           timestamp=1.7e9, sig=bytes(64))
-    full = dataclasses.replace(global_model(model, version, np.zeros(n_params, np.float32)), sig=bytes(64))
+    full = dataclasses.replace(global_model(model, version, np.zeros(n_params, np.float32), run_id=run_id),
+                               sig=bytes(64))
     return DenseSizes(len(encode(update)), len(encode(full)), len(payload))
 
 

@@ -38,6 +38,8 @@ class CloudState:
     announcement: bytes = b""                        # the signed announcement of the open round
     stop_reason: str = ""                            # set once the federation is over
     bounds: dict[str, list[float]] = field(default_factory=dict)   # per edge: latest [norm, samples/dev, weight/dev]
+    run_id: str = ""                                 # this run's id (protocol.messages.new_run_id), in every
+                                                     # round and model it publishes
 
 
 def save(path: Path, s: CloudState) -> None:
@@ -45,6 +47,7 @@ def save(path: Path, s: CloudState) -> None:
             "devices": {k: asdict(v) for k, v in s.devices.items()}, "history": s.history,
             "nonces": s.nonces[-MAX_NONCES:], "min_local_examples": s.min_local_examples,
             "announcement": s.announcement.hex(), "stop_reason": s.stop_reason, "bounds": s.bounds,
+            "run_id": s.run_id,
             "arrays": sorted(s.server.arrays), "edges": sorted(s.last_delta)}
     arrays = {"weights": s.server.weights, "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
     arrays.update({f"server_{k}": v for k, v in s.server.arrays.items()})
@@ -62,4 +65,5 @@ def load(path: Path) -> CloudState:
     return CloudState(meta["round_id"], meta["version"], server, PrivacyLedger.from_dict(meta["ledger"]),
                       meta["rng_state"], {k: DeviceInfo(**v) for k, v in meta["devices"].items()}, last,
                       meta["history"], meta["nonces"], meta["min_local_examples"],
-                      bytes.fromhex(meta["announcement"]), meta["stop_reason"], meta.get("bounds", {}))
+                      bytes.fromhex(meta["announcement"]), meta["stop_reason"], meta.get("bounds", {}),
+                      meta.get("run_id", ""))

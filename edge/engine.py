@@ -42,6 +42,7 @@ from protocol.messages import (
     decode,
     encode,
     new_nonce,
+    newer_run,
     sign_message,
     verify_message,
 )
@@ -119,6 +120,8 @@ class EdgeEngine:
     def handle_cloud(self, kind: str, data: bytes) -> list[Publication]:
         """A message from fl/cloud/round or fl/cloud/model: verify, adopt, relay (and maybe close a round)."""
         self.metrics.bytes_in.inc(len(data))
+        if not data:   # a retained message cleared (`fediomt cloud new-run`): nothing to adopt or relay
+            return []
         try:
             if kind == "round":
                 return self._on_round(data)
@@ -128,9 +131,27 @@ class EdgeEngine:
                   detail=exc.detail)
             return []
 
+    def _follow_run(self, run_id: str, kind: str, data: bytes) -> bool:
+        """Whether a verified round or model belongs to the run followed (a newer run is started first: the old
+        run's rounds, updates and unsent aggregates are forgotten); an older run's is ignored, with a log line."""
+        current = (self.store.get("run_id") or b"").decode()
+        order = newer_run(run_id, current)
+        if order < 0:
+            event(self.log, "message of an older run ignored", logging.WARNING, kind=kind, run=run_id,
+                  following=current)
+            return False
+        if order > 0:
+            dropped = len(self.pending)
+            self.store.new_run(run_id)
+            self._restore()
+            event(self.log, "new run", run=run_id, previous=current or None, dropped_updates=dropped)
+        return True
+
     def _on_model(self, data: bytes) -> list[Publication]:
         msg = decode(data, expect=GlobalModel)
         verify_message(msg, self.cloud_key)
+        if not self._follow_run(msg.run_id, "model", data):
+            return []
         relay = [Publication(model_topic(self.cfg.edge_id), data, retain=True)]
         if self.model is not None and msg.model_version < self.model["version"]:
             return []
@@ -144,10 +165,15 @@ class EdgeEngine:
         verify_message(msg, self.cloud_key)
         MaskedRound.from_announcement(msg.secagg)   # refuse a malformed secagg table before adopting the round
         EdgeMaskedRound.from_announcement(msg.secagg)
+        if not self._follow_run(msg.run_id, "round", data):
+            return []
         current = self.announcement
         if current is not None and msg.round_id <= current.round_id:
-            return [] if msg.round_id < current.round_id else [Publication(round_topic(self.cfg.edge_id), data,
-                                                                           retain=True)]
+            if msg.round_id < current.round_id:
+                event(self.log, "announcement of an earlier round ignored", logging.WARNING, round=msg.round_id,
+                      open_round=current.round_id, run=msg.run_id)
+                return []
+            return [Publication(round_topic(self.cfg.edge_id), data, retain=True)]
         out = []
         if self.cfg.rounds.mode == "sync" and current is not None and self.pending:
             out += self._close("superseded")

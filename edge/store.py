@@ -162,6 +162,17 @@ class Store:
     def mark_published(self, batch: int) -> None:
         self.db.execute("UPDATE outbox SET published = 1 WHERE batch = ?", (batch,))
 
+    RUN_KEYS = ("announcement", "model", "opened", "closed_round", "last_forwarded", "residual")
+
+    def new_run(self, run_id: str) -> None:
+        """One transaction: forget the previous run (its open and closed rounds, stored updates and their nonces,
+        aggregates not yet published, forwarding residuals) and follow `run_id`; device statuses stay."""
+        with self._tx():
+            self.db.execute("DELETE FROM updates")
+            self.db.execute("DELETE FROM outbox")
+            self.db.executemany("DELETE FROM kv WHERE key = ?", [(k,) for k in self.RUN_KEYS])
+            self.put("run_id", run_id.encode())
+
     def prune(self, before_round: int) -> None:
         """Forget aggregated updates (with their nonces) of rounds before `before_round`, and published aggregates."""
         with self._tx():
