@@ -2,7 +2,8 @@
 strong non-federated references on the same features, all tuned honestly.
 
 Honest means the test set is looked at once, for the final figures: every choice is made on a validation split
-carved from the pooled training data (stratified, `val_fraction`, seeded).
+carved from the training data (Federation.validation_split: `val_fraction` of each client's rows of every label,
+seeded; the split the federated methods are tuned on).
 - `centralized`: Keras, Adam, a learning-rate search over `lrs`, each run early-stopped on the validation loss (the
   weights of the best epoch restored); the learning rate with the lowest validation loss wins, then (refit) the
   model is retrained on all the training data for that many epochs, as the federation trains on all of it.
@@ -44,16 +45,13 @@ class Yardstick:
         return asdict(self)
 
 
-def validation_split(y: np.ndarray, fraction: float = 0.15, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, validation indices): `fraction` of every class (at least one row of a class with >= 2)."""
-    rng = np.random.default_rng(seed)
-    val = []
-    for label in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == label))
-        take = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
-        val.append(idx[:take])
-    val_idx = np.sort(np.concatenate(val)) if val else np.array([], np.int64)
-    return np.setdiff1d(np.arange(len(y)), val_idx), val_idx
+def tuning_data(fed: Federation, fraction: float = 0.15, seed: int = 0):
+    """(x_train, y_train, x_val, y_val): the pooled training rows minus the validation rows of
+    Federation.validation_split (the split the federated methods are tuned on: per client and label, windowed series
+    lend their last rows so overlapping windows never straddle the two)."""
+    tune = fed.validation_split(fraction, seed)
+    x, y = tune.pooled()
+    return x, y.astype(np.int64), tune.x_test, tune.y_test.astype(np.int64)
 
 
 def _result(method: str, logits: np.ndarray, y: np.ndarray, chosen: dict, val_loss: float | None) -> Yardstick:
@@ -70,9 +68,9 @@ def centralized(fed: Federation, seed: int = 0, lrs: tuple[float, ...] = LRS, ma
 
     from firmware_models import keras_model
 
+    x_tr, y_tr, x_va, y_va = tuning_data(fed, val_fraction, seed)
     x, y = fed.pooled()
     x, y = x.astype(np.float32), y.astype(np.int64)
-    tr, va = validation_split(y, val_fraction, seed)
 
     def fit(lr: float, xs, ys, epochs: int, validation=None):
         keras.utils.set_random_seed(seed)
@@ -87,7 +85,7 @@ def centralized(fed: Federation, seed: int = 0, lrs: tuple[float, ...] = LRS, ma
 
     best = None   # (val_loss, lr, epochs, model)
     for lr in lrs:
-        model, val_losses = fit(lr, x[tr], y[tr], max_epochs, (x[va], y[va]))
+        model, val_losses = fit(lr, x_tr, y_tr, max_epochs, (x_va, y_va))
         finite = [v if math.isfinite(v) else math.inf for v in val_losses]
         epoch = int(np.argmin(finite))
         if best is None or finite[epoch] < best[0]:
@@ -120,14 +118,14 @@ def logistic_regression(fed: Federation, seed: int = 0, cs: tuple[float, ...] = 
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    x_tr, y_tr, x_va, y_va = (a.reshape(len(a), -1) if a.ndim > 1 else a for a in tuning_data(fed, val_fraction, seed))
     x, y = fed.pooled()
     x, y = x.reshape(len(x), -1), y.astype(np.int64)
-    tr, va = validation_split(y, val_fraction, seed)
 
     def model(c: float):
         return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
 
-    scored = [(_val_loss(model(c).fit(x[tr], y[tr]).predict_proba(x[va]), y[va]), c) for c in cs]
+    scored = [(_val_loss(model(c).fit(x_tr, y_tr).predict_proba(x_va), y_va), c) for c in cs]
     val_loss, c = min(scored)
     final = model(c).fit(x, y)
     return _result("logreg", _log_proba(final.predict_proba(fed.x_test.reshape(len(fed.x_test), -1))), fed.y_test,
@@ -141,9 +139,9 @@ def gradient_boosting(fed: Federation, seed: int = 0, learning_rates: tuple[floa
     lowest staged validation loss; refit on all training data with them."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
+    x_tr, y_tr, x_va, y_va = (a.reshape(len(a), -1) if a.ndim > 1 else a for a in tuning_data(fed, val_fraction, seed))
     x, y = fed.pooled()
     x, y = x.reshape(len(x), -1), y.astype(np.int64)
-    tr, va = validation_split(y, val_fraction, seed)
 
     def model(lr: float, n_leaves: int, trees: int):
         return HistGradientBoostingClassifier(learning_rate=lr, max_leaf_nodes=n_leaves, max_iter=trees,
@@ -152,8 +150,8 @@ def gradient_boosting(fed: Federation, seed: int = 0, learning_rates: tuple[floa
     best = None
     for lr in learning_rates:
         for n_leaves in leaves:
-            fitted = model(lr, n_leaves, max_iter).fit(x[tr], y[tr])
-            losses = [_val_loss(p, y[va]) for p in fitted.staged_predict_proba(x[va])]
+            fitted = model(lr, n_leaves, max_iter).fit(x_tr, y_tr)
+            losses = [_val_loss(p, y_va) for p in fitted.staged_predict_proba(x_va)]
             trees = int(np.argmin(losses)) + 1
             if best is None or losses[trees - 1] < best[0]:
                 best = (losses[trees - 1], lr, n_leaves, trees)
