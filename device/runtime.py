@@ -2,9 +2,9 @@
 
 Never imports TensorFlow. The training state lives in the interpreter's resource variables; `get_flat`/`set_flat`
 move it in and out (wire order = `protocol.weights.flatten`). Training batches have the fixed size in the
-manifest (`batch_sizes.train`): the caller samples full batches (the privacy accountant uses q = batch / n), and
-`train_step` refuses any other size. `infer`/`evaluate` take any number of rows: the tail batch is zero-padded
-and its padded rows are dropped.
+manifest (`batch_sizes.train`), a capacity: the caller fills it with a Poisson sample (device.training) and marks
+the real rows with `mask`; `train_step` refuses any other size. `infer`/`evaluate` take any number of rows: the
+tail batch is zero-padded and its padded rows are dropped.
 """
 
 from __future__ import annotations
@@ -107,23 +107,33 @@ class TrainableModel:
 
     def train_step(self, x: np.ndarray, y: np.ndarray, noise: np.ndarray | None, lr: float, clip: float,
                    noise_mult: float, mu: float = 0.0, ref_flat: np.ndarray | None = None,
-                   control_flat: np.ndarray | None = None, rng: np.random.Generator | None = None) -> float:
-        """One DP-SGD step on exactly `batch_size` rows; returns the batch's mean loss before the step.
+                   control_flat: np.ndarray | None = None, rng: np.random.Generator | None = None,
+                   mask: np.ndarray | None = None, denom: float | None = None, apply: bool = True) -> float:
+        """One DP-SGD step (or one chunk of it) on exactly `batch_size` rows; returns the mean loss of the masked
+        rows before the step.
 
         noise None: drawn here from `rng` (default: this model's CSPRNG-seeded generator). `ref_flat` is FedProx's
-        reference (global) weights, used when mu > 0; `control_flat` is SCAFFOLD's c - c_i.
+        reference (global) weights, used when mu > 0; `control_flat` is SCAFFOLD's c - c_i. `mask` (0/1 per row,
+        default all 1) selects the rows that count, `denom` divides the clipped sum plus noise (default
+        `batch_size`; Poisson sampling passes the expected batch q * n), `apply=False` only adds the rows' clipped
+        gradients to the interpreter's accumulator (a Poisson step larger than the capacity, device.training).
         """
         x = np.asarray(x, np.float32)
         if x.shape != (self.batch_size, *self.input_shape) or np.shape(y) != (self.batch_size,):
             raise ProtocolError(Reason.BAD_SHAPE, f"train batch {x.shape}/{np.shape(y)}, model wants "
                                                   f"{(self.batch_size, *self.input_shape)}")
         if noise is None:
-            noise = (rng or self.rng).standard_normal(self.n_params, dtype=np.float32)
+            noise = (rng or self.rng).standard_normal(self.n_params, dtype=np.float32) if apply else self._zeros
         if mu > 0 and ref_flat is None:
             raise ValueError("FedProx (mu > 0) needs ref_flat, the reference weights")
+        mask = np.ones(self.batch_size, np.float32) if mask is None else np.asarray(mask, np.float32)
+        if mask.shape != (self.batch_size,):
+            raise ProtocolError(Reason.BAD_SHAPE, f"mask of shape {mask.shape}, model wants ({self.batch_size},)")
         out = self._runners["train"](
-            x=x, y=np.asarray(y, np.int32), noise=self._flat_or_zeros(noise, "noise"),
-            lr=np.float32(lr), clip=np.float32(clip), noise_mult=np.float32(noise_mult), mu=np.float32(mu),
+            x=x, y=np.asarray(y, np.int32), mask=mask, noise=self._flat_or_zeros(noise, "noise"),
+            lr=np.float32(lr), clip=np.float32(clip), noise_mult=np.float32(noise_mult),
+            denom=np.float32(self.batch_size if denom is None else denom), apply=np.float32(1.0 if apply else 0.0),
+            mu=np.float32(mu),
             ref=self._flat_or_zeros(ref_flat, "ref_flat"), control=self._flat_or_zeros(control_flat, "control_flat"))
         return float(out["loss"])
 

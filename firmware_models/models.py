@@ -1,12 +1,19 @@
 """The firmware models: layer stacks, the DP-SGD step in TF ops, and the tf.Module that becomes a .tflite.
 
-The DP step (one `train` call on a fixed batch of B examples), per parameter tensor w:
+The DP step (`train` calls on fixed-capacity batches of B rows), per parameter tensor w:
     g_b     = gradient of example b's cross-entropy loss          (per example, hand-written backward)
-    f_b     = 1 / max(1, |g_b| / clip)                             (|g_b| = L2 norm over ALL tensors)
-    dp      = (sum_b f_b g_b + noise_mult * clip * noise) / B      (noise ~ N(0, 1), an INPUT drawn by the host)
-    w      -= lr * (dp + mu * (w - ref) + control)                 (FedProx proximal term; SCAFFOLD c - c_i)
-With noise_mult = 0 and a huge clip it is plain mini-batch SGD. Noise, ref and control are flat float32 vectors in
-layout order (`protocol.weights.flatten`), so the device passes them without knowing tensor shapes.
+    f_b     = mask_b / max(1, |g_b| / clip)                        (|g_b| = L2 norm over ALL tensors; mask_b in {0, 1})
+    s       = acc + sum_b f_b g_b                                  (acc: the clipped sums of earlier chunks)
+    dp      = (s + noise_mult * clip * noise) / denom              (noise ~ N(0, 1), an INPUT drawn by the host)
+    w      -= apply * lr * (dp + mu * (w - ref) + control)         (FedProx proximal term; SCAFFOLD c - c_i)
+    acc     = (1 - apply) * s
+Poisson sampling (device.training): each example joins a step independently with probability q; the sampled rows
+fill batches of capacity B with mask 1 (padding rows mask 0), a step with more than B sampled rows is split into
+chunks called with apply = 0 (accumulate only) and a last one with apply = 1, and `denom` is the EXPECTED batch
+q * n, fixed before sampling, so one example moves the noised sum by at most clip whatever was sampled.
+With mask = 1, denom = B, apply = 1, noise_mult = 0 and a huge clip it is plain mini-batch SGD. Noise, ref and
+control are flat float32 vectors in layout order (`protocol.weights.flatten`), so the device passes them without
+knowing tensor shapes.
 """
 
 from __future__ import annotations
@@ -134,19 +141,32 @@ def split_flat(flat: tf.Tensor, layout: Layout) -> list[tf.Tensor]:
     return [tf.reshape(p, s.shape) for p, s in zip(parts, layout)]
 
 
-def dp_step(spec: ModelSpec, params: list[tf.Tensor], x, y, noise, lr, clip, noise_mult, mu, ref, control):
-    """(mean loss before the step, updated parameters): the formula in the module docstring."""
+def dp_step(spec: ModelSpec, params: list[tf.Tensor], x, y, noise, lr, clip, noise_mult, mu, ref, control,
+            mask=None, denom=None, apply=None, acc=None):
+    """(mean loss of the masked rows before the step, updated parameters, new accumulator): the formula in the
+    module docstring. mask None = every row, denom None = B, apply None = 1, acc None = zeros (and not returned)."""
     layout = spec.layout
     loss, grads = per_example_grads(spec, params, x, y)
     norms = tf.sqrt(tf.add_n([g.sq_norms() for g in grads]))
     factors = 1.0 / tf.maximum(1.0, norms / clip)
-    batch = float(x.shape[0])
-    new = []
-    for w, g, n, r, c in zip(params, grads, split_flat(noise, layout), split_flat(ref, layout),
-                             split_flat(control, layout)):
-        step = (g.weighted_sum(factors) + noise_mult * clip * n) / batch + mu * (w - r) + c
-        new.append(w - lr * step)
-    return tf.reduce_mean(loss), new
+    if mask is not None:
+        factors = factors * mask
+    denom = float(x.shape[0]) if denom is None else denom
+    accs = split_flat(acc, layout) if acc is not None else [None] * len(params)
+    new, kept = [], []
+    for w, g, n, r, c, a in zip(params, grads, split_flat(noise, layout), split_flat(ref, layout),
+                                split_flat(control, layout), accs):
+        total = g.weighted_sum(factors) if a is None else a + g.weighted_sum(factors)
+        step = (total + noise_mult * clip * n) / denom + mu * (w - r) + c
+        new.append(w - lr * step if apply is None else w - apply * lr * step)
+        kept.append(total if apply is None else (1.0 - apply) * total)
+    if mask is None:
+        mean_loss = tf.reduce_mean(loss)
+    else:
+        mean_loss = tf.reduce_sum(loss * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+    if acc is None:
+        return mean_loss, new
+    return mean_loss, new, tf.concat([tf.reshape(k, [-1]) for k in kept], axis=0)
 
 
 class FirmwareModule(tf.Module):
@@ -159,25 +179,29 @@ class FirmwareModule(tf.Module):
         self.n_params = sum(s.size for s in self.layout)
         self.weights = [tf.Variable(w, name=s.name.replace("/", "_"))
                         for w, s in zip(spec.init_weights(seed), self.layout)]
+        # clipped per-example gradient sums of a Poisson step's earlier chunks (apply = 0); not part of the layout
+        self.acc = tf.Variable(np.zeros(self.n_params, np.float32), name="poisson_acc")
         f32, i32 = tf.float32, tf.int32
         xb = tf.TensorSpec([batch_size, *spec.input_shape], f32, name="x")
         yb = tf.TensorSpec([batch_size], i32, name="y")
         flat = lambda name: tf.TensorSpec([self.n_params], f32, name=name)  # noqa: E731
         scalar = lambda name: tf.TensorSpec([], f32, name=name)  # noqa: E731
         self.train = tf.function(self._train, input_signature=[
-            xb, yb, flat("noise"), scalar("lr"), scalar("clip"), scalar("noise_mult"), scalar("mu"), flat("ref"),
-            flat("control")])
+            xb, yb, tf.TensorSpec([batch_size], f32, name="mask"), flat("noise"), scalar("lr"), scalar("clip"),
+            scalar("noise_mult"), scalar("denom"), scalar("apply"), scalar("mu"), flat("ref"), flat("control")])
         self.infer = tf.function(self._infer, input_signature=[
             tf.TensorSpec([infer_batch_size, *spec.input_shape], f32, name="x")])
         self.evaluate = tf.function(self._evaluate, input_signature=[xb, yb])
         self.get_weights = tf.function(self._get_weights, input_signature=[])
         self.set_weights = tf.function(self._set_weights, input_signature=[flat("weights")])
 
-    def _train(self, x, y, noise, lr, clip, noise_mult, mu, ref, control):
-        loss, new = dp_step(self.spec, [w.read_value() for w in self.weights], x, y, noise, lr, clip, noise_mult,
-                            mu, ref, control)
+    def _train(self, x, y, mask, noise, lr, clip, noise_mult, denom, apply, mu, ref, control):
+        loss, new, acc = dp_step(self.spec, [w.read_value() for w in self.weights], x, y, noise, lr, clip,
+                                 noise_mult, mu, ref, control, mask=mask, denom=denom, apply=apply,
+                                 acc=self.acc.read_value())
         for var, value in zip(self.weights, new):
             var.assign(value)
+        self.acc.assign(acc)
         return {"loss": loss}
 
     def _infer(self, x):
@@ -196,6 +220,7 @@ class FirmwareModule(tf.Module):
     def _set_weights(self, weights):
         for var, value in zip(self.weights, split_flat(weights, self.layout)):
             var.assign(value)
+        self.acc.assign(tf.zeros_like(weights))   # a new round never inherits a split step's partial sums
         return {"n_params": tf.constant(self.n_params, tf.int32)}
 
     def signatures(self) -> dict:

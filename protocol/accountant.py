@@ -2,10 +2,11 @@
 their budget with it and the cloud recomputes their guarantee with it (cloud.accounting), so both use this one code.
 
 Each round of local DP-SGD adds one entry (noise_multiplier, sample_rate, steps); epsilon(delta) is derived from the
-whole history, composing each entry as `steps` Poisson-subsampled Gaussian mechanisms. Like Opacus and TF Privacy,
-uniformly drawn fixed-size batches are accounted with q = batch / n as Poisson sampling (the standard
-approximation). `can_afford` is asked BEFORE training, with the round's planned steps, so a device never silently
-exceeds its budget; the caller persists the new history before it publishes.
+whole history, composing each entry as `steps` Poisson-subsampled Gaussian mechanisms -- exactly what the device
+runs: device.training samples every step by independent Bernoulli(q) inclusions and divides by the expected batch
+(docs/firmware_models.md "Poisson sampling"), so no fixed-size-batch approximation is involved. `can_afford` is
+asked BEFORE training, with the round's planned steps, so a device never silently exceeds its budget; the caller
+persists the new history before it publishes.
 
 "rdp" is dp-accounting's RdpAccountant (same order grid, same formulas: log A_alpha of Mironov et al. 2019, the
 series of its Sec. 3.3 for fractional orders, the Canonne-Kamath-Steinke conversion to (epsilon, delta)) ported to

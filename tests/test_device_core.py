@@ -195,12 +195,17 @@ def test_train_round_delta_is_the_interpreters_weights(cnn):
     y = np.full(64, 3)
     start = cnn.get_flat()
     plan = _plan(noise_mult=0.0, clip=1e6)
-    result = train_round(cnn, x, y, start, plan, 2, np.random.default_rng(1))
+    result = train_round(cnn, x, y, start, plan, 1, np.random.default_rng(1))
+    # one Poisson step of k identical examples = k times the step of one of them over the expected batch 32
     cnn.set_flat(start)
-    for _ in range(2):
-        cnn.train_step(x[:32], y[:32], np.zeros(cnn.n_params, np.float32), 0.05, 1e6, 0.0)
-    np.testing.assert_allclose(result.delta, cnn.get_flat() - start, atol=1e-6)
-    assert result.local_steps == 2 and result.sample_rate == 0.5 and result.num_samples == 64
+    one = np.zeros(32, np.float32)
+    one[0] = 1.0
+    cnn.train_step(x[:32], y[:32], np.zeros(cnn.n_params, np.float32), 0.05, 1e6, 0.0, mask=one, denom=32.0)
+    single = cnn.get_flat() - start
+    k = float(result.delta @ single / (single @ single))
+    assert abs(k - round(k)) < 1e-3 and 1 <= round(k) <= 64
+    np.testing.assert_allclose(result.delta, round(k) * single, atol=1e-6)
+    assert result.local_steps == 1 and result.sample_rate == 0.5 and result.num_samples == 64
     assert np.linalg.norm(result.delta) > 0
 
 

@@ -53,3 +53,27 @@ def check_dp_step(model, x, y, grads, noise_mult: float, mu: float, seed: int = 
     want = dp_update([w.astype(np.float64) for w in weights], grads, noise, lr, clip, noise_mult, mu, ref, control)
     model.train_step(x, y, noise, lr=lr, clip=clip, noise_mult=noise_mult, mu=mu, ref_flat=ref, control_flat=control)
     np.testing.assert_allclose(model.get_flat(), flatten(want), rtol=0, atol=1e-5)
+
+
+def check_poisson_step(model, x, y, grads, noise_mult: float, seed: int = 4, lr: float = 0.1) -> None:
+    """One Poisson step split over two `train` calls (accumulate with apply = 0, then apply = 1), with masked-out
+    rows in both, divided by an expected batch that is not the row count: within 1e-5 of the NumPy step over the
+    masked rows only. `x`, `y`, `grads` hold 2 * capacity rows (both calls see the same weights)."""
+    from protocol.weights import flatten
+
+    cap = model.batch_size
+    rng = np.random.default_rng(seed)
+    mask = (rng.random(2 * cap) < 0.7).astype(np.float32)
+    weights = model.get_weights()
+    norms = np.sqrt(sum(np.sum(g.reshape(len(x), -1) ** 2, axis=1) for g in grads))
+    clip = float(np.median(norms))
+    noise = rng.standard_normal(model.n_params).astype(np.float32)
+    denom = 0.8 * cap   # the expected batch q * n, fixed before sampling
+    kept = [g * mask.reshape(-1, *([1] * (g.ndim - 1))) for g in grads]
+    want = dp_update([w.astype(np.float64) for w in weights], kept, noise, lr, clip, noise_mult)
+    # dp_update divides by the row count (2 * cap): rescale its step to the expected batch
+    want = [w0 + (w1 - w0) * (2 * cap) / denom for w0, w1 in zip(weights, want)]
+    model.train_step(x[:cap], y[:cap], None, lr, clip, noise_mult, mask=mask[:cap], denom=denom, apply=False)
+    np.testing.assert_array_equal(model.get_flat(), flatten(weights))   # apply = 0 moves nothing
+    model.train_step(x[cap:], y[cap:], noise, lr, clip, noise_mult, mask=mask[cap:], denom=denom, apply=True)
+    np.testing.assert_allclose(model.get_flat(), flatten(want), rtol=0, atol=1e-5)

@@ -15,7 +15,7 @@ from firmware_models.devbundles import DEV_PUBKEY, DYNAMIC_RANGE, PREBUILT, STUD
 from protocol.bundle import load_bundle
 from protocol.errors import ProtocolError, Reason
 from protocol.signing import load_public_key
-from tests.runtime214.numpy_reference import check_dp_step, mlp_per_example_grads
+from tests.runtime214.numpy_reference import check_dp_step, check_poisson_step, mlp_per_example_grads
 
 pytestmark = pytest.mark.runtime214
 RUNTIME = interpreter_class().__module__.split(".")[0]
@@ -75,6 +75,24 @@ def test_dp_step_matches_numpy_reference(name):
     x, y = learnable_data(model, model.batch_size, seed=3)
     _, grads = mlp_per_example_grads(model.get_weights(), x, y)
     check_dp_step(model, x, y, grads, noise_mult=0.7, mu=0.3)
+
+
+@pytest.mark.parametrize("name", ["har_mlp", "vitals_mlp"])
+def test_poisson_step_masks_accumulates_and_divides_by_the_expected_batch(name):
+    model = load(name)
+    x, y = learnable_data(model, 2 * model.batch_size, seed=5)
+    _, grads = mlp_per_example_grads(model.get_weights(), x, y)
+    check_poisson_step(model, x, y, grads, noise_mult=0.9)
+
+
+def test_set_weights_clears_a_split_steps_partial_sum():
+    a, b = load("vitals_mlp"), load("vitals_mlp")
+    x, y = learnable_data(a, a.batch_size, seed=6)
+    a.train_step(x, y, None, 0.1, 1.0, 0.0, apply=False)   # accumulate, then abandon the round
+    a.set_flat(b.get_flat())
+    for m in (a, b):
+        m.train_step(x, y, np.zeros(m.n_params, np.float32), 0.1, 1.0, 0.0)
+    np.testing.assert_array_equal(a.get_flat(), b.get_flat())
 
 
 def test_noise_none_draws_from_the_given_generator():

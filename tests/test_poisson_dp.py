@@ -1,0 +1,149 @@
+"""Issue 16: the device samples the way it accounts (Poisson), and every epsilon recomputes from the persisted history
+with dp-accounting alone."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from device.training import chunks, poisson_sample, train_round
+from device.update import RoundIdentity, build_update
+from protocol.compression import CompressionSettings
+from protocol.messages import Capability, TrainingPlan
+
+from .harness import PREBUILT
+
+
+class RecordingModel:
+    """A stand-in for TrainableModel that records every `train` call (rows, mask, denominator, apply)."""
+
+    def __init__(self, n_params: int = 5, batch_size: int = 8):
+        self.n_params, self.batch_size = n_params, batch_size
+        self.calls: list[tuple[np.ndarray, np.ndarray, float, bool]] = []
+        self.w = np.zeros(n_params, np.float32)
+
+    def set_flat(self, v):
+        self.w = np.asarray(v, np.float32).copy()
+
+    def get_flat(self):
+        return self.w.copy()
+
+    def train_step(self, x, y, noise, lr, clip, noise_mult, mu=0.0, ref_flat=None, control_flat=None, rng=None,
+                   mask=None, denom=None, apply=True):
+        assert len(x) == self.batch_size and mask.shape == (self.batch_size,)
+        self.calls.append((np.asarray(x[:, 0], np.int64), mask.copy(), float(denom), bool(apply)))
+        return 0.5
+
+
+def _plan(**kw) -> TrainingPlan:
+    return TrainingPlan(**{"lr": 0.1, "local_epochs": 1, "batch_size": 8, "clip": 1.0, "noise_mult": 1.0, **kw})
+
+
+def _steps(calls):
+    """Group recorded calls into steps: every step ends with exactly one apply=True call."""
+    steps, current = [], []
+    for call in calls:
+        current.append(call)
+        if call[3]:
+            steps.append(current)
+            current = []
+    assert not current, "a step did not end with an applying call"
+    return steps
+
+
+def test_empirical_inclusion_rate_matches_q_over_many_steps():
+    n, capacity, steps = 200, 8, 4000
+    x = np.arange(n, dtype=np.float32).reshape(n, 1)   # each row carries its own index
+    model = RecordingModel(batch_size=capacity)
+    result = train_round(model, x, np.zeros(n, np.int64), np.zeros(5, np.float32), _plan(), steps,
+                         np.random.default_rng(0))
+    q = capacity / n
+    assert result.sample_rate == q and result.local_steps == steps
+    per_step = _steps(model.calls)
+    assert len(per_step) == steps
+    counts = np.zeros(n)
+    sizes = []
+    for step in per_step:
+        rows = np.concatenate([r[m > 0] for r, m, _, _ in step])
+        assert len(set(rows.tolist())) == len(rows)        # an example joins a step at most once
+        counts[rows] += 1
+        sizes.append(len(rows))
+        assert all(d == capacity for _, _, d, _ in step)   # divided by the EXPECTED batch q * n, never by |batch|
+    # every example's inclusion rate ~ q (binomial, 5 sigma), and the overall rate within 2 % of q
+    sigma = math.sqrt(q * (1 - q) / steps)
+    assert np.all(np.abs(counts / steps - q) < 5 * sigma)
+    assert abs(counts.sum() / (steps * n) - q) < 0.02 * q
+    # batch sizes vary like Binomial(n, q) (a fixed-size sampler would have variance 0)
+    assert np.var(sizes) == pytest.approx(n * q * (1 - q), rel=0.1)
+    assert max(sizes) > capacity    # overflows happened and were split, not truncated
+    assert min(sizes) < capacity
+
+
+def test_overflow_is_split_into_accumulating_chunks_and_empty_steps_add_noise_only():
+    idx = np.arange(19)
+    parts = chunks(idx, 8)
+    assert [int(m.sum()) for _, m in parts] == [8, 8, 3]
+    assert np.concatenate([r[m > 0] for r, m in parts]).tolist() == idx.tolist()
+    (rows, mask), = chunks(np.array([], np.int64), 8)
+    assert mask.sum() == 0 and rows.shape == (8,)
+    assert poisson_sample(10, 0.0, np.random.default_rng(0)).size == 0
+    assert poisson_sample(10, 1.0, np.random.default_rng(0)).tolist() == list(range(10))
+
+
+def _dp_accounting_epsilon(history, delta: float, pld: bool) -> float:
+    """Independent of protocol.accountant: dp-accounting's own accountants over Poisson-sampled Gaussians."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    acc = pld_privacy_accountant.PLDAccountant() if pld else rdp_privacy_accountant.RdpAccountant()
+    for z, q, steps in history:
+        acc.compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)),
+                                                 steps))
+    return float(acc.get_epsilon(delta))
+
+
+@pytest.mark.parametrize("accountant_name", ["rdp", "pld"])
+def test_reported_epsilon_recomputes_from_the_persisted_history(accountant_name):
+    """The device's rounds (Poisson sampling in train_round, the history build_update persists) -> the epsilon it
+    reports; dp-accounting alone, from the persisted [noise, rate, steps] lists, gives the same within 1 %."""
+    rng = np.random.default_rng(1)
+    history: tuple = ()
+    settings = CompressionSettings(method="dense", bits=32)
+    for round_id, (n, z, steps) in enumerate([(50, 1.1, 7), (50, 0.9, 3), (37, 1.3, 5)]):
+        x = np.arange(n, dtype=np.float32).reshape(n, 1)
+        result = train_round(RecordingModel(), x, np.zeros(n, np.int64), np.zeros(5, np.float32),
+                             _plan(noise_mult=z), steps, rng)
+        out = build_update(result, RoundIdentity("d", "e", round_id, round_id), settings, history=history,
+                           residual=None, control=None, delta=1e-5, accountant_name=accountant_name,
+                           capability=Capability("pi", 64, 1e6), n_params=5, rng=rng, nonce=bytes(16),
+                           timestamp=1.0)
+        history = out.history
+        persisted = [e.to_list() for e in history]            # what device/state.py writes
+        want = _dp_accounting_epsilon(persisted, 1e-5, pld=accountant_name == "pld")
+        assert out.update.privacy.epsilon == pytest.approx(want, rel=0.01)
+        assert persisted[-1] == [z, 8 / n, steps]
+
+
+def test_user_clip_bounds_the_noise_free_delta_and_adds_the_last_steps_noise():
+    from device.runtime import TrainableModel
+    from protocol.bundle import load_bundle
+    from protocol.signing import load_public_key
+
+    bundle = load_bundle(PREBUILT / "vitals_mlp", load_public_key(PREBUILT / "DEVELOPMENT_ONLY_signing.key.pub"))
+    model = TrainableModel(bundle.model_bytes, bundle.manifest)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(200, 16)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    start = model.get_flat()
+    free = train_round(model, x, y, start, _plan(batch_size=32, lr=0.5, noise_mult=0.0), 5, np.random.default_rng(3),
+                       user_clip=0.05)
+    assert np.linalg.norm(free.delta) == pytest.approx(0.05, rel=1e-4)     # clipped, no noise
+    plan = _plan(batch_size=32, lr=0.5, noise_mult=2.0)
+    noisy = train_round(model, x, y, start, plan, 5, np.random.default_rng(4), user_clip=0.05)
+    std = 0.5 * 2.0 * 1.0 / 32                                        # lr * z * C / b: the last step's noise
+    want = math.sqrt(0.05**2 + model.n_params * std**2)
+    assert np.linalg.norm(noisy.delta) == pytest.approx(want, rel=0.15)
+    assert noisy.sample_rate == 32 / 200 and noisy.local_steps == 5
