@@ -108,6 +108,26 @@ def evaluate_logits(logits: np.ndarray, y: np.ndarray) -> tuple[float, float, di
     return loss, acc, binary_scores(logits, y)
 
 
+def top_class_share(logits: np.ndarray) -> float:
+    """The largest share of the rows predicted as one class (1.0 = a constant prediction)."""
+    pred = np.argmax(np.asarray(logits), axis=1)
+    return float(np.bincount(pred).max() / len(pred)) if len(pred) else 0.0
+
+
+DEGENERATE_SHARE = 0.99     # a model predicting one class for >= 99 % of the test set
+DEGENERATE_AUROC = 0.02     # or whose AUROC is within this of 0.5
+
+
+def degenerate(share: float | None, auroc: float | None = None) -> str:
+    """"" for a model that discriminates, else why it looks like a silent failure (one line)."""
+    why = []
+    if share is not None and share >= DEGENERATE_SHARE:
+        why.append(f"predicts one class for {100 * share:.1f}% of the test set")
+    if auroc is not None and abs(auroc - 0.5) <= DEGENERATE_AUROC:
+        why.append(f"AUROC {auroc:.3f} is within {DEGENERATE_AUROC} of chance")
+    return ("DEGENERATE MODEL: " + " and ".join(why)) if why else ""
+
+
 def split_evaluation(result: tuple | None) -> tuple[float | None, float | None, dict[str, float | None]]:
     """An evaluation hook's result, (loss, accuracy) or (loss, accuracy, scores), as (loss, accuracy, scores with
     every key of SCORES)."""

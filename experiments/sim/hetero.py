@@ -4,7 +4,9 @@ clock (local steps done before the deadline, upload time, arrival time). Pure fu
 Compute speed (local steps per second) is Gamma-distributed with the configured mean and coefficient of variation
 (CV = std / mean; CV 0 = identical devices, CV 1 = exponential, a few fast devices and many slow ones). Bandwidth is
 log-normal around its median. The virtual round deadline is set once per run from the plan: `slack` times what
-the mean-speed device needs for its planned steps plus, at the median bandwidth, a dense float32 model down and a
+a mean-speed device needs for the planned work that covers `deadline_quantile` (0.9) of the rows (`deadline_steps`:
+a quantile of the devices' planned steps weighted by their data, so the largest sites are not cut every round on
+quantity-skewed data, as the median device's work did) plus, at the median bandwidth, a dense float32 model down and a
 dense update up; it is the same for every method (an operator's setting), so compressing methods leave their devices
 more time to compute.
 """
@@ -31,9 +33,12 @@ class HeteroConfig:
     bandwidth_sigma: float = 0.5         # log-normal sigma of bandwidth
     dropout: float = 0.0                 # probability a device is offline for a round
     slack: float = 1.5                   # deadline = slack * planned steps / mean speed + transfers
+    deadline_quantile: float = 0.9       # the planned steps the deadline covers: this quantile of the plan's work ...
+    deadline_weighted: bool = True       # ... weighted by rows (True) or per device (False; 0.5 = the median device)
 
     def __post_init__(self) -> None:
-        if self.cv < 0 or self.mean_steps_per_s <= 0 or self.bandwidth_bps <= 0 or not 0 <= self.dropout < 1:
+        if self.cv < 0 or self.mean_steps_per_s <= 0 or self.bandwidth_bps <= 0 or not 0 <= self.dropout < 1 \
+                or not 0 < self.deadline_quantile <= 1:
             raise ValueError(f"invalid heterogeneity config {self}")
 
 
@@ -64,6 +69,17 @@ def draw_profiles(n: int, cfg: HeteroConfig, rng: np.random.Generator) -> list[P
 
 def transfer_s(nbytes: int, bandwidth_bps: float) -> float:
     return 8.0 * nbytes / bandwidth_bps
+
+
+def deadline_steps(planned: list[int], rows: list[int], quantile: float = 0.9, weighted: bool = True) -> int:
+    """The planned work the deadline is sized for: the `quantile` of the devices' planned steps, each device counted
+    by its rows (weighted: the work under which that share of the DATA is planned) or once (unweighted; 0.5 is the
+    median device, which on quantity-skewed data leaves the largest sites out of every fixed-work round)."""
+    order = np.argsort(planned, kind="stable")
+    steps = np.asarray(planned, np.float64)[order]
+    weight = np.asarray(rows, np.float64)[order] if weighted else np.ones(len(steps))
+    cum = np.cumsum(weight) / weight.sum()
+    return int(steps[min(int(np.searchsorted(cum, quantile - 1e-12)), len(steps) - 1)])
 
 
 def deadline_s(planned_steps: int, download_bytes: int, upload_bytes: int, cfg: HeteroConfig) -> float:

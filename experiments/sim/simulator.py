@@ -32,7 +32,7 @@ import numpy as np
 
 from cloud.config import CentralDPConfig, PrivacyConfig, RoundSettings, StrategyConfig
 from cloud.engine import CloudEngine
-from cloud.evaluation import evaluate_logits
+from cloud.evaluation import evaluate_logits, top_class_share
 from cloud.strategies.base import DeviceInfo
 from device.global_model import rebuild
 from device.runtime import TrainableModel
@@ -109,6 +109,8 @@ class RoundLog:
     auroc: float | None = None        # binary tasks (cloud.evaluation): AUROC, AUPRC, PhysioNet 2012 min(Se, +P)
     auprc: float | None = None
     min_se_ppv: float | None = None
+    top_class_share: float | None = None   # largest share of the test set predicted as one class (1 = constant)
+    contributors: tuple[str, ...] = ()     # devices whose update counted in an aggregate this round
 
 
 @dataclass
@@ -157,7 +159,9 @@ class Simulator:
                                           malicious=client.id in bad))
         self.plan = TrainingPlan(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=self.batch, clip=cfg.clip,
                                  noise_mult=cfg.noise_mult, max_steps=cfg.max_steps)
-        steps = planned_steps(self.plan, int(np.median([len(d.x) for d in self.devices])), self.batch)
+        steps = hetero.deadline_steps([planned_steps(self.plan, len(d.x), self.batch) for d in self.devices],
+                                      [len(d.x) for d in self.devices], cfg.hetero.deadline_quantile,
+                                      cfg.hetero.deadline_weighted)
         dense = 4 * self.n + ENVELOPE_BYTES   # the deadline is the operator's, the same whatever the method sends
         self.round_seconds = hetero.deadline_s(steps, dense, dense, cfg.hetero)
         self.clock = cfg.start_s          # virtual time at the start of the open round
@@ -171,6 +175,7 @@ class Simulator:
             self.cloud.handle_status(self._status(dev, "online"))
         self.cloud.start(self.clock)
         self.log: list[RoundLog] = []
+        self.last_share: float | None = None
 
     def _cloud_settings(self) -> RoundSettings:
         """The cloud.toml a run's operator would write for this method and configuration."""
@@ -197,7 +202,9 @@ class Simulator:
         """(loss, accuracy, binary scores: cloud.evaluation) on the held-out set, from the interpreter's logits, of
         the cloud's current model unless `weights` are given."""
         self.model.set_flat(self.cloud.state.server.weights if weights is None else weights)
-        return evaluate_logits(self.model.infer(self.fed.x_test), self.fed.y_test)
+        logits = self.model.infer(self.fed.x_test)
+        self.last_share = top_class_share(logits)
+        return evaluate_logits(logits, self.fed.y_test)
 
     def accuracy(self, weights: np.ndarray | None = None) -> tuple[float, float]:
         """(loss, accuracy) on the held-out set, of the cloud's current model unless `weights` are given."""
@@ -258,12 +265,14 @@ class Simulator:
         self.cloud.tick(self.clock)   # every edge reported: the round closes, the next one is announced
         record = self.cloud.state.history[-1]
         eps = record["epsilon"]
+        share = self.last_share if record["accuracy"] is not None else None
+        counted = tuple(sorted(d for a in aggs for d in a.device_ids if d not in set(a.filtered)))
         n_part = sum(a.num_devices for a in aggs)
         mean_steps = sum(a.mean_local_steps * a.num_devices for a in aggs) / n_part if n_part else 0.0
         log = RoundLog(ann.round_id, record["accuracy"], record["loss"], up, down, n_part, missed, declined, offline,
                        sum(len(a.filtered) for a in aggs), mean_steps, virtual, time.monotonic() - t0,
                        _finite(eps["device"]), _finite(eps["central"]), record.get("auroc"), record.get("auprc"),
-                       record.get("min_se_ppv"))
+                       record.get("min_se_ppv"), share, counted)
         self.log.append(log)
         return log
 
