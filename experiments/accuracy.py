@@ -33,7 +33,8 @@ NO_CLIP = 1e6   # per-example clip so large that DP-SGD without noise is plain S
 
 
 def same_runs(a: dict, b: dict) -> bool:
-    keys = ("quick", "seeds", "datasets", "rounds", "split", "edges", "methods")
+    keys = ("quick", "seeds", "datasets", "rounds", "split", "edges", "methods", "data", "label", "site", "sites",
+            "alpha", "test_data", "outcomes", "test_outcomes", "standardize", "clip_quantile")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -65,8 +66,9 @@ def curves(args, methods=METHODS) -> tuple[list[dict], list[dict]]:
             for method in methods:
                 logs = simulate(fed, method, seed, rounds=rounds, lr=recipe.lr, local_epochs=recipe.local_epochs,
                                 clip=NO_CLIP)
+                ids = [c.id for c in fed.clients]
                 for r in log_rows(logs):
-                    rows.append({"method": method, "dataset": name, "seed": seed, **r})
+                    rows.append({"method": method, "dataset": name, "seed": seed, **r, "devices": ids})
     return rows, central
 
 
@@ -109,14 +111,53 @@ def run(args) -> dict:
         lines = {m: final[(m, d, metric)]["value"] for m in ("centralized", *REFERENCES)
                  if (m, d, metric) in final and final[(m, d, metric)]["value"] is not None}
         plot(args.out / f"accuracy_{d}.png", series, "round", f"test {metric}", f"{metric} vs rounds ({d})", lines)
-    keep = ("method", "dataset", "seed", "round", *SCORE_KEYS, "bytes_up", "bytes_down", "chosen", "val_loss")
+    checks, notes = health(rows, methods)
+    for row in table:
+        row.update(checks.get((row["dataset"], row["method"]), {}))
+    keep = ("method", "dataset", "seed", "round", *SCORE_KEYS, "bytes_up", "bytes_down", "chosen", "val_loss",
+            "top_class_share", "contributors", "devices")
     out_rows = [{k: r.get(k) for k in keep} for r in everything]
     return write_outputs(args.out, "accuracy", args, out_rows, per_round, table,
                          ["dataset", "method", "headline", "final_accuracy", "accuracy_std", "final_auroc",
-                          "auroc_std", "final_auprc", "final_min_se_ppv", "pct_of_centralized"],
+                          "auroc_std", "final_auprc", "final_min_se_ppv", "pct_of_centralized", "degenerate",
+                          "min_site_participation"],
                          "Final-round test figures, mean and std over seeds; no DP. Binary tasks are judged by "
                          "AUROC (`headline`; AUPRC and the PhysioNet 2012 score min(Se, +P) at the model's own 0.5 "
                          "threshold beside it), multi-class tasks by accuracy; `pct_of_centralized` is of the "
                          "headline. centralized: the firmware architecture on pooled data, lr and epochs chosen on a "
                          "validation split; logreg, gbm: scikit-learn references on the same features, tuned on "
-                         "the same split.")
+                         "the same split. `degenerate`: seeds whose final model predicts one class for >= 99% of "
+                         "the test set or has an AUROC within 0.02 of 0.5 (a silent failure); "
+                         "`min_site_participation`: the smallest share of rounds in which a device's update counted "
+                         "(mean over seeds)." + notes)
+
+
+def health(rows: list[dict], methods) -> tuple[dict, str]:
+    """Per (dataset, method): degenerate final models (cloud.evaluation.degenerate) and each device's share of
+    rounds in which its update counted; and the markdown lines that list them."""
+    from cloud.evaluation import degenerate
+
+    out, lines = {}, []
+    for d in sorted({r["dataset"] for r in rows}):
+        for m in methods:
+            mine = [r for r in rows if r["dataset"] == d and r["method"] == m and "contributors" in r]
+            if not mine:
+                continue
+            seeds = sorted({r["seed"] for r in mine})
+            last = [max((r for r in mine if r["seed"] == s), key=lambda r: r["round"]) for s in seeds]
+            bad = [(r["seed"], degenerate(r.get("top_class_share"), r.get("auroc"))) for r in last]
+            bad = [(s, why) for s, why in bad if why]
+            share: dict[str, list[float]] = {}
+            for s in seeds:
+                logs = [r for r in mine if r["seed"] == s]
+                devices = sorted({dev for r in logs for dev in (r.get("devices") or []) + list(r["contributors"])})
+                for dev in devices:
+                    share.setdefault(dev, []).append(sum(dev in r["contributors"] for r in logs) / len(logs))
+            mean_share = {dev: sum(v) / len(seeds) for dev, v in share.items()}
+            out[(d, m)] = {"degenerate": f"{len(bad)}/{len(seeds)}",
+                           "min_site_participation": min(mean_share.values()) if mean_share else 0.0}
+            lines.append(f"- {d} {m}: participation per device " + ", ".join(
+                f"{dev} {100 * v:.0f}%" for dev, v in sorted(mean_share.items())) + "".join(
+                f"; seed {s}: {why}" for s, why in bad))
+    return out, ("\n\nParticipation (share of rounds a device's update counted, mean over seeds) and warnings:\n"
+                 + "\n".join(lines)) if lines else ""

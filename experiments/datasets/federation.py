@@ -30,6 +30,8 @@ class Federation:
     model: str                      # firmware model family that fits the data
     model_options: dict = field(default_factory=dict)
     classes: list[str] = field(default_factory=list)
+    schema: dict | None = None      # raw tabular features (protocol.features.FeatureSchema): NaN = missing, unscaled
+    transform: dict | None = None   # the federated feature transform applied (protocol.features.FeatureTransform)
 
     @property
     def edges(self) -> list[str]:
@@ -38,6 +40,22 @@ class Federation:
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
         """All clients' training data together: the centralized baseline's training set."""
         return np.concatenate([c.x for c in self.clients]), np.concatenate([c.y for c in self.clients])
+
+    def describe(self) -> str:
+        """Class balance overall and per site, and the test set: what a user checks before trusting a run."""
+        names = self.classes or [str(k) for k in range(int(max(c.y.max() for c in self.clients)) + 1)]
+
+        def balance(y: np.ndarray) -> str:
+            counts = np.bincount(y.astype(np.int64), minlength=len(names))
+            return ", ".join(f"{n}: {k} ({100 * k / max(len(y), 1):.1f}%)" for n, k in zip(names, counts))
+
+        x, y = self.pooled()
+        lines = [f"{self.name}: {len(y)} training rows over {len(self.clients)} sites and {len(self.edges)} edges, "
+                 f"{x.shape[1] if x.ndim == 2 else x.shape[1:]} features; {len(self.y_test)} test rows",
+                 f"  classes (train): {balance(y)}", f"  classes (test):  {balance(self.y_test)}"]
+        lines += [f"  site {c.site or c.id} (device {c.id}, edge {c.edge}): {len(c.y)} rows; {balance(c.y)}"
+                  for c in self.clients]
+        return "\n".join(lines)
 
     def validation_split(self, fraction: float = 0.15, seed: int = 0) -> Federation:
         """The federation for tuning: each client keeps 1 - `fraction` of its rows of every label and lends the rest
@@ -56,7 +74,7 @@ class Federation:
             held_x.append(c.x[held])
             held_y.append(c.y[held])
         return Federation(self.name, clients, np.concatenate(held_x), np.concatenate(held_y), self.model,
-                          dict(self.model_options), list(self.classes))
+                          dict(self.model_options), list(self.classes), self.schema, self.transform)
 
     def write_device_dirs(self, root: Path) -> dict[str, Path]:
         """One directory per device with `train.npz` (x float32, y int64): the device agent's data schema."""

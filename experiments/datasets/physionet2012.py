@@ -74,15 +74,48 @@ def parse_record(text: str) -> tuple[int, int, np.ndarray]:
     return record_id, icu_type, np.array(feats, np.float64)
 
 
+def _set_source(root: Path) -> Path:
+    """Where a set's records are: a set directory of <RecordID>.txt files, a set-*.tar.gz, or a folder holding
+    exactly one of those (set-a, set-b, set-c: the same format)."""
+    if root.is_file() and root.name.endswith((".tar.gz", ".tgz")):
+        return root
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no PhysioNet 2012 set (a directory of record .txt files or a set-*.tar.gz)")
+    if any(p for p in root.glob("*.txt") if not p.name.lower().startswith("outcomes")):
+        return root
+    found = sorted(p for p in root.iterdir()
+                   if p.name.startswith("set-") and (p.is_dir() or p.name.endswith(".tar.gz")))
+    names = sorted({p.name.removesuffix(".tar.gz") for p in found})
+    if len(names) != 1:
+        raise FileNotFoundError(f"{root}: {'no' if not names else 'several'} PhysioNet sets {names}: name the set "
+                                "directory or archive itself")
+    directory = [p for p in found if p.is_dir()]
+    return directory[0] if directory else found[0]
+
+
+def find_outcomes(root: Path) -> Path:
+    """The outcomes file of a set: Outcomes-<letter>.txt beside (or inside) it, or the only Outcomes*.txt there."""
+    source = _set_source(root)
+    letter = source.name.removesuffix(".tar.gz").removeprefix("set-") if source.name.startswith("set-") else None
+    for folder in dict.fromkeys([source if source.is_dir() else source.parent, source.parent, root]):
+        if letter and (folder / f"Outcomes-{letter}.txt").is_file():
+            return folder / f"Outcomes-{letter}.txt"
+        candidates = sorted(folder.glob("Outcomes*.txt"))
+        if len(candidates) == 1:
+            return candidates[0]
+    raise FileNotFoundError(f"{root}: no outcomes file found beside the set; pass it (--outcomes FILE)")
+
+
 def _record_texts(root: Path) -> Iterator[str]:
-    folder = root / "set-a"
-    if folder.is_dir():
-        for path in sorted(folder.glob("*.txt")):
-            yield path.read_text()
+    source = _set_source(root)
+    if source.is_dir():
+        for path in sorted(source.glob("*.txt")):
+            if not path.name.lower().startswith("outcomes"):
+                yield path.read_text()
         return
-    with tarfile.open(root / "set-a.tar.gz") as tar:
+    with tarfile.open(source) as tar:
         for member in tar:
-            if member.isfile() and member.name.endswith(".txt"):
+            if member.isfile() and member.name.endswith(".txt") and "outcomes" not in member.name.lower():
                 yield io.TextIOWrapper(tar.extractfile(member)).read()
 
 
@@ -93,10 +126,13 @@ def read_outcomes(path: Path) -> dict[int, int]:
     return {int(r.split(",")[0]): int(r.split(",")[col]) for r in rows[1:] if r.strip()}
 
 
-def load_physionet2012(root: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """-> (features with NaN for missing, in-hospital death labels, ICU type) for every record with an outcome."""
+def load_physionet2012(root: str | Path, outcomes: str | Path | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (features with NaN for missing, in-hospital death labels, ICU type) for every record with an outcome.
+    `root`: any PhysioNet 2012-format set (directory, archive, or a folder with one); `outcomes`: its outcomes
+    file (default: found beside the set, find_outcomes)."""
     root = Path(root)
-    outcomes = read_outcomes(root / "Outcomes-a.txt")
+    outcomes = read_outcomes(Path(outcomes) if outcomes else find_outcomes(root))
     xs, ys, sites = [], [], []
     for text in _record_texts(root):
         record_id, icu_type, feats = parse_record(text)
@@ -104,6 +140,8 @@ def load_physionet2012(root: str | Path) -> tuple[np.ndarray, np.ndarray, np.nda
             xs.append(feats)
             ys.append(outcomes[record_id])
             sites.append(icu_type)
+    if not xs:
+        raise ValueError(f"{root}: no record has an outcome in the outcomes file (wrong --outcomes?)")
     return np.stack(xs), np.array(ys, np.int64), np.array(sites, np.int64)
 
 
@@ -116,17 +154,31 @@ def standardize(x_train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
 
 
 def load_physionet_federation(root: str | Path, devices_per_edge: int = 1, test_fraction: float = 0.25,
-                              seed: int = 0) -> Federation:
-    x, y, icu = load_physionet2012(root)
+                              seed: int = 0, outcomes: str | Path | None = None, test_root: str | Path | None = None,
+                              test_outcomes: str | Path | None = None, raw: bool = False) -> Federation:
+    """One site per ICU type. `test_root` (+ `test_outcomes`): another set as the held-out test set (all of `root`
+    trains); else a random `test_fraction` of `root`. raw=False: standardised with the pooled training rows
+    (`standardize`, the historical figures); raw=True: features kept raw with their schema, for the federated
+    standardisation (experiments.sim.statistics)."""
+    x, y, icu = load_physionet2012(root, outcomes)
     rng = np.random.default_rng(seed)
     test = np.zeros(len(y), bool)
-    test[rng.permutation(len(y))[: int(len(y) * test_fraction)]] = True
-    x_train, x_test = standardize(x[~test], x[test])
+    if test_root is not None:
+        x_other, y_other, _ = load_physionet2012(test_root, test_outcomes)
+        x_test_raw, y_test = x_other, y_other
+    else:
+        test[rng.permutation(len(y))[: int(len(y) * test_fraction)]] = True
+        x_test_raw, y_test = x[test], y[test]
+    if raw:
+        x_train, x_test = x[~test], x_test_raw
+    else:
+        x_train, x_test = standardize(x[~test], x_test_raw)
     y_train, icu_train = y[~test], icu[~test]
     clients = []
     for code, short in ICU_TYPES.items():
         rows = rng.permutation(np.flatnonzero(icu_train == code))
         for i, part in enumerate(np.array_split(rows, devices_per_edge)):
             clients.append(Client(id=f"{short}{i + 1}", edge=short, x=x_train[part], y=y_train[part], site=short))
-    return Federation(name="physionet2012", clients=clients, x_test=x_test, y_test=y[test], model="vitals_mlp",
-                      model_options={"n_features": x.shape[1]}, classes=["survived", "died"])
+    schema = {"numeric": feature_names(), "categorical": []} if raw else None
+    return Federation(name="physionet2012", clients=clients, x_test=x_test, y_test=y_test, model="vitals_mlp",
+                      model_options={"n_features": x.shape[1]}, classes=["survived", "died"], schema=schema)

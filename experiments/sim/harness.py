@@ -20,7 +20,10 @@ from experiments.sim import METHODS, RoundLog, SimConfig, Simulator
 from experiments.sim.models import initial_weights, trainable
 
 REPO = Path(__file__).resolve().parents[2]
-PHYSIONET = REPO.parent / "shared" / "datasets" / "physionet2012"
+PHYSIONET = Path(os.environ.get("FEDIOMT_PHYSIONET", REPO.parent / "shared" / "datasets" / "physionet2012"))
+# datasets given on the command line (`--data csv:PATH` / `physionet2012:DIR`): name -> loader(seed) -> Federation
+CUSTOM: dict[str, object] = {}
+STANDARDIZE = {"mode": "federated", "quantile": 0.0}   # raw-feature loaders: "federated" | "none" (the ablation)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ def available_datasets(quick: bool) -> list[str]:
 
 
 def dataset(name: str, scale: Scale = Scale(), seed: int = 0) -> Federation:
+    if name in CUSTOM:
+        return prepare(rescale(CUSTOM[name](seed), scale, np.random.default_rng(seed)), seed)
     if name == "physionet2012":
         from experiments.datasets.physionet2012 import load_physionet_federation
 
@@ -49,6 +54,19 @@ def dataset(name: str, scale: Scale = Scale(), seed: int = 0) -> Federation:
     else:
         fed = load(name)
     return rescale(fed, scale, np.random.default_rng(seed))
+
+
+def prepare(fed: Federation, seed: int) -> Federation:
+    """A raw-feature federation (fed.schema set) standardised as configured: the federated statistics round
+    (experiments.sim.statistics) or, as the ablation, not at all. Prints the class balance and site sizes."""
+    from experiments.sim.statistics import federated_standardize, no_standardize
+
+    print(fed.describe(), file=sys.stderr)
+    if fed.schema is None or fed.transform is not None:
+        return fed
+    if STANDARDIZE["mode"] == "none":
+        return no_standardize(fed)
+    return federated_standardize(fed, seed, quantile=float(STANDARDIZE["quantile"]))
 
 
 def rescale(fed: Federation, scale: Scale, rng: np.random.Generator) -> Federation:
@@ -81,12 +99,24 @@ def simulator(fed: Federation, method, seed: int, **options) -> Simulator:
 
 def simulate(fed: Federation, method, seed: int, **options) -> list[RoundLog]:
     """One simulated federated run: its per-round logs (one progress line on stderr)."""
+    from cloud.evaluation import degenerate
+
     sim = simulator(fed, method, seed, **options)
     logs = sim.run()
+    last = logs[-1]
+    warning = degenerate(last.top_class_share, last.auroc)
+    seen = {d for log in logs for d in log.contributors}
+    absent = [c.id for c in fed.clients if c.id not in seen]
     print(f"{fed.name} {sim.method.name} seed={seed} devices={len(fed.clients)} rounds={len(logs)} "
-          f"accuracy={logs[-1].accuracy} wall/round={np.mean([x.wall_s for x in logs]):.3f}s", file=sys.stderr,
-          flush=True)
+          f"accuracy={last.accuracy} auroc={last.auroc} wall/round={np.mean([x.wall_s for x in logs]):.3f}s"
+          + (f" {warning}" if warning else "") + (f" NEVER CONTRIBUTED: {', '.join(absent)}" if absent else ""),
+          file=sys.stderr, flush=True)
     return logs
+
+
+def participation(logs: list[RoundLog], fed: Federation) -> dict[str, float]:
+    """Per device: the share of rounds in which its update counted in an aggregate."""
+    return {c.id: sum(c.id in log.contributors for log in logs) / max(len(logs), 1) for c in fed.clients}
 
 
 def centralized(fed: Federation, seed: int, quick: bool = False):
@@ -217,6 +247,44 @@ RECIPES = {
 }
 
 
+TABULAR = Recipe(lr=0.1, rounds=30, quick_rounds=4)   # a consortium's own tabular export (--data)
+
+
+def register_data(args) -> list[str]:
+    """`--data csv:PATH --label COL [--site COL] [--test-data PATH]` or `--data physionet2012:DIR [--outcomes FILE]
+    [--test-data DIR --test-outcomes FILE]`: register the dataset under a name (the file's stem) with the tabular
+    recipe and the standardisation chosen by --standardize; returns [name] ([] without --data)."""
+    spec = getattr(args, "data", None)
+    if not spec:
+        return []
+    STANDARDIZE.update(mode=getattr(args, "standardize", "federated"), quantile=getattr(args, "clip_quantile", 0.0))
+    kind, _, path = spec.partition(":")
+    if kind == "csv" and path:
+        from experiments.datasets.csv_sites import load_csv_federation
+
+        if not getattr(args, "label", None):
+            raise SystemExit("--data csv:PATH needs --label COL (and --site COL, or a Dirichlet split: --sites K "
+                             "--alpha A)")
+        name = Path(path).stem
+
+        def loader(seed: int) -> Federation:
+            return load_csv_federation(path, args.label, args.site, seed=seed, test_path=args.test_data,
+                                       sites=args.sites, alpha=args.alpha, categorical=args.categorical)
+    elif kind == "physionet2012" and path:
+        from experiments.datasets.physionet2012 import load_physionet_federation
+
+        name = "physionet2012-" + Path(path).name
+
+        def loader(seed: int) -> Federation:
+            return load_physionet_federation(path, seed=seed, outcomes=args.outcomes, test_root=args.test_data,
+                                             test_outcomes=args.test_outcomes, raw=True)
+    else:
+        raise SystemExit(f"--data {spec!r}: expected csv:PATH or physionet2012:DIR")
+    CUSTOM[name] = loader
+    RECIPES.setdefault(name, RECIPES["physionet2012"] if kind == "physionet2012" else TABULAR)
+    return [name]
+
+
 def rounds_for(name: str, args) -> int:
     if getattr(args, "rounds", 0):
         return int(args.rounds)
@@ -225,7 +293,14 @@ def rounds_for(name: str, args) -> int:
 
 
 def datasets_for(args) -> list[str]:
+    if getattr(args, "data", None):
+        return [n for n in CUSTOM if n == _custom_name(args.data)] or register_data(args)
     return list(args.datasets) if getattr(args, "datasets", None) else available_datasets(args.quick)
+
+
+def _custom_name(spec: str) -> str:
+    kind, _, path = spec.partition(":")
+    return "physionet2012-" + Path(path).name if kind == "physionet2012" else Path(path).stem
 
 
 def scale_for(args) -> Scale:
