@@ -318,7 +318,7 @@ class CloudEngine:
             [(a.num_samples, a.num_devices) for a in participating]
         s.ledger, s.min_local_examples = account_round(
             s.ledger, ann.plan, counts, [a.central_dp for a in participating], [a.max_device_epsilon for a in aggs],
-            s.min_local_examples)
+            s.min_local_examples, [] if masked else [a.min_device_samples for a in participating])
         report = s.ledger.report(cfg.privacy.accountant)
         loss, acc, scores = split_evaluation(self.evaluate(s.server.weights) if self.evaluate else None)
         record = self._record(ann, aggs, report, loss, acc, now, scores)

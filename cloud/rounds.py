@@ -222,11 +222,15 @@ def plan_round(strategy: Strategy, s: CloudState, settings: RoundSettings, now: 
 
 def account_round(ledger: PrivacyLedger, plan: TrainingPlan, counts: list[tuple[int, int]],
                   central: list[CentralDPReport | None], reported: list[float],
-                  min_local_examples: int) -> tuple[PrivacyLedger, int]:
+                  min_local_examples: int, smallest: list[int] = ()) -> tuple[PrivacyLedger, int]:
     """(ledger, smallest local dataset) after a closed round. `counts` are (samples, devices) per participating
-    edge (or the masked sum): the device-level event takes the smallest mean local dataset, the central one the
-    weakest edge (`central`); `reported` are the devices' own epsilons the edges forwarded."""
+    edge (or the masked sum); `smallest` the edges' smallest counted local datasets (EdgeAggregate
+    .min_device_samples). The device-level event takes the smallest device's dataset where every edge reported it,
+    else the smallest mean (a masked round: an upper estimate of the smallest device's q, said in docs/cloud.md);
+    the central one the weakest edge (`central`); `reported` are the devices' own epsilons the edges forwarded."""
     sizes = [n // d for n, d in counts if d > 0]
+    if sizes and smallest and all(m > 0 for m in smallest):
+        sizes = list(smallest)
     device, central_history = list(ledger.device), list(ledger.central)
     if sizes:
         min_local_examples = min(sizes)

@@ -227,7 +227,8 @@ class DeviceAgent:
         result = train_round(self.model, x, y, self.state.weights, plan, steps, self.rng,
                              lr_scale=ann.lr_scale.get(cfg.id, 1.0), time_limit_s=time_left,
                              c_global=self.state.server_control, c_local=self.state.control,
-                             should_stop=self.stop.is_set)
+                             should_stop=self.stop.is_set,
+                             user_clip=ann.central_dp.clip if ann.central_dp is not None and masked is None else 0.0)
         if self.stop.is_set():  # nothing was released, so nothing is spent: the round is simply not answered
             event(self.log, "stopping: round abandoned", round=ann.round_id, steps=result.local_steps)
             return

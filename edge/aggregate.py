@@ -65,6 +65,7 @@ class Result:
     weight_sum: float           # sum of alpha over counted updates
     num_clipped: int
     aggregator: str
+    credited_var: float = 0.0   # per-coordinate variance of the devices' noise credited on the sum (distributed DP)
 
 
 def filter_matrix(rows: Rows, max_cells: int, rng: np.random.Generator) -> np.ndarray:
@@ -89,7 +90,8 @@ def robust_aggregate(rows: Rows, name: str, params: dict, max_cells: int) -> np.
 
 def aggregate(rows: Rows, meta: Meta, wcfg: WeightingConfig, fcfg: FilterConfig, clip: float = 0.0,
               noise_mult: float = 0.0, rng: np.random.Generator | None = None,
-              noise: np.ndarray | None = None, factors: np.ndarray | None = None) -> Result:
+              noise: np.ndarray | None = None, factors: np.ndarray | None = None,
+              credited: np.ndarray | None = None) -> Result:
     """Aggregate a round. With central DP (clip > 0) the aggregator is always the weighted mean of the updates
     that survived the filters (the only one whose sensitivity is bounded, see edge.central_dp). `factors` scale
     the rows after the filters saw them as received (edge.bounds: an outsized update is still flagged)."""
@@ -107,15 +109,20 @@ def aggregate(rows: Rows, meta: Meta, wcfg: WeightingConfig, fcfg: FilterConfig,
     alpha = np.where(flagged, alpha * keep_factor, alpha)
     counted = alpha > 0
     weight_sum = float(alpha.sum())
-    num_clipped = 0
+    num_clipped, credited_var = 0, 0.0
     if not counted.any():
         mean = np.zeros(rows.n_params)
     elif clip > 0:
         omega = alpha / alpha.max()
-        factors = scale_to(norms, clip)
-        num_clipped = int(((factors < 1.0) & counted).sum())
-        mean = central_dp.noisy_mean(rows.weighted_sum(omega * factors), float(omega.sum()), clip, noise_mult,
-                                     noise)
+        if credited is not None:   # distributed DP: the devices clipped before their noise (edge.central_dp)
+            credited_var = float(np.sum((omega * credited) ** 2))
+            mean = central_dp.noisy_mean(rows.weighted_sum(omega), float(omega.sum()), clip,
+                                         central_dp.top_up(noise_mult, clip, credited_var), noise)
+        else:
+            factors = scale_to(norms, clip)
+            num_clipped = int(((factors < 1.0) & counted).sum())
+            mean = central_dp.noisy_mean(rows.weighted_sum(omega * factors), float(omega.sum()), clip, noise_mult,
+                                         noise)
     elif robust:
         mean = robust_aggregate(rows.take(counted), fcfg.aggregator, fcfg.params.get(fcfg.aggregator, {}),
                                 fcfg.max_cells)
@@ -123,7 +130,7 @@ def aggregate(rows: Rows, meta: Meta, wcfg: WeightingConfig, fcfg: FilterConfig,
         mean = rows.weighted_sum(alpha) / weight_sum
     return Result(mean=mean.astype(np.float32), alpha=alpha, flagged=flagged, verdicts=verdicts, norms=norms,
                   weight_sum=weight_sum, num_clipped=num_clipped, aggregator="mean" if not robust else
-                  fcfg.aggregator)
+                  fcfg.aggregator, credited_var=credited_var)
 
 
 def relative_change(new: np.ndarray, last: np.ndarray | None) -> float:

@@ -11,12 +11,22 @@ mean to any one device's delta is at most S / W and the noise on the mean has st
 composes (z, S, sampling rate) from the CentralDPReport attached to the aggregate; participation itself is not
 hidden (device ids travel in the aggregate).
 
+Two-level DP that credits the devices' noise (distributed DP, `credited` in edge.aggregate): when every device
+clipped its noise-free delta to S on the device and then added independent Gaussian noise of std sigma_i (its last
+DP-SGD step's, device.training `user_clip`), the weighted sum already carries N(0, sum_i (omega_i sigma_i)^2) that
+nothing else in it depends on, so the edge adds only the top-up sqrt((z S)^2 - sum_i (omega_i sigma_i)^2) and does
+not clip again. It is credited only where that argument holds: dense float32 device updates (lossy compression is
+not Gaussian), no filter and no bound that inspects or rescales individual noised rows, honest devices (they clip
+and add their noise, as in Kairouz et al. 2021), and a trusted edge or secure aggregation (whoever sees one device's
+update sees only sigma_i of noise on it). The report's noise_mult is then the sum's total (>= z).
+
 The Gaussian noise comes from the operating system's CSPRNG (os.urandom through Box-Muller), not from numpy's
 seedable generators, so the noise cannot be reproduced from a leaked or guessed seed.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -33,6 +43,22 @@ def secure_normal(n: int) -> np.ndarray:
     radius = np.sqrt(-2.0 * np.log(u1))
     angle = 2.0 * np.pi * u2
     return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+
+
+def last_step_std(plan, lr_scale: float = 1.0) -> float:
+    """Per-coordinate std of the Gaussian noise a device adds AFTER clipping its noise-free delta to the round's
+    central clip (device.training, user_clip): its last DP-SGD step's noise, lr * noise_mult * clip / batch."""
+    if plan.noise_mult <= 0 or plan.clip <= 0 or plan.batch_size <= 0:
+        return 0.0
+    return float(plan.lr * lr_scale * plan.noise_mult * plan.clip / plan.batch_size)
+
+
+def top_up(noise_mult: float, clip: float, credited_var: float) -> float:
+    """Distributed DP (Kairouz et al. 2021): the noise multiplier the edge still adds so that the sum carries
+    N(0, (noise_mult * clip)^2) in total, given `credited_var` (per coordinate) already in it from the devices."""
+    if clip <= 0:
+        return 0.0
+    return math.sqrt(max(0.0, (noise_mult * clip) ** 2 - credited_var)) / clip
 
 
 def noisy_mean(weighted_sum: np.ndarray, weight_sum: float, clip: float, noise_mult: float,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -355,9 +356,10 @@ class EdgeEngine:
         clip, noise_mult = (dp.clip, dp.noise_mult) if dp is not None else (self.cfg.central_dp.clip,
                                                                              self.cfg.central_dp.noise_mult)
         seeded = self.rng is not None and clip > 0   # the simulator's reproducible noise; else secure_normal
+        credited = self._credited(ann, ids, bounds.factors, len(updates)) if clip > 0 else None
         result = aggregate(rows, meta, self.cfg.weighting, self.cfg.filters, clip=clip, noise_mult=noise_mult,
                            rng=self.rng, noise=self.rng.standard_normal(n_params) if seeded else None,
-                           factors=bounds.factors)
+                           factors=bounds.factors, credited=credited)
         counted = result.alpha > 0
         kept = [d for d, c in zip(ids, counted) if c]
         flagged = [d for d, f in zip(ids, result.flagged) if f]
@@ -381,7 +383,12 @@ class EdgeEngine:
         if clip > 0:
             rate = (dp.sampling_rate if dp is not None and dp.sampling_rate > 0 else self.cfg.central_dp.sampling_rate
                     or len(self.expected) / max(len(self.keys.enrolled()), 1))
-            report = central_dp.report(clip, noise_mult, rate, result.num_clipped)
+            total = max(noise_mult, math.sqrt(result.credited_var) / clip)   # what the sum carries
+            report = central_dp.report(clip, total, rate, result.num_clipped)
+            if credited is not None:
+                event(self.log, "distributed dp", round=ann.round_id, noise_mult=round(total, 6),
+                      credited_from_devices=round(math.sqrt(result.credited_var) / clip, 6),
+                      edge_top_up=round(central_dp.top_up(noise_mult, clip, result.credited_var), 6))
         event(self.log, "aggregate", round=ann.round_id, why=why, devices=len(kept), flagged=len(flagged),
               rejected=dict(self.rejected), significant=significant, relative_change=round(change, 6)
               if np.isfinite(change) else None, aggregator=result.aggregator)
@@ -394,8 +401,22 @@ class EdgeEngine:
             mean_local_steps=float(np.mean([u.local_steps for u in updates])) if updates else 0.0,
             nonce=new_nonce(), timestamp=self.clock(), control_delta=control,
             device_bytes=int(sum(u.nbytes for u, c in zip(updates, counted) if c)),
-            update_norms={d: float(result.norms[i]) for i, d in enumerate(ids) if counted[i]})
+            update_norms={d: float(result.norms[i]) for i, d in enumerate(ids) if counted[i]},
+            min_device_samples=int(min((u.num_samples for u, c in zip(updates, counted) if c), default=0)))
         return agg, result
+
+    def _credited(self, ann: RoundAnnouncement, ids: list[str], factors: np.ndarray, n: int) -> np.ndarray | None:
+        """Per-update std of device noise the central DP may credit (edge.central_dp), or None where the argument
+        does not hold: the round must announce the central clip (devices clip to it before their last noise) and
+        dense float32 updates, and no filter or bound may inspect or rescale a noised row."""
+        plan, c = ann.plan, ann.compression
+        if ann.central_dp is None or ann.central_dp.clip <= 0 or plan.noise_mult <= 0:
+            return None
+        if c.get("method") != "dense" or c.get("bits") != 32:
+            return None
+        if (self.cfg.filters.enabled and n >= self.cfg.filters.min_updates) or np.any(np.asarray(factors) < 1.0):
+            return None
+        return np.array([central_dp.last_step_std(plan, ann.lr_scale.get(d, 1.0)) for d in ids])
 
     def _masked_aggregate(self, result: SecAggResult, ann: RoundAnnouncement,
                           why: str) -> tuple[EdgeAggregate, np.ndarray]:

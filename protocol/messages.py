@@ -273,7 +273,7 @@ class DeviceUpdate:
     sig: bytes = field(default=b"", metadata=limit(max_len=64))      # Ed25519 (64 bytes) or HMAC-SHA256 (32)
 
 
-@register("aggregate")
+@register("aggregate", version=3)
 @dataclass(frozen=True)
 class EdgeAggregate:
     """Edge -> cloud: the weighted mean of accepted deltas (central DP applied), or `significant=False`."""
@@ -298,6 +298,9 @@ class EdgeAggregate:
     control_delta: bytes | None = None
     device_bytes: int = field(default=0, metadata=limit(min_value=0))  # sum of accepted DeviceUpdate message sizes
     update_norms: dict[str, float] = field(default_factory=dict, metadata=limit(max_len=100_000))  # device -> |delta|
+    # the smallest local dataset among the counted devices (0 = not known, e.g. a masked round): the cloud derives
+    # the example-level epsilon of THAT device, not of the mean one (cloud.accounting, issue 16)
+    min_device_samples: int = field(default=0, metadata=limit(min_value=0))
     sig: bytes = field(default=b"", metadata=limit(max_len=64))
 
 

@@ -307,7 +307,8 @@ class Simulator:
         """The device agent's round (device.training.train_round, device.update.build_update), minus persistence
         and MQTT: the signed DeviceUpdate bytes and the steps done. A malicious device poisons its delta first."""
         result = train_round(self.model, dev.x, dev.y, self.weights, ann.plan, steps, self.rng,
-                             lr_scale=ann.lr_scale.get(dev.id, 1.0), c_global=self.control, c_local=dev.control)
+                             lr_scale=ann.lr_scale.get(dev.id, 1.0), c_global=self.control, c_local=dev.control,
+                             user_clip=ann.central_dp.clip if ann.central_dp is not None else 0.0)
         if dev.malicious and self.cfg.poison is not None:
             result = replace(result, delta=poison_delta(result.delta, self.cfg.poison, self.rng))
         out = build_update(result, RoundIdentity(dev.id, dev.edge, ann.round_id, self.version), settings,
