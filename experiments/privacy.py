@@ -5,9 +5,13 @@ Privacy units and the budget split:
   over all rounds, composed by the cloud's accountant (cloud.accounting.device_event, smallest local dataset);
 - central: user-level DP at the edges (each device's delta clipped to `central_clip`, Gaussian noise on the sum),
   epsilon for one device's whole participation over all rounds (cloud.accounting.central_event, 1 step per round);
-- two-level: both, each level calibrated to epsilon / 2, so that the two guarantees add up to epsilon under basic
-  composition (an example's device is also a user at its edge); the edges then clip at the expected norm of a
-  locally noised delta (`noisy_update_norm`), not at the noise-free `central_clip`.
+- two-level (distributed DP, issue 16): example-level DP-SGD at the SAME epsilon as local (the x axis), and
+  user-level DP at USER_EPSILON (3, delta 1e-5) per aggregate: the devices clip their noise-free delta to
+  `central_clip` before their last step's noise (device.training user_clip) and the edges credit that noise, adding
+  only the top-up (edge.central_dp). The two guarantees are reported separately (epsilon_device: an example against
+  everyone; epsilon_central: a device's whole data against the cloud, trusting the edge or secure aggregation),
+  never added. Every mode runs dense float32 updates without filters (crediting needs Gaussian rows; the same
+  transport for all modes keeps the comparison fair).
 Noise multipliers are the smallest whose accountant epsilon (RDP, delta = 1e-5) is <= the target; the epsilons the
 run's ledger actually reports are in the rows (`epsilon_device`, `epsilon_central`). epsilon = inf: no noise and no
 clipping (the non-private reference).
@@ -20,6 +24,7 @@ from functools import lru_cache
 
 from cloud.accounting import Entry, device_event, epsilon
 from experiments.accuracy import NO_CLIP
+from experiments.sim import METHODS
 from experiments.sim.harness import (
     RECIPES,
     batch_for,
@@ -34,13 +39,15 @@ from experiments.sim.harness import (
     summarize,
     write_outputs,
 )
+from experiments.sim.methods import DENSE, NO_FILTERS
 from protocol.messages import TrainingPlan
 
 EPSILONS = (0.5, 1.0, 2.0, 5.0, 10.0, math.inf)
 QUICK_EPSILONS = (1.0, math.inf)
 MODES = ("local", "central", "two_level")
 DELTA = 1e-5
-METHOD = "fediomt"
+USER_EPSILON = 3.0
+METHOD = METHODS["fediomt"].with_(compression=dict(DENSE), filters=NO_FILTERS)
 
 
 def calibrate(target: float, history, delta: float = DELTA) -> float:
@@ -83,16 +90,13 @@ def mode_options(mode: str, eps: float, recipe, batch: int, min_local: int, roun
     noised delta (clipping at the noise-free norm would scale the signal down by the local noise's norm)."""
     if math.isinf(eps):
         return {"clip": NO_CLIP}
-    share = eps / 2 if mode == "two_level" else eps
     opts = {"clip": NO_CLIP}
     if mode in ("local", "two_level"):
-        opts.update(clip=recipe.dp_clip, noise_mult=device_noise(share, batch, recipe.local_epochs, min_local, rounds))
-    if mode in ("central", "two_level"):
-        clip = recipe.central_clip
-        if mode == "two_level":
-            steps = recipe.local_epochs * math.ceil(min_local / batch)
-            clip = noisy_update_norm(clip, recipe.lr, steps, opts["noise_mult"], recipe.dp_clip, batch, n_params)
-        opts.update(central_clip=clip, central_noise=central_noise(share, 1.0, rounds))
+        opts.update(clip=recipe.dp_clip, noise_mult=device_noise(eps, batch, recipe.local_epochs, min_local, rounds))
+    if mode == "central":
+        opts.update(central_clip=recipe.central_clip, central_noise=central_noise(eps, 1.0, rounds))
+    if mode == "two_level":
+        opts.update(central_clip=recipe.central_clip, central_noise=central_noise(USER_EPSILON, 1.0, rounds))
     return opts
 
 

@@ -147,3 +147,31 @@ def test_user_clip_bounds_the_noise_free_delta_and_adds_the_last_steps_noise():
     want = math.sqrt(0.05**2 + model.n_params * std**2)
     assert np.linalg.norm(noisy.delta) == pytest.approx(want, rel=0.15)
     assert noisy.sample_rate == 32 / 200 and noisy.local_steps == 5
+
+
+def test_distributed_dp_tops_up_only_what_the_devices_noise_misses():
+    from edge import central_dp
+    from edge.aggregate import FilterConfig, Meta, aggregate
+    from edge.rows import Rows
+    from edge.weighting import WeightingConfig
+
+    plan = _plan(lr=0.5, noise_mult=2.0, batch_size=32)
+    sigma = central_dp.last_step_std(plan)
+    assert sigma == pytest.approx(0.5 * 2.0 * 1.0 / 32)
+    # W devices' independent noise sums to sqrt(W) sigma: the edge adds only the rest of z * S
+    assert central_dp.top_up(1.0, 1.0, 100 * sigma**2) == pytest.approx(math.sqrt(1.0 - 100 * sigma**2))
+    assert central_dp.top_up(0.1, 0.1, 1000 * sigma**2) == 0.0
+    n, d = 100, 6
+    rng = np.random.default_rng(0)
+    deltas = rng.normal(0, 0.05, (n, d)).astype(np.float32)
+    rows = Rows.stack(d, [(None, row) for row in deltas])
+    meta = Meta(num_samples=np.full(n, 10.0), losses=np.zeros(n), classes=["pi"] * n, staleness=np.ones(n),
+                sample_weight=np.ones(n))
+    noise = rng.standard_normal(d)
+    credited = np.full(n, sigma)
+    got = aggregate(rows, meta, WeightingConfig(), FilterConfig(enabled=[]), clip=1.0, noise_mult=1.0,
+                    noise=noise, credited=credited)
+    top = central_dp.top_up(1.0, 1.0, n * sigma**2)
+    assert 0 < top < 1
+    np.testing.assert_allclose(got.mean, (deltas.sum(0) + top * noise) / n, rtol=1e-5, atol=1e-7)
+    assert got.credited_var == pytest.approx(n * sigma**2) and got.num_clipped == 0
