@@ -300,6 +300,22 @@ def build_report(settings: DemoSettings, records: list[dict], cloud_report: dict
     }
 
 
+def privacy_lines(report: dict) -> list[str]:
+    """Both levels' guarantees, each with whom it protects against and what it trusts (issue 16)."""
+    rdp, pld = report.get("epsilon") or {}, report.get("epsilon_pld") or {}
+    lines = [f"- example-level DP (one patient record against everyone, the edge and the cloud included; trusts only "
+             f"the device): epsilon {rdp.get('device')} (RDP; the devices' own reports "
+             f"{rdp.get('device_reported')}, derived for the smallest device {rdp.get('device_derived')}, PLD "
+             f"{pld.get('device_derived')}) at delta 1e-5, Poisson-sampled DP-SGD on the device"]
+    if rdp.get("central") not in (None, 0, 0.0):
+        lines.append(f"- user-level DP (a whole device's data against the cloud and whoever sees the aggregates; "
+                     f"trusts the edge or secure aggregation): epsilon {rdp.get('central')} (RDP), "
+                     f"{pld.get('central')} (PLD) at delta 1e-5")
+    else:
+        lines.append("- user-level DP: off (no central noise in this run)")
+    return lines
+
+
 def bytes_line(report: dict) -> str:
     """The headline's byte figure: up + down over every link, against dense FedAvg's over the same rounds."""
     if not report["total_bytes"]:
@@ -360,7 +376,7 @@ def write_report(report: dict, run_dir: Path) -> None:
               f"- bytes: {bytes_line(report)}; device -> edge up {report['total_bytes_up']}, edge -> device down "
               f"{report['total_bytes_down']} (dense FedAvg: {report['dense_bytes_up']} up, "
               f"{report['dense_bytes_down']} down)",
-              f"- privacy: epsilon {report['epsilon']} (RDP), {report['epsilon_pld']} (PLD) at delta 1e-5",
+              *privacy_lines(report),
               f"- contribution ledger: {report['ledger'].get('blocks')} blocks, valid: {report['ledger']['valid']}, "
               f"balances {report['ledger'].get('balances')} (`fediomt ledger verify {report['ledger']['db']}`)",
               *[f"- int8 student for `{r['device_class']}`: {r['student_bytes']} B vs teacher {r['teacher_bytes']} B, "
