@@ -1,32 +1,37 @@
 """Local training data (documented in docs/device.md).
 
 A directory with `train.npz` (`x`: float32 of shape (n, *model input), `y`: integer class labels) and/or
-`train.csv` (a header row, numeric feature columns, and a `label` column; the features of a row are reshaped to the
-model input) -- both are concatenated when both exist. Or a live feed: an entry point "module:function" that
+`train.csv` (a header row, feature columns, and a `label` column; the features of a row are reshaped to the
+model input) -- both are concatenated when both exist. When the installed bundle carries the federation's feature
+transform (manifest `features`, protocol.features), `train.csv` holds the RAW export: its columns are picked by
+name (schema order; extra columns ignored), missing markers NA / empty / ? and thousands separators are read
+(protocol.tabular) and the transform standardises them exactly as the cloud did; a malformed cell is a TableError
+naming file, column and row. Or a live feed: an entry point "module:function" that
 returns (x, y) and is called at every round. Everything is checked against the model before training.
 """
 
 from __future__ import annotations
 
-import csv
 import importlib
 from pathlib import Path
 
 import numpy as np
 
 from device.config import DataConfig
+from protocol.features import FeatureTransform
+from protocol.tabular import ReadOptions, numeric_column, read_table
 
 
-def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader)]
-        if "label" not in header:
-            raise ValueError(f"{path}: no `label` column")
-        li = header.index("label")
-        rows = [[float(v) for v in row] for row in reader if row]
-    table = np.asarray(rows, np.float64).reshape(len(rows), len(header))
-    return np.delete(table, li, axis=1).astype(np.float32), table[:, li].astype(np.int64)
+def _read_csv(path: Path, features: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    table = read_table(path, ReadOptions(missing=(), thousands=""))
+    labels = numeric_column(table, "label", ReadOptions(missing=(), thousands=""))
+    y = np.asarray(labels, np.float64)
+    if features:
+        transform = FeatureTransform.from_dict(features)
+        return transform.transform_table(table), y
+    strict = ReadOptions(missing=(), thousands="")   # already-scaled numbers: every cell must be one
+    cols = [numeric_column(table, c, strict) for c in table.columns if c != "label"]
+    return np.asarray(cols, np.float64).T.reshape(len(y), -1).astype(np.float32), y
 
 
 def _entry_point(spec: str):
@@ -36,8 +41,10 @@ def _entry_point(spec: str):
     return getattr(importlib.import_module(module), func)
 
 
-def load_data(cfg: DataConfig, input_shape: tuple[int, ...], n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(x float32 (n, *input_shape), y int32) from the configured source, validated."""
+def load_data(cfg: DataConfig, input_shape: tuple[int, ...], n_classes: int,
+              features: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(x float32 (n, *input_shape), y int32) from the configured source, validated; `features`: the bundle
+    manifest's feature transform, applied to a raw train.csv."""
     if cfg.entry_point:
         x, y = _entry_point(cfg.entry_point)()
         parts = [(np.asarray(x), np.asarray(y))]
@@ -47,7 +54,7 @@ def load_data(cfg: DataConfig, input_shape: tuple[int, ...], n_classes: int) -> 
             with np.load(cfg.dir / "train.npz", allow_pickle=False) as npz:
                 parts.append((npz["x"], npz["y"]))
         if (cfg.dir / "train.csv").exists():
-            parts.append(_read_csv(cfg.dir / "train.csv"))
+            parts.append(_read_csv(cfg.dir / "train.csv", features))
         if not parts:
             raise FileNotFoundError(f"{cfg.dir}: neither train.npz nor train.csv")
     xs = [np.asarray(x, np.float32).reshape(len(x), *input_shape) for x, _ in parts]

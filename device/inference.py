@@ -43,6 +43,7 @@ from device.state import STATE_FILE, load_state
 from protocol import accountant, topics
 from protocol.bundle import Bundle
 from protocol.errors import ProtocolError, Reason
+from protocol.features import FeatureTransform
 from protocol.logs import event
 from protocol.messages import Capability, DeviceStatus, encode
 from protocol.mqtt import Connection
@@ -62,6 +63,9 @@ class Predictor:
         self.input_shape = tuple(int(d) for d in m["input"]["shape"])
         self.n_classes = int(m["n_classes"])
         self.labels = list(m.get("labels") or [])
+        # the federation's feature transform (protocol.features), when the model was trained on standardised raw
+        # columns: inputs are then raw rows (the schema's order) and go through the same transform as in training
+        self.features = FeatureTransform.from_dict(m["features"]) if m.get("features") else None
         if m["kind"] == "int8_student":
             self.model = Int8Model(bundle.model_bytes, num_threads=num_threads)
         else:
@@ -69,6 +73,8 @@ class Predictor:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float32)
+        if self.features is not None:
+            x = self.features.apply(x.reshape(len(x), -1)).reshape(len(x), *x.shape[1:])
         if x.shape[1:] != self.input_shape:
             raise ProtocolError(Reason.BAD_SHAPE, f"windows of shape {x.shape[1:]}, the model takes {self.input_shape}")
         return self.model.infer(x)

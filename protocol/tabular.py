@@ -111,10 +111,20 @@ def numeric_column(table: Table, name: str, options: ReadOptions = ReadOptions()
     for row, cell in enumerate(table.column(name), start=2):
         value = parse_number(cell, options)
         if value is None:
-            raise TableError(table.path, f"{cell!r} is not a number nor a missing marker "
-                                         f"({', '.join(repr(m) for m in options.missing)})", name, row)
+            markers = ", ".join(repr(m) for m in options.missing) or "none configured"
+            if _non_finite(cell, options):
+                raise TableError(table.path, f"{cell!r}: NaN or infinity is not a value (missing markers: "
+                                             f"{markers})", name, row)
+            raise TableError(table.path, f"{cell!r} is not a number nor a missing marker ({markers})", name, row)
         out.append(value)
     return out
+
+
+def _non_finite(cell: str, options: ReadOptions) -> bool:
+    try:
+        return not math.isfinite(float(cell.replace(options.thousands, "") if options.thousands else cell))
+    except ValueError:
+        return False
 
 
 def is_numeric(table: Table, name: str, options: ReadOptions = ReadOptions()) -> bool:

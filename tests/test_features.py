@@ -197,3 +197,24 @@ def test_quantity_skewed_fedavg_keeps_the_largest_site(tmp_path):
     logs = simulate(fed, "fedavg", 0, rounds=2, lr=0.1)
     assert all(set(log.contributors) == set(sizes) for log in logs)
     assert logs[-1].top_class_share is not None
+
+
+def test_device_reads_its_raw_csv_through_the_bundle_transform(tmp_path):
+    from device.config import DataConfig
+    from device.data import load_data
+
+    sites = [site_summary(np.array([[50.0, 200.0], [60.0, np.nan], [70.0, 1200.0]]))]
+    pooled, n = pool(sites)
+    schema = FeatureSchema(("age", "platelets"), (("sex", ("F", "M")),))
+    t = FeatureTransform.from_summary(FeatureSchema(("age", "platelets")), pooled, n)
+    t = FeatureTransform(schema, (*t.mean, 0.5, 0.5), (*t.std, 0.5, 0.5), n)
+    folder = tmp_path / "dev"
+    folder.mkdir()
+    write(folder / "train.csv", 'platelets,sex,note,age,label\n"1,200",M,x,70,1\nNA,F,y,60,0\n')
+    x, y = load_data(DataConfig(dir=folder), (4,), 2, t.to_dict())
+    assert y.tolist() == [1, 0]
+    np.testing.assert_allclose(x, t.apply(np.array([[70, 1200, 0, 1], [60, np.nan, 1, 0]])), rtol=1e-6)
+    assert x[1, 1] == 0.0 and x[0, 0] > 0            # missing -> the pooled mean; scaled, not raw
+    write(folder / "train.csv", "a,b,label\n1,2,0\n3,oops,1\n")
+    with pytest.raises(TableError, match=r"train\.csv, column 'b', row 3: 'oops' is not a number"):
+        load_data(DataConfig(dir=folder), (2,), 2)
