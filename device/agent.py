@@ -195,7 +195,8 @@ class DeviceAgent:
         """Answer one round: decline what cannot be done, refuse what the budget cannot pay, else train + send."""
         cfg, plan = self.cfg, ann.plan
         try:
-            x, y = load_data(cfg.data, self.model.input_shape, self.model.n_classes)
+            x, y = load_data(cfg.data, self.model.input_shape, self.model.n_classes,
+                             self.bundle.manifest.get("features"))
         except (ValueError, OSError) as exc:
             return self._answer(ann, "declined", f"local data: {exc}")
         batch = self.model.batch_size
