@@ -195,3 +195,23 @@ def test_validation_split_lends_each_labels_share_and_keeps_the_test_set_out():
                 for label in (0, 1):
                     last = before.x[np.flatnonzero(before.y == label)[-5:]]
                     assert {r.tobytes() for r in last} <= {r.tobytes() for r in lent}
+
+
+def test_physionet_any_set_and_a_separate_test_set(tmp_path):
+    """Any PhysioNet-format set trains (its directory itself, outcomes found beside it or named), another one tests:
+    set-b/set-c have the same format as set-a."""
+    train, other = tmp_path / "train", tmp_path / "other"
+    train.mkdir()
+    other.mkdir()
+    write_physionet(train, as_tar=False)
+    write_physionet(other, as_tar=True)
+    (other / "Outcomes-a.txt").rename(other / "Outcomes-c.txt")   # e.g. a set-c export with its own outcomes file
+    x, y, _ = load_physionet2012(train / "set-a")                   # the set directory itself, outcomes beside it
+    assert x.shape[0] == 3
+    with pytest.raises(FileNotFoundError, match="outcomes"):
+        load_physionet2012(tmp_path / "other" / "set-a.tar.gz", tmp_path / "nope.txt")
+    fed = load_physionet_federation(train, test_root=other / "set-a.tar.gz", test_outcomes=other / "Outcomes-c.txt",
+                                    raw=True)
+    assert sum(len(c.y) for c in fed.clients) == 3 and len(fed.y_test) == 3
+    assert fed.schema["numeric"] == feature_names() and np.isnan(fed.x_test).any()
+    assert load("physionet2012", root=train, test_fraction=0.34).classes == ["survived", "died"]

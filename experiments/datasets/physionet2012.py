@@ -132,6 +132,8 @@ def load_physionet2012(root: str | Path, outcomes: str | Path | None = None
     `root`: any PhysioNet 2012-format set (directory, archive, or a folder with one); `outcomes`: its outcomes
     file (default: found beside the set, find_outcomes)."""
     root = Path(root)
+    if outcomes and not Path(outcomes).is_file():
+        raise FileNotFoundError(f"{outcomes}: no such outcomes file")
     outcomes = read_outcomes(Path(outcomes) if outcomes else find_outcomes(root))
     xs, ys, sites = [], [], []
     for text in _record_texts(root):
