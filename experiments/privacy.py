@@ -102,6 +102,7 @@ def mode_options(mode: str, eps: float, recipe, batch: int, min_local: int, roun
 
 def run(args) -> dict:
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)   # the plots are written before write_outputs
     epsilons = QUICK_EPSILONS if args.quick else EPSILONS
     for name in datasets_for(args):
         recipe, rounds = RECIPES[name], rounds_for(name, args)
