@@ -340,6 +340,10 @@ def round_record(ann: RoundAnnouncement, aggs: list[EdgeAggregate], report: dict
         "epsilon": json_epsilon(report), "delta": settings.privacy.delta,
         "num_devices": n_devices, "num_edges": len(aggs), "addressed": addressed,
         "filtered": sum(len(a.filtered) for a in aggs),
+        # which devices' updates the round applied, and which the edges' filters dropped, per edge (audits, e.g. the
+        # chaos bench's exactly-once check)
+        "device_ids": {a.edge_id: list(a.device_ids) for a in aggs},
+        "filtered_ids": {a.edge_id: list(a.filtered) for a in aggs if a.filtered},
         "rejected_at_edges": dict(sum((Counter(a.rejected) for a in aggs), Counter())),
         "rejected_at_cloud": dict(traffic.rejected),
         "wall_time_s": round(now - (ann.deadline - settings.round_timeout_s), 3),

@@ -225,6 +225,22 @@ def prepare(settings: DemoSettings, run_dir: Path, port: int):
     return fed, configs
 
 
+def commands(fed, configs: dict[str, Path], run_dir: Path, port: int) -> dict[str, list[str]]:
+    """Every process of the federation `prepare` provisioned, name -> `fediomt` arguments, the cloud first: its
+    edges with their ledger replicas (`ledger-EDGE`), the devices, the inference wearables (the chaos bench restarts
+    any of them by name)."""
+    out = {"cloud": ["cloud", "run", "--config", str(configs["cloud"])]}
+    for edge in fed.edges:
+        out[f"edge-{edge}"] = ["edge", "run", "--config", str(configs[f"edge-{edge}"])]
+        edge_dir = run_dir / "edges" / edge
+        out[f"ledger-{edge}"] = ["ledger", "replica", str(edge_dir / "ledger.db"), "--consortium",
+                                 str(run_dir / "consortium.toml"), "--id", edge, "--key", str(edge_dir / "edge.key"),
+                                 "--port", str(port)]
+    for name in [c.id for c in fed.clients] + [n for n in configs if n.endswith("-wearable")]:
+        out[name] = ["device", "run", "--config", str(configs[name])]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ live view
 def _progress_line(record: dict, total: int) -> str:
     done = int(20 * record["round"] / max(total, 1))
@@ -420,17 +436,8 @@ def run_demo(settings: DemoSettings, run_dir: Path, timeout_s: float = 900.0, ba
         fed, configs = prepare(settings, run_dir, broker.port)
         print(f"broker 127.0.0.1:{broker.port}; cloud, {len(fed.edges)} edges ({', '.join(fed.edges)}), "
               f"{len(fed.clients)} devices; model {fed.model}")
-        group.start("cloud", ["cloud", "run", "--config", str(configs["cloud"])])
-        for edge in fed.edges:
-            group.start(f"edge-{edge}", ["edge", "run", "--config", str(configs[f"edge-{edge}"])])
-            edge_dir = run_dir / "edges" / edge
-            group.start(f"ledger-{edge}", ["ledger", "replica", str(edge_dir / "ledger.db"), "--consortium",
-                                           str(run_dir / "consortium.toml"), "--id", edge, "--key",
-                                           str(edge_dir / "edge.key"), "--port", str(broker.port)])
-        for client in fed.clients:
-            group.start(client.id, ["device", "run", "--config", str(configs[client.id])])
-        for name in [n for n in configs if n.endswith("-wearable")]:
-            group.start(name, ["device", "run", "--config", str(configs[name])])
+        for name, argv in commands(fed, configs, run_dir, broker.port).items():
+            group.start(name, argv)
         records = watch(group, run_dir / "cloud" / "run", settings.rounds, timeout_s)
         group.stop_all()
         leftovers = [c.name for c in group.alive()]
