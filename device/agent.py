@@ -46,6 +46,7 @@ from protocol.messages import (
     encode,
     mac_message,
     new_nonce,
+    newer_run,
     sign_message,
     verify_raw,
 )
@@ -109,6 +110,7 @@ class DeviceAgent:
         self.model = TrainableModel(self.bundle.model_bytes, self.bundle.manifest, rng=self.rng,
                                     num_threads=self.cfg.threads)
         weights = self.state.weights
+        self.initial_weights = self.model.get_flat()   # the bundle's: where a new run starts from
         if self.state.model_name != self.bundle.name or weights is None or weights.size != self.model.n_params:
             # a first start, or a new architecture: the bundle's initial weights, no global version yet
             self.state = DeviceState(history=self.state.history, seen_rounds=self.state.seen_rounds,
@@ -146,9 +148,28 @@ class DeviceAgent:
         except (ValueError, OSError):
             return None
 
+    def _follow_run(self, run_id: str, kind: str) -> bool:
+        """Whether a verified round or model belongs to the run this device follows. A newer run's is adopted
+        first (the old run's model, rounds and residual forgotten, the privacy history kept: `device new-run`);
+        an older run's (a broker's retained copy) is ignored."""
+        after = str(self.state.extra.get("after_run", ""))   # `device new-run` ended that run: only later ones
+        order = -1 if after and run_id <= after else newer_run(run_id, self.state.run_id)
+        if order < 0:
+            event(self.log, "message of an older run ignored", kind=kind, run=run_id, following=self.state.run_id)
+            return False
+        if order > 0:
+            previous = self.state.run_id
+            self.state = self.state.for_new_run(run_id).for_new_model(self.bundle.name, -1, self.initial_weights)
+            self.pending = None
+            save_state(self.state_path, self.state)
+            event(self.log, "new run", run=run_id, previous=previous or None)
+        return True
+
     def _on_model(self, payload: bytes) -> None:
         msg = decode(payload, expect=GlobalModel)
         verify_raw(payload, msg, self.cloud_key)
+        if not self._follow_run(msg.run_id, "model"):
+            return
         if msg.model_name != self.bundle.name or msg.n_params != self.model.n_params:
             raise ProtocolError(Reason.BAD_SHAPE, f"model {msg.model_name} ({msg.n_params} params) is not the "
                                                   f"installed {self.bundle.name} ({self.model.n_params})")
@@ -164,6 +185,8 @@ class DeviceAgent:
     def _on_round(self, payload: bytes) -> None:
         ann = decode(payload, expect=RoundAnnouncement)
         verify_raw(payload, ann, self.cloud_key)
+        if not self._follow_run(ann.run_id, "round"):
+            return
         if ann.model_name != self.bundle.name or ann.round_id in self.state.seen_rounds:
             return
         if ann.cohort and self.cfg.id not in ann.cohort:
@@ -346,6 +369,8 @@ class DeviceAgent:
                     self.ota.on_connect()
             elif self.ota is not None and topic.startswith(self.ota.manifest_topic.rsplit("/", 1)[0] + "/"):
                 self.ota.handle(topic, payload)
+            elif topic in (self.topics["model"], self.topics["round"]) and not payload:
+                pass   # a retained round or model cleared (`fediomt edge new-run`): nothing to follow
             elif topic == self.topics["model"]:
                 self._on_model(payload)
             elif topic == self.topics["round"]:

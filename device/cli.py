@@ -10,6 +10,8 @@ import signal
 import threading
 from pathlib import Path
 
+from protocol.tomlconfig import add_check_config, check_files, lock_dir
+
 HELP = """\
 The config file (TOML; every key and its default is documented in configs/device.toml and docs/device.md):
   id, edge               this device's id and its edge gateway's id ([A-Za-z0-9_-]{1,64})
@@ -58,10 +60,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     status_p.add_argument("--config", type=Path, required=True, help="device TOML config file")
     status_p.set_defaults(func=status)
     new_p = sub.add_parser("new-run", help="forget the global model, rounds, residual and control variates before a "
-                                           "new federation run; KEEP the privacy history (the lifetime budget)",
+                                           "new federation run, accept only later runs, clear the device's retained "
+                                           "status and queued session on its broker; KEEP the privacy history (the "
+                                           "lifetime budget)",
                            epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     new_p.add_argument("--config", type=Path, required=True, help="device TOML config file (the agent must be stopped)")
+    new_p.add_argument("--offline", action="store_true", help="only the local state: do not connect to the broker")
     new_p.set_defaults(func=new_run)
+    add_check_config(sub, _load_config, OUTPUTS)
+
+
+OUTPUTS = frozenset({"state_dir", "bundle_dir", "inference.output"})   # written by the agent (or `fediomt flash`)
+
+
+def _load_config(path):
+    from device.config import load_config
+
+    return load_config(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
     from protocol.errors import ProtocolError
 
     cfg = load_config(args.config)
+    check_files(cfg, OUTPUTS)   # a missing key or data directory: one line, exit status 2 (no restart loop)
+    lock = lock_dir(cfg.state_dir)  # noqa: F841 - two agents on one state_dir: the second refuses (exit 2)
     log = logs.setup(f"device.{cfg.id}", args.log_level or cfg.log_level)
+    logs.capture_native_output(f"device.{cfg.id}.runtime")   # LiteRT's banner as a JSON line
     stop = threading.Event()  # handlers first: a SIGTERM while the interpreter loads is a clean stop too
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -122,14 +140,30 @@ def status(args: argparse.Namespace) -> int:
 
 
 def new_run(args: argparse.Namespace) -> int:
+    import sys
+    from dataclasses import replace
+
     from device.config import load_config
-    from device.state import STATE_FILE, DeviceState, load_state, save_state
+    from device.state import STATE_FILE, load_state, save_state
+    from protocol.runs import BrokerUnreachable, clear_broker
+    from protocol.topics import status_topic
 
     cfg = load_config(args.config)
+    lock = lock_dir(cfg.state_dir)  # noqa: F841 - refuses while the agent runs
     old = load_state(cfg.state_dir / STATE_FILE)
-    save_state(cfg.state_dir / STATE_FILE, DeviceState(history=old.history, extra=old.extra))
-    print(json.dumps({"device": cfg.id, "kept_history_entries": len(old.history), "forgot_rounds": len(old.seen_rounds),
-                      "forgot_model_version": old.model_version}))
+    fresh = old.for_new_run("")
+    after = old.run_id or str(old.extra.get("after_run", ""))   # only runs later than the one ended are followed
+    save_state(cfg.state_dir / STATE_FILE, replace(fresh, extra={**fresh.extra, "after_run": after}))
+    out = {"device": cfg.id, "ended_run": old.run_id or None, "kept_history_entries": len(old.history),
+           "forgot_rounds": len(old.seen_rounds), "forgot_model_version": old.model_version}
+    if not args.offline:
+        try:
+            out["broker"] = clear_broker(cfg.broker, cfg.id, [status_topic(cfg.edge, cfg.id)]).as_dict()
+        except BrokerUnreachable as exc:
+            print(json.dumps(out))
+            print(f"fediomt device new-run: state reset, but the broker was not cleared: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps(out))
     return 0
 
 

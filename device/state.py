@@ -50,6 +50,17 @@ class DeviceState:
     extra: dict = field(default_factory=dict)     # small JSON-able facts (e.g. the installed bundle version)
     unacked: Unacked | None = None                # saved with the spend: a restart resends it
 
+    @property
+    def run_id(self) -> str:
+        """The federation run this state follows ("" before the first; kept in `extra`)."""
+        return str(self.extra.get("run_id", ""))
+
+    def for_new_run(self, run_id: str) -> DeviceState:
+        """Forget the global model, answered rounds, residual, control variates and the unacknowledged update of
+        the previous run; KEEP the privacy history (the lifetime budget), the measured speed and `extra`."""
+        extra = {k: v for k, v in self.extra.items() if k != "after_run"}
+        return DeviceState(history=self.history, steps_per_s=self.steps_per_s, extra={**extra, "run_id": run_id})
+
     def answered(self, round_id: int) -> DeviceState:
         seen = tuple(r for r in self.seen_rounds if r != round_id)[-(SEEN_ROUNDS_KEPT - 1):] + (round_id,)
         return replace(self, seen_rounds=seen)

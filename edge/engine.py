@@ -136,7 +136,8 @@ class EdgeEngine:
         """Whether a verified round or model belongs to the run followed (a newer run is started first: the old
         run's rounds, updates and unsent aggregates are forgotten); an older run's is ignored, with a log line."""
         current = (self.store.get("run_id") or b"").decode()
-        order = newer_run(run_id, current)
+        after = (self.store.get("after_run") or b"").decode()   # `edge new-run` ended that run: only later ones
+        order = -1 if after and run_id <= after else newer_run(run_id, current)
         if order < 0:
             event(self.log, "message of an older run ignored", logging.WARNING, kind=kind, run=run_id,
                   following=current)

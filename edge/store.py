@@ -173,6 +173,14 @@ class Store:
             self.db.executemany("DELETE FROM kv WHERE key = ?", [(k,) for k in self.RUN_KEYS])
             self.put("run_id", run_id.encode())
 
+    def end_run(self) -> str:
+        """`fediomt edge new-run`: forget the run followed so far and accept only later runs; returns its id."""
+        ended = (self.get("run_id") or b"").decode()
+        with self._tx():
+            self.new_run(ended)
+            self.put("after_run", ended.encode())
+        return ended
+
     def prune(self, before_round: int) -> None:
         """Forget aggregated updates (with their nonces) of rounds before `before_round`, and published aggregates."""
         with self._tx():

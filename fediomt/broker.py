@@ -203,16 +203,19 @@ def render(cfg: BrokerFilesConfig, acl_path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(cfg: BrokerFilesConfig, out: str | Path) -> tuple[Path, Path]:
-    """Write the config and its ACL file; returns both paths. Refuses when a certificate it names is missing."""
+def write(cfg: BrokerFilesConfig, out: str | Path, files_pki: Path | None = None) -> tuple[Path, Path]:
+    """Write the config and its ACL file; returns both paths. Refuses when a certificate it names is missing.
+    `files_pki`: where the PKI files are now, when cfg.pki is the path they will have on the broker's host
+    (`fediomt provision --root`); the ACL file is written beside `out` unless cfg.acl_file is set."""
     out = Path(out)
     acl_path = cfg.acl_file or out.with_suffix(".acl")
-    needed = {pki.ca_cert_path(cfg.pki): f"fediomt pki init --dir {cfg.pki}",
-              pki.crl_path(cfg.pki): f"fediomt pki crl --dir {cfg.pki}",
-              pki.identity(cfg.pki, "server", cfg.server_name).cert:
+    here = files_pki or cfg.pki
+    needed = {pki.ca_cert_path(here): f"fediomt pki init --dir {cfg.pki}",
+              pki.crl_path(here): f"fediomt pki crl --dir {cfg.pki}",
+              pki.identity(here, "server", cfg.server_name).cert:
                   f"fediomt pki issue --server {cfg.server_name} --host HOSTNAME"}
     if cfg.cloud_host:
-        needed[pki.identity(cfg.pki, "edge", cfg.id).cert] = f"fediomt pki issue --edge {cfg.id}"
+        needed[pki.identity(here, "edge", cfg.id).cert] = f"fediomt pki issue --edge {cfg.id}"
     missing = [f"{path} (`{fix}`)" for path, fix in needed.items() if not path.exists()]
     if missing:
         raise pki.PkiError(f"missing {'; '.join(missing)}")
@@ -223,9 +226,10 @@ def write(cfg: BrokerFilesConfig, out: str | Path) -> tuple[Path, Path]:
         if not edges:
             raise pki.PkiError(f"no edge would be allowed in: pass --edge ID (none found in {cfg.pki}/index.json)")
         acl = cloud_acl(edges)
-    atomic_write(acl_path, acl.encode())
+    acl_out = out.with_suffix(".acl") if files_pki is not None else acl_path   # written here, named as on the host
+    atomic_write(acl_out, acl.encode())
     atomic_write(out, render(cfg, acl_path).encode())
-    return out, acl_path
+    return out, acl_out
 
 
 def _cmd_config(args: argparse.Namespace) -> int:

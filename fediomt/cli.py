@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ledger": ("ledger.cli", "verify and report the contribution ledger"),
     "pki": ("fediomt.pki", "consortium CA, device/edge/cloud certificates and signing keys"),
     "broker": ("fediomt.broker", "write Mosquitto configs (TLS, ACLs, bridge) for an edge or the cloud"),
+    "provision": ("fediomt.provision", "one folder per site (certificates, keys, broker, config, units) from a "
+                                       "consortium file"),
+    "site": ("fediomt.site", "run provisioned site folders (broker + daemon) without systemd"),
+    "init-config": ("fediomt.initconfig", "write a config with every default and the systemd units (pip installs)"),
 }
 
 

@@ -13,6 +13,7 @@ from protocol.errors import ProtocolError
 from protocol.signing import generate_signing_key, load_private_key, load_public_key, save_private_key, save_public_key
 
 MODEL_NAMES = ("wearable_cnn", "har_mlp", "vitals_mlp")
+PREBUILT = Path(__file__).resolve().parent / "prebuilt"   # one signed bundle of each model (package data)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -26,7 +27,7 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # build/list import TensorFlow: keep its C++ chatter down
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # build imports TensorFlow: keep its C++ chatter down
     sub = parser.add_subparsers(dest="action")
     build = sub.add_parser("build", help="build signed trainable bundles into OUT/<model>/")
     build.add_argument("--model", action="append", choices=MODEL_NAMES, help="model to build (repeat; default all)")
@@ -72,14 +73,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    if args.folder is None:
-        from firmware_models.models import MODELS
-
-        for name, make in MODELS.items():
-            spec = make()
-            n_params = sum(s.size for s in spec.layout)
-            print(f"{name:<13} {spec.family:<7} input {spec.input_shape}  {spec.n_classes} classes  "
-                  f"{n_params} params  device_class {spec.device_class}  -- {make.__doc__.strip()}")
+    if args.folder is None:  # the shipped bundles' manifests describe each model: no TensorFlow on a device
+        for name in MODEL_NAMES:
+            m = json.loads((PREBUILT / name / "manifest.json").read_text())
+            print(f"{name:<13} {m['family']:<7} input {tuple(m['input']['shape'])}  {m['n_classes']} classes  "
+                  f"{m['n_params']} params  device_class {m['device_class']}  -- prebuilt v{m['version']} "
+                  f"({m['model_bytes']} bytes), built with TensorFlow {m['build']['tensorflow']}")
         return 0
     for manifest_path in sorted(args.folder.rglob("manifest.json")):
         m = json.loads(manifest_path.read_text())

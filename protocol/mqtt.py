@@ -105,6 +105,7 @@ class Connection:
             raise ValueError("deliver to exactly one of inbox and on_message")
         self.cfg, self.subscriptions, self.inbox, self.log = cfg, subscriptions, inbox, log
         self._on_connected = on_connected
+        self.closing = False                   # set by close(): the disconnect that follows is logged at info
         self.connected = threading.Event()
         self.subscribed = threading.Event()   # the broker granted a subscription (SUBACK)
         client = new_client(cfg, client_id, manual_ack=manual_ack and inbox is not None)
@@ -135,7 +136,8 @@ class Connection:
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
         self.connected.clear()
         self.subscribed.clear()
-        event(self.log, "disconnected", logging.WARNING, reason=str(reason_code))
+        clean = self.closing and not reason_code.is_failure   # our own close(): a clean stop, not a problem
+        event(self.log, "disconnected", logging.INFO if clean else logging.WARNING, reason=str(reason_code))
 
     def start(self, stop: threading.Event | None = None, timeout_s: float | None = None) -> bool:
         """Connect (retrying) and start the network thread; False when `stop` was set or `timeout_s` ran out."""
@@ -181,5 +183,6 @@ class Connection:
                 self.publish(*last, retain=True).wait_for_publish(timeout_s)
             except (RuntimeError, ValueError):
                 pass
+        self.closing = True
         self.client.disconnect()
         self.client.loop_stop()
