@@ -8,13 +8,14 @@ broken tier fails its own tests, not the collection of all."""
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -39,6 +40,7 @@ from protocol.messages import (
 )
 
 if TYPE_CHECKING:
+    from cloud.aggregator import CloudAggregator
     from edge.engine import EdgeEngine
 
 T = TypeVar("T")
@@ -210,6 +212,41 @@ def aggregate_of(fed: Fed, pubs) -> tuple[EdgeAggregate, np.ndarray | None]:
     agg = decode(pub.payload, expect=EdgeAggregate)
     verify_message(agg, fed.edge_key.public_key())
     return agg, decode_update(agg.delta, fed.n_params) if agg.significant else None
+
+
+# ------------------------------------------------------------------ the cloud daemon (vitals_mlp, 4 features)
+MLP_OPTIONS = "[model_options]\nn_features = 4\nhidden = 4\n"   # a cloud.toml's tail: a small vitals_mlp
+MLP_PARAMS = 4 * 4 + 4 + 4 * 2 + 2                               # its parameters (4 -> 4 -> 2)
+
+
+def rounds_of(run_dir: Path) -> list[dict]:
+    """The cloud's rounds.jsonl under `run_dir` ([] before the first round closed)."""
+    path = run_dir / "rounds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def start_in_process(config: Path, daemons: Daemons | None = None) -> tuple[CloudAggregator, threading.Thread]:
+    """The cloud daemon of `config` running on a thread (stopped at teardown when started through `daemons`)."""
+    from cloud.aggregator import CloudAggregator
+    from cloud.config import load_config
+    from protocol.logs import setup
+
+    agg = CloudAggregator(load_config(config), setup("cloud-test"))
+    if daemons is not None:
+        return agg, daemons.thread(agg)
+    thread = threading.Thread(target=agg.run, daemon=True)
+    thread.start()
+    return agg, thread
+
+
+def cloud_process(config: Path, log: IO[bytes], daemons: Daemons | None = None) -> subprocess.Popen:
+    """`python -m fediomt cloud run --config config` writing to the open file `log` (killed at teardown when
+    started through `daemons`)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fediomt", "cloud", "run", "--config", str(config)], cwd=REPO,
+                            stdout=log, stderr=log)
+    if daemons is not None:
+        daemons.procs.append(proc)
+    return proc
 
 
 # ------------------------------------------------------------------ real devices (prebuilt wearable_cnn)

@@ -44,7 +44,7 @@ from protocol.tls import identity_context
 from protocol.topics import matches
 
 from .conftest import REPO
-from .harness import N_PARAMS, Fed, wait_for
+from .harness import MLP_OPTIONS, MLP_PARAMS, N_PARAMS, Fed, cloud_process, rounds_of, wait_for
 
 EDGE = "edge1"  # the edge id of the scripted federation in test_edge.Fed
 REPLICA = f"{EDGE}-r1"  # a second edge daemon of EDGE: a certificate of its own (client ids are CNs)
@@ -705,9 +705,6 @@ def test_the_whole_stack_over_mtls_survives_the_cloud_being_killed_mid_round(ca,
     `broker config`. The cloud is killed (-9) as soon as round 2's announcement reaches the devices, and
     restarted: it resumes from its checkpoint, the round-2 aggregate is not lost (the cloud's persistent session
     holds it), and each new global model is the previous one plus the NumPy FedAvg of the device deltas."""
-    from .test_cloud_daemon import MODEL_OPTIONS, cloud_process, rounds_of
-    from .test_cloud_daemon import N_PARAMS as MLP_PARAMS
-
     devices = ["s00", "s01", "s02"]
     dep = Deployment(ca, workdir, tmp_path, "stack", devices, n_params=MLP_PARAMS, rounds={"quorum": 1.0})
     cloud_id = pki.identity(ca, "cloud", pki.CLOUD_ID)
@@ -715,7 +712,7 @@ def test_the_whole_stack_over_mtls_survives_the_cloud_being_killed_mid_round(ca,
     config = tmp_path / "cloud.toml"
     config.write_text(f'run_dir = "run"\nsigning_key = "{cloud_id.sign_key}"\nedge_keys_dir = "edge-keys"\n'
                       f'edges = ["{EDGE}"]\nmodel = "vitals_mlp"\nrounds = 2\nround_timeout_s = 60.0\n'
-                      f'{MODEL_OPTIONS}[strategy]\nname = "fedavg"\n'
+                      f'{MLP_OPTIONS}[strategy]\nname = "fedavg"\n'
                       f'[broker]\nhost = "127.0.0.1"\nport = {dep.cloud_broker.port}\n'
                       f'ca = "{pki.ca_cert_path(ca)}"\ncert = "{cloud_id.cert}"\nkey = "{cloud_id.key}"\n'
                       'session_expiry_s = 3600\n')  # without it a [broker] table means a clean session: lost
@@ -755,7 +752,7 @@ def test_the_whole_stack_over_mtls_survives_the_cloud_being_killed_mid_round(ca,
         responder.start()
         cloud = cloud_process(config, log)
         wait_for(lambda: any(a.round_id == 2 for a in received(topics.round_topic(EDGE), RoundAnnouncement))
-                        or cloud.poll() is not None, 120), (tmp_path / "cloud.log").read_text()[-3000:]
+                 or cloud.poll() is not None, 120, message=lambda: (tmp_path / "cloud.log").read_text()[-3000:])
         cloud.send_signal(signal.SIGKILL)  # round 2 reached the devices; their updates are on their way
         cloud.wait(10)
         cloud = cloud_process(config, log)

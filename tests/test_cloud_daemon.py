@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -19,15 +18,12 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.accounting import Entry, epsilon
 from cloud.rounds import dense_sizes
 from experiments.mosquitto import free_port
 from protocol.compression import CompressionSettings, decode_update, encode_update
-from protocol.logs import setup
 from protocol.messages import (
     Capability,
     CentralDPReport,
@@ -46,30 +42,28 @@ from protocol.messages import (
 from protocol.signing import generate_signing_key, save_private_key, save_public_key
 from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, aggregate_topic
 
-from .conftest import REPO
+from .harness import MLP_OPTIONS as MODEL_OPTIONS
+from .harness import MLP_PARAMS as N_PARAMS
+from .harness import REPO, Fed, Recorder, cloud_process, rounds_of, start_in_process, wait_for
 
-MODEL_OPTIONS = "[model_options]\nn_features = 4\nhidden = 4\n"
-N_PARAMS = 4 * 4 + 4 + 4 * 2 + 2
 DENSE = CompressionSettings(method="dense", bits=32)
 
 
-class Edges:
-    """Scripted edges on one paho client: collect the cloud's models and announcements, publish aggregates."""
+class Edges(Recorder):
+    """Scripted edges on one Recorder: the cloud's models (rebuilt, sha256 checked) and announcements (signature
+    checked) as they arrive, and signed aggregates to publish."""
 
     def __init__(self, broker, keys: dict, cloud_pub) -> None:
         self.keys, self.cloud_pub = keys, cloud_pub
         self.models: dict[int, np.ndarray] = {}
         self.encodings: dict[int, str] = {}
-        self.rounds: queue.Queue = queue.Queue()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.subscribe([(CLOUD_MODEL, 1), (CLOUD_ROUND, 1)])
-        self.client.loop_start()
+        self.taken = 0  # the announcements next_round returned
+        super().__init__(broker.port, [CLOUD_MODEL, CLOUD_ROUND], client_id="edges", host=broker.host,
+                         hook=self._on_cloud)
 
-    def _on_message(self, _c, _u, msg) -> None:
-        if msg.topic == CLOUD_MODEL:
-            model = decode(msg.payload, expect=GlobalModel)
+    def _on_cloud(self, topic: str, payload: bytes) -> None:
+        if topic == CLOUD_MODEL:
+            model = decode(payload, expect=GlobalModel)
             verify_message(model, self.cloud_pub)
             if model.encoding == "full":
                 weights = bytes_to_floats(model.weights, model.n_params)
@@ -79,12 +73,20 @@ class Edges:
             self.models[model.model_version] = weights
             self.encodings[model.model_version] = model.encoding
         else:
-            ann = decode(msg.payload, expect=RoundAnnouncement)
-            verify_message(ann, self.cloud_pub)
-            self.rounds.put(ann)
+            verify_message(decode(payload, expect=RoundAnnouncement), self.cloud_pub)
 
     def next_round(self, timeout: float = 60.0) -> RoundAnnouncement:
-        return self.rounds.get(timeout=timeout)
+        """The next announcement (each one once, in order of arrival); queue.Empty when none came within `timeout`."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: len(self.payloads(CLOUD_ROUND)) > self.taken, timeout):
+                raise queue.Empty
+            self.taken += 1
+            return decode(self.payloads(CLOUD_ROUND)[self.taken - 1], expect=RoundAnnouncement)
+
+    def model(self, version: int, timeout: float = 10.0) -> np.ndarray:
+        """Global model `version` as an edge rebuilt it, once it arrived."""
+        self.wait(lambda _: version in self.models, timeout, f"global model version {version}")
+        return self.models[version]
 
     def aggregate(self, edge: str, ann: RoundAnnouncement, delta=None, num_samples: int = 10, key=None,
                   **fields) -> bytes:
@@ -98,11 +100,7 @@ class Edges:
         return encode(sign_message(agg, key or self.keys[edge]))
 
     def send(self, edge: str, data: bytes) -> None:
-        self.client.publish(aggregate_topic(edge), data, qos=1).wait_for_publish(5)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        self.publish(aggregate_topic(edge), data)
 
 
 @pytest.fixture
@@ -129,27 +127,12 @@ def federation(tmp_path, broker):
     edges.close()
 
 
-def start_in_process(config: Path):
-    from cloud.aggregator import CloudAggregator
-    from cloud.config import load_config
-
-    agg = CloudAggregator(load_config(config), setup("cloud-test"))
-    thread = threading.Thread(target=agg.run, daemon=True)
-    thread.start()
-    return agg, thread
-
-
-def rounds_of(run_dir: Path) -> list[dict]:
-    path = run_dir / "rounds.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def test_rounds_advance_by_the_server_update_and_bad_aggregates_are_counted(federation, tmp_path):
+def test_rounds_advance_by_the_server_update_and_bad_aggregates_are_counted(federation, tmp_path, daemons):
     write_config, edges = federation
     port = free_port()
     config = write_config(f'rounds = 3\nround_timeout_s = 4.0\nmin_edges = 1\nmetrics_port = {port}\n'
                           '[strategy]\nname = "fedavg"\n')
-    agg, thread = start_in_process(config)
+    agg, thread = start_in_process(config, daemons)
     rng = np.random.default_rng(1)
 
     ann = edges.next_round()
@@ -182,7 +165,7 @@ def test_rounds_advance_by_the_server_update_and_bad_aggregates_are_counted(fede
     edges.send("edge1", edges.aggregate("edge1", ann3, d1, num_samples=10))
     thread.join(timeout=30)
     assert not thread.is_alive() and time.monotonic() - t0 > 2.0
-    np.testing.assert_allclose(edges.models[4], edges.models[3] + d1.astype(np.float32), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(edges.model(4), edges.models[3] + d1.astype(np.float32), rtol=1e-6, atol=1e-7)
 
     records = rounds_of(tmp_path / "run")
     assert [r["round"] for r in records] == [1, 2, 3] and [r["model_version"] for r in records] == [2, 3, 4]
@@ -213,12 +196,12 @@ def dataclass_round(ann: RoundAnnouncement, round_id: int) -> RoundAnnouncement:
     return dataclasses.replace(ann, round_id=round_id)
 
 
-def test_delta_models_rebuild_exactly_and_full_versions_fold_the_residual_in(federation, tmp_path):
+def test_delta_models_rebuild_exactly_and_full_versions_fold_the_residual_in(federation, tmp_path, daemons):
     write_config, edges = federation
     config = write_config('rounds = 3\nround_timeout_s = 20.0\nmodel_encoding = "delta"\nmodel_full_every = 2\n'
                           '[model_compression]\nmethod = "topk"\ndensity = 0.3\nbits = 8\n'
                           '[strategy]\nname = "fedavg"\n')
-    _, thread = start_in_process(config)
+    _, thread = start_in_process(config, daemons)
     rng = np.random.default_rng(3)
     steps = []
     for _ in range(3):
@@ -228,20 +211,21 @@ def test_delta_models_rebuild_exactly_and_full_versions_fold_the_residual_in(fed
             edges.send(edge, edges.aggregate(edge, ann, steps[-1]))
     thread.join(timeout=30)
     assert not thread.is_alive()
+    edges.model(4)  # published as the cloud stopped
     assert edges.encodings == {1: "full", 2: "delta", 3: "full", 4: "delta"}  # sha256 checked on every one
     v1 = edges.models[1]
     assert not np.allclose(edges.models[2], v1 + steps[0], atol=1e-3)   # lossy: 30% of coordinates, 8 bits
     np.testing.assert_allclose(edges.models[3], v1 + steps[0] + steps[1], atol=1e-5)  # nothing lost for good
 
 
-def test_privacy_budget_exhaustion_stops_with_a_clear_message(federation, tmp_path):
+def test_privacy_budget_exhaustion_stops_with_a_clear_message(federation, tmp_path, daemons):
     write_config, edges = federation
     per_round = [Entry(1.0, 1.0, 1)]
     budget = (epsilon(per_round * 2, 1e-5) + epsilon(per_round * 3, 1e-5)) / 2
     config = write_config(f'rounds = 10\nround_timeout_s = 20.0\n[central_dp]\nclip = 1.0\nnoise_mult = 1.0\n'
                           f'[privacy]\ncentral_epsilon = {budget}\nfinal_pld = false\n'
                           f'[strategy]\nname = "fedavg"\n')
-    agg, thread = start_in_process(config)
+    agg, thread = start_in_process(config, daemons)
     for round_id in (1, 2):
         ann = edges.next_round()
         assert ann.round_id == round_id and ann.central_dp.noise_mult == 1.0
@@ -256,21 +240,21 @@ def test_privacy_budget_exhaustion_stops_with_a_clear_message(federation, tmp_pa
     assert len(records) == 2 and records[-1]["epsilon"]["central"] < budget
     assert json.loads((tmp_path / "run" / "report.json").read_text())["stop_reason"] == agg.state.stop_reason
     with pytest.raises(queue.Empty):
-        edges.next_round(timeout=0.5)  # no third announcement
+        edges.next_round(timeout=0.5)  # no third announcement (an absence: waited out, not awaited)
 
 
-def test_stops_when_every_device_reports_its_budget_spent(federation, tmp_path):
+def test_stops_when_every_device_reports_its_budget_spent(federation, tmp_path, daemons):
     write_config, edges = federation
     config = write_config('rounds = 5\nround_timeout_s = 20.0\n[strategy]\nname = "fediomt"\n'
                           '[strategy.options]\ncohort_size = 1\n')
-    agg, thread = start_in_process(config)
+    agg, thread = start_in_process(config, daemons)
     ann = edges.next_round()
-    for device in ("edge1-d1", "edge1-d2", "edge2-d1", "edge2-d2"):  # retained statuses, as devices publish them
+    devices = ("edge1-d1", "edge1-d2", "edge2-d1", "edge2-d2")
+    for device in devices:  # retained statuses, as devices publish them
         status = DeviceStatus(device, device[:5], "budget_exhausted", 1, 1, 7.9, 8.0, time.time(), round_id=1,
                               capability=Capability("wearable", 256, 1e5, steps_per_s=50.0))
-        edges.client.publish(f"fl/{device[:5]}/status/{device}", encode(status), qos=1,
-                             retain=True).wait_for_publish(5)
-    time.sleep(0.5)
+        edges.publish(f"fl/{device[:5]}/status/{device}", encode(status), retain=True)
+    wait_for(lambda: all(getattr(agg.state.devices.get(d), "state", None) == "budget_exhausted" for d in devices))
     for edge in ("edge1", "edge2"):
         edges.send(edge, edges.aggregate(edge, ann, np.zeros(N_PARAMS)))
     thread.join(timeout=30)
@@ -296,47 +280,41 @@ def auto_respond(edges: Edges, stop: threading.Event, limit: list[int] | None = 
             edges.send(edge, edges.aggregate(edge, ann, np.full(N_PARAMS, 0.01 * ann.round_id)))
 
 
-def cloud_process(config: Path, log) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "fediomt", "cloud", "run", "--config", str(config)],
-                            cwd=REPO, env=env, stdout=log, stderr=log)
-
-
-def test_kill_9_mid_run_resumes_from_the_checkpoint_and_sigterm_stops_cleanly(federation, tmp_path):
+def test_kill_9_mid_run_resumes_from_the_checkpoint_and_sigterm_stops_cleanly(federation, tmp_path, daemons):
     write_config, edges = federation
     config = write_config('rounds = 8\nround_timeout_s = 60.0\n[strategy]\nname = "fedadam"\n')
     stop, limit = threading.Event(), [3]
     responder = threading.Thread(target=auto_respond, args=(edges, stop, limit), daemon=True)
     responder.start()
-    run_dir = tmp_path / "run"
+    run_dir, log_path = tmp_path / "run", tmp_path / "cloud.log"
+
+    def log_tail() -> str:
+        return log_path.read_text()[-3000:]
 
     def wait_rounds(n: int) -> None:
-        deadline = time.monotonic() + 90
-        while len(rounds_of(run_dir)) < n and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert len(rounds_of(run_dir)) == n, (tmp_path / "cloud.log").read_text()[-3000:]
+        wait_for(lambda: len(rounds_of(run_dir)) >= n or proc.poll() is not None, 90, message=log_tail)
+        assert len(rounds_of(run_dir)) == n, log_tail()
 
-    with open(tmp_path / "cloud.log", "ab") as log:
-        proc = cloud_process(config, log)
+    with open(log_path, "ab") as log:
+        proc = cloud_process(config, log, daemons)
         try:
             wait_rounds(3)                    # round 4 is open and nobody answers it
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             limit[0] = 5
-            proc = cloud_process(config, log)  # resumes: re-announces round 4; edges answer 4 and 5
+            proc = cloud_process(config, log, daemons)  # resumes: re-announces round 4; edges answer 4 and 5
             wait_rounds(5)
             proc.send_signal(signal.SIGTERM)  # a clean stop: exit 0, report.json says unfinished
             assert proc.wait(30) == 0
         finally:
             stop.set()
-            if proc.poll() is None:
-                proc.kill()
-    text = (tmp_path / "cloud.log").read_text()
+    text = log_path.read_text()
     records = rounds_of(run_dir)
     assert [r["round"] for r in records] == [1, 2, 3, 4, 5], text[-3000:]
     assert [r["model_version"] for r in records] == [2, 3, 4, 5, 6]
     assert text.count('"resumed": true') == 1 and "federation stopped" not in text
     assert text.count('"msg": "cloud stopped"') == 1  # the SIGTERM; the SIGKILL left no line
+    edges.model(6)  # published as round 5 closed, just before the SIGTERM
     assert max(edges.models) == 6
     report = json.loads((run_dir / "report.json").read_text())
     assert not report["finished"] and report["rounds_completed"] == 5 and report["strategy"] == "fedadam"
@@ -352,10 +330,8 @@ def test_cloud_help_is_fast_and_does_not_import_tensorflow():
     assert "--config" in out.stdout
 
 
-def test_with_the_real_edge_daemon(tmp_path, broker):
+def test_with_the_real_edge_daemon(tmp_path, broker, daemons, recorder):
     """Cloud (in process) <-> the real edge process <-> scripted devices: two rounds, the expected mean update."""
-    from .test_edge import Fed
-
     fed = Fed(tmp_path / "edge", n_devices=3, n_params=N_PARAMS,
               broker={"host": broker.host, "port": broker.port})
     save_private_key(fed.cloud_key, tmp_path / "cloud.key")
@@ -369,46 +345,32 @@ def test_with_the_real_edge_daemon(tmp_path, broker):
                       f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[strategy]\nname = "fedavg"\n')
     deltas = {d: rng.normal(size=N_PARAMS).astype(np.float32) for d in fed.devices}
     samples = {d: 10 * (i + 1) for i, d in enumerate(fed.devices)}
-    models: dict[int, np.ndarray] = {}
 
-    def on_message(client, _u, msg) -> None:  # the devices: answer every round relayed by the edge
-        if msg.topic.endswith("/model"):
-            model = decode(msg.payload, expect=GlobalModel)
-            models[model.model_version] = bytes_to_floats(model.weights, model.n_params)
-            return
-        ann = decode(msg.payload, expect=RoundAnnouncement)
-        verify_message(ann, fed.cloud_key.public_key())  # relayed byte-identical: the cloud's signature holds
-        for d in fed.devices:
-            client.publish(f"fl/edge1/updates/{d}", fed.update(d, deltas[d], round_id=ann.round_id,
-                                                              version=ann.model_version, num_samples=samples[d]),
-                           qos=1)
+    def answer(topic: str, payload: bytes) -> None:  # the devices: answer every round relayed by the edge
+        if topic.endswith("/round"):
+            ann = decode(payload, expect=RoundAnnouncement)
+            verify_message(ann, fed.cloud_key.public_key())  # relayed byte-identical: the cloud's signature holds
+            for d in fed.devices:
+                devices.client.publish(f"fl/edge1/updates/{d}", fed.update(
+                    d, deltas[d], round_id=ann.round_id, version=ann.model_version, num_samples=samples[d]), qos=1)
 
-    devices = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    devices.on_message = on_message
-    devices.connect(broker.host, broker.port)
-    devices.subscribe([("fl/edge1/round", 1), ("fl/edge1/model", 1)])
-    devices.loop_start()
-    with open(tmp_path / "edge.log", "ab") as log:
-        edge = subprocess.Popen([sys.executable, "-m", "fediomt", "edge", "run", "--config", str(fed.config)],
-                                cwd=REPO, stdout=log, stderr=log)
-        try:
-            _, thread = start_in_process(config)
-            thread.join(timeout=60)
-            assert not thread.is_alive(), (tmp_path / "edge.log").read_text()[-2000:]
-        finally:
-            edge.send_signal(signal.SIGTERM)
-            edge.wait(15)
-            devices.loop_stop()
-            devices.disconnect()
+    def models() -> dict[int, np.ndarray]:
+        return {m.model_version: bytes_to_floats(m.weights, m.n_params)
+                for m in (decode(p, expect=GlobalModel) for p in devices.payloads("fl/edge1/model"))}
+
+    devices = recorder(["fl/edge1/round", "fl/edge1/model"], hook=answer)  # bound before the edge publishes
+    daemons.process("edge", "run", "--config", str(fed.config), log=tmp_path / "edge.log")
+    _, thread = start_in_process(config, daemons)
+    thread.join(timeout=60)
+    assert not thread.is_alive(), (tmp_path / "edge.log").read_text()[-2000:]
     mean = sum(samples[d] * deltas[d] for d in fed.devices) / sum(samples.values())
     records = rounds_of(tmp_path / "run")
     assert [r["round"] for r in records] == [1, 2] and records[0]["num_devices"] == 3
     assert records[0]["bytes_up"] > 3 * 4 * N_PARAMS  # the edge reports the DeviceUpdate message bytes
-    deadline = time.monotonic() + 5
-    while 3 not in models and time.monotonic() < deadline:
-        time.sleep(0.05)
-    np.testing.assert_allclose(models[2], models[1] + mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(models[3], models[2] + mean, rtol=1e-5, atol=1e-6)
+    devices.wait(lambda _: 3 in models(), 5, "model 3 relayed by the edge")
+    got = models()
+    np.testing.assert_allclose(got[2], got[1] + mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[3], got[2] + mean, rtol=1e-5, atol=1e-6)
 
 
 def test_reference_config_loads_and_its_strategy_builds(tmp_path):

@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -20,8 +19,9 @@ from protocol.messages import Ack, GlobalModel, RoundAnnouncement, bytes_to_floa
 from protocol.signing import save_private_key, save_public_key
 
 from .conftest import REPO
-from .harness import Fed
-from .test_cloud_daemon import MODEL_OPTIONS, N_PARAMS, rounds_of, start_in_process
+from .harness import MLP_OPTIONS as MODEL_OPTIONS
+from .harness import MLP_PARAMS as N_PARAMS
+from .harness import Fed, rounds_of, start_in_process, wait_for
 
 HONEST, ATTACKER = "d00", "d01"
 # per round: the attacker's (delta scale, num_samples): a 1e30 delta, then 2^63 - 1, 2^63 and 2^64 samples
@@ -72,9 +72,7 @@ def test_one_device_cannot_blow_up_or_take_over_the_model(tmp_path, broker):
             _, thread = start_in_process(config)
             thread.join(timeout=90)
             assert not thread.is_alive(), log_path.read_text()[-2000:]
-            deadline = time.monotonic() + 5
-            while 5 not in models and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for(lambda: 5 in models, 5, message="model 5 relayed by the edge")
         finally:
             edge.send_signal(signal.SIGTERM)
             edge.wait(15)

@@ -28,8 +28,9 @@ from protocol.mqtt import ConnectionConfig
 from protocol.signing import generate_signing_key, save_private_key, save_public_key
 from protocol.topics import LEDGER_PROPOSALS
 
-from .harness import REPO, wait_for
-from .test_cloud_daemon import N_PARAMS, Edges, cloud_process, federation, rounds_of  # noqa: F401 (a fixture)
+from .harness import MLP_PARAMS as N_PARAMS
+from .harness import REPO, cloud_process, rounds_of, wait_for
+from .test_cloud_daemon import Edges, federation  # noqa: F401 (a fixture)
 from .test_ledger import VALIDATORS, build_ledger, contributions, signed
 
 ROUNDS = 4

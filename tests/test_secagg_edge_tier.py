@@ -4,17 +4,11 @@ round end to end over a real Mosquitto with real edge gateways (one a process ki
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.config import load_config
 from edge.gateway import Gateway
@@ -35,9 +29,9 @@ from protocol.secagg.inprocess import run_cohort
 from protocol.secagg.quant import levels
 from protocol.signing import generate_signing_key, save_private_key, save_public_key
 
-from .conftest import REPO
-from .harness import Fed
-from .test_cloud_daemon import MODEL_OPTIONS, N_PARAMS, rounds_of, start_in_process
+from .harness import MLP_OPTIONS as MODEL_OPTIONS
+from .harness import MLP_PARAMS as N_PARAMS
+from .harness import Fed, rounds_of, start_in_process
 
 TABLE = {"mode": "trusted_edge", "edges_mask": True, "graph": "full", "min_cohort": 3, "threshold": 0.5,
          "clip": 1.0, "bits": 16, "max_samples": 64}
@@ -150,7 +144,7 @@ def test_an_aborted_protocol_skips_the_round_with_the_model_unchanged(tmp_path, 
 
 
 # ------------------------------------------------------------------ end to end
-def test_edges_mask_toward_the_cloud_and_a_killed_edge_drops_out(tmp_path, broker):
+def test_edges_mask_toward_the_cloud_and_a_killed_edge_drops_out(tmp_path, broker, daemons, recorder):
     """Four edges (three in-process gateways, one `fediomt edge run` process), two scripted devices each, the cloud
     in process. Round 1: the new model = the sample-weighted mean of all edges' aggregates; round 2: e4 is killed
     right after sharing its keys, the model moves by the mean over e1-e3. Edges publish only metadata."""
@@ -178,51 +172,32 @@ def test_edges_mask_toward_the_cloud_and_a_killed_edge_drops_out(tmp_path, broke
                       'rounds = 2\nround_timeout_s = 30.0\ngrace_s = 1.0\nsecagg_step_timeout_s = 3.0\n'
                       f'{MODEL_OPTIONS}[broker]\nhost = "{broker.host}"\nport = {broker.port}\n'
                       f'[strategy]\nname = "fedavg"\n[secagg]\n{table}'.replace("'", '"'))
-    models, seen, kill = {}, [], threading.Event()
 
-    def on_message(client, _u, msg) -> None:
-        seen.append((msg.topic, msg.payload))
-        if msg.topic == "fl/cloud/model":
-            model = decode(msg.payload, expect=GlobalModel)
-            models[model.model_version] = bytes_to_floats(model.weights, model.n_params)
-        elif msg.topic == "fl/cloud/secagg/shares/e4" and sum(t == msg.topic for t, _ in seen) == 2:
-            kill.set()
-        elif msg.topic.endswith("/round") and msg.topic != "fl/cloud/round":   # that edge's devices answer
-            edge = msg.topic.split("/")[1]
-            ann = decode(msg.payload, expect=RoundAnnouncement)
+    def on_message(topic: str, payload: bytes) -> None:  # on paho's thread, before the watcher records it
+        if topic == "fl/cloud/secagg/shares/e4" and len(watcher.payloads(topic)) == 1:
+            e4.kill()                     # e4's second round: killed right after sharing its keys
+        elif topic.endswith("/round") and topic != "fl/cloud/round":   # that edge's devices answer
+            edge = topic.split("/")[1]
+            ann = decode(payload, expect=RoundAnnouncement)
             for d in feds[edge].devices:
-                client.publish(f"fl/{edge}/updates/{d}", feds[edge].update(
+                watcher.client.publish(f"fl/{edge}/updates/{d}", feds[edge].update(
                     d, deltas[edge, d], round_id=ann.round_id, version=ann.model_version,
                     num_samples=samples[edge, d], edge_id=edge), qos=1)
 
-    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    watcher.on_message = on_message
-    watcher.connect(broker.host, broker.port)
-    watcher.subscribe([("fl/+/round", 1), ("fl/cloud/model", 1), ("fl/cloud/aggregates/+", 1),
-                       ("fl/cloud/secagg/#", 1)])
-    watcher.loop_start()
-    gateways = [Gateway(feds[e].engine().cfg, logging.getLogger(f"test.{e}")) for e in ("e1", "e2", "e3")]
-    threads = [threading.Thread(target=g.run, daemon=True) for g in gateways]
-    for t in threads:
-        t.start()
-    with open(tmp_path / "e4.log", "ab") as log:
-        e4 = subprocess.Popen([sys.executable, "-m", "fediomt", "edge", "run", "--config", str(feds["e4"].config)],
-                              cwd=REPO, stdout=log, stderr=log)
-    threading.Thread(target=lambda: kill.wait(90) and os.kill(e4.pid, signal.SIGKILL), daemon=True).start()
-    try:
-        cloud, thread = start_in_process(config)
-        thread.join(timeout=90)
-        assert not thread.is_alive(), (tmp_path / "e4.log").read_text()[-2000:]
-    finally:
-        for g in gateways:
-            g.stop.set()
-        for t in threads:
-            t.join(15)
-        if e4.poll() is None:
-            e4.kill()
-        e4.wait(10)
-        watcher.loop_stop()
-        watcher.disconnect()
+    def models() -> dict[int, np.ndarray]:
+        return {m.model_version: bytes_to_floats(m.weights, m.n_params)
+                for m in (decode(p, expect=GlobalModel) for p in watcher.payloads("fl/cloud/model"))}
+
+    # bound before anything is published: the gateways and e4 start after it
+    watcher = recorder(["fl/+/round", "fl/cloud/model", "fl/cloud/aggregates/+", "fl/cloud/secagg/#"],
+                       hook=on_message)
+    for e in ("e1", "e2", "e3"):
+        daemons.thread(Gateway(feds[e].engine().cfg, logging.getLogger(f"test.{e}")))
+    e4 = daemons.process("edge", "run", "--config", str(feds["e4"].config), log=tmp_path / "e4.log")
+    cloud, thread = start_in_process(config, daemons)
+    thread.join(timeout=90)
+    assert not thread.is_alive(), (tmp_path / "e4.log").read_text()[-2000:]
+    watcher.wait(lambda _: 3 in models(), 10, "model 3 (published as the cloud stopped)")
 
     def weighted_mean(edges) -> np.ndarray:
         keys = [(e, d) for e in edges for d in feds[e].devices]
@@ -232,11 +207,14 @@ def test_edges_mask_toward_the_cloud_and_a_killed_edge_drops_out(tmp_path, broke
     records = rounds_of(tmp_path / "run")
     assert records[0]["edge_secagg"] == {"edges": ["e1", "e2", "e3", "e4"], "dropped": []}
     assert records[1]["edge_secagg"] == {"edges": ["e1", "e2", "e3"], "dropped": ["e4"]}
-    assert e4.returncode == -signal.SIGKILL
+    assert e4.wait(10) == -signal.SIGKILL
+    got = models()
     for version, edges in ((1, ["e1", "e2", "e3", "e4"]), (2, ["e1", "e2", "e3"])):
         total = sum(samples[e, d] for e in edges for d in feds[e].devices)
-        np.testing.assert_allclose(models[version + 1] - models[version], weighted_mean(edges), rtol=0,
+        np.testing.assert_allclose(got[version + 1] - got[version], weighted_mean(edges), rtol=0,
                                    atol=error_bound(tier, len(edges), total))
+    with watcher.cond:
+        seen = list(watcher.messages)
     for topic, payload in seen:                                  # only metadata ever went up in plaintext
         if topic.startswith("fl/cloud/aggregates/"):
             agg = decode(payload, expect=EdgeAggregate)
