@@ -10,7 +10,7 @@ import signal
 import threading
 from pathlib import Path
 
-from protocol.tomlconfig import add_check_config, check_files, lock_dir
+from protocol.tomlconfig import ConfigError, add_check_config, check_files, lock_dir
 
 HELP = """\
 The config file (TOML; every key and its default is documented in configs/device.toml and docs/device.md):
@@ -76,17 +76,23 @@ OUTPUTS = frozenset({"state_dir", "bundle_dir", "inference.output"})   # written
 def _load_config(path):
     from device.config import load_config
 
-    return load_config(path)
+    cfg = load_config(path)
+    if cfg.privacy.accountant == "pld":
+        try:
+            import dp_accounting  # noqa: F401 - the PLD accountant's package (it pulls SciPy)
+        except ImportError:
+            raise ConfigError(f"{path}: privacy.accountant = \"pld\" needs dp-accounting: pip install "
+                              "'fediomt[pld]' (or use \"rdp\", which needs nothing more)") from None
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
     from device.agent import DeviceAgent
-    from device.config import load_config
     from device.inference import InferenceAgent
     from protocol import logs
     from protocol.errors import ProtocolError
 
-    cfg = load_config(args.config)
+    cfg = _load_config(args.config)
     check_files(cfg, OUTPUTS)   # a missing key or data directory: one line, exit status 2 (no restart loop)
     lock = lock_dir(cfg.state_dir)  # noqa: F841 - two agents on one state_dir: the second refuses (exit 2)
     log = logs.setup(f"device.{cfg.id}", args.log_level or cfg.log_level)

@@ -6,8 +6,9 @@ that host needs, from one consortium file (the approach of NVFlare's `provision`
 
 The consortium file is configs/consortium.toml: the ledger's keys (quorum, [policy]) and, for provisioning,
 
-    [federation]   model (a prebuilt firmware model), rounds, min_devices, round_timeout_s, and optional [plan]-like
-                   keys: every cloud.toml key not given keeps its documented default (configs/cloud.toml)
+    [federation]   model (a prebuilt firmware model), rounds, min_devices, round_timeout_s, device_epsilon (each
+                   device's lifetime budget, default 8), and optional plan, strategy, privacy, compression
+                   tables: every cloud.toml key not given keeps its documented default (configs/cloud.toml)
     [cloud]        host, port: where the edges reach the cloud's broker
     [edges.ID]     host, port: where this edge's devices reach its broker
     [devices.ID]   edge (required), compute_class, data (a directory with train.npz/train.csv on the device host)
@@ -46,7 +47,7 @@ from protocol.topics import DEVICE_CLASSES, check_id
 PREBUILT = Path(__file__).resolve().parent.parent / "firmware_models" / "prebuilt"
 DEFAULT_PORT = 8883
 FEDERATION_KEYS = {"model", "rounds", "min_devices", "round_timeout_s", "strategy", "plan", "compression",
-                   "privacy", "model_options", "model_encoding", "seed"}
+                   "privacy", "model_options", "model_encoding", "seed", "device_epsilon"}
 
 
 class ProvisionError(ValueError):
@@ -249,7 +250,8 @@ def provision(path: Path, out: Path, root: Path | None = None, state_root: Path 
     for edge in cons.edges.values():
         folders[edge.name] = _edge_site(cons, ca, layout(edge.name), edge, cloud_pub)
     for dev in cons.devices.values():
-        folders[dev.name] = _device_site(ca, layout(dev.name), dev, cloud_pub, bundle_dir)
+        folders[dev.name] = _device_site(ca, layout(dev.name), dev, cloud_pub, bundle_dir,
+                                         cons.federation.get("device_epsilon", 8.0))
     return folders
 
 
@@ -281,6 +283,7 @@ def _cloud_site(cons: Consortium, ca: Path, lay: Layout, bundle_key: Path) -> Pa
                                    acl_file=lay.root / "broker" / "cloud.acl"), conf,
                  files_pki=folder / "pki")
     fed = dict(cons.federation)
+    fed.pop("device_epsilon", None)   # the devices' (device.toml [privacy] epsilon)
     ident = pki.identity(Path("pki"), "cloud", pki.CLOUD_ID)
     cfg = {"run_dir": lay.state_path("cloud/run"), "signing_key": str(ident.sign_key), "edge_keys_dir": "edge_keys",
            "crl_file": "pki/crl.pem", "edges": sorted(cons.edges), "devices": sorted(cons.devices),
@@ -329,7 +332,7 @@ def _edge_site(cons: Consortium, ca: Path, lay: Layout, site: Site, cloud_pub: P
     return folder
 
 
-def _device_site(ca: Path, lay: Layout, site: Site, cloud_pub: Path, bundle_dir: Path) -> Path:
+def _device_site(ca: Path, lay: Layout, site: Site, cloud_pub: Path, bundle_dir: Path, epsilon: float) -> Path:
     from device.flash import flash_local
     from protocol.bundle import load_bundle
 
@@ -351,6 +354,7 @@ def _device_site(ca: Path, lay: Layout, site: Site, cloud_pub: Path, bundle_dir:
         "id": site.name, "edge": site.edge, "state_dir": lay.state_path("device"), "bundle_dir": "bundles",
         "bundle_pubkey": "bundle.pub", "cloud_pubkey": "cloud.pub", "signing_key": str(ident.sign_key),
         "mode": "train", "data": {"dir": data}, "capability": {"compute_class": site.compute_class},
+        "privacy": {"epsilon": float(epsilon)},
         "broker": _broker_table(lay, "device", site.name, site.host, site.port, 86_400)})
     services = _units(lay, "device", None)
     _install_script(lay, "device", services, [])

@@ -31,10 +31,13 @@ def _public_key(value: str, base: Path) -> bytes:
     return signing.public_key_bytes(signing.load_public_key(base / value))
 
 
+PROVISIONING = {"federation", "cloud", "edges", "devices"}   # `fediomt provision`'s tables, in the same file
+
+
 def load_consortium(path: str | os.PathLike) -> Membership:
     path = Path(path)
     table = tomllib.loads(path.read_text())
-    unknown = set(table) - {"quorum", "quorum_fraction", "validators", "policy"}
+    unknown = set(table) - {"quorum", "quorum_fraction", "validators", "policy"} - PROVISIONING
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
     validators = {vid: _public_key(value, path.parent) for vid, value in table.get("validators", {}).items()}

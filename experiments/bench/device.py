@@ -43,10 +43,11 @@ def _subject_data() -> tuple[np.ndarray, np.ndarray, str]:
     windows of the same shape: the bench measures cost (RSS, CPU, bytes), which does not depend on the values."""
     try:
         from experiments.datasets.watch import load_watch_federation
-    except ImportError:
+
+        client = load_watch_federation().clients[0]
+    except ImportError:   # seglearn (the `data` extra) is imported when the data is loaded
         rng = np.random.default_rng(0)
         return rng.normal(size=(300, 100, 6)).astype(np.float32), rng.integers(0, 7, 300), "synthetic (no [data])"
-    client = load_watch_federation().clients[0]
     return client.x, client.y, "watch subject"
 
 
