@@ -2,7 +2,8 @@
 
 Building a model means a TensorFlow conversion (seconds); every simulated device then shares ONE interpreter per
 model and swaps its state in and out with set_flat/get_flat (the training state is the flat weight vector).
-The cache is keyed by the fediomt and TensorFlow versions, so a new build of either never reuses stale bytes.
+The cache is keyed by the TensorFlow version and the builder's own source (every firmware_models/*.py), so a change
+to a graph never reuses stale bytes, released or not.
 """
 
 from __future__ import annotations
@@ -21,14 +22,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDIOMT_MODEL_CACHE") or Path.home() / ".cache" / "fediomt" / "models")
 
 
+@lru_cache(maxsize=1)
+def builder_digest() -> str:
+    """sha256 of the model builder's source files: what the built bytes depend on besides TensorFlow."""
+    import firmware_models
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(firmware_models.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 @lru_cache(maxsize=16)
 def _trainable(name: str, batch_size: int, options: tuple) -> tuple[bytes, dict]:
     import tensorflow as tf
 
     from firmware_models import build_trainable
-    from protocol import __version__
 
-    key = json.dumps([name, batch_size, options, __version__, tf.__version__]).encode()
+    key = json.dumps([name, batch_size, options, builder_digest(), tf.__version__]).encode()
     stem = cache_dir() / hashlib.sha256(key).hexdigest()[:24]
     model_path, manifest_path = stem.with_suffix(".tflite"), stem.with_suffix(".json")
     if model_path.is_file() and manifest_path.is_file():
