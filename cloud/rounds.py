@@ -344,6 +344,8 @@ def round_record(ann: RoundAnnouncement, aggs: list[EdgeAggregate], report: dict
         # chaos bench's exactly-once check)
         "device_ids": {a.edge_id: list(a.device_ids) for a in aggs},
         "filtered_ids": {a.edge_id: list(a.filtered) for a in aggs if a.filtered},
+        # distributed DP: per edge, the part of its central noise that was the devices' own (credited, not added)
+        "credited_noise_mult": {a.edge_id: round(a.credited_noise_mult, 6) for a in aggs if a.credited_noise_mult},
         "rejected_at_edges": dict(sum((Counter(a.rejected) for a in aggs), Counter())),
         "rejected_at_cloud": dict(traffic.rejected),
         "wall_time_s": round(now - (ann.deadline - settings.round_timeout_s), 3),

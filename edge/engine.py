@@ -403,7 +403,8 @@ class EdgeEngine:
             nonce=new_nonce(), timestamp=self.clock(), control_delta=control,
             device_bytes=int(sum(u.nbytes for u, c in zip(updates, counted) if c)),
             update_norms={d: float(result.norms[i]) for i, d in enumerate(ids) if counted[i]},
-            min_device_samples=int(min((u.num_samples for u, c in zip(updates, counted) if c), default=0)))
+            min_device_samples=int(min((u.num_samples for u, c in zip(updates, counted) if c), default=0)),
+            credited_noise_mult=math.sqrt(result.credited_var) / clip if clip > 0 else 0.0)
         return agg, result
 
     def _credited(self, ann: RoundAnnouncement, ids: list[str], factors: np.ndarray, n: int) -> np.ndarray | None:

@@ -301,6 +301,9 @@ class EdgeAggregate:
     # the smallest local dataset among the counted devices (0 = not known, e.g. a masked round): the cloud derives
     # the example-level epsilon of THAT device, not of the mean one (cloud.accounting, issue 16)
     min_device_samples: int = field(default=0, metadata=limit(min_value=0))
+    # distributed DP: the part of central_dp.noise_mult that is the counted devices' own noise, sqrt(sum_i (w_i
+    # sigma_i)^2) / clip, which the edge credited instead of adding it (0 = nothing credited; edge.central_dp)
+    credited_noise_mult: float = field(default=0.0, metadata=limit(min_value=0))
     sig: bytes = field(default=b"", metadata=limit(max_len=64))
 
 

@@ -111,6 +111,7 @@ class RoundLog:
     min_se_ppv: float | None = None
     top_class_share: float | None = None   # largest share of the test set predicted as one class (1 = constant)
     contributors: tuple[str, ...] = ()     # devices whose update counted in an aggregate this round
+    credited_noise_mult: float = 0.0       # distributed DP: the smallest share of device noise an edge credited
 
 
 @dataclass
@@ -272,7 +273,8 @@ class Simulator:
         log = RoundLog(ann.round_id, record["accuracy"], record["loss"], up, down, n_part, missed, declined, offline,
                        sum(len(a.filtered) for a in aggs), mean_steps, virtual, time.monotonic() - t0,
                        _finite(eps["device"]), _finite(eps["central"]), record.get("auroc"), record.get("auprc"),
-                       record.get("min_se_ppv"), share, counted)
+                       record.get("min_se_ppv"), share, counted,
+                       min((a.credited_noise_mult for a in aggs if a.central_dp is not None), default=0.0))
         self.log.append(log)
         return log
 
