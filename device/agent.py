@@ -222,7 +222,7 @@ class DeviceAgent:
                              self.bundle.manifest.get("features"))
         except (ValueError, OSError) as exc:
             return self._answer(ann, "declined", f"local data: {exc}")
-        batch = self.model.batch_size
+        batch = plan.batch_size   # the expected Poisson batch b (q = b / n) the cloud and edges account with
         if len(x) < batch:
             return self._answer(ann, "declined", f"{len(x)} examples, fewer than one batch of {batch}")
         if plan.scaffold and self.state.server_control is None:

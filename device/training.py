@@ -4,7 +4,8 @@ No MQTT and no files here: the device agent and the experiments' large-scale sim
 
 Sampling is Poisson, exactly what the accountant (protocol.accountant, dp-accounting's PoissonSampledDpEvent)
 assumes: at every step each of the n examples joins independently with probability q = b / n (b = the expected
-batch, by default the model's batch capacity B), the clipped per-example gradients of the sampled examples are
+batch: the announced plan.batch_size, the same b the cloud's accountant and the edges' bounds use; the model's
+batch capacity B only sizes the interpreter's calls), the clipped per-example gradients of the sampled examples are
 summed and divided by the EXPECTED batch q * n = b (a constant fixed before sampling), and the Gaussian noise is
 calibrated to the clip. The graph has a fixed capacity B: the sampled rows fill it with mask 1 and the rest is
 padding with mask 0; a step that samples more than B examples is split into chunks that only accumulate their
@@ -118,10 +119,10 @@ def train_round(model, x: np.ndarray, y: np.ndarray, global_flat: np.ndarray, pl
 
     `model` is a device.runtime.TrainableModel (anything with its train_step/get_flat/set_flat/batch_size).
     SCAFFOLD (plan.scaffold) needs the server's c_global; c_local defaults to zeros. `expected_batch` (default
-    the model's capacity) sets q = b / n; `user_clip` > 0 clips the noise-free delta before the last step's noise
-    (module docstring).
+    plan.batch_size, the b the cloud and the edges account with; the model's capacity only sizes the graph's calls)
+    sets q = b / n; `user_clip` > 0 clips the noise-free delta before the last step's noise (module docstring).
     """
-    n, batch = len(x), int(expected_batch or model.batch_size)
+    n, batch = len(x), int(expected_batch or plan.batch_size)
     if n < batch:
         raise ValueError(f"{n} examples: fewer than one batch of {batch} (the expected Poisson batch)")
     q = batch / n

@@ -175,3 +175,28 @@ def test_distributed_dp_tops_up_only_what_the_devices_noise_misses():
     assert 0 < top < 1
     np.testing.assert_allclose(got.mean, (deltas.sum(0) + top * noise) / n, rtol=1e-5, atol=1e-7)
     assert got.credited_var == pytest.approx(n * sigma**2) and got.num_clipped == 0
+
+
+def test_the_expected_batch_is_the_plans_whatever_the_models_capacity():
+    """Device, cloud and edge use one b: the announced plan.batch_size (q = b / n, the divisor b), while the model's
+    capacity only sizes the calls; a b above the capacity splits every step, and the cloud's derived event is the
+    device's own."""
+    from cloud.accounting import device_event
+    from device.training import planned_steps
+
+    n, plan = 64, _plan(batch_size=16)
+    model = RecordingModel(batch_size=8)
+    x = np.arange(n, dtype=np.float32).reshape(n, 1)
+    steps = planned_steps(plan, n, plan.batch_size)
+    result = train_round(model, x, np.zeros(n, np.int64), np.zeros(5, np.float32), plan, steps,
+                         np.random.default_rng(0))
+    assert result.sample_rate == 16 / n and result.local_steps == steps == 4
+    assert {denom for _, _, denom, _ in model.calls} == {16.0}
+    assert len(model.calls) >= 2 * steps    # k ~ Binomial(64, 1/4): at least two calls of 8 per step, mostly
+    assert device_event(plan, n) == accountant_entry(result)
+
+
+def accountant_entry(result):
+    from protocol.accountant import Entry
+
+    return Entry(result.noise_mult, result.sample_rate, result.local_steps)
