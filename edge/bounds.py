@@ -5,9 +5,11 @@ The filters need `min_updates` peers; these bounds do not, so they hold at an ed
 - admission (`check_update`): a `num_samples` above `max_samples` is refused (BAD_VALUE), and so is a delta whose
   L2 norm exceeds the absolute cap: `max_norm`, and (opt-in, `plan_slack` > 0, for fleets of real DP-SGD devices)
   with device DP-SGD in the announced plan (clip C > 0, noise z > 0) the plan's ceiling
-  `plan_slack * lr * lr_scale * steps * C * (1 + z sqrt(d) / batch)`: each DP-SGD step
-  moves the weights by at most lr * (C + ||noise|| / batch), ||noise|| ~ z C sqrt(d), and steps = local_epochs *
-  ceil(num_samples / batch) capped by max_steps;
+  `plan_slack * lr * lr_scale * C * (K / b + steps z sqrt(d) / b)`: a Poisson DP-SGD step (docs/firmware_models.md)
+  moves the weights by at most lr * (k C + ||noise||) / b with k the examples it sampled (k > b happens: Binomial(n,
+  b / n)), ||noise|| ~ z C sqrt(d), steps = local_epochs * ceil(num_samples / b) capped by max_steps, and K = the
+  round's sampled examples bounded with Bernstein's inequality, steps b + 7 sqrt(steps b) + 10 (exceeded with
+  probability < 1e-9);
 - closing (`round_bounds`): every delta is scaled down to `norm_multiple` x the reference norm and every
   `num_samples` counts at most `samples_multiple` x the reference count, the references being the lower median
   over the devices' latest values (this round's and remembered ones, protocol.bounds): one device, one vote.
@@ -57,9 +59,11 @@ def plan_cap(plan: TrainingPlan, n_params: int, num_samples: int, lr_scale: floa
     if slack <= 0 or plan.clip <= 0 or plan.noise_mult <= 0:
         return math.inf
     steps = plan.local_epochs * math.ceil(num_samples / plan.batch_size)
-    steps = min(steps, plan.max_steps) if plan.max_steps else steps
-    step = plan.lr * lr_scale * plan.clip * (1.0 + plan.noise_mult * math.sqrt(n_params) / plan.batch_size)
-    return slack * max(steps, 1) * step
+    steps = max(min(steps, plan.max_steps) if plan.max_steps else steps, 1)
+    expected = steps * plan.batch_size          # examples the round's Poisson steps sample, in expectation
+    sampled = expected + 7.0 * math.sqrt(expected) + 10.0   # Bernstein: P(more) < 1e-9 (module docstring)
+    lr = plan.lr * lr_scale
+    return slack * lr * plan.clip * (sampled + steps * plan.noise_mult * math.sqrt(n_params)) / plan.batch_size
 
 
 def check_update(norm: float, num_samples: int, cap: float, cfg: BoundsConfig) -> None:

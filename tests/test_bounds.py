@@ -36,10 +36,30 @@ def test_lower_median_reference_and_memory():
 def test_plan_cap_is_the_dp_sgd_ceiling():
     plan = TrainingPlan(lr=0.05, local_epochs=2, batch_size=32, clip=1.0, noise_mult=1.1)
     cap = plan_cap(plan, 10_000, 100, lr_scale=0.5, slack=4.0)
-    assert cap == pytest.approx(4.0 * 2 * 4 * 0.025 * (1 + 1.1 * 100 / 32))
+    # 8 steps sampling 256 examples in expectation, bounded by 256 + 7 * 16 + 10 (Poisson steps can exceed b)
+    assert cap == pytest.approx(4.0 * 0.025 * (378 + 8 * 1.1 * 100) / 32)
     assert plan_cap(TrainingPlan(0.05, 1, 32, 1.0, 0.0), 10_000, 100, 1.0, 4.0) == math.inf   # no DP noise
     assert plan_cap(TrainingPlan(0.05, 5, 32, 1.0, 1.1, max_steps=3), 1, 1000, 1.0, 1.0) == pytest.approx(
-        3 * 0.05 * (1 + 1.1 / 32))
+        0.05 * (96 + 7 * math.sqrt(96) + 10 + 3 * 1.1) / 32)
+
+
+def test_plan_cap_holds_for_poisson_steps_that_sample_more_than_the_batch():
+    """An honest Poisson round whose per-example gradients all point the same way (the worst case) often samples
+    more than steps * b examples; the cap (slack 1) still holds, where steps * lr * C * (1 + z sqrt(d) / b), the
+    fixed-batch ceiling, does not."""
+    plan = TrainingPlan(lr=0.1, local_epochs=1, batch_size=8, clip=1.0, noise_mult=0.01)
+    n, d, rng = 40, 20, np.random.default_rng(0)
+    steps = math.ceil(n / plan.batch_size)
+    cap = plan_cap(plan, d, n, lr_scale=1.0, slack=1.0)
+    fixed = steps * plan.lr * plan.clip * (1 + plan.noise_mult * math.sqrt(d) / plan.batch_size)
+    over = 0
+    for _ in range(2000):
+        sampled = int((rng.random((steps, n)) < plan.batch_size / n).sum())
+        noise = rng.normal(0.0, plan.noise_mult * plan.clip, (steps, d)).sum(0)
+        delta = plan.lr * (np.eye(d)[0] * sampled * plan.clip + noise) / plan.batch_size
+        assert np.linalg.norm(delta) <= cap
+        over += np.linalg.norm(delta) > fixed
+    assert over > 500   # the fixed-batch ceiling would refuse honest devices
 
 
 def test_admission_refuses_huge_counts_and_norms_with_bad_value():
