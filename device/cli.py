@@ -10,7 +10,7 @@ import signal
 import threading
 from pathlib import Path
 
-from protocol.tomlconfig import ConfigError, add_check_config, check_files, lock_dir
+from protocol.tomlconfig import ConfigError, check_files, lock_dir
 
 HELP = """\
 The config file (TOML; every key and its default is documented in configs/device.toml and docs/device.md):
@@ -67,10 +67,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     new_p.add_argument("--config", type=Path, required=True, help="device TOML config file (the agent must be stopped)")
     new_p.add_argument("--offline", action="store_true", help="only the local state: do not connect to the broker")
     new_p.set_defaults(func=new_run)
-    add_check_config(sub, _load_config, OUTPUTS)
+    check_p = sub.add_parser("check-config", help="validate a config and the files it names; print it as TOML")
+    check_p.add_argument("--config", required=True)
+    check_p.set_defaults(func=_check_config)
 
 
 OUTPUTS = frozenset({"state_dir", "bundle_dir", "inference.output"})   # written by the agent (or `fediomt flash`)
+
+
+def _outputs(cfg) -> frozenset[str]:
+    """Paths the agent does not need to exist: its state and bundles, and its training data in mode "infer"."""
+    return OUTPUTS | {"data.dir"} if cfg.mode == "infer" else OUTPUTS
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from protocol.tomlconfig import to_toml
+
+    cfg = _load_config(args.config)
+    check_files(cfg, _outputs(cfg))
+    print(to_toml(cfg), end="")
+    return 0
 
 
 def _load_config(path):
@@ -93,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from protocol.errors import ProtocolError
 
     cfg = _load_config(args.config)
-    check_files(cfg, OUTPUTS)   # a missing key or data directory: one line, exit status 2 (no restart loop)
+    check_files(cfg, _outputs(cfg))   # a missing key or data directory: one line, exit status 2 (no restart loop)
     lock = lock_dir(cfg.state_dir)  # noqa: F841 - two agents on one state_dir: the second refuses (exit 2)
     log = logs.setup(f"device.{cfg.id}", args.log_level or cfg.log_level)
     logs.capture_native_output(f"device.{cfg.id}.runtime")   # LiteRT's banner as a JSON line
