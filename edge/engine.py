@@ -9,6 +9,7 @@ to the broker only after it is durable.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -209,9 +210,13 @@ class EdgeEngine:
             round_id = msg.round_id
             idx, values = decode_delta(msg, self.ctx)
             ann = self.announcement
-            check_update(float(np.linalg.norm(values.astype(np.float64))), msg.num_samples,
-                         plan_cap(ann.plan, self.ctx.n_params, msg.num_samples, ann.lr_scale.get(msg.device_id, 1.0),
-                                  self.cfg.bounds.plan_slack), self.cfg.bounds)
+            if ann.statistics:   # a statistics round: raw sums have any norm; only the sample cap holds
+                check_update(0.0, msg.num_samples, math.inf, dataclasses.replace(self.cfg.bounds, max_norm=0.0))
+            else:
+                check_update(float(np.linalg.norm(values.astype(np.float64))), msg.num_samples,
+                             plan_cap(ann.plan, self.ctx.n_params, msg.num_samples,
+                                      ann.lr_scale.get(msg.device_id, 1.0), self.cfg.bounds.plan_slack),
+                             self.cfg.bounds)
             control = None if msg.control_delta is None else decode_update(msg.control_delta, self.ctx.n_params)
             stored = Stored(msg.device_id, msg.round_id, msg.base_version, msg.num_samples, msg.train_loss,
                             msg.capability.compute_class, stale, msg.privacy.epsilon, msg.local_steps, len(data),
@@ -300,6 +305,8 @@ class EdgeEngine:
         assert ann is not None and self.model is not None
         sync = self.cfg.rounds.mode == "sync"
         batch = ann.round_id if sync else self.batch + 1
+        if ann.statistics and masked is None:
+            return self._close_statistics(ann, why, batch)
         if masked is None:
             agg, result = self._aggregate(self.pending, ann, why)
             mean = result.mean
@@ -331,6 +338,39 @@ class EdgeEngine:
         self.metrics.aggregates.labels(significant=str(agg.significant).lower()).inc()
         if not sync:
             self.opened = self.clock()
+        self._refresh()
+        return [Publication(aggregate_topic(self.aggregate_id), payload, batch=batch)]
+
+    def _close_statistics(self, ann: RoundAnnouncement, why: str, batch: int) -> list[Publication]:
+        """Close a statistics round (docs/protocol.md "Statistics rounds"): the row-weighted mean of the sites'
+        per-row statistics (FedAvg weights alpha_i = num_samples exactly: no bounds, filters, weighting scheme or
+        central DP, which would bias the pooled moments), forwarded dense float32 and always significant. The
+        training rounds' state (remembered bounds, last forwarded aggregate, residual) is left untouched."""
+        updates, n_params = self.pending, int(self.model["n_params"])
+        rows = Rows.stack(n_params, [(u.indices, u.values) for u in updates])
+        samples = np.array([u.num_samples for u in updates], dtype=np.float64)
+        total = float(samples.sum())
+        mean = (rows.weighted_sum(samples) / total).astype(np.float32) if total > 0 else np.zeros(n_params,
+                                                                                                   np.float32)
+        ids = [u.device_id for u in updates]
+        event(self.log, "aggregate", round=ann.round_id, why=why, devices=len(ids), statistics=ann.statistics,
+              rejected=dict(self.rejected), significant=bool(ids))
+        agg = EdgeAggregate(
+            edge_id=self.aggregate_id, round_id=ann.round_id, base_version=ann.model_version, num_devices=len(ids),
+            num_samples=int(total), weight_sum=total, n_params=n_params,
+            delta=encode_update(mean, CompressionSettings(method="dense", bits=32))[0] if ids else b"",
+            significant=bool(ids), central_dp=None, filtered=[], rejected=dict(self.rejected), device_ids=ids,
+            max_device_epsilon=float(max((u.epsilon for u in updates), default=0.0)),
+            mean_local_steps=float(np.mean([u.local_steps for u in updates])) if updates else 0.0,
+            nonce=new_nonce(), timestamp=self.clock(), device_bytes=int(sum(u.nbytes for u in updates)),
+            update_norms={}, min_device_samples=int(samples.min()) if ids else 0)
+        payload = encode(sign_message(agg, self.key))
+        state = {"batch": str(batch).encode(), "closed_round": str(ann.round_id).encode()}
+        self.store.close_batch(batch, [(u.device_id, u.round_id) for u in updates], payload, state)
+        self.batch, self.closed_round, self.pending = batch, ann.round_id, []
+        self.rejected.clear()
+        self.metrics.pending.set(0)
+        self.metrics.aggregates.labels(significant=str(agg.significant).lower()).inc()
         self._refresh()
         return [Publication(aggregate_topic(self.aggregate_id), payload, batch=batch)]
 

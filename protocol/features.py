@@ -38,6 +38,7 @@ import numpy as np
 from protocol.tabular import ReadOptions, Table, TableError, is_numeric, numeric_column, parse_number
 
 FORMAT = "fediomt-features/1"
+STATISTICS_MODEL = "feature-statistics"   # the model name of a statistics round's announcement and zero "model"
 HIST_RANGE = 6.0          # histogram bins cover z in [-6, 6] (plus one under- and one overflow bin)
 HIST_BINS = 48
 MAX_LEVELS = 32           # a categorical column with more levels is refused (an identifier or free text)

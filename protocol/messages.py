@@ -190,10 +190,18 @@ def new_run_id(now: float | None = None) -> str:
     return f"{stamp}-{os.urandom(2).hex()}"
 
 
-@register("round", version=3)
+STATISTICS_KINDS = ("", "summary")   # RoundAnnouncement.statistics: "" = a training round (docs/protocol.md)
+FEATURES_MAX = 256 * 1024             # RoundAnnouncement.features: JSON of a feature schema or transform
+
+
+@register("round", version=4)
 @dataclass(frozen=True)
 class RoundAnnouncement:
-    """Cloud -> edges -> devices (retained): open a round of the run `run_id`."""
+    """Cloud -> edges -> devices (retained): open a round of the run `run_id`. `statistics` = "summary": a
+    statistics round (docs/protocol.md "Statistics rounds"): devices answer with protocol.features.site_summary of
+    their raw rows over the schema in `features`, edges aggregate with admission bounds, filters and central DP off.
+    In a training round `features` is "" or the federation's FeatureTransform (JSON) that devices apply to raw
+    local data."""
 
     round_id: int = field(metadata=limit(min_value=0))
     model_name: str = field(metadata=ID)
@@ -209,7 +217,15 @@ class RoundAnnouncement:
     central_dp: CentralDPReport | None = None                         # what edges must add (clip, noise)
     secagg: dict[str, Scalar] | None = field(default=None, metadata=limit(max_len=32))
     run_id: str = field(default="", metadata=RUN_ID)                 # the federation run (new_run_id)
+    statistics: str = field(default="", metadata=limit(max_len=16))  # "" (training) | "summary"
+    features: str = field(default="", metadata=limit(max_len=FEATURES_MAX))  # JSON: schema or transform; "" none
     sig: bytes = field(default=b"", metadata=limit(max_len=64))
+
+    def __post_init__(self) -> None:
+        if self.statistics not in STATISTICS_KINDS:
+            raise ValueError(f"statistics {self.statistics!r} not in {STATISTICS_KINDS}")
+        if self.statistics and not self.features:
+            raise ValueError("a statistics round must announce its feature schema")
 
 
 @register("model", version=3)
