@@ -13,6 +13,7 @@ it is already in pending/: kill -9 at any instant resumes at the open round.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
@@ -27,13 +28,23 @@ from cloud.accounting import epsilon, json_epsilon
 from cloud.config import CloudConfig
 from cloud.contributions import ContributionRecorder
 from cloud.distill_schedule import Distiller
-from cloud.engine import CloudEngine, failed
+from cloud.engine import FAILED_PREFIX, CloudEngine, failed
 from cloud.metrics import Metrics
-from cloud.model import CloudModel, load_eval_data
+from cloud.model import CloudModel, EvalData, load_eval_data
 from cloud.rounds import byte_totals
 from cloud.state import CloudState
+from cloud.statistics import (
+    FEATURES_FILE,
+    STATISTICS_DIR,
+    announced,
+    derive,
+    initial,
+    load_transform,
+    statistics_settings,
+)
 from cloud.strategies.base import EdgeResult
 from protocol.atomic import atomic_write
+from protocol.features import FeatureTransform
 from protocol.keyring import KeyRing
 from protocol.logs import event
 from protocol.mqtt import INBOX_SIZE, Connection
@@ -80,6 +91,10 @@ class CloudAggregator:
             if self.engine.edge_tier else None
         self.secagg = SecAggRunner(self.secagg_conn.client, cfg.secagg_step_timeout_s, log) if self.secagg_conn \
             else None
+        # [features]: eval_data holds raw rows until the statistics round gave the transform (run_dir/features.json)
+        self.raw_eval, self.transform = self.eval_data, None
+        if cfg.features is not None and (self.run_dir / FEATURES_FILE).exists():
+            self._use_transform(load_transform(self.run_dir))
 
     @property
     def state(self) -> CloudState:
@@ -111,8 +126,9 @@ class CloudAggregator:
                   resumed=bool(self.state.history))
             if self.cfg.ledger is not None:
                 self.recorder = ContributionRecorder(self.cfg.ledger, self.key, self.cfg.broker, self.log)
-            self._publish(self.engine.start(time.time()))
-            self._loop()
+            if self._statistics_round():
+                self._publish(self.engine.start(time.time()))
+                self._loop()
             for conn in filter(None, (self.conn, self.secagg_conn)):
                 conn.close()
             if self.recorder is not None:
@@ -131,6 +147,74 @@ class CloudAggregator:
                 for round_id, outcome in self.secagg.finished():
                     self.engine.masked_finished(round_id, outcome, time.time())
             self._publish(self.engine.tick(time.time()))
+
+    # ------------------------------------------------------------------ federated standardisation
+    def _use_transform(self, transform: FeatureTransform) -> None:
+        """Announce `transform` in every training round, evaluate and distil on transformed rows, put it into the
+        students' manifests."""
+        self.transform = transform
+        self.engine.settings = dataclasses.replace(self.engine.settings, features=announced(transform))
+        if self.raw_eval is not None:
+            x = self.raw_eval.x
+            self.eval_data = EvalData(transform.apply(x.reshape(len(x), -1)).reshape(x.shape), self.raw_eval.y)
+        if self.distiller is not None:
+            self.distiller.eval_data, self.distiller.features = self.eval_data, transform
+
+    def _statistics_round(self) -> bool:
+        """[features] without a transform yet: run the statistics round (cloud.statistics) on its own engine
+        before training, derive the transform and keep it in run_dir/features.json. True when training may start;
+        False when stopped or when the statistics round failed (the run fails, exit 4)."""
+        cfg = self.cfg
+        if cfg.features is None or self.transform is not None:
+            return True
+        schema = cfg.features.load_schema()
+        stats_dir = self.run_dir / STATISTICS_DIR
+        settings = statistics_settings(self.engine.settings, schema)
+        fresh = not (stats_dir / "checkpoint.npz").exists()
+        settings = dataclasses.replace(settings, run_id=self.state.run_id if fresh else "")
+        stats = CloudEngine(settings, self.key, self.edge_keys, initial(schema), stats_dir, log=self.log)
+        if not self.engine.checkpoint.exists():
+            self.state.run_id = stats.state.run_id   # one run: the statistics round's and the training rounds'
+        rows: dict[str, int] = {}
+
+        def publish(pubs: list[Publication]) -> None:
+            rows.update({e: r.agg.num_samples for e, r in stats.received.items()})
+            if not stats.state.history:   # the closed round's "model" (the pooled vector) is not for devices
+                for p in pubs:
+                    self.conn.client.publish(p.topic, p.payload, qos=1, retain=p.retain)
+
+        event(self.log, "statistics round", features=schema.n_features, values=len(initial(schema)))
+        publish(stats.start(time.time()))
+        while not self.stop.is_set() and not stats.state.history and not stats.stop_reason:
+            try:
+                conn, topic, payload, mid, qos = self.inbox.get(timeout=cfg.tick_s)
+            except queue.Empty:
+                pass
+            else:
+                try:
+                    if matches(AGGREGATES, topic):
+                        stats.handle_aggregate(topic, payload)
+                        publish([])
+                    else:
+                        stats.handle_status(payload)
+                        self.engine.handle_status(payload)
+                except Exception:  # the daemon must not die on a message
+                    self.log.exception("message handling failed", extra={"fields": {"topic": topic[:200]}})
+                conn.ack(mid, qos)
+            publish(stats.tick(time.time()))
+        if not stats.state.history or failed(stats.stop_reason):
+            if failed(stats.stop_reason):
+                self.state.stop_reason = stats.stop_reason.replace(FAILED_PREFIX, f"{FAILED_PREFIX} statistics", 1)
+            return False
+        record = stats.state.history[-1]
+        provenance = {"rounds": 1, "sites": record["num_devices"], "edges": record["num_edges"],
+                      "run_id": stats.state.run_id, "secagg": False, "central_noise": 0.0}
+        transform = derive(stats.state.server.weights, sum(rows.values()), schema, cfg.features.clip_z, provenance)
+        atomic_write(self.run_dir / FEATURES_FILE, json.dumps(transform.to_dict(), indent=1).encode())
+        event(self.log, "feature transform derived", sites=record["num_devices"], edges=record["num_edges"],
+              rows=transform.count, features=transform.n_features)
+        self._use_transform(transform)
+        return True
 
     def _drain_one(self, timeout: float) -> None:
         try:

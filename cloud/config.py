@@ -7,6 +7,7 @@ the rules above).
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from cloud.distill import DistillSchedule
 from cloud.strategies import STRATEGIES, make
 from cloud.strategies.base import RoundDefaults
 from protocol.compression import CompressionSettings
+from protocol.features import FeatureSchema
 from protocol.messages import CentralDPReport, TrainingPlan
 from protocol.mqtt import ConnectionConfig
 from protocol.secagg.deploy import MaskedRound
@@ -81,6 +83,21 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    """The cloud's [features] table: federated standardisation of a tabular model's raw inputs. Before the first
+    training round the cloud runs a statistics round (docs/protocol.md "Statistics rounds") over `schema`, derives
+    the pooled FeatureTransform (run_dir/features.json), announces it in every training round and puts it into
+    every bundle it builds; eval_data (and the distillation proxy) then hold RAW features, NaN for missing."""
+
+    schema: Path                     # JSON: {"numeric": [columns], "categorical": [[column, [levels]], ...]}
+    clip_z: float = 5.0              # |z| cap after standardisation; 0 = none
+
+    def load_schema(self) -> FeatureSchema:
+        data = json.loads(Path(self.schema).read_text())
+        return FeatureSchema.from_dict(data.get("schema", data))   # a schema, or a transform's
+
+
+@dataclass(frozen=True)
 class CloudConfig:
     """All the cloud aggregator is configured with (configs/cloud.toml), checked on load: a bad file fails at start."""
 
@@ -123,6 +140,7 @@ class CloudConfig:
     distill: DistillSchedule | None = None  # int8 students + OTA push (cloud/distill.py); None = off
     secagg: dict | None = None       # RoundAnnouncement.secagg (docs/secagg.md "Deployment"); None = plaintext rounds
     secagg_step_timeout_s: float = 10.0  # edge-masked rounds: each protocol step after the edges' keys waits this long
+    features: FeaturesConfig | None = None  # federated standardisation before training; None = inputs used as sent
 
     def __post_init__(self) -> None:
         for edge in self.edges:
@@ -146,6 +164,8 @@ class CloudConfig:
             raise ValueError("min_devices must be >= 0")
         if self.run_id:
             check_id(self.run_id)
+        if self.features is not None:
+            self._check_features()
         if self.model_encoding not in ("full", "delta") or self.model_full_every < 1:
             raise ValueError("model_encoding must be 'full' or 'delta' and model_full_every >= 1")
         compression_from_table(self.compression)
@@ -173,6 +193,19 @@ class CloudConfig:
                              f"under edge masking: {'; '.join(needs)}")
         if self.secagg_step_timeout_s <= 0:
             raise ValueError("secagg_step_timeout_s must be > 0")
+
+    def _check_features(self) -> None:
+        """[features]: a readable schema whose inputs are the model's (a tabular model of n_features inputs)."""
+        try:
+            schema = self.features.load_schema()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"features.schema {self.features.schema}: {exc}") from exc
+        want = self.model_options.get("n_features")
+        if want is not None and int(want) != schema.n_features:
+            raise ValueError(f"features.schema has {schema.n_features} model inputs, model_options.n_features = "
+                             f"{want}")
+        if self.features.clip_z < 0:
+            raise ValueError("features.clip_z must be >= 0")
 
     def secagg_for_round(self) -> dict | None:
         return announced_secagg(self.secagg)
@@ -219,6 +252,9 @@ class RoundSettings:
     model_compression: dict = field(default_factory=lambda: {"method": "topk", "density": 0.1, "bits": 8})
     secagg: dict | None = None
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
+    first_round: int = 1             # the first round id and model version (a statistics round runs as round 0)
+    statistics: str = ""             # announced RoundAnnouncement.statistics ("summary": a statistics round)
+    features: str = ""               # announced RoundAnnouncement.features (JSON; "" = none)
 
     def defaults(self) -> RoundDefaults:
         """What the strategy starts each round from."""

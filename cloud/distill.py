@@ -256,7 +256,8 @@ def distill_round(teacher_name: str, teacher_weights: np.ndarray | list[np.ndarr
                   eval_x: np.ndarray | None = None, eval_y: np.ndarray | None = None,
                   targets: list[StudentTarget] | None = None, cfg: DistillConfig | None = None,
                   previous: dict[str, list[np.ndarray]] | None = None,
-                  versions: dict[str, int] | None = None, teacher_version: int | None = None) -> list[StudentReport]:
+                  versions: dict[str, int] | None = None, teacher_version: int | None = None,
+                  features: dict | None = None) -> list[StudentReport]:
     """Distil the teacher (the global model: flat vector or tensors in layout order) into one int8 student per
     target, bundle each under `out_dir/<device_class>` at `version`, and report size, agreement and accuracy.
 
@@ -264,7 +265,9 @@ def distill_round(teacher_name: str, teacher_weights: np.ndarray | list[np.ndarr
     Agreement/accuracy are measured on `eval_x`/`eval_y` when given, else on a held-back fifth of the transfer
     rows. `previous` {device_class: float weights} warm-starts the students (the cloud keeps them between rounds).
     Each student's bundle is named `student_name(teacher, class)`, at `versions[class]` (default `version`), and
-    records `teacher_version`. The quality gate (cfg.min_agreement, cfg.min_accuracy_ratio) and the size budget
+    records `teacher_version` (and `features`, the federation's feature transform, which the student's inference
+    applies to raw rows: the transfer and evaluation rows here are already transformed). The quality gate
+    (cfg.min_agreement, cfg.min_accuracy_ratio) and the size budget
     set `refused`; a refused student keeps its bundle directory for inspection but must not be pushed.
     """
     from device.runtime import Int8Model
@@ -298,7 +301,7 @@ def distill_round(teacher_name: str, teacher_weights: np.ndarray | list[np.ndarr
         bundle = build_student_bundle(target.model, Path(out_dir) / target.device_class, key, weights, calibration,
                                       version=student_version, bundle_name=name,
                                       extra={"teacher_version": teacher_version if teacher_version is not None
-                                             else version},
+                                             else version, **({"features": features} if features else {})},
                                       **{**target.options, "device_class": target.device_class})
         model = (bundle / "model.tflite").read_bytes()
         logits = Int8Model(model).infer(eval_x)

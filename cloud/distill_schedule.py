@@ -54,6 +54,7 @@ class Distiller:
         self.run_dir = Path(cfg.run_dir)
         self.worker: threading.Thread | None = None
         self.students: dict[str, list[np.ndarray]] = {}  # float student weights per class: warm starts
+        self.features = None   # the federation's FeatureTransform ([features]): proxy rows are raw, students carry it
 
     def after_round(self, round_id: int, weights: np.ndarray, version: int) -> None:
         """Round `round_id` closed with model `version`: distil it when due and no distillation runs."""
@@ -80,6 +81,8 @@ class Distiller:
         schedule, data = self.schedule, self.eval_data
         try:
             proxy_x, proxy_y = load_proxy(schedule.proxy) if schedule.proxy else (None, None)
+            if proxy_x is not None and self.features is not None:
+                proxy_x = self.features.apply(proxy_x.reshape(len(proxy_x), -1)).reshape(proxy_x.shape)
             targets = [t for t in default_targets(self.cfg.model, self.cfg.model_options)
                        if t.device_class in schedule.classes]
             last = self._versions()
@@ -88,7 +91,8 @@ class Distiller:
                                     self.run_dir / "students" / f"v{version}", version, proxy_x, proxy_y,
                                     data.x if data else None, data.y if data else None, targets=targets,
                                     cfg=schedule.config(), previous=self.students, versions=versions,
-                                    teacher_version=version)
+                                    teacher_version=version,
+                                    features=self.features.to_dict() if self.features is not None else None)
             (self.run_dir / "students").mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "students" / "versions.json", json.dumps({**last, **versions}).encode())
             for r in reports:

@@ -120,7 +120,7 @@ class CloudEngine:
         self.checkpoint = self.run_dir / "checkpoint.npz"
         fresh = self.strategy.init_state(initial)
         self.state = load(self.checkpoint) if self.checkpoint.exists() else CloudState(
-            1, 1, fresh, PrivacyLedger(settings.privacy.delta),
+            settings.first_round, settings.first_round, fresh, PrivacyLedger(settings.privacy.delta),
             np.random.default_rng(settings.seed).bit_generator.state, {d: DeviceInfo(d) for d in settings.devices})
         if self.state.server.weights.size != self.n_params or not set(fresh.arrays) <= set(self.state.server.arrays):
             raise ValueError(f"{self.checkpoint} holds another model or strategy's state: use a new run_dir")
@@ -192,7 +192,8 @@ class CloudEngine:
             if isinstance(planned, str):
                 self._finish(planned)
                 return []
-            ann = sign_message(dataclasses.replace(planned, run_id=s.run_id), self.key)
+            ann = sign_message(dataclasses.replace(planned, run_id=s.run_id, statistics=self.settings.statistics,
+                                                   features=self.settings.features), self.key)
         s.announcement = encode(ann)
         save(self.checkpoint, s)
         self.deadline = ann.deadline

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from device.config import DataConfig
-from protocol.features import FeatureTransform
+from protocol.features import FeatureSchema, FeatureTransform
 from protocol.tabular import ReadOptions, numeric_column, read_table
 
 
@@ -32,6 +32,19 @@ def _read_csv(path: Path, features: dict | None = None) -> tuple[np.ndarray, np.
     strict = ReadOptions(missing=(), thousands="")   # already-scaled numbers: every cell must be one
     cols = [numeric_column(table, c, strict) for c in table.columns if c != "label"]
     return np.asarray(cols, np.float64).T.reshape(len(y), -1).astype(np.float32), y
+
+
+def load_raw(cfg: DataConfig, schema: FeatureSchema) -> np.ndarray:
+    """The raw (rows, model inputs) float64 matrix of the local train.csv over the federation's `schema`, NaN for
+    a missing cell: what a statistics round summarises (protocol.features.site_summary; docs/protocol.md
+    "Statistics rounds"). Only a raw CSV export can be summarised (train.npz holds already-scaled inputs)."""
+    path = Path(cfg.dir) / "train.csv"
+    if cfg.entry_point or not path.exists():
+        raise FileNotFoundError(f"{path}: a statistics round needs the raw local export as train.csv")
+    x = schema.encode(read_table(path))
+    if len(x) == 0:
+        raise ValueError(f"{path}: no rows")
+    return x
 
 
 def _entry_point(spec: str):

@@ -1,0 +1,61 @@
+"""The cloud's statistics round (docs/protocol.md "Statistics rounds"): federated standardisation before training.
+
+`statistics_settings(settings, schema)` turns the training run's RoundSettings into those of the one statistics
+round: model `feature-statistics` (protocol.features.STATISTICS_MODEL) with 3 values per model input, round and
+version 0 (the training rounds start at 1, so edges and devices see one increasing sequence), strategy fedavg
+from a zero model with server step 1 (the new "weights" are the sample-weighted mean of the edges' aggregates),
+dense float32, no DP, no secure aggregation, admission bounds off, and the announcement's `statistics = "summary"`
+with the schema's JSON in `features`. A plain `cloud.engine.CloudEngine` runs it (run_dir/statistics: its own
+checkpoint, so a crash resumes it); `derive` turns the closed round into the FeatureTransform that the training
+rounds announce and the cloud's bundles carry. The same construction as experiments/sim/statistics.py, which runs
+it in the simulator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cloud.config import BoundsConfig, CentralDPConfig, PrivacyConfig, RoundSettings, StrategyConfig
+from protocol.compression import CompressionSettings
+from protocol.features import STATISTICS_MODEL, FeatureSchema, FeatureTransform, summary_size
+from protocol.messages import TrainingPlan
+
+FEATURES_FILE = "features.json"   # run_dir/features.json: the derived transform (to_dict), written once
+STATISTICS_DIR = "statistics"     # run_dir/statistics: the statistics round's CloudEngine run directory
+
+
+def statistics_settings(settings: RoundSettings, schema: FeatureSchema) -> RoundSettings:
+    """The statistics round's RoundSettings (module docstring); edges, devices, timeouts and run id are kept."""
+    return dataclasses.replace(
+        settings, model=STATISTICS_MODEL, rounds=1, first_round=0, strategy=StrategyConfig("fedavg", {}),
+        plan=TrainingPlan(lr=0.0, local_epochs=1, batch_size=1, clip=0.0, noise_mult=0.0),
+        compression=CompressionSettings(method="dense", bits=32, entropy=False).to_dict(),
+        central_dp=CentralDPConfig(), privacy=PrivacyConfig(settings.privacy.delta, final_pld=False),
+        model_encoding="full", secagg=None,
+        bounds=BoundsConfig(norm_multiple=0.0, model_ratio=0.0, samples_multiple=0.0,
+                            max_samples=settings.bounds.max_samples),
+        statistics="summary", features=json.dumps(schema.to_dict(), separators=(",", ":")))
+
+
+def initial(schema: FeatureSchema) -> np.ndarray:
+    return np.zeros(summary_size(schema.n_features), np.float32)
+
+
+def derive(pooled: np.ndarray, rows: int, schema: FeatureSchema, clip_z: float, provenance: dict) -> FeatureTransform:
+    """The transform from the statistics round's new "weights" (the pooled per-row statistics) and its rows."""
+    return FeatureTransform.from_summary(schema, np.asarray(pooled, np.float64), rows, clip_z=clip_z,
+                                         provenance=provenance)
+
+
+def load_transform(run_dir: str | Path) -> FeatureTransform | None:
+    path = Path(run_dir) / FEATURES_FILE
+    return FeatureTransform.from_dict(json.loads(path.read_text())) if path.exists() else None
+
+
+def announced(transform: FeatureTransform) -> str:
+    """The transform as RoundAnnouncement.features (compact JSON)."""
+    return json.dumps(transform.to_dict(), separators=(",", ":"))
