@@ -8,6 +8,7 @@ only then publish (a kill -9 in between loses an update, never budget).
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -16,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from device.config import DeviceConfig, ota_class
-from device.data import load_data
+from device.data import load_data, load_raw
 from device.flash import flash_local, load_installed
 from device.global_model import rebuild
 from device.inference import accept_for_inference, accept_for_training
@@ -34,6 +35,7 @@ from protocol.compression import (
     encoded_size_bound,
 )
 from protocol.errors import ProtocolError, Reason
+from protocol.features import STATISTICS_MODEL, FeatureSchema, site_summary
 from protocol.logs import event
 from protocol.messages import (
     Ack,
@@ -144,7 +146,7 @@ class DeviceAgent:
     def _smoke_rows(self):
         """A few local rows for the OTA smoke test (None when the data cannot be read)."""
         try:
-            return load_data(self.cfg.data, self.model.input_shape, self.model.n_classes)[0][:8]
+            return load_data(self.cfg.data, self.model.input_shape, self.model.n_classes, self.features())[0][:8]
         except (ValueError, OSError):
             return None
 
@@ -170,6 +172,8 @@ class DeviceAgent:
         verify_raw(payload, msg, self.cloud_key)
         if not self._follow_run(msg.run_id, "model"):
             return
+        if msg.model_name == STATISTICS_MODEL:
+            return   # a statistics round's zero "model" (docs/protocol.md "Statistics rounds"): nothing to hold
         if msg.model_name != self.bundle.name or msg.n_params != self.model.n_params:
             raise ProtocolError(Reason.BAD_SHAPE, f"model {msg.model_name} ({msg.n_params} params) is not the "
                                                   f"installed {self.bundle.name} ({self.model.n_params})")
@@ -186,6 +190,11 @@ class DeviceAgent:
         ann = decode(payload, expect=RoundAnnouncement)
         verify_raw(payload, ann, self.cloud_key)
         if not self._follow_run(ann.run_id, "round"):
+            return
+        if ann.statistics:
+            if ann.round_id not in self.state.seen_rounds and (not ann.cohort or self.cfg.id in ann.cohort) \
+                    and ann.deadline > time.time():
+                self.send_statistics(ann)
             return
         if ann.model_name != self.bundle.name or ann.round_id in self.state.seen_rounds:
             return
@@ -218,8 +227,7 @@ class DeviceAgent:
         """Answer one round: decline what cannot be done, refuse what the budget cannot pay, else train + send."""
         cfg, plan = self.cfg, ann.plan
         try:
-            x, y = load_data(cfg.data, self.model.input_shape, self.model.n_classes,
-                             self.bundle.manifest.get("features"))
+            x, y = load_data(cfg.data, self.model.input_shape, self.model.n_classes, self.features(ann))
         except (ValueError, OSError) as exc:
             return self._answer(ann, "declined", f"local data: {exc}")
         batch = plan.batch_size   # the expected Poisson batch b (q = b / n) the cloud and edges account with
@@ -285,6 +293,46 @@ class DeviceAgent:
         event(self.log, "update sent", round=ann.round_id, steps=result.local_steps, loss=round(result.loss, 4),
               norm=round(out.norm, 4), bytes=len(data), epsilon=round(update.privacy.epsilon, 4),
               method=settings.method, density=settings.density, bits=settings.bits)
+
+    def features(self, ann: RoundAnnouncement | None = None) -> dict | None:
+        """The feature transform applied to raw local data: the one the run's training rounds announce (derived by
+        its statistics round; kept in the state for the rounds and restarts that follow), else the bundle's."""
+        extra = self.state.extra
+        if ann is not None and ann.features and not ann.statistics and extra.get("features") != ann.features:
+            self.state = replace(self.state, extra={**extra, "features": ann.features, "features_run": ann.run_id})
+            save_state(self.state_path, self.state)
+        extra = self.state.extra
+        if extra.get("features") and extra.get("features_run") == self.state.run_id:
+            return json.loads(extra["features"])
+        return self.bundle.manifest.get("features")
+
+    def send_statistics(self, ann: RoundAnnouncement) -> None:
+        """Answer a statistics round (docs/protocol.md "Statistics rounds"): the per-row averages of the sufficient
+        statistics of the raw local rows over the announced schema (protocol.features.site_summary) as an
+        ordinary signed update, num_samples = the rows. No training, no DP noise and no privacy spend: the edge
+        sees these exact per-site statistics (it forwards only the row-weighted mean of its sites)."""
+        cfg = self.cfg
+        try:
+            schema = FeatureSchema.from_dict(json.loads(ann.features))
+            x = load_raw(cfg.data, schema)
+        except (ValueError, OSError, KeyError, TypeError) as exc:
+            return self._answer(ann, "declined", f"statistics: {exc}")
+        if len(x) < self.model.batch_size:   # the same floor as training: no statistics of a handful of patients
+            return self._answer(ann, "declined", f"statistics: {len(x)} rows, fewer than one batch of "
+                                                 f"{self.model.batch_size}")
+        vector, rows = site_summary(x)
+        result = LocalResult(vector.astype("float32"), rows, 0, 0.0, 1.0, 0.0, 0.0)
+        out = build_update(result, RoundIdentity(cfg.id, cfg.edge, ann.round_id, ann.model_version),
+                           CompressionSettings.from_dict(ann.compression), history=self.state.history,
+                           residual=None, control=None, delta=cfg.privacy.delta, accountant_name=cfg.privacy.accountant,
+                           capability=self.capability(), n_params=vector.size, rng=self.rng, nonce=new_nonce(),
+                           timestamp=time.time())
+        data = encode(self.seal(out.update))
+        self.state = self.state.answered(ann.round_id)   # the history is unchanged: nothing was spent
+        save_state(self.state_path, self.state)
+        self.link.publish(self.update_topic, data)
+        event(self.log, "statistics sent", round=ann.round_id, rows=rows, features=schema.n_features,
+              bytes=len(data))
 
     def _send_masked(self, ann: RoundAnnouncement, result: LocalResult, masked: MaskedRound,
                      history: tuple, speed: float) -> None:

@@ -1,0 +1,108 @@
+"""Federated standardisation run by the real daemons (issue 21): the cloud announces a statistics round before
+training, real device processes answer with the per-row statistics of their RAW train.csv, the real edge process
+aggregates them with its admission bounds relaxed because the announcement says it is a statistics round, the cloud
+derives the pooled transform, announces it in every training round, and the devices train on the standardised
+features (docs/protocol.md "Statistics rounds")."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from protocol.features import FORMAT, STATISTICS_MODEL, FeatureTransform
+from protocol.messages import RoundAnnouncement, decode
+from protocol.signing import save_private_key, save_public_key
+from tests.harness import DEV_PUB, PREBUILT, Fed, rounds_of, start_in_process
+
+N_FEATURES = 16
+COLUMNS = [f"f{i}" for i in range(N_FEATURES)]
+SCALES = np.array([1.0, 250.0, 0.01, 80.0] * 4)       # cholesterol next to flags: what breaks unscaled SGD
+ROWS = {"dev-a": 40, "dev-b": 90, "dev-c": 260}          # quantity skew: a samples cap would bias the moments
+
+
+def raw_rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(loc=seed, size=(n, N_FEATURES)) * SCALES + 3.0 * SCALES
+    x[rng.random(x.shape) < 0.1] = np.nan                # missing cells, written as NA
+    y = (np.nan_to_num(x[:, 1]) > 3.0 * SCALES[1]).astype(int)
+    return x, y
+
+
+def write_csv(path, x: np.ndarray, y: np.ndarray) -> None:
+    lines = [",".join([*COLUMNS, "label"])]
+    for row, label in zip(x, y):
+        lines.append(",".join("NA" if np.isnan(v) else repr(float(v)) for v in row) + f",{label}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_statistics_round_through_the_real_daemons(tmp_path, broker, daemons, recorder):
+    from experiments.sandbox import provision
+
+    # the edge: real process, its default admission bounds ON (norm and samples multiples 1)
+    fed = Fed(tmp_path / "edge", n_devices=0, broker={"host": broker.host, "port": broker.port},
+              bounds={"norm_multiple": 1.0, "samples_multiple": 1.0})
+    save_private_key(fed.cloud_key, tmp_path / "cloud.key")
+    (tmp_path / "edges").mkdir()
+    save_public_key(fed.edge_key.public_key(), tmp_path / "edges" / "edge1.pub")
+    data = {d: raw_rows(n, seed) for seed, (d, n) in enumerate(ROWS.items())}
+    configs = {}
+    for d in ROWS:   # real devices, each with a RAW export (NA markers, unscaled) as its train.csv
+        configs[d] = provision(tmp_path / d, d, "edge1", PREBUILT / "vitals_mlp", DEV_PUB, tmp_path / "edge" /
+                               "cloud.pub", np.zeros((1, N_FEATURES)), np.zeros(1), broker.port)
+        (tmp_path / d / "data" / "train.npz").unlink()
+        write_csv(tmp_path / d / "data" / "train.csv", *data[d])
+        (tmp_path / d / f"{d}.pub").replace(tmp_path / "edge" / "enrolment" / f"{d}.pub")
+    x_test, y_test = raw_rows(64, 7)
+    np.savez(tmp_path / "holdout.npz", x=x_test.astype(np.float32), y=y_test)   # raw, NaN = missing
+    (tmp_path / "schema.json").write_text(json.dumps({"numeric": COLUMNS, "categorical": []}))
+    config = tmp_path / "cloud.toml"
+    config.write_text('run_dir = "run"\nsigning_key = "cloud.key"\nedge_keys_dir = "edges"\n'
+                      'eval_data = "holdout.npz"\nmodel = "vitals_mlp"\nrounds = 2\nround_timeout_s = 60.0\n'
+                      f'devices = {json.dumps(list(ROWS))}\n'
+                      f'[model_options]\nn_features = {N_FEATURES}\n'
+                      f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[strategy]\nname = "fedavg"\n'
+                      '[features]\nschema = "schema.json"\nclip_z = 5.0\n')
+    seen = recorder(["fl/edge1/round"])
+    daemons.process("edge", "run", "--config", str(fed.config), log=tmp_path / "edge.log")
+    for d, cfg in configs.items():
+        daemons.process("device", "run", "--config", str(cfg), log=tmp_path / f"{d}.log")
+    _, thread = start_in_process(config, daemons)
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(tmp_path.glob("*.log")))
+
+    thread.join(timeout=180)
+    assert not thread.is_alive(), logs()
+
+    # the statistics round: one round 0 of the statistics model, every device in it, bounds not applied
+    stats = rounds_of(tmp_path / "run" / "statistics")
+    assert [r["round"] for r in stats] == [0] and stats[0]["num_devices"] == 3, logs()
+    edge_events = [json.loads(line) for line in (tmp_path / "edge.log").read_text().splitlines()
+                   if line.startswith("{")]
+    assert not [e for e in edge_events if e["msg"] == "updates bounded" and e.get("round") == 0]
+    assert any(e["msg"] == "aggregate" and e.get("statistics") == "summary" for e in edge_events)
+    transform = FeatureTransform.from_dict(json.loads((tmp_path / "run" / "features.json").read_text()))
+    pooled = np.concatenate([x for x, _ in data.values()])
+    assert transform.count == len(pooled) == sum(ROWS.values())
+    np.testing.assert_allclose(transform.mean, np.nanmean(pooled, axis=0), rtol=1e-4)
+    np.testing.assert_allclose(transform.std, np.nanstd(pooled, axis=0), rtol=1e-3)
+
+    # the announcements: statistics round first (its schema), then training rounds carrying the transform
+    anns = [decode(p, expect=RoundAnnouncement) for p in seen.payloads("fl/edge1/round")]
+    assert anns[0].statistics == "summary" and anns[0].model_name == STATISTICS_MODEL and anns[0].round_id == 0
+    assert json.loads(anns[0].features) == {"numeric": COLUMNS, "categorical": []}
+    training = [a for a in anns if not a.statistics]
+    assert training and all(json.loads(a.features)["format"] == FORMAT for a in training)
+    assert all(FeatureTransform.from_dict(json.loads(a.features)) == transform for a in training)
+
+    # training: the first round with all three devices, which read their raw CSV through the announced transform
+    records = rounds_of(tmp_path / "run")
+    assert [r["round"] for r in records] == [1, 2], logs()
+    assert records[0]["num_devices"] == 3, logs()
+    assert all(r["accuracy"] is not None for r in records)
+    for d in ROWS:
+        log = (tmp_path / f"{d}.log").read_text()
+        assert "statistics sent" in log and "update sent" in log, logs()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["finished"] and report["rounds_completed"] == 2
