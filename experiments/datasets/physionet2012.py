@@ -157,9 +157,11 @@ def standardize(x_train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
 
 def load_physionet_federation(root: str | Path, devices_per_edge: int = 1, test_fraction: float = 0.25,
                               seed: int = 0, outcomes: str | Path | None = None, test_root: str | Path | None = None,
-                              test_outcomes: str | Path | None = None, raw: bool = False) -> Federation:
+                              test_outcomes: str | Path | None = None, raw: bool = False,
+                              stratified: bool = False) -> Federation:
     """One site per ICU type. `test_root` (+ `test_outcomes`): another set as the held-out test set (all of `root`
-    trains); else a random `test_fraction` of `root`. raw=False: standardised with the pooled training rows
+    trains); else a random `test_fraction` of `root` (`stratified`: the same fraction of every (ICU type, outcome)
+    cell, so the test set keeps each site's size and mortality). raw=False: standardised with the pooled training rows
     (`standardize`, the historical figures); raw=True: features kept raw with their schema, for the federated
     standardisation (experiments.sim.statistics)."""
     x, y, icu = load_physionet2012(root, outcomes)
@@ -168,6 +170,12 @@ def load_physionet_federation(root: str | Path, devices_per_edge: int = 1, test_
     if test_root is not None:
         x_other, y_other, _ = load_physionet2012(test_root, test_outcomes)
         x_test_raw, y_test = x_other, y_other
+    elif stratified:
+        for code in np.unique(icu):
+            for label in (0, 1):
+                members = rng.permutation(np.flatnonzero((icu == code) & (y == label)))
+                test[members[: int(round(len(members) * test_fraction))]] = True
+        x_test_raw, y_test = x[test], y[test]
     else:
         test[rng.permutation(len(y))[: int(len(y) * test_fraction)]] = True
         x_test_raw, y_test = x[test], y[test]

@@ -277,7 +277,7 @@ def register_data(args) -> list[str]:
 
         def loader(seed: int) -> Federation:
             return load_physionet_federation(path, seed=seed, outcomes=args.outcomes, test_root=args.test_data,
-                                             test_outcomes=args.test_outcomes, raw=True)
+                                             test_outcomes=args.test_outcomes, raw=True, stratified=True)
     else:
         raise SystemExit(f"--data {spec!r}: expected csv:PATH or physionet2012:DIR")
     CUSTOM[name] = loader
