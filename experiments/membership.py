@@ -46,7 +46,7 @@ def single_device(fed: Federation, x: np.ndarray, y: np.ndarray, x_test, y_test)
 
 
 def outputs(sim, x_in, y_in, x_out, y_out) -> Outputs:
-    sim.model.set_flat(sim.server.weights)
+    sim.model.set_flat(sim.cloud.state.server.weights)
     return Outputs(sim.model.infer(x_in), y_in, sim.model.infer(x_out), y_out)
 
 
