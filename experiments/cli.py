@@ -39,6 +39,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=0, help="override the dataset recipe's rounds")
     parser.add_argument("--split", type=int, default=1, help="split each natural client into this many devices")
     parser.add_argument("--edges", type=int, default=0, help="regroup the sites over this many edges (0: natural)")
+    parser.add_argument("--epsilons", type=float, nargs="+",
+                        help="privacy: only these target epsilons (plus the non-private reference)")
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="privacy: cap each device's DP-SGD steps per round (plan.max_steps; 0 = one epoch)")
     data = parser.add_argument_group("your own data (instead of --datasets)")
     data.add_argument("--data", metavar="KIND:PATH",
                       help="csv:FILE (with --label, --site or --sites/--alpha) or physionet2012:DIR (any set)")

@@ -23,6 +23,7 @@ import math
 from functools import lru_cache
 
 from cloud.accounting import Entry, device_event, epsilon
+from edge.bounds import BoundsConfig
 from experiments.accuracy import NO_CLIP
 from experiments.sim import METHODS
 from experiments.sim.harness import (
@@ -47,7 +48,10 @@ QUICK_EPSILONS = (1.0, math.inf)
 MODES = ("local", "central", "two_level")
 DELTA = 1e-5
 USER_EPSILON = 3.0
-METHOD = METHODS["fediomt"].with_(compression=dict(DENSE), filters=NO_FILTERS)
+# no per-row bounds either: a bound that rescales a noised row (edge.bounds, on by default) makes the edge refuse the
+# credit (edge.engine._credited) and clip + add the full central noise on top of the devices' (issue 16)
+METHOD = METHODS["fediomt"].with_(compression=dict(DENSE), filters=NO_FILTERS,
+                                  bounds=BoundsConfig(norm_multiple=0.0, samples_multiple=0.0))
 
 
 def calibrate(target: float, history, delta: float = DELTA) -> float:
@@ -64,8 +68,8 @@ def calibrate(target: float, history, delta: float = DELTA) -> float:
 
 
 @lru_cache(maxsize=256)
-def device_noise(target: float, batch: int, epochs: int, min_local: int, rounds: int) -> float:
-    plan = TrainingPlan(lr=0.1, local_epochs=epochs, batch_size=batch, clip=1.0, noise_mult=0.0)
+def device_noise(target: float, batch: int, epochs: int, min_local: int, rounds: int, max_steps: int = 0) -> float:
+    plan = TrainingPlan(lr=0.1, local_epochs=epochs, batch_size=batch, clip=1.0, noise_mult=0.0, max_steps=max_steps)
 
     def history(z: float) -> list[Entry]:
         e = device_event(plan, min_local)
@@ -85,14 +89,16 @@ def noisy_update_norm(signal: float, lr: float, steps: int, noise_mult: float, c
     return math.sqrt(signal**2 + steps * (lr * noise_mult * clip / batch) ** 2 * n_params)
 
 
-def mode_options(mode: str, eps: float, recipe, batch: int, min_local: int, rounds: int, n_params: int) -> dict:
+def mode_options(mode: str, eps: float, recipe, batch: int, min_local: int, rounds: int, n_params: int,
+                 max_steps: int = 0) -> dict:
     """SimConfig options for one (mode, epsilon). Two-level: the edges' clip is the expected norm of a locally
     noised delta (clipping at the noise-free norm would scale the signal down by the local noise's norm)."""
     if math.isinf(eps):
         return {"clip": NO_CLIP}
     opts = {"clip": NO_CLIP}
     if mode in ("local", "two_level"):
-        opts.update(clip=recipe.dp_clip, noise_mult=device_noise(eps, batch, recipe.local_epochs, min_local, rounds))
+        opts.update(clip=recipe.dp_clip,
+                    noise_mult=device_noise(eps, batch, recipe.local_epochs, min_local, rounds, max_steps))
     if mode == "central":
         opts.update(central_clip=recipe.central_clip, central_noise=central_noise(eps, 1.0, rounds))
     if mode == "two_level":
@@ -104,26 +110,37 @@ def run(args) -> dict:
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)   # the plots are written before write_outputs
     epsilons = QUICK_EPSILONS if args.quick else EPSILONS
+    if getattr(args, "epsilons", None):
+        epsilons = tuple(sorted(set(args.epsilons) | {math.inf}))
+    max_steps = int(getattr(args, "max_steps", 0) or 0)
     for name in datasets_for(args):
         recipe, rounds = RECIPES[name], rounds_for(name, args)
         for seed in range(args.seeds):
             fed = dataset(name, scale_for(args), seed)
             batch, min_local, n = batch_for(fed), min(len(c.x) for c in fed.clients), n_params(fed)
-            base = dict(rounds=rounds, lr=recipe.lr, local_epochs=recipe.local_epochs, eval_every=rounds)
-            nonprivate = simulate(fed, METHOD, seed, **base, clip=NO_CLIP)[-1].accuracy
+            base = dict(rounds=rounds, lr=recipe.lr, local_epochs=recipe.local_epochs, eval_every=rounds,
+                        max_steps=max_steps)
+            reference = simulate(fed, METHOD, seed, **base, clip=NO_CLIP)[-1]
+            nonprivate, nonprivate_auroc = reference.accuracy, reference.auroc
             for mode in MODES:
                 for eps in epsilons:
                     if math.isinf(eps):
-                        acc, opts, logs = nonprivate, {}, None
+                        acc, auroc, opts, logs = nonprivate, nonprivate_auroc, {}, None
                     else:
-                        opts = mode_options(mode, eps, recipe, batch, min_local, rounds, n)
+                        opts = mode_options(mode, eps, recipe, batch, min_local, rounds, n, max_steps)
                         logs = simulate(fed, METHOD, seed, **base, **opts)
-                        acc = logs[-1].accuracy
+                        acc, auroc = logs[-1].accuracy, logs[-1].auroc
                     rows.append({"mode": mode, "epsilon": None if math.isinf(eps) else eps, "accuracy": acc,
-                                 "nonprivate_accuracy": nonprivate, "dataset": name, "seed": seed,
+                                 "nonprivate_accuracy": nonprivate, "auroc": auroc,
+                                 "nonprivate_auroc": nonprivate_auroc, "dataset": name, "seed": seed,
+                                 "devices": len(fed.clients), "edges": len(fed.edges), "batch": batch,
+                                 "min_local": min_local, "rounds": rounds, "max_steps": max_steps,
                                  "noise_mult": opts.get("noise_mult", 0.0),
                                  "central_noise": opts.get("central_noise", 0.0),
                                  "central_clip": opts.get("central_clip", 0.0),
+                                 # distributed DP: the devices' noise an edge credited in the last round (smallest
+                                 # over edges), in units of the central clip; 0 = the edge added all of it
+                                 "credited_noise_mult": logs[-1].credited_noise_mult if logs else 0.0,
                                  "epsilon_device": finite_or_none(logs[-1].epsilon_device) if logs else None,
                                  "epsilon_central": finite_or_none(logs[-1].epsilon_central) if logs else None})
     for r in rows:
@@ -149,4 +166,5 @@ def run(args) -> dict:
                          ["dataset", "mode", "epsilon", "accuracy", "std", "pct_of_nonprivate", "noise_mult",
                           "central_noise"],
                          f"FedIoMT, delta = {DELTA}. local: example-level DP-SGD; central: user-level at the edges; "
-                         "two-level: each level at epsilon/2. noise_mult / central_noise: calibrated multipliers.")
+                         f"two-level: example-level at epsilon + user-level {USER_EPSILON:g}, the devices' noise "
+                         "credited. noise_mult / central_noise: calibrated multipliers.")
