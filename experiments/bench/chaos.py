@@ -7,9 +7,9 @@ replica per edge, each a `python -m fediomt ...` process) on a private Mosquitto
 second), provisioned the same way, without distillation. A seeded driver kills, at random intervals, one of: the
 broker (kill -9, restarted on the same port from its persistence file), the cloud (kill -9, restarted from its
 checkpoint), an edge host (its gateway and its ledger replica, kill -9), or drops a device (kill -9; it comes back
-later). Each victim stays down for a random time, then restarts. The driver stops when the cloud has closed the
-configured number of rounds and has killed at least the target number of edge/cloud/broker processes (rounds
-keep going until then).
+later). Each victim stays down for a random time, then restarts; it is not killed again before it is back on the
+broker and `min_up_s` longer. Events come at random intervals, and at once while the edge/cloud/broker kills lag
+behind `min_kills` spread evenly over the rounds, until the cloud has closed its rounds.
 
 The checker reconciles, afterwards:
 - acknowledged: every (device, round) for which a device logged an accepted Ack (`"msg": "ack"`, accepted true,
@@ -47,11 +47,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class ChaosSettings:
-    rounds: int = 40              # the cloud's rounds (both runs); kills go on while fewer have closed ...
-    min_kills: int = 50           # ... or fewer edge/cloud/broker kills were made (the run then goes on)
+    rounds: int = 40              # the cloud's rounds (every run)
+    min_kills: int = 50           # edge/cloud/broker kills to spread over them (more come at random intervals)
     seed: int = 18
-    interval_s: tuple[float, float] = (1.5, 6.0)   # between two events (uniform; a third of it while the kills
-                                                   # are behind min_kills spread over the rounds)
+    interval_s: tuple[float, float] = (1.5, 6.0)   # between two events (uniform), or at once while the kills are
+                                                   # behind min_kills spread evenly over the rounds
+    min_up_s: float = 5.0         # a restarted victim is not killed again before it is back on the broker (its log
+                                  # says "connected") and this long after (every restart must be able to make
+                                  # progress, even on a loaded machine where the cloud's TensorFlow import is slow)
     down_s: tuple[float, float] = (0.5, 6.0)       # how long a killed edge, cloud or broker stays down
     device_down_s: tuple[float, float] = (2.0, 15.0)  # how long a dropped device stays away
     weights: tuple[tuple[str, float], ...] = (("broker", 1.0), ("cloud", 1.0), ("edge", 2.0), ("device", 1.0))
@@ -96,6 +99,9 @@ def run_federation(s: ChaosSettings, run_dir: Path, chaos: bool) -> dict:
         procs = {name: group.start(name, args) for name, args in argv.items()}
         edges, devices = list(fed.edges), [c.id for c in fed.clients]
         down: dict[str, float] = {}   # victim -> restart time ("broker", "cloud", "edge-E", device ids)
+        up_since: dict[str, float] = {}   # victim -> when it was back after its last restart
+        starting = {v: (group.log_dir / f"{v}.log", 0) for v in ["cloud", *(f"edge-{e}" for e in edges), *devices]}
+        # victim -> (its log, the log's size at its (re)start) until the log says it connected
         next_event = time.monotonic() + rng.uniform(*s.interval_s)
         outcome = "timeout"
 
@@ -103,9 +109,12 @@ def run_federation(s: ChaosSettings, run_dir: Path, chaos: bool) -> dict:
             if victim == "broker":
                 broker.start()
             else:
+                log = group.log_dir / f"{victim}.log"
+                starting[victim] = (log, log.stat().st_size if log.exists() else 0)
                 for name in ([f"edge-{victim[5:]}", f"ledger-{victim[5:]}"] if victim.startswith("edge-")
                              else [victim]):
                     procs[name] = group.start(name, argv[name])
+            up_since[victim] = time.monotonic()
             events.append({"t": round(time.monotonic() - start, 2), "event": "restart", "victim": victim})
 
         while time.monotonic() - start < s.timeout_s:
@@ -129,9 +138,9 @@ def run_federation(s: ChaosSettings, run_dir: Path, chaos: bool) -> dict:
                     procs[name] = group.start(name, argv[name])
             kills = sum(e["event"] == "kill" and e["victim"] not in devices for e in events)
             done = len(_rounds(run_dir))
-            if chaos and now >= next_event and (done < s.rounds - 1 or kills < s.min_kills):
-                behind = kills < s.min_kills * (done + 1) / max(s.rounds - 2, 1)
-                next_event = now + rng.uniform(*s.interval_s) / (3 if behind else 1)
+            behind = kills < min(s.min_kills, s.min_kills * (done + 1) / max(s.rounds - 1, 1))
+            if chaos and (now >= next_event or behind) and done < s.rounds:
+                next_event = now + rng.uniform(*s.interval_s)
                 names, weights = zip(*s.weights)
                 kind = rng.choice(names, p=np.array(weights) / sum(weights))
                 servers_down = sum(v not in devices for v in down)
@@ -140,7 +149,15 @@ def run_federation(s: ChaosSettings, run_dir: Path, chaos: bool) -> dict:
                 else:
                     victim = "broker" if kind == "broker" else "cloud" if kind == "cloud" else \
                         f"edge-{rng.choice(edges)}"
-                if victim in down or (kind != "device" and servers_down >= s.max_down):
+                if victim in starting:
+                    log, offset = starting[victim]
+                    with open(log, "rb") as f:
+                        f.seek(offset)
+                        if b'"msg": "connected"' in f.read():
+                            del starting[victim]
+                            up_since[victim] = now
+                if victim in down or victim in starting or (kind != "device" and servers_down >= s.max_down) \
+                        or now - up_since.get(victim, -1e9) < s.min_up_s:
                     continue
                 if victim == "broker":
                     broker.stop(signal.SIGKILL)
@@ -163,8 +180,9 @@ def run_federation(s: ChaosSettings, run_dir: Path, chaos: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the checker
-def acknowledged(log_dir: Path, devices: list[str]) -> set[tuple[str, int]]:
-    """(device, round) of every accepted Ack a device logged, over all its incarnations."""
+def acknowledged(log_dir: Path, devices: list[str], what: str = "ack") -> set[tuple[str, int]]:
+    """(device, round) of every accepted Ack a device logged, over all its incarnations (`what="update sent"`:
+    of every update it sent)."""
     acked = set()
     for device in devices:
         path = log_dir / f"{device}.log"
@@ -175,7 +193,7 @@ def acknowledged(log_dir: Path, devices: list[str]) -> set[tuple[str, int]]:
                 entry = json.loads(line)
             except ValueError:
                 continue   # a line cut by kill -9
-            if isinstance(entry, dict) and entry.get("msg") == "ack" and entry.get("accepted") is True:
+            if isinstance(entry, dict) and entry.get("msg") == what and entry.get("accepted", True) is True:
                 acked.add((device, int(entry["round"])))
     return acked
 
@@ -190,6 +208,7 @@ def ledger_rounds(db: Path) -> list[int]:
 def check(run_dir: Path, devices: list[str]) -> dict:
     records = _rounds(run_dir)
     acked = acknowledged(run_dir / "logs", devices)
+    sent = acknowledged(run_dir / "logs", devices, "update sent")
     counted: Counter = Counter()
     filtered: set[tuple[str, int]] = set()
     for r in records:
@@ -208,6 +227,8 @@ def check(run_dir: Path, devices: list[str]) -> dict:
     accs = [r["accuracy"] for r in records if r.get("accuracy") is not None]
     return {
         "rounds": len(records), "rounds_in_order": closed == list(range(1, len(closed) + 1)),
+        # sent but never acknowledged (the edge or the broker lost it, the round closed first): no promise was made
+        "updates_sent": len(sent), "sent_not_acked": len(sent - acked),
         "updates_acked": len(acked), "updates_counted": sum(1 for k in acked if counted[k] == 1),
         "updates_filtered": sum(1 for k in acked if k in filtered and counted[k] == 0),
         "updates_lost": len(lost), "updates_double": len(double), "lost": lost[:50], "double": double[:50],
