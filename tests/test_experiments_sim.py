@@ -59,6 +59,12 @@ def test_poisons():
     assert np.array_equal(poison_delta(d, Poison("label_flip", 0.1), rng), d)
     assert np.array_equal(flip_labels(np.array([0, 1, 6]), 7), [6, 5, 0])
     assert len(malicious([f"d{i}" for i in range(40)], 0.3, rng)) == 12
+    assert np.allclose(poison_delta(d, Poison("replacement", 0.1, boost=100), rng), -100 * d)
+    unit = np.array([0.6, 0.0, -0.8], np.float32)   # targeted: the fixed direction at the honest delta's norm
+    sent = poison_delta(d, Poison("targeted", 0.1, direction=unit), rng)
+    assert np.allclose(sent, unit * np.linalg.norm(d)) and np.isclose(np.linalg.norm(sent), np.linalg.norm(d))
+    with pytest.raises(ValueError, match="unit"):
+        Poison("targeted", 0.1, direction=2 * unit)
     with pytest.raises(ValueError):
         Poison("bogus", 0.1)
 

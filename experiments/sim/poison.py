@@ -3,18 +3,22 @@
 - sign_flip: sends -delta (pushes the model away from its honest direction);
 - scaling: sends `scale` * delta (boosting, to dominate the mean);
 - label_flip: trains honestly on labels mapped y -> (C - 1 - y);
-- noise: sends N(0, sigma^2 I) instead of a delta.
+- noise: sends N(0, sigma^2 I) instead of a delta;
+- replacement: model replacement / boosting (Bagdasaryan et al. 2020): sends -boost * delta, the step that would
+  replace the global model by one `boost` honest steps backwards if the edge averaged it in unbounded;
+- targeted: a fixed direction (`direction`, a unit vector chosen once per run, e.g. towards predicting one class)
+  sent with the norm of the device's honest delta, so that no norm statistic sets it apart.
 
 Any kind may also claim `num_samples` (0: its true count), to buy weight (issue 18: 2^63 - 1 took a whole edge).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-KINDS = ("sign_flip", "scaling", "label_flip", "noise")
+KINDS = ("sign_flip", "scaling", "label_flip", "noise", "replacement", "targeted")
 
 
 @dataclass(frozen=True)
@@ -26,10 +30,15 @@ class Poison:
     scale: float = 10.0      # scaling attack factor
     sigma: float = 1.0       # noise attack std per coordinate
     num_samples: int = 0     # the count malicious devices claim; 0 = their true one
+    boost: float = 100.0     # replacement attack factor (applied to the sign-flipped delta)
+    direction: np.ndarray | None = field(default=None, compare=False, repr=False)   # targeted: a unit vector
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS or not 0.0 <= self.fraction <= 1.0:
             raise ValueError(f"poison kind {self.kind!r} not in {KINDS} or fraction {self.fraction} not in [0, 1]")
+        if self.kind == "targeted" and (self.direction is None or not np.isfinite(self.direction).all()
+                                        or not np.isclose(np.linalg.norm(self.direction), 1.0, atol=1e-4)):
+            raise ValueError("a targeted poison needs a finite unit `direction`")
 
 
 def malicious(ids: list[str], fraction: float, rng: np.random.Generator) -> set[str]:
@@ -49,4 +58,8 @@ def poison_delta(delta: np.ndarray, poison: Poison, rng: np.random.Generator) ->
         return (poison.scale * delta).astype(np.float32)
     if poison.kind == "noise":
         return (poison.sigma * rng.standard_normal(delta.shape[0])).astype(np.float32)
+    if poison.kind == "replacement":
+        return (-poison.boost * delta).astype(np.float32)
+    if poison.kind == "targeted":
+        return (poison.direction * np.linalg.norm(delta.astype(np.float64))).astype(np.float32)
     return delta
