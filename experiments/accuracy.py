@@ -28,13 +28,13 @@ from experiments.sim.harness import (
     write_outputs,
 )
 
-METHODS = ("fedavg", "fedprox", "scaffold", "fediomt")
+METHODS = ("fedavg", "fedprox", "scaffold", "fedadam", "fediomt")
 NO_CLIP = 1e6   # per-example clip so large that DP-SGD without noise is plain SGD
 
 
 def same_runs(a: dict, b: dict) -> bool:
     keys = ("quick", "seeds", "datasets", "rounds", "split", "edges", "methods", "data", "label", "site", "sites",
-            "alpha", "test_data", "outcomes", "test_outcomes", "standardize", "clip_quantile")
+            "alpha", "test_data", "outcomes", "test_outcomes", "standardize", "clip_quantile", "tuned")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -54,7 +54,10 @@ def curves(args, methods=METHODS) -> tuple[list[dict], list[dict]]:
                                                                   for r in doc["rows"]):
             rows = [r for r in doc["rows"] if r["method"] in methods + REFERENCES]
             return rows, [r for r in doc["rows"] if r["method"] == "centralized"]
+    from experiments.tune import load_tuned, tuned_run  # tune imports this module's constants
+
     rows, central = [], []
+    tuned = load_tuned(args.tuned) if getattr(args, "tuned", None) else {}
     for name in datasets_for(args):
         recipe = RECIPES[name]
         rounds = rounds_for(name, args)
@@ -64,8 +67,8 @@ def curves(args, methods=METHODS) -> tuple[list[dict], list[dict]]:
                 (central if ref.method == "centralized" else rows).append(
                     {"method": ref.method, "dataset": name, "seed": seed, "round": rounds, **ref.row()})
             for method in methods:
-                logs = simulate(fed, method, seed, rounds=rounds, lr=recipe.lr, local_epochs=recipe.local_epochs,
-                                clip=NO_CLIP)
+                run = tuned_run(tuned, name, method, recipe.lr, recipe.local_epochs)
+                logs = simulate(fed, run.pop("method"), seed, rounds=rounds, clip=NO_CLIP, **run)
                 ids = [c.id for c in fed.clients]
                 for r in log_rows(logs):
                     rows.append({"method": method, "dataset": name, "seed": seed, **r, "devices": ids})

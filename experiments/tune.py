@@ -51,10 +51,18 @@ assert all(len(configs) == BUDGET for configs in SEARCH.values()), "every method
 
 
 def method_with(name: str, options: dict):
-    """The simulator's method `name` (experiments.sim.methods; fedadam is FedAvg's pipeline with the fedadam
-    strategy) with extra strategy `options`."""
-    base = SIM_METHODS["fedavg"].with_(name="fedadam", strategy="fedadam") if name == "fedadam" else SIM_METHODS[name]
+    """The simulator's method `name` (experiments.sim.methods) with extra strategy `options`."""
+    base = SIM_METHODS[name]
     return base.with_(options={**base.options, **options})
+
+
+def tuned_run(tuned: dict[str, dict], dataset_name: str, method: str, lr: float, local_epochs: int) -> dict:
+    """simulate() keyword arguments for `method` on `dataset_name`: its winner in `tuned` (load_tuned), else the
+    dataset recipe's lr and local epochs."""
+    won = tuned.get(f"{dataset_name}/{method}")
+    if won is None:
+        return {"method": method, "lr": lr, "local_epochs": local_epochs}
+    return {"method": method_with(method, won["options"]), "lr": won["lr"], "local_epochs": won["local_epochs"]}
 
 
 def headline_of(logs) -> str:

@@ -149,3 +149,16 @@ def test_filters_flag_noise_attackers(heart16):
     assert len(bad) == 4
     assert all(log.filtered >= 2 for log in logs)
     assert min(sim.infos[d].quality for d in bad) < max(sim.infos[d].quality for d in sim.infos if d not in bad)
+
+
+def test_tuned_settings_reach_the_simulated_method():
+    """`accuracy --tuned`: a method runs with its tuning winner (lr, local epochs, strategy options on top of the
+    method's own), and with the dataset recipe where tuning did not cover it; every method had the same budget."""
+    from experiments.tune import BUDGET, SEARCH, tuned_run
+
+    assert {len(configs) for configs in SEARCH.values()} == {BUDGET}
+    won = {"watch/fediomt": {"lr": 0.2, "local_epochs": 2, "options": {"server_optimizer": "adam", "server_lr": 0.03}}}
+    run = tuned_run(won, "watch", "fediomt", 0.5, 1)
+    assert (run["lr"], run["local_epochs"]) == (0.2, 2)
+    assert run["method"].options["server_optimizer"] == "adam" and run["method"].options["fednova"] is True
+    assert tuned_run(won, "heart", "fediomt", 0.1, 1) == {"method": "fediomt", "lr": 0.1, "local_epochs": 1}

@@ -46,6 +46,7 @@ FEDIOMT_OPTIONS = {"importance_sampling": True, "adaptive_lr": False, "adaptive_
 
 METHODS: dict[str, Method] = {
     "fedavg": Method("fedavg", "fedavg"),
+    "fedadam": Method("fedadam", "fedadam"),
     "fedprox": Method("fedprox", "fedprox", {"mu": 0.01}, partial_work=True),
     "scaffold": Method("scaffold", "scaffold"),
     "fediomt": Method("fediomt", "fediomt", dict(FEDIOMT_OPTIONS), dict(SPARSE),
