@@ -2,8 +2,9 @@
 
 Messages arrive on paho's network thread and are queued; the main thread handles them one at a time, so training
 never races a model swap. Every handler refuses bad input with a logged ProtocolError and carries on. Order within
-a round: check the budget BEFORE training; after training persist the spent budget, residual and c_i atomically;
-only then publish (a kill -9 in between loses an update, never budget).
+a round: check the budget BEFORE training; after training persist the spent budget, residual, c_i and the update
+itself atomically; only then publish. The update is resent, the same bytes, after each Ack timeout until the edge
+acknowledges it or the round is over, after a restart too (a kill -9 in between loses no update, and never budget).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from device.inference import accept_for_inference, accept_for_training
 from device.ota import OtaConfig as OtaReceiverConfig
 from device.ota import OtaReceiver
 from device.runtime import TrainableModel, secure_generator
-from device.state import STATE_FILE, DeviceState, load_state, save_state
+from device.state import STATE_FILE, DeviceState, Unacked, load_state, save_state
 from device.training import LocalResult, planned_steps, steps_within, train_round
 from device.update import ENVELOPE_BYTES, RoundIdentity, build_update
 from protocol import accountant, topics
@@ -52,7 +53,7 @@ from protocol.messages import (
     sign_message,
     verify_raw,
 )
-from protocol.mqtt import Connection
+from protocol.mqtt import Connection, backoff_delays
 from protocol.secagg import SecAggClient
 from protocol.secagg.deploy import MaskedRound
 from protocol.secagg.mqtt_driver import run_client_round
@@ -73,6 +74,8 @@ class DeviceAgent:
         self.mac_key = None if cfg.mac_key is None else derive_mac_key(load_mac_key(cfg.mac_key), cfg.id, cfg.edge)
         self.state_path = cfg.state_dir / STATE_FILE
         self.state = load_state(self.state_path)
+        self.resend_at = 0.0   # monotonic time of the next resend of state.unacked; 0: once connected (a restart)
+        self.resend_delays = backoff_delays(cfg.ack_timeout_s, cfg.ack_timeout_max_s)
         self.rng = secure_generator()
         self.stop = threading.Event()
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
@@ -191,6 +194,8 @@ class DeviceAgent:
         verify_raw(payload, ann, self.cloud_key)
         if not self._follow_run(ann.run_id, "round"):
             return
+        if self.state.unacked is not None and ann.round_id > self.state.unacked.round_id:
+            self._settle(f"round {ann.round_id} announced")   # the edge closed the update's round
         if ann.statistics:
             if ann.round_id not in self.state.seen_rounds and (not ann.cohort or self.cfg.id in ann.cohort) \
                     and ann.deadline > time.time():
@@ -287,9 +292,11 @@ class DeviceAgent:
         update = self.seal(out.update)
         data = encode(update)
         self.state = replace(self.state.answered(ann.round_id), history=out.history, residual=out.residual,
-                             control=out.control, steps_per_s=speed)
-        save_state(self.state_path, self.state)  # the spend is on disk before anything leaves the device
+                             control=out.control, steps_per_s=speed, unacked=Unacked(ann.round_id, ann.deadline, data))
+        save_state(self.state_path, self.state)  # the spend (and the update) is on disk before anything leaves
         self.link.publish(self.update_topic, data)
+        self.resend_delays = backoff_delays(cfg.ack_timeout_s, cfg.ack_timeout_max_s)
+        self.resend_at = time.monotonic() + next(self.resend_delays)
         event(self.log, "update sent", round=ann.round_id, steps=result.local_steps, loss=round(result.loss, 4),
               norm=round(out.norm, 4), bytes=len(data), epsilon=round(update.privacy.epsilon, 4),
               method=settings.method, density=settings.density, bits=settings.bits)
@@ -424,8 +431,7 @@ class DeviceAgent:
             elif topic == self.topics["round"]:
                 self._on_round(payload)
             elif topic == self.topics["ack"]:
-                ack = decode(payload, expect=Ack)
-                event(self.log, "ack", round=ack.round_id, accepted=ack.accepted, reason=ack.reason, detail=ack.detail)
+                self._on_ack(payload)
         except ProtocolError as exc:
             event(self.log, "refused a message", logging.WARNING, topic=topic, reason=exc.reason.name,
                   detail=exc.detail)
@@ -433,6 +439,33 @@ class DeviceAgent:
             event(self.log, "round failed", logging.ERROR, topic=topic, error=f"{type(exc).__name__}: {exc}")
         except Exception:  # a bug must not take the device off the federation; the traceback is in the log
             self.log.exception("unexpected error handling %s", topic)
+
+    def _on_ack(self, payload: bytes) -> None:
+        """The edge's verdict on our update; for the unacknowledged round's, accepted or not, the resending stops
+        (the same bytes would get the same answer)."""
+        ack = decode(payload, expect=Ack)
+        event(self.log, "ack", round=ack.round_id, accepted=ack.accepted, reason=ack.reason, detail=ack.detail)
+        if self.state.unacked is not None and ack.round_id == self.state.unacked.round_id:
+            self._settle("acknowledged")
+
+    def _resend(self) -> None:
+        """Resend the unacknowledged update, the same bytes (the edge counts a (device, round) once), after each
+        Ack timeout (doubling, jittered) while connected and before the round's deadline: what a broker session
+        lost (an edge restarted clean, a replica's queue) still reaches the edge."""
+        unacked = self.state.unacked
+        if unacked is None or time.monotonic() < self.resend_at or not self.link.connected.is_set():
+            return
+        if time.time() >= unacked.deadline:
+            return self._settle("deadline passed without an Ack", logging.WARNING)
+        self.link.publish(self.update_topic, unacked.data)
+        self.resend_at = time.monotonic() + next(self.resend_delays)
+        event(self.log, "update resent", round=unacked.round_id, bytes=len(unacked.data))
+
+    def _settle(self, why: str, level: int = logging.INFO) -> None:
+        """Stop resending the unacknowledged update, durably."""
+        event(self.log, "update settled", level, round=self.state.unacked.round_id, why=why)
+        self.state = replace(self.state, unacked=None)
+        save_state(self.state_path, self.state)
 
     def run(self) -> int:
         event(self.log, "starting", device=self.cfg.id, edge=self.cfg.edge, bundle=self.bundle.name,
@@ -448,6 +481,7 @@ class DeviceAgent:
                     pass
                 if self.ota is not None:
                     self.ota.tick()
+                self._resend()
         finally:
             self.link.close((self.status_topic, self._status_bytes("offline")))
             event(self.log, "stopped")

@@ -100,6 +100,8 @@ class DeviceConfig:
     significance_threshold: float = 0.0  # L2 norm of the (noised) delta below which only a "skipped" status is sent
     min_steps: int = 1                  # decline a round when fewer local steps fit before its deadline
     deadline_margin_s: float = 2.0      # stop training this long before the deadline (time to compress + send)
+    ack_timeout_s: float = 10.0         # resend an update (same bytes) not acknowledged by the edge this long
+    ack_timeout_max_s: float = 60.0     # after it was sent; the wait doubles (jittered) up to this, until the deadline
     threads: int | None = None          # interpreter threads (None: the runtime's default)
     secagg_keys_dir: Path | None = None  # enrolment export: {device_id}.pub of the edge's devices (secure aggregation)
     secagg_timeout_s: float = 120.0     # a masked round (docs/secagg.md "Deployment") gives up after this long
@@ -126,6 +128,8 @@ class DeviceConfig:
             raise ValueError("data: set `dir` (train.npz / train.csv) or `entry_point` (module:function)")
         if self.significance_threshold < 0 or self.min_steps < 1:
             raise ValueError("significance_threshold must be >= 0 and min_steps >= 1")
+        if not 0 < self.ack_timeout_s <= self.ack_timeout_max_s:
+            raise ValueError("need 0 < ack_timeout_s <= ack_timeout_max_s")
 
 
 def load_config(path: str | Path) -> DeviceConfig:

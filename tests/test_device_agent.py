@@ -205,6 +205,32 @@ def test_broker_restart_mid_round_update_still_delivered(fed):
     assert len([e for e in logs(config) if e["msg"] == "connected"]) >= 2  # it reconnected
 
 
+def test_unacknowledged_update_is_resent_until_its_ack_or_deadline_also_after_kill_9(fed):
+    """Issue 18, defect 4: the update is kept (state.npz) until the edge's Ack and resent, the same bytes, after each
+    Ack timeout, and at once by the agent restarted after a kill -9; the Ack stops it, and so does the deadline."""
+    config = fed.device(privacy={"epsilon": 100.0}, ack_timeout_s=1.0, ack_timeout_max_s=1.0)
+    proc = fed.start(config)
+    fed.cloud.publish_model(MODEL, 1, fed.weights)
+    fed.cloud.announce(1, MODEL, 1, PLAN)
+    first, _ = fed.cloud.next_update(30)
+    assert fed.cloud.next_update(10)[0] == first            # no Ack: resent, the same nonce and signature
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    fed.start(config)
+    wait_log(config, "starting")
+    while not fed.cloud.updates.empty():
+        fed.cloud.updates.get()
+    assert fed.cloud.next_update(30)[0] == first            # the restarted agent resends it
+    fed.cloud.ack(first)
+    settled = wait_log(config, "update settled", round=1, why="acknowledged")
+    fed.cloud.announce(2, MODEL, 1, PLAN, deadline_s=8)     # no Ack this time: resent until the deadline
+    late = wait_log(config, "update settled", round=2, why="deadline passed without an Ack")
+    resent = [e for e in logs(config) if e["msg"] == "update resent"]
+    assert [e for e in resent if e["round"] == 1 and e["ts"] > settled["ts"]] == []   # the Ack stopped it
+    assert len([e for e in resent if e["round"] == 2]) >= 2 and max(e["ts"] for e in resent) <= late["ts"]
+    assert load_state(config.parent / "state" / "state.npz").unacked is None
+
+
 def test_tampered_global_model_is_refused(fed):
     config = fed.device(privacy={"epsilon": 100.0})
     fed.start(config)
