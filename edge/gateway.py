@@ -45,6 +45,7 @@ from protocol.topics import (
 )
 
 GROUP = 64           # messages per SQLite commit (group commit) at most
+RESEND_S = 2.0       # an aggregate the broker did not confirm (PUBACK) is published again this long after
 
 
 class Gateway:
@@ -54,6 +55,7 @@ class Gateway:
         self.cfg, self.log = cfg, log
         self.engine = EdgeEngine(cfg, log)
         self.stop = threading.Event()
+        self.resend_at: float | None = None   # when to publish the unconfirmed aggregates (the outbox) again
         self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
         edge, group = cfg.edge_id, cfg.group or cfg.edge_id
         self.updates, self.statuses = update_topic(edge, ANY), status_topic(edge, ANY)
@@ -79,15 +81,12 @@ class Gateway:
             info = conn.client.publish(p.topic, p.payload, qos=1, retain=p.retain)
             self.engine.metrics.bytes_out.inc(len(p.payload))
             if p.batch is not None:
-                try:
-                    info.wait_for_publish(5.0)
-                except (RuntimeError, ValueError):
-                    pass
-                if info.is_published():
+                if _confirmed(info):
                     self.engine.published(p.batch)
-                else:
-                    event(self.log, "aggregate not confirmed by the broker; resent on restart", logging.WARNING,
-                          batch=p.batch)
+                else:   # not connected, queue full or no PUBACK: it stays in the outbox and goes out again
+                    self.resend_at = time.monotonic() + RESEND_S
+                    event(self.log, "aggregate not confirmed by the broker; resending", logging.WARNING,
+                          batch=p.batch, in_s=RESEND_S)
 
     def _dispatch(self, topic: str, payload: bytes) -> list[Publication]:
         if topic == CLOUD_ROUND:
@@ -137,6 +136,9 @@ class Gateway:
         while not self.stop.is_set():
             self._drain_some(self.cfg.tick_s)
             self._publish(self.engine.tick(time.time()))
+            if self.resend_at is not None and time.monotonic() >= self.resend_at:
+                self.resend_at = None
+                self._publish(self.engine.unpublished())   # the same bytes: the cloud counts an aggregate once
             self._secagg()
         self._drain()
         return 0
@@ -180,3 +182,13 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.engine.keys.expire())  # reload enrolment and CRL now
+
+
+def _confirmed(info) -> bool:
+    """Whether the broker acknowledged a QoS 1 publication within 5 s. paho raises (RuntimeError, ValueError) when it
+    could not send it at all (not connected, queue full): not confirmed, never a crash of the daemon."""
+    try:
+        info.wait_for_publish(5.0)
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False

@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 import urllib.request
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
+from edge.gateway import RESEND_S
 from experiments.mosquitto import free_port
 from protocol.compression import CompressionSettings, decode_update
 from protocol.errors import Reason
 from protocol.messages import Ack, EdgeAggregate, decode, verify_message
 
-from .harness import DENSE, N_PARAMS, Fed
+from .harness import DENSE, N_PARAMS, Fed, wait_for
 
 TOPK = CompressionSettings(method="topk", density=0.02, bits=32)
 POISONED = (15, 16, 17, 18)  # 4 of the 20 devices
@@ -182,3 +187,40 @@ def test_replicas_split_updates_through_the_shared_subscription(harness):
     np.testing.assert_allclose(combined, np.mean(deltas, axis=0), rtol=1e-5, atol=1e-7)
     first.send_signal(signal.SIGTERM)
     assert first.wait(15) == 0 and h.stop_edge() == 0
+
+
+@pytest.mark.parametrize("harness", [dict(rounds={"quorum": 1.0})], indirect=True)
+def test_an_aggregate_closed_while_the_broker_is_down_reaches_the_cloud_without_a_restart(harness, broker):
+    """The round closes at its deadline while the broker is dead (kill -9): the publish fails, and the edge neither
+    crashes (paho raises on a publish it could not send) nor waits for its own restart to send the aggregate again:
+    it reaches the cloud's persistent session once the broker is back (issue 18, found by `fediomt bench chaos`)."""
+    h, fed = harness, harness.fed
+    got: list[bytes] = []
+    cloud = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="cloud-session", protocol=mqtt.MQTTv5)
+    cloud.on_message = lambda _c, _u, msg: got.append(msg.payload)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600   # like the cloud daemon: the broker keeps what arrives while it is away
+    cloud.connect(broker.host, broker.port, clean_start=False, properties=props)
+    cloud.subscribe(AGG, qos=1)
+    cloud.loop_start()
+    log = fed.root / "edge.log"
+    try:
+        deadline = time.time() + 6.0
+        h.open_round(deadline=deadline)
+        proc = h.start_edge()
+        h.publish(f"fl/edge1/updates/{fed.devices[0]}", fed.update(fed.devices[0], np.full(N_PARAMS, 0.01, np.float32)))
+        h.wait(lambda: h.acks(fed.devices[0]), message="the Ack (the round waits for 19 more devices)")
+        time.sleep(1.5)   # the broker saves its sessions every second (autosave_interval 1)
+        broker.stop(signal.SIGKILL)
+        wait_for(lambda: "aggregate not confirmed" in log.read_text(), deadline + 20 - time.time(),
+                 message=lambda: log.read_text()[-2000:])   # the round closed at its deadline, the publish failed
+        time.sleep(2 * RESEND_S)
+        assert proc.poll() is None, log.read_text()[-3000:]     # before: RuntimeError, the daemon exited 1
+        broker.start()
+        wait_for(lambda: got, 30, message=lambda: log.read_text()[-2000:])
+        agg = decode(got[0], expect=EdgeAggregate)
+        assert (agg.round_id, agg.device_ids) == (1, [fed.devices[0]])
+        assert proc.poll() is None and "Traceback" not in log.read_text()
+    finally:
+        cloud.loop_stop()
+        cloud.disconnect()
