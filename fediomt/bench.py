@@ -23,6 +23,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "fuzz": ("experiments.bench.fuzz:run", "long fuzz run of every network-facing decoder"),
     "ledger": ("experiments.bench.ledger:run", "ledger: Shapley accuracy vs cost, append/verify/replication speed"),
     "chaos": ("experiments.bench.chaos:run", "kill -9 edges, cloud, broker, devices: nothing lost or double counted"),
+    "arm": ("experiments.bench.arm:run", "device tier on emulated aarch64 (qemu-system cortex-a72): install, DP-SGD, "
+                                         "rounds with an x86 edge, weights vs x86"),
 }
 
 
