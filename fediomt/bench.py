@@ -22,7 +22,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "distill": ("experiments.bench.distill:run", "int8 student vs teacher: size, agreement, latency, OTA push"),
     "fuzz": ("experiments.bench.fuzz:run", "long fuzz run of every network-facing decoder"),
     "ledger": ("experiments.bench.ledger:run", "ledger: Shapley accuracy vs cost, append/verify/replication speed"),
-    "chaos": ("experiments.bench.chaos:run", "kill -9 edges, cloud, broker, devices: nothing lost or double counted"),
+    "chaos": ("fediomt.chaos:run", "kill -9 edges, cloud, broker, devices: nothing lost or double counted"),
     "arm": ("experiments.bench.arm:run", "device tier on emulated aarch64 (qemu-system cortex-a72): install, DP-SGD, "
                                          "rounds with an x86 edge, weights vs x86"),
 }

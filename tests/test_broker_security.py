@@ -211,15 +211,21 @@ def test_revoked_device_is_refused(ca, edge_broker, sessions):
     d4 = connect_as(ca, "device", "d4", edge_broker.port)
     sessions.append(d4)
     assert d4.connected
+    probe = pki.issue(ca, "device", "d9")   # revoked with d4: it shows the reload without taking d4's client id
+    give_to_broker_user(probe.key)
     pki.revoke(ca, "d4")
+    pki.revoke(ca, "d9")
     edge_broker.process.send_signal(signal.SIGHUP)
 
     def refused() -> bool:
-        again = connect_as(ca, "device", "d4", edge_broker.port, client_id="d4-again")
+        again = connect_as(ca, "device", "d9", edge_broker.port)
         again.close()
         return not again.connected
 
-    wait_for(refused, 5, message="the reloaded CRL to refuse a new connection of d4")
+    wait_for(refused, 5, message="the reloaded CRL to refuse a new connection of the revoked d9")
+    again = connect_as(ca, "device", "d4", edge_broker.port, client_id="d4-again")
+    again.close()
+    assert not again.connected   # d4's certificate is refused for a new connection too
     assert d4.client.is_connected()  # SIGHUP reloads the CRL for new connections only...
     d4.client.reconnect_delay_set(min_delay=0.05, max_delay=0.1)
     edge_broker.restart()  # ...a restart cuts the live session, and its reconnects are refused

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from experiments.bench.chaos import ChaosSettings, check, run_federation
+from fediomt.chaos import ChaosSettings, check, run_federation
 
 pytestmark = pytest.mark.slow
 

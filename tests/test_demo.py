@@ -26,12 +26,12 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def test_short_demo_report(tmp_path):
-    settings = DemoSettings(rounds=3, devices=4, device_epsilon=12.0, distill_steps=300)
+    settings = DemoSettings(rounds=5, devices=4, device_epsilon=12.0, distill_steps=300)   # 3 rounds under DP: ~chance
     run_dir = tmp_path / "run"
     report = run_demo(settings, run_dir, timeout_s=400, baseline=False)
     assert report["completed"], (run_dir / "logs" / "cloud.log").read_text()[-3000:]
     assert json.loads((run_dir / "report.json").read_text())["final_accuracy"] == report["final_accuracy"]
-    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4, 5]
     assert report["final_accuracy"] > 1 / 7 + 0.1  # 7 exercises: chance is 0.14
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in report["rounds"])
     assert report["total_bytes_up"] * 5 < report["dense_bytes_up"]
@@ -45,9 +45,9 @@ def test_short_demo_report(tmp_path):
     assert all(r["auroc"] is None for r in report["rounds"])   # 7 classes: no binary scores
     eps = [r["epsilon"] for r in report["rounds"]]
     assert all(e is not None for e in eps) and eps == sorted(eps) and eps[-1] <= settings.device_epsilon
-    assert report["ledger"]["valid"] and report["ledger"]["blocks"] == 1 + 3
+    assert report["ledger"]["valid"] and report["ledger"]["blocks"] == 1 + 5
     minted = sum(report["ledger"]["balances"].values())  # 1000 a round, or 0 when no edge improved the model
-    assert minted % 1000 == 0 and minted <= 3 * 1000
+    assert minted % 1000 == 0 and minted <= 5 * 1000
     assert (run_dir / "accuracy_bytes.png").stat().st_size > 1000
     assert {s["device_class"] for s in report["students"]} == {"wearable", "pi"}
     assert all(s["student_bytes"] < s["teacher_bytes"] for s in report["students"])

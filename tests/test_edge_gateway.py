@@ -189,7 +189,7 @@ def test_replicas_split_updates_through_the_shared_subscription(harness):
     assert first.wait(15) == 0 and h.stop_edge() == 0
 
 
-@pytest.mark.parametrize("harness", [dict(rounds={"quorum": 1.0})], indirect=True)
+@pytest.mark.parametrize("harness", [dict(rounds={"quorum": 1.0}, broker={"reconnect_max_s": 1.0})], indirect=True)
 def test_an_aggregate_closed_while_the_broker_is_down_reaches_the_cloud_without_a_restart(harness, broker):
     """The round closes at its deadline while the broker is dead (kill -9): the publish fails, and the edge neither
     crashes (paho raises on a publish it could not send) nor waits for its own restart to send the aggregate again:
@@ -198,6 +198,7 @@ def test_an_aggregate_closed_while_the_broker_is_down_reaches_the_cloud_without_
     got: list[bytes] = []
     cloud = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="cloud-session", protocol=mqtt.MQTTv5)
     cloud.on_message = lambda _c, _u, msg: got.append(msg.payload)
+    cloud.reconnect_delay_set(0.2, 1)   # both clients retry every second at most: the wait below is for the resend
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600   # like the cloud daemon: the broker keeps what arrives while it is away
     cloud.connect(broker.host, broker.port, clean_start=False, properties=props)
@@ -217,7 +218,7 @@ def test_an_aggregate_closed_while_the_broker_is_down_reaches_the_cloud_without_
         time.sleep(2 * RESEND_S)
         assert proc.poll() is None, log.read_text()[-3000:]     # before: RuntimeError, the daemon exited 1
         broker.start()
-        wait_for(lambda: got, 30, message=lambda: log.read_text()[-2000:])
+        wait_for(lambda: got, 60, message=lambda: log.read_text()[-2000:])
         agg = decode(got[0], expect=EdgeAggregate)
         assert (agg.round_id, agg.device_ids) == (1, [fed.devices[0]])
         assert proc.poll() is None and "Traceback" not in log.read_text()

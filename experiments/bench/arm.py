@@ -316,6 +316,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     from protocol.signing import generate_signing_key, load_public_key, save_private_key, save_public_key
     from protocol.table import print_table
+    from protocol.topics import ANY, CLOUD_MODEL, CLOUD_ROUND, ack_topic, aggregate_topic, matches, update_topic
 
     rounds = getattr(args, "rounds", None) or (1 if getattr(args, "quick", False) else 3)
     timeout_s = float(getattr(args, "timeout", None) or 5400)
@@ -389,7 +390,7 @@ def run(args: argparse.Namespace) -> dict:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-arm-cloud")
         client.on_message = lambda _c, _u, msg: seen.append((msg.topic, msg.payload))
         client.connect("127.0.0.1", broker.port)
-        for topic in ("fl/cloud/aggregates/e1", "fl/e1/updates/+", "fl/e1/ack/+"):
+        for topic in (aggregate_topic("e1"), update_topic("e1", ANY), ack_topic("e1", ANY)):
             client.subscribe(topic, qos=1)
         client.loop_start()
 
@@ -468,24 +469,24 @@ def run(args: argparse.Namespace) -> dict:
         figures["rounds"] = []
         for r in range(1, rounds + 1):
             t = time.monotonic()
-            client.publish("fl/cloud/model", encode(sign_message(global_model("wearable_cnn", r, weights),
+            client.publish(CLOUD_MODEL, encode(sign_message(global_model("wearable_cnn", r, weights),
                                                                  cloud_key)), qos=1, retain=True)
             ann = RoundAnnouncement(r, "wearable_cnn", r, "fedavg", time.time() + 1800, plan, {}, edges=["e1"])
-            client.publish("fl/cloud/round", encode(sign_message(ann, cloud_key)), qos=1, retain=True)
+            client.publish(CLOUD_ROUND, encode(sign_message(ann, cloud_key)), qos=1, retain=True)
 
-            def of(topic_prefix: str, cls, r=r):
+            def of(topic_filter: str, cls, r=r):
                 out = []
                 for topic, payload in list(seen):
-                    if topic.startswith(topic_prefix):
+                    if matches(topic_filter, topic):
                         msg = decode(payload, expect=cls)
                         if msg.round_id == r:
                             out.append(msg)
                 return out
 
-            wait(lambda: of("fl/cloud/aggregates/e1", EdgeAggregate), f"round {r}'s aggregate")
-            (agg,) = of("fl/cloud/aggregates/e1", EdgeAggregate)
+            wait(lambda: of(aggregate_topic("e1"), EdgeAggregate), f"round {r}'s aggregate")
+            (agg,) = of(aggregate_topic("e1"), EdgeAggregate)
             verify_message(agg, edge_key.public_key())
-            updates, acks = of("fl/e1/updates/", DeviceUpdate), of("fl/e1/ack/", Ack)
+            updates, acks = of(update_topic("e1", ANY), DeviceUpdate), of(ack_topic("e1", ANY), Ack)
             row = {"round": r, "round_s": round(time.monotonic() - t, 1), "aggregate_devices": agg.device_ids,
                    "acks": [("accepted" if a.accepted else f"rejected {a.reason} {a.detail}") for a in acks]}
             if updates:
