@@ -165,10 +165,22 @@ class CloudEngine:
             for path in sorted(self.pending_dir.glob("*.cbor")):
                 round_id, _, edge = path.stem.partition("-")
                 if round_id == str(self.state.round_id):
-                    self._admit(edge, path.read_bytes(), persist=False)
+                    payload = path.read_bytes()
+                    self._forget_nonce(payload)
+                    self._admit(edge, payload, persist=False)
                 else:
                     path.unlink()
         return [self._model_publication(), *self._open_round(now)]
+
+    def _forget_nonce(self, payload: bytes) -> None:
+        """Our own durable copy of an accepted aggregate: a checkpoint taken since (a re-announcement) may hold its
+        nonce, which must not make the copy a replay of itself (the round would wait for it forever)."""
+        try:
+            nonce = decode(payload, expect=EdgeAggregate).nonce.hex()
+        except ProtocolError:
+            return   # admission refuses it with its reason
+        self.nonces.discard(nonce)
+        self.state.nonces = [n for n in self.state.nonces if n != nonce]
 
     def _model_publication(self) -> Publication:
         s = self.state

@@ -255,3 +255,20 @@ def test_a_checkpoint_of_another_model_is_refused(keys, tmp_path):
     eng.start(NOW)
     with pytest.raises(ValueError, match="another model"):
         engine(keys, tmp_path, initial=np.zeros(N + 1, np.float32))
+
+
+def test_a_pending_aggregate_checkpointed_by_a_reannouncement_is_not_a_replay_after_a_crash(keys, tmp_path):
+    """Found by `fediomt bench chaos`: an aggregate accepted, then a re-announcement's checkpoint (which holds its
+    nonce), then kill -9: the restarted cloud re-read its own pending copy and refused it as a REPLAY, so the round
+    waited for an aggregate the edge had already delivered and never closed."""
+    eng = engine(keys, tmp_path, min_edges=2)
+    eng.start(NOW)
+    eng.handle_aggregate("edge1", aggregate(keys, "edge1", delta=np.ones(N), num_samples=20))
+    eng.tick(NOW + 65)                                                         # re-announced: checkpointed
+    del eng                                                                    # "kill -9"
+    eng = engine(keys, tmp_path, min_edges=2)
+    eng.start(NOW + 70)
+    assert set(eng.received) == {"edge1"} and not eng.rejected
+    eng.handle_aggregate("edge2", aggregate(keys, "edge2", delta=np.full(N, 3.0), num_samples=20))
+    assert model(keys, eng.tick(NOW + 71)).model_version == 2
+    np.testing.assert_allclose(eng.state.server.weights, np.full(N, 2.0))
