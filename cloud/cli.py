@@ -76,7 +76,7 @@ def previous_run_id(run_dir: Path) -> str:
 
 
 def _new_run(args: argparse.Namespace) -> int:
-    from protocol.runs import BrokerUnreachable, clear_broker
+    from protocol.runs import clear_broker, report_new_run
     from protocol.topics import CLOUD_MODEL, CLOUD_ROUND
 
     cfg = load_config(args.config)
@@ -92,13 +92,6 @@ def _new_run(args: argparse.Namespace) -> int:
         lock.close()
         run_dir.rename(target)
         out.update(ended_run=ended, moved_to=str(target))
-    if not args.offline:
-        try:
-            out["brokers"] = [clear_broker(cfg.broker, cfg.client_id, [CLOUD_ROUND, CLOUD_MODEL]).as_dict(),
-                              clear_broker(cfg.broker, cfg.client_id + "-secagg", []).as_dict()]
-        except BrokerUnreachable as exc:
-            print(json.dumps(out))
-            print(f"fediomt cloud new-run: run set aside, but the broker was not cleared: {exc}", file=sys.stderr)
-            return 1
-    print(json.dumps(out))
-    return 0
+    clears = [lambda: clear_broker(cfg.broker, cfg.client_id, [CLOUD_ROUND, CLOUD_MODEL]),
+              lambda: clear_broker(cfg.broker, cfg.client_id + "-secagg", [])]
+    return report_new_run(out, None if args.offline else clears, "fediomt cloud new-run", "run set aside")

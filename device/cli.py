@@ -162,12 +162,11 @@ def status(args: argparse.Namespace) -> int:
 
 
 def new_run(args: argparse.Namespace) -> int:
-    import sys
     from dataclasses import replace
 
     from device.config import load_config
     from device.state import STATE_FILE, load_state, save_state
-    from protocol.runs import BrokerUnreachable, clear_broker
+    from protocol.runs import clear_broker, report_new_run
     from protocol.topics import status_topic
 
     cfg = load_config(args.config)
@@ -178,15 +177,8 @@ def new_run(args: argparse.Namespace) -> int:
     save_state(cfg.state_dir / STATE_FILE, replace(fresh, extra={**fresh.extra, "after_run": after}))
     out = {"device": cfg.id, "ended_run": old.run_id or None, "kept_history_entries": len(old.history),
            "forgot_rounds": len(old.seen_rounds), "forgot_model_version": old.model_version}
-    if not args.offline:
-        try:
-            out["broker"] = clear_broker(cfg.broker, cfg.id, [status_topic(cfg.edge, cfg.id)]).as_dict()
-        except BrokerUnreachable as exc:
-            print(json.dumps(out))
-            print(f"fediomt device new-run: state reset, but the broker was not cleared: {exc}", file=sys.stderr)
-            return 1
-    print(json.dumps(out))
-    return 0
+    clears = [lambda: clear_broker(cfg.broker, cfg.id, [status_topic(cfg.edge, cfg.id)])]
+    return report_new_run(out, None if args.offline else clears, "fediomt device new-run", "state reset")
 
 
 def predict(args: argparse.Namespace) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from edge.config import load_config
@@ -50,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _new_run(args: argparse.Namespace) -> int:
     from edge.store import Store
-    from protocol.runs import BrokerUnreachable, clear_broker
+    from protocol.runs import clear_broker, report_new_run
     from protocol.topics import model_topic, round_topic
 
     cfg = load_config(args.config)
@@ -59,16 +58,8 @@ def _new_run(args: argparse.Namespace) -> int:
     ended = store.end_run()
     store.close()
     out: dict = {"edge": cfg.edge_id, "ended_run": ended or None, "state": "forgotten"}
-    if not args.offline:
-        client_id = f"fediomt-edge-{cfg.edge_id}-{cfg.replica}"   # edge.gateway's
-        try:
-            out["brokers"] = [clear_broker(cfg.broker, client_id, [round_topic(cfg.edge_id),
-                                                                   model_topic(cfg.edge_id)]).as_dict()]
-            if cfg.cloud is not None:
-                out["brokers"].append(clear_broker(cfg.cloud, client_id + "-cloud", []).as_dict())
-        except BrokerUnreachable as exc:
-            print(json.dumps(out))
-            print(f"fediomt edge new-run: state forgotten, but the broker was not cleared: {exc}", file=sys.stderr)
-            return 1
-    print(json.dumps(out))
-    return 0
+    client_id = f"fediomt-edge-{cfg.edge_id}-{cfg.replica}"   # edge.gateway's
+    clears = [lambda: clear_broker(cfg.broker, client_id, [round_topic(cfg.edge_id), model_topic(cfg.edge_id)])]
+    if cfg.cloud is not None:
+        clears.append(lambda: clear_broker(cfg.cloud, client_id + "-cloud", []))
+    return report_new_run(out, None if args.offline else clears, "fediomt edge new-run", "state forgotten")

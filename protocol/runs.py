@@ -10,7 +10,10 @@ an older run is ignored by the edges and devices.
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from protocol.mqtt import ConnectionConfig, connect_properties, new_client
@@ -64,3 +67,17 @@ def clear_broker(cfg: ConnectionConfig, client_id: str, topics: list[str], timeo
         client.disconnect()
         client.loop_stop()
     return Cleared(cfg.host, cfg.port, client_id, tuple(topics))
+
+
+def report_new_run(out: dict, clears: list[Callable[[], Cleared]] | None, command: str, done: str) -> int:
+    """What every `new-run` prints: its JSON report after clearing its brokers (`clears` None: --offline), and exit
+    1 with one line naming the unreachable broker when the local part is `done` but a broker could not be cleared."""
+    if clears is not None:
+        try:
+            out["brokers"] = [clear().as_dict() for clear in clears]
+        except BrokerUnreachable as exc:
+            print(json.dumps(out))
+            print(f"{command}: {done}, but the broker was not cleared: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps(out))
+    return 0

@@ -212,7 +212,7 @@ def test_device_new_run_forgets_the_run_keeps_the_budget_and_clears_its_retained
     state = load_state(state_path)
     assert state.history == history and state.model_version == -1 and state.seen_rounds == ()
     assert state.extra["after_run"] == run and state.run_id == ""
-    assert json.loads(out.stdout)["broker"]["retained_cleared"] == ["fl/e1/status/d1"]
+    assert json.loads(out.stdout)["brokers"][0]["retained_cleared"] == ["fl/e1/status/d1"]
     late = recorder(["fl/e1/status/d1"], client_id="late")
     time.sleep(0.5)
     assert late.payloads("fl/e1/status/d1") == []     # nothing retained any more
