@@ -219,6 +219,22 @@ MLP_OPTIONS = "[model_options]\nn_features = 4\nhidden = 4\n"   # a cloud.toml's
 MLP_PARAMS = 4 * 4 + 4 + 4 * 2 + 2                               # its parameters (4 -> 4 -> 2)
 
 
+def cloud_for(fed: Fed, root: Path, port: int, rounds: int, round_timeout_s: float, extra: str = "",
+              host: str = "127.0.0.1") -> Path:
+    """A cloud.toml (and its key, the edge's public key and a 32-row holdout) in `root` for the scripted `fed`'s
+    edge: fedavg over a small vitals_mlp (MLP_OPTIONS), `extra` TOML lines before the tables."""
+    signing.save_private_key(fed.cloud_key, root / "cloud.key")
+    signing.save_public_key(fed.edge_key.public_key(), root / "edges" / "edge1.pub")
+    rng = np.random.default_rng(0)
+    np.savez(root / "holdout.npz", x=rng.normal(size=(32, 4)).astype(np.float32), y=rng.integers(0, 2, 32))
+    config = root / "cloud.toml"
+    config.write_text('run_dir = "run"\nsigning_key = "cloud.key"\nedge_keys_dir = "edges"\n'
+                      f'eval_data = "holdout.npz"\nmodel = "vitals_mlp"\nrounds = {rounds}\n'
+                      f'round_timeout_s = {round_timeout_s}\n{extra}{MLP_OPTIONS}'
+                      f'[broker]\nhost = "{host}"\nport = {port}\n[strategy]\nname = "fedavg"\n')
+    return config
+
+
 def rounds_of(run_dir: Path) -> list[dict]:
     """The cloud's rounds.jsonl under `run_dir` ([] before the first round closed)."""
     path = run_dir / "rounds.jsonl"

@@ -44,7 +44,7 @@ from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, aggregate_topic
 
 from .harness import MLP_OPTIONS as MODEL_OPTIONS
 from .harness import MLP_PARAMS as N_PARAMS
-from .harness import REPO, Fed, Recorder, cloud_process, rounds_of, start_in_process, wait_for
+from .harness import REPO, Fed, Recorder, cloud_for, cloud_process, rounds_of, start_in_process, wait_for
 
 DENSE = CompressionSettings(method="dense", bits=32)
 
@@ -334,15 +334,8 @@ def test_with_the_real_edge_daemon(tmp_path, broker, daemons, recorder):
     """Cloud (in process) <-> the real edge process <-> scripted devices: two rounds, the expected mean update."""
     fed = Fed(tmp_path / "edge", n_devices=3, n_params=N_PARAMS,
               broker={"host": broker.host, "port": broker.port})
-    save_private_key(fed.cloud_key, tmp_path / "cloud.key")
-    save_public_key(fed.edge_key.public_key(), tmp_path / "edges" / "edge1.pub")
+    config = cloud_for(fed, tmp_path, broker.port, rounds=2, round_timeout_s=30.0, host=broker.host)
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "holdout.npz", x=rng.normal(size=(32, 4)).astype(np.float32), y=rng.integers(0, 2, 32))
-    config = tmp_path / "cloud.toml"
-    config.write_text('run_dir = "run"\nsigning_key = "cloud.key"\nedge_keys_dir = "edges"\n'
-                      'eval_data = "holdout.npz"\nmodel = "vitals_mlp"\nrounds = 2\nround_timeout_s = 30.0\n'
-                      f'{MODEL_OPTIONS}'
-                      f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[strategy]\nname = "fedavg"\n')
     deltas = {d: rng.normal(size=N_PARAMS).astype(np.float32) for d in fed.devices}
     samples = {d: 10 * (i + 1) for i, d in enumerate(fed.devices)}
 

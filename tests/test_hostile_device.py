@@ -16,12 +16,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge.bounds import BoundsConfig
 from protocol.errors import Reason
 from protocol.messages import Ack, GlobalModel, RoundAnnouncement, bytes_to_floats, decode
-from protocol.signing import save_private_key, save_public_key
 
 from .conftest import REPO
-from .harness import MLP_OPTIONS as MODEL_OPTIONS
 from .harness import MLP_PARAMS as N_PARAMS
-from .harness import Fed, rounds_of, start_in_process, wait_for
+from .harness import Fed, cloud_for, rounds_of, start_in_process, wait_for
 
 HONEST, ATTACKER = "d00", "d01"
 # per round: the attacker's (delta scale, num_samples): a 1e30 delta, then 2^63 - 1, 2^63 and 2^64 samples
@@ -31,15 +29,9 @@ ATTACKS = {1: (1e30, 10), 2: (-1.0, 2**63 - 1), 3: (-1.0, 2**63), 4: (-1.0, 2**6
 def test_one_device_cannot_blow_up_or_take_over_the_model(tmp_path, broker):
     fed = Fed(tmp_path / "edge", n_devices=2, n_params=N_PARAMS, broker={"host": broker.host, "port": broker.port},
               bounds=dataclasses.asdict(BoundsConfig()))   # the defaults (the harness turns them off)
-    save_private_key(fed.cloud_key, tmp_path / "cloud.key")
-    save_public_key(fed.edge_key.public_key(), tmp_path / "edges" / "edge1.pub")
+    config = cloud_for(fed, tmp_path, broker.port, rounds=4, round_timeout_s=3.0, extra="grace_s = 1.0\n",
+                       host=broker.host)
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "holdout.npz", x=rng.normal(size=(32, 4)).astype(np.float32), y=rng.integers(0, 2, 32))
-    config = tmp_path / "cloud.toml"
-    config.write_text('run_dir = "run"\nsigning_key = "cloud.key"\nedge_keys_dir = "edges"\n'
-                      'eval_data = "holdout.npz"\nmodel = "vitals_mlp"\nrounds = 4\nround_timeout_s = 3.0\n'
-                      f'grace_s = 1.0\n{MODEL_OPTIONS}'
-                      f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[strategy]\nname = "fedavg"\n')
     honest = (0.1 * rng.normal(size=N_PARAMS)).astype(np.float32)
     models: dict[int, np.ndarray] = {}
     acks: list[Ack] = []
