@@ -126,6 +126,16 @@ class MosquittoBroker:
                 self.process.wait()
         self.process = None
 
+    def wait_autosaved(self, timeout: float = 10.0) -> None:
+        """Wait until the broker has saved its sessions after now (autosave), so a kill -9 keeps them: mosquitto
+        compares whole seconds, so "autosave_interval 1" saves only every one to two seconds."""
+        db, since = self.workdir / "mosquitto.db", time.time()
+        deadline = time.monotonic() + timeout
+        while not (db.exists() and db.stat().st_mtime > since):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"mosquitto did not autosave within {timeout:g} s: {self.log_tail()}")
+            time.sleep(0.05)
+
     def restart(self) -> None:
         self.stop()
         self.start()

@@ -211,7 +211,7 @@ def test_an_aggregate_closed_while_the_broker_is_down_reaches_the_cloud_without_
         proc = h.start_edge()
         h.publish(f"fl/edge1/updates/{fed.devices[0]}", fed.update(fed.devices[0], np.full(N_PARAMS, 0.01, np.float32)))
         h.wait(lambda: h.acks(fed.devices[0]), message="the Ack (the round waits for 19 more devices)")
-        time.sleep(1.5)   # the broker saves its sessions every second (autosave_interval 1)
+        broker.wait_autosaved()   # the cloud's session survives the kill -9
         broker.stop(signal.SIGKILL)
         wait_for(lambda: "aggregate not confirmed" in log.read_text(), deadline + 20 - time.time(),
                  message=lambda: log.read_text()[-2000:])   # the round closed at its deadline, the publish failed
