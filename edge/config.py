@@ -18,6 +18,8 @@ from protocol.mqtt import ConnectionConfig
 from protocol.tomlconfig import load_toml
 from protocol.topics import check_id
 
+MIN_GROUP_CHARS = 16   # a replicas' group is a secret (Mosquitto's ACLs do not check `$share` subscriptions)
+
 
 @dataclass(frozen=True)
 class CentralDPConfig:
@@ -58,7 +60,7 @@ class EdgeConfig:
     cloud_public_key: Path       # verifies the cloud's RoundAnnouncements and GlobalModels before relaying
     broker: EdgeConnectionConfig = field(default_factory=EdgeConnectionConfig)  # devices connect here
     cloud: ConnectionConfig | None = None  # the cloud's broker; absent = fl/cloud/* on `broker` (same broker or bridge)
-    group: str = ""              # shared-subscription group; "" = edge_id (replicas of one edge share it)
+    group: str = ""              # shared-subscription group of replicas; a secret, required when replicas > 1
     replica: str = "0"           # distinguishes replicas' client ids
     replicas: int = 1            # replicas sharing the group: each expects 1/replicas of the devices (quorum)
     aggregate_id: str = ""       # id the aggregates are signed and published as; "" = edge_id. Replicas each
@@ -91,6 +93,10 @@ class EdgeConfig:
         check_id(self.aggregate_id or self.edge_id)
         if self.replicas < 1:
             raise ValueError("replicas must be >= 1")
+        if self.replicas > 1 and (len(self.group) < MIN_GROUP_CHARS or self.group == self.edge_id):
+            raise ValueError(f"replicas > 1 need a secret `group` of >= {MIN_GROUP_CHARS} characters (e.g. `openssl "
+                             "rand -hex 16`), not the edge id: a device that knows the group can join it and swallow "
+                             "its share of the updates (docs/deployment.md section 4)")
         if self.replicas > 1 and self.broker.session_expiry_s > 0:
             raise ValueError("replicas > 1 need broker.session_expiry_s = 0: a persistent session would keep the "
                              "share of an offline replica queued for it instead of a live one (docs/edge.md)")

@@ -57,12 +57,12 @@ class Gateway:
         self.stop = threading.Event()
         self.resend_at: float | None = None   # when to publish the unconfirmed aggregates (the outbox) again
         self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
-        edge, group = cfg.edge_id, cfg.group or cfg.edge_id
+        edge = cfg.edge_id
         self.updates, self.statuses = update_topic(edge, ANY), status_topic(edge, ANY)
         cloud_subs = [CLOUD_ROUND, CLOUD_MODEL]
         # One edge: a plain subscription (a device's `$share/...` only makes a group of its own). Replicas: a shared
         # group whose name must be secret, since Mosquitto 2.0's acl_file does not check subscriptions (deployment.md)
-        updates = shared(group, self.updates) if cfg.replicas > 1 else self.updates
+        updates = shared(cfg.group, self.updates) if cfg.replicas > 1 else self.updates
         device_subs = [updates, self.statuses]  # statuses: every replica
         client_id = f"fediomt-edge-{edge}-{cfg.replica}"
         self.local = Connection(cfg.broker, client_id, device_subs + ([] if cfg.cloud else cloud_subs),

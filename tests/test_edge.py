@@ -247,6 +247,24 @@ def test_reference_config_documents_the_defaults(tmp_path):
         Fed(tmp_path, filter={"enabled": []}).engine()
 
 
+@pytest.mark.parametrize("group", ["", "edge1", "short-secret"])
+def test_replicas_refuse_a_guessable_shared_subscription_group(group):
+    """Mosquitto's ACLs do not check `$share` subscriptions, so a device that knows the replicas' group can join it
+    and swallow its share of the updates (issue 18): replicas need a secret group, never the edge id or ""."""
+    import dataclasses
+
+    from edge.config import EdgeConfig, EdgeConnectionConfig
+
+    from .conftest import REPO
+
+    ref = load_config(REPO / "configs" / "edge.toml")
+    clean = EdgeConnectionConfig(session_expiry_s=0)
+    with pytest.raises(ValueError, match="secret `group`"):
+        dataclasses.replace(ref, replicas=2, group=group, broker=clean)
+    ok = dataclasses.replace(ref, replicas=2, group="3f9c2a7e51b04d6c", broker=clean)
+    assert isinstance(ok, EdgeConfig) and ok.group == "3f9c2a7e51b04d6c"
+
+
 def test_scaffold_control_deltas_are_averaged_over_counted_devices(tmp_path, rng):
     fed = Fed(tmp_path, n_devices=3)
     eng = fed.engine()
