@@ -8,7 +8,9 @@ The consortium file is configs/consortium.toml: the ledger's keys (quorum, [poli
 
     [federation]   model (a prebuilt firmware model), rounds, min_devices, round_timeout_s, device_epsilon (each
                    device's lifetime budget, default 8), and optional plan, strategy, privacy, compression
-                   tables: every cloud.toml key not given keeps its documented default (configs/cloud.toml)
+                   tables: every cloud.toml key not given keeps its documented default (configs/cloud.toml);
+                   eval_data: the cloud's held-out NPZ (x, y; consented or public data), which turns on the
+                   contribution ledger (it scores each edge's aggregate on it)
     [cloud]        host, port: where the edges reach the cloud's broker
     [edges.ID]     host, port: where this edge's devices reach its broker
     [devices.ID]   edge (required), compute_class, data (a directory with train.npz/train.csv on the device host)
@@ -16,7 +18,10 @@ The consortium file is configs/consortium.toml: the ledger's keys (quorum, [poli
 Each site folder holds: `pki/` (ca.crt, crl.pem, its own certificate and keys, never the CA key), the cloud's
 public signing key (`cloud.pub`) and the bundle key (`bundle.pub`; the cloud holds `bundle.key`), its broker's
 config and ACL (`broker/NAME.conf`, cloud and edges), its daemon's TOML with the defaults filled in, its systemd
-units (`systemd/`), `install.sh` and a README.md with the 1-2 commands that start it there. Devices get the model
+units (`systemd/`), `install.sh` and a README.md with the 1-2 commands that start it there. With `eval_data` the
+cloud and every edge also get the ledger's `consortium.toml` (validators: the cloud's and the edges' signing keys,
+the file's quorum and [policy]; the same bytes everywhere, so one genesis) and each edge a ledger validator
+(`ledger.env`, `fediomt-ledger.service`) that connects to the cloud's broker with the edge's certificate. Devices get the model
 bundle flashed (`bundles/`), a prebuilt firmware model re-signed with the consortium's bundle key (no TensorFlow).
 
 Re-running is idempotent: what exists is kept (identities are never re-issued), what the file adds is provisioned
@@ -47,7 +52,8 @@ from protocol.topics import DEVICE_CLASSES, check_id
 PREBUILT = Path(__file__).resolve().parent.parent / "firmware_models" / "prebuilt"
 DEFAULT_PORT = 8883
 FEDERATION_KEYS = {"model", "rounds", "min_devices", "round_timeout_s", "strategy", "plan", "compression",
-                   "privacy", "model_options", "model_encoding", "seed", "device_epsilon"}
+                   "privacy", "model_options", "model_encoding", "seed", "device_epsilon", "eval_data"}
+LEDGER_KEYS = ("quorum", "quorum_fraction", "policy")   # the consortium file's ledger tables the sites get
 
 
 class ProvisionError(ValueError):
@@ -71,6 +77,11 @@ class Consortium:
     cloud: Site
     edges: dict[str, Site]
     devices: dict[str, Site] = field(default_factory=dict)
+    ledger: dict = field(default_factory=dict)    # quorum / quorum_fraction / [policy] of the consortium file
+
+    @property
+    def has_ledger(self) -> bool:
+        return "eval_data" in self.federation
 
 
 def load(path: Path) -> Consortium:
@@ -82,6 +93,10 @@ def load(path: Path) -> Consortium:
     unknown = set(fed) - FEDERATION_KEYS
     if unknown:
         raise ProvisionError(f"{path}: [federation] unknown keys {sorted(unknown)}")
+    if "eval_data" in fed:
+        fed["eval_data"] = str((path.parent / fed["eval_data"]).resolve())
+        if not Path(fed["eval_data"]).is_file():
+            raise ProvisionError(f"{path}: [federation] eval_data {fed['eval_data']} is not a file")
     model = fed.setdefault("model", "wearable_cnn")
     if not (PREBUILT / model / "manifest.json").exists():
         raise ProvisionError(f"{path}: [federation] model {model!r} has no prebuilt bundle in {PREBUILT}")
@@ -107,7 +122,7 @@ def load(path: Path) -> Consortium:
     clash = set(edges) & set(devices) | ({pki.CLOUD_ID} & (set(edges) | set(devices)))
     if clash:
         raise ProvisionError(f"{path}: ids used twice: {sorted(clash)} (one MQTT username, one site)")
-    return Consortium(fed, cloud, edges, devices)
+    return Consortium(fed, cloud, edges, devices, {k: raw[k] for k in LEDGER_KEYS if k in raw})
 
 
 def _id(path: Path, name: str) -> str:
@@ -203,9 +218,10 @@ or, for a trial without systemd (the broker, if any, and the daemon as child pro
 """)
 
 
-def _site_manifest(layout: Layout, site: Site, broker_conf: str | None) -> None:
+def _site_manifest(layout: Layout, site: Site, broker_conf: str | None, ledger: bool = False) -> None:
     _toml(layout.folder / "site.toml", {"kind": site.kind, "id": site.name, "config": f"{site.kind}.toml",
-                                        **({"broker": broker_conf, "port": site.port} if broker_conf else {})})
+                                        **({"broker": broker_conf, "port": site.port} if broker_conf else {}),
+                                        **({"ledger": "ledger.env"} if ledger else {})})
 
 
 def provision(path: Path, out: Path, root: Path | None = None, state_root: Path | None = None,
@@ -245,14 +261,27 @@ def provision(path: Path, out: Path, root: Path | None = None, state_root: Path 
         return Layout(folder, root or folder.resolve(), (state_root or Path("/var/lib/fediomt")) if root else None,
                       fediomt_bin or _fediomt_bin())
 
+    ledger = _ledger_consortium(cons, ca) if cons.has_ledger else None
     folders: dict[str, Path] = {}
-    folders["cloud"] = _cloud_site(cons, ca, layout("cloud"), bundle_key_path)
+    folders["cloud"] = _cloud_site(cons, ca, layout("cloud"), bundle_key_path, ledger)
     for edge in cons.edges.values():
-        folders[edge.name] = _edge_site(cons, ca, layout(edge.name), edge, cloud_pub)
+        folders[edge.name] = _edge_site(cons, ca, layout(edge.name), edge, cloud_pub, ledger)
     for dev in cons.devices.values():
         folders[dev.name] = _device_site(ca, layout(dev.name), dev, cloud_pub, bundle_dir,
                                          cons.federation.get("device_epsilon", 8.0))
     return folders
+
+
+def _ledger_consortium(cons: Consortium, ca: Path) -> str:
+    """The ledger's consortium.toml every validator site gets: raw hex signing keys (no paths to break when a folder
+    moves) of the cloud and each edge, with the consortium file's quorum and [policy]."""
+    def hex_key(kind: str, name: str) -> str:
+        return signing.public_key_bytes(signing.load_public_key(pki.identity(ca, kind, name).sign_pub)).hex()
+
+    validators = {pki.CLOUD_ID: hex_key("cloud", pki.CLOUD_ID), **{e: hex_key("edge", e) for e in sorted(cons.edges)}}
+    return ("# The contribution ledger's consortium, written by `fediomt provision` (identical on every validator "
+            "site:\n# one genesis). Adding an edge changes the validators, hence the genesis: a new ledger.\n"
+            + tomli_w.dumps({**cons.ledger, "validators": validators}))
 
 
 def _fediomt_bin() -> str:
@@ -270,7 +299,7 @@ def _sealed_bundle(model: str, key, out: Path) -> Path:
     return out
 
 
-def _cloud_site(cons: Consortium, ca: Path, lay: Layout, bundle_key: Path) -> Path:
+def _cloud_site(cons: Consortium, ca: Path, lay: Layout, bundle_key: Path, ledger: str | None) -> Path:
     site, folder = cons.cloud, lay.folder
     _copy_identity(ca, folder, "cloud", pki.CLOUD_ID)
     _copy_identity(ca, folder, "server", f"broker-{pki.CLOUD_ID}")
@@ -284,6 +313,11 @@ def _cloud_site(cons: Consortium, ca: Path, lay: Layout, bundle_key: Path) -> Pa
                  files_pki=folder / "pki")
     fed = dict(cons.federation)
     fed.pop("device_epsilon", None)   # the devices' (device.toml [privacy] epsilon)
+    if ledger is not None:
+        shutil.copy2(fed.pop("eval_data"), folder / "eval.npz")
+        (folder / "consortium.toml").write_text(ledger)
+        fed.update(eval_data="eval.npz", ledger={"db": lay.state_path("cloud/ledger.db"),
+                                                 "consortium": "consortium.toml"})
     ident = pki.identity(Path("pki"), "cloud", pki.CLOUD_ID)
     cfg = {"run_dir": lay.state_path("cloud/run"), "signing_key": str(ident.sign_key), "edge_keys_dir": "edge_keys",
            "crl_file": "pki/crl.pem", "edges": sorted(cons.edges), "devices": sorted(cons.devices),
@@ -295,11 +329,28 @@ def _cloud_site(cons: Consortium, ca: Path, lay: Layout, bundle_key: Path) -> Pa
     _install_script(lay, "cloud", services, ["pki/servers/broker-cloud/tls.key"])
     _site_manifest(lay, site, "broker/cloud.conf")
     _readme(lay, site, services, "`bundle.key` signs model bundles and students (distillation's `bundle_key`); "
-                                 "keep it as private as `pki/`.\n\n")
+                                 "keep it as private as `pki/`.\n\n" + (
+                                     "The cloud scores each edge's aggregate on `eval.npz` and proposes a "
+                                     "contribution block per round to the validators (`consortium.toml`); audit "
+                                     f"the chain with `fediomt ledger verify {lay.state_path('cloud/ledger.db')}`."
+                                     "\n\n" if ledger is not None else ""))
     return folder
 
 
-def _edge_site(cons: Consortium, ca: Path, lay: Layout, site: Site, cloud_pub: Path) -> Path:
+def _ledger_validator(lay: Layout, site: Site, cloud: Site, ledger: str) -> str:
+    """The edge's ledger validator: consortium.toml, ledger.env (what the unit and `site run` read) and its unit."""
+    (lay.folder / "consortium.toml").write_text(ledger)
+    key = lay.root / pki.identity(Path("pki"), "edge", site.name).sign_key
+    (lay.folder / "ledger.env").write_text(
+        "# The ledger validator of this edge (fediomt-ledger.service, `fediomt site run`): it signs the cloud's\n"
+        "# contribution blocks over the cloud's broker, with the edge's certificate (pki/).\n"
+        f"FEDIOMT_LEDGER_ID={site.name}\nFEDIOMT_LEDGER_KEY={key}\n"
+        f"FEDIOMT_LEDGER_HOST={cloud.host}\nFEDIOMT_LEDGER_PORT={cloud.port}\n")
+    (lay.folder / "systemd" / "fediomt-ledger.service").write_text(units.daemon("ledger", lay.paths()))
+    return "fediomt-ledger"
+
+
+def _edge_site(cons: Consortium, ca: Path, lay: Layout, site: Site, cloud_pub: Path, ledger: str | None) -> Path:
     folder = lay.folder
     _copy_identity(ca, folder, "edge", site.name)
     _copy_identity(ca, folder, "server", f"broker-{site.name}")
@@ -322,9 +373,11 @@ def _edge_site(cons: Consortium, ca: Path, lay: Layout, site: Site, cloud_pub: P
         "signing_key": str(ident.sign_key), "cloud_public_key": "cloud.pub", "crl_file": "pki/crl.pem",
         "broker": _broker_table(lay, "edge", site.name, "localhost", site.port, 3600)})
     services = _units(lay, "edge", site.name)
+    if ledger is not None:
+        services.append(_ledger_validator(lay, site, cons.cloud, ledger))
     _install_script(lay, "edge", services, [f"pki/servers/broker-{site.name}/tls.key",
                                             f"pki/edges/{site.name}/tls.key"])
-    _site_manifest(lay, site, f"broker/{site.name}.conf")
+    _site_manifest(lay, site, f"broker/{site.name}.conf", ledger is not None)
     _readme(lay, site, services, "The broker bridges to the cloud's broker "
                                  f"({cons.cloud.host}:{cons.cloud.port}) with this edge's certificate. "
                                  "`enrolment/` lists this edge's devices; re-provisioning adds new ones (copy the "

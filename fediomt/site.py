@@ -38,6 +38,14 @@ def _broker_argv(folder: Path, conf: Path) -> tuple[list[str], int]:
     return [find_mosquitto(), "-c", str(conf)], port
 
 
+def _ledger_argv(folder: Path, env_file: Path) -> list[str]:
+    """`fediomt ledger replica` as the unit runs it, from the site's ledger.env (KEY=VALUE lines)."""
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line and line[0] != "#")
+    return ["ledger", "replica", str(folder / "state" / "ledger" / "ledger.db"), "--consortium",
+            str(folder / "consortium.toml"), "--id", env["FEDIOMT_LEDGER_ID"], "--key", env["FEDIOMT_LEDGER_KEY"],
+            "--host", env["FEDIOMT_LEDGER_HOST"], "--port", env["FEDIOMT_LEDGER_PORT"], "--pki", str(folder / "pki")]
+
+
 def run(args: argparse.Namespace) -> int:
     from experiments.mosquitto import wait_for_port
 
@@ -66,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
                     daemons.append(group.start(site["id"], [site["kind"], "run", "--config",
                                                             str(folder / site["config"])]))
                     print(f"{site['kind']} {site['id']} started (log {group.log_dir / site['id']}.log)", flush=True)
+                    if site.get("ledger"):   # the edge's validator: it runs until the site stops
+                        group.start(f"ledger-{site['id']}", _ledger_argv(folder, folder / site["ledger"]))
+                        print(f"ledger validator {site['id']} started", flush=True)
             while True:
                 for child in daemons:
                     if child.name not in codes and child.process.poll() is not None:

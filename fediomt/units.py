@@ -73,7 +73,7 @@ def daemon(kind: str, paths: Paths = Paths(), broker: str | None = None, ledger_
     if kind == "ledger":
         exec_start = (f"{paths.fediomt} ledger replica {paths.state}/ledger/ledger.db --consortium "
                       f"{paths.etc}/consortium.toml --id ${{FEDIOMT_LEDGER_ID}} --key ${{FEDIOMT_LEDGER_KEY}} "
-                      f"--host 127.0.0.1 --port ${{FEDIOMT_LEDGER_PORT}} --pki {paths.etc}/pki")
+                      f"--host ${{FEDIOMT_LEDGER_HOST}} --port ${{FEDIOMT_LEDGER_PORT}} --pki {paths.etc}/pki")
     else:
         exec_start = f"{paths.fediomt} {kind} run --config {config}"
     describe = {"device": "FedIoMT device agent (on-device DP-SGD, privacy budget, MQTT to the edge)",
@@ -98,7 +98,8 @@ def daemon(kind: str, paths: Paths = Paths(), broker: str | None = None, ledger_
         "Group=fediomt",
     ]
     if kind == "ledger":
-        lines += ["# FEDIOMT_LEDGER_ID (this edge's id, never the host name), FEDIOMT_LEDGER_KEY, FEDIOMT_LEDGER_PORT",
+        lines += ["# FEDIOMT_LEDGER_ID (this edge's id, never the host name), FEDIOMT_LEDGER_KEY, and the cloud's broker",
+                  "# (FEDIOMT_LEDGER_HOST, FEDIOMT_LEDGER_PORT): ledger topics are not bridged, it connects there",
                   f"EnvironmentFile={paths.etc}/ledger.env"]
     lines += [
         f"ExecStart={exec_start}",
@@ -161,5 +162,5 @@ def all_units(paths: Paths = Paths()) -> dict[str, str]:
     return {"fediomt-device.service": daemon("device", paths),
             "fediomt-edge.service": daemon("edge", paths, broker="edge"),
             "fediomt-cloud.service": daemon("cloud", paths, broker="cloud"),
-            "fediomt-ledger.service": daemon("ledger", paths, broker="edge"),
+            "fediomt-ledger.service": daemon("ledger", paths),
             "fediomt-mosquitto@.service": broker(paths)}

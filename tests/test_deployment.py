@@ -42,10 +42,10 @@ def test_shipped_units_are_the_rendered_ones():
     for name, text in units.all_units().items():
         folder = "deploy/mosquitto" if "mosquitto" in name else "deploy/systemd"
         assert (REPO / folder / name).read_text() == text, f"{folder}/{name}: re-render with fediomt.units"
-    cloud, ledger = units.daemon("cloud", broker="cloud"), units.daemon("ledger", broker="edge")
+    cloud, ledger = units.daemon("cloud", broker="cloud"), units.daemon("ledger")
     assert "After=network-online.target fediomt-mosquitto@cloud.service" in cloud and "mosquitto.service" \
         not in cloud.replace("fediomt-mosquitto@cloud.service", "")
-    assert "%H" not in ledger and "--id ${FEDIOMT_LEDGER_ID}" in ledger
+    assert "%H" not in ledger and "--id ${FEDIOMT_LEDGER_ID}" in ledger and "--host ${FEDIOMT_LEDGER_HOST}" in ledger
     assert "RestartPreventExitStatus=2 3 4" in cloud
 
 

@@ -23,12 +23,18 @@ pytestmark = pytest.mark.slow
 DEVICES = 4
 
 
-def consortium(root: Path, rounds: int = 3) -> Path:
-    """A consortium file for 1 cloud, 2 edges and 4 devices on free loopback ports, with each device's data."""
+def consortium(root: Path, rounds: int = 3, ledger: bool = False) -> Path:
+    """A consortium file for 1 cloud, 2 edges and 4 devices on free loopback ports, with each device's data; with
+    `ledger`, the cloud's held-out set too (which turns the contribution ledger on)."""
     rng = np.random.default_rng(0)
     lines = ['quorum_fraction = 0.667', '', '[federation]', 'model = "wearable_cnn"', f"rounds = {rounds}",
-             "min_devices = 1", "round_timeout_s = 60", "device_epsilon = 30", "", "[cloud]", 'host = "127.0.0.1"',
-             f"port = {free_port()}"]
+             "min_devices = 1", "round_timeout_s = 60", "device_epsilon = 30"]
+    if ledger:
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        np.savez(root / "data" / "holdout.npz", x=rng.normal(size=(32, 100, 6)).astype(np.float32),
+                 y=rng.integers(0, 7, 32))
+        lines += ['eval_data = "data/holdout.npz"', "", "[policy]", "tokens_per_round = 100"]
+    lines += ["", "[cloud]", 'host = "127.0.0.1"', f"port = {free_port()}"]
     for edge in ("edge1", "edge2"):
         lines += ["", f"[edges.{edge}]", 'host = "127.0.0.1"', f"port = {free_port()}"]
     for i in range(DEVICES):
@@ -93,7 +99,7 @@ def json_lines(path: Path) -> list[dict]:
 
 
 def test_provision_then_four_commands_run_a_federation_over_mtls(tmp_path, commands):
-    cons = consortium(tmp_path)      # the consortium file is the input; then at most 5 commands
+    cons = consortium(tmp_path, ledger=True)   # the consortium file is the input; then at most 5 commands
     out = commands.run("provision", str(cons), "--out", "sites")
     assert out.returncode == 0, out.stderr
     sites = tmp_path / "sites"
@@ -106,6 +112,16 @@ def test_provision_then_four_commands_run_a_federation_over_mtls(tmp_path, comma
     r = report(sites / "cloud")
     assert r["finished"] and not r["failed"] and r["rounds_completed"] == 3, r.get("stop_reason")
     assert [x["num_devices"] for x in r["rounds"]] == [DEVICES] * 3
+    # the contribution ledger: the edges' validators (started by `site run`, over the cloud's broker with the edge
+    # certificates) signed a block for every round; the chain verifies against the provisioned consortium
+    chain = sites / "cloud" / "state" / "cloud" / "ledger.db"
+    out = commands.run("ledger", "verify", str(chain), "--validators", "sites/cloud/consortium.toml")
+    assert out.returncode == 0 and "OK: 4 blocks" in out.stdout, out.stdout + out.stderr
+    out = commands.run("ledger", "report", str(chain), "--format", "json")
+    assert sorted({row["round"] for row in json.loads(out.stdout)["contributions"]}) == [1, 2, 3]
+    assert (sites / "edge1" / "consortium.toml").read_bytes() == (sites / "cloud" / "consortium.toml").read_bytes()
+    assert "FEDIOMT_LEDGER_HOST=127.0.0.1" in (sites / "edge1" / "ledger.env").read_text()
+    assert (sites / "edge1" / "systemd" / "fediomt-ledger.service").exists()
     # what each folder holds: its own identity and nothing of the CA; TLS everywhere
     assert not list(sites.glob("[!c]*/**/ca.key")) and not list((sites / "cloud").rglob("ca.key"))
     for site in ("cloud", "edge1", "dev0"):
