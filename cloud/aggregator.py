@@ -43,6 +43,7 @@ from cloud.statistics import (
     statistics_settings,
 )
 from cloud.strategies.base import EdgeResult
+from cloud.trust import TrustGate, load_root, root_gate
 from protocol.atomic import atomic_write
 from protocol.features import FeatureTransform
 from protocol.keyring import KeyRing
@@ -80,7 +81,8 @@ class CloudAggregator:
         self.engine = CloudEngine(
             cfg.round_settings(), self.key, self.edge_keys, self.model.initial, self.run_dir,
             evaluate=self._evaluate if self.eval_data is not None else None,
-            contributions=self._contributions if cfg.ledger is not None else None, log=log, metrics=self.metrics)
+            contributions=self._contributions if cfg.ledger is not None else None, log=log, metrics=self.metrics,
+            trust=self._trust_gate())
         self.version = self.state.version   # the model version published last
         self.stop = threading.Event()
         self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
@@ -95,6 +97,20 @@ class CloudAggregator:
         self.raw_eval, self.transform = self.eval_data, None
         if cfg.features is not None and (self.run_dir / FEATURES_FILE).exists():
             self._use_transform(load_transform(self.run_dir))
+
+    def _trust_gate(self) -> TrustGate | None:
+        """[trust] root_data: the root updates run in the firmware model's own training graph (what devices run)."""
+        cfg = self.cfg
+        if cfg.trust.root_data is None:
+            return None
+        from device.runtime import TrainableModel
+        from firmware_models import build_trainable
+
+        x, y = load_root(cfg.trust.root_data, self.model.input_shape)
+        model_bytes, manifest = build_trainable(cfg.model, batch_size=cfg.plan.batch_size, **cfg.model_options)
+        model = TrainableModel(model_bytes, manifest, rng=np.random.default_rng(cfg.seed), num_threads=1)
+        event(self.log, "trust gate on", root_rows=len(y), min_cosine=cfg.trust.min_cosine)
+        return root_gate(model, x, y, cfg.trust, np.random.default_rng(cfg.seed))
 
     @property
     def state(self) -> CloudState:

@@ -17,6 +17,7 @@ from cloud.contributions import LedgerConfig
 from cloud.distill import DistillSchedule
 from cloud.strategies import STRATEGIES, make
 from cloud.strategies.base import RoundDefaults
+from cloud.trust import TrustConfig
 from protocol.compression import CompressionSettings
 from protocol.features import FeatureSchema
 from protocol.messages import CentralDPReport, TrainingPlan
@@ -136,6 +137,7 @@ class CloudConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)  # cloud.trust: the root-update gate; off without root_data
     ledger: LedgerConfig | None = None  # contribution ledger (cloud/contributions.py); None = off
     distill: DistillSchedule | None = None  # int8 students + OTA push (cloud/distill.py); None = off
     secagg: dict | None = None       # RoundAnnouncement.secagg (docs/secagg.md "Deployment"); None = plaintext rounds
@@ -166,6 +168,9 @@ class CloudConfig:
             check_id(self.run_id)
         if self.features is not None:
             self._check_features()
+        if self.features is not None and self.trust.root_data is not None:
+            raise ValueError("[trust] root_data with [features]: the root rows would need the federation's "
+                             "standardisation first; not supported")
         if self.model_encoding not in ("full", "delta") or self.model_full_every < 1:
             raise ValueError("model_encoding must be 'full' or 'delta' and model_full_every >= 1")
         compression_from_table(self.compression)

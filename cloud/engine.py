@@ -9,7 +9,8 @@ Contract (the daemon cloud.aggregator and the simulator drive it the same way):
   (loss, accuracy)` or `(loss, accuracy, scores)` (scores: cloud.evaluation's AUROC, AUPRC and min(Se, +P) of a
   binary task, recorded per round), `contributions(round_id, version, results, previous_weights) -> rewards` (the
   ledger hook, plaintext rounds only), `rng` (the strategy's sampling; default: seeded from settings.seed and
-  checkpointed), a logger and cloud.metrics.Metrics.
+  checkpointed), a logger, cloud.metrics.Metrics and `trust` (cloud.trust.TrustGate: plaintext rounds leave out
+  the edges whose result points away from the cloud's root update).
 - `start(now)`: the signed GlobalModel and RoundAnnouncement to publish (retained), resuming the open round from
   the checkpoint and its aggregates from pending/; [] when the federation already stopped.
 - `handle_aggregate(edge_or_topic, payload, now=None)`: admit one signed EdgeAggregate (rejections are counted and
@@ -67,6 +68,7 @@ from cloud.state import CloudState, load, save
 from cloud.strategies import make
 from cloud.strategies.base import DeviceInfo, EdgeResult
 from cloud.strategies.heterogeneity import observe
+from cloud.trust import TrustGate, gate
 from protocol.atomic import atomic_write
 from protocol.errors import ProtocolError, Reason
 from protocol.keyring import KeyRing
@@ -104,13 +106,13 @@ class CloudEngine:
                  edge_keys: KeyRing | Callable[[str], Ed25519PublicKey], initial: np.ndarray, run_dir: str | Path,
                  *, evaluate: Evaluate | None = None, contributions: Contributions | None = None,
                  rng: np.random.Generator | None = None, log: logging.Logger | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, trust: TrustGate | None = None) -> None:
         self.settings, self.key = settings, key
         self.edges = list(settings.edges)
         if not self.edges:
             raise ValueError("no edges: a round needs at least one edge")
         self._key_of = edge_keys.get if isinstance(edge_keys, KeyRing) else edge_keys
-        self.evaluate, self.contributions = evaluate, contributions
+        self.evaluate, self.contributions, self.trust = evaluate, contributions, trust
         self.log = log or logging.getLogger("cloud")
         self.metrics = metrics
         self.n_params = int(initial.size)
@@ -298,6 +300,7 @@ class CloudEngine:
     def _close(self, now: float, masked: SecAggResult | None = None) -> list[Publication]:
         t0, s, cfg = time.monotonic(), self.state, self.settings
         ann = decode(s.announcement, expect=RoundAnnouncement)
+        distrusted: dict[str, float] = {}   # cloud.trust: edges left out against the root update
         if masked is None:
             received, bounded, s.bounds = bound_edges(self.received, s.bounds,
                                                       float(np.linalg.norm(s.server.weights.astype(np.float64))),
@@ -306,6 +309,12 @@ class CloudEngine:
                 event(self.log, "aggregates bounded", logging.WARNING, round=s.round_id, edges=bounded)
             results, s.last_delta = edge_results(received, s.last_delta)
             aggs = [r.agg for r in received.values()]
+            if self.trust is not None:
+                results, distrusted = gate(results, self.trust.reference(s.server.weights, ann.plan),
+                                           self.trust.min_cosine)
+                if distrusted:
+                    event(self.log, "aggregates distrusted: against the root update", logging.WARNING,
+                          round=s.round_id, edges=distrusted)
         else:
             total = self.edge_tier.total(masked)
             event(self.log, "edge secagg unmasked", round=s.round_id, edges=total.edges, dropped=total.dropped,
@@ -315,7 +324,8 @@ class CloudEngine:
         for agg in aggs:
             s.devices = observe(s.devices, agg.device_ids, agg.filtered, agg.update_norms)
         before, previous = s.server, s.server.weights
-        s.server = self.strategy.apply(s.server, results, cfg.population or len(s.devices))
+        if results or not distrusted:   # every edge distrusted: the model stays (no optimiser step either)
+            s.server = self.strategy.apply(s.server, results, cfg.population or len(s.devices))
         if not np.isfinite(s.server.weights).all():   # never publish a model devices would refuse (NON_FINITE)
             event(self.log, "non-finite model refused: round applied as no change", logging.ERROR, round=s.round_id)
             s.server, bounded = before, {**bounded, "model": "non-finite: not applied"}
@@ -337,6 +347,7 @@ class CloudEngine:
         record = self._record(ann, aggs, report, loss, acc, now, scores)
         record["rewards"] = rewards
         record["bounded_at_cloud"] = bounded
+        record["distrusted_at_cloud"] = distrusted
         if masked is not None:
             record["edge_secagg"] = {"edges": sorted(masked.devices), "dropped": sorted(masked.dropped)}
         self._end_round(ann.round_id, record, report, t0)

@@ -7,9 +7,12 @@ Two studies, both with FedIoMT's default bounds (edge/bounds.py, docs/edge.md "B
   no attack lowers the mean final accuracy by more than 2 points. (watch: its 10 % row is one device at an edge of 5.)
 - `fraction`: 10/20/30 % malicious devices (0 and 30 % with --quick), with each filter configuration: no filter
   (plain weighted mean), each filter of edge.filters alone (norm z-score, cosine to the median, Multi-Krum),
-  FedIoMT's default (norm + cosine), and the robust aggregators (trimmed mean, coordinate median). Filters need at
-  least `min_updates` updates per edge, so each natural client is split into 5 devices (3 with --quick) unless
-  --split says otherwise. Target: at 30 %, >= 90 % of the clean accuracy with the default filters. watch: see WATCH.
+  FedIoMT's default (norm + cosine), the robust aggregators (trimmed mean, coordinate median), and the default
+  filters plus the cloud's trust gate on a 200-row clean root set (`norm+cosine+trust`, cloud.trust: an edge whose
+  aggregate points away from the cloud's own update on the root set is left out; rows drawn from the clients').
+  Filters need at least `min_updates` updates per edge, so each natural client is split into 5 devices (3 with
+  --quick) unless --split says otherwise. Target: at 30 %, >= 90 % of the clean accuracy with the default
+  filters. watch: see WATCH.
 
 Attacks (ATTACKS): sign flip, scaling x10, a 1e30 blow-up, label flip, Gaussian noise, model replacement (the
 sign-flipped delta boosted x100, also claiming 10^6 samples) and a small-norm targeted attack (a fixed direction
@@ -48,6 +51,8 @@ FILTERS = {
     "median": FilterConfig(enabled=[], aggregator="median"),
 }
 DEFAULT_FILTER = "norm+cosine"   # edge.aggregate.FilterConfig's defaults
+TRUSTED = DEFAULT_FILTER + "+trust"   # the default filters plus the cloud's trust gate (cloud.trust)
+TRUST_ROOT = 200                 # rows of the cloud's clean root set for the trust gate
 ATTACKS = {
     "sign_flip": {"kind": "sign_flip"},
     "scaling": {"kind": "scaling", "scale": 10.0},
@@ -61,8 +66,8 @@ ATTACKS = {
 FRACTIONS = (0.0, 0.3)
 # watch (a CNN, ~10x heart's cost per run): its natural 2 edges of 5 devices, the default filters only, and 10 %
 # (ONE device at a 5-device edge) beside 30 %; the single-device study at 2-device edges is heart's
-WATCH = {"filters": (DEFAULT_FILTER,), "fractions": (0.0, 0.1, 0.3), "split": 1, "single": False}
-QUICK = {"filters": ("none", "norm+cosine"), "attacks": ("sign_flip", "replacement_1e6", "targeted"),
+WATCH = {"filters": (DEFAULT_FILTER, TRUSTED), "fractions": (0.0, 0.1, 0.3), "split": 1, "single": False}
+QUICK = {"filters": ("none", "norm+cosine", TRUSTED), "attacks": ("sign_flip", "replacement_1e6", "targeted"),
          "fractions": (0.0, 0.3), "single_attacks": ("replacement_1e6", "targeted")}
 
 
@@ -101,7 +106,7 @@ def run(args) -> dict:
     for name in datasets_for(args):
         recipe, rounds = RECIPES[name], rounds_for(name, args)
         own = WATCH if name == "watch" and not args.quick else {}
-        filters = QUICK["filters"] if args.quick else own.get("filters", tuple(FILTERS))
+        filters = QUICK["filters"] if args.quick else own.get("filters", (*FILTERS, TRUSTED))
         fractions = QUICK["fractions"] if args.quick else own.get("fractions", FRACTIONS)
         split = Scale(split=args.split if args.split > 1 else (3 if args.quick else own.get("split", 5)),
                       edges=args.edges)
@@ -128,12 +133,13 @@ def run(args) -> dict:
             direction, target = target_direction(fed, seed)
             sizes = sorted({sum(c.edge == e for c in fed.clients) for e in fed.edges})
             for filt in filters:
-                method = METHODS["fediomt"].with_(filters=FILTERS[filt])
-                clean = simulate(fed, method, seed, **base)[-1]
+                method = METHODS["fediomt"].with_(filters=FILTERS[filt.removesuffix("+trust")])
+                run = dict(base, trust_root=TRUST_ROOT if filt == TRUSTED else 0)
+                clean = simulate(fed, method, seed, **run)[-1]
                 for attack in attacks:
                     for fraction in fractions:
                         bad = poison(attack, fraction, direction) if fraction else None
-                        log = clean if bad is None else simulate(fed, method, seed, poison=bad, **base)[-1]
+                        log = clean if bad is None else simulate(fed, method, seed, poison=bad, **run)[-1]
                         rows.append({"study": "fraction", "filter": filt, "attack": attack, "fraction": fraction,
                                      "accuracy": log.accuracy, "dataset": name, "seed": seed,
                                      "devices": len(fed.clients), "edge_size": "/".join(map(str, sizes)),

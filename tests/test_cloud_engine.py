@@ -58,7 +58,7 @@ def aggregate(keys, edge: str, round_id: int = 1, version: int = 1, delta=None, 
 
 def engine(keys, run_dir, initial=None, **settings) -> CloudEngine:
     cfg = RoundSettings(model="tiny", edges=EDGES, plan=PLAN, round_timeout_s=60.0, grace_s=5.0,
-                        compression=DENSE.to_dict(), strategy=StrategyConfig("fedavg"), **settings)
+                        compression=DENSE.to_dict(), **{"strategy": StrategyConfig("fedavg"), **settings})
     return CloudEngine(cfg, keys["cloud"], lambda e: keys[e].public_key(),
                        np.zeros(N, np.float32) if initial is None else initial, run_dir)
 

@@ -34,6 +34,7 @@ from cloud.config import CentralDPConfig, PrivacyConfig, RoundSettings, Strategy
 from cloud.engine import CloudEngine
 from cloud.evaluation import evaluate_logits, top_class_share
 from cloud.strategies.base import DeviceInfo
+from cloud.trust import TrustConfig, TrustGate, root_gate
 from device.global_model import rebuild
 from device.runtime import TrainableModel
 from device.training import planned_steps, train_round
@@ -81,6 +82,8 @@ class SimConfig:
     cohort_size: int = 0              # FedIoMT importance sampling: devices per round (0 = everyone)
     hetero: hetero.HeteroConfig = field(default_factory=hetero.HeteroConfig)
     poison: Poison | None = None
+    trust_root: int = 0               # cloud.trust: rows of the cloud's clean root set (0 = no trust gate), drawn
+                                      # from the clients' training rows (FLTrust's small server-collected set)
     seed: int = 0
     start_s: float = 0.0              # virtual time of round 1's start (a test aligns it with the wall clock)
     eval_every: int = 1
@@ -170,13 +173,23 @@ class Simulator:
         self.engines = {e: self._edge_engine(e) for e in self.edges}
         self.cloud = CloudEngine(self._cloud_settings(), self.cloud_key, lambda e: self.edge_keys[e].public_key(),
                                  np.asarray(initial, np.float32), self.workdir / "cloud", evaluate=self._evaluate,
-                                 rng=self.rng, log=QUIET)
+                                 rng=self.rng, log=QUIET, trust=self._trust_gate())
         self.version, self.weights, self.control = -1, None, None   # the global model as the devices hold it
         for dev in self.devices:   # what the cloud learns from the devices' retained statuses (Capability)
             self.cloud.handle_status(self._status(dev, "online"))
         self.cloud.start(self.clock)
         self.log: list[RoundLog] = []
         self.last_share: float | None = None
+
+    def _trust_gate(self) -> TrustGate | None:
+        """The cloud's trust gate on `trust_root` clean rows drawn (seeded) from the clients' own (unflipped) rows."""
+        if not self.cfg.trust_root:
+            return None
+        rng = np.random.default_rng(self.cfg.seed + 7919)   # its own stream: the devices' draws stay the same
+        x = np.concatenate([c.x for c in self.fed.clients]).astype(np.float32)
+        y = np.concatenate([c.y for c in self.fed.clients]).astype(np.int64)
+        rows = rng.choice(len(x), min(self.cfg.trust_root, len(x)), replace=False)
+        return root_gate(self.model, x[rows], y[rows], TrustConfig(), rng)
 
     def _cloud_settings(self) -> RoundSettings:
         """The cloud.toml a run's operator would write for this method and configuration."""
