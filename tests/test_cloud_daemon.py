@@ -190,6 +190,29 @@ def test_rounds_advance_by_the_server_update_and_bad_aggregates_are_counted(fede
     assert report["epsilon_pld"]["device_derived"] > 0 and report["epsilon_pld"]["central"] is None
 
 
+def test_the_trust_gate_leaves_out_the_edge_against_the_root_update(federation, tmp_path, daemons):
+    """[trust] root_data: the daemon trains the firmware model's TFLite graph on its root set; of two edges sending
+    opposite deltas exactly one points away from that update: it is left out and named in the round record."""
+    write_config, edges = federation
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    np.savez(tmp_path / "root.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    config = write_config('rounds = 1\nround_timeout_s = 30.0\n[strategy]\nname = "fedavg"\n'
+                          '[plan]\nlr = 0.1\nbatch_size = 32\nclip = 1.0\nnoise_mult = 1.0\n'
+                          '[trust]\nroot_data = "root.npz"\n')
+    agg, thread = start_in_process(config, daemons)
+    ann = edges.next_round()
+    d = rng.normal(size=N_PARAMS).astype(np.float32)
+    edges.send("edge1", edges.aggregate("edge1", ann, d, num_samples=10))
+    edges.send("edge2", edges.aggregate("edge2", ann, -d, num_samples=10))
+    thread.join(timeout=60)
+    (record,) = rounds_of(tmp_path / "run")
+    (left_out,) = record["distrusted_at_cloud"]
+    assert record["distrusted_at_cloud"][left_out] < 0 and record["num_devices"] == 4
+    kept = d if left_out == "edge2" else -d                       # the other edge alone, not their mean (zero)
+    np.testing.assert_allclose(edges.model(2), edges.models[1] + kept, rtol=1e-6, atol=1e-6)
+
+
 def dataclass_round(ann: RoundAnnouncement, round_id: int) -> RoundAnnouncement:
     import dataclasses
 
