@@ -92,6 +92,8 @@ class StudentReport:
     bundle_name: str = ""       # the student's bundle name (student_name(teacher, class)), versions of its own
     refused: str = ""           # why the quality gate (or the size budget) refused it: never pushed; "" = passed
     eval_rows: int = 0
+    method: str = "distilled"   # or "quantised teacher": a student of the teacher's own architecture whose int8
+                                # PTQ of the teacher's weights agreed better on the transfer rows
 
 
 def student_name(teacher: str, device_class: str) -> str:
@@ -250,6 +252,22 @@ def distil(teacher, target: StudentTarget, x: np.ndarray, y: np.ndarray | None, 
     return [np.asarray(w, np.float32) for w in student.get_weights()]
 
 
+def closer_at_int8(spec, teacher, rows: np.ndarray, calibration: np.ndarray,
+                   candidates: dict[str, list[np.ndarray]]) -> tuple[str, list[np.ndarray]]:
+    """(name, weights) of the candidate whose full-int8 model agrees most with the teacher on `rows` (the transfer
+    rows: the held-out evaluation rows only measure the result, they never choose it). For a student of the
+    teacher's own architecture the candidates are the distilled weights and the teacher's own: post-training
+    quantisation of the exact weights loses only rounding, distillation also what the transfer rows do not cover."""
+    from device.runtime import Int8Model
+    from firmware_models.convert import int8_tflite
+
+    target = np.argmax(predict(teacher, rows), axis=1)
+    scores = {name: float(np.mean(np.argmax(Int8Model(int8_tflite(spec, w, calibration)).infer(rows), axis=1)
+                                  == target)) for name, w in candidates.items()}
+    best = max(scores, key=lambda name: scores[name])   # ties: the first (distilled)
+    return best, candidates[best]
+
+
 def distill_round(teacher_name: str, teacher_weights: np.ndarray | list[np.ndarray], teacher_options: dict,
                   key: Ed25519PrivateKey, out_dir: str | os.PathLike, version: int,
                   proxy_x: np.ndarray | None = None, proxy_y: np.ndarray | None = None,
@@ -293,9 +311,13 @@ def distill_round(teacher_name: str, teacher_weights: np.ndarray | list[np.ndarr
     for target in targets or default_targets(teacher_name, teacher_options):
         start = time.monotonic()
         weights = distil(teacher, target, proxy_x, proxy_y, cfg, (previous or {}).get(target.device_class))
+        calibration = proxy_x[np.random.default_rng(cfg.seed).permutation(len(proxy_x))[:cfg.calibration_rows]]
+        method = "distilled"
+        if (target.model, target.options) == (teacher_name, dict(teacher_options)):
+            method, weights = closer_at_int8(model_spec(target.model, **target.options), teacher, proxy_x,
+                                             calibration, {"distilled": weights, "quantised teacher": tensors})
         float_agree = agreement(predict(keras_model(target.model, weights, **target.options), eval_x),
                                 teacher_logits)
-        calibration = proxy_x[np.random.default_rng(cfg.seed).permutation(len(proxy_x))[:cfg.calibration_rows]]
         name = student_name(teacher_name, target.device_class)
         student_version = (versions or {}).get(target.device_class, version)
         bundle = build_student_bundle(target.model, Path(out_dir) / target.device_class, key, weights, calibration,
@@ -309,7 +331,7 @@ def distill_round(teacher_name: str, teacher_weights: np.ndarray | list[np.ndarr
             target.device_class, target.model, dict(target.options), student_version, bundle, len(model),
             teacher_bytes, agreement(logits, teacher_logits),
             None if eval_y is None else float(np.mean(np.argmax(logits, axis=1) == eval_y)), teacher_acc,
-            float_agree, time.monotonic() - start, weights, name, eval_rows=len(eval_x))
+            float_agree, time.monotonic() - start, weights, name, eval_rows=len(eval_x), method=method)
         refused = gate(report, cfg.min_agreement, cfg.min_accuracy_ratio)
         if len(model) > target.max_bytes:  # over the class's budget: reported, never pushed
             shutil.rmtree(bundle)

@@ -34,7 +34,7 @@ def report_line(version: int, r: StudentReport, pushed: PushReport | None) -> di
     return {"version": version, "device_class": r.device_class, "bundle_name": r.bundle_name,
             "student_version": r.version, "options": r.options, "student_bytes": r.student_bytes,
             "teacher_bytes": r.teacher_bytes, "agreement": r.agreement, "float_agreement": r.float_agreement,
-            "student_accuracy": r.student_accuracy, "teacher_accuracy": r.teacher_accuracy,
+            "method": r.method, "student_accuracy": r.student_accuracy, "teacher_accuracy": r.teacher_accuracy,
             "eval_rows": r.eval_rows, "refused": r.refused or None, "seconds": round(r.seconds, 1),
             "bundle": None if r.bundle is None else str(r.bundle),
             "pushed_s": None if pushed is None else round(pushed.seconds, 3),

@@ -66,6 +66,23 @@ def test_wearable_student_is_small_and_agrees_with_the_teacher(tmp_path, watch, 
     assert logits.shape == (5, 7) and np.all(np.isfinite(logits))
 
 
+def test_a_student_of_the_teachers_own_architecture_is_its_quantised_weights_when_they_agree_better(tmp_path, watch,
+                                                                                                   teacher):
+    """The Pi student has the teacher's architecture: a few distillation steps cannot match the teacher's own
+    weights at int8, so the quantised teacher is chosen (on the transfer rows, never the evaluation rows) and
+    agrees with the teacher on >= 0.97 of the held-out windows; a smaller student has no such candidate."""
+    x, _ = watch.pooled()
+    pi = StudentTarget("pi", "wearable_cnn", dict(TEACHER), 64 * 1024)
+    small = StudentTarget("wearable", "wearable_cnn", {"n_classes": 7, "filters": 16}, 32 * 1024)
+    reports = distill_round("wearable_cnn", teacher, TEACHER, generate_signing_key(), tmp_path, version=1,
+                            proxy_x=x, eval_x=watch.x_test, eval_y=watch.y_test, targets=[pi, small],
+                            cfg=DistillConfig(steps=20))
+    by = {r.device_class: r for r in reports}
+    assert by["pi"].method == "quantised teacher" and by["pi"].agreement >= 0.97
+    assert by["pi"].student_accuracy >= 0.97 * by["pi"].teacher_accuracy
+    assert by["wearable"].method == "distilled"
+
+
 def test_student_over_its_budget_is_reported_but_not_bundled(tmp_path, watch, teacher):
     [report] = distill_round("wearable_cnn", teacher, TEACHER, generate_signing_key(), tmp_path, version=1,
                              proxy_x=watch.x_test[:256],
