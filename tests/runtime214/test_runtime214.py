@@ -1,5 +1,6 @@
-"""Device-side model tests: run by the main suite (ai-edge-litert, numpy 2) AND under tflite-runtime 2.14
-(numpy<2, no TensorFlow) by `./run test`. They load the committed prebuilt bundles."""
+"""Device-side model tests: run by the main suite (ai-edge-litert 2.x, numpy 2) AND, by `./run test`, under
+tflite-runtime 2.14 (numpy<2) and ai-edge-litert 1.x (what `fediomt[device]` installs), both without TensorFlow.
+They load the committed prebuilt bundles."""
 
 from __future__ import annotations
 
