@@ -312,10 +312,10 @@ def distill_round(teacher_name: str, teacher_weights: np.ndarray | list[np.ndarr
         start = time.monotonic()
         weights = distil(teacher, target, proxy_x, proxy_y, cfg, (previous or {}).get(target.device_class))
         calibration = proxy_x[np.random.default_rng(cfg.seed).permutation(len(proxy_x))[:cfg.calibration_rows]]
-        method = "distilled"
-        if (target.model, target.options) == (teacher_name, dict(teacher_options)):
-            method, weights = closer_at_int8(model_spec(target.model, **target.options), teacher, proxy_x,
-                                             calibration, {"distilled": weights, "quantised teacher": tensors})
+        method, student_spec = "distilled", model_spec(target.model, **target.options)
+        if (student_spec.name, list(student_spec.layout)) == (spec.name, list(spec.layout)):   # the teacher's own
+            method, weights = closer_at_int8(student_spec, teacher, proxy_x, calibration,
+                                             {"distilled": weights, "quantised teacher": tensors})
         float_agree = agreement(predict(keras_model(target.model, weights, **target.options), eval_x),
                                 teacher_logits)
         name = student_name(teacher_name, target.device_class)
