@@ -235,3 +235,31 @@ def test_the_reference_consortium_provisions_every_site_for_its_hosts(tmp_path):
     assert device["broker"]["host"] == "edge1.example.org" and device["state_dir"] == "/var/lib/fediomt/device"
     readme = (sites / "watch01" / "README.md").read_text()
     assert "systemctl enable --now fediomt-device" in readme and "install.sh" in readme
+    assert not (sites / "edge1" / "ledger.env").exists()   # no eval_data: nothing to score, no ledger
+
+
+def test_a_consortium_with_eval_data_provisions_the_ledger_for_host_installation(tmp_path):
+    """With `eval_data`, the cloud and every edge get one consortium.toml (one genesis), the edges a validator unit
+    whose ledger.env points at the cloud's broker and the edge's own key under --root."""
+    import numpy as np
+
+    cons = tmp_path / "consortium.toml"
+    np.savez(tmp_path / "holdout.npz", x=np.zeros((4, 100, 6), np.float32), y=np.zeros(4, np.int64))
+    text = (REPO / "configs" / "consortium.toml").read_text()
+    assert "\nrounds = 20\n" in text
+    cons.write_text(text.replace("\nrounds = 20\n", '\nrounds = 20\neval_data = "holdout.npz"\n'))
+    out = fediomt("provision", str(cons), "--out", str(tmp_path / "sites"), "--root", "/etc/fediomt")
+    assert out.returncode == 0, out.stderr
+    sites = tmp_path / "sites"
+    consortium = (sites / "cloud" / "consortium.toml").read_text()
+    assert consortium == (sites / "edge2" / "consortium.toml").read_text() and "[policy]" in consortium
+    assert not (sites / "watch01" / "consortium.toml").exists()
+    cloud = tomllib.loads((sites / "cloud" / "cloud.toml").read_text())
+    assert cloud["eval_data"] == "eval.npz" and cloud["ledger"]["db"] == "/var/lib/fediomt/cloud/ledger.db"
+    env = (sites / "edge1" / "ledger.env").read_text()
+    assert "FEDIOMT_LEDGER_ID=edge1" in env and "FEDIOMT_LEDGER_HOST=cloud.example.org" in env
+    assert "FEDIOMT_LEDGER_KEY=/etc/fediomt/pki/edges/edge1/sign.key" in env
+    unit = (sites / "edge1" / "systemd" / "fediomt-ledger.service").read_text()
+    assert "--consortium /etc/fediomt/consortium.toml" in unit and "EnvironmentFile=/etc/fediomt/ledger.env" in unit
+    assert "systemctl enable --now fediomt-mosquitto@edge1 fediomt-edge fediomt-ledger" in \
+        (sites / "edge1" / "README.md").read_text()
