@@ -56,7 +56,8 @@ def infer_us(model_bytes: bytes, rows: np.ndarray, calls: int) -> float:
 def on_device_inference(bundle: Path, pubkey: Path, windows: Path, calls: int) -> dict[str, dict]:
     """`fediomt device predict --bench` in a fresh process per runtime (what a wearable runs, no TensorFlow):
     latency of one window (median, p95), peak RSS, accuracy on the held-out windows. LiteRT in this venv, and
-    tflite-runtime 2.14 + NumPy 1.x in .venv-tflite214 when it exists."""
+    where `./run` made them, tflite-runtime 2.14 + NumPy 1.x (.venv-tflite214) and the ai-edge-litert 1.x that
+    fediomt[device] installs (.venv-litert1)."""
     import json
     import os
     import subprocess
@@ -64,8 +65,10 @@ def on_device_inference(bundle: Path, pubkey: Path, windows: Path, calls: int) -
 
     repo = Path(__file__).resolve().parents[2]
     runs = {"litert": (sys.executable, "ai_edge_litert")}
-    if (repo / ".venv-tflite214" / "bin" / "python").exists():
-        runs["tflite214"] = (str(repo / ".venv-tflite214" / "bin" / "python"), "tflite_runtime")
+    for name, venv, runtime in (("tflite214", ".venv-tflite214", "tflite_runtime"),
+                                ("litert1", ".venv-litert1", "ai_edge_litert")):
+        if (repo / venv / "bin" / "python").exists():
+            runs[name] = (str(repo / venv / "bin" / "python"), runtime)
     out = {}
     for name, (python, runtime) in runs.items():
         proc = subprocess.run([python, "-m", "fediomt", "device", "predict", str(bundle), str(windows), "--pubkey",
