@@ -21,8 +21,9 @@ config and ACL (`broker/NAME.conf`, cloud and edges), its daemon's TOML with the
 units (`systemd/`), `install.sh` and a README.md with the 1-2 commands that start it there. With `eval_data` the
 cloud and every edge also get the ledger's `consortium.toml` (validators: the cloud's and the edges' signing keys,
 the file's quorum and [policy]; the same bytes everywhere, so one genesis) and each edge a ledger validator
-(`ledger.env`, `fediomt-ledger.service`) that connects to the cloud's broker with the edge's certificate. Devices get the model
-bundle flashed (`bundles/`), a prebuilt firmware model re-signed with the consortium's bundle key (no TensorFlow).
+(`ledger.env`, `fediomt-ledger.service`) that connects to the cloud's broker with the edge's certificate. Devices
+get the model bundle flashed (`bundles/`), a prebuilt firmware model re-signed with the consortium's bundle key (no
+TensorFlow).
 
 Re-running is idempotent: what exists is kept (identities are never re-issued), what the file adds is provisioned
 (a new device: its folder, and its edge's `enrolment/`, which the running edge re-reads within key_check_s).

@@ -98,7 +98,8 @@ def daemon(kind: str, paths: Paths = Paths(), broker: str | None = None, ledger_
         "Group=fediomt",
     ]
     if kind == "ledger":
-        lines += ["# FEDIOMT_LEDGER_ID (this edge's id, never the host name), FEDIOMT_LEDGER_KEY, and the cloud's broker",
+        lines += ["# FEDIOMT_LEDGER_ID (this edge's id, never the host name), FEDIOMT_LEDGER_KEY, and the cloud's "
+                  "broker",
                   "# (FEDIOMT_LEDGER_HOST, FEDIOMT_LEDGER_PORT): ledger topics are not bridged, it connects there",
                   f"EnvironmentFile={paths.etc}/ledger.env"]
     lines += [

@@ -159,7 +159,8 @@ def test_kill_9_mid_round_then_restart_gives_the_same_aggregate(harness):
     assert h.stop_edge() == 0
 
 
-@pytest.mark.parametrize("harness", [dict(replicas=2, group="3f9c2a7e51b04d6c", aggregate_id="edge1-r0", rounds={"quorum": 1.0},
+@pytest.mark.parametrize("harness", [dict(replicas=2, group="3f9c2a7e51b04d6c", aggregate_id="edge1-r0",
+                                          rounds={"quorum": 1.0},
                                           broker={"session_expiry_s": 0})], indirect=True)
 def test_replicas_split_updates_through_the_shared_subscription(harness):
     """Two replicas of edge1: every update goes to exactly one; their aggregates combine (by num_samples) to the

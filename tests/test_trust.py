@@ -11,8 +11,14 @@ from cloud.config import BoundsConfig, StrategyConfig
 from cloud.strategies.base import EdgeResult
 from cloud.trust import TrustConfig, TrustGate, cosine, gate, root_gate
 from protocol.messages import GlobalModel, bytes_to_floats
+from protocol.signing import generate_signing_key
 
-from .test_cloud_engine import EDGES, N, NOW, aggregate, engine, keys, model  # noqa: F401 (keys: the fixture)
+from .test_cloud_engine import EDGES, NOW, N, aggregate, engine, model
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return {name: generate_signing_key() for name in ("cloud", *EDGES)}
 
 
 def result(edge: str, delta) -> EdgeResult:
