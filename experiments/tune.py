@@ -31,7 +31,7 @@ from experiments.sim.methods import METHODS as SIM_METHODS
 BUDGET = 6
 TAIL = 5
 METHODS = ("fedavg", "fedprox", "scaffold", "fedadam", "fediomt")
-ADAM = ({"server_optimizer": "adam", "server_lr": 0.03}, {"server_optimizer": "adam", "server_lr": 0.05},
+ADAM = ({"server_optimizer": "adam", "server_lr": 0.01}, {"server_optimizer": "adam", "server_lr": 0.03},
         {"server_optimizer": "adam", "server_lr": 0.1})
 
 
