@@ -1,9 +1,11 @@
 """watch, 30 % attackers, no edge filters, with and without the cloud trust gate (mirrors experiments.poisoning)."""
 import json
-from experiments.poisoning import FILTERS, ATTACKS, TRUST_ROOT, poison, target_direction
+
+from experiments.accuracy import NO_CLIP
+from experiments.poisoning import ATTACKS, FILTERS, TRUST_ROOT, poison, target_direction
 from experiments.sim import METHODS
 from experiments.sim.harness import RECIPES, Scale, dataset, simulate
-from experiments.accuracy import NO_CLIP
+
 recipe = RECIPES["watch"]
 base = dict(rounds=15, lr=recipe.lr, local_epochs=recipe.local_epochs, clip=NO_CLIP, eval_every=15)
 for seed in range(3):
