@@ -294,3 +294,17 @@ def publish_cloud_round(recorder: Recorder, cloud_key, weights: np.ndarray, **an
     ann = RoundAnnouncement(1, MODEL, 1, "fedavg", time.time() + 120, PLAN, {}, **{"edges": ["e1"], **announcement})
     recorder.publish("fl/cloud/model", encode(sign_message(model, cloud_key)), retain=True)
     recorder.publish("fl/cloud/round", encode(sign_message(ann, cloud_key)), retain=True)
+
+
+def dp_accounting_epsilon(history, delta: float, pld: bool) -> float:
+    """dp-accounting alone (not protocol.accountant nor cloud.accounting): Poisson-sampled Gaussians composed over
+    `history` rows (noise multiplier, sample rate, steps), the independent check of every reported epsilon."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    acc = pld_privacy_accountant.PLDAccountant() if pld else rdp_privacy_accountant.RdpAccountant()
+    for z, q, steps in history:
+        acc.compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)),
+                                                 steps))
+    return float(acc.get_epsilon(delta))

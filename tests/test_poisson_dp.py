@@ -13,7 +13,7 @@ from device.update import RoundIdentity, build_update
 from protocol.compression import CompressionSettings
 from protocol.messages import Capability, TrainingPlan
 
-from .harness import PREBUILT
+from .harness import PREBUILT, dp_accounting_epsilon
 
 
 class RecordingModel:
@@ -92,18 +92,6 @@ def test_overflow_is_split_into_accumulating_chunks_and_empty_steps_add_noise_on
     assert poisson_sample(10, 1.0, np.random.default_rng(0)).tolist() == list(range(10))
 
 
-def _dp_accounting_epsilon(history, delta: float, pld: bool) -> float:
-    """Independent of protocol.accountant: dp-accounting's own accountants over Poisson-sampled Gaussians."""
-    from dp_accounting import dp_event
-    from dp_accounting.pld import pld_privacy_accountant
-    from dp_accounting.rdp import rdp_privacy_accountant
-
-    acc = pld_privacy_accountant.PLDAccountant() if pld else rdp_privacy_accountant.RdpAccountant()
-    for z, q, steps in history:
-        acc.compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)),
-                                                 steps))
-    return float(acc.get_epsilon(delta))
-
 
 @pytest.mark.parametrize("accountant_name", ["rdp", "pld"])
 def test_reported_epsilon_recomputes_from_the_persisted_history(accountant_name):
@@ -122,7 +110,7 @@ def test_reported_epsilon_recomputes_from_the_persisted_history(accountant_name)
                            timestamp=1.0)
         history = out.history
         persisted = [e.to_list() for e in history]            # what device/state.py writes
-        want = _dp_accounting_epsilon(persisted, 1e-5, pld=accountant_name == "pld")
+        want = dp_accounting_epsilon(persisted, 1e-5, pld=accountant_name == "pld")
         assert out.update.privacy.epsilon == pytest.approx(want, rel=0.01)
         assert persisted[-1] == [z, 8 / n, steps]
 

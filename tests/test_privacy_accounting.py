@@ -16,6 +16,7 @@ from protocol.compression import encode_update
 from protocol.messages import CentralDPReport, EdgeAggregate, TrainingPlan, encode, new_nonce, sign_message
 from protocol.signing import generate_signing_key
 
+from .harness import dp_accounting_epsilon
 from .test_cloud_engine import DENSE, EDGES, NOW, N, engine
 
 PLAN = TrainingPlan(lr=0.05, local_epochs=1, batch_size=32, clip=1.0, noise_mult=1.1)
@@ -41,18 +42,6 @@ def aggregate(keys, edge: str, round_id: int, num_samples: int, num_devices: int
         nonce=new_nonce(), timestamp=time.time(), device_bytes=1000, min_device_samples=smallest)
     return encode(sign_message(agg, keys[edge]))
 
-
-def dp_accounting_epsilon(history, delta: float, pld: bool) -> float:
-    """dp-accounting alone (not protocol.accountant nor cloud.accounting): Poisson-sampled Gaussians composed."""
-    from dp_accounting import dp_event
-    from dp_accounting.pld import pld_privacy_accountant
-    from dp_accounting.rdp import rdp_privacy_accountant
-
-    acc = pld_privacy_accountant.PLDAccountant() if pld else rdp_privacy_accountant.RdpAccountant()
-    for z, q, steps in history:
-        acc.compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)),
-                                                 steps))
-    return float(acc.get_epsilon(delta))
 
 
 def persisted(run_dir) -> tuple[dict, list[dict]]:
