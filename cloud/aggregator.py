@@ -30,7 +30,7 @@ from cloud.contributions import ContributionRecorder
 from cloud.distill_schedule import Distiller
 from cloud.engine import FAILED_PREFIX, CloudEngine, failed
 from cloud.metrics import Metrics
-from cloud.model import CloudModel, EvalData, load_eval_data
+from cloud.model import CloudModel, EvalData
 from cloud.rounds import byte_totals
 from cloud.state import CloudState
 from cloud.statistics import (
@@ -43,7 +43,7 @@ from cloud.statistics import (
     statistics_settings,
 )
 from cloud.strategies.base import EdgeResult
-from cloud.trust import TrustGate, load_root, root_gate
+from cloud.trust import TrustGate, root_gate
 from protocol.atomic import atomic_write
 from protocol.features import FeatureTransform
 from protocol.keyring import KeyRing
@@ -70,10 +70,7 @@ class CloudAggregator:
             raise ValueError(f"no edges: set `edges` or put {{edge}}.pub files in {cfg.edge_keys_dir}")
         self.edge_keys = KeyRing(cfg.edge_keys_dir, cfg.crl_file, cfg.key_check_s, log=log)
         self.model = CloudModel(cfg.model, cfg.model_options, cfg.seed)
-        self.eval_data = load_eval_data(cfg.eval_data) if cfg.eval_data else None
-        if self.eval_data is not None and self.eval_data.x.shape[1:] != self.model.input_shape:
-            raise ValueError(f"{cfg.eval_data}: rows of shape {self.eval_data.x.shape[1:]}, model {cfg.model!r} "
-                             f"takes {self.model.input_shape}")
+        self.eval_data = self.model.held_out(cfg.eval_data) if cfg.eval_data else None
         if cfg.ledger is not None and self.eval_data is None:
             raise ValueError("[ledger] needs eval_data: contributions are scored on the held-out set")
         self.metrics = Metrics()
@@ -106,11 +103,11 @@ class CloudAggregator:
         from device.runtime import TrainableModel
         from firmware_models import build_trainable
 
-        x, y = load_root(cfg.trust.root_data, self.model.input_shape)
+        root = self.model.held_out(cfg.trust.root_data)
         model_bytes, manifest = build_trainable(cfg.model, batch_size=cfg.plan.batch_size, **cfg.model_options)
         model = TrainableModel(model_bytes, manifest, rng=np.random.default_rng(cfg.seed), num_threads=1)
-        event(self.log, "trust gate on", root_rows=len(y), min_cosine=cfg.trust.min_cosine)
-        return root_gate(model, x, y, cfg.trust, np.random.default_rng(cfg.seed))
+        event(self.log, "trust gate on", root_rows=len(root.y), min_cosine=cfg.trust.min_cosine)
+        return root_gate(model, root.x, root.y, cfg.trust, np.random.default_rng(cfg.seed))
 
     @property
     def state(self) -> CloudState:

@@ -65,6 +65,13 @@ class CloudModel:
         if list(manifest_layout) != list(self.layout):
             raise ValueError(f"bundle layout differs from model {self.name!r} built with {self.options}")
 
+    def held_out(self, path: str | os.PathLike) -> EvalData:
+        """An NPZ of rows for this model (eval_data, the trust gate's root set), refused when its rows do not fit."""
+        data = load_eval_data(path)
+        if data.x.shape[1:] != self.input_shape:
+            raise ValueError(f"{path}: rows of shape {data.x.shape[1:]}, model {self.name!r} takes {self.input_shape}")
+        return data
+
     def logits(self, flat: np.ndarray, x: np.ndarray, batch: int = 1024) -> np.ndarray:
         self.keras.set_weights(unflatten(np.asarray(flat, np.float32), self.layout))
         return np.concatenate([np.asarray(self.keras(x[i:i + batch], training=False))

@@ -82,14 +82,3 @@ def root_gate(model, x: np.ndarray, y: np.ndarray, cfg: TrustConfig, rng: np.ran
         return train_round(model, x, y, weights, clean, steps, rng).delta
 
     return TrustGate(reference, cfg.min_cosine)
-
-
-def load_root(path: Path, input_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        if "x" not in data or "y" not in data:
-            raise ValueError(f"{path}: a root set NPZ needs arrays 'x' and 'y'")
-        x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
-    if x.shape[1:] != tuple(input_shape) or len(x) != len(y):
-        raise ValueError(f"{path}: root rows of shape {x.shape[1:]} ({len(y)} labels), model input "
-                         f"{tuple(input_shape)}")
-    return x, y

@@ -211,6 +211,9 @@ def test_the_trust_gate_leaves_out_the_edge_against_the_root_update(federation, 
     assert record["distrusted_at_cloud"][left_out] < 0 and record["num_devices"] == 4
     kept = d if left_out == "edge2" else -d                       # the other edge alone, not their mean (zero)
     np.testing.assert_allclose(edges.model(2), edges.models[1] + kept, rtol=1e-6, atol=1e-6)
+    np.savez(tmp_path / "root.npz", x=x[:, :3], y=(x[:, 0] > 0).astype(np.int64))   # rows of another model
+    with pytest.raises(ValueError, match=r"root.npz: rows of shape \(3,\), model 'vitals_mlp' takes \(4,\)"):
+        start_in_process(config)
 
 
 def dataclass_round(ann: RoundAnnouncement, round_id: int) -> RoundAnnouncement:
