@@ -48,7 +48,7 @@ from protocol.atomic import atomic_write
 from protocol.features import FeatureTransform
 from protocol.keyring import KeyRing
 from protocol.logs import event
-from protocol.mqtt import INBOX_SIZE, Connection
+from protocol.mqtt import INBOX_SIZE, Connection, role_connection
 from protocol.publication import Publication
 from protocol.secagg.runner import SecAggRunner
 from protocol.signing import load_private_key
@@ -73,6 +73,8 @@ class CloudAggregator:
         self.eval_data = self.model.held_out(cfg.eval_data) if cfg.eval_data else None
         if cfg.ledger is not None and self.eval_data is None:
             raise ValueError("[ledger] needs eval_data: contributions are scored on the held-out set")
+        if cfg.ledger is not None:
+            role_connection(cfg.broker, "ledger")   # a missing certificate stops the start, not the first round
         self.metrics = Metrics()
         self.run_dir = Path(cfg.run_dir)
         self.engine = CloudEngine(
@@ -86,8 +88,8 @@ class CloudAggregator:
         self.conn = Connection(cfg.broker, cfg.client_id, [AGGREGATES, STATUSES], self.inbox, log)
         self.recorder: ContributionRecorder | None = None
         self.distiller = Distiller(cfg, self.key, self.edges, self.eval_data, log) if cfg.distill is not None else None
-        self.secagg_conn = Connection(cfg.broker, cfg.client_id + "-secagg", [], self.inbox, log, manual_ack=False) \
-            if self.engine.edge_tier else None
+        self.secagg_conn = Connection(role_connection(cfg.broker, "secagg"), cfg.client_id + "-secagg", [], self.inbox,
+                                      log, manual_ack=False) if self.engine.edge_tier else None
         self.secagg = SecAggRunner(self.secagg_conn.client, cfg.secagg_step_timeout_s, log) if self.secagg_conn \
             else None
         # [features]: eval_data holds raw rows until the statistics round gave the transform (run_dir/features.json)

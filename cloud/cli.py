@@ -76,6 +76,7 @@ def previous_run_id(run_dir: Path) -> str:
 
 
 def _new_run(args: argparse.Namespace) -> int:
+    from protocol.mqtt import role_connection
     from protocol.runs import clear_broker, report_new_run
     from protocol.topics import CLOUD_MODEL, CLOUD_ROUND
 
@@ -93,5 +94,5 @@ def _new_run(args: argparse.Namespace) -> int:
         run_dir.rename(target)
         out.update(ended_run=ended, moved_to=str(target))
     clears = [lambda: clear_broker(cfg.broker, cfg.client_id, [CLOUD_ROUND, CLOUD_MODEL]),
-              lambda: clear_broker(cfg.broker, cfg.client_id + "-secagg", [])]
+              lambda: clear_broker(role_connection(cfg.broker, "secagg"), cfg.client_id + "-secagg", [])]
     return report_new_run(out, None if args.offline else clears, "fediomt cloud new-run", "run set aside")

@@ -23,7 +23,7 @@ from ledger.replication import MqttNode, Proposer
 from ledger.scoring import score_round
 from protocol.errors import ProtocolError, Reason
 from protocol.logs import event
-from protocol.mqtt import ConnectionConfig
+from protocol.mqtt import ConnectionConfig, role_connection
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ContributionRecorder:
                  log: logging.Logger) -> None:
         self.cfg, self.log = cfg, log
         self.ledger = open_ledger(cfg.db, load_consortium(cfg.consortium))
-        self.node = MqttNode(Proposer(cfg.validator_id, key, self.ledger), broker).start()
+        self.node = MqttNode(Proposer(cfg.validator_id, key, self.ledger), role_connection(broker, "ledger")).start()
 
     def record(self, round_id: int, model_version: int, edges: Sequence[str], deltas: Sequence[np.ndarray],
                samples: Sequence[int], base: np.ndarray, utility: Callable[[np.ndarray], float],

@@ -41,7 +41,7 @@ from protocol.bundle import MANIFEST_FILE, pack_bundle, unpack_files, verify_fil
 from protocol.chunking import chunk_data_size, split_payload
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import BundleManifest, Chunk, DeviceStatus, decode, encode, sign_message
-from protocol.mqtt import ConnectionConfig, new_client
+from protocol.mqtt import ConnectionConfig, new_client, role_connection
 from protocol.signing import load_private_key, load_public_key
 from protocol.topics import (
     ANY,
@@ -109,7 +109,7 @@ def plan_push(archive: bytes, device_class: str, key: Ed25519PrivateKey, chunk_b
 
 def connect(broker: ConnectionConfig, client_id: str, timeout_s: float = 10.0) -> mqtt.Client:
     """A connected paho client (MQTT 5, clean session, network loop running)."""
-    client = new_client(broker, client_id)
+    client = new_client(role_connection(broker, "push"), client_id)   # the cloud's push certificate, when mTLS
     ready = threading.Event()
     client.on_connect = lambda _c, _u, _f, rc, _p: ready.set() if not rc.is_failure else None
     client.connect(broker.host, broker.port, keepalive=broker.keepalive, clean_start=True)

@@ -5,12 +5,12 @@ username (`use_identity_as_username`), and the ACL grants each identity exactly 
 it needs. Devices are granted by `pattern` (`%u` = their own id), so enrolling a device needs a certificate but no
 broker change; edges are listed by name in the cloud's ACL.
 
-Client ids on the edge broker (where devices connect) are the certificate's CN (`use_username_as_clientid`): a
-device can no longer connect under the edge's client id, which took the edge's place and, with a clean start,
-destroyed its queued updates. One certificate therefore holds one connection there (the edge daemon multiplexes
-its masked rounds on it), and its persistent session is keyed by the CN: edge replicas get certificates of their
-own (`--replica CN`, granted the edge's rights). The cloud broker keeps client-chosen ids: an edge's bridge and
-its ledger validator share the edge certificate there (docs/deployment.md "Client ids").
+Client ids on both brokers are the certificate's CN (`use_username_as_clientid`): nobody can connect under
+another's client id, which took its place and, with a clean start, destroyed its queued messages (issue 18: a
+device as the edge). One certificate therefore holds one connection, and a persistent session is keyed by the CN:
+edge replicas get certificates of their own (`--replica CN`, granted the edge's rights), and each extra connection
+of the cloud (masked rounds, ledger proposer, `fediomt push`) and of an edge (its ledger validator) has a role
+certificate, CN "ID.ROLE" (protocol.tls.ROLES), with only that connection's rights (docs/deployment.md "Client ids").
 
 Size cap: `max_packet_size` sits just above the protocol's largest message (protocol.codec.MAX_MESSAGE_BYTES) and
 is checked before the broker reads the payload. A client that sends a bigger packet is disconnected; paho 2.2 then
@@ -31,6 +31,7 @@ from protocol import topics as t
 from protocol.atomic import atomic_write
 from protocol.codec import MAX_MESSAGE_BYTES
 from protocol.secagg.mqtt_driver import UPLINK
+from protocol.tls import role_cn
 
 PACKET_HEADROOM = 64 * 1024  # fixed header, topic and MQTT 5 properties around the largest protocol message
 DEFAULT_PORT = 8883
@@ -108,20 +109,26 @@ def edge_acl(edge: str, replicas: list[str] | tuple[str, ...] = ()) -> str:
 
 
 def cloud_acl(edges: list[str]) -> str:
-    """The cloud aggregator and each listed edge (directly or through its bridge) on the cloud's broker; edges are
-    also ledger validators (ledger/replication.py), connecting directly with the same certificate."""
-    lines = ["# The cloud aggregator (ledger proposer; OTA bundles, bridged in to each edge's devices).",
-             f"user {pki.CLOUD_ID}", f"topic readwrite {t.subtree(t.CLOUD)}", f"topic readwrite {t.subtree(t.LEDGER)}",
-             f"topic write {t.subtree(t.ANY, 'bundles')}", ""]
+    """The cloud's connections and each listed edge's (its bridge, its ledger validator) on the cloud's broker, each
+    connection its own certificate with only its own rights."""
+    cloud = pki.CLOUD_ID
+    lines = ["# The cloud aggregator: rounds, models, aggregates and edge statuses.",
+             f"user {cloud}", f"topic readwrite {t.subtree(t.CLOUD)}", "",
+             "# Its masked-round (edge-tier SecAgg server) connection.",
+             f"user {role_cn(cloud, 'secagg')}", f"topic readwrite {t.subtree(t.CLOUD, 'secagg')}", "",
+             "# Its ledger proposer.", f"user {role_cn(cloud, 'ledger')}", f"topic readwrite {t.subtree(t.LEDGER)}", "",
+             "# `fediomt push`: OTA bundles (retained), bridged in to each edge's devices.",
+             f"user {role_cn(cloud, 'push')}", f"topic readwrite {t.subtree(t.ANY, 'bundles')}", ""]
     for edge in edges:
-        lines += [f"# Edge {edge}: its aggregate and status up; the cloud's round, model and its bundles down; ledger.",
+        lines += [f"# Edge {edge} (its bridge): its aggregate and status up; the cloud's round, model and its bundles "
+                  "down.",
                   f"user {t.check_id(edge)}", f"topic write {t.aggregate_topic(edge)}",
                   f"topic write {t.edge_status_topic(edge)}", f"topic read {t.CLOUD_ROUND}",
-                  f"topic read {t.CLOUD_MODEL}",
-                  f"topic read {t.subtree(edge, 'bundles')}", f"topic read {t.LEDGER_PROPOSALS}",
-                  f"topic read {t.LEDGER_BLOCKS}", f"topic write {t.ledger_vote_topic(edge)}",
-                  f"topic write {t.ledger_sync_topic(edge)}", f"topic read {t.ledger_catchup_topic(edge)}",
-                  *edge_tier_acl(edge), ""]
+                  f"topic read {t.CLOUD_MODEL}", f"topic read {t.subtree(edge, 'bundles')}", *edge_tier_acl(edge), "",
+                  f"# Edge {edge}'s ledger validator.", f"user {role_cn(edge, 'ledger')}",
+                  f"topic read {t.LEDGER_PROPOSALS}", f"topic read {t.LEDGER_BLOCKS}",
+                  f"topic write {t.ledger_vote_topic(edge)}", f"topic write {t.ledger_sync_topic(edge)}",
+                  f"topic read {t.ledger_catchup_topic(edge)}", ""]
     return "\n".join(lines)
 
 
@@ -170,9 +177,8 @@ def render(cfg: BrokerFilesConfig, acl_path: Path) -> str:
         f"crlfile {pki.crl_path(cfg.pki).absolute()}",
         "require_certificate true",
         "use_identity_as_username true",
+        "use_username_as_clientid true",   # one client id per certificate: none can take another's place
     ]
-    if cfg.role == "edge":  # devices connect here: one client id per certificate, so none can take another's
-        lines.append("use_username_as_clientid true")
     if cfg.cloud_host:
         edge = pki.identity(cfg.pki, "edge", cfg.id)
         lines += [
@@ -181,7 +187,7 @@ def render(cfg: BrokerFilesConfig, acl_path: Path) -> str:
             f"connection fediomt-{cfg.id}-cloud",
             f"address {cfg.cloud_host}:{cfg.cloud_port}",
             "bridge_protocol_version mqttv50",
-            f"remote_clientid bridge-{cfg.id}",
+            f"remote_clientid {cfg.id}",   # what the cloud broker makes it anyway: the certificate's CN
             "cleansession false",
             "restart_timeout 1 30",
             "notifications_local_only true",

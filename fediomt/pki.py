@@ -10,6 +10,7 @@ never leaves the CA host — `export` copies what one host needs without it):
 
     ca.crt  crl.pem  index.json  private/ca.key
     devices/ID/  edges/ID/  cloud/cloud/     tls.crt tls.key sign.key sign.pub  (+ mac.key for devices)
+    edges/ID/, cloud/cloud/                  ROLE.crt ROLE.key, one per extra connection (CN "ID.ROLE")
     servers/NAME/                            tls.crt tls.key
 """
 
@@ -34,7 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol import signing
 from protocol.atomic import atomic_write
-from protocol.tls import CLIENT_KINDS, KINDS, Identity, ca_cert_path, crl_path, identity
+from protocol.tls import CLIENT_KINDS, KINDS, ROLES, Identity, ca_cert_path, crl_path, identity, role_cn
 from protocol.topics import check_id
 
 CLOUD_ID = "cloud"
@@ -124,6 +125,8 @@ def issue(directory: str | os.PathLike, kind: str, name: str = CLOUD_ID, hosts: 
           rotate: bool = False) -> Identity:
     """Issue a TLS certificate (CN = `name`) and, for clients, an Ed25519 signing keypair; for devices also a MAC
     master secret (`mac.key`), from which `enrolment(..., edge=E)` derives the key the device may tag updates to E.
+    Edges and the cloud also get a certificate per extra connection (protocol.tls.ROLES, CN "NAME.ROLE"); a live
+    identity issued before those existed gets just its missing role certificates.
 
     `server` certificates are for brokers: SAN localhost, 127.0.0.1, ::1 plus `hosts` (DNS names or IPs).
     Re-issuing a live identity needs `rotate=True`: new keys, and the old certificates are revoked (the CRL is
@@ -131,45 +134,63 @@ def issue(directory: str | os.PathLike, kind: str, name: str = CLOUD_ID, hosts: 
     """
     directory = Path(directory)
     ident = identity(directory, kind, name)
+    roles = ROLES.get(kind, ())
     with _locked(directory) as index:
         _check_namespace(index, kind, name)
         live = _valid_entries(index, kind, name)
-        if live and not rotate:
-            raise PkiError(f"{kind} {name!r} already has a valid certificate; use --rotate to replace its keys")
-        ca_cert, ca_key = _load_ca(directory)
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = _now()
-        builder = (x509.CertificateBuilder().subject_name(_name(name, kind)).issuer_name(ca_cert.subject)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False),
-                                  critical=True)
-                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                                  critical=False))
-        if kind == "server":
-            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            builder = builder.add_extension(x509.SubjectAlternativeName(_sans(hosts)), critical=False)
+        have = {e.get("role") for e in live}
+        if None in have and not rotate:
+            wanted = [role for role in roles if role not in have]
+            if not wanted:
+                raise PkiError(f"{kind} {name!r} already has a valid certificate; use --rotate to replace its keys")
+            live = []
         else:
-            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        ident.cert.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(ident.key, _pem_key(key), mode=0o600)
-        atomic_write(ident.cert, cert.public_bytes(serialization.Encoding.PEM))
-        if ident.sign_key is not None:
+            wanted = [None, *roles]
+        ca_cert, ca_key = _load_ca(directory)
+        now = _now()
+        for role in wanted:
+            cert_path, key_path = (ident.cert, ident.key) if role is None else ident.role(role)
+            cert = _client_or_server_cert(ca_cert, ca_key, kind, name if role is None else role_cn(name, role),
+                                          key_path, hosts, now, days)
+            atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+            index["certs"].append({"kind": kind, "name": name, "role": role, "serial": cert.serial_number,
+                                   "not_after": cert.not_valid_after_utc.isoformat(), "revoked_at": None})
+        if None in wanted and ident.sign_key is not None:
             signing_key = signing.generate_signing_key()
             signing.save_private_key(signing_key, ident.sign_key)
             signing.save_public_key(signing_key.public_key(), ident.sign_pub)
-        if ident.mac_key is not None:
+        if None in wanted and ident.mac_key is not None:
             signing.save_mac_key(signing.generate_mac_key(), ident.mac_key)
         for entry in live:
             entry["revoked_at"] = now.isoformat()
-        index["certs"].append({"kind": kind, "name": name, "serial": cert.serial_number,
-                               "not_after": cert.not_valid_after_utc.isoformat(), "revoked_at": None})
     if live:
         write_crl(directory)
     return ident
+
+
+def _client_or_server_cert(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, kind: str,
+                           common_name: str, key_path: Path, hosts: Sequence[str], now: dt.datetime,
+                           days: int) -> x509.Certificate:
+    """A fresh key (written to `key_path`, 0600) and its certificate, for a client (clientAuth) or a broker
+    (serverAuth, with SANs)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (x509.CertificateBuilder().subject_name(_name(common_name, kind)).issuer_name(ca_cert.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                              critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                              critical=False))
+    if kind == "server":
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        builder = builder.add_extension(x509.SubjectAlternativeName(_sans(hosts)), critical=False)
+    else:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(key_path, _pem_key(key), mode=0o600)
+    return builder.sign(ca_key, hashes.SHA256())
 
 
 def _sans(hosts: Sequence[str]) -> list[x509.GeneralName]:
@@ -238,9 +259,10 @@ def export(directory: str | os.PathLike, out: str | os.PathLike, members: Sequen
         if not src.cert.exists():
             raise PkiError(f"{kind} {name!r} is not issued in {directory}")
         dst.cert.parent.mkdir(parents=True, exist_ok=True)
+        roles = [pair for role in ROLES.get(kind, ()) for pair in zip(src.role(role), dst.role(role))]
         for a, b in ((src.cert, dst.cert), (src.key, dst.key), (src.sign_key, dst.sign_key),
-                     (src.sign_pub, dst.sign_pub), (src.mac_key, dst.mac_key)):
-            if a is not None and a.exists():  # identities issued before MAC keys existed have no mac.key
+                     (src.sign_pub, dst.sign_pub), (src.mac_key, dst.mac_key), *roles):
+            if a is not None and a.exists():  # older identities may lack mac.key and role certificates
                 shutil.copy2(a, b)  # copy2 keeps the 0600 mode of private keys
     return out
 
@@ -298,7 +320,8 @@ def _cmd_issue(args: argparse.Namespace) -> int:
     else:
         kind, name = "cloud", CLOUD_ID
     ident = issue(args.dir, kind, name, hosts=args.host, days=args.days, rotate=args.rotate)
-    for path in (ident.cert, ident.key, ident.sign_key, ident.sign_pub, ident.mac_key):
+    roles = [path for role in ROLES.get(kind, ()) for path in ident.role(role)]
+    for path in (ident.cert, ident.key, ident.sign_key, ident.sign_pub, ident.mac_key, *roles):
         if path is not None:
             print(path)  # paths only: key material is never printed or logged
     return 0
@@ -348,7 +371,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--days", type=int, default=3650, help="CA validity (default 3650)")
     p.set_defaults(func=_safe(_cmd_init))
 
-    p = sub.add_parser("issue", parents=[common], help="issue a TLS certificate (+ Ed25519 signing keys for clients)")
+    p = sub.add_parser("issue", parents=[common], help="issue a TLS certificate (+ Ed25519 signing keys for clients, "
+                                                   "role certificates for edges and the cloud)")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--device", metavar="ID")
     who.add_argument("--edge", metavar="ID")

@@ -48,6 +48,7 @@ from fediomt import pki, units
 from fediomt.broker import BrokerFilesConfig
 from fediomt.broker import write as write_broker
 from protocol import signing
+from protocol.tls import ROLES
 from protocol.topics import DEVICE_CLASSES, check_id
 
 PREBUILT = Path(__file__).resolve().parent.parent / "firmware_models" / "prebuilt"
@@ -234,12 +235,13 @@ def provision(path: Path, out: Path, root: Path | None = None, state_root: Path 
     if not (ca / "private" / "ca.key").exists():
         pki.init_ca(ca)
     index = json.loads((ca / "index.json").read_text())
-    issued = {(e["kind"], e["name"]) for e in index["certs"] if e["revoked_at"] is None}
+    issued = {(e["kind"], e["name"], e.get("role")) for e in index["certs"] if e["revoked_at"] is None}
 
     def ensure(kind: str, name: str, hosts: tuple[str, ...] = ()) -> None:
-        if (kind, name) not in issued:
+        wanted = {(kind, name, role) for role in (None, *ROLES.get(kind, ()))}
+        if not wanted <= issued:   # new, or issued before role certificates existed: only what is missing
             pki.issue(ca, kind, name, hosts=hosts)
-            issued.add((kind, name))
+            issued.update(wanted)
 
     ensure("cloud", pki.CLOUD_ID)
     ensure("server", f"broker-{pki.CLOUD_ID}", (cons.cloud.host,))

@@ -178,7 +178,8 @@ def replica(args: argparse.Namespace) -> int:
     broker = ConnectionConfig(host=args.host, port=args.port)
     if args.pki is not None:
         ident = identity(args.pki, "edge", args.id)
-        broker = ConnectionConfig(host=args.host, port=args.port, ca=ident.ca, cert=ident.cert, key=ident.key)
+        cert, key = ident.role("ledger")   # its own certificate: the edge's bridge holds the edge's client id
+        broker = ConnectionConfig(host=args.host, port=args.port, ca=ident.ca, cert=cert, key=key)
     validator = Validator(args.id, load_private_key(args.key), ledger, genesis_hash=ledger.block(0).hash)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

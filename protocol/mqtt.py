@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -47,6 +47,21 @@ class ConnectionConfig:
     def __post_init__(self) -> None:
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise ValueError("broker: need 0 < reconnect_min_s <= reconnect_max_s")
+
+
+def role_connection(cfg: ConnectionConfig, role: str) -> ConnectionConfig:
+    """`cfg` for a daemon's extra connection `role` (protocol.tls.ROLES): the same broker, with the role's own
+    certificate, which `fediomt pki issue` writes beside the main one (ROLE.crt, ROLE.key). The brokers make each
+    client id the certificate's CN, so a second connection on the main certificate would take the first's place.
+    Unchanged without a client certificate (plain or password connections keep their client ids)."""
+    if cfg.cert is None or Path(cfg.cert).name == f"{role}.crt":
+        return cfg
+    cert = Path(cfg.cert).with_name(f"{role}.crt")
+    if not cert.exists():
+        raise FileNotFoundError(f"{cert}: the {role} connection needs its own certificate beside {cfg.cert} "
+                                "(`fediomt pki issue` writes it; an older PKI gets it by re-running the issue "
+                                "command of this identity)")
+    return replace(cfg, cert=cert, key=cert.with_suffix(".key"))
 
 
 def new_client(cfg: ConnectionConfig, client_id: str, **options) -> mqtt.Client:

@@ -4,6 +4,7 @@
 broker configuration), so the layout and the context live here, below every tier, and the issuing stays in fediomt.
     DIR/ca.crt, DIR/crl.pem
     DIR/{devices,edges,cloud,servers}/NAME/tls.crt, tls.key (+ sign.key, sign.pub; mac.key for devices)
+    DIR/{edges,cloud}/NAME/ROLE.crt, ROLE.key   (role certificates, CN "NAME.ROLE": see ROLES)
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from protocol.topics import check_id
 CLIENT_KINDS = ("device", "edge", "cloud")
 KINDS = (*CLIENT_KINDS, "server")
 _SUBDIR = {"device": "devices", "edge": "edges", "cloud": "cloud", "server": "servers"}
+# The connections an identity holds besides its main one, each with a certificate of its own (CN "NAME.ROLE"):
+# the brokers make every client id the certificate's CN, so two connections never share a certificate, and nobody
+# can connect under another's client id to take its place (issue 18). A "." never occurs in an id (check_id), so
+# no device, edge or cloud can be issued a role's name.
+ROLES = {"cloud": ("secagg", "ledger", "push"), "edge": ("ledger",)}
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,17 @@ class Identity:
     sign_key: Path | None
     sign_pub: Path | None
     mac_key: Path | None
+
+    def role(self, role: str) -> tuple[Path, Path]:
+        """The certificate and key of one of this identity's extra connections (ROLES), beside its own."""
+        if role not in ROLES.get(self.kind, ()):
+            raise ValueError(f"a {self.kind} has no {role!r} connection: roles are {ROLES.get(self.kind, ())}")
+        return self.cert.with_name(f"{role}.crt"), self.key.with_name(f"{role}.key")
+
+
+def role_cn(name: str, role: str) -> str:
+    """The CN (MQTT username and, on the brokers, client id) of `name`'s `role` certificate."""
+    return f"{check_id(name)}.{role}"
 
 
 def ca_cert_path(directory: str | os.PathLike) -> Path:

@@ -40,7 +40,7 @@ from protocol.messages import (
     decode,
     verify_message,
 )
-from protocol.tls import identity_context
+from protocol.tls import ROLES, client_context, identity_context
 from protocol.topics import matches
 
 from .conftest import REPO
@@ -281,7 +281,10 @@ def test_edge_bridges_its_aggregate_to_the_cloud_over_mtls(ca, workdir):
         e2 = connect_as(ca, "edge", "e2", cloud_broker.port)
         edge = connect_as(ca, "edge", EDGE, bridged.port, client_id="edge-gw3")
         device_at_cloud = connect_as(ca, "device", "d1", cloud_broker.port)
-        opened += [cloud, e2, edge, device_at_cloud]
+        cloud_ident, e2_ident = pki.identity(ca, "cloud", pki.CLOUD_ID), pki.identity(ca, "edge", "e2")
+        push = open_session(cloud_broker.port, "push", client_context(cloud_ident.ca, *cloud_ident.role("push")))
+        e2_validator = open_session(cloud_broker.port, "v", client_context(e2_ident.ca, *e2_ident.role("ledger")))
+        opened += [cloud, e2, edge, device_at_cloud, push, e2_validator]
         cloud.subscribe("fl/cloud/aggregates/+")
         e2.subscribe("fl/cloud/#")
         edge.subscribe(topics.CLOUD_MODEL)
@@ -296,13 +299,13 @@ def test_edge_bridges_its_aggregate_to_the_cloud_over_mtls(ca, workdir):
         device = connect_as(ca, "device", "d2", bridged.port)
         opened.append(device)
         device.subscribe(f"fl/{EDGE}/bundles/#")
-        assert cloud.publish(manifest, b"bundle manifest", retain=True) in ACCEPTED
+        assert push.publish(manifest, b"bundle manifest", retain=True) in ACCEPTED   # `fediomt push`'s certificate
         wait_for(lambda: (manifest, b"bundle manifest") in device.messages)
         assert e2.publish(manifest, b"forged manifest") == NOT_AUTHORIZED
         # On the cloud broker an edge writes only its own aggregate and sees no other edge's; devices get nothing.
         assert e2.publish(topics.aggregate_topic(EDGE), b"forged") == NOT_AUTHORIZED
-        assert e2.publish(topics.ledger_vote_topic(EDGE), b"forged vote") == NOT_AUTHORIZED
-        assert e2.publish(topics.ledger_vote_topic("e2"), b"vote") in ACCEPTED
+        assert e2_validator.publish(topics.ledger_vote_topic(EDGE), b"forged vote") == NOT_AUTHORIZED
+        assert e2_validator.publish(topics.ledger_vote_topic("e2"), b"vote") in ACCEPTED
         assert device_at_cloud.publish(topics.aggregate_topic("d1"), b"x") == NOT_AUTHORIZED
         assert [t for t, _ in e2.messages] == [topics.CLOUD_MODEL]
     finally:
@@ -408,6 +411,57 @@ def test_a_device_using_the_edges_client_id_neither_kicks_the_edge_nor_takes_its
     sessions.append(back)
     wait_for(lambda: len(back.messages) >= 3)
     assert sorted(p for _, p in back.messages) == [f"queued {i}".encode() for i in range(3)]
+
+
+def test_on_the_cloud_broker_a_client_id_is_its_certificate_and_role_certificates_hold_one_connections_rights(
+        ca, workdir):
+    """Issue 18, on the cloud broker: client ids are CNs there too. The cloud's extra connections (masked rounds,
+    ledger proposer, push) and an edge's ledger validator hold role certificates (CN "ID.ROLE"), so all of them stay
+    connected beside the cloud and the edge's bridge; a device connecting under the cloud's client id (or any of
+    the others') kicks nobody and a clean start under it does not discard the cloud's queued aggregates; and a role
+    certificate has only its own connection's rights."""
+    broker = start_broker(workdir, {"role": "cloud", "id": pki.CLOUD_ID, "pki": ca}, "bound-cloud")
+    cloud_ident, e2_ident = pki.identity(ca, "cloud", pki.CLOUD_ID), pki.identity(ca, "edge", "e2")
+    asked = "fediomt-cloud"   # what cloud/config.py asks for
+    opened: list[Session] = []
+    try:
+        cloud = connect_as(ca, "cloud", pki.CLOUD_ID, broker.port, client_id=asked, session_expiry=3600)
+        roles = {role: open_session(broker.port, f"{asked}-{role}",
+                                    client_context(cloud_ident.ca, *cloud_ident.role(role))) for role in ROLES["cloud"]}
+        bridge = connect_as(ca, "edge", "e2", broker.port, client_id="bridge-e2")
+        validator = open_session(broker.port, "ledger-e2", client_context(e2_ident.ca, *e2_ident.role("ledger")))
+        held = [cloud, *roles.values(), bridge, validator]
+        opened += held
+        assert all(s.connected for s in held)
+        cloud.subscribe(topics.subtree(topics.CLOUD, "aggregates"))
+        for stolen in (asked, pki.CLOUD_ID, f"{asked}-secagg", "cloud.ledger", "cloud.push", "e2", "e2.ledger"):
+            opened.append(connect_as(ca, "device", "d2", broker.port, client_id=stolen))
+            assert opened[-1].connected
+        time.sleep(0.5)
+        assert [s.drops for s in held] == [0] * len(held) and all(s.client.is_connected() for s in held)
+        assert roles["push"].publish(topics.bundle_manifest_topic("e2", "pi"), b"manifest") in ACCEPTED
+        assert roles["push"].publish(topics.aggregate_topic("e2"), b"x") == NOT_AUTHORIZED
+        assert roles["ledger"].publish(topics.LEDGER_PROPOSALS, b"proposal") in ACCEPTED
+        assert roles["ledger"].publish(topics.CLOUD_MODEL, b"x") == NOT_AUTHORIZED
+        assert roles["secagg"].publish(topics.secagg_topic(topics.CLOUD, "open"), b"open") in ACCEPTED
+        assert roles["secagg"].publish(topics.LEDGER_BLOCKS, b"x") == NOT_AUTHORIZED
+        assert validator.publish(topics.ledger_vote_topic("e2"), b"vote") in ACCEPTED
+        assert validator.publish(topics.aggregate_topic("e2"), b"x") == NOT_AUTHORIZED
+        assert bridge.publish(topics.ledger_vote_topic("e2"), b"vote") == NOT_AUTHORIZED   # the validator's right
+        cloud.close()   # away: its persistent session queues the aggregates
+        for i in range(3):
+            assert bridge.publish(topics.aggregate_topic("e2"), f"queued {i}".encode()) == 0
+        for stolen in (asked, pki.CLOUD_ID):   # a clean start under the cloud's id would discard its session
+            opened.append(connect_as(ca, "device", "d2", broker.port, client_id=stolen))
+            opened[-1].close()
+        back = connect_as(ca, "cloud", pki.CLOUD_ID, broker.port, client_id=asked, session_expiry=3600)
+        opened.append(back)
+        wait_for(lambda: len(back.messages) >= 3)
+        assert sorted(p for _, p in back.messages) == [f"queued {i}".encode() for i in range(3)]
+    finally:
+        for s in opened:
+            s.close()
+        broker.close()
 
 
 def test_a_device_cannot_take_updates_meant_for_the_edge_daemon(ca, workdir, tmp_path):
@@ -754,6 +808,7 @@ def test_the_whole_stack_over_mtls_survives_the_cloud_being_killed_mid_round(ca,
     log = open(tmp_path / "cloud.log", "ab")  # noqa: SIM115 - closed below
     cloud = None
     try:
+        dep.cloud.close()   # the harness's stand-in: the real cloud daemon holds the cloud certificate's client id
         dep.start_edge()
         responder.start()
         cloud = cloud_process(config, log)

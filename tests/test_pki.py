@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 import subprocess
 import sys
@@ -111,8 +112,43 @@ def test_export_copies_one_hosts_material_without_the_ca_key(ca, tmp_path):
     out = pki.export(ca, tmp_path / "e1-host", [("edge", "e1"), ("server", "broker-e1")])
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert files == {"ca.crt", "crl.pem", "edges/e1/tls.crt", "edges/e1/tls.key", "edges/e1/sign.key",
-                     "edges/e1/sign.pub", "servers/broker-e1/tls.crt", "servers/broker-e1/tls.key"}
-    assert _mode(out / "edges/e1/tls.key") == 0o600
+                     "edges/e1/sign.pub", "edges/e1/ledger.crt", "edges/e1/ledger.key", "servers/broker-e1/tls.crt",
+                     "servers/broker-e1/tls.key"}
+    assert _mode(out / "edges/e1/tls.key") == _mode(out / "edges/e1/ledger.key") == 0o600
+
+
+def test_each_extra_connection_gets_a_role_certificate_revoked_and_rotated_with_its_identity(ca):
+    """Brokers bind client ids to CNs (issue 18), so the cloud's and an edge's extra connections need certificates
+    of their own: CN "ID.ROLE", clientAuth only, which no device id can take (ids have no ".")."""
+    cloud = pki.issue(ca, "cloud")
+    edge = pki.issue(ca, "edge", "e1")
+    cns = {role: _cert(cloud.role(role)[0]).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+           for role in ("secagg", "ledger", "push")}
+    assert cns == {"secagg": "cloud.secagg", "ledger": "cloud.ledger", "push": "cloud.push"}
+    ledger_cert, ledger_key = edge.role("ledger")
+    assert _cert(ledger_cert).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == \
+        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+    assert _mode(ledger_key) == 0o600
+    with pytest.raises(ValueError, match="no 'push'"):
+        edge.role("push")
+    with pytest.raises(ProtocolError):
+        pki.issue(ca, "device", "e1.ledger")
+    # An identity issued before role certificates existed gets just the missing ones; its own keys stay.
+    ledger_cert.unlink()
+    ledger_key.unlink()
+    index = json.loads((ca / "index.json").read_text())
+    index["certs"] = [e for e in index["certs"] if (e["name"], e.get("role")) != ("e1", "ledger")]
+    (ca / "index.json").write_text(json.dumps(index))
+    own = edge.cert.read_bytes()
+    pki.issue(ca, "edge", "e1")
+    assert ledger_cert.exists() and edge.cert.read_bytes() == own
+    old_role = _cert(ledger_cert).serial_number
+    pki.issue(ca, "edge", "e1", rotate=True)
+    crl = x509.load_pem_x509_crl(pki.crl_path(ca).read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(old_role) is not None   # rotation revokes the role too
+    assert pki.revoke(ca, "e1") == 2
+    crl = x509.load_pem_x509_crl(pki.crl_path(ca).read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(_cert(ledger_cert).serial_number) is not None
 
 
 def test_enrolment_dir_follows_issue_and_revoke(ca, tmp_path):
