@@ -183,8 +183,9 @@ class CloudAggregator:
         if cfg.features is None or self.transform is not None:
             return True
         schema = cfg.features.load_schema()
+        bounds, noise_mult = cfg.features.encoded_bounds(schema), cfg.features.noise_mult
         stats_dir = self.run_dir / STATISTICS_DIR
-        settings = statistics_settings(self.engine.settings, schema)
+        settings = statistics_settings(self.engine.settings, schema, bounds, noise_mult)
         fresh = not (stats_dir / "checkpoint.npz").exists()
         settings = dataclasses.replace(settings, run_id=self.state.run_id if fresh else "")
         stats = CloudEngine(settings, self.key, self.edge_keys, initial(schema), stats_dir, log=self.log)
@@ -223,8 +224,10 @@ class CloudAggregator:
             return False
         record = stats.state.history[-1]
         provenance = {"rounds": 1, "sites": record["num_devices"], "edges": record["num_edges"],
-                      "run_id": stats.state.run_id, "secagg": False, "central_noise": 0.0}
-        transform = derive(stats.state.server.weights, sum(rows.values()), schema, cfg.features.clip_z, provenance)
+                      "run_id": stats.state.run_id, "secagg": False, "central_noise": 0.0, "site_noise": noise_mult,
+                      "bounds": bool(bounds)}
+        transform = derive(stats.state.server.weights, sum(rows.values()), schema, cfg.features.clip_z, provenance,
+                           bounds)
         atomic_write(self.run_dir / FEATURES_FILE, json.dumps(transform.to_dict(), indent=1).encode())
         event(self.log, "feature transform derived", sites=record["num_devices"], edges=record["num_edges"],
               rows=transform.count, features=transform.n_features)

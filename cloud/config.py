@@ -19,7 +19,7 @@ from cloud.strategies import STRATEGIES, make
 from cloud.strategies.base import RoundDefaults
 from cloud.trust import TrustConfig
 from protocol.compression import CompressionSettings
-from protocol.features import FeatureSchema
+from protocol.features import FeatureSchema, check_bounds
 from protocol.messages import CentralDPReport, TrainingPlan
 from protocol.mqtt import ConnectionConfig
 from protocol.secagg.deploy import MaskedRound
@@ -92,10 +92,28 @@ class FeaturesConfig:
 
     schema: Path                     # JSON: {"numeric": [columns], "categorical": [[column, [levels]], ...]}
     clip_z: float = 5.0              # |z| cap after standardisation; 0 = none
+    bounds: dict = field(default_factory=dict)   # numeric column -> [lo, hi]: declared ranges (all or none)
+    noise_mult: float = 0.0          # > 0: each site adds Gaussian noise (example-level DP, needs bounds)
 
     def load_schema(self) -> FeatureSchema:
         data = json.loads(Path(self.schema).read_text())
         return FeatureSchema.from_dict(data.get("schema", data))   # a schema, or a transform's
+
+    def encoded_bounds(self, schema: FeatureSchema) -> list[list[float]] | None:
+        """[lo, hi] per model input (one-hot levels [0, 1]); None without declared bounds. ValueError when a numeric
+        column has none, or a bound names no column of the schema."""
+        if not self.bounds:
+            return None
+        unknown = sorted(set(self.bounds) - set(schema.numeric))
+        missing = [c for c in schema.numeric if c not in self.bounds]
+        if unknown or missing:
+            raise ValueError(f"features.bounds: {'no such numeric column ' + str(unknown) if unknown else ''}"
+                             f"{'; ' if unknown and missing else ''}"
+                             f"{'no [lo, hi] for ' + str(missing) if missing else ''} (bounds are all or none)")
+        out = [[float(v) for v in self.bounds[c]] for c in schema.numeric]
+        out += [[0.0, 1.0] for _, levels in schema.categorical for _ in levels]
+        check_bounds(out, schema.n_features)
+        return out
 
 
 @dataclass(frozen=True)
@@ -211,6 +229,15 @@ class CloudConfig:
                              f"{want}")
         if self.features.clip_z < 0:
             raise ValueError("features.clip_z must be >= 0")
+        if self.features.noise_mult < 0:
+            raise ValueError("features.noise_mult must be >= 0")
+        if self.features.noise_mult > 0 and not self.features.bounds:
+            raise ValueError("features.noise_mult needs features.bounds: the noise is calibrated to one record's "
+                             "influence, which only declared ranges bound")
+        try:
+            self.features.encoded_bounds(schema)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"features.bounds: {exc}" if "features.bounds" not in str(exc) else str(exc)) from exc
 
     def secagg_for_round(self) -> dict | None:
         return announced_secagg(self.secagg)

@@ -2,13 +2,15 @@
 
 `statistics_settings(settings, schema)` turns the training run's RoundSettings into those of the one statistics
 round: model `feature-statistics` (protocol.features.STATISTICS_MODEL) with 3 values per model input, round and
-version 0 (the training rounds start at 1, so edges and devices see one increasing sequence), strategy fedavg
-from a zero model with server step 1 (the new "weights" are the sample-weighted mean of the edges' aggregates),
-dense float32, no DP, no secure aggregation, admission bounds off, and the announcement's `statistics = "summary"`
-with the schema's JSON in `features`. A plain `cloud.engine.CloudEngine` runs it (run_dir/statistics: its own
-checkpoint, so a crash resumes it); `derive` turns the closed round into the FeatureTransform that the training
-rounds announce and the cloud's bundles carry. The same construction as experiments/sim/statistics.py, which runs
-it in the simulator.
+version 0 (the training rounds start at 1, so edges and devices see one increasing sequence), strategy fedavg from a
+zero model with server step 1 (the new "weights" are the sample-weighted mean of the edges' aggregates), dense
+float32, no central DP, no secure aggregation, admission bounds off, and the announcement's `statistics = "summary"`
+with the schema's JSON in `features`, plus the declared feature `bounds` and the sites' `noise_mult` when [features]
+sets them (each site then clips to the bounds, computes its statistics on the unit scale and adds Gaussian noise,
+spending Entry(noise_mult, 1, 1) of its example-level budget). A plain `cloud.engine.CloudEngine` runs it
+(run_dir/statistics: its own checkpoint, so a crash resumes it); `derive` turns the closed round into the
+FeatureTransform that the training rounds announce and the cloud's bundles carry. The same construction as
+experiments/sim/statistics.py, which runs it in the simulator.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ FEATURES_FILE = "features.json"   # run_dir/features.json: the derived transform
 STATISTICS_DIR = "statistics"     # run_dir/statistics: the statistics round's CloudEngine run directory
 
 
-def statistics_settings(settings: RoundSettings, schema: FeatureSchema) -> RoundSettings:
+def statistics_settings(settings: RoundSettings, schema: FeatureSchema, bounds: list[list[float]] | None = None,
+                        noise_mult: float = 0.0) -> RoundSettings:
     """The statistics round's RoundSettings (module docstring); edges, devices, timeouts and run id are kept."""
+    features = {**schema.to_dict(), **({"bounds": bounds} if bounds else {}),
+                **({"noise_mult": float(noise_mult)} if noise_mult > 0 else {})}
     return dataclasses.replace(
         settings, model=STATISTICS_MODEL, rounds=1, first_round=0, strategy=StrategyConfig("fedavg", {}),
         plan=TrainingPlan(lr=0.0, local_epochs=1, batch_size=1, clip=0.0, noise_mult=0.0),
@@ -38,16 +43,18 @@ def statistics_settings(settings: RoundSettings, schema: FeatureSchema) -> Round
         model_encoding="full", secagg=None,
         bounds=BoundsConfig(norm_multiple=0.0, model_ratio=0.0, samples_multiple=0.0,
                             max_samples=settings.bounds.max_samples),
-        statistics="summary", features=json.dumps(schema.to_dict(), separators=(",", ":")))
+        statistics="summary", features=json.dumps(features, separators=(",", ":")))
 
 
 def initial(schema: FeatureSchema) -> np.ndarray:
     return np.zeros(summary_size(schema.n_features), np.float32)
 
 
-def derive(pooled: np.ndarray, rows: int, schema: FeatureSchema, clip_z: float, provenance: dict) -> FeatureTransform:
-    """The transform from the statistics round's new "weights" (the pooled per-row statistics) and its rows."""
-    return FeatureTransform.from_summary(schema, np.asarray(pooled, np.float64), rows, clip_z=clip_z,
+def derive(pooled: np.ndarray, rows: int, schema: FeatureSchema, clip_z: float, provenance: dict,
+           bounds: list[list[float]] | None = None) -> FeatureTransform:
+    """The transform from the statistics round's new "weights" (the pooled per-row statistics, on the unit scale
+    of `bounds` when the round declared them) and its rows."""
+    return FeatureTransform.from_summary(schema, np.asarray(pooled, np.float64), rows, bounds=bounds, clip_z=clip_z,
                                          provenance=provenance)
 
 

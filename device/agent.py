@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -36,7 +37,7 @@ from protocol.compression import (
     encoded_size_bound,
 )
 from protocol.errors import ProtocolError, Reason
-from protocol.features import STATISTICS_MODEL, FeatureSchema, site_summary
+from protocol.features import STATISTICS_MODEL, FeatureSchema, check_bounds, site_summary
 from protocol.logs import event
 from protocol.messages import (
     Ack,
@@ -316,30 +317,46 @@ class DeviceAgent:
     def send_statistics(self, ann: RoundAnnouncement) -> None:
         """Answer a statistics round (docs/protocol.md "Statistics rounds"): the per-row averages of the sufficient
         statistics of the raw local rows over the announced schema (protocol.features.site_summary) as an
-        ordinary signed update, num_samples = the rows. No training, no DP noise and no privacy spend: the edge
-        sees these exact per-site statistics (it forwards only the row-weighted mean of its sites)."""
-        cfg = self.cfg
+        ordinary signed update, num_samples = the rows. With announced `bounds` the rows are clipped to them and
+        summarised on the unit scale; with `noise_mult` > 0 Gaussian noise calibrated to one record's influence is
+        added first, which costs one Gaussian mechanism, Entry(noise_mult, 1, 1), of the example-level budget:
+        checked before and persisted before the update leaves, like a training round's spend. Without noise
+        nothing is spent, and the edge sees these exact per-site statistics (it forwards only the row-weighted
+        mean of its sites)."""
+        cfg, budget = self.cfg, self.cfg.privacy
         try:
-            schema = FeatureSchema.from_dict(json.loads(ann.features))
+            announced = json.loads(ann.features)
+            schema = FeatureSchema.from_dict(announced)
+            bounds = check_bounds(announced.get("bounds"), schema.n_features)
+            noise_mult = float(announced.get("noise_mult", 0.0))
+            if not (math.isfinite(noise_mult) and noise_mult >= 0) or (noise_mult > 0 and bounds is None):
+                raise ValueError(f"noise_mult {noise_mult!r} (finite, >= 0, and only with bounds)")
             x = load_raw(cfg.data, schema)
-        except (ValueError, OSError, KeyError, TypeError) as exc:
+        except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
             return self._answer(ann, "declined", f"statistics: {exc}")
         if len(x) < self.model.batch_size:   # the same floor as training: no statistics of a handful of patients
             return self._answer(ann, "declined", f"statistics: {len(x)} rows, fewer than one batch of "
                                                  f"{self.model.batch_size}")
-        vector, rows = site_summary(x)
+        history = self.state.history
+        if noise_mult > 0:
+            entry = accountant.Entry(noise_mult, 1.0, 1)
+            if not accountant.can_afford(history, entry, budget.epsilon, budget.delta, budget.accountant):
+                return self._answer(ann, "budget_exhausted", f"statistics (noise {noise_mult}) would exceed "
+                                                             f"epsilon {budget.epsilon}")
+            history = (*history, entry)
+        vector, rows = site_summary(x, bounds, noise_mult, self.rng)
         result = LocalResult(vector.astype("float32"), rows, 0, 0.0, 1.0, 0.0, 0.0)
         out = build_update(result, RoundIdentity(cfg.id, cfg.edge, ann.round_id, ann.model_version),
-                           CompressionSettings.from_dict(ann.compression), history=self.state.history,
-                           residual=None, control=None, delta=cfg.privacy.delta, accountant_name=cfg.privacy.accountant,
+                           CompressionSettings.from_dict(ann.compression), history=history,
+                           residual=None, control=None, delta=budget.delta, accountant_name=budget.accountant,
                            capability=self.capability(), n_params=vector.size, rng=self.rng, nonce=new_nonce(),
                            timestamp=time.time())
         data = encode(self.seal(out.update))
-        self.state = self.state.answered(ann.round_id)   # the history is unchanged: nothing was spent
-        save_state(self.state_path, self.state)
+        self.state = replace(self.state.answered(ann.round_id), history=history)
+        save_state(self.state_path, self.state)   # the spend (if any) is on disk before anything leaves
         self.link.publish(self.update_topic, data)
         event(self.log, "statistics sent", round=ann.round_id, rows=rows, features=schema.n_features,
-              bytes=len(data))
+              bytes=len(data), noise_mult=noise_mult, epsilon=round(out.update.privacy.epsilon, 4))
 
     def _send_masked(self, ann: RoundAnnouncement, result: LocalResult, masked: MaskedRound,
                      history: tuple, speed: float) -> None:

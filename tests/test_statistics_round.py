@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from protocol.features import FORMAT, STATISTICS_MODEL, FeatureTransform
 from protocol.messages import RoundAnnouncement, decode
@@ -36,7 +37,9 @@ def write_csv(path, x: np.ndarray, y: np.ndarray) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_statistics_round_through_the_real_daemons(tmp_path, broker, daemons, recorder):
+def run_federation(tmp_path, broker, daemons, recorder, features: str = ""):
+    """Cloud (in process), the real edge and 3 real devices with raw CSVs: (their data, the derived transform, the
+    edge's announcements, a function returning every log's tail)."""
     from experiments.sandbox import provision
 
     # the edge: real process, its default admission bounds ON (norm and samples multiples 1)
@@ -62,7 +65,7 @@ def test_statistics_round_through_the_real_daemons(tmp_path, broker, daemons, re
                       f'devices = {json.dumps(list(ROWS))}\n'
                       f'[model_options]\nn_features = {N_FEATURES}\n'
                       f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[strategy]\nname = "fedavg"\n'
-                      '[features]\nschema = "schema.json"\nclip_z = 5.0\n')
+                      '[features]\nschema = "schema.json"\nclip_z = 5.0\n' + features)
     seen = recorder(["fl/edge1/round"])
     daemons.process("edge", "run", "--config", str(fed.config), log=tmp_path / "edge.log")
     for d, cfg in configs.items():
@@ -74,6 +77,12 @@ def test_statistics_round_through_the_real_daemons(tmp_path, broker, daemons, re
 
     thread.join(timeout=180)
     assert not thread.is_alive(), logs()
+    transform = FeatureTransform.from_dict(json.loads((tmp_path / "run" / "features.json").read_text()))
+    return data, transform, [decode(p, expect=RoundAnnouncement) for p in seen.payloads("fl/edge1/round")], logs
+
+
+def test_statistics_round_through_the_real_daemons(tmp_path, broker, daemons, recorder):
+    data, transform, anns, logs = run_federation(tmp_path, broker, daemons, recorder)
 
     # the statistics round: one round 0 of the statistics model, every device in it, bounds not applied
     stats = rounds_of(tmp_path / "run" / "statistics")
@@ -82,14 +91,12 @@ def test_statistics_round_through_the_real_daemons(tmp_path, broker, daemons, re
                    if line.startswith("{")]
     assert not [e for e in edge_events if e["msg"] == "updates bounded" and e.get("round") == 0]
     assert any(e["msg"] == "aggregate" and e.get("statistics") == "summary" for e in edge_events)
-    transform = FeatureTransform.from_dict(json.loads((tmp_path / "run" / "features.json").read_text()))
     pooled = np.concatenate([x for x, _ in data.values()])
     assert transform.count == len(pooled) == sum(ROWS.values())
     np.testing.assert_allclose(transform.mean, np.nanmean(pooled, axis=0), rtol=1e-4)
     np.testing.assert_allclose(transform.std, np.nanstd(pooled, axis=0), rtol=1e-3)
 
     # the announcements: statistics round first (its schema), then training rounds carrying the transform
-    anns = [decode(p, expect=RoundAnnouncement) for p in seen.payloads("fl/edge1/round")]
     assert anns[0].statistics == "summary" and anns[0].model_name == STATISTICS_MODEL and anns[0].round_id == 0
     assert json.loads(anns[0].features) == {"numeric": COLUMNS, "categorical": []}
     training = [a for a in anns if not a.statistics]
@@ -108,6 +115,37 @@ def test_statistics_round_through_the_real_daemons(tmp_path, broker, daemons, re
     assert report["finished"] and report["rounds_completed"] == 2
 
 
+def test_a_dp_statistics_round_is_noised_on_the_unit_scale_and_spent_from_each_devices_budget(
+        tmp_path, broker, daemons, recorder):
+    """[features] bounds + noise_mult: the announcement carries them, each real device clips its raw rows to the
+    bounds, adds Gaussian noise of noise_mult x one record's influence before anything leaves, and persists the
+    spend as one Gaussian mechanism, Entry(noise_mult, 1, 1), which its reported epsilon includes; the cloud maps
+    the pooled unit-scale statistics back through the bounds."""
+    from device.state import load_state
+    from protocol import accountant
+
+    lo, hi = 3.0 * SCALES - 5.0 * SCALES, 3.0 * SCALES + 8.0 * SCALES   # every seed's rows (loc 0..2) fit
+    bounds = ", ".join(f'{c} = [{float(a)!r}, {float(b)!r}]' for c, a, b in zip(COLUMNS, lo, hi))
+    data, transform, anns, logs = run_federation(tmp_path, broker, daemons, recorder,
+                                                 f"bounds = {{ {bounds} }}\nnoise_mult = 1.0\n")
+    announced = json.loads(anns[0].features)
+    assert announced["noise_mult"] == 1.0 and np.allclose(announced["bounds"], np.stack([lo, hi], 1))
+    assert transform.provenance["site_noise"] == 1.0 and transform.provenance["bounds"]
+    pooled = np.concatenate([x for x, _ in data.values()])
+    # 390 rows: the noise (std sqrt(48) per site on the unit-scale totals) leaves the means within ~5 standard
+    # errors of 15 % of the declared range; variances need thousands of rows (docs/protocol.md)
+    assert np.all(np.abs(np.asarray(transform.mean) - np.nanmean(pooled, 0)) < 0.15 * (hi - lo)), transform.mean
+    assert np.all(np.isfinite(transform.std)) and min(transform.std) > 0
+    assert not np.allclose(transform.mean, np.nanmean(pooled, 0), rtol=1e-4)   # the noise is really there
+    for d in ROWS:
+        state = load_state(tmp_path / d / "state" / "state.npz")
+        assert state.history[0] == accountant.Entry(1.0, 1.0, 1), (d, state.history[:2])
+        stats = [json.loads(line) for line in (tmp_path / f"{d}.log").read_text().splitlines()
+                 if line.startswith("{") and json.loads(line)["msg"] == "statistics sent"]
+        expected = accountant.epsilon((accountant.Entry(1.0, 1.0, 1),), 1e-5, "rdp")
+        assert stats and stats[0]["noise_mult"] == 1.0 and abs(stats[0]["epsilon"] - expected) < 1e-3, logs()
+
+
 def test_the_demo_writes_raw_exports_a_device_reads_back_exactly(tmp_path):
     """`fediomt demo --data`: each device's train.csv is its site's raw rows (NA for missing, a categorical column
     as its level), which device.data.load_raw reads back over the schema to the very matrix the loader gave."""
@@ -124,3 +162,24 @@ def test_the_demo_writes_raw_exports_a_device_reads_back_exactly(tmp_path):
                      classes=["0", "1"], schema=schema.to_dict())
     dirs = write_raw_dirs(fed, tmp_path)
     np.testing.assert_array_equal(load_raw(DataConfig(dir=dirs["s1"]), schema), x)
+
+
+def test_declared_feature_bounds_are_all_or_none_and_noise_needs_them(tmp_path):
+    from cloud.config import load_config
+
+    schema = {"numeric": ["age", "chol"], "categorical": [["sex", ["f", "m"]]]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    base = ('run_dir = "r"\nsigning_key = "k"\nedge_keys_dir = "e"\nmodel = "vitals_mlp"\n'
+            '[model_options]\nn_features = 4\n[features]\nschema = "schema.json"\n')
+    cases = {"noise_mult = 1.0\n": "needs features.bounds",
+             "bounds = { age = [18, 100] }\n": r"no \[lo, hi\] for \['chol'\]",
+             "bounds = { age = [18, 100], chol = [100, 600], bmi = [10, 60] }\n": r"no such numeric column \['bmi'\]",
+             "bounds = { age = [100, 18], chol = [100, 600] }\n": "finite lo < hi"}
+    for extra, message in cases.items():
+        path = tmp_path / "cloud.toml"
+        path.write_text(base + extra)
+        with pytest.raises(ValueError, match=message):
+            load_config(path)
+    path.write_text(base + "bounds = { age = [18, 100], chol = [100, 600] }\nnoise_mult = 1.0\n")
+    cfg = load_config(path)
+    assert cfg.features.encoded_bounds(cfg.features.load_schema()) == [[18, 100], [100, 600], [0, 1], [0, 1]]
