@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud.accounting import epsilon, json_epsilon
-from cloud.config import CloudConfig
+from cloud.config import CloudConfig, RoundSettings
 from cloud.contributions import ContributionRecorder
 from cloud.distill_schedule import Distiller
 from cloud.engine import FAILED_PREFIX, CloudEngine, failed
@@ -35,9 +35,12 @@ from cloud.rounds import byte_totals
 from cloud.state import CloudState
 from cloud.statistics import (
     FEATURES_FILE,
+    HISTOGRAM_DIR,
     STATISTICS_DIR,
+    SUMMARY_FILE,
     announced,
     derive,
+    histogram_settings,
     initial,
     load_transform,
     statistics_settings,
@@ -45,7 +48,7 @@ from cloud.statistics import (
 from cloud.strategies.base import EdgeResult
 from cloud.trust import TrustGate, root_gate
 from protocol.atomic import atomic_write
-from protocol.features import FeatureTransform
+from protocol.features import FeatureTransform, histogram_size
 from protocol.keyring import KeyRing
 from protocol.logs import event
 from protocol.mqtt import INBOX_SIZE, Connection, role_connection
@@ -177,20 +180,54 @@ class CloudAggregator:
 
     def _statistics_round(self) -> bool:
         """[features] without a transform yet: run the statistics round (cloud.statistics) on its own engine
-        before training, derive the transform and keep it in run_dir/features.json. True when training may start;
-        False when stopped or when the statistics round failed (the run fails, exit 4)."""
+        before training, derive the transform (with `quantile`, clip it at the quantiles of a second, histogram
+        round) and keep it in run_dir/features.json. True when training may start; False when stopped or when a
+        statistics round failed (the run fails, exit 4)."""
         cfg = self.cfg
         if cfg.features is None or self.transform is not None:
             return True
-        schema = cfg.features.load_schema()
+        schema, quantile = cfg.features.load_schema(), cfg.features.quantile
         bounds, noise_mult = cfg.features.encoded_bounds(schema), cfg.features.noise_mult
-        stats_dir = self.run_dir / STATISTICS_DIR
-        settings = statistics_settings(self.engine.settings, schema, bounds, noise_mult)
-        fresh = not (stats_dir / "checkpoint.npz").exists()
+        kept = self.run_dir / STATISTICS_DIR / SUMMARY_FILE   # the first round's transform, across a crash
+        if kept.exists():
+            transform = FeatureTransform.from_dict(json.loads(kept.read_text()))
+        else:
+            done = self._run_statistics(statistics_settings(self.engine.settings, schema, bounds, noise_mult),
+                                        initial(schema), STATISTICS_DIR)
+            if done is None:
+                return False
+            stats, rows = done
+            record = stats.state.history[-1]
+            provenance = {"rounds": 1, "sites": record["num_devices"], "edges": record["num_edges"],
+                          "run_id": stats.state.run_id, "secagg": False, "central_noise": 0.0,
+                          "site_noise": noise_mult, "bounds": bool(bounds)}
+            transform = derive(stats.state.server.weights, rows, schema, cfg.features.clip_z, provenance, bounds)
+            if quantile > 0:
+                atomic_write(kept, json.dumps(transform.to_dict()).encode())
+        if quantile > 0:
+            done = self._run_statistics(histogram_settings(self.engine.settings, transform, noise_mult),
+                                        np.zeros(histogram_size(schema.n_features), np.float32), HISTOGRAM_DIR)
+            if done is None:
+                return False
+            transform = transform.with_quantile_clip(done[0].state.server.weights, quantile)
+            transform = dataclasses.replace(transform, provenance={**transform.provenance, "rounds": 2})
+        atomic_write(self.run_dir / FEATURES_FILE, json.dumps(transform.to_dict(), indent=1).encode())
+        event(self.log, "feature transform derived", sites=transform.provenance["sites"],
+              edges=transform.provenance["edges"], rows=transform.count, features=transform.n_features,
+              clipped_at_quantile=quantile or None)
+        self._use_transform(transform)
+        return True
+
+    def _run_statistics(self, settings: RoundSettings, start: np.ndarray,
+                        directory: str) -> tuple[CloudEngine, int] | None:
+        """Run one statistics round on its own engine (run_dir/`directory`, resumed after a crash) until it closes;
+        (the engine, the rows it pooled), or None when the daemon stopped or the round failed."""
+        run_dir = self.run_dir / directory
+        fresh = not (run_dir / "checkpoint.npz").exists()
         settings = dataclasses.replace(settings, run_id=self.state.run_id if fresh else "")
-        stats = CloudEngine(settings, self.key, self.edge_keys, initial(schema), stats_dir, log=self.log)
+        stats = CloudEngine(settings, self.key, self.edge_keys, start, run_dir, log=self.log)
         if not self.engine.checkpoint.exists():
-            self.state.run_id = stats.state.run_id   # one run: the statistics round's and the training rounds'
+            self.state.run_id = stats.state.run_id   # one run: the statistics rounds' and the training rounds'
         rows: dict[str, int] = {}
 
         def publish(pubs: list[Publication]) -> None:
@@ -199,11 +236,12 @@ class CloudAggregator:
                 for p in pubs:
                     self.conn.client.publish(p.topic, p.payload, qos=1, retain=p.retain)
 
-        event(self.log, "statistics round", features=schema.n_features, values=len(initial(schema)))
+        event(self.log, "statistics round", kind=settings.statistics, round=settings.first_round,
+              values=len(start))
         publish(stats.start(time.time()))
         while not self.stop.is_set() and not stats.state.history and not stats.stop_reason:
             try:
-                conn, topic, payload, mid, qos = self.inbox.get(timeout=cfg.tick_s)
+                conn, topic, payload, mid, qos = self.inbox.get(timeout=self.cfg.tick_s)
             except queue.Empty:
                 pass
             else:
@@ -221,18 +259,8 @@ class CloudAggregator:
         if not stats.state.history or failed(stats.stop_reason):
             if failed(stats.stop_reason):
                 self.state.stop_reason = stats.stop_reason.replace(FAILED_PREFIX, f"{FAILED_PREFIX} statistics", 1)
-            return False
-        record = stats.state.history[-1]
-        provenance = {"rounds": 1, "sites": record["num_devices"], "edges": record["num_edges"],
-                      "run_id": stats.state.run_id, "secagg": False, "central_noise": 0.0, "site_noise": noise_mult,
-                      "bounds": bool(bounds)}
-        transform = derive(stats.state.server.weights, sum(rows.values()), schema, cfg.features.clip_z, provenance,
-                           bounds)
-        atomic_write(self.run_dir / FEATURES_FILE, json.dumps(transform.to_dict(), indent=1).encode())
-        event(self.log, "feature transform derived", sites=record["num_devices"], edges=record["num_edges"],
-              rows=transform.count, features=transform.n_features)
-        self._use_transform(transform)
-        return True
+            return None
+        return stats, sum(rows.values())
 
     def _drain_one(self, timeout: float) -> None:
         try:

@@ -94,6 +94,8 @@ class FeaturesConfig:
     clip_z: float = 5.0              # |z| cap after standardisation; 0 = none
     bounds: dict = field(default_factory=dict)   # numeric column -> [lo, hi]: declared ranges (all or none)
     noise_mult: float = 0.0          # > 0: each site adds Gaussian noise (example-level DP, needs bounds)
+    quantile: float = 0.0            # > 0: a second (histogram) round clips each input at its pooled q, 1 - q
+                                     # quantiles; training then starts at round 2
 
     def load_schema(self) -> FeatureSchema:
         data = json.loads(Path(self.schema).read_text())
@@ -231,6 +233,8 @@ class CloudConfig:
             raise ValueError("features.clip_z must be >= 0")
         if self.features.noise_mult < 0:
             raise ValueError("features.noise_mult must be >= 0")
+        if not 0 <= self.features.quantile < 0.5:
+            raise ValueError("features.quantile must be in [0, 0.5)")
         if self.features.noise_mult > 0 and not self.features.bounds:
             raise ValueError("features.noise_mult needs features.bounds: the noise is calibrated to one record's "
                              "influence, which only declared ranges bound")
@@ -254,7 +258,8 @@ class CloudConfig:
             seed=self.seed, plan=self.plan, compression=self.compression, central_dp=self.central_dp,
             privacy=self.privacy, strategy=self.strategy, model_encoding=self.model_encoding,
             model_full_every=self.model_full_every, model_compression=self.model_compression, secagg=self.secagg,
-            bounds=self.bounds, min_devices=self.min_devices, run_id=self.run_id)
+            bounds=self.bounds, min_devices=self.min_devices, run_id=self.run_id,
+            first_round=1 + (self.features is not None and self.features.quantile > 0))   # after the statistics rounds
 
 
 @dataclass(frozen=True)
@@ -284,7 +289,7 @@ class RoundSettings:
     model_compression: dict = field(default_factory=lambda: {"method": "topk", "density": 0.1, "bits": 8})
     secagg: dict | None = None
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
-    first_round: int = 1             # the first round id and model version (a statistics round runs as round 0)
+    first_round: int = 1             # the first round id and model version (statistics rounds run as 0 and 1)
     statistics: str = ""             # announced RoundAnnouncement.statistics ("summary": a statistics round)
     features: str = ""               # announced RoundAnnouncement.features (JSON; "" = none)
 

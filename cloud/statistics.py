@@ -28,6 +28,8 @@ from protocol.messages import TrainingPlan
 
 FEATURES_FILE = "features.json"   # run_dir/features.json: the derived transform (to_dict), written once
 STATISTICS_DIR = "statistics"     # run_dir/statistics: the statistics round's CloudEngine run directory
+HISTOGRAM_DIR = "statistics-histogram"   # run_dir/statistics-histogram: the optional second round's
+SUMMARY_FILE = "summary-transform.json"  # in STATISTICS_DIR: the first round's transform, kept for the second
 
 
 def statistics_settings(settings: RoundSettings, schema: FeatureSchema, bounds: list[list[float]] | None = None,
@@ -44,6 +46,16 @@ def statistics_settings(settings: RoundSettings, schema: FeatureSchema, bounds: 
         bounds=BoundsConfig(norm_multiple=0.0, model_ratio=0.0, samples_multiple=0.0,
                             max_samples=settings.bounds.max_samples),
         statistics="summary", features=json.dumps(features, separators=(",", ":")))
+
+
+def histogram_settings(settings: RoundSettings, transform: FeatureTransform, noise_mult: float = 0.0
+                       ) -> RoundSettings:
+    """The optional second statistics round (round and version 1): the sites' z-score histograms
+    (protocol.features.site_histogram) under the first round's `transform`, which `features` carries."""
+    features = {**transform.to_dict(), **({"noise_mult": float(noise_mult)} if noise_mult > 0 else {})}
+    first = statistics_settings(settings, transform.schema)
+    return dataclasses.replace(first, first_round=1, statistics="histogram",
+                               features=json.dumps(features, separators=(",", ":")))
 
 
 def initial(schema: FeatureSchema) -> np.ndarray:

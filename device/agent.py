@@ -37,7 +37,14 @@ from protocol.compression import (
     encoded_size_bound,
 )
 from protocol.errors import ProtocolError, Reason
-from protocol.features import STATISTICS_MODEL, FeatureSchema, check_bounds, site_summary
+from protocol.features import (
+    STATISTICS_MODEL,
+    FeatureSchema,
+    FeatureTransform,
+    check_bounds,
+    site_histogram,
+    site_summary,
+)
 from protocol.logs import event
 from protocol.messages import (
     Ack,
@@ -316,8 +323,9 @@ class DeviceAgent:
 
     def send_statistics(self, ann: RoundAnnouncement) -> None:
         """Answer a statistics round (docs/protocol.md "Statistics rounds"): the per-row averages of the sufficient
-        statistics of the raw local rows over the announced schema (protocol.features.site_summary) as an
-        ordinary signed update, num_samples = the rows. With announced `bounds` the rows are clipped to them and
+        statistics of the raw local rows over the announced schema (protocol.features.site_summary; in a
+        "histogram" round the z-score histograms under the announced transform, site_histogram) as an ordinary
+        signed update, num_samples = the rows. With announced `bounds` the rows are clipped to them and
         summarised on the unit scale; with `noise_mult` > 0 Gaussian noise calibrated to one record's influence is
         added first, which costs one Gaussian mechanism, Entry(noise_mult, 1, 1), of the example-level budget:
         checked before and persisted before the update leaves, like a training round's spend. Without noise
@@ -326,10 +334,13 @@ class DeviceAgent:
         cfg, budget = self.cfg, self.cfg.privacy
         try:
             announced = json.loads(ann.features)
-            schema = FeatureSchema.from_dict(announced)
-            bounds = check_bounds(announced.get("bounds"), schema.n_features)
+            histogram = ann.statistics == "histogram"   # the optional second round: z-score histograms
+            transform = FeatureTransform.from_dict(announced) if histogram else None
+            schema = transform.schema if histogram else FeatureSchema.from_dict(announced)
+            bounds = None if histogram else check_bounds(announced.get("bounds"), schema.n_features)
             noise_mult = float(announced.get("noise_mult", 0.0))
-            if not (math.isfinite(noise_mult) and noise_mult >= 0) or (noise_mult > 0 and bounds is None):
+            if not (math.isfinite(noise_mult) and noise_mult >= 0) or (noise_mult > 0 and bounds is None
+                                                                       and not histogram):
                 raise ValueError(f"noise_mult {noise_mult!r} (finite, >= 0, and only with bounds)")
             x = load_raw(cfg.data, schema)
         except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
@@ -344,7 +355,8 @@ class DeviceAgent:
                 return self._answer(ann, "budget_exhausted", f"statistics (noise {noise_mult}) would exceed "
                                                              f"epsilon {budget.epsilon}")
             history = (*history, entry)
-        vector, rows = site_summary(x, bounds, noise_mult, self.rng)
+        vector, rows = site_histogram(x, transform, noise_mult, self.rng) if histogram else \
+            site_summary(x, bounds, noise_mult, self.rng)
         result = LocalResult(vector.astype("float32"), rows, 0, 0.0, 1.0, 0.0, 0.0)
         out = build_update(result, RoundIdentity(cfg.id, cfg.edge, ann.round_id, ann.model_version),
                            CompressionSettings.from_dict(ann.compression), history=history,
@@ -355,7 +367,8 @@ class DeviceAgent:
         self.state = replace(self.state.answered(ann.round_id), history=history)
         save_state(self.state_path, self.state)   # the spend (if any) is on disk before anything leaves
         self.link.publish(self.update_topic, data)
-        event(self.log, "statistics sent", round=ann.round_id, rows=rows, features=schema.n_features,
+        event(self.log, "statistics sent", round=ann.round_id, kind=ann.statistics, rows=rows,
+              features=schema.n_features,
               bytes=len(data), noise_mult=noise_mult, epsilon=round(out.update.privacy.epsilon, 4))
 
     def _send_masked(self, ann: RoundAnnouncement, result: LocalResult, masked: MaskedRound,

@@ -246,10 +246,15 @@ def histogram_size(n_features: int) -> int:
     return n_features * (HIST_BINS + 2)
 
 
-def site_histogram(x: np.ndarray, transform: FeatureTransform) -> tuple[np.ndarray, int]:
+def site_histogram(x: np.ndarray, transform: FeatureTransform, noise_mult: float = 0.0,
+                   rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
     """(per-row-average counts of each feature's z-score in [under, bins..., over], the row count): the second,
-    optional statistics round; missing values are not counted."""
+    optional statistics round; missing values are not counted. One record adds 1 to at most one bin per feature,
+    so its L2 influence on the counts is sqrt(F): with `noise_mult` > 0, Gaussian noise of std noise_mult * sqrt(F)
+    is added to the counts first."""
     x = np.asarray(x, np.float64)
+    if x.ndim != 2 or len(x) == 0 or x.shape[1] != transform.n_features:
+        raise ValueError(f"site_histogram needs a non-empty (rows, {transform.n_features}) matrix")
     z = (x - np.asarray(transform.mean)) / np.asarray(transform.std)
     edges = _bin_edges()
     out = np.zeros((x.shape[1], HIST_BINS + 2))
@@ -257,7 +262,11 @@ def site_histogram(x: np.ndarray, transform: FeatureTransform) -> tuple[np.ndarr
         col = z[:, j][~np.isnan(z[:, j])]
         idx = np.searchsorted(edges, col, side="right")       # 0 = under, HIST_BINS + 1 = over
         out[j] = np.bincount(idx, minlength=HIST_BINS + 2)[: HIST_BINS + 2]
-    return out.ravel() / len(x), len(x)
+    counts = out.ravel()
+    if noise_mult > 0:
+        rng = rng if rng is not None else np.random.default_rng()
+        counts = counts + noise_mult * math.sqrt(x.shape[1]) * rng.standard_normal(counts.size)
+    return counts / len(x), len(x)
 
 
 def quantiles(pooled_hist: np.ndarray, n_features: int, qs: Sequence[float]) -> list[np.ndarray]:

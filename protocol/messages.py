@@ -190,7 +190,7 @@ def new_run_id(now: float | None = None) -> str:
     return f"{stamp}-{os.urandom(2).hex()}"
 
 
-STATISTICS_KINDS = ("", "summary")   # RoundAnnouncement.statistics: "" = a training round (docs/protocol.md)
+STATISTICS_KINDS = ("", "summary", "histogram")   # RoundAnnouncement.statistics: "" = training (docs/protocol.md)
 FEATURES_MAX = 256 * 1024             # RoundAnnouncement.features: JSON of a feature schema or transform
 
 
@@ -199,7 +199,8 @@ FEATURES_MAX = 256 * 1024             # RoundAnnouncement.features: JSON of a fe
 class RoundAnnouncement:
     """Cloud -> edges -> devices (retained): open a round of the run `run_id`. `statistics` = "summary": a
     statistics round (docs/protocol.md "Statistics rounds"): devices answer with protocol.features.site_summary of
-    their raw rows over the schema in `features`, edges aggregate with admission bounds, filters and central DP off.
+    their raw rows over the schema in `features`, edges aggregate with admission bounds, filters and central DP off;
+    "histogram": the same with protocol.features.site_histogram under the transform in `features`.
     In a training round `features` is "" or the federation's FeatureTransform (JSON) that devices apply to raw
     local data."""
 
@@ -217,7 +218,7 @@ class RoundAnnouncement:
     central_dp: CentralDPReport | None = None                         # what edges must add (clip, noise)
     secagg: dict[str, Scalar] | None = field(default=None, metadata=limit(max_len=32))
     run_id: str = field(default="", metadata=RUN_ID)                 # the federation run (new_run_id)
-    statistics: str = field(default="", metadata=limit(max_len=16))  # "" (training) | "summary"
+    statistics: str = field(default="", metadata=limit(max_len=16))  # "" (training) | "summary" | "histogram"
     features: str = field(default="", metadata=limit(max_len=FEATURES_MAX))  # JSON: schema or transform; "" none
     sig: bytes = field(default=b"", metadata=limit(max_len=64))
 

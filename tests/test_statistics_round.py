@@ -164,6 +164,30 @@ def test_the_demo_writes_raw_exports_a_device_reads_back_exactly(tmp_path):
     np.testing.assert_array_equal(load_raw(DataConfig(dir=dirs["s1"]), schema), x)
 
 
+def test_a_second_histogram_round_clips_each_input_at_its_pooled_quantiles(tmp_path, broker, daemons, recorder):
+    """[features] quantile: after the summary round (0) a histogram round (1) under its transform; the cloud clips
+    each input at the pooled q, 1 - q quantiles of the sites' z-score histograms; training starts at round 2."""
+    data, transform, anns, logs = run_federation(tmp_path, broker, daemons, recorder, "quantile = 0.02\n")
+    assert [(a.round_id, a.statistics) for a in anns[:2]] == [(0, "summary"), (1, "histogram")], logs()
+    first = FeatureTransform.from_dict(json.loads(anns[1].features))
+    assert first.mean == transform.mean and first.std == transform.std and first.lower is None
+    assert [r["round"] for r in rounds_of(tmp_path / "run" / "statistics-histogram")] == [1]
+    assert [r["round"] for r in rounds_of(tmp_path / "run")] == [2, 3], logs()
+    pooled = np.concatenate([x for x, _ in data.values()])
+    want_lo, want_hi = np.nanquantile(pooled, 0.02, axis=0), np.nanquantile(pooled, 0.98, axis=0)
+    width = 2 * 6.0 / 48 * np.asarray(transform.std)    # two histogram bins
+    assert np.all(np.abs(np.asarray(transform.lower) - want_lo) < width), (transform.lower, want_lo)
+    assert np.all(np.abs(np.asarray(transform.upper) - want_hi) < width), (transform.upper, want_hi)
+    assert transform.provenance["rounds"] == 2 and transform.provenance["quantile_clip"] == 0.02
+    clipped = transform.apply(pooled)   # the announced transform clips: nothing beyond the pooled quantiles
+    z_hi = (np.asarray(transform.upper) - np.asarray(transform.mean)) / np.asarray(transform.std)
+    assert np.all(np.nanmax(clipped, 0) <= z_hi + 1e-5)
+    for d in ROWS:
+        kinds = [json.loads(line).get("kind") for line in (tmp_path / f"{d}.log").read_text().splitlines()
+                 if line.startswith("{") and json.loads(line)["msg"] == "statistics sent"]
+        assert kinds == ["summary", "histogram"], logs()
+
+
 def test_declared_feature_bounds_are_all_or_none_and_noise_needs_them(tmp_path):
     from cloud.config import load_config
 
