@@ -188,24 +188,27 @@ class CloudAggregator:
             return True
         schema, quantile = cfg.features.load_schema(), cfg.features.quantile
         bounds, noise_mult = cfg.features.encoded_bounds(schema), cfg.features.noise_mult
+        masked = cfg.features.secagg
         kept = self.run_dir / STATISTICS_DIR / SUMMARY_FILE   # the first round's transform, across a crash
         if kept.exists():
             transform = FeatureTransform.from_dict(json.loads(kept.read_text()))
         else:
-            done = self._run_statistics(statistics_settings(self.engine.settings, schema, bounds, noise_mult),
+            done = self._run_statistics(statistics_settings(self.engine.settings, schema, bounds, noise_mult,
+                                                            masked, cfg.features.site_rows_max),
                                         initial(schema), STATISTICS_DIR)
             if done is None:
                 return False
             stats, rows = done
             record = stats.state.history[-1]
             provenance = {"rounds": 1, "sites": record["num_devices"], "edges": record["num_edges"],
-                          "run_id": stats.state.run_id, "secagg": False, "central_noise": 0.0,
+                          "run_id": stats.state.run_id, "secagg": masked is not None, "central_noise": 0.0,
                           "site_noise": noise_mult, "bounds": bool(bounds)}
             transform = derive(stats.state.server.weights, rows, schema, cfg.features.clip_z, provenance, bounds)
             if quantile > 0:
                 atomic_write(kept, json.dumps(transform.to_dict()).encode())
         if quantile > 0:
-            done = self._run_statistics(histogram_settings(self.engine.settings, transform, noise_mult),
+            done = self._run_statistics(histogram_settings(self.engine.settings, transform, noise_mult, masked,
+                                                           cfg.features.site_rows_max),
                                         np.zeros(histogram_size(schema.n_features), np.float32), HISTOGRAM_DIR)
             if done is None:
                 return False

@@ -19,10 +19,11 @@ from cloud.strategies import STRATEGIES, make
 from cloud.strategies.base import RoundDefaults
 from cloud.trust import TrustConfig
 from protocol.compression import CompressionSettings
+from protocol.errors import ProtocolError
 from protocol.features import FeatureSchema, check_bounds
 from protocol.messages import CentralDPReport, TrainingPlan
 from protocol.mqtt import ConnectionConfig
-from protocol.secagg.deploy import MaskedRound
+from protocol.secagg.deploy import MaskedRound, statistics_table
 from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.tomlconfig import load_toml
 from protocol.topics import check_id
@@ -96,6 +97,9 @@ class FeaturesConfig:
     noise_mult: float = 0.0          # > 0: each site adds Gaussian noise (example-level DP, needs bounds)
     quantile: float = 0.0            # > 0: a second (histogram) round clips each input at its pooled q, 1 - q
                                      # quantiles; training then starts at round 2
+    secagg: dict | None = None       # a [secagg] table (graph, k, threshold, min_cohort): the sites mask their
+                                     # statistics (needs bounds); None = plaintext to the edge
+    site_rows_max: int = 100_000     # masked rounds: the largest site's rows (statistics are masked divided by it)
 
     def load_schema(self) -> FeatureSchema:
         data = json.loads(Path(self.schema).read_text())
@@ -235,6 +239,15 @@ class CloudConfig:
             raise ValueError("features.noise_mult must be >= 0")
         if not 0 <= self.features.quantile < 0.5:
             raise ValueError("features.quantile must be in [0, 0.5)")
+        if self.features.secagg is not None:
+            if not self.features.bounds:
+                raise ValueError("features.secagg needs features.bounds: masked values must lie on a bounded grid")
+            if not 0 < self.features.site_rows_max < 1 << 24:
+                raise ValueError("features.site_rows_max must be in [1, 2^24)")
+            try:
+                statistics_table(self.features.secagg, 1)
+            except ProtocolError as exc:
+                raise ValueError(f"features.secagg: {exc.detail}") from exc
         if self.features.noise_mult > 0 and not self.features.bounds:
             raise ValueError("features.noise_mult needs features.bounds: the noise is calibrated to one record's "
                              "influence, which only declared ranges bound")

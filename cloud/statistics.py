@@ -23,8 +23,9 @@ import numpy as np
 
 from cloud.config import BoundsConfig, CentralDPConfig, PrivacyConfig, RoundSettings, StrategyConfig
 from protocol.compression import CompressionSettings
-from protocol.features import STATISTICS_MODEL, FeatureSchema, FeatureTransform, summary_size
+from protocol.features import STATISTICS_MODEL, FeatureSchema, FeatureTransform, histogram_size, summary_size
 from protocol.messages import TrainingPlan
+from protocol.secagg.deploy import statistics_table
 
 FEATURES_FILE = "features.json"   # run_dir/features.json: the derived transform (to_dict), written once
 STATISTICS_DIR = "statistics"     # run_dir/statistics: the statistics round's CloudEngine run directory
@@ -33,28 +34,34 @@ SUMMARY_FILE = "summary-transform.json"  # in STATISTICS_DIR: the first round's 
 
 
 def statistics_settings(settings: RoundSettings, schema: FeatureSchema, bounds: list[list[float]] | None = None,
-                        noise_mult: float = 0.0) -> RoundSettings:
-    """The statistics round's RoundSettings (module docstring); edges, devices, timeouts and run id are kept."""
+                        noise_mult: float = 0.0, secagg: dict | None = None,
+                        site_rows_max: int = 0) -> RoundSettings:
+    """The statistics round's RoundSettings (module docstring); edges, devices, timeouts and run id are kept. With
+    `secagg` (a [secagg] table) the sites mask their totals / `site_rows_max` (statistics_table)."""
     features = {**schema.to_dict(), **({"bounds": bounds} if bounds else {}),
-                **({"noise_mult": float(noise_mult)} if noise_mult > 0 else {})}
+                **({"noise_mult": float(noise_mult)} if noise_mult > 0 else {}),
+                **({"site_rows_max": int(site_rows_max)} if secagg is not None else {})}
+    table = None if secagg is None else statistics_table(secagg, summary_size(schema.n_features))
     return dataclasses.replace(
         settings, model=STATISTICS_MODEL, rounds=1, first_round=0, strategy=StrategyConfig("fedavg", {}),
         plan=TrainingPlan(lr=0.0, local_epochs=1, batch_size=1, clip=0.0, noise_mult=0.0),
         compression=CompressionSettings(method="dense", bits=32, entropy=False).to_dict(),
         central_dp=CentralDPConfig(), privacy=PrivacyConfig(settings.privacy.delta, final_pld=False),
-        model_encoding="full", secagg=None,
+        model_encoding="full", secagg=table,
         bounds=BoundsConfig(norm_multiple=0.0, model_ratio=0.0, samples_multiple=0.0,
                             max_samples=settings.bounds.max_samples),
         statistics="summary", features=json.dumps(features, separators=(",", ":")))
 
 
-def histogram_settings(settings: RoundSettings, transform: FeatureTransform, noise_mult: float = 0.0
-                       ) -> RoundSettings:
+def histogram_settings(settings: RoundSettings, transform: FeatureTransform, noise_mult: float = 0.0,
+                       secagg: dict | None = None, site_rows_max: int = 0) -> RoundSettings:
     """The optional second statistics round (round and version 1): the sites' z-score histograms
     (protocol.features.site_histogram) under the first round's `transform`, which `features` carries."""
-    features = {**transform.to_dict(), **({"noise_mult": float(noise_mult)} if noise_mult > 0 else {})}
+    features = {**transform.to_dict(), **({"noise_mult": float(noise_mult)} if noise_mult > 0 else {}),
+                **({"site_rows_max": int(site_rows_max)} if secagg is not None else {})}
     first = statistics_settings(settings, transform.schema)
-    return dataclasses.replace(first, first_round=1, statistics="histogram",
+    table = None if secagg is None else statistics_table(secagg, histogram_size(transform.n_features))
+    return dataclasses.replace(first, first_round=1, statistics="histogram", secagg=table,
                                features=json.dumps(features, separators=(",", ":")))
 
 

@@ -42,6 +42,7 @@ from protocol.features import (
     FeatureSchema,
     FeatureTransform,
     check_bounds,
+    masked_statistics_scale,
     site_histogram,
     site_summary,
 )
@@ -342,9 +343,14 @@ class DeviceAgent:
             if not (math.isfinite(noise_mult) and noise_mult >= 0) or (noise_mult > 0 and bounds is None
                                                                        and not histogram):
                 raise ValueError(f"noise_mult {noise_mult!r} (finite, >= 0, and only with bounds)")
+            masked = MaskedRound.from_announcement(ann.secagg)
+            scale = masked_statistics_scale(ann.features) if masked is not None else 0
             x = load_raw(cfg.data, schema)
-        except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, OSError, KeyError, TypeError, AttributeError, ProtocolError) as exc:
             return self._answer(ann, "declined", f"statistics: {exc}")
+        if masked is not None and len(x) > scale:
+            return self._answer(ann, "declined", f"statistics: {len(x)} rows, more than the round's site_rows_max "
+                                                 f"{scale}")
         if len(x) < self.model.batch_size:   # the same floor as training: no statistics of a handful of patients
             return self._answer(ann, "declined", f"statistics: {len(x)} rows, fewer than one batch of "
                                                  f"{self.model.batch_size}")
@@ -357,6 +363,11 @@ class DeviceAgent:
             history = (*history, entry)
         vector, rows = site_histogram(x, transform, noise_mult, self.rng) if histogram else \
             site_summary(x, bounds, noise_mult, self.rng)
+        if masked is not None:   # the edge learns only the cohort's sum of n_i s_i (and of n_i)
+            self.state = replace(self.state.answered(ann.round_id), history=history)
+            save_state(self.state_path, self.state)   # the spend (if any) is on disk before anything leaves
+            return self._mask_and_send(ann, masked.device_vector(vector * (rows / scale), rows, 0),
+                                       kind=ann.statistics, rows=rows)
         result = LocalResult(vector.astype("float32"), rows, 0, 0.0, 1.0, 0.0, 0.0)
         out = build_update(result, RoundIdentity(cfg.id, cfg.edge, ann.round_id, ann.model_version),
                            CompressionSettings.from_dict(ann.compression), history=history,
@@ -376,10 +387,15 @@ class DeviceAgent:
         """Untrusted-edge round: persist the spend, then take part in the cohort's secure aggregation with the
         clipped delta (docs/secagg.md "Deployment"); the edge learns only the cohort sum. The error-feedback residual
         is left as it is (masked rounds send no compression payload)."""
-        cfg = self.cfg
         vector = masked.device_vector(result.delta, result.num_samples, result.local_steps)
         self.state = replace(self.state.answered(ann.round_id), history=history, steps_per_s=speed)
         save_state(self.state_path, self.state)  # the spend is on disk before anything leaves the device
+        self._mask_and_send(ann, vector, steps=result.local_steps)
+
+    def _mask_and_send(self, ann: RoundAnnouncement, vector, **fields) -> None:
+        """Take part in the round's secure aggregation with `vector` (device_vector's output): the edge learns only
+        the cohort's sum."""
+        cfg = self.cfg
         self.publish_status("masking", ann.round_id, f"{vector.size} values")
         client = SecAggClient(cfg.id, cfg.edge, ann.round_id, self.signing_key, self._secagg_directory())
         start = time.monotonic()
@@ -389,9 +405,9 @@ class DeviceAgent:
             event(self.log, "masked update not aggregated", logging.WARNING, round=ann.round_id,
                   reason=exc.reason.name, detail=exc.detail)
             return
-        event(self.log, "masked update aggregated", round=ann.round_id, steps=result.local_steps,
-              values=vector.size, cohort=len(outcome.survivors), seconds=round(time.monotonic() - start, 3),
-              epsilon=round(self.epsilon_spent(), 4))
+        event(self.log, "masked update aggregated", round=ann.round_id, values=vector.size,
+              cohort=len(outcome.survivors), seconds=round(time.monotonic() - start, 3),
+              epsilon=round(self.epsilon_spent(), 4), **fields)
 
     def _secagg_directory(self) -> dict:
         """Identity keys of the edge's devices, from the enrolment export in secagg_keys_dir ({device_id}.pub)."""

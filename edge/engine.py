@@ -32,6 +32,7 @@ from edge.validation import RoundContext, authenticate, decode_delta
 from protocol import signing
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.errors import ProtocolError, Reason
+from protocol.features import masked_statistics_scale
 from protocol.keyring import KeyRing
 from protocol.logs import event
 from protocol.messages import (
@@ -166,8 +167,10 @@ class EdgeEngine:
     def _on_round(self, data: bytes) -> list[Publication]:
         msg = decode(data, expect=RoundAnnouncement)
         verify_message(msg, self.cloud_key)
-        MaskedRound.from_announcement(msg.secagg)   # refuse a malformed secagg table before adopting the round
+        masked = MaskedRound.from_announcement(msg.secagg)   # refuse a malformed table before adopting the round
         EdgeMaskedRound.from_announcement(msg.secagg)
+        if msg.statistics and masked is not None:
+            masked_statistics_scale(msg.features)
         if not self._follow_run(msg.run_id, "round", data):
             return []
         current = self.announcement
@@ -305,8 +308,8 @@ class EdgeEngine:
         assert ann is not None and self.model is not None
         sync = self.cfg.rounds.mode == "sync"
         batch = ann.round_id if sync else self.batch + 1
-        if ann.statistics and masked is None:
-            return self._close_statistics(ann, why, batch)
+        if ann.statistics:
+            return self._close_statistics(ann, why, batch, masked)
         if masked is None:
             agg, result = self._aggregate(self.pending, ann, why)
             mean = result.mean
@@ -341,18 +344,29 @@ class EdgeEngine:
         self._refresh()
         return [Publication(aggregate_topic(self.aggregate_id), payload, batch=batch)]
 
-    def _close_statistics(self, ann: RoundAnnouncement, why: str, batch: int) -> list[Publication]:
+    def _close_statistics(self, ann: RoundAnnouncement, why: str, batch: int,
+                          masked: SecAggResult | None = None) -> list[Publication]:
         """Close a statistics round (docs/protocol.md "Statistics rounds"): the row-weighted mean of the sites'
         per-row statistics (FedAvg weights alpha_i = num_samples exactly: no bounds, filters, weighting scheme or
         central DP, which would bias the pooled moments), forwarded dense float32 and always significant. The
-        training rounds' state (remembered bounds, last forwarded aggregate, residual) is left untouched."""
+        training rounds' state (remembered bounds, last forwarded aggregate, residual) is left untouched. In a
+        masked round the sites masked n_i s_i / site_rows_max and their n_i: the unmasked sum gives the same mean
+        without the edge seeing any one site's statistics."""
         updates, n_params = self.pending, int(self.model["n_params"])
-        rows = Rows.stack(n_params, [(u.indices, u.values) for u in updates])
-        samples = np.array([u.num_samples for u in updates], dtype=np.float64)
-        total = float(samples.sum())
-        mean = (rows.weighted_sum(samples) / total).astype(np.float32) if total > 0 else np.zeros(n_params,
-                                                                                                   np.float32)
-        ids = [u.device_id for u in updates]
+        if masked is not None:
+            values, total, _ = self.masked.split(masked)
+            scale = masked_statistics_scale(ann.features)
+            mean = (self.masked.dense(values, n_params).astype(np.float64) * scale / max(total, 1)).astype(np.float32)
+            ids, total, least = list(masked.devices), float(total), 0
+            epsilon = max((self.masked_epsilon.get(d, 0.0) for d in ids), default=0.0)
+        else:
+            rows = Rows.stack(n_params, [(u.indices, u.values) for u in updates])
+            samples = np.array([u.num_samples for u in updates], dtype=np.float64)
+            total = float(samples.sum())
+            mean = (rows.weighted_sum(samples) / total).astype(np.float32) if total > 0 else np.zeros(n_params,
+                                                                                                       np.float32)
+            ids, least = [u.device_id for u in updates], int(samples.min()) if updates else 0
+            epsilon = float(max((u.epsilon for u in updates), default=0.0))
         event(self.log, "aggregate", round=ann.round_id, why=why, devices=len(ids), statistics=ann.statistics,
               rejected=dict(self.rejected), significant=bool(ids))
         agg = EdgeAggregate(
@@ -360,10 +374,10 @@ class EdgeEngine:
             num_samples=int(total), weight_sum=total, n_params=n_params,
             delta=encode_update(mean, CompressionSettings(method="dense", bits=32))[0] if ids else b"",
             significant=bool(ids), central_dp=None, filtered=[], rejected=dict(self.rejected), device_ids=ids,
-            max_device_epsilon=float(max((u.epsilon for u in updates), default=0.0)),
+            max_device_epsilon=epsilon,
             mean_local_steps=float(np.mean([u.local_steps for u in updates])) if updates else 0.0,
             nonce=new_nonce(), timestamp=self.clock(), device_bytes=int(sum(u.nbytes for u in updates)),
-            update_norms={}, min_device_samples=int(samples.min()) if ids else 0)
+            update_norms={}, min_device_samples=least)
         payload = encode(sign_message(agg, self.key))
         state = {"batch": str(batch).encode(), "closed_round": str(ann.round_id).encode()}
         self.store.close_batch(batch, [(u.device_id, u.round_id) for u in updates], payload, state)

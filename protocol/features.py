@@ -29,12 +29,14 @@ the federation computes the pooled mean and variance from them:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from protocol.errors import ProtocolError, Reason
 from protocol.tabular import ReadOptions, Table, TableError, is_numeric, numeric_column, parse_number
 
 FORMAT = "fediomt-features/1"
@@ -150,6 +152,19 @@ def site_summary(x: np.ndarray, bounds=None, noise_mult: float = 0.0,
         rng = rng if rng is not None else np.random.default_rng()
         totals = totals + noise_mult * math.sqrt(totals.size) * rng.standard_normal(totals.size)
     return totals / len(x), len(x)
+
+
+def masked_statistics_scale(features: str) -> int:
+    """`site_rows_max` of a masked statistics round's announced features (JSON): each site masks its totals divided
+    by it, so every value lies in [0, 1] on the secure-aggregation grid. ProtocolError when absent or invalid."""
+    try:
+        scale = json.loads(features)["site_rows_max"]
+    except (ValueError, KeyError, TypeError):
+        scale = None
+    if type(scale) is not int or not 0 < scale < 1 << 24:
+        raise ProtocolError(Reason.BAD_VALUE, "a masked statistics round needs site_rows_max, an integer in "
+                                              "[1, 2^24) (the largest site's rows)")
+    return scale
 
 
 def pool(summaries: Sequence[tuple[np.ndarray, int]]) -> tuple[np.ndarray, int]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from protocol.features import FORMAT, STATISTICS_MODEL, FeatureTransform
-from protocol.messages import RoundAnnouncement, decode
+from protocol.messages import DeviceUpdate, RoundAnnouncement, decode
 from protocol.signing import save_private_key, save_public_key
 from tests.harness import DEV_PUB, PREBUILT, Fed, rounds_of, start_in_process
 
@@ -37,7 +37,7 @@ def write_csv(path, x: np.ndarray, y: np.ndarray) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def run_federation(tmp_path, broker, daemons, recorder, features: str = ""):
+def run_federation(tmp_path, broker, daemons, recorder, features: str = "", **device: object):
     """Cloud (in process), the real edge and 3 real devices with raw CSVs: (their data, the derived transform, the
     edge's announcements, a function returning every log's tail)."""
     from experiments.sandbox import provision
@@ -52,7 +52,7 @@ def run_federation(tmp_path, broker, daemons, recorder, features: str = ""):
     configs = {}
     for d in ROWS:   # real devices, each with a RAW export (NA markers, unscaled) as its train.csv
         configs[d] = provision(tmp_path / d, d, "edge1", PREBUILT / "vitals_mlp", DEV_PUB, tmp_path / "edge" /
-                               "cloud.pub", np.zeros((1, N_FEATURES)), np.zeros(1), broker.port)
+                               "cloud.pub", np.zeros((1, N_FEATURES)), np.zeros(1), broker.port, **device)
         (tmp_path / d / "data" / "train.npz").unlink()
         write_csv(tmp_path / d / "data" / "train.csv", *data[d])
         (tmp_path / d / f"{d}.pub").replace(tmp_path / "edge" / "enrolment" / f"{d}.pub")
@@ -185,6 +185,36 @@ def test_a_second_histogram_round_clips_each_input_at_its_pooled_quantiles(tmp_p
     for d in ROWS:
         kinds = [json.loads(line).get("kind") for line in (tmp_path / f"{d}.log").read_text().splitlines()
                  if line.startswith("{") and json.loads(line)["msg"] == "statistics sent"]
+        assert kinds == ["summary", "histogram"], logs()
+
+
+def test_masked_statistics_rounds_give_the_edge_only_the_cohorts_sum(tmp_path, broker, daemons, recorder):
+    """[features] secagg: in both statistics rounds each real device masks its totals / site_rows_max (and its
+    rows) in the edge's secure aggregation; no plaintext statistics update is published, and the unmasked sum gives
+    the same pooled moments and quantile clip points as the plaintext rounds (to the 24-bit grid)."""
+    lo, hi = 3.0 * SCALES - 5.0 * SCALES, 3.0 * SCALES + 8.0 * SCALES
+    bounds = ", ".join(f'{c} = [{float(a)!r}, {float(b)!r}]' for c, a, b in zip(COLUMNS, lo, hi))
+    seen = recorder(["fl/edge1/updates/+", "fl/edge1/secagg/masked/+"], client_id="watch")
+    data, transform, anns, logs = run_federation(
+        tmp_path, broker, daemons, recorder,
+        f"bounds = {{ {bounds} }}\nquantile = 0.02\nsite_rows_max = 1000\nsecagg = {{ min_cohort = 3 }}\n",
+        secagg_keys_dir=str(tmp_path / "edge" / "enrolment"), secagg_timeout_s=60.0)
+    assert [a.secagg["mode"] for a in anns[:2]] == ["untrusted_edge"] * 2 and anns[0].secagg["bits"] == 24
+    assert json.loads(anns[0].features)["site_rows_max"] == 1000
+    masked = {t.rsplit("/", 1)[1] for t, _ in seen.messages if "/secagg/masked/" in t}
+    assert masked == set(ROWS), logs()
+    plaintext = {decode(p, expect=DeviceUpdate).round_id for t, p in seen.messages if "/updates/" in t}
+    assert plaintext == {2, 3}, logs()   # training rounds only: no site's statistics in the clear
+    assert transform.provenance["secagg"] is True and transform.count == sum(ROWS.values())
+    pooled = np.concatenate([x for x, _ in data.values()])
+    clipped = np.clip(pooled, lo, hi)
+    np.testing.assert_allclose(transform.mean, np.nanmean(clipped, axis=0), rtol=1e-4)
+    np.testing.assert_allclose(transform.std, np.nanstd(clipped, axis=0), rtol=1e-3)
+    width = 2 * 6.0 / 48 * np.asarray(transform.std)
+    assert np.all(np.abs(np.asarray(transform.lower) - np.nanquantile(pooled, 0.02, axis=0)) < width)
+    for d in ROWS:
+        kinds = [json.loads(line).get("kind") for line in (tmp_path / f"{d}.log").read_text().splitlines()
+                 if line.startswith("{") and json.loads(line)["msg"] == "masked update aggregated"]
         assert kinds == ["summary", "histogram"], logs()
 
 

@@ -122,7 +122,7 @@ class SecAggClient:
         if inbox.device_id != self.device_id:
             raise ProtocolError(Reason.WRONG_SENDER, f"inbox of {inbox.device_id}")
         view = self.view
-        vector = np.asarray(vector, np.float32).ravel()
+        vector = np.asarray(vector, np.float64).ravel()   # float64: grid counts stay exact
         if vector.size != view.length:
             raise ProtocolError(Reason.BAD_SHAPE, f"{vector.size} values, the round masks {view.length}")
         if not np.isfinite(vector).all():

@@ -13,6 +13,7 @@ so the edge learns only the cohort's totals (weights for the cloud, FedNova's me
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,17 @@ from protocol.secagg.server import SecAggResult
 from protocol.secagg.sparse import scatter, select
 
 EXTRAS = 2   # sample count, local steps
+STATISTICS_BITS = 24   # masked statistics: the finest grid SecAggConfig allows
+
+
+def statistics_table(base: dict, n_values: int) -> dict:
+    """The secagg table of a masked statistics round (docs/protocol.md "Statistics rounds"): `base`'s graph, k,
+    threshold and min_cohort; devices mask (untrusted_edge) every coordinate (no random-k); each value is a total
+    divided by site_rows_max, so in [0, 1], and clip = sqrt(n_values) keeps the L2 clip from ever binding."""
+    table = {k: v for k, v in base.items() if k not in ("seed", "density", "clip", "bits", "mode", *EDGE_KEYS)}
+    table.update(mode="untrusted_edge", clip=math.sqrt(max(n_values, 1)), bits=STATISTICS_BITS)
+    SecAggConfig.from_dict(table)   # ProtocolError for unknown keys or bad values
+    return table
 
 
 @dataclass(frozen=True)
@@ -66,12 +78,12 @@ class MaskedRound:
         clipped = (delta * min(1.0, clip / norm) if norm > 0 else delta).astype(np.float32)
         kept = clipped if self.seed is None else select(clipped, self.seed, self.coordinates(delta.size))
         counts = on_grid([int(num_samples), int(local_steps)], clip, self.config.bits)
-        return np.append(kept, counts).astype(np.float32)
+        return np.append(kept.astype(np.float64), counts)   # float64: a count's grid value stays exact
 
     def split(self, result: SecAggResult) -> tuple[np.ndarray, int, int]:
         """(the sum of the survivors' clipped deltas at the cohort's coordinates, their total samples, their total
-        local steps) from the edge's SecAggResult. Totals are exact up to +-1 per device (float32 rounding of the
-        grid value before stochastic quantization)."""
+        local steps) from the edge's SecAggResult. Totals are exact: device_vector keeps their grid values in
+        float64, so stochastic quantization has nothing to round."""
         samples, steps = (int(v) for v in result.quantized[-EXTRAS:])
         return result.sum[:-EXTRAS], samples, steps
 
