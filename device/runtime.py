@@ -70,6 +70,10 @@ class TrainableModel:
         self._runners = {name: self._interpreter.get_signature_runner(name)
                          for name in ("train", "infer", "evaluate", "get_weights", "set_weights")}
         self._zeros = np.zeros(self.n_params, np.float32)
+        # the hyperparameters' shapes as the bundle declares them: [1] since issue 22 (older bundles: [], which
+        # LiteRT 1.4.0 on aarch64 cannot resize to, docs/litert-aarch64-train-crash.md)
+        self._train_shapes = {k: tuple(int(n) for n in d["shape"])
+                              for k, d in self._runners["train"].get_input_details().items()}
         got = self._runners["get_weights"]()["weights"].size
         if got != self.n_params:
             raise ProtocolError(Reason.BAD_SHAPE, f"model holds {got} weights, manifest layout {self.n_params}")
@@ -129,12 +133,12 @@ class TrainableModel:
         mask = np.ones(self.batch_size, np.float32) if mask is None else np.asarray(mask, np.float32)
         if mask.shape != (self.batch_size,):
             raise ProtocolError(Reason.BAD_SHAPE, f"mask of shape {mask.shape}, model wants ({self.batch_size},)")
+        hyper = {"lr": lr, "clip": clip, "noise_mult": noise_mult, "mu": mu, "apply": 1.0 if apply else 0.0,
+                 "denom": self.batch_size if denom is None else denom}
         out = self._runners["train"](
             x=x, y=np.asarray(y, np.int32), mask=mask, noise=self._flat_or_zeros(noise, "noise"),
-            lr=np.float32(lr), clip=np.float32(clip), noise_mult=np.float32(noise_mult),
-            denom=np.float32(self.batch_size if denom is None else denom), apply=np.float32(1.0 if apply else 0.0),
-            mu=np.float32(mu),
-            ref=self._flat_or_zeros(ref_flat, "ref_flat"), control=self._flat_or_zeros(control_flat, "control_flat"))
+            ref=self._flat_or_zeros(ref_flat, "ref_flat"), control=self._flat_or_zeros(control_flat, "control_flat"),
+            **{k: np.full(self._train_shapes[k], v, np.float32) for k, v in hyper.items()})
         return float(out["loss"])
 
     def infer(self, x: np.ndarray) -> np.ndarray:

@@ -185,7 +185,9 @@ class FirmwareModule(tf.Module):
         xb = tf.TensorSpec([batch_size, *spec.input_shape], f32, name="x")
         yb = tf.TensorSpec([batch_size], i32, name="y")
         flat = lambda name: tf.TensorSpec([self.n_params], f32, name=name)  # noqa: E731
-        scalar = lambda name: tf.TensorSpec([], f32, name=name)  # noqa: E731
+        # hyperparameters are rank-1 [1], never rank-0: LiteRT 1.4.0's aarch64 wheel segfaults resizing an input to
+        # shape [] (what every SignatureRunner call does), docs/litert-aarch64-train-crash.md
+        scalar = lambda name: tf.TensorSpec([1], f32, name=name)  # noqa: E731
         self.train = tf.function(self._train, input_signature=[
             xb, yb, tf.TensorSpec([batch_size], f32, name="mask"), flat("noise"), scalar("lr"), scalar("clip"),
             scalar("noise_mult"), scalar("denom"), scalar("apply"), scalar("mu"), flat("ref"), flat("control")])
@@ -196,6 +198,7 @@ class FirmwareModule(tf.Module):
         self.set_weights = tf.function(self._set_weights, input_signature=[flat("weights")])
 
     def _train(self, x, y, mask, noise, lr, clip, noise_mult, denom, apply, mu, ref, control):
+        lr, clip, noise_mult, denom, apply, mu = (tf.reshape(v, []) for v in (lr, clip, noise_mult, denom, apply, mu))
         loss, new, acc = dp_step(self.spec, [w.read_value() for w in self.weights], x, y, noise, lr, clip,
                                  noise_mult, mu, ref, control, mask=mask, denom=denom, apply=apply,
                                  acc=self.acc.read_value())

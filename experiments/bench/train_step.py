@@ -90,7 +90,7 @@ def measure(name: str, steps: int, workdir: Path, key) -> dict:
 
     module = FirmwareModule(spec, batch_size=batch)
     zeros = tf.zeros([litert.n_params])
-    f32 = lambda v: tf.constant(v, tf.float32)  # noqa: E731
+    f32 = lambda v: tf.constant([v], tf.float32)  # noqa: E731  (hyperparameters are [1], issue 22)
     args = [tf.constant(x), tf.constant(y), tf.ones([batch]), tf.constant(noise), f32(hp["lr"]), f32(hp["clip"]),
             f32(hp["noise_mult"]), f32(batch), f32(1.0), f32(0.0), zeros, zeros]
     tf_ms = _ms_per_call(lambda: module.train(*args), steps)

@@ -35,6 +35,19 @@ def learnable_data(model: TrainableModel, n: int, seed: int = 0):
     return x, np.argmax(x.reshape(n, -1) @ proj, axis=1).astype(np.int32)
 
 
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_no_signature_input_is_rank_0(name):
+    """A SignatureRunner call resizes every input to the value's shape; LiteRT 1.4.0's aarch64 wheel segfaults
+    resizing to shape [] (docs/litert-aarch64-train-crash.md), so the bundles' hyperparameters are [1]."""
+    bundle = load_bundle(PREBUILT / name, load_public_key(DEV_PUBKEY))
+    interpreter = interpreter_class()(model_content=bundle.model_bytes)
+    for signature in interpreter.get_signature_list():
+        for key, detail in interpreter.get_signature_runner(signature).get_input_details().items():
+            assert len(detail["shape"]) >= 1, (signature, key, detail["shape"])
+    train = bundle.manifest["signatures"]["train"]["inputs"]
+    assert all(train[k]["shape"] == [1] for k in ("lr", "clip", "noise_mult", "denom", "apply", "mu"))
+
+
 def test_forced_runtime_is_used():
     forced = os.environ.get("FEDIOMT_RUNTIME")
     assert RUNTIME == (forced or "ai_edge_litert")
