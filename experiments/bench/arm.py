@@ -1,7 +1,8 @@
 """`fediomt bench arm`: the device tier on aarch64, in FULL-SYSTEM emulation (issue 22).
 
-qemu-user proved nothing either way (../shared/notes/arm-and-packaging.md: LiteRT segfaults there in `train` while
-x86 trains), so this boots a real arm64 Linux: `qemu-system-aarch64 -M virt -cpu cortex-a72`, Debian bookworm
+qemu-user emulates single processes on the host's kernel (the `train` segfault it showed is a LiteRT 1.4.0
+aarch64 defect that this reproduced too: docs/litert-aarch64-train-crash.md); for the whole device tier (pip,
+the agent, its networking) this boots a real arm64 Linux: `qemu-system-aarch64 -M virt -cpu cortex-a72`, Debian bookworm
 arm64 built with `debootstrap` from the host's apt mirror, Debian's arm64 kernel and initramfs. Inside the guest:
 
 1. `python3 -m venv` + `pip install fediomt[device]` (this checkout's wheel, served by the host; its dependencies'
@@ -253,6 +254,7 @@ class _Server:
 TRAINABLE = ["wearable_cnn", "har_mlp", "vitals_mlp"]
 STUDENT = "har_mlp_int8"
 SEED = 22
+STEP_TOLERANCE = 1e-4   # max abs weight difference of one fixed-seed DP-SGD step, aarch64 vs x86 (issue 22)
 
 
 def _inputs(path: Path) -> dict:
@@ -285,6 +287,16 @@ def _inputs(path: Path) -> dict:
                                + [f"step-ref:{n}" for n in TRAINABLE] + [f"infer:{STUDENT}"])
     np.savez(path, **arrays)
     return host
+
+
+def probe_ok(figures: dict) -> bool:
+    """Every probe task ran; each trainable step equals x86's to STEP_TOLERANCE; the student's argmax equals x86's."""
+    rows = {k: v for k, v in figures.items() if ":" in k and isinstance(v, dict)}
+    steps = [v for k, v in rows.items() if k.startswith("step")]
+    infers = [v for k, v in rows.items() if k.startswith("infer:")]
+    return bool(steps and infers) and all(v.get("returncode") == 0 for v in rows.values()) and \
+        all(v.get("max_abs_diff_vs_x86", 1.0) <= STEP_TOLERANCE for v in steps) and \
+        all(v.get("argmax_agreement") == 1.0 for v in infers)
 
 
 def _stages(console: str) -> dict[str, float]:
@@ -456,6 +468,7 @@ def run(args: argparse.Namespace) -> dict:
                     row["stderr_tail"] = entry.get("stderr_tail", "")[-1200:]
                 figures[f"{entry['task']}:{name}"] = row
             log(f"probe done: {json.dumps({k: v for k, v in figures.items() if ':' in k})}")
+        figures["probe_ok"] = probe_ok(figures)
         text = console.read_text(errors="replace")
         if "FEDIOMT-JOB-EXIT" in text:
             raise RuntimeError(f"the guest job ended early: {text[-3000:]}")
@@ -573,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "arm.json").write_text(json.dumps(figures, indent=2, default=float) + "\n")
-    return 0 if figures.get("federation_ok") else 1
+    return 0 if figures.get("federation_ok") and figures.get("probe_ok") else 1
 
 
 if __name__ == "__main__":
