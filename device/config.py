@@ -29,11 +29,14 @@ class DeviceConnectionConfig(ConnectionConfig):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Local training data: `dir` holding train.npz (x, y) and/or train.csv (features + `label`), or `entry_point`
-    "module:function" returning (x, y) for a live sensor feed (called at every round)."""
+    """Local training data: `dir` holding train.npz (x, y) and/or train.csv (features + `label`), `physionet` (a
+    PhysioNet 2012-format set: a directory of record .txt files or a set-*.tar.gz, with its outcomes file), or
+    `entry_point` "module:function" returning (x, y) for a live sensor feed (called at every round)."""
 
     dir: Path | None = None
     entry_point: str | None = None
+    physionet: Path | None = None
+    outcomes: Path | None = None     # the set's outcomes file; default: Outcomes-*.txt beside the set
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,9 @@ class DeviceConfig:
             raise ValueError(f"mode {self.mode!r} not in {MODES}")
         if self.inference.batch < 1:
             raise ValueError("inference.batch must be >= 1")
-        if self.data.dir is None and self.data.entry_point is None:
-            raise ValueError("data: set `dir` (train.npz / train.csv) or `entry_point` (module:function)")
+        if self.data.dir is None and self.data.entry_point is None and self.data.physionet is None:
+            raise ValueError("data: set `dir` (train.npz / train.csv), `physionet` (a PhysioNet 2012-format set) or "
+                             "`entry_point` (module:function)")
         if self.significance_threshold < 0 or self.min_steps < 1:
             raise ValueError("significance_threshold must be >= 0 and min_steps >= 1")
         if not 0 < self.ack_timeout_s <= self.ack_timeout_max_s:

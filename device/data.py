@@ -6,19 +6,23 @@ model input) -- both are concatenated when both exist. When the installed bundle
 transform (manifest `features`, protocol.features), `train.csv` holds the RAW export: its columns are picked by
 name (schema order; extra columns ignored), missing markers NA / empty / ? and thousands separators are read
 (protocol.tabular) and the transform standardises them exactly as the cloud did; a malformed cell is a TableError
-naming file, column and row. Or a live feed: an entry point "module:function" that
-returns (x, y) and is called at every round. Everything is checked against the model before training.
+naming file, column and row. Or a PhysioNet 2012-format set (protocol.physionet2012: record files and an outcomes
+file), whose per-stay features are raw with missing values, so it needs the federation's transform, which picks
+its columns by name (`feature_names()`). Or a live feed: an entry point "module:function" that returns (x, y) and
+is called at every round. Everything is checked against the model before training.
 """
 
 from __future__ import annotations
 
 import importlib
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from device.config import DataConfig
 from protocol.features import FeatureSchema, FeatureTransform
+from protocol.physionet2012 import feature_names, load_physionet2012
 from protocol.tabular import ReadOptions, numeric_column, read_table
 
 
@@ -34,10 +38,33 @@ def _read_csv(path: Path, features: dict | None = None) -> tuple[np.ndarray, np.
     return np.asarray(cols, np.float64).T.reshape(len(y), -1).astype(np.float32), y
 
 
+def _physionet(cfg: DataConfig, schema: FeatureSchema) -> tuple[np.ndarray, np.ndarray]:
+    """(raw features over `schema`'s columns, NaN = missing; in-hospital death labels) of the configured set."""
+    if schema.categorical:
+        raise ValueError(f"{cfg.physionet}: PhysioNet features are numeric; the schema has categorical columns")
+    names = {name: i for i, name in enumerate(feature_names())}
+    unknown = [c for c in schema.numeric if c not in names]
+    if unknown:
+        raise ValueError(f"{cfg.physionet}: no PhysioNet 2012 feature named {unknown[:5]} (see feature_names())")
+    source = Path(cfg.physionet)
+    x, y = _read_set(str(source), str(cfg.outcomes or ""), source.stat().st_mtime_ns)
+    return x[:, [names[c] for c in schema.numeric]], y
+
+
+@lru_cache(maxsize=2)
+def _read_set(source: str, outcomes: str, stamp: int) -> tuple[np.ndarray, np.ndarray]:
+    """Parsed once, and again when the set changes (`stamp`: its mtime, which adding a record changes)."""
+    x, y, _ = load_physionet2012(source, outcomes or None)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
 def load_raw(cfg: DataConfig, schema: FeatureSchema) -> np.ndarray:
-    """The raw (rows, model inputs) float64 matrix of the local train.csv over the federation's `schema`, NaN for
-    a missing cell: what a statistics round summarises (protocol.features.site_summary; docs/protocol.md
-    "Statistics rounds"). Only a raw CSV export can be summarised (train.npz holds already-scaled inputs)."""
+    """The raw (rows, model inputs) float64 matrix of the local train.csv (or PhysioNet set) over the federation's
+    `schema`, NaN for a missing cell: what a statistics round summarises (protocol.features.site_summary;
+    docs/protocol.md "Statistics rounds"). Only raw exports can be summarised (train.npz holds scaled inputs)."""
+    if cfg.physionet is not None:
+        return _physionet(cfg, schema)[0]
     path = Path(cfg.dir) / "train.csv"
     if cfg.entry_point or not path.exists():
         raise FileNotFoundError(f"{path}: a statistics round needs the raw local export as train.csv")
@@ -61,6 +88,13 @@ def load_data(cfg: DataConfig, input_shape: tuple[int, ...], n_classes: int,
     if cfg.entry_point:
         x, y = _entry_point(cfg.entry_point)()
         parts = [(np.asarray(x), np.asarray(y))]
+    elif cfg.physionet is not None:
+        if not features:
+            raise ValueError(f"{cfg.physionet}: a PhysioNet set holds raw values with missing ones; it needs the "
+                             "federation's feature transform (a statistics round's, or the bundle's)")
+        transform = FeatureTransform.from_dict(features)
+        x, y = _physionet(cfg, transform.schema)
+        parts = [(transform.apply(x), y)]
     else:
         parts = []
         if (cfg.dir / "train.npz").exists():

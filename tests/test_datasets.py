@@ -12,16 +12,9 @@ from experiments.datasets import load
 from experiments.datasets.csv_sites import load_csv_federation
 from experiments.datasets.mimic3 import load_mimic3_split
 from experiments.datasets.partition import dirichlet_label_skew, quantity_skew
-from experiments.datasets.physionet2012 import (
-    SERIES,
-    STATIC,
-    STATS,
-    feature_names,
-    load_physionet2012,
-    load_physionet_federation,
-    parse_record,
-)
+from experiments.datasets.physionet2012 import load_physionet_federation
 from experiments.datasets.uci_har import activity_labels, load_har_federation, read_split
+from protocol.physionet2012 import SERIES, STATIC, STATS, feature_names, load_physionet2012, parse_record
 
 
 def write_har(root, rng):

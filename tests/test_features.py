@@ -218,3 +218,45 @@ def test_device_reads_its_raw_csv_through_the_bundle_transform(tmp_path):
     write(folder / "train.csv", "a,b,label\n1,2,0\n3,oops,1\n")
     with pytest.raises(TableError, match=r"train\.csv, column 'b', row 3: 'oops' is not a number"):
         load_data(DataConfig(dir=folder), (2,), 2)
+
+
+def physionet_set(folder, stays: dict[int, tuple[dict, dict, int]]):
+    """A PhysioNet 2012-format set: one record file per stay (RecordID -> (static descriptors, {series: hourly
+    values}, died)) + its outcomes file."""
+    folder.mkdir(parents=True)
+    for record, (static, series, _) in stays.items():
+        lines = ["Time,Parameter,Value", f"00:00,RecordID,{record}", "00:00,ICUType,2"]
+        lines += [f"00:00,{name},{value}" for name, value in static.items()]
+        lines += [f"{h:02d}:00,{name},{v}" for name, values in series.items() for h, v in enumerate(values, start=1)]
+        write(folder / f"{record}.txt", "\n".join(lines) + "\n")
+    rows = [f"{r},0,0,0,0,{died}" for r, (_, _, died) in stays.items()]
+    write(folder / "Outcomes-a.txt", "RecordID,SAPS-I,SOFA,Length_of_stay,Survival,In-hospital_death\n"
+          + "\n".join(rows) + "\n")
+    return folder
+
+
+def test_a_device_reads_a_physionet_format_set_through_the_federations_transform(tmp_path):
+    """issue 21: a device's local data may be a PhysioNet 2012-format set; its raw per-stay features (NaN when a
+    series is absent) are picked by name, summarised raw in a statistics round and standardised for training."""
+    from device.config import DataConfig
+    from device.data import load_data, load_raw
+
+    folder = physionet_set(tmp_path / "set-a", {132539: ({"Age": 54}, {"HR": [80, 100, 90]}, 0),
+                                                 132540: ({"Age": 76}, {}, 1), 132541: ({"Age": 60}, {"HR": [120]}, 1)})
+    cfg = DataConfig(physionet=folder)
+    schema = FeatureSchema(("static_Age", "HR_mean", "HR_count", "missing_HR"))
+    x = load_raw(cfg, schema)
+    np.testing.assert_array_equal(x[[0, 2]], [[54, 90, 3, 0], [60, 120, 1, 0]])
+    assert x[1, 0] == 76 and np.isnan(x[1, 1]) and x[1, 3] == 1
+    transform = FeatureTransform.from_summary(schema, *pool([site_summary(x)]))
+    with pytest.raises(ValueError, match="needs the federation's feature transform"):
+        load_data(cfg, (4,), 2)
+    xs, y = load_data(cfg, (4,), 2, transform.to_dict())
+    assert y.tolist() == [0, 1, 1]
+    np.testing.assert_allclose(xs, transform.apply(x), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"no PhysioNet 2012 feature named \['chol'\]"):
+        load_raw(cfg, FeatureSchema(("chol",)))
+    outcomes = folder / "Outcomes-a.txt"
+    elsewhere = tmp_path / "labels.txt"
+    outcomes.rename(elsewhere)   # an outcomes file kept apart: named in the config
+    assert load_raw(DataConfig(physionet=folder, outcomes=elsewhere), schema).shape == (3, 4)

@@ -15,11 +15,15 @@ from protocol.features import FORMAT, STATISTICS_MODEL, FeatureTransform
 from protocol.messages import DeviceUpdate, RoundAnnouncement, decode
 from protocol.signing import save_private_key, save_public_key
 from tests.harness import DEV_PUB, PREBUILT, Fed, rounds_of, start_in_process
+from tests.test_features import physionet_set
 
 N_FEATURES = 16
 COLUMNS = [f"f{i}" for i in range(N_FEATURES)]
 SCALES = np.array([1.0, 250.0, 0.01, 80.0] * 4)       # cholesterol next to flags: what breaks unscaled SGD
 ROWS = {"dev-a": 40, "dev-b": 90, "dev-c": 260}          # quantity skew: a samples cap would bias the moments
+PHYSIONET_COLUMNS = ["static_Age", "static_Gender", "static_Height", "static_Weight", "HR_first", "HR_last", "HR_min",
+                     "HR_max", "HR_mean", "HR_count", "missing_HR", "Temp_first", "Temp_max", "Temp_mean", "Temp_count",
+                     "missing_Temp"]   # N_FEATURES of protocol.physionet2012.feature_names()
 
 
 def raw_rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,10 +41,31 @@ def write_csv(path, x: np.ndarray, y: np.ndarray) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def run_federation(tmp_path, broker, daemons, recorder, features: str = "", **device: object):
-    """Cloud (in process), the real edge and 3 real devices with raw CSVs: (their data, the derived transform, the
-    edge's announcements, a function returning every log's tail)."""
+def physionet_rows(folder, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A PhysioNet 2012-format set of n synthetic stays in `folder`; (its raw PHYSIONET_COLUMNS, its labels)."""
+    from protocol.physionet2012 import feature_names, load_physionet2012
+
+    rng = np.random.default_rng(seed)
+    stays = {}
+    for i in range(n):
+        rates = list(np.round(rng.normal(80 + 10 * seed, 15, size=rng.integers(0, 6)), 1))
+        temps = list(np.round(rng.normal(37.0, 0.8, size=rng.integers(0, 4)), 2))
+        static = {"Age": round(float(rng.normal(55 + 5 * seed, 12)), 1), "Gender": int(rng.integers(0, 2)),
+                  "Height": round(float(rng.normal(170, 10)), 1), "Weight": round(float(rng.normal(80, 15)), 1)}
+        stays[140000 + 1000 * seed + i] = (static, {"HR": rates, "Temp": temps},
+                                           int(bool(rates) and max(rates) > 95))
+    physionet_set(folder, stays)
+    x, y, _ = load_physionet2012(folder)
+    return x[:, [feature_names().index(c) for c in PHYSIONET_COLUMNS]], y
+
+
+def run_federation(tmp_path, broker, daemons, recorder, features: str = "", physionet: bool = False,
+                   **device: object):
+    """Cloud (in process), the real edge and 3 real devices with raw CSVs (or, `physionet`, PhysioNet 2012-format
+    sets): (their data, the derived transform, the edge's announcements, a function returning every log's tail)."""
     from experiments.sandbox import provision
+
+    columns = PHYSIONET_COLUMNS if physionet else COLUMNS
 
     # the edge: real process, its default admission bounds ON (norm and samples multiples 1)
     fed = Fed(tmp_path / "edge", n_devices=0, broker={"host": broker.host, "port": broker.port},
@@ -48,22 +73,26 @@ def run_federation(tmp_path, broker, daemons, recorder, features: str = "", **de
     save_private_key(fed.cloud_key, tmp_path / "cloud.key")
     (tmp_path / "edges").mkdir()
     save_public_key(fed.edge_key.public_key(), tmp_path / "edges" / "edge1.pub")
-    data = {d: raw_rows(n, seed) for seed, (d, n) in enumerate(ROWS.items())}
-    configs = {}
-    for d in ROWS:   # real devices, each with a RAW export (NA markers, unscaled) as its train.csv
+    data, configs = {}, {}
+    for seed, (d, n) in enumerate(ROWS.items()):   # real devices, each with a RAW export (NA markers, unscaled)
+        folder = tmp_path / d / "icu"
+        data[d] = physionet_rows(folder, n, seed) if physionet else raw_rows(n, seed)
+        source = {"data": {"physionet": str(folder)}} if physionet else {}
         configs[d] = provision(tmp_path / d, d, "edge1", PREBUILT / "vitals_mlp", DEV_PUB, tmp_path / "edge" /
-                               "cloud.pub", np.zeros((1, N_FEATURES)), np.zeros(1), broker.port, **device)
+                               "cloud.pub", np.zeros((1, len(columns))), np.zeros(1), broker.port,
+                               **source, **device)
         (tmp_path / d / "data" / "train.npz").unlink()
-        write_csv(tmp_path / d / "data" / "train.csv", *data[d])
+        if not physionet:
+            write_csv(tmp_path / d / "data" / "train.csv", *data[d])
         (tmp_path / d / f"{d}.pub").replace(tmp_path / "edge" / "enrolment" / f"{d}.pub")
-    x_test, y_test = raw_rows(64, 7)
+    x_test, y_test = physionet_rows(tmp_path / "holdout-set", 64, 7) if physionet else raw_rows(64, 7)
     np.savez(tmp_path / "holdout.npz", x=x_test.astype(np.float32), y=y_test)   # raw, NaN = missing
-    (tmp_path / "schema.json").write_text(json.dumps({"numeric": COLUMNS, "categorical": []}))
+    (tmp_path / "schema.json").write_text(json.dumps({"numeric": columns, "categorical": []}))
     config = tmp_path / "cloud.toml"
     config.write_text('run_dir = "run"\nsigning_key = "cloud.key"\nedge_keys_dir = "edges"\n'
                       'eval_data = "holdout.npz"\nmodel = "vitals_mlp"\nrounds = 2\nround_timeout_s = 60.0\n'
                       f'devices = {json.dumps(list(ROWS))}\n'
-                      f'[model_options]\nn_features = {N_FEATURES}\n'
+                      f'[model_options]\nn_features = {len(columns)}\n'
                       f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[strategy]\nname = "fedavg"\n'
                       '[features]\nschema = "schema.json"\nclip_z = 5.0\n' + features)
     seen = recorder(["fl/edge1/round"])
@@ -216,6 +245,19 @@ def test_masked_statistics_rounds_give_the_edge_only_the_cohorts_sum(tmp_path, b
         kinds = [json.loads(line).get("kind") for line in (tmp_path / f"{d}.log").read_text().splitlines()
                  if line.startswith("{") and json.loads(line)["msg"] == "masked update aggregated"]
         assert kinds == ["summary", "histogram"], logs()
+
+
+def test_devices_holding_physionet_format_sets_standardise_and_train(tmp_path, broker, daemons, recorder):
+    """issue 21: each device's local data is a PhysioNet 2012-format set (record files + outcomes); the devices
+    answer the statistics round from its raw per-stay features and train on them through the derived transform."""
+    data, transform, anns, logs = run_federation(tmp_path, broker, daemons, recorder, physionet=True)
+    pooled = np.concatenate([x for x, _ in data.values()])
+    assert transform.count == len(pooled) == sum(ROWS.values())
+    np.testing.assert_allclose(transform.mean, np.nanmean(pooled, axis=0), rtol=1e-4)
+    np.testing.assert_allclose(transform.std, np.nanstd(pooled, axis=0), rtol=1e-3)
+    records = rounds_of(tmp_path / "run")
+    assert [r["round"] for r in records] == [1, 2] and records[0]["num_devices"] == 3, logs()
+    assert all(r["auroc"] is not None for r in records), records
 
 
 def test_declared_feature_bounds_are_all_or_none_and_noise_needs_them(tmp_path):
