@@ -117,14 +117,16 @@ def cloud_acl(edges: list[str]) -> str:
              "# Its masked-round (edge-tier SecAgg server) connection.",
              f"user {role_cn(cloud, 'secagg')}", f"topic readwrite {t.subtree(t.CLOUD, 'secagg')}", "",
              "# Its ledger proposer.", f"user {role_cn(cloud, 'ledger')}", f"topic readwrite {t.subtree(t.LEDGER)}", "",
-             "# `fediomt push`: OTA bundles (retained), bridged in to each edge's devices.",
-             f"user {role_cn(cloud, 'push')}", f"topic readwrite {t.subtree(t.ANY, 'bundles')}", ""]
+             "# `fediomt push`: OTA bundles (retained), bridged in to each edge's devices; their statuses (outcomes).",
+             f"user {role_cn(cloud, 'push')}", f"topic readwrite {t.subtree(t.ANY, 'bundles')}",
+             f"topic read {t.status_topic(t.ANY, t.ANY)}", ""]
     for edge in edges:
-        lines += [f"# Edge {edge} (its bridge): its aggregate and status up; the cloud's round, model and its bundles "
-                  "down.",
+        lines += [f"# Edge {edge} (its bridge): its aggregate, its and its devices' statuses up; the cloud's round, "
+                  "model and its bundles down.",
                   f"user {t.check_id(edge)}", f"topic write {t.aggregate_topic(edge)}",
-                  f"topic write {t.edge_status_topic(edge)}", f"topic read {t.CLOUD_ROUND}",
-                  f"topic read {t.CLOUD_MODEL}", f"topic read {t.subtree(edge, 'bundles')}", *edge_tier_acl(edge), "",
+                  f"topic write {t.edge_status_topic(edge)}", f"topic write {t.status_topic(edge, t.ANY)}",
+                  f"topic read {t.CLOUD_ROUND}", f"topic read {t.CLOUD_MODEL}",
+                  f"topic read {t.subtree(edge, 'bundles')}", *edge_tier_acl(edge), "",
                   f"# Edge {edge}'s ledger validator.", f"user {role_cn(edge, 'ledger')}",
                   f"topic read {t.LEDGER_PROPOSALS}", f"topic read {t.LEDGER_BLOCKS}",
                   f"topic write {t.ledger_vote_topic(edge)}", f"topic write {t.ledger_sync_topic(edge)}",
@@ -199,6 +201,7 @@ def render(cfg: BrokerFilesConfig, acl_path: Path) -> str:
             "bridge_insecure false",
             f"topic {t.aggregate_topic(cfg.id)} out 1",
             f"topic {t.edge_status_topic(cfg.id)} out 1",
+            f"topic {t.status_topic(cfg.id, t.ANY)} out 1",   # device statuses: `fediomt push` sees outcomes
             f"topic {t.CLOUD_ROUND} in 1",
             f"topic {t.CLOUD_MODEL} in 1",
             f"topic {t.subtree(cfg.id, 'bundles')} in 1",

@@ -299,8 +299,12 @@ def test_edge_bridges_its_aggregate_to_the_cloud_over_mtls(ca, workdir):
         device = connect_as(ca, "device", "d2", bridged.port)
         opened.append(device)
         device.subscribe(f"fl/{EDGE}/bundles/#")
+        push.subscribe(topics.status_topic(topics.ANY, topics.ANY))   # the push's fleet watch (cloud/push.py)
         assert push.publish(manifest, b"bundle manifest", retain=True) in ACCEPTED   # `fediomt push`'s certificate
         wait_for(lambda: (manifest, b"bundle manifest") in device.messages)
+        assert device.publish(topics.status_topic(EDGE, "d2"), b"installed") in ACCEPTED   # its outcome, bridged
+        wait_for(lambda: (topics.status_topic(EDGE, "d2"), b"installed") in push.messages)
+        assert e2.publish(topics.status_topic(EDGE, "d9"), b"forged status") == NOT_AUTHORIZED
         assert e2.publish(manifest, b"forged manifest") == NOT_AUTHORIZED
         # On the cloud broker an edge writes only its own aggregate and sees no other edge's; devices get nothing.
         assert e2.publish(topics.aggregate_topic(EDGE), b"forged") == NOT_AUTHORIZED
