@@ -104,7 +104,7 @@ def run_client_round(mqtt_client: mqtt.Client, client: SecAggClient, vector: np.
 
     try:
         opened = wait(RoundOpen)
-        vector = np.asarray(vector, np.float32).ravel()
+        vector = np.asarray(vector, np.float64).ravel()   # float64: grid counts stay exact
         if vector.size != opened.length:             # before taking part: a device that cannot finish stays out
             raise ProtocolError(Reason.BAD_SHAPE, f"{vector.size} values, the round masks {opened.length}")
         uplink = {step: secagg_topic(edge, step, me) for step in UPLINK}
