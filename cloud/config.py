@@ -245,7 +245,7 @@ class CloudConfig:
             if not 0 < self.features.site_rows_max < 1 << 24:
                 raise ValueError("features.site_rows_max must be in [1, 2^24)")
             try:
-                statistics_table(self.features.secagg, 1)
+                statistics_table(self.features.secagg, 1, len(self.devices), self.features.site_rows_max)
             except ProtocolError as exc:
                 raise ValueError(f"features.secagg: {exc.detail}") from exc
         if self.features.noise_mult > 0 and not self.features.bounds:

@@ -41,7 +41,8 @@ def statistics_settings(settings: RoundSettings, schema: FeatureSchema, bounds: 
     features = {**schema.to_dict(), **({"bounds": bounds} if bounds else {}),
                 **({"noise_mult": float(noise_mult)} if noise_mult > 0 else {}),
                 **({"site_rows_max": int(site_rows_max)} if secagg is not None else {})}
-    table = None if secagg is None else statistics_table(secagg, summary_size(schema.n_features))
+    table = None if secagg is None else statistics_table(secagg, summary_size(schema.n_features),
+                                                          len(settings.devices), site_rows_max)
     return dataclasses.replace(
         settings, model=STATISTICS_MODEL, rounds=1, first_round=0, strategy=StrategyConfig("fedavg", {}),
         plan=TrainingPlan(lr=0.0, local_epochs=1, batch_size=1, clip=0.0, noise_mult=0.0),
@@ -60,7 +61,8 @@ def histogram_settings(settings: RoundSettings, transform: FeatureTransform, noi
     features = {**transform.to_dict(), **({"noise_mult": float(noise_mult)} if noise_mult > 0 else {}),
                 **({"site_rows_max": int(site_rows_max)} if secagg is not None else {})}
     first = statistics_settings(settings, transform.schema)
-    table = None if secagg is None else statistics_table(secagg, histogram_size(transform.n_features))
+    table = None if secagg is None else statistics_table(secagg, histogram_size(transform.n_features),
+                                                          len(settings.devices), site_rows_max)
     return dataclasses.replace(first, first_round=1, statistics="histogram", secagg=table,
                                features=json.dumps(features, separators=(",", ":")))
 

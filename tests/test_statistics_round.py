@@ -270,7 +270,11 @@ def test_declared_feature_bounds_are_all_or_none_and_noise_needs_them(tmp_path):
     cases = {"noise_mult = 1.0\n": "needs features.bounds",
              "bounds = { age = [18, 100] }\n": r"no \[lo, hi\] for \['chol'\]",
              "bounds = { age = [18, 100], chol = [100, 600], bmi = [10, 60] }\n": r"no such numeric column \['bmi'\]",
-             "bounds = { age = [100, 18], chol = [100, 600] }\n": "finite lo < hi"}
+             "bounds = { age = [100, 18], chol = [100, 600] }\n": "finite lo < hi",
+             "secagg = {}\n": "features.secagg needs features.bounds",
+             "bounds = { age = [18, 100], chol = [100, 600] }\nsecagg = {}\nsite_rows_max = 2000000\n":
+                 "does not fit a 20-bit grid",
+             "bounds = { age = [18, 100], chol = [100, 600] }\nsecagg = { colour = 1 }\n": "unknown keys"}
     for extra, message in cases.items():
         path = tmp_path / "cloud.toml"
         path.write_text(base + extra)

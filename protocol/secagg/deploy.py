@@ -21,20 +21,26 @@ import numpy as np
 from protocol.errors import ProtocolError, Reason
 from protocol.secagg.config import SecAggConfig
 from protocol.secagg.edge_tier import EDGE_KEYS
-from protocol.secagg.quant import on_grid
+from protocol.secagg.quant import levels, on_grid
 from protocol.secagg.server import SecAggResult
 from protocol.secagg.sparse import scatter, select
 
 EXTRAS = 2   # sample count, local steps
-STATISTICS_BITS = 24   # masked statistics: the finest grid SecAggConfig allows
+STATISTICS_BITS = 24   # masked statistics: the finest grid SecAggConfig allows (cohorts up to 256 devices)
 
 
-def statistics_table(base: dict, n_values: int) -> dict:
+def statistics_table(base: dict, n_values: int, cohort: int = 0, site_rows_max: int = 1) -> dict:
     """The secagg table of a masked statistics round (docs/protocol.md "Statistics rounds"): `base`'s graph, k,
     threshold and min_cohort; devices mask (untrusted_edge) every coordinate (no random-k); each value is a total
-    divided by site_rows_max, so in [0, 1], and clip = sqrt(n_values) keeps the L2 clip from ever binding."""
+    divided by site_rows_max, so in [0, 1], and clip = sqrt(n_values) keeps the L2 clip from ever binding. The grid
+    is as fine as a cohort of `cohort` devices allows (the ring holds bits + log2(cohort) <= 32 bits; 0 = unknown:
+    up to 4,096 devices); a site's row count must fit on that grid too (ProtocolError otherwise)."""
     table = {k: v for k, v in base.items() if k not in ("seed", "density", "clip", "bits", "mode", *EDGE_KEYS)}
-    table.update(mode="untrusted_edge", clip=math.sqrt(max(n_values, 1)), bits=STATISTICS_BITS)
+    bits = min(STATISTICS_BITS, 32 - max(1, math.ceil(math.log2(max(cohort or 4096, 2)))))
+    if site_rows_max > levels(bits):
+        raise ProtocolError(Reason.BAD_VALUE, f"site_rows_max {site_rows_max} does not fit a {bits}-bit grid (at "
+                                              f"most {levels(bits)} rows for a cohort of {cohort or 4096})")
+    table.update(mode="untrusted_edge", clip=math.sqrt(max(n_values, 1)), bits=bits)
     SecAggConfig.from_dict(table)   # ProtocolError for unknown keys or bad values
     return table
 
