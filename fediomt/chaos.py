@@ -9,7 +9,10 @@ broker (kill -9, restarted on the same port from its persistence file), the clou
 checkpoint), an edge host (its gateway and its ledger replica, kill -9), or drops a device (kill -9; it comes back
 later). Each victim stays down for a random time, then restarts; it is not killed again before it is back on the
 broker and `min_up_s` longer. Events come at random intervals, and at once while the edge/cloud/broker kills lag
-behind `min_kills` spread evenly over the rounds, until the cloud has closed its rounds.
+behind `min_kills` spread evenly over the rounds, until the cloud has closed its rounds. While they lag, the
+cloud is also frozen (SIGSTOP, a hung process: one more fault it must survive) until they catch up: on an idle
+machine a round takes ~0.3 s, and the federation would otherwise finish before any victim is back to be killed
+again.
 
 The checker reconciles, afterwards:
 - acknowledged: every (device, round) for which a device logged an accepted Ack (`"msg": "ack"`, accepted true,
@@ -105,6 +108,18 @@ def run_federation(s: ChaosSettings, run_dir: Path, chaos: bool) -> dict:
         # victim -> (its log, the log's size at its (re)start) until the log says it connected
         next_event = time.monotonic() + rng.uniform(*s.interval_s)
         outcome = "timeout"
+        frozen = False   # the cloud SIGSTOPped while the kills lag behind the rounds
+
+        def freeze(on: bool) -> None:
+            nonlocal frozen
+            if on != frozen:
+                try:
+                    os.killpg(procs["cloud"].process.pid, signal.SIGSTOP if on else signal.SIGCONT)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                frozen = on
+                events.append({"t": round(time.monotonic() - start, 2), "event": "freeze" if on else "thaw",
+                               "victim": "cloud"})
 
         def restart(victim: str) -> None:
             if victim == "broker":
@@ -140,6 +155,8 @@ def run_federation(s: ChaosSettings, run_dir: Path, chaos: bool) -> dict:
             kills = sum(e["event"] == "kill" and e["victim"] not in devices for e in events)
             done = len(_rounds(run_dir))
             behind = kills < min(s.min_kills, s.min_kills * (done + 1) / max(s.rounds - 1, 1))
+            if chaos:
+                freeze(behind and done < s.rounds and "cloud" not in down)
             if chaos and (now >= next_event or behind) and done < s.rounds:
                 next_event = now + rng.uniform(*s.interval_s)
                 names, weights = zip(*s.weights)
@@ -166,12 +183,15 @@ def run_federation(s: ChaosSettings, run_dir: Path, chaos: bool) -> dict:
                     for name in (victim, f"ledger-{victim[5:]}"):
                         _kill(procs[name])
                 else:
+                    if victim == "cloud":
+                        freeze(False)   # a frozen process dies of SIGKILL too; its restart runs free
                     _kill(procs[victim])
                 low, high = s.device_down_s if kind == "device" else s.down_s
                 down[victim] = time.monotonic() + rng.uniform(low, high)
                 events.append({"t": round(time.monotonic() - start, 2), "event": "kill", "victim": victim,
                                "round": len(_rounds(run_dir)) + 1})
             time.sleep(0.1)
+        freeze(False)
         for victim in list(down):    # bring everyone back for a clean stop (the broker for the replicas)
             if victim == "broker":
                 broker.start()
