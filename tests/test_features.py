@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from cloud.evaluation import degenerate, top_class_share
+from cloud.statistics import statistics_settings
 from experiments.datasets.csv_sites import load_csv_federation
 from experiments.datasets.federation import Client, Federation
 from experiments.sim import hetero
 from experiments.sim.harness import simulate
-from experiments.sim.statistics import federated_standardize, masked_pool, statistics_round
+from experiments.sim.statistics import base_settings, federated_standardize, masked_pool, statistics_round
 from protocol import bundle, signing
 from protocol.features import (
     FeatureSchema,
@@ -110,7 +111,8 @@ def test_statistics_round_through_the_edge_and_cloud_engines_and_under_secagg():
     xs = {f"d{i}": rng.normal(240, 45, (n, 4)) for i, n in enumerate((5, 3000, 44, 86, 21))}
     edges = {"d0": "e1", "d1": "e1", "d2": "e2", "d3": "e2", "d4": "e3"}
     sites = [(d, edges[d], *site_summary(x)) for d, x in xs.items()]
-    pooled, n, report = statistics_round(sites, seed=2)
+    settings = statistics_settings(base_settings(sites, 2), FeatureSchema(("a", "b", "c", "d")))
+    pooled, n, report = statistics_round(sites, settings, seed=2)
     exact, n_exact = pool([(v, c) for _, _, v, c in sites])
     assert n == n_exact == 3156
     np.testing.assert_allclose(pooled, exact, rtol=2e-6)     # float32 on the wire

@@ -1,11 +1,14 @@
 """Federated standardisation before training: a statistics round through the tiers' own engines.
 
-Each site computes `protocol.features.site_summary` of its raw rows (per-row averages of the sufficient statistics:
-observed fraction, sum, sum of squares per feature) and sends it as an ordinary signed DeviceUpdate
-(`device.update.build_update`, dense float32, num_samples = its rows). Each edge's own `edge.engine.EdgeEngine`
-admits, weights by num_samples (FedAvg weighting, no filters, bounds off: the weights must be the exact row counts),
-optionally adds central DP noise, and forwards a signed EdgeAggregate; the cloud's `cloud.engine.CloudEngine`
-(strategy fedavg, server step 1 from a zero model) takes the sample-weighted mean over edges. The result is the
+The round is the daemons' own: its settings come from cloud.statistics (`statistics_settings`, and
+`histogram_settings` for the optional second round), so the announcement says `statistics = "summary"` (or
+"histogram"). Each site computes `protocol.features.site_summary` of its raw rows (per-row averages of the
+sufficient statistics: observed fraction, sum, sum of squares per feature) and sends it as an ordinary signed
+DeviceUpdate (`device.update.build_update`, dense float32, num_samples = its rows). Each edge's own
+`edge.engine.EdgeEngine`, in its default configuration, closes it on its statistics path (the exact row-weighted
+mean: no filters, bounds or weighting scheme) and forwards a signed EdgeAggregate; the cloud's
+`cloud.engine.CloudEngine` (strategy fedavg, server step 1 from a zero model) takes the sample-weighted mean over
+edges. The result is the
 pooled per-row statistics: sum_i n_i s_i / N. No site's summary leaves its edge (the edge forwards only the
 weighted mean of its sites); under secure aggregation the edge does not see a site's summary either (the masked
 sum of `n_i * s_i` is the same weighted sum; `masked_pool` runs that with the real SecAgg client and server).
@@ -17,7 +20,6 @@ the JSON form that goes into the model bundle's manifest.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import tempfile
@@ -26,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.config import CentralDPConfig, PrivacyConfig, RoundSettings, StrategyConfig
+from cloud.config import PrivacyConfig, RoundSettings
 from cloud.engine import CloudEngine
+from cloud.statistics import histogram_settings, statistics_settings
 from device.training import LocalResult
 from device.update import RoundIdentity, build_update
-from edge.config import EdgeConfig, ForwardConfig
+from edge.config import EdgeConfig
 from edge.engine import EdgeEngine
 from experiments.datasets import Federation
-from experiments.sim.methods import DENSE, NO_FILTERS
 from protocol import signing
 from protocol.compression import CompressionSettings
 from protocol.features import FeatureSchema, FeatureTransform, site_histogram, site_summary
@@ -42,7 +44,6 @@ from protocol.messages import (
     EdgeAggregate,
     GlobalModel,
     RoundAnnouncement,
-    TrainingPlan,
     decode,
     encode,
     sign_message,
@@ -52,26 +53,25 @@ QUIET = logging.getLogger("experiments.sim.statistics")
 QUIET.setLevel(logging.ERROR)
 
 
-def _bounds_off(config_cls) -> dict:
-    """{'bounds': <that tier's BoundsConfig with every multiple off>} where the tier has admission bounds."""
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    if "bounds" not in fields:
-        return {}
-    bounds = fields["bounds"].default_factory()
-    off = {k: 0.0 for k in ("norm_multiple", "samples_multiple", "model_ratio") if hasattr(bounds, k)}
-    return {"bounds": replace(bounds, **off)}
+def base_settings(sites: list[tuple[str, str, np.ndarray, int]], seed: int = 0) -> RoundSettings:
+    """The training run's RoundSettings that cloud.statistics turns into a statistics round's (edges and devices of
+    `sites`)."""
+    return RoundSettings(model="statistics", edges=tuple(sorted({e for _, e, _, _ in sites})), rounds=1,
+                         round_timeout_s=60.0, grace_s=0.0, devices=tuple(d for d, _, _, _ in sites), seed=seed,
+                         privacy=PrivacyConfig(1e-5))
 
 
-def statistics_round(sites: list[tuple[str, str, np.ndarray, int]], seed: int = 0, central_clip: float = 0.0,
-                     central_noise: float = 0.0, workdir: Path | None = None) -> tuple[np.ndarray, int, dict]:
-    """sites: (device id, edge id, summary vector, rows). -> (the cloud's pooled vector, total rows, a report:
-    bytes up per site and per edge, devices per edge)."""
+def statistics_round(sites: list[tuple[str, str, np.ndarray, int]], settings: RoundSettings, seed: int = 0,
+                     workdir: Path | None = None) -> tuple[np.ndarray, int, dict]:
+    """sites: (device id, edge id, statistics vector, rows); `settings`: cloud.statistics' statistics_settings or
+    histogram_settings of base_settings(sites). -> (the cloud's pooled vector, total rows, a report: bytes up per
+    site and per edge, devices per edge)."""
     rng = np.random.default_rng(seed)
     tmp = tempfile.TemporaryDirectory(prefix="fediomt-stats-") if workdir is None else None
     root = Path(tmp.name) if tmp else Path(workdir)
     try:
         n_params = len(sites[0][2])
-        edges = sorted({e for _, e, _, _ in sites})
+        edges = list(settings.edges)
         cloud_key = signing.generate_signing_key()
         edge_keys = {e: signing.generate_signing_key() for e in edges}
         device_keys = {d: signing.generate_signing_key() for d, _, _, _ in sites}
@@ -81,12 +81,6 @@ def statistics_round(sites: list[tuple[str, str, np.ndarray, int]], seed: int = 
         for d, e, _, _ in sites:
             (root / "enrol" / e).mkdir(parents=True, exist_ok=True)
             signing.save_public_key(device_keys[d].public_key(), root / "enrol" / e / f"{d}.pub")
-        plan = TrainingPlan(lr=0.0, local_epochs=1, batch_size=1, clip=0.0, noise_mult=0.0)
-        settings = RoundSettings(
-            model="feature-statistics", edges=tuple(edges), rounds=1, round_timeout_s=60.0, grace_s=0.0,
-            devices=tuple(d for d, _, _, _ in sites), seed=seed, plan=plan, compression=dict(DENSE),
-            central_dp=CentralDPConfig(central_clip, central_noise), privacy=PrivacyConfig(1e-5),
-            strategy=StrategyConfig("fedavg", {}), model_encoding="full", **_bounds_off(RoundSettings))
         now = 1_000.0
         cloud = CloudEngine(settings, cloud_key, lambda e: edge_keys[e].public_key(),
                             np.zeros(n_params, np.float32), root / "cloud", rng=rng, log=QUIET)
@@ -98,8 +92,7 @@ def statistics_round(sites: list[tuple[str, str, np.ndarray, int]], seed: int = 
         for e in edges:
             signing.save_private_key(edge_keys[e], keys / f"{e}.key")
             cfg = EdgeConfig(edge_id=e, state_dir=root / "edges" / e, enrolment_dir=root / "enrol" / e,
-                             signing_key=keys / f"{e}.key", cloud_public_key=keys / "cloud.pub", filters=NO_FILTERS,
-                             forward=ForwardConfig(compression=dict(DENSE)), **_bounds_off(EdgeConfig))
+                             signing_key=keys / f"{e}.key", cloud_public_key=keys / "cloud.pub")   # the defaults
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
             engines[e] = EdgeEngine(cfg, log=QUIET, clock=lambda: clock["now"], rng=rng)
             engines[e].handle_cloud("model", gm_bytes)
@@ -167,7 +160,7 @@ def masked_pool(sites: list[tuple[str, np.ndarray, int]], bits: int = 24, clip: 
 
 
 def federated_standardize(fed: Federation, seed: int = 0, clip_z: float = 5.0, quantile: float = 0.0,
-                          central_clip: float = 0.0, central_noise: float = 0.0, verbose: bool = True) -> Federation:
+                          verbose: bool = True) -> Federation:
     """The federation with features standardised by the federated statistics (module docstring). Needs a loader
     that kept raw features (`fed.schema` set, NaN for missing)."""
     if fed.schema is None:
@@ -177,13 +170,14 @@ def federated_standardize(fed: Federation, seed: int = 0, clip_z: float = 5.0, q
     for c in fed.clients:
         vector, rows = site_summary(c.x)
         sites.append((c.id, c.edge, vector, rows))
-    pooled, count, report = statistics_round(sites, seed, central_clip, central_noise)
-    provenance = {"rounds": 1, "sites": len(sites), "edges": len(fed.edges), "central_noise": central_noise,
+    base = base_settings(sites, seed)
+    pooled, count, report = statistics_round(sites, statistics_settings(base, schema), seed)
+    provenance = {"rounds": 1, "sites": len(sites), "edges": len(fed.edges), "central_noise": 0.0,
                   "bytes_up": sum(report["site_bytes"].values()) + sum(report.get("edge_bytes", {}).values())}
     transform = FeatureTransform.from_summary(schema, pooled, count, clip_z=clip_z, provenance=provenance)
     if quantile > 0:
         hist_sites = [(c.id, c.edge, *site_histogram(c.x, transform)) for c in fed.clients]
-        pooled_hist, _, hist_report = statistics_round(hist_sites, seed + 1, central_clip, central_noise)
+        pooled_hist, _, _ = statistics_round(hist_sites, histogram_settings(base, transform), seed + 1)
         transform = transform.with_quantile_clip(pooled_hist, quantile)
         transform = replace(transform, provenance=dict(transform.provenance, rounds=2))
     if verbose:
