@@ -24,7 +24,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from protocol.logs import event
-from protocol.tls import client_context
+from protocol.tls import client_context, role_files
 
 
 @dataclass(frozen=True)
@@ -54,14 +54,16 @@ def role_connection(cfg: ConnectionConfig, role: str) -> ConnectionConfig:
     certificate, which `fediomt pki issue` writes beside the main one (ROLE.crt, ROLE.key). The brokers make each
     client id the certificate's CN, so a second connection on the main certificate would take the first's place.
     Unchanged without a client certificate (plain or password connections keep their client ids)."""
-    if cfg.cert is None or Path(cfg.cert).name == f"{role}.crt":
+    if cfg.cert is None:
         return cfg
-    cert = Path(cfg.cert).with_name(f"{role}.crt")
+    cert, key = role_files(cfg.cert, role)
+    if cert == Path(cfg.cert):   # already the role's own certificate (`fediomt push --cert push.crt`)
+        return cfg
     if not cert.exists():
         raise FileNotFoundError(f"{cert}: the {role} connection needs its own certificate beside {cfg.cert} "
                                 "(`fediomt pki issue` writes it; an older PKI gets it by re-running the issue "
                                 "command of this identity)")
-    return replace(cfg, cert=cert, key=cert.with_suffix(".key"))
+    return replace(cfg, cert=cert, key=key)
 
 
 def new_client(cfg: ConnectionConfig, client_id: str, **options) -> mqtt.Client:

@@ -44,7 +44,12 @@ class Identity:
         """The certificate and key of one of this identity's extra connections (ROLES), beside its own."""
         if role not in ROLES.get(self.kind, ()):
             raise ValueError(f"a {self.kind} has no {role!r} connection: roles are {ROLES.get(self.kind, ())}")
-        return self.cert.with_name(f"{role}.crt"), self.key.with_name(f"{role}.key")
+        return role_files(self.cert, role)
+
+
+def role_files(cert: str | os.PathLike, role: str) -> tuple[Path, Path]:
+    """The `role` certificate and key that live beside an identity's own certificate `cert`: ROLE.crt, ROLE.key."""
+    return Path(cert).with_name(f"{role}.crt"), Path(cert).with_name(f"{role}.key")
 
 
 def role_cn(name: str, role: str) -> str:

@@ -178,3 +178,18 @@ def test_cli_prints_paths_never_key_material(tmp_path):
     assert clash.returncode == 1 and "unique" in clash.stderr
     assert fediomt("revoke", "d9").returncode == 0
     assert fediomt("crl").returncode == 0
+
+
+def test_a_daemons_extra_connection_picks_its_role_certificate_beside_the_main_one(ca, tmp_path):
+    from protocol.mqtt import ConnectionConfig, role_connection
+
+    cloud = pki.issue(ca, "cloud")
+    plain = ConnectionConfig()
+    assert role_connection(plain, "push") is plain   # no client certificate: nothing to pick
+    main = ConnectionConfig(ca=cloud.ca, cert=cloud.cert, key=cloud.key)
+    push = role_connection(main, "push")
+    assert (push.cert, push.key) == cloud.role("push") and push.ca == cloud.ca
+    assert role_connection(push, "push") == push     # `fediomt push --cert push.crt` as given
+    device = pki.issue(ca, "device", "d1")           # a device has no roles: its directory has no ledger.crt
+    with pytest.raises(FileNotFoundError, match=r"ledger\.crt: the ledger connection needs its own certificate"):
+        role_connection(ConnectionConfig(ca=device.ca, cert=device.cert, key=device.key), "ledger")
