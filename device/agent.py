@@ -363,9 +363,9 @@ class DeviceAgent:
             history = (*history, entry)
         vector, rows = site_histogram(x, transform, noise_mult, self.rng) if histogram else \
             site_summary(x, bounds, noise_mult, self.rng)
+        self.state = replace(self.state.answered(ann.round_id), history=history)
+        save_state(self.state_path, self.state)   # the spend (if any) is on disk before anything leaves
         if masked is not None:   # the edge learns only the cohort's sum of n_i s_i (and of n_i)
-            self.state = replace(self.state.answered(ann.round_id), history=history)
-            save_state(self.state_path, self.state)   # the spend (if any) is on disk before anything leaves
             return self._mask_and_send(ann, masked.device_vector(vector * (rows / scale), rows, 0),
                                        kind=ann.statistics, rows=rows)
         result = LocalResult(vector.astype("float32"), rows, 0, 0.0, 1.0, 0.0, 0.0)
@@ -375,8 +375,6 @@ class DeviceAgent:
                            capability=self.capability(), n_params=vector.size, rng=self.rng, nonce=new_nonce(),
                            timestamp=time.time())
         data = encode(self.seal(out.update))
-        self.state = replace(self.state.answered(ann.round_id), history=history)
-        save_state(self.state_path, self.state)   # the spend (if any) is on disk before anything leaves
         self.link.publish(self.update_topic, data)
         event(self.log, "statistics sent", round=ann.round_id, kind=ann.statistics, rows=rows,
               features=schema.n_features,
