@@ -242,8 +242,8 @@ class CloudConfig:
         if self.features.secagg is not None:
             if not self.features.bounds:
                 raise ValueError("features.secagg needs features.bounds: masked values must lie on a bounded grid")
-            if not 0 < self.features.site_rows_max < 1 << 24:
-                raise ValueError("features.site_rows_max must be in [1, 2^24)")
+            if self.features.site_rows_max < 1:
+                raise ValueError("features.site_rows_max must be >= 1")
             try:
                 statistics_table(self.features.secagg, 1, len(self.devices), self.features.site_rows_max)
             except ProtocolError as exc:

@@ -38,11 +38,8 @@ def statistics_settings(settings: RoundSettings, schema: FeatureSchema, bounds: 
                         site_rows_max: int = 0) -> RoundSettings:
     """The statistics round's RoundSettings (module docstring); edges, devices, timeouts and run id are kept. With
     `secagg` (a [secagg] table) the sites mask their totals / `site_rows_max` (statistics_table)."""
-    features = {**schema.to_dict(), **({"bounds": bounds} if bounds else {}),
-                **({"noise_mult": float(noise_mult)} if noise_mult > 0 else {}),
-                **({"site_rows_max": int(site_rows_max)} if secagg is not None else {})}
-    table = None if secagg is None else statistics_table(secagg, summary_size(schema.n_features),
-                                                          len(settings.devices), site_rows_max)
+    features, table = _protected({**schema.to_dict(), **({"bounds": bounds} if bounds else {})},
+                                 summary_size(schema.n_features), settings, noise_mult, secagg, site_rows_max)
     return dataclasses.replace(
         settings, model=STATISTICS_MODEL, rounds=1, first_round=0, strategy=StrategyConfig("fedavg", {}),
         plan=TrainingPlan(lr=0.0, local_epochs=1, batch_size=1, clip=0.0, noise_mult=0.0),
@@ -51,20 +48,27 @@ def statistics_settings(settings: RoundSettings, schema: FeatureSchema, bounds: 
         model_encoding="full", secagg=table,
         bounds=BoundsConfig(norm_multiple=0.0, model_ratio=0.0, samples_multiple=0.0,
                             max_samples=settings.bounds.max_samples),
-        statistics="summary", features=json.dumps(features, separators=(",", ":")))
+        statistics="summary", features=features)
 
 
 def histogram_settings(settings: RoundSettings, transform: FeatureTransform, noise_mult: float = 0.0,
                        secagg: dict | None = None, site_rows_max: int = 0) -> RoundSettings:
     """The optional second statistics round (round and version 1): the sites' z-score histograms
     (protocol.features.site_histogram) under the first round's `transform`, which `features` carries."""
-    features = {**transform.to_dict(), **({"noise_mult": float(noise_mult)} if noise_mult > 0 else {}),
+    features, table = _protected(transform.to_dict(), histogram_size(transform.n_features), settings, noise_mult,
+                                 secagg, site_rows_max)
+    return dataclasses.replace(statistics_settings(settings, transform.schema), first_round=1,
+                               statistics="histogram", secagg=table, features=features)
+
+
+def _protected(features: dict, n_values: int, settings: RoundSettings, noise_mult: float, secagg: dict | None,
+               site_rows_max: int) -> tuple[str, dict | None]:
+    """A statistics round's announced `features` (JSON) with the sites' noise and masking scale added, and its
+    secagg table (None: plaintext to the edge)."""
+    features = {**features, **({"noise_mult": float(noise_mult)} if noise_mult > 0 else {}),
                 **({"site_rows_max": int(site_rows_max)} if secagg is not None else {})}
-    first = statistics_settings(settings, transform.schema)
-    table = None if secagg is None else statistics_table(secagg, histogram_size(transform.n_features),
-                                                          len(settings.devices), site_rows_max)
-    return dataclasses.replace(first, first_round=1, statistics="histogram", secagg=table,
-                               features=json.dumps(features, separators=(",", ":")))
+    table = None if secagg is None else statistics_table(secagg, n_values, len(settings.devices), site_rows_max)
+    return json.dumps(features, separators=(",", ":")), table
 
 
 def initial(schema: FeatureSchema) -> np.ndarray:
