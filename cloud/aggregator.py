@@ -58,6 +58,7 @@ from protocol.signing import load_private_key
 from protocol.topics import ANY, aggregate_topic, matches, status_topic
 
 AGGREGATES = aggregate_topic(ANY)
+STALL_S = 5.0     # the loop stood still this much longer than a tick (hung, SIGSTOP, suspended VM): CloudEngine.resumed
 EXIT_FAILED = 4   # the run failed (cloud.engine.failed): the units' RestartPreventExitStatus keeps it stopped
 STATUSES = status_topic(ANY, ANY)
 
@@ -159,12 +160,21 @@ class CloudAggregator:
         return EXIT_FAILED if failed(self.state.stop_reason) else 0
 
     def _loop(self) -> None:
+        beat = time.monotonic()
         while not self.stop.is_set() and not self.state.stop_reason:
-            self._drain_one(self.cfg.tick_s)
+            self._drain_one(self.cfg.tick_s, beat)
             if self.secagg is not None:
                 for round_id, outcome in self.secagg.finished():
                     self.engine.masked_finished(round_id, outcome, time.time())
+            self._resume_if_stalled(beat)
             self._publish(self.engine.tick(time.time()))
+            beat = time.monotonic()
+
+    def _resume_if_stalled(self, beat: float) -> None:
+        """Before judging a deadline: if this loop stood still since `beat` (more than a tick's wait + STALL_S), the
+        round's deadline passed while we could not receive, so it is announced again (CloudEngine.resumed)."""
+        if time.monotonic() - beat > self.cfg.tick_s + STALL_S:
+            self._publish(self.engine.resumed(time.time()))
 
     # ------------------------------------------------------------------ federated standardisation
     def _use_transform(self, transform: FeatureTransform) -> None:
@@ -250,8 +260,7 @@ class CloudAggregator:
             else:
                 try:
                     if matches(AGGREGATES, topic):
-                        stats.handle_aggregate(topic, payload)
-                        publish([])
+                        publish(stats.handle_aggregate(topic, payload))
                     else:
                         stats.handle_status(payload)
                         self.engine.handle_status(payload)
@@ -265,11 +274,12 @@ class CloudAggregator:
             return None
         return stats, sum(rows.values())
 
-    def _drain_one(self, timeout: float) -> None:
+    def _drain_one(self, timeout: float, beat: float) -> None:
         try:
             conn, topic, payload, mid, qos = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return
+        self._resume_if_stalled(beat)
         try:
             if matches(AGGREGATES, topic):
                 self._publish(self.engine.handle_aggregate(topic, payload, time.time()))

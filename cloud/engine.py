@@ -14,8 +14,12 @@ Contract (the daemon cloud.aggregator and the simulator drive it the same way):
 - `start(now)`: the signed GlobalModel and RoundAnnouncement to publish (retained), resuming the open round from
   the checkpoint and its aggregates from pending/; [] when the federation already stopped.
 - `handle_aggregate(edge_or_topic, payload, now=None)`: admit one signed EdgeAggregate (rejections are counted and
-  logged); an accepted one is in pending/ before it returns, so the daemon acknowledges it afterwards. With `now`
-  it returns what `tick(now)` returns (a complete round closes at once), without it [].
+  logged); an accepted one is in pending/ before it returns, so the daemon acknowledges it afterwards. It returns
+  the signed AggregateReceipt for the edge (for every authentic aggregate, accepted or refused for good: the edge
+  resends until it has one), then with `now` what `tick(now)` returns (a complete round closes at once).
+- `resumed(now)`: the daemon was not running (hung) past the round's deadline: re-announce the open round with a
+  new deadline instead of closing it without the aggregates that waited for us (the edges resend on the
+  announcement); [] otherwise.
 - `handle_status(payload)`: a retained DeviceStatus (compute class, speed, budget state) for the strategies.
 - `tick(now)`: close the round by cloud.rounds.close_decision (or re-announce it), apply the strategy, account
   privacy, evaluate, checkpoint, append to rounds.jsonl; returns the next GlobalModel + RoundAnnouncement.
@@ -53,7 +57,8 @@ from cloud.rounds import (
     Traffic,
     account_round,
     account_skipped,
-    admit,
+    admit_authentic,
+    authentic,
     bound_edges,
     close_decision,
     compress_model,
@@ -74,6 +79,7 @@ from protocol.errors import ProtocolError, Reason
 from protocol.keyring import KeyRing
 from protocol.logs import event
 from protocol.messages import (
+    AggregateReceipt,
     DeviceStatus,
     EdgeAggregate,
     RoundAnnouncement,
@@ -85,7 +91,7 @@ from protocol.messages import (
 from protocol.publication import Publication
 from protocol.secagg import SecAggResult, SecAggServer
 from protocol.secagg.edge_tier import EdgeMaskedRound
-from protocol.topics import CLOUD, CLOUD_MODEL, CLOUD_ROUND, last_level
+from protocol.topics import CLOUD, CLOUD_MODEL, CLOUD_ROUND, last_level, receipt_topic
 
 FAILED_PREFIX = "failed:"   # a stop_reason that starts so is a failed run (report.json finished=false, exit 4)
 
@@ -163,16 +169,29 @@ class CloudEngine:
             return []
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_rounds()
+        receipts: list[Publication] = []   # again: the crash may have come before they went out
         if self.pending_dir.exists():
             for path in sorted(self.pending_dir.glob("*.cbor")):
                 round_id, _, edge = path.stem.partition("-")
                 if round_id == str(self.state.round_id):
                     payload = path.read_bytes()
                     self._forget_nonce(payload)
-                    self._admit(edge, payload, persist=False)
+                    receipts += self._admit(edge, payload, persist=False)
                 else:
                     path.unlink()
-        return [self._model_publication(), *self._open_round(now)]
+        return [self._model_publication(), *self._open_round(now), *receipts]
+
+    def resumed(self, now: float) -> list[Publication]:
+        """After the daemon stood still (hung, stopped) past the open round's deadline: announce the round again with
+        a new deadline rather than close it without what waited for us at the broker (the edges resend what we have
+        not receipted when they see the announcement)."""
+        s = self.state
+        if s.stop_reason or not s.announcement or self.edge_tier is not None or now < self.deadline \
+                or set(self.edges) <= set(self.received):
+            return []
+        event(self.log, "resumed after the round's deadline: re-announcing it", logging.WARNING, round=s.round_id,
+              received=sorted(self.received))
+        return self._open_round(now)
 
     def _forget_nonce(self, payload: bytes) -> None:
         """Our own durable copy of an accepted aggregate: a checkpoint taken since (a re-announcement) may hold its
@@ -217,23 +236,26 @@ class CloudEngine:
 
     # ------------------------------------------------------------------ receiving
     def handle_aggregate(self, edge_or_topic: str, payload: bytes, now: float | None = None) -> list[Publication]:
-        self._admit(edge_or_topic, payload)
-        return [] if now is None else self.tick(now)
+        return self._admit(edge_or_topic, payload) + ([] if now is None else self.tick(now))
 
-    def _admit(self, edge_or_topic: str, payload: bytes, persist: bool = True) -> None:
+    def _admit(self, edge_or_topic: str, payload: bytes, persist: bool = True) -> list[Publication]:
+        """Admit one aggregate; the receipt for its edge when it is authentic and the verdict is final."""
         s = self.state
+        agg = None
         try:
-            edge = last_level(edge_or_topic)
-            got = admit(payload, edge, self.edge_key, OpenRound(s.round_id, s.version, self.n_params,
-                                                                self.received, self.nonces, self.edge_tier is not None,
-                                                                self.settings.bounds.max_samples))
+            agg = authentic(payload, last_level(edge_or_topic), self.edge_key)
+            got = admit_authentic(agg, len(payload), OpenRound(
+                s.round_id, s.version, self.n_params, self.received, self.nonces, self.edge_tier is not None,
+                self.settings.bounds.max_samples))
         except ProtocolError as exc:
             self.rejected[exc.reason.name] += 1
             if self.metrics is not None:
                 self.metrics.rejected.labels(reason=exc.reason.name).inc()
             event(self.log, "aggregate rejected", logging.WARNING, sender=edge_or_topic[:200],
                   reason=exc.reason.name, detail=exc.detail[:200])
-            return
+            # a round the cloud has not reached may still come (a checkpoint behind the edge): no verdict yet
+            return [] if agg is None or exc.reason == Reason.WRONG_ROUND else [self._receipt(agg, exc.reason)]
+        edge = agg.edge_id
         if persist:  # durable before the daemon acknowledges it: a crash now re-reads it from pending/
             atomic_write(self.pending_dir / f"{got.agg.round_id}-{edge}.cbor", payload)
         self.nonces.add(got.agg.nonce.hex())
@@ -243,6 +265,13 @@ class CloudEngine:
             self.metrics.aggregates.labels(edge=edge).inc()
         event(self.log, "aggregate accepted", edge=edge, round=got.agg.round_id, devices=got.agg.num_devices,
               significant=got.agg.significant, bytes=got.size)
+        return [self._receipt(agg, None)]
+
+    def _receipt(self, agg: EdgeAggregate, refused: Reason | None) -> Publication:
+        msg = AggregateReceipt(edge_id=agg.edge_id, round_id=agg.round_id, aggregate_nonce=agg.nonce,
+                               accepted=refused is None, reason=0 if refused is None else int(refused),
+                               timestamp=time.time())
+        return Publication(receipt_topic(agg.edge_id), encode(sign_message(msg, self.key)))
 
     def handle_status(self, payload: bytes) -> None:
         try:

@@ -87,12 +87,24 @@ def decode_payload(payload: bytes | None, n_params: int) -> np.ndarray | None:
 
 
 def admit(payload: bytes, edge: str, edge_key: Callable[[str], Ed25519PublicKey], rnd: OpenRound) -> Received:
-    """Verify one aggregate that arrived on `edge`'s topic completely; raises ProtocolError or returns it decoded.
-    `edge_key` raises ProtocolError for an edge outside the federation (or revoked)."""
+    """Verify one aggregate that arrived on `edge`'s topic completely; raises ProtocolError or returns it decoded."""
+    return admit_authentic(authentic(payload, edge, edge_key), len(payload), rnd)
+
+
+def authentic(payload: bytes, edge: str, edge_key: Callable[[str], Ed25519PublicKey]) -> EdgeAggregate:
+    """The aggregate, decoded and signed by the edge whose topic it arrived on (`edge_key` raises ProtocolError for
+    an edge outside the federation, or revoked). What follows (admit_authentic) is the cloud's verdict on genuine
+    bytes, which the edge gets as an AggregateReceipt."""
     agg = decode(payload, expect=EdgeAggregate)
     if agg.edge_id != edge:
         raise ProtocolError(Reason.WRONG_SENDER, f"topic names {edge!r}, message {agg.edge_id!r}")
     verify_raw(payload, agg, edge_key(edge))
+    return agg
+
+
+def admit_authentic(agg: EdgeAggregate, size: int, rnd: OpenRound) -> Received:
+    """Check an authentic aggregate against the open round; raises ProtocolError or returns it with its deltas."""
+    edge = agg.edge_id
     if agg.nonce.hex() in rnd.nonces:
         raise ProtocolError(Reason.REPLAY, f"nonce of {edge!r} seen before")
     if agg.round_id != rnd.round_id:
@@ -113,7 +125,7 @@ def admit(payload: bytes, edge: str, edge_key: Callable[[str], Ed25519PublicKey]
     delta = decode_payload(agg.delta, agg.n_params) if agg.significant else None
     if agg.significant and delta is None:
         raise ProtocolError(Reason.MALFORMED, "significant aggregate without a delta")
-    return Received(agg, len(payload), delta, decode_payload(agg.control_delta, agg.n_params))
+    return Received(agg, size, delta, decode_payload(agg.control_delta, agg.n_params))
 
 
 def bound_edges(received: Mapping[str, Received], latest: Mapping[str, list[float]], model_norm: float,

@@ -2,7 +2,9 @@
 
 handle_cloud(kind, data) verifies the cloud's round announcements and global models (and says whether to relay
 them); handle_update(device, data) admits a device update and returns the Ack; tick(now) closes a synchronous round
-at its quorum or deadline, or an asynchronous buffer every K updates, and returns the signed EdgeAggregate. Every
+at its quorum or deadline, or an asynchronous buffer every K updates, and returns the signed EdgeAggregate, which
+stays in the outbox (undelivered(), the same bytes to send again) until handle_receipt(data) takes the cloud's
+AggregateReceipt for it (docs/protocol.md "Delivery of aggregates"). Every
 accepted update is in SQLite before handle_update returns (edge.store), so the MQTT shell acknowledges the message
 to the broker only after it is durable.
 """
@@ -37,6 +39,7 @@ from protocol.keyring import KeyRing
 from protocol.logs import event
 from protocol.messages import (
     Ack,
+    AggregateReceipt,
     CentralDPReport,
     DeviceStatus,
     EdgeAggregate,
@@ -48,6 +51,7 @@ from protocol.messages import (
     newer_run,
     sign_message,
     verify_message,
+    verify_raw,
 )
 from protocol.publication import Publication
 from protocol.secagg import SecAggResult
@@ -173,6 +177,7 @@ class EdgeEngine:
             masked_statistics_scale(msg.features)
         if not self._follow_run(msg.run_id, "round", data):
             return []
+        self._abandon_before(msg.round_id)
         current = self.announcement
         if current is not None and msg.round_id <= current.round_id:
             if msg.round_id < current.round_id:
@@ -510,12 +515,43 @@ class EdgeEngine:
             return encode_update(vector, s)[0], None
         return encode_update(vector, s, residual)
 
-    def unpublished(self) -> list[Publication]:
-        """Aggregates closed but not yet handed to the broker (a crash between close and publish)."""
-        return [Publication(aggregate_topic(self.aggregate_id), p, batch=b) for b, p in self.store.unpublished()]
+    # ------------------------------------------------------------ delivery to the cloud
+    def undelivered(self) -> list[Publication]:
+        """Aggregates the cloud has not receipted: a crash between close and publish, a broker that lost them, a
+        cloud that was away (the gateway publishes these bytes again; the cloud counts a nonce once)."""
+        return [Publication(aggregate_topic(self.aggregate_id), p, batch=b) for b, p in self.store.undelivered()]
 
-    def published(self, batch: int) -> None:
-        self.store.mark_published(batch)
+    def handle_receipt(self, data: bytes) -> bool:
+        """The cloud's AggregateReceipt: the aggregate with its nonce leaves the outbox. True when it named one."""
+        self.metrics.bytes_in.inc(len(data))
+        try:
+            msg = decode(data, expect=AggregateReceipt)
+            verify_raw(data, msg, self.cloud_key)
+            if msg.edge_id != self.aggregate_id:
+                raise ProtocolError(Reason.WRONG_SENDER, f"receipt for {msg.edge_id!r}")
+        except ProtocolError as exc:
+            event(self.log, "receipt rejected", logging.WARNING, reason=exc.reason.name, detail=exc.detail[:200])
+            return False
+        for batch, payload in self.store.undelivered():
+            if decode(payload, expect=EdgeAggregate).nonce == msg.aggregate_nonce:
+                self.store.mark_delivered(batch)
+                final = msg.accepted or msg.reason in (Reason.REPLAY, Reason.DUPLICATE)   # resent: already counted
+                event(self.log, "aggregate receipted" if final else "aggregate refused by the cloud",
+                      logging.INFO if final else logging.WARNING, round=msg.round_id, batch=batch,
+                      accepted=msg.accepted, reason=Reason.name_of(msg.reason))
+                return True
+        return False
+
+    def _abandon_before(self, round_id: int) -> None:
+        """The cloud announced `round_id`: it closed every earlier round, so an aggregate of one still unreceipted
+        can no longer count (the broker lost it, or it came too late). Stop sending it, say so, count it."""
+        for batch, payload in self.store.undelivered():
+            agg = decode(payload, expect=EdgeAggregate)
+            if agg.round_id < round_id:
+                self.store.mark_delivered(batch)
+                self.metrics.abandoned.inc()
+                event(self.log, "aggregate never receipted: its round closed without it", logging.WARNING,
+                      round=agg.round_id, batch=batch, devices=agg.num_devices)
 
     def close(self) -> None:
         self.store.close()

@@ -12,7 +12,9 @@ Device updates arrive through `fl/{edge}/updates/+`, or with replicas through th
 received by every replica and relayed, verified and byte-identical (the cloud's signature stays valid), retained
 to `fl/{edge}/round` and `fl/{edge}/model`.
 Aggregates go to `fl/cloud/aggregates/{edge}` either on the same broker (bridged to the cloud by Mosquitto) or on
-a second connection straight to the cloud's broker (`[cloud]` in the config).
+a second connection straight to the cloud's broker (`[cloud]` in the config). An aggregate stays in the outbox
+until the cloud's receipt on `fl/cloud/receipts/{edge}`: a broker's PUBACK only means queued, and a broker killed
+before its autosave loses what it queued for an absent cloud (docs/protocol.md "Delivery of aggregates").
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from protocol.topics import (
     CLOUD_ROUND,
     ack_topic,
     matches,
+    receipt_topic,
     shared,
     status_topic,
     subtree,
@@ -45,7 +48,10 @@ from protocol.topics import (
 )
 
 GROUP = 64           # messages per SQLite commit (group commit) at most
-RESEND_S = 2.0       # an aggregate the broker did not confirm (PUBACK) is published again this long after
+RESEND_S = 2.0       # an aggregate the broker did not confirm (PUBACK) is published again this long after; also how
+                     # soon after a (re)connection or a cloud message the unreceipted ones go again
+RECEIPT_WAIT_S = (5.0, 60.0)   # the broker has it, the cloud has not receipted it: publish again after the first
+                               # wait, doubling up to the second (a cloud down for long gets no flood queued)
 
 
 class Gateway:
@@ -55,19 +61,22 @@ class Gateway:
         self.cfg, self.log = cfg, log
         self.engine = EdgeEngine(cfg, log)
         self.stop = threading.Event()
-        self.resend_at: float | None = None   # when to publish the unconfirmed aggregates (the outbox) again
+        self.resend_at: float | None = None   # when to publish the unreceipted aggregates (the outbox) again
+        self.receipt_wait = RECEIPT_WAIT_S[0]
         self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
         edge = cfg.edge_id
         self.updates, self.statuses = update_topic(edge, ANY), status_topic(edge, ANY)
-        cloud_subs = [CLOUD_ROUND, CLOUD_MODEL]
+        self.receipts = receipt_topic(self.engine.aggregate_id)
+        cloud_subs = [CLOUD_ROUND, CLOUD_MODEL, self.receipts]
         # One edge: a plain subscription (a device's `$share/...` only makes a group of its own). Replicas: a shared
         # group whose name must be secret, since Mosquitto 2.0's acl_file does not check subscriptions (deployment.md)
         updates = shared(cfg.group, self.updates) if cfg.replicas > 1 else self.updates
         device_subs = [updates, self.statuses]  # statuses: every replica
         client_id = f"fediomt-edge-{edge}-{cfg.replica}"
         self.local = Connection(cfg.broker, client_id, device_subs + ([] if cfg.cloud else cloud_subs),
-                                self.inbox, log)
-        self.cloud = Connection(cfg.cloud, client_id + "-cloud", cloud_subs, self.inbox, log) if cfg.cloud else None
+                                self.inbox, log, on_connected=self._resend_soon)
+        self.cloud = Connection(cfg.cloud, client_id + "-cloud", cloud_subs, self.inbox, log,
+                                on_connected=self._resend_soon) if cfg.cloud else None
         # Masked rounds (docs/secagg.md "Deployment") ride on these connections (the secagg driver acknowledges its
         # own messages): the edge broker binds the client id to the certificate, so a second connection with the
         # edge's certificate would take the first one's place (docs/deployment.md "Client ids").
@@ -80,19 +89,41 @@ class Gateway:
             conn = self.cloud if (to_cloud and self.cloud) else self.local
             info = conn.client.publish(p.topic, p.payload, qos=1, retain=p.retain)
             self.engine.metrics.bytes_out.inc(len(p.payload))
-            if p.batch is not None:
+            if p.batch is not None:   # an outbox aggregate: it goes again unless the cloud's receipt comes first
                 if _confirmed(info):
-                    self.engine.published(p.batch)
-                else:   # not connected, queue full or no PUBACK: it stays in the outbox and goes out again
-                    self.resend_at = time.monotonic() + RESEND_S
+                    self._resend_in(self.receipt_wait)
+                else:   # not connected, queue full or no PUBACK
+                    self._resend_in(RESEND_S)
                     event(self.log, "aggregate not confirmed by the broker; resending", logging.WARNING,
                           batch=p.batch, in_s=RESEND_S)
 
+    def _resend_in(self, seconds: float) -> None:
+        at = time.monotonic() + seconds
+        self.resend_at = at if self.resend_at is None else min(self.resend_at, at)
+
+    def _resend_soon(self) -> None:
+        """A (re)connection or a message from the cloud: a broker that lost our aggregate is back, or a cloud that
+        was away is (it re-announces its open round), so what it has not receipted goes again shortly."""
+        self.receipt_wait = RECEIPT_WAIT_S[0]
+        self._resend_in(RESEND_S)
+
+    def _resend(self) -> None:
+        self.resend_at = None
+        pubs = self.engine.undelivered()
+        if pubs:
+            event(self.log, "resending aggregates the cloud has not receipted", batches=[p.batch for p in pubs])
+            self.receipt_wait = min(2 * self.receipt_wait, RECEIPT_WAIT_S[1])
+            self._publish(pubs)   # the same bytes: the cloud counts an aggregate once
+
     def _dispatch(self, topic: str, payload: bytes) -> list[Publication]:
-        if topic == CLOUD_ROUND:
-            return self.engine.handle_cloud("round", payload)
-        if topic == CLOUD_MODEL:
-            return self.engine.handle_cloud("model", payload)
+        if topic == self.receipts:
+            if self.engine.handle_receipt(payload):
+                self.receipt_wait = RECEIPT_WAIT_S[0]
+            return []
+        if topic in (CLOUD_ROUND, CLOUD_MODEL):
+            if self.engine.undelivered():
+                self._resend_soon()
+            return self.engine.handle_cloud("round" if topic == CLOUD_ROUND else "model", payload)
         device = topic.rsplit("/", 1)[-1]  # the filters' last level: one topic level, unchecked until the engine
         if matches(self.statuses, topic):
             return self.engine.handle_status(device, payload)
@@ -132,13 +163,12 @@ class Gateway:
             if not conn.start(self.stop):
                 return 0
         event(self.log, "edge running", edge=self.cfg.edge_id, replica=self.cfg.replica, mode=self.cfg.rounds.mode)
-        self._publish(self.engine.unpublished())
+        self._publish(self.engine.undelivered())
         while not self.stop.is_set():
             self._drain_some(self.cfg.tick_s)
             self._publish(self.engine.tick(time.time()))
             if self.resend_at is not None and time.monotonic() >= self.resend_at:
-                self.resend_at = None
-                self._publish(self.engine.unpublished())   # the same bytes: the cloud counts an aggregate once
+                self._resend()
             self._secagg()
         self._drain()
         return 0

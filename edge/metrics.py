@@ -21,6 +21,8 @@ class Metrics:
         self.round_latency = Histogram("fediomt_edge_round_seconds", "From announcement to aggregate forwarded",
                                        buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800), registry=r)
         self.aggregates = Counter("fediomt_edge_aggregates", "Aggregates published", ["significant"], registry=r)
+        self.abandoned = Counter("fediomt_edge_aggregates_abandoned",
+                                 "Aggregates never receipted by the cloud before it closed their round", registry=r)
         self.pending = Gauge("fediomt_edge_pending_updates", "Accepted updates waiting for aggregation", registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:

@@ -155,11 +155,13 @@ class Store:
                                 " WHERE device_id = ? AND round_id = ?", [(batch, d, r) for d, r in devices])
             self.db.executemany("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", list(state.items()))
 
-    def unpublished(self) -> list[tuple[int, bytes]]:
+    def undelivered(self) -> list[tuple[int, bytes]]:
+        """The outbox's aggregates that the cloud has not receipted (and that are not abandoned)."""
         return [(b, bytes(p)) for b, p in
                 self.db.execute("SELECT batch, payload FROM outbox WHERE published = 0 ORDER BY batch")]
 
-    def mark_published(self, batch: int) -> None:
+    def mark_delivered(self, batch: int) -> None:
+        """Receipted by the cloud, or abandoned (its round closed): never sent again (the column's name is older)."""
         self.db.execute("UPDATE outbox SET published = 1 WHERE batch = ?", (batch,))
 
     RUN_KEYS = ("announcement", "model", "opened", "closed_round", "last_forwarded", "residual")
@@ -182,7 +184,7 @@ class Store:
         return ended
 
     def prune(self, before_round: int) -> None:
-        """Forget aggregated updates (with their nonces) of rounds before `before_round`, and published aggregates."""
+        """Forget aggregated updates (with their nonces) of rounds before `before_round`, and delivered aggregates."""
         with self._tx():
             self.db.execute("DELETE FROM updates WHERE round_id < ? AND batch IS NOT NULL", (before_round,))
             self.db.execute("DELETE FROM outbox WHERE published = 1")

@@ -60,6 +60,7 @@ class MosquittoBroker:
 
     extra_config: list[str] = field(default_factory=list)
     persistence: bool = True
+    autosave_interval: int = 1     # seconds between saves of the persistence file; 0 = only at exit and on save()
     port: int = field(default_factory=free_port)
     workdir: Path | None = None
     config_file: Path | None = None
@@ -91,7 +92,8 @@ class MosquittoBroker:
         if not any(line.startswith(("allow_anonymous", "password_file")) for line in self.extra_config):
             lines.append("allow_anonymous true")
         if self.persistence:
-            lines += ["persistence true", f"persistence_location {self.workdir}/", "autosave_interval 1"]
+            lines += ["persistence true", f"persistence_location {self.workdir}/",
+                      f"autosave_interval {self.autosave_interval}"]
         lines += self.extra_config
         conf = self.workdir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
@@ -126,10 +128,16 @@ class MosquittoBroker:
                 self.process.wait()
         self.process = None
 
-    def wait_autosaved(self, timeout: float = 10.0) -> None:
+    def save(self, timeout: float = 10.0) -> None:
+        """Have the broker write its persistence file now (SIGUSR1) and wait until it did."""
+        since = time.time()
+        self.process.send_signal(signal.SIGUSR1)
+        self.wait_autosaved(timeout, since)
+
+    def wait_autosaved(self, timeout: float = 10.0, since: float | None = None) -> None:
         """Wait until the broker has saved its sessions after now (autosave), so a kill -9 keeps them: mosquitto
         compares whole seconds, so "autosave_interval 1" saves only every one to two seconds."""
-        db, since = self.workdir / "mosquitto.db", time.time()
+        db, since = self.workdir / "mosquitto.db", time.time() if since is None else since
         deadline = time.monotonic() + timeout
         while not (db.exists() and db.stat().st_mtime > since):
             if time.monotonic() >= deadline:

@@ -103,6 +103,7 @@ def edge_acl(edge: str, replicas: list[str] | tuple[str, ...] = ()) -> str:
             f"topic write {t.edge_status_topic(e)}",
             f"topic read {t.CLOUD_ROUND}",
             f"topic read {t.CLOUD_MODEL}",
+            f"topic read {t.receipt_topic(e)}",
             "",
         ]),
     ])
@@ -125,7 +126,7 @@ def cloud_acl(edges: list[str]) -> str:
                   "model and its bundles down.",
                   f"user {t.check_id(edge)}", f"topic write {t.aggregate_topic(edge)}",
                   f"topic write {t.edge_status_topic(edge)}", f"topic write {t.status_topic(edge, t.ANY)}",
-                  f"topic read {t.CLOUD_ROUND}", f"topic read {t.CLOUD_MODEL}",
+                  f"topic read {t.CLOUD_ROUND}", f"topic read {t.CLOUD_MODEL}", f"topic read {t.receipt_topic(edge)}",
                   f"topic read {t.subtree(edge, 'bundles')}", *edge_tier_acl(edge), "",
                   f"# Edge {edge}'s ledger validator.", f"user {role_cn(edge, 'ledger')}",
                   f"topic read {t.LEDGER_PROPOSALS}", f"topic read {t.LEDGER_BLOCKS}",
@@ -204,6 +205,7 @@ def render(cfg: BrokerFilesConfig, acl_path: Path) -> str:
             f"topic {t.status_topic(cfg.id, t.ANY)} out 1",   # device statuses: `fediomt push` sees outcomes
             f"topic {t.CLOUD_ROUND} in 1",
             f"topic {t.CLOUD_MODEL} in 1",
+            f"topic {t.receipt_topic(cfg.id)} in 1",
             f"topic {t.subtree(cfg.id, 'bundles')} in 1",
             *(f"topic {t.secagg_topic(t.CLOUD, step, cfg.id)} out 1" for step in UPLINK),
             f"topic {t.secagg_topic(t.CLOUD, t.ANY)} in 1",

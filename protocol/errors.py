@@ -37,6 +37,11 @@ class Reason(IntEnum):
     SECAGG_ABORT = 22      # secure aggregation below threshold / protocol violation
     REVOKED = 23           # the sender's certificate is on the CRL
 
+    @classmethod
+    def name_of(cls, code: int) -> str:
+        """A code read from the wire, for logs: its name, or the number when this version does not know it."""
+        return cls(code).name if code in cls._value2member_map_ else str(code)
+
 
 class ProtocolError(ValueError):
     """A hostile or unusable message. Carries a reason code; never leaves a half-applied state behind."""

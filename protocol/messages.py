@@ -32,7 +32,8 @@ __all__ = [
     "mac_message", "verify_mac_raw", "MAC_BYTES",
     "floats_to_bytes", "new_run_id", "newer_run",
     "bytes_to_floats", "TrainingPlan", "Capability", "PrivacySpent", "CentralDPReport", "RoundAnnouncement",
-    "GlobalModel", "global_model", "DeviceUpdate", "EdgeAggregate", "Ack", "DeviceStatus", "Chunk", "BundleManifest",
+    "GlobalModel", "global_model", "DeviceUpdate", "EdgeAggregate", "AggregateReceipt", "Ack", "DeviceStatus",
+    "Chunk", "BundleManifest",
 ]
 
 ID = limit(max_len=64, min_len=1)
@@ -321,6 +322,23 @@ class EdgeAggregate:
     # distributed DP: the part of central_dp.noise_mult that is the counted devices' own noise, sqrt(sum_i (w_i
     # sigma_i)^2) / clip, which the edge credited instead of adding it (0 = nothing credited; edge.central_dp)
     credited_noise_mult: float = field(default=0.0, metadata=limit(min_value=0))
+    sig: bytes = field(default=b"", metadata=limit(max_len=64))
+
+
+@register("receipt")
+@dataclass(frozen=True)
+class AggregateReceipt:
+    """Cloud -> edge: the aggregate with this nonce is durable at the cloud (`accepted`) or refused for good (a
+    protocol.errors.Reason that the same bytes would meet again: late, stale, seen before, ...), so the edge stops
+    resending it. The broker's PUBACK only means "queued": a broker killed before its autosave loses what it queued
+    for an absent cloud. Signed by the cloud; a replayed receipt only repeats what it said about that nonce."""
+
+    edge_id: str = field(metadata=ID)
+    round_id: int = field(metadata=limit(min_value=0))
+    aggregate_nonce: bytes = field(metadata=NONCE)
+    accepted: bool
+    reason: int = field(metadata=limit(min_value=0, max_value=255))
+    timestamp: float = field(metadata=limit(min_value=0))
     sig: bytes = field(default=b"", metadata=limit(max_len=64))
 
 

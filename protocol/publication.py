@@ -12,4 +12,4 @@ class Publication:
     topic: str
     payload: bytes
     retain: bool = False
-    batch: int | None = None    # an edge outbox entry: mark_published(batch) once the broker has it
+    batch: int | None = None    # an edge outbox entry: sent again until the cloud's receipt for it

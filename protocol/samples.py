@@ -35,6 +35,8 @@ def sample_messages() -> list:
                         central_dp=m.CentralDPReport(clip=1.0, noise_mult=0.5, sampling_rate=1.0, num_clipped=1),
                         filtered=["d03"], rejected={"BAD_SIGNATURE": 1}, device_ids=["d01", "d02"],
                         max_device_epsilon=0.9, mean_local_steps=4.0, nonce=m.new_nonce(), timestamp=1.7e9),
+        m.AggregateReceipt(edge_id="edge1", round_id=3, aggregate_nonce=m.new_nonce(), accepted=True, reason=0,
+                           timestamp=1.7e9),
         m.Ack(sender="edge1", device_id="d01", round_id=3, accepted=False, reason=8, detail="signature"),
         m.DeviceStatus(device_id="d01", edge_id="edge1", state="skipped", model_version=2, bundle_version=1,
                        epsilon_spent=0.9, epsilon_budget=8.0, timestamp=1.7e9, round_id=3, capability=CAPABILITY),

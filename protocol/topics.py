@@ -114,6 +114,12 @@ def aggregate_topic(edge: str) -> str:
     return f"{ROOT}/{CLOUD}/aggregates/{_level(edge)}"
 
 
+def receipt_topic(edge: str) -> str:
+    """cloud -> edge: AggregateReceipt for each of the edge's aggregates the cloud holds durably or refused for good;
+    the edge resends an aggregate until its receipt arrives (edge.gateway)."""
+    return f"{ROOT}/{CLOUD}/receipts/{_level(edge)}"
+
+
 def edge_status_topic(edge: str) -> str:
     return f"{ROOT}/{CLOUD}/status/{_level(edge)}"
 

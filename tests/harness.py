@@ -25,6 +25,7 @@ from protocol import signing
 from protocol.bundle import load_bundle
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.messages import (
+    AggregateReceipt,
     Capability,
     DeviceUpdate,
     EdgeAggregate,
@@ -191,6 +192,13 @@ class Fed:
         msg = RoundAnnouncement(round_id, "m", version, "fedavg", deadline or time.time() + 60,
                                 TrainingPlan(0.1, 1, 8, 1.0, 0.0), DENSE.to_dict(), **kw)
         return encode(sign_message(msg, self.cloud_key))
+
+    def receipt(self, aggregate: bytes, accepted: bool = True, reason: int = 0, key=None, **kw) -> bytes:
+        """The cloud's AggregateReceipt for an aggregate's bytes (`kw` overrides fields)."""
+        agg = decode(aggregate, expect=EdgeAggregate)
+        fields = {"edge_id": agg.edge_id, "round_id": agg.round_id, "aggregate_nonce": agg.nonce, **kw}
+        msg = AggregateReceipt(accepted=accepted, reason=reason, timestamp=time.time(), **fields)
+        return encode(sign_message(msg, key or self.cloud_key))
 
     def update(self, device: str, delta: np.ndarray, round_id: int = 1, version: int = 1, num_samples: int = 10,
                settings: CompressionSettings = DENSE, key=None, nonce: bytes | None = None, loss: float = 0.5,

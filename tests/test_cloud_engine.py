@@ -17,6 +17,7 @@ from cloud.rounds import RESIDUAL, OpenRound, Received, admit, close_decision, d
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
+    AggregateReceipt,
     EdgeAggregate,
     GlobalModel,
     RoundAnnouncement,
@@ -28,9 +29,10 @@ from protocol.messages import (
     new_nonce,
     sign_message,
     verify_message,
+    verify_raw,
 )
 from protocol.signing import generate_signing_key
-from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, aggregate_topic
+from protocol.topics import CLOUD_MODEL, CLOUD_ROUND, aggregate_topic, receipt_topic
 
 N = 12
 EDGES = ("edge1", "edge2")
@@ -136,8 +138,14 @@ def test_a_full_round(keys, tmp_path):
     ann = announcement(keys, pubs)
     assert (ann.round_id, ann.model_version, ann.deadline, ann.edges) == (1, 1, NOW + 60, list(EDGES))
     d1, d2 = np.arange(N, dtype=np.float32), np.ones(N, np.float32)
-    assert eng.handle_aggregate(aggregate_topic("edge1"), aggregate(keys, "edge1", delta=d1, num_samples=10)) == []
+    first = aggregate(keys, "edge1", delta=d1, num_samples=10)
+    (receipt,) = eng.handle_aggregate(aggregate_topic("edge1"), first)
     assert (tmp_path / "run" / "pending" / "1-edge1.cbor").exists()          # durable before it returns
+    assert receipt.topic == receipt_topic("edge1")
+    got = decode(receipt.payload, expect=AggregateReceipt)
+    verify_raw(receipt.payload, got, keys["cloud"].public_key())
+    assert (got.edge_id, got.round_id, got.accepted, got.reason) == ("edge1", 1, True, 0)
+    assert got.aggregate_nonce == decode(first, expect=EdgeAggregate).nonce
     assert eng.tick(NOW + 1) == []                                           # edge2 still expected
     eng.handle_aggregate("edge2", aggregate(keys, "edge2", delta=d2, num_samples=30))
     pubs = eng.tick(NOW + 2)
@@ -189,13 +197,34 @@ def test_rejections_are_counted_and_change_nothing(keys, tmp_path):
     eng = engine(keys, tmp_path)
     eng.start(NOW)
     payload = aggregate(keys, "edge1", delta=np.ones(N))
-    eng.handle_aggregate("edge1", payload)
-    eng.handle_aggregate("edge1", payload)                                     # a replay
-    eng.handle_aggregate("edge3", aggregate(keys, "edge3", signer="edge1"))    # not a federation edge
-    eng.handle_aggregate("edge2", aggregate(keys, "edge2", version=0))         # stale base
+
+    def verdicts(pubs) -> list[tuple[bool, str]]:
+        return [(r.accepted, Reason(r.reason).name) for r in (decode(p.payload, expect=AggregateReceipt)
+                                                              for p in pubs)]
+
+    assert verdicts(eng.handle_aggregate("edge1", payload)) == [(True, "OK")]
+    assert verdicts(eng.handle_aggregate("edge1", payload)) == [(False, "REPLAY")]     # a resent copy: final
+    assert verdicts(eng.handle_aggregate("edge3", aggregate(keys, "edge3", signer="edge1"))) == []   # not ours
+    assert verdicts(eng.handle_aggregate("edge2", aggregate(keys, "edge2", version=0))) == [(False, "STALE")]
+    assert verdicts(eng.handle_aggregate("edge2", aggregate(keys, "edge2", 2))) == []  # a round to come: no verdict
+    assert verdicts(eng.handle_aggregate("edge2", aggregate(keys, "edge2", signer="edge1"))) == []   # forged
     assert set(eng.received) == {"edge1"}
-    assert eng.rejected == {"REPLAY": 1, "UNKNOWN_SENDER": 1, "STALE": 1}
+    assert eng.rejected == {"REPLAY": 1, "UNKNOWN_SENDER": 1, "STALE": 1, "WRONG_ROUND": 1, "BAD_SIGNATURE": 1}
     assert sorted(p.name for p in (tmp_path / "pending").iterdir()) == ["1-edge1.cbor"]
+
+
+def test_a_cloud_resumed_after_its_deadline_announces_the_round_again_instead_of_closing_it(keys, tmp_path):
+    eng = engine(keys, tmp_path)
+    eng.start(NOW)
+    eng.handle_aggregate("edge1", aggregate(keys, "edge1", delta=np.ones(N)))
+    assert eng.resumed(NOW + 30) == []                                   # before the deadline: nothing to do
+    (again,) = eng.resumed(NOW + 600)                                    # hung past it: same round, new deadline
+    ann = decode(again.payload, expect=RoundAnnouncement)
+    assert (again.topic, ann.round_id, ann.deadline) == (CLOUD_ROUND, 1, NOW + 600 + 60)
+    assert eng.tick(NOW + 601) == [] and set(eng.received) == {"edge1"}   # waits for edge2's resend
+    eng.handle_aggregate("edge2", aggregate(keys, "edge2", delta=np.ones(N)))
+    assert eng.tick(NOW + 602) and eng.state.history[-1]["num_edges"] == 2
+    assert eng.state.round_id == 2 and eng.resumed(NOW + 603) == []     # the next round: its own deadline
 
 
 def test_too_few_aggregates_reannounce_the_same_round(keys, tmp_path):

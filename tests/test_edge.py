@@ -192,9 +192,43 @@ def test_restart_resumes_the_round_from_sqlite(tmp_path, rng):
     agg, mean = aggregate_of(fed, pubs)
     np.testing.assert_allclose(mean, np.mean(deltas, axis=0), rtol=1e-5, atol=1e-6)
     assert agg.num_devices == 4 and agg.rejected == {"DUPLICATE": 2}
-    assert len(eng.unpublished()) == 1
-    eng.published(agg.round_id)
-    assert eng.unpublished() == []
+    (outbox,) = eng.undelivered()
+    assert eng.handle_receipt(fed.receipt(outbox.payload))
+    assert eng.undelivered() == []
+
+
+def test_an_aggregate_stays_in_the_outbox_until_the_clouds_receipt_names_it(tmp_path, rng):
+    fed = Fed(tmp_path, n_devices=2)
+    eng = fed.engine()
+    open_round(fed, eng, round_id=3)
+    pubs = []
+    for d in fed.devices:
+        pubs += eng.handle_update(d, fed.update(d, rng.normal(size=N_PARAMS), round_id=3))[1]
+    (sent,) = [p for p in pubs if p.batch is not None]
+    assert [p.payload for p in eng.undelivered()] == [sent.payload]     # the broker's PUBACK changes nothing
+    forged = fed.receipt(sent.payload, key=signing.generate_signing_key())
+    other = fed.receipt(sent.payload, edge_id="edge2")
+    unknown = fed.receipt(sent.payload, aggregate_nonce=new_nonce())
+    assert not any(eng.handle_receipt(r) for r in (forged, other, unknown, b"\xff" * 40))
+    assert len(eng.undelivered()) == 1
+    # refused for good (here: seen before, i.e. a resent copy of one the cloud counted): delivered all the same
+    assert eng.handle_receipt(fed.receipt(sent.payload, accepted=False, reason=int(Reason.REPLAY)))
+    assert eng.undelivered() == [] and eng.metrics.abandoned._value.get() == 0
+    eng.close()
+    assert fed.engine().undelivered() == []                           # durable: not resent after a restart
+
+
+def test_an_unreceipted_aggregate_is_abandoned_once_the_cloud_announces_a_later_round(tmp_path, rng):
+    fed = Fed(tmp_path, n_devices=2)
+    eng = fed.engine()
+    open_round(fed, eng, round_id=3)
+    for d in fed.devices:
+        eng.handle_update(d, fed.update(d, rng.normal(size=N_PARAMS), round_id=3))
+    assert len(eng.undelivered()) == 1
+    assert eng.handle_cloud("round", fed.announce(round_id=3, deadline=time.time() + 90))   # re-announced
+    assert len(eng.undelivered()) == 1                                # the same round: still worth sending
+    assert eng.handle_cloud("round", fed.announce(round_id=4))
+    assert eng.undelivered() == [] and eng.metrics.abandoned._value.get() == 1
 
 
 def test_deadline_closes_a_partial_round_and_an_empty_one_says_so(tmp_path, rng):

@@ -273,7 +273,9 @@ class Simulator:
             close_times.append(close)
             up += len(agg_bytes)
             aggs.append(decode(agg_bytes, expect=EdgeAggregate))
-            self.cloud.handle_aggregate(edge, agg_bytes)
+            for receipt in self.cloud.handle_aggregate(edge, agg_bytes):   # the outbox empties as the cloud confirms
+                down += len(receipt.payload)
+                self.engines[edge].handle_receipt(receipt.payload)
         virtual = max(close_times) if close_times else deadline
         self.clock += virtual
         self.cloud.tick(self.clock)   # every edge reported: the round closes, the next one is announced
@@ -369,8 +371,6 @@ class Simulator:
             self.now = start + deadline
             deliver(deadline, engine.tick(self.now))
         (payload,) = published   # one synchronous round: exactly one aggregate
-        for batch in [b for b, _ in engine.store.unpublished()]:
-            engine.published(batch)   # the gateway's outbox, emptied as the broker takes it
         return payload, ack_bytes, close, late
 
     def _edge_engine(self, edge: str) -> EdgeEngine:

@@ -119,7 +119,8 @@ def statistics_round(sites: list[tuple[str, str, np.ndarray, int]], settings: Ro
             agg = decode(payload, expect=EdgeAggregate)
             report["edge_devices"][e] = agg.num_devices
             report.setdefault("edge_bytes", {})[e] = len(payload)
-            cloud.handle_aggregate(e, payload)
+            for receipt in cloud.handle_aggregate(e, payload):
+                engines[e].handle_receipt(receipt.payload)
         cloud.tick(clock["now"])
         pooled = np.asarray(cloud.state.server.weights, np.float64)
         return pooled, sum(int(r) for _, _, _, r in sites), report
