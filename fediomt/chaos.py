@@ -299,10 +299,11 @@ def run(args: argparse.Namespace) -> dict:
                      "double": r["updates_double"], "acc_final": r["final_accuracy"],
                      "acc_last5": r["accuracy_last5"], "wall_s": r["wall_s"]})
     print_table(rows)
-    print(f"kills: {kills} (edge/cloud/broker: {kills['broker'] + kills['cloud'] + kills['edge']}); "
-          f"unexpected exits: {len(c['unexpected_exits'])}")
+    away = broker_kills_with_cloud_away(c["events"])
+    print(f"kills: {kills} (edge/cloud/broker: {kills['broker'] + kills['cloud'] + kills['edge']}; broker kills "
+          f"while the cloud was frozen or down: {away}); unexpected exits: {len(c['unexpected_exits'])}")
     figures = {
-        "settings": asdict(s), "kills": kills,
+        "settings": asdict(s), "kills": kills, "broker_kills_cloud_away": away,
         "server_kills": kills["broker"] + kills["cloud"] + kills["edge"],
         "ok": (c["outcome"] == "completed" and c["updates_lost"] == 0 and c["updates_double"] == 0
                and not c["rounds_without_block"] and c["blocks_per_round_max"] <= 1 and c["ledger_verify"]),
@@ -314,6 +315,20 @@ def run(args: argparse.Namespace) -> dict:
     }
     _plot(runs, out / "chaos.png")
     return figures
+
+
+def broker_kills_with_cloud_away(events: list[dict]) -> int:
+    """Broker kills while the cloud was frozen or down: those lose an aggregate queued for the cloud in the broker's
+    memory, which the edge must resend until the cloud's receipt."""
+    frozen = down = False
+    n = 0
+    for e in events:
+        if e["victim"] == "cloud":
+            frozen = e["event"] == "freeze" or (frozen and e["event"] not in ("thaw", "kill"))
+            down = e["event"] == "kill" or (down and e["event"] != "restart")
+        elif e["victim"] == "broker" and e["event"] == "kill":
+            n += frozen or down
+    return n
 
 
 def _group_kills(kills: Counter) -> dict:

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from fediomt.chaos import ChaosSettings, check, run_federation
+from fediomt.chaos import ChaosSettings, broker_kills_with_cloud_away, check, run_federation
 
 pytestmark = pytest.mark.slow
 
@@ -31,3 +31,13 @@ def test_kill_9_of_edges_cloud_and_broker_loses_and_double_counts_no_acked_updat
     assert result["updates_counted"] + result["updates_filtered"] == result["updates_acked"]
     assert result["rounds_without_block"] == [] and result["blocks_per_round_max"] == 1
     assert result["ledger_verify"], result["ledger_verify_output"]
+
+
+def test_broker_kills_are_counted_as_cloud_away_while_it_is_frozen_or_down():
+    def ev(victim: str, event: str) -> dict:
+        return {"victim": victim, "event": event}
+
+    events = [ev("cloud", "freeze"), ev("broker", "kill"), ev("cloud", "thaw"), ev("broker", "kill"),
+              ev("cloud", "kill"), ev("edge-a", "kill"), ev("broker", "kill"), ev("cloud", "restart"),
+              ev("broker", "kill")]
+    assert broker_kills_with_cloud_away(events) == 2
