@@ -41,6 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edges", type=int, default=0, help="regroup the sites over this many edges (0: natural)")
     parser.add_argument("--epsilons", type=float, nargs="+",
                         help="privacy: only these target epsilons (plus the non-private reference)")
+    parser.add_argument("--filters", nargs="+",
+                        help="poisoning: only these edge filter configurations (none, norm, cosine, krum, "
+                             "norm+cosine, trimmed_mean, median, norm+cosine+trust; default: the dataset's set)")
     parser.add_argument("--max-steps", type=int, default=0,
                         help="privacy: cap each device's DP-SGD steps per round (plan.max_steps; 0 = one epoch)")
     data = parser.add_argument_group("your own data (instead of --datasets)")

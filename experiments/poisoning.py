@@ -106,7 +106,10 @@ def run(args) -> dict:
     for name in datasets_for(args):
         recipe, rounds = RECIPES[name], rounds_for(name, args)
         own = WATCH if name == "watch" and not args.quick else {}
-        filters = QUICK["filters"] if args.quick else own.get("filters", (*FILTERS, TRUSTED))
+        filters = args.filters or (QUICK["filters"] if args.quick else own.get("filters", (*FILTERS, TRUSTED)))
+        unknown = set(filters) - {*FILTERS, TRUSTED}
+        if unknown:
+            raise SystemExit(f"--filters: unknown {sorted(unknown)}; known: {', '.join([*FILTERS, TRUSTED])}")
         fractions = QUICK["fractions"] if args.quick else own.get("fractions", FRACTIONS)
         split = Scale(split=args.split if args.split > 1 else (3 if args.quick else own.get("split", 5)),
                       edges=args.edges)

@@ -118,3 +118,8 @@ def test_poisoning_rows(results):
     assert {r["edge_size"] for r in single} == {"2"} and {r["fraction"] for r in single} == {0.0, 1 / 8}
     assert {"none", "replacement_1e6", "targeted"} <= {r["attack"] for r in single}
     assert all(r["accuracy"] > 0.5 for r in single)
+
+
+def test_poisoning_refuses_an_unknown_filter_configuration(tmp_path):
+    with pytest.raises(SystemExit, match="unknown \\['norm\\+median'\\]"):
+        main(["experiment", "poisoning", "--quick", "--out", str(tmp_path), "--filters", "none", "norm+median"])
