@@ -143,6 +143,7 @@ class CloudEngine:
         self.nonces = set(self.state.nonces)
         self.received: dict[str, Received] = {}
         self.rejected: Counter[str] = Counter()
+        self.receipt_bytes = 0   # the open round's receipts to edges (cloud -> edge bytes)
         self.deadline = 0.0
         self.model_payload = b""
         self.model_delta: bytes | None = None   # the compressed delta of the current version, when it has one
@@ -271,7 +272,9 @@ class CloudEngine:
         msg = AggregateReceipt(edge_id=agg.edge_id, round_id=agg.round_id, aggregate_nonce=agg.nonce,
                                accepted=refused is None, reason=0 if refused is None else int(refused),
                                timestamp=time.time())
-        return Publication(receipt_topic(agg.edge_id), encode(sign_message(msg, self.key)))
+        payload = encode(sign_message(msg, self.key))
+        self.receipt_bytes += len(payload)
+        return Publication(receipt_topic(agg.edge_id), payload)
 
     def handle_status(self, payload: bytes) -> None:
         try:
@@ -414,7 +417,7 @@ class CloudEngine:
         dense = dense_sizes(self.settings.model, self.n_params, ann.model_version,
                             max(s.devices, key=len, default="device-00"), max(self.edges, key=len), s.run_id)
         traffic = Traffic(len(self.model_payload), len(s.announcement), len(s.devices), len(self.edges),
-                          sum(r.size for r in self.received.values()), self.rejected, dense)
+                          sum(r.size for r in self.received.values()), self.rejected, dense, self.receipt_bytes)
         return round_record(ann, aggs, report, loss, acc, now, s.version, s.server, traffic, self.settings, scores)
 
     def _end_round(self, round_id: int, record: dict, report: dict, t0: float) -> None:
@@ -439,6 +442,7 @@ class CloudEngine:
             path.unlink()
         self.received.clear()
         self.rejected.clear()
+        self.receipt_bytes = 0
 
     def _observe(self, record: dict, report: dict, step_s: float) -> None:
         m = self.metrics

@@ -270,6 +270,7 @@ class Traffic:
     bytes_up_cloud: int            # the accepted aggregates as received
     rejected: Mapping[str, int]    # aggregates the cloud rejected, by reason
     dense: DenseSizes | None = None  # dense FedAvg's messages of this round (dense_sizes)
+    receipt_bytes: int = 0         # the cloud's receipts to the edges (dense FedAvg would send the same)
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,7 @@ def dense_traffic(aggs: list[EdgeAggregate], addressed: int, traffic: Traffic, n
     down = d.model + traffic.announcement_bytes
     return {"dense_bytes_up": d.update * n_devices, "dense_bytes_down": down * addressed,
             "dense_bytes_up_cloud": sum(len(encode(a)) - len(a.delta) + d.payload for a in aggs),
-            "dense_bytes_down_cloud": down * traffic.n_edges}
+            "dense_bytes_down_cloud": down * traffic.n_edges + traffic.receipt_bytes}
 
 
 def byte_totals(records: list[dict]) -> dict:
@@ -347,7 +348,7 @@ def round_record(ann: RoundAnnouncement, aggs: list[EdgeAggregate], report: dict
         "control_bytes_up": sum(len(a.control_delta or b"") for a in aggs),
         **dense_traffic(aggs, addressed, traffic, server.weights.size, n_devices),
         "bytes_down": down * addressed,
-        "bytes_down_cloud": down * traffic.n_edges,
+        "bytes_down_cloud": down * traffic.n_edges + traffic.receipt_bytes,
         "control_bytes_down": (0 if control is None else 4 * control.size) * addressed,
         "epsilon": json_epsilon(report), "delta": settings.privacy.delta,
         "num_devices": n_devices, "num_edges": len(aggs), "addressed": addressed,

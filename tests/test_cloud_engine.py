@@ -177,9 +177,11 @@ def test_round_records_carry_the_evaluation_scores_and_dense_fedavg_bytes(keys, 
                      model_compression={"method": "topk", "density": 0.25, "bits": 8})
         eng.evaluate = hook
         eng.start(NOW)
+        receipts = {}
         for round_id in (1, 2):
             for edge in EDGES:
-                eng.handle_aggregate(edge, aggregate(keys, edge, round_id, round_id, np.arange(N) + round_id))
+                pubs = eng.handle_aggregate(edge, aggregate(keys, edge, round_id, round_id, np.arange(N) + round_id))
+                receipts[round_id] = receipts.get(round_id, 0) + sum(len(p.payload) for p in pubs)
             eng.tick(NOW + round_id)
         first, second = eng.state.history
         assert (first["loss"], first["accuracy"]) == (0.5, 0.75)
@@ -189,7 +191,10 @@ def test_round_records_carry_the_evaluation_scores_and_dense_fedavg_bytes(keys, 
         assert first["dense_bytes_up"] == dense.update * 4                  # 4 devices, a dense update each
         assert first["bytes_down"] == first["dense_bytes_down"]             # version 1 went out in full
         assert second["bytes_down"] < second["dense_bytes_down"] == first["dense_bytes_down"]   # a delta
-        assert second["dense_bytes_down_cloud"] == second["dense_bytes_down"] // second["addressed"] * len(EDGES)
+        assert receipts[2] > 0   # the receipts count as cloud -> edge bytes, in both figures
+        assert second["dense_bytes_down_cloud"] == (second["dense_bytes_down"] // second["addressed"] * len(EDGES)
+                                                    + receipts[2])
+        assert second["bytes_down_cloud"] == second["bytes_down"] // second["addressed"] * len(EDGES) + receipts[2]
         assert second["dense_bytes_up_cloud"] > 0
 
 
