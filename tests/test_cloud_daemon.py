@@ -418,3 +418,27 @@ def test_a_bad_setup_is_one_clear_line_and_exit_status_2(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.startswith("fediomt cloud: ") and "missing.key" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_cloud_hung_past_its_deadline_announces_the_round_again_instead_of_closing_it(federation, tmp_path,
+                                                                                         daemons):
+    """SIGSTOP (a hung process, a suspended VM) past the deadline with one of two aggregates in: on SIGCONT the
+    cloud cannot know what waited for it at the broker, so it re-announces the round with a new deadline, and the
+    edge that answers the re-announcement (as edge.gateway resends on a cloud message) still counts."""
+    write_config, edges = federation
+    config = write_config("rounds = 1\nround_timeout_s = 4.0\n")
+    log_path = tmp_path / "cloud.log"
+    with open(log_path, "ab") as log:
+        proc = cloud_process(config, log, daemons)
+    ann = edges.next_round()
+    edges.send("edge1", edges.aggregate("edge1", ann, np.full(N_PARAMS, 0.1)))
+    wait_for(lambda: "aggregate accepted" in log_path.read_text(), 30, message=lambda: log_path.read_text()[-2000:])
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(ann.deadline - time.time() + 0.5 + 6.0)   # past deadline + grace, and a stall (> tick + 5 s)
+    proc.send_signal(signal.SIGCONT)
+    again = edges.next_round(30)
+    assert again.round_id == ann.round_id and again.deadline > ann.deadline + 5, (again, log_path.read_text()[-2000:])
+    edges.send("edge2", edges.aggregate("edge2", again, np.full(N_PARAMS, 0.3)))
+    assert proc.wait(60) == 0, log_path.read_text()[-2000:]
+    (record,) = rounds_of(tmp_path / "run")
+    assert record["num_edges"] == 2 and "resumed after the round's deadline" in log_path.read_text()
