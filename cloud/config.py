@@ -161,7 +161,8 @@ class CloudConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
-    trust: TrustConfig = field(default_factory=TrustConfig)  # cloud.trust: the root-update gate; off without root_data
+    trust: TrustConfig = field(default_factory=TrustConfig)  # cloud.trust: the device-majority gate, or with
+                                                             # root_data the root-update gate
     ledger: LedgerConfig | None = None  # contribution ledger (cloud/contributions.py); None = off
     distill: DistillSchedule | None = None  # int8 students + OTA push (cloud/distill.py); None = off
     secagg: dict | None = None       # RoundAnnouncement.secagg (docs/secagg.md "Deployment"); None = plaintext rounds
@@ -271,7 +272,7 @@ class CloudConfig:
             seed=self.seed, plan=self.plan, compression=self.compression, central_dp=self.central_dp,
             privacy=self.privacy, strategy=self.strategy, model_encoding=self.model_encoding,
             model_full_every=self.model_full_every, model_compression=self.model_compression, secagg=self.secagg,
-            bounds=self.bounds, min_devices=self.min_devices, run_id=self.run_id,
+            bounds=self.bounds, trust=self.trust, min_devices=self.min_devices, run_id=self.run_id,
             first_round=1 + (self.features is not None and self.features.quantile > 0))   # after the statistics rounds
 
 
@@ -302,6 +303,7 @@ class RoundSettings:
     model_compression: dict = field(default_factory=lambda: {"method": "topk", "density": 0.1, "bits": 8})
     secagg: dict | None = None
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)   # its device-majority gate (the root gate: CloudEngine)
     first_round: int = 1             # the first round id and model version (statistics rounds run as 0 and 1)
     statistics: str = ""             # announced RoundAnnouncement.statistics ("summary": a statistics round)
     features: str = ""               # announced RoundAnnouncement.features (JSON; "" = none)

@@ -73,7 +73,7 @@ from cloud.state import CloudState, load, save
 from cloud.strategies import make
 from cloud.strategies.base import DeviceInfo, EdgeResult
 from cloud.strategies.heterogeneity import observe
-from cloud.trust import TrustGate, gate
+from cloud.trust import TrustGate, distrusted_devices, gate, leave_out, majority_direction, sketch_cosines
 from protocol.atomic import atomic_write
 from protocol.errors import ProtocolError, Reason
 from protocol.keyring import KeyRing
@@ -94,6 +94,15 @@ from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.topics import CLOUD, CLOUD_MODEL, CLOUD_ROUND, last_level, receipt_topic
 
 FAILED_PREFIX = "failed:"   # a stop_reason that starts so is a failed run (report.json finished=false, exit 4)
+
+
+def _sketches(received: dict[str, Received]) -> tuple[dict[str, np.ndarray], int]:
+    """The edges' device sketches of one width (the most common; an edge sending another width is not counted)."""
+    have = {e: r.sketches for e, r in received.items() if r.sketches is not None and len(r.sketches)}
+    if not have:
+        return {}, 0
+    dims = Counter(rows.shape[1] for rows in have.values()).most_common(1)[0][0]
+    return {e: rows for e, rows in have.items() if rows.shape[1] == dims}, dims
 
 
 def failed(stop_reason: str) -> bool:
@@ -332,7 +341,8 @@ class CloudEngine:
     def _close(self, now: float, masked: SecAggResult | None = None) -> list[Publication]:
         t0, s, cfg = time.monotonic(), self.state, self.settings
         ann = decode(s.announcement, expect=RoundAnnouncement)
-        distrusted: dict[str, float] = {}   # cloud.trust: edges left out against the root update
+        distrusted: dict[str, float] = {}   # cloud.trust: edges left out against the gate's reference
+        devices_distrusted: dict[str, float] = {}   # ... and devices that weigh nothing next round
         if masked is None:
             received, bounded, s.bounds = bound_edges(self.received, s.bounds,
                                                       float(np.linalg.norm(s.server.weights.astype(np.float64))),
@@ -344,9 +354,20 @@ class CloudEngine:
             if self.trust is not None:
                 results, distrusted = gate(results, self.trust.reference(s.server.weights, ann.plan),
                                            self.trust.min_cosine)
-                if distrusted:
-                    event(self.log, "aggregates distrusted: against the root update", logging.WARNING,
-                          round=s.round_id, edges=distrusted)
+                against = "the root update"
+            elif cfg.trust.device_majority and ann.plan.noise_mult <= 0:   # under device DP: noise, not direction
+                sketches, dims = _sketches(received)
+                reference = majority_direction(sketches)
+                results, distrusted = leave_out(results, sketch_cosines(results, reference, dims),
+                                                cfg.trust.min_cosine)
+                against = "the devices' majority direction"
+                for edge, rows in sketches.items():
+                    agg = received[edge].agg
+                    ids = agg.device_ids + [d for d in agg.filtered if d not in agg.device_ids]
+                    devices_distrusted |= distrusted_devices(rows, ids, reference, cfg.trust.min_cosine)
+            if distrusted:
+                event(self.log, f"aggregates distrusted: against {against}", logging.WARNING, round=s.round_id,
+                      edges=distrusted)
         else:
             total = self.edge_tier.total(masked)
             event(self.log, "edge secagg unmasked", round=s.round_id, edges=total.edges, dropped=total.dropped,
@@ -380,6 +401,7 @@ class CloudEngine:
         record["rewards"] = rewards
         record["bounded_at_cloud"] = bounded
         record["distrusted_at_cloud"] = distrusted
+        record["distrusted_devices"] = devices_distrusted
         if masked is not None:
             record["edge_secagg"] = {"edges": sorted(masked.devices), "dropped": sorted(masked.dropped)}
         self._end_round(ann.round_id, record, report, t0)

@@ -41,6 +41,7 @@ from protocol.messages import (
     verify_raw,
 )
 from protocol.secagg.edge_tier import EdgeSum
+from protocol.sketch import decode_sketches
 
 Decision = Literal["complete", "deadline", "reannounce"]
 RESIDUAL = "model_residual"  # server-side error feedback of "delta" GlobalModels (a ServerState array)
@@ -79,6 +80,7 @@ class Received:
     size: int
     delta: np.ndarray | None
     control: np.ndarray | None
+    sketches: np.ndarray | None = None   # protocol.sketch rows of the edge's admitted updates (None: none sent)
 
 
 def decode_payload(payload: bytes | None, n_params: int) -> np.ndarray | None:
@@ -120,12 +122,14 @@ def admit_authentic(agg: EdgeAggregate, size: int, rnd: OpenRound) -> Received:
     if agg.n_params != rnd.n_params:
         raise ProtocolError(Reason.BAD_SHAPE, f"{agg.n_params} params, model has {rnd.n_params}")
     if rnd.edge_masked and (agg.delta or agg.control_delta or agg.num_samples or agg.weight_sum
-                            or agg.update_norms or agg.significant):
+                            or agg.update_norms or agg.significant or agg.sketches):
         raise ProtocolError(Reason.BAD_VALUE, "plaintext aggregate in an edge-masked round (metadata only)")
     delta = decode_payload(agg.delta, agg.n_params) if agg.significant else None
     if agg.significant and delta is None:
         raise ProtocolError(Reason.MALFORMED, "significant aggregate without a delta")
-    return Received(agg, size, delta, decode_payload(agg.control_delta, agg.n_params))
+    sketches = decode_sketches(agg.sketches, agg.sketch_dims, agg.num_devices + len(agg.filtered)) \
+        if agg.sketches else None
+    return Received(agg, size, delta, decode_payload(agg.control_delta, agg.n_params), sketches)
 
 
 def bound_edges(received: Mapping[str, Received], latest: Mapping[str, list[float]], model_norm: float,
@@ -225,10 +229,14 @@ def plan_round(strategy: Strategy, s: CloudState, settings: RoundSettings, now: 
     reason = exhausted(projected, privacy.device_epsilon, privacy.central_epsilon)
     if reason:
         return f"{reason}: stopping before round {s.round_id}"
+    # the devices the last round's device-majority gate found pointing against the federation (cloud.trust) weigh
+    # nothing in this one (edge.weighting: their updates are not counted)
+    distrusted = s.history[-1].get("distrusted_devices", {}) if s.history else {}
+    weights = {**rc.sample_weight, **dict.fromkeys(distrusted, 0.0)}
     return RoundAnnouncement(
         round_id=s.round_id, model_name=settings.model, model_version=s.version, strategy=strategy.name,
         deadline=now + settings.round_timeout_s, plan=rc.plan, compression=rc.compression,
-        edges=list(settings.edges), cohort=rc.cohort, lr_scale=rc.lr_scale, sample_weight=rc.sample_weight,
+        edges=list(settings.edges), cohort=rc.cohort, lr_scale=rc.lr_scale, sample_weight=weights,
         central_dp=rc.central_dp, secagg=announced_secagg(settings.secagg))
 
 

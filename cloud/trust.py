@@ -1,19 +1,28 @@
-"""The cloud's trust gate: an edge whose aggregate points away from the cloud's own update is not applied.
+"""The cloud's trust gates: an edge whose aggregate points away from a reference is not applied.
 
 An edge's filters and bounds are statistics over its own devices, so attackers holding a majority of one edge own
-them, and with two edges the cloud has no majority to compare against (EXPERIMENTS.md "Poisoning"). FLTrust (Cao
-et al., NDSS 2021) bootstraps trust from a small clean root set the server holds: each round the cloud trains the
-current global model on it for the devices' local work (plain SGD, no DP: the root set is consented or public
-data, never a device's), and an edge result whose cosine to that root update is <= `min_cosine` is left out of the
-round (its devices' privacy spend is still accounted). FLTrust also rescales every update to the root update's
-norm and weights it by ReLU(cosine); the edge bounds (cloud.rounds.bound_edges) already cap norms, so the gate
-keeps the strategy's weights and only removes edges that would pull the model backwards.
+them, and with two edges the cloud has no majority of edges to compare against (EXPERIMENTS.md "Poisoning").
+
+The device-majority gate (the default): the reference is the coordinate-wise median of the direction sketches of
+every device update the edges admitted this round (protocol.sketch), so an edge that attackers hold a majority of
+is compared with what most devices of the whole federation agree on. It needs no data at the cloud, only honest
+devices in the majority across edges and at least two edges that sent sketches; the cloud sees each device's
+update direction to about 1/sqrt(k) (k = 64 by default), which is why edges send no sketches under central DP.
+Under device DP-SGD the directions are mostly noise (as the root gate measured) and the gate stays off.
+
+The root gate (`[trust] root_data`, used instead): FLTrust (Cao et al., NDSS 2021) bootstraps trust from a small
+clean root set the server holds: each round the cloud trains the current global model on it for the devices'
+local work (plain SGD, no DP: the root set is consented or public data, never a device's), and an edge result whose
+cosine to that root update is <= `min_cosine` is left out of the round. FLTrust also rescales every update to the
+root update's norm and weights it by ReLU(cosine); the edge bounds (cloud.rounds.bound_edges) already cap norms, so
+the gates keep the strategy's weights and only remove edges that would pull the model backwards. A left-out edge's
+devices' privacy spend is still accounted.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +30,17 @@ import numpy as np
 
 from cloud.strategies.base import EdgeResult
 from protocol.messages import TrainingPlan
+from protocol.sketch import sketch
 
 
 @dataclass(frozen=True)
 class TrustConfig:
     """`[trust]` of cloud.toml."""
 
-    root_data: Path | None = None  # the cloud's clean root set (NPZ x, y; consented or public data); None = no gate
-    min_cosine: float = 0.0        # an edge result with cosine <= this to the root update is not applied
+    root_data: Path | None = None  # the cloud's clean root set (NPZ x, y; consented or public data); None = no root
+                                   # gate
+    min_cosine: float = 0.0        # an edge result with cosine <= this to the reference is not applied
+    device_majority: bool = True   # without root_data: gate on the edges' device sketches (protocol.sketch)
     lr_factor: float = 1.0         # the root update's learning rate, as a factor of the round's device lr
 
     def __post_init__(self) -> None:
@@ -56,14 +68,50 @@ def gate(results: Sequence[EdgeResult], reference: np.ndarray, min_cosine: float
     zero root update (nothing to compare with) keeps every result."""
     if not np.any(reference):
         return list(results), {}
+    return leave_out(results, {r.edge_id: cosine(r.delta, reference) for r in results if r.delta is not None},
+                     min_cosine)
+
+
+def leave_out(results: Sequence[EdgeResult], cosines: Mapping[str, float], min_cosine: float
+              ) -> tuple[list[EdgeResult], dict[str, float]]:
+    """(the results whose cosine is above min_cosine or unknown, {edge: cosine} of those left out)."""
     kept, dropped = [], {}
     for r in results:
-        c = None if r.delta is None else cosine(r.delta, reference)
+        c = cosines.get(r.edge_id)
         if c is not None and c <= min_cosine:
             dropped[r.edge_id] = round(c, 4)
         else:
             kept.append(r)
     return kept, dropped
+
+
+def majority_direction(sketches: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The coordinate-wise median of every edge's device sketches (protocol.sketch.decode_sketches rows): what most
+    devices of the federation agree on. None with fewer than two edges' sketches (one edge's own devices cannot
+    outvote it) or a zero median."""
+    if sum(len(rows) > 0 for rows in sketches.values()) < 2:
+        return None
+    reference = np.median(np.concatenate([rows for rows in sketches.values() if len(rows)]), axis=0)
+    return reference if np.any(reference) else None
+
+
+def sketch_cosines(results: Sequence[EdgeResult], reference: np.ndarray | None, dims: int) -> dict[str, float]:
+    """{edge: cosine of its result's sketch to the majority direction}: the device-majority gate's verdicts."""
+    if reference is None:
+        return {}
+    return {r.edge_id: cosine(sketch(r.delta, dims), reference) for r in results if r.delta is not None}
+
+
+def distrusted_devices(rows: np.ndarray, ids: Sequence[str], reference: np.ndarray | None,
+                       min_cosine: float) -> dict[str, float]:
+    """{device: cosine} of the devices whose own sketch (rows, in `ids` order) points against the majority
+    direction: they weigh nothing in the next round (cloud.rounds.plan_round). {} when the rows and ids disagree."""
+    if reference is None or len(rows) != len(ids):
+        return {}
+    norms = np.linalg.norm(rows, axis=1)
+    cos = np.divide(rows @ reference, norms * float(np.linalg.norm(reference)), out=np.zeros(len(rows)),
+                    where=norms > 0)
+    return {d: round(float(c), 4) for d, c, n in zip(ids, cos, norms) if n > 0 and c <= min_cosine}
 
 
 def root_gate(model, x: np.ndarray, y: np.ndarray, cfg: TrustConfig, rng: np.random.Generator) -> TrustGate:

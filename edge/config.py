@@ -36,6 +36,12 @@ class ForwardConfig:
 
     significance: float = 0.0    # forward only when ||agg - last|| / ||last|| exceeds this; 0 = always
     compression: dict = field(default_factory=lambda: {"method": "dense", "bits": 32})  # of the aggregate payload
+    sketch_dims: int = 64        # protocol.sketch: bytes per admitted update for the cloud's device-majority gate; 0 =
+                                 # none (never sent under central DP or secure aggregation)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sketch_dims <= 1024:
+            raise ValueError("forward: need 0 <= sketch_dims <= 1024")
 
     def settings(self) -> CompressionSettings:
         return CompressionSettings(**self.compression)

@@ -57,6 +57,7 @@ from protocol.publication import Publication
 from protocol.secagg import SecAggResult
 from protocol.secagg.deploy import MaskedRound
 from protocol.secagg.edge_tier import EdgeMaskedRound
+from protocol.sketch import unit_sketches
 from protocol.topics import aggregate_topic, check_id, model_topic, round_topic
 
 MAX_STATUS_BYTES = 64 * 1024
@@ -397,6 +398,7 @@ class EdgeEngine:
         n_params = int(self.model["n_params"])
         rows = Rows.stack(n_params, [(u.indices, u.values) for u in updates])
         ids = [u.device_id for u in updates]
+        by_id = dict(zip(ids, updates))
         bounds = round_bounds(ids, rows.norms(), np.array([u.num_samples for u in updates], dtype=np.float64),
                               self.latest, self.cfg.bounds)
         self.latest = bounds.latest
@@ -423,6 +425,8 @@ class EdgeEngine:
         counted = result.alpha > 0
         kept = [d for d, c in zip(ids, counted) if c]
         flagged = [d for d, f in zip(ids, result.flagged) if f]
+        weightless = [d for d, c, f in zip(ids, counted, result.flagged) if not c and not f]   # e.g. sample_weight 0:
+        # the cloud's device-majority gate distrusted them last round (cloud.trust)
         for name, verdict in result.verdicts.items():
             self.metrics.filter_decisions.labels(filter=name, decision="flagged").inc(int(verdict.flags.sum()))
             self.metrics.filter_decisions.labels(filter=name, decision="passed").inc(int((~verdict.flags).sum()))
@@ -456,15 +460,28 @@ class EdgeEngine:
             edge_id=self.aggregate_id, round_id=ann.round_id, base_version=ann.model_version, num_devices=len(kept),
             num_samples=int(sum(n for n, c in zip(bounds.samples, counted) if c)),
             weight_sum=float(result.weight_sum), n_params=n_params, delta=delta, significant=significant,
-            central_dp=report, filtered=flagged, rejected=dict(self.rejected), device_ids=kept,
+            central_dp=report, filtered=flagged + weightless, rejected=dict(self.rejected), device_ids=kept,
             max_device_epsilon=float(max((u.epsilon for u in updates), default=0.0)),
             mean_local_steps=float(np.mean([u.local_steps for u in updates])) if updates else 0.0,
             nonce=new_nonce(), timestamp=self.clock(), control_delta=control,
             device_bytes=int(sum(u.nbytes for u, c in zip(updates, counted) if c)),
             update_norms={d: float(result.norms[i]) for i, d in enumerate(ids) if counted[i]},
             min_device_samples=int(min((u.num_samples for u, c in zip(updates, counted) if c), default=0)),
-            credited_noise_mult=math.sqrt(result.credited_var) / clip if clip > 0 else 0.0)
+            credited_noise_mult=math.sqrt(result.credited_var) / clip if clip > 0 else 0.0,
+            **self._sketches([by_id[d] for d in kept + [d for d in flagged + weightless if d not in kept]],
+                             n_params, clip, ann.plan.noise_mult))
         return agg, result
+
+    def _sketches(self, updates: list[Stored], n_params: int, clip: float, device_noise: float) -> dict:
+        """protocol.sketch of every admitted update (in the order device_ids, then the rest of filtered), for the
+        cloud's device-majority gate: not under central DP (the cloud would see more of one device than the
+        user-level guarantee allows), toward an edge-tier SecAgg, or under device DP-SGD (directions are then
+        mostly noise: the cloud does not gate on them)."""
+        dims = self.cfg.forward.sketch_dims
+        if dims <= 0 or clip > 0 or device_noise > 0 or self.edge_masked is not None or not updates:
+            return {}
+        return {"sketch_dims": dims,
+                "sketches": unit_sketches([(u.indices, u.values) for u in updates], n_params, dims)}
 
     def _credited(self, ann: RoundAnnouncement, ids: list[str], factors: np.ndarray, n: int) -> np.ndarray | None:
         """Per-update std of device noise the central DP may credit (edge.central_dp), or None where the argument

@@ -291,7 +291,7 @@ class DeviceUpdate:
     sig: bytes = field(default=b"", metadata=limit(max_len=64))      # Ed25519 (64 bytes) or HMAC-SHA256 (32)
 
 
-@register("aggregate", version=3)
+@register("aggregate", version=4)
 @dataclass(frozen=True)
 class EdgeAggregate:
     """Edge -> cloud: the weighted mean of accepted deltas (central DP applied), or `significant=False`."""
@@ -322,6 +322,10 @@ class EdgeAggregate:
     # distributed DP: the part of central_dp.noise_mult that is the counted devices' own noise, sqrt(sum_i (w_i
     # sigma_i)^2) / clip, which the edge credited instead of adding it (0 = nothing credited; edge.central_dp)
     credited_noise_mult: float = field(default=0.0, metadata=limit(min_value=0))
+    # protocol.sketch: int8 count sketches (sketch_dims bytes each) of every admitted update's direction, for the
+    # cloud's device-majority gate; empty when the edge sends none (central DP, secure aggregation, switched off)
+    sketch_dims: int = field(default=0, metadata=limit(min_value=0, max_value=1024))
+    sketches: bytes = field(default=b"", metadata=limit(max_len=100_000_000))
     sig: bytes = field(default=b"", metadata=limit(max_len=64))
 
 

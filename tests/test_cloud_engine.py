@@ -52,15 +52,15 @@ def aggregate(keys, edge: str, round_id: int = 1, version: int = 1, delta=None, 
     agg = EdgeAggregate(
         edge_id=edge, round_id=round_id, base_version=version, num_devices=fields.pop("num_devices", 2),
         num_samples=num_samples, weight_sum=float(num_samples), n_params=fields.pop("n_params", N), delta=payload,
-        significant=delta is not None, central_dp=None, filtered=[], rejected={},
+        significant=delta is not None, central_dp=None, filtered=fields.pop("filtered", []), rejected={},
         device_ids=[f"{edge}-d1", f"{edge}-d2"], max_device_epsilon=0.5, mean_local_steps=3.0,
         nonce=fields.pop("nonce", new_nonce()), timestamp=time.time(), device_bytes=1000, **fields)
     return encode(sign_message(agg, keys[signer or edge]))
 
 
 def engine(keys, run_dir, initial=None, **settings) -> CloudEngine:
-    cfg = RoundSettings(model="tiny", edges=EDGES, plan=PLAN, round_timeout_s=60.0, grace_s=5.0,
-                        compression=DENSE.to_dict(), **{"strategy": StrategyConfig("fedavg"), **settings})
+    cfg = RoundSettings(model="tiny", edges=EDGES, round_timeout_s=60.0, grace_s=5.0, compression=DENSE.to_dict(),
+                        **{"strategy": StrategyConfig("fedavg"), "plan": PLAN, **settings})
     return CloudEngine(cfg, keys["cloud"], lambda e: keys[e].public_key(),
                        np.zeros(N, np.float32) if initial is None else initial, run_dir)
 

@@ -22,6 +22,7 @@ from protocol.messages import (
     new_nonce,
     sign_message,
 )
+from protocol.sketch import decode_sketches, unit_sketches
 
 from .harness import DENSE, N_PARAMS, Fed, aggregate_of, open_round
 
@@ -131,6 +132,24 @@ def test_central_dp_noise_and_report(tmp_path, rng):
     assert agg.central_dp == CentralDPReport(clip=0.5, noise_mult=1.0, sampling_rate=0.1, num_clipped=10)
     # 10 clipped deltas of norm <= 0.5 plus noise of std z S / W = 0.05 per coordinate
     assert 0.035 < mean.std() < 0.07
+    assert agg.sketches == b"" and agg.sketch_dims == 0   # under central DP no device direction leaves the edge
+
+
+def test_the_aggregate_carries_a_direction_sketch_of_every_admitted_update(tmp_path, rng):
+    fed = Fed(tmp_path, n_devices=5, filters={"enabled": ["cosine"]})
+    eng = fed.engine()
+    open_round(fed, eng, sample_weight={"d03": 0.0})   # the cloud's gate distrusted d03 last round
+    g = rng.normal(size=N_PARAMS)
+    deltas = [g + 0.3 * rng.normal(size=N_PARAMS) for _ in range(4)] + [-5 * g]   # the last one is flagged
+    pubs = []
+    for d, delta in zip(fed.devices, deltas):
+        pubs += eng.handle_update(d, fed.update(d, delta.astype(np.float32)))[1]
+    agg, _ = aggregate_of(fed, pubs)
+    assert agg.device_ids == ["d00", "d01", "d02"] and agg.filtered == ["d04", "d03"] and agg.sketch_dims == 64
+    rows = decode_sketches(agg.sketches, 64, agg.num_devices + len(agg.filtered))
+    order = [0, 1, 2, 4, 3]                                           # device_ids, then the rest of filtered
+    expected = unit_sketches([(None, deltas[i].astype(np.float32)) for i in order], N_PARAMS, 64)
+    np.testing.assert_array_equal(rows, decode_sketches(expected, 64, 5))   # the uncounted updates' too
 
 
 def test_significance_forwarding(tmp_path, rng):

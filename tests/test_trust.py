@@ -4,16 +4,30 @@ firmware model's TFLite training graph on a root set)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from cloud.config import BoundsConfig, StrategyConfig
 from cloud.strategies.base import EdgeResult
-from cloud.trust import TrustConfig, TrustGate, cosine, gate, root_gate
-from protocol.messages import GlobalModel, bytes_to_floats
+from cloud.trust import (
+    TrustConfig,
+    TrustGate,
+    cosine,
+    distrusted_devices,
+    gate,
+    leave_out,
+    majority_direction,
+    root_gate,
+    sketch_cosines,
+)
+from protocol.errors import ProtocolError, Reason
+from protocol.messages import GlobalModel, RoundAnnouncement, bytes_to_floats, decode
 from protocol.signing import generate_signing_key
+from protocol.sketch import decode_sketches, sketch, unit_sketches
 
-from .test_cloud_engine import EDGES, NOW, N, aggregate, engine, model
+from .test_cloud_engine import EDGES, NOW, PLAN, N, aggregate, engine, model
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +111,88 @@ def test_the_root_update_is_the_firmware_models_own_training_on_the_root_set():
     assert [r.edge_id for r in kept] == ["honest"] and list(dropped) == ["captured"]
     with pytest.raises(ValueError, match="fewer than one batch"):
         root_gate(tfl, x[:4], y[:4], TrustConfig(), rng)
+
+
+# ------------------------------------------------------------------ the device-majority gate (protocol.sketch)
+def devices(rng, direction: np.ndarray, n: int, sign: float = 1.0) -> list[np.ndarray]:
+    """n non-IID device updates around `direction` (reversed by sign -1: sign-flipping attackers)."""
+    return [(sign * (direction + 0.8 * rng.normal(size=direction.size))).astype(np.float32) for _ in range(n)]
+
+
+def test_count_sketches_keep_cosines_and_the_wire_form_is_checked():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=5000)
+    errors = []
+    for _ in range(50):
+        b = 0.6 * a + rng.normal(size=5000)   # cosine ~0.5 to a
+        errors.append(cosine(sketch(a, 64), sketch(b, 64)) - cosine(a, b))
+    assert abs(np.mean(errors)) < 0.05 and np.std(errors) < 0.2      # unbiased, ~1/sqrt(64) spread
+    idx = np.array([3, 17, 4999])
+    sparse = np.zeros(5000)
+    sparse[idx] = [1.0, -2.0, 0.5]
+    np.testing.assert_allclose(sketch(np.array([1.0, -2.0, 0.5]), 64, idx, 5000), sketch(sparse, 64))
+    rows = decode_sketches(unit_sketches([(None, a), (idx, np.array([1.0, -2.0, 0.5])), (None, np.zeros(5000))],
+                                         5000, 64), 64, 3)
+    assert rows.shape == (3, 64) and np.allclose(np.linalg.norm(rows[:2], axis=1), 1.0, atol=0.02)
+    assert not rows[2].any()                                          # a zero update: no direction
+    for data, dims, most, reason in ((b"\x01" * 65, 64, 3, Reason.BAD_SHAPE), (b"\x01" * 192, 64, 2, Reason.BAD_VALUE),
+                                     (b"\x01" * 64, 0, 3, Reason.BAD_SHAPE)):
+        with pytest.raises(ProtocolError) as err:
+            decode_sketches(data, dims, most)
+        assert err.value.reason == reason
+
+
+def test_the_device_majority_outvotes_an_edge_its_attackers_hold():
+    """Edge b: 3 sign-flipping attackers and 2 honest devices, so b's own filters side with the attackers and its
+    aggregate points backwards; across both edges the 7 honest devices are the majority, and b is left out."""
+    rng = np.random.default_rng(1)
+    g = rng.normal(size=3000)
+    edge_a = devices(rng, g, 5)
+    edge_b = devices(rng, g, 3, -1.0) + devices(rng, g, 2)
+    sk = {e: decode_sketches(unit_sketches([(None, u) for u in ups], g.size, 64), 64, 5)
+          for e, ups in (("a", edge_a), ("b", edge_b))}
+    results = [result("a", np.mean(edge_a, axis=0)), result("b", np.mean(edge_b[:3], axis=0)), result("c", None)]
+    reference = majority_direction(sk)
+    cosines = sketch_cosines(results, reference, 64)
+    assert cosines["a"] > 0.3 and cosines["b"] < -0.3 and "c" not in cosines
+    kept, dropped = leave_out(results, cosines, 0.0)
+    assert [r.edge_id for r in kept] == ["a", "c"] and list(dropped) == ["b"]
+    # device by device: the three attackers point against the majority and weigh nothing next round
+    ids_b = ["b0", "b1", "b2", "b3", "b4"]
+    assert set(distrusted_devices(sk["b"], ids_b, reference, 0.0)) == {"b0", "b1", "b2"}
+    assert distrusted_devices(sk["b"], ids_b[:4], reference, 0.0) == {}   # rows and ids disagree: no verdict
+    assert majority_direction({"a": sk["a"]}) is None                  # one edge's devices cannot outvote it
+    assert majority_direction({"a": sk["a"], "b": np.zeros((0, 64))}) is None
+    assert sketch_cosines(results, None, 64) == {}
+
+
+def test_the_engine_leaves_out_the_edge_against_the_devices_majority_by_default(keys, tmp_path):
+    rng = np.random.default_rng(2)
+    g = rng.normal(size=N)
+    honest, attackers = devices(rng, g, 2), devices(rng, g, 2, -1.0)
+    no_dp = dataclasses.replace(PLAN, noise_mult=0.0)   # under device DP-SGD the gate stays off (below)
+    eng = engine(keys, tmp_path / "run", bounds=BoundsConfig(norm_multiple=0.0), plan=no_dp)   # no root set
+    eng.start(NOW)
+    for edge, ups, delta, filtered in (("edge1", honest + honest[:1], np.mean(honest, axis=0), ["x"]),
+                                       ("edge2", attackers, np.mean(attackers, axis=0), [])):
+        eng.handle_aggregate(edge, aggregate(keys, edge, delta=delta, sketch_dims=64,
+                                             sketches=unit_sketches([(None, u) for u in ups], N, 64),
+                                             num_devices=2, filtered=filtered))
+    nxt = decode(eng.tick(NOW + 1)[-1].payload, expect=RoundAnnouncement)
+    (record,) = eng.state.history
+    assert list(record["distrusted_at_cloud"]) == ["edge2"], record["distrusted_at_cloud"]
+    assert set(record["distrusted_devices"]) == {"edge2-d1", "edge2-d2"}
+    assert nxt.round_id == 2 and nxt.sample_weight == {"edge2-d1": 0.0, "edge2-d2": 0.0}   # not counted in round 2
+    # more sketches than the edge admitted updates (num_devices + filtered): refused at admission
+    eng.handle_aggregate("edge1", aggregate(keys, "edge1", 2, 2, delta=g, sketch_dims=64,
+                                            sketches=unit_sketches([(None, g)] * 3, N, 64)))
+    assert eng.rejected == {"BAD_VALUE": 1}
+    dp = engine(keys, tmp_path / "dp", bounds=BoundsConfig(norm_multiple=0.0))   # PLAN: noise_mult 1.1
+    dp.start(NOW)
+    for edge, ups, delta in (("edge1", honest, np.mean(honest, axis=0)),
+                             ("edge2", attackers, np.mean(attackers, axis=0))):
+        dp.handle_aggregate(edge, aggregate(keys, edge, delta=delta, sketch_dims=64,
+                                            sketches=unit_sketches([(None, u) for u in ups], N, 64),
+                                            num_devices=2))
+    dp.tick(NOW + 1)
+    assert dp.state.history[0]["distrusted_at_cloud"] == {}
