@@ -229,10 +229,12 @@ def plan_round(strategy: Strategy, s: CloudState, settings: RoundSettings, now: 
     reason = exhausted(projected, privacy.device_epsilon, privacy.central_epsilon)
     if reason:
         return f"{reason}: stopping before round {s.round_id}"
-    # the devices the last round's device-majority gate found pointing against the federation (cloud.trust) weigh
-    # nothing in this one (edge.weighting: their updates are not counted)
-    distrusted = s.history[-1].get("distrusted_devices", {}) if s.history else {}
-    weights = {**rc.sample_weight, **dict.fromkeys(distrusted, 0.0)}
+    # devices the device-majority gate (cloud.trust) found pointing against the federation in each of the last two
+    # rounds weigh nothing in this one (edge.weighting: their updates are not counted); once is what an honest
+    # device with unusual data does now and then, every round is what a poisoner does
+    last = [set(r.get("distrusted_devices", {})) for r in s.history[-2:]]
+    distrusted = set.intersection(*last) if len(last) == 2 else set()
+    weights = {**rc.sample_weight, **dict.fromkeys(sorted(distrusted), 0.0)}
     return RoundAnnouncement(
         round_id=s.round_id, model_name=settings.model, model_version=s.version, strategy=strategy.name,
         deadline=now + settings.round_timeout_s, plan=rc.plan, compression=rc.compression,

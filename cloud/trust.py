@@ -105,7 +105,8 @@ def sketch_cosines(results: Sequence[EdgeResult], reference: np.ndarray | None, 
 def distrusted_devices(rows: np.ndarray, ids: Sequence[str], reference: np.ndarray | None,
                        min_cosine: float) -> dict[str, float]:
     """{device: cosine} of the devices whose own sketch (rows, in `ids` order) points against the majority
-    direction: they weigh nothing in the next round (cloud.rounds.plan_round). {} when the rows and ids disagree."""
+    direction (recorded per round; two rounds running and they weigh nothing in the next, cloud.rounds.plan_round).
+    {} when the rows and ids disagree."""
     if reference is None or len(rows) != len(ids):
         return {}
     norms = np.linalg.norm(rows, axis=1)

@@ -51,7 +51,8 @@ FILTERS = {
     "median": FilterConfig(enabled=[], aggregator="median"),
 }
 DEFAULT_FILTER = "norm+cosine"   # edge.aggregate.FilterConfig's defaults
-TRUSTED = DEFAULT_FILTER + "+trust"   # the default filters plus the cloud's trust gate (cloud.trust)
+TRUSTED = DEFAULT_FILTER + "+trust"   # the default filters plus the cloud's root trust gate (cloud.trust)
+EDGE_ONLY = DEFAULT_FILTER + "-majority"   # the default filters without the cloud's device-majority gate
 TRUST_ROOT = 200                 # rows of the cloud's clean root set for the trust gate
 ATTACKS = {
     "sign_flip": {"kind": "sign_flip"},
@@ -107,26 +108,29 @@ def run(args) -> dict:
         recipe, rounds = RECIPES[name], rounds_for(name, args)
         own = WATCH if name == "watch" and not args.quick else {}
         filters = args.filters or (QUICK["filters"] if args.quick else own.get("filters", (*FILTERS, TRUSTED)))
-        unknown = set(filters) - {*FILTERS, TRUSTED}
-        if unknown:
-            raise SystemExit(f"--filters: unknown {sorted(unknown)}; known: {', '.join([*FILTERS, TRUSTED])}")
+        known = [*FILTERS, TRUSTED, EDGE_ONLY]
+        if set(filters) - set(known):
+            raise SystemExit(f"--filters: unknown {sorted(set(filters) - set(known))}; known: {', '.join(known)}")
         fractions = QUICK["fractions"] if args.quick else own.get("fractions", FRACTIONS)
         split = Scale(split=args.split if args.split > 1 else (3 if args.quick else own.get("split", 5)),
                       edges=args.edges)
         base = dict(rounds=rounds, lr=recipe.lr, local_epochs=recipe.local_epochs, clip=NO_CLIP, eval_every=rounds)
         for seed in range(args.seeds):
             # --- one malicious device at the natural scale (heart: edges of 2 devices), the default filters
-            for scale in [Scale(split=1, edges=args.edges)] if own.get("single", True) else []:
+            singles = [f for f in filters if f in (DEFAULT_FILTER, EDGE_ONLY)] if args.filters else [DEFAULT_FILTER]
+            for scale, filt in [(Scale(split=1, edges=args.edges), f) for f in singles] if own.get("single", True) \
+                    else []:
                 fed = dataset(name, scale, seed)
                 direction, target = target_direction(fed, seed)
                 sizes = sorted({sum(c.edge == e for c in fed.clients) for e in fed.edges})
                 one = 1 / len(fed.clients)
                 method = METHODS["fediomt"].with_(filters=FILTERS[DEFAULT_FILTER])
-                clean = simulate(fed, method, seed, **base)[-1]
+                single = dict(base, device_majority=filt != EDGE_ONLY)
+                clean = simulate(fed, method, seed, **single)[-1]
                 for attack in ("none", *(QUICK["single_attacks"] if args.quick else ATTACKS)):
                     log = clean if attack == "none" else simulate(fed, method, seed,
-                                                                  poison=poison(attack, one, direction), **base)[-1]
-                    rows.append({"study": "single", "filter": DEFAULT_FILTER, "attack": attack,
+                                                                  poison=poison(attack, one, direction), **single)[-1]
+                    rows.append({"study": "single", "filter": filt, "attack": attack,
                                  "fraction": 0.0 if attack == "none" else round(one, 4),
                                  "accuracy": log.accuracy, "dataset": name, "seed": seed,
                                  "devices": len(fed.clients), "edge_size": "/".join(map(str, sizes)),
@@ -136,8 +140,9 @@ def run(args) -> dict:
             direction, target = target_direction(fed, seed)
             sizes = sorted({sum(c.edge == e for c in fed.clients) for e in fed.edges})
             for filt in filters:
-                method = METHODS["fediomt"].with_(filters=FILTERS[filt.removesuffix("+trust")])
-                run = dict(base, trust_root=TRUST_ROOT if filt == TRUSTED else 0)
+                edge_filter = filt.removesuffix("+trust").removesuffix("-majority")
+                method = METHODS["fediomt"].with_(filters=FILTERS[edge_filter])
+                run = dict(base, trust_root=TRUST_ROOT if filt == TRUSTED else 0, device_majority=filt != EDGE_ONLY)
                 clean = simulate(fed, method, seed, **run)[-1]
                 for attack in attacks:
                     for fraction in fractions:

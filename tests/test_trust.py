@@ -173,18 +173,22 @@ def test_the_engine_leaves_out_the_edge_against_the_devices_majority_by_default(
     no_dp = dataclasses.replace(PLAN, noise_mult=0.0)   # under device DP-SGD the gate stays off (below)
     eng = engine(keys, tmp_path / "run", bounds=BoundsConfig(norm_multiple=0.0), plan=no_dp)   # no root set
     eng.start(NOW)
-    for edge, ups, delta, filtered in (("edge1", honest + honest[:1], np.mean(honest, axis=0), ["x"]),
-                                       ("edge2", attackers, np.mean(attackers, axis=0), [])):
-        eng.handle_aggregate(edge, aggregate(keys, edge, delta=delta, sketch_dims=64,
-                                             sketches=unit_sketches([(None, u) for u in ups], N, 64),
-                                             num_devices=2, filtered=filtered))
-    nxt = decode(eng.tick(NOW + 1)[-1].payload, expect=RoundAnnouncement)
-    (record,) = eng.state.history
+    announced = []
+    for round_id in (1, 2):
+        for edge, ups, delta, filtered in (("edge1", honest + honest[:1], np.mean(honest, axis=0), ["x"]),
+                                           ("edge2", attackers, np.mean(attackers, axis=0), [])):
+            eng.handle_aggregate(edge, aggregate(keys, edge, round_id, round_id, delta=delta, sketch_dims=64,
+                                                 sketches=unit_sketches([(None, u) for u in ups], N, 64),
+                                                 num_devices=2, filtered=filtered))
+        announced.append(decode(eng.tick(NOW + round_id)[-1].payload, expect=RoundAnnouncement))
+    record = eng.state.history[0]
     assert list(record["distrusted_at_cloud"]) == ["edge2"], record["distrusted_at_cloud"]
     assert set(record["distrusted_devices"]) == {"edge2-d1", "edge2-d2"}
-    assert nxt.round_id == 2 and nxt.sample_weight == {"edge2-d1": 0.0, "edge2-d2": 0.0}   # not counted in round 2
+    # against the majority once: still counted (an honest device with unusual data); twice running: weight 0
+    assert announced[0].round_id == 2 and announced[0].sample_weight == {}
+    assert announced[1].round_id == 3 and announced[1].sample_weight == {"edge2-d1": 0.0, "edge2-d2": 0.0}
     # more sketches than the edge admitted updates (num_devices + filtered): refused at admission
-    eng.handle_aggregate("edge1", aggregate(keys, "edge1", 2, 2, delta=g, sketch_dims=64,
+    eng.handle_aggregate("edge1", aggregate(keys, "edge1", 3, 3, delta=g, sketch_dims=64,
                                             sketches=unit_sketches([(None, g)] * 3, N, 64)))
     assert eng.rejected == {"BAD_VALUE": 1}
     dp = engine(keys, tmp_path / "dp", bounds=BoundsConfig(norm_multiple=0.0))   # PLAN: noise_mult 1.1

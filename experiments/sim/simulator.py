@@ -84,6 +84,7 @@ class SimConfig:
     poison: Poison | None = None
     trust_root: int = 0               # cloud.trust: rows of the cloud's clean root set (0 = no trust gate), drawn
                                       # from the clients' training rows (FLTrust's small server-collected set)
+    device_majority: bool = True      # cloud.trust's device-majority gate ([trust] device_majority, the default)
     seed: int = 0
     start_s: float = 0.0              # virtual time of round 1's start (a test aligns it with the wall clock)
     eval_every: int = 1
@@ -200,7 +201,8 @@ class Simulator:
             devices=tuple(d.id for d in self.devices), seed=cfg.seed, plan=self.plan, compression=dict(m.compression),
             central_dp=CentralDPConfig(cfg.central_clip, cfg.central_noise), privacy=PrivacyConfig(cfg.delta),
             strategy=StrategyConfig(m.strategy, options), model_encoding=m.downlink, model_full_every=m.full_every,
-            model_compression={**CompressionSettings().to_dict(), **m.downlink_compression})
+            model_compression={**CompressionSettings().to_dict(), **m.downlink_compression},
+            trust=TrustConfig(device_majority=cfg.device_majority))
 
     @property
     def infos(self) -> dict[str, DeviceInfo]:
