@@ -81,8 +81,10 @@ def _kill(child: Child) -> None:
 
 
 def _demo_settings(s: ChaosSettings) -> DemoSettings:
+    # every 20th model version in full: a killed device that missed a delta catches up at the next full one (the
+    # demo itself sends only version 1 in full, its devices stay up)
     return DemoSettings(dataset="watch", rounds=s.rounds, distill_steps=0, inference_wearables=False,
-                        round_timeout_s=s.round_timeout_s)
+                        round_timeout_s=s.round_timeout_s, model_full_every=20)
 
 
 def _rounds(run_dir: Path) -> list[dict]:

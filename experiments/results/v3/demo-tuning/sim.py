@@ -1,0 +1,120 @@
+"""The demo's federation (fediomt/demo.py DemoSettings) in the simulator, on watch's VALIDATION split: candidate
+demo settings scored without touching the test set (issue 15 demo targets).
+
+Run from the repository root:
+  PYTHONPATH=. .venv/bin/python experiments/results/v3/demo-tuning/sim.py NAME SEEDS KEY=VALUE ...
+KEYs are DemoSettings fields (rounds, noise_mult, lr, lr_floor, bits, density, forward_bits, model_density,
+model_bits, model_full_every, clip, local_epochs), opt.NAME=JSON (a cloud [strategy] option) or filters=none|a,b.
+Prints, per seed, the final and last-5-round validation accuracy,
+the device epsilon of the demo's smallest device, and the bytes the demo would move over every link (device
+updates up, edge aggregates up, model + announcement down to the demo's 10 addressed devices and 2 edges; acks and
+statuses not counted, as the demo's byte_totals does not count them), and appends one JSON line to results.jsonl.
+"""
+import json
+import sys
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from edge.aggregate import FilterConfig
+from experiments.datasets import load
+from experiments.sim.harness import simulator
+from experiments.sim.methods import Method
+from fediomt.demo import DemoSettings
+
+DENSE_PER_ROUND = 23_932_624 / 80    # a real demo's dense FedAvg bytes per round, every link (report.json)
+ADDRESSED = 12                       # the demo's 8 trainers + 2 inference wearables + 2 edges get every model
+
+
+def method_for(s: DemoSettings, options: dict | None = None, filters: list[str] | None = None) -> Method:
+    """The demo's cloud [strategy], device compression, edge filters and forward, and downlink as a Method;
+    `options` adds strategy options, `filters` replaces the edges' filters."""
+    up = ({"method": "dense", "bits": s.bits} if s.density >= 1 else
+          {"method": "topk", "density": s.density, "bits": s.bits})
+    return Method("demo", "fediomt", {"lr_decay_rounds": s.rounds, "lr_floor": s.lr_floor, **(options or {})}, up,
+                  FilterConfig(enabled=["norm", "cosine"] if filters is None else filters, action="drop",
+                               min_updates=4), partial_work=True,
+                  forward_compression={"method": "dense", "bits": s.forward_bits}, downlink=s.model_encoding,
+                  downlink_compression={"method": "topk", "density": s.model_density, "bits": s.model_bits},
+                  full_every=s.model_full_every or s.rounds + 1)
+
+
+def run(s: DemoSettings, seed: int, options: dict | None = None, filters: list[str] | None = None) -> dict:
+    fed = load("watch")
+    fed.clients = fed.clients[s.public_subjects:]          # the demo's consented public subjects stay out
+    smallest = min(len(c.x) for c in fed.clients)          # the demo's devices hold every row
+    fed = fed.validation_split(0.15, 0)
+    sim = simulator(fed, method_for(s, options, filters), seed, rounds=s.rounds, lr=s.lr,
+                    local_epochs=s.local_epochs, clip=s.clip, noise_mult=s.noise_mult, batch_size=s.batch_size)
+    sizes = {"up": 0, "fwd": 0, "down": 0}
+    train, edge_round, run_round = sim._train, sim._edge_round, sim.run_round
+
+    def _train(*a, **k):
+        data, steps = train(*a, **k)
+        sizes["up"] += len(data)
+        return data, steps
+
+    def _edge_round(*a, **k):
+        out = edge_round(*a, **k)
+        sizes["fwd"] += len(out[0])
+        return out
+
+    def _run_round():
+        sizes["down"] += (len(sim.cloud.model_payload) + len(sim.cloud.announcement_payload)) * ADDRESSED
+        return run_round()
+
+    sim._train, sim._edge_round, sim.run_round = _train, _edge_round, _run_round
+    t0 = time.monotonic()
+    logs = sim.run()
+    acc = [x.accuracy for x in logs if x.accuracy is not None]
+    total = sum(sizes.values())
+    return {"seed": seed, "final": acc[-1], "last5": float(np.mean(acc[-5:])), "rounds": len(logs),
+            "epsilon": device_epsilon(s, smallest), **sizes, "total": total,
+            "ratio": DENSE_PER_ROUND * len(logs) / total, "wall_s": round(time.monotonic() - t0, 1)}
+
+
+def device_epsilon(s: DemoSettings, n: int) -> float:
+    """The cloud's derivation for the smallest device (cloud.accounting.device_event; the lr does not enter it)."""
+    from cloud.accounting import PrivacyLedger, device_event
+    from protocol.messages import TrainingPlan
+
+    plan = TrainingPlan(lr=s.lr, local_epochs=s.local_epochs, batch_size=s.batch_size, clip=s.clip,
+                        noise_mult=s.noise_mult)
+    ledger = PrivacyLedger(device=[device_event(plan, n)] * s.rounds)
+    return float(ledger.report("rdp", None, None)["device"])
+
+
+def main() -> None:
+    name, seeds = sys.argv[1], [int(x) for x in sys.argv[2].split(",")]
+    types = {f.name: f.type for f in fields(DemoSettings)}
+    changes, options, filters = {}, {}, None
+    for kv in sys.argv[3:]:
+        k, v = kv.split("=", 1)
+        if k.startswith("opt."):          # a cloud [strategy] option, JSON: opt.adaptive_lr=false
+            options[k[4:]] = json.loads(v)
+        elif k == "filters":              # the edges' filters: filters=none | filters=norm,cosine
+            filters = [] if v == "none" else v.split(",")
+        else:
+            changes[k] = {"int": int, "float": float, "str": str}[types[k]](v)
+    s = replace(DemoSettings(), **changes)
+    rows = []
+    for seed in seeds:
+        r = run(s, seed, options, filters)
+        rows.append(r)
+        print(name, json.dumps(r), flush=True)
+    summary = {"name": name, "changes": changes, "settings": asdict(s), "options": options, "filters": filters,
+               "final_mean": float(np.mean([r["final"] for r in rows])),
+               "last5_mean": float(np.mean([r["last5"] for r in rows])), "epsilon": rows[0]["epsilon"],
+               "total_mean": float(np.mean([r["total"] for r in rows])),
+               "ratio_mean": float(np.mean([r["ratio"] for r in rows])), "runs": rows}
+    print("SUMMARY", name, f"final {summary['final_mean']:.4f} last5 {summary['last5_mean']:.4f} eps "
+          f"{summary['epsilon']:.3f} MB {summary['total_mean'] / 1e6:.3f} ratio {summary['ratio_mean']:.2f}",
+          flush=True)
+    with open(Path(__file__).with_name("results.jsonl"), "a") as f:
+        f.write(json.dumps(summary) + "\n")
+
+
+if __name__ == "__main__":
+    main()
