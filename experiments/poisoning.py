@@ -1,6 +1,7 @@
 """Poisoning: final accuracy with malicious devices, per attack (experiments.sim.poison) and per edge filter.
 
-Two studies, both with FedIoMT's default bounds (edge/bounds.py, docs/edge.md "Bounds") on:
+Two studies, both with FedIoMT's default bounds (edge/bounds.py, docs/edge.md "Bounds") and the cloud's default
+device-majority gate (cloud.trust; `norm+cosine-majority` is the default filters without it) on:
 
 - `single`: ONE malicious device, at the dataset's natural scale (heart: 4 edges of 2 devices), with the default
   filters (norm + cosine; they need `min_updates` = 4 updates, so at a 2-device edge only the bounds act). Target:
@@ -8,8 +9,9 @@ Two studies, both with FedIoMT's default bounds (edge/bounds.py, docs/edge.md "B
 - `fraction`: 10/20/30 % malicious devices (0 and 30 % with --quick), with each filter configuration: no filter
   (plain weighted mean), each filter of edge.filters alone (norm z-score, cosine to the median, Multi-Krum),
   FedIoMT's default (norm + cosine), the robust aggregators (trimmed mean, coordinate median), and the default
-  filters plus the cloud's trust gate on a 200-row clean root set (`norm+cosine+trust`, cloud.trust: an edge whose
-  aggregate points away from the cloud's own update on the root set is left out; rows drawn from the clients').
+  filters plus the cloud's root trust gate on a 200-row clean root set (`norm+cosine+trust`, cloud.trust: an edge
+  whose aggregate points away from the cloud's own update on the root set is left out; rows drawn from the
+  clients'). `--filters` runs only the named configurations (the `single` study: those of the default filters).
   Filters need at least `min_updates` updates per edge, so each natural client is split into 5 devices (3 with
   --quick) unless --split says otherwise. Target: at 30 %, >= 90 % of the clean accuracy with the default
   filters. watch: see WATCH.
