@@ -24,11 +24,6 @@ ALLOWED: dict[str, set[str]] = {
 }
 
 
-# standalone scripts that record how a result was made (no __init__.py: nothing imports them); one may drive the
-# CLI layer's settings (e.g. v3/demo-tuning/sim.py uses fediomt.demo.DemoSettings)
-RESULTS = REPO / "experiments" / "results"
-
-
 def project_imports(source: str) -> list[tuple[int, str]]:
     """(line, module) of every absolute import of a project package anywhere in `source` (functions included)."""
     found = []
@@ -48,8 +43,6 @@ def package_imports() -> dict[str, list[tuple[str, str]]]:
     out: dict[str, list[tuple[str, str]]] = {package: [] for package in PACKAGES}
     for package in PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):
-            if path.is_relative_to(RESULTS):
-                continue
             for line, module in project_imports(path.read_text()):
                 if module.split(".")[0] != package:
                     out[package].append((f"{path.relative_to(REPO)}:{line}", module))
@@ -75,7 +68,3 @@ def test_the_package_graph_is_acyclic():
         cycle = " -> ".join(reversed(exc.args[1]))  # CycleError lists each node before the one importing it
         raise AssertionError(f"import cycle (A -> B: A imports B): {cycle}") from None
     assert order[0] == "protocol" and order[-1] == "fediomt"
-
-
-def test_result_scripts_are_not_part_of_the_importable_package():
-    assert not list(RESULTS.rglob("__init__.py"))   # what the exemption above relies on

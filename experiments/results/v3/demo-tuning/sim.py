@@ -1,9 +1,12 @@
-"""The demo's federation (fediomt/demo.py DemoSettings) in the simulator, on watch's VALIDATION split: candidate
-demo settings scored without touching the test set (issue 15 demo targets).
+"""The demo's federation in the simulator, on watch's VALIDATION split: candidate demo settings scored without
+touching the test set (issue 15 demo targets).
+
+`Candidate` is the part of fediomt/demo.py's Candidate that this tuning varied, with the values the demo ships
+(the tuning's result); this record sits in the experiments layer, which does not import the CLI layer.
 
 Run from the repository root:
   PYTHONPATH=. .venv/bin/python experiments/results/v3/demo-tuning/sim.py NAME SEEDS KEY=VALUE ...
-KEYs are DemoSettings fields (rounds, noise_mult, lr, lr_floor, bits, density, forward_bits, model_density,
+KEYs are Candidate fields (rounds, noise_mult, lr, lr_floor, bits, density, forward_bits, model_density,
 model_bits, model_full_every, clip, local_epochs), opt.NAME=JSON (a cloud [strategy] option) or filters=none|a,b.
 Prints, per seed, the final and last-5-round validation accuracy,
 the device epsilon of the demo's smallest device, and the bytes the demo would move over every link (device
@@ -13,7 +16,7 @@ statuses not counted, as the demo's byte_totals does not count them), and append
 import json
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +25,31 @@ from edge.aggregate import FilterConfig
 from experiments.datasets import load
 from experiments.sim.harness import simulator
 from experiments.sim.methods import Method
-from fediomt.demo import DemoSettings
 
 DENSE_PER_ROUND = 23_932_624 / 80    # a real demo's dense FedAvg bytes per round, every link (report.json)
 ADDRESSED = 12                       # the demo's 8 trainers + 2 inference wearables + 2 edges get every model
 
 
-def method_for(s: DemoSettings, options: dict | None = None, filters: list[str] | None = None) -> Method:
+@dataclass(frozen=True)
+class Candidate:
+    rounds: int = 80
+    noise_mult: float = 2.02
+    clip: float = 3.0
+    lr: float = 0.5
+    lr_floor: float = 0.1
+    local_epochs: int = 1
+    batch_size: int = 32
+    density: float = 0.5
+    bits: int = 4
+    model_encoding: str = "delta"
+    model_density: float = 0.1
+    model_bits: int = 4
+    model_full_every: int = 0     # 0: only version 1 in full
+    forward_bits: int = 4
+    public_subjects: int = 2
+
+
+def method_for(s: Candidate, options: dict | None = None, filters: list[str] | None = None) -> Method:
     """The demo's cloud [strategy], device compression, edge filters and forward, and downlink as a Method;
     `options` adds strategy options, `filters` replaces the edges' filters."""
     up = ({"method": "dense", "bits": s.bits} if s.density >= 1 else
@@ -41,7 +62,7 @@ def method_for(s: DemoSettings, options: dict | None = None, filters: list[str] 
                   full_every=s.model_full_every or s.rounds + 1)
 
 
-def run(s: DemoSettings, seed: int, options: dict | None = None, filters: list[str] | None = None) -> dict:
+def run(s: Candidate, seed: int, options: dict | None = None, filters: list[str] | None = None) -> dict:
     fed = load("watch")
     fed.clients = fed.clients[s.public_subjects:]          # the demo's consented public subjects stay out
     smallest = min(len(c.x) for c in fed.clients)          # the demo's devices hold every row
@@ -75,7 +96,7 @@ def run(s: DemoSettings, seed: int, options: dict | None = None, filters: list[s
             "ratio": DENSE_PER_ROUND * len(logs) / total, "wall_s": round(time.monotonic() - t0, 1)}
 
 
-def device_epsilon(s: DemoSettings, n: int) -> float:
+def device_epsilon(s: Candidate, n: int) -> float:
     """The cloud's derivation for the smallest device (cloud.accounting.device_event; the lr does not enter it)."""
     from cloud.accounting import PrivacyLedger, device_event
     from protocol.messages import TrainingPlan
@@ -88,7 +109,7 @@ def device_epsilon(s: DemoSettings, n: int) -> float:
 
 def main() -> None:
     name, seeds = sys.argv[1], [int(x) for x in sys.argv[2].split(",")]
-    types = {f.name: f.type for f in fields(DemoSettings)}
+    types = {f.name: f.type for f in fields(Candidate)}
     changes, options, filters = {}, {}, None
     for kv in sys.argv[3:]:
         k, v = kv.split("=", 1)
@@ -98,7 +119,7 @@ def main() -> None:
             filters = [] if v == "none" else v.split(",")
         else:
             changes[k] = {"int": int, "float": float, "str": str}[types[k]](v)
-    s = replace(DemoSettings(), **changes)
+    s = replace(Candidate(), **changes)
     rows = []
     for seed in seeds:
         r = run(s, seed, options, filters)
