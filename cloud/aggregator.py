@@ -162,7 +162,7 @@ class CloudAggregator:
     def _loop(self) -> None:
         beat = time.monotonic()
         while not self.stop.is_set() and not self.state.stop_reason:
-            self._drain_one(self.cfg.tick_s, beat)
+            self._drain_one(self.cfg.tick_s)
             if self.secagg is not None:
                 for round_id, outcome in self.secagg.finished():
                     self.engine.masked_finished(round_id, outcome, time.time())
@@ -274,15 +274,15 @@ class CloudAggregator:
             return None
         return stats, sum(rows.values())
 
-    def _drain_one(self, timeout: float, beat: float) -> None:
+    def _drain_one(self, timeout: float) -> None:
+        """Admit one message; the loop's tick then closes a complete round (after its stall check)."""
         try:
             conn, topic, payload, mid, qos = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return
-        self._resume_if_stalled(beat)
         try:
             if matches(AGGREGATES, topic):
-                self._publish(self.engine.handle_aggregate(topic, payload, time.time()))
+                self._publish(self.engine.handle_aggregate(topic, payload))
             else:
                 self.engine.handle_status(payload)
         except Exception:  # the daemon must not die on a message
