@@ -102,8 +102,9 @@ class Gateway:
         self.resend_at = at if self.resend_at is None else min(self.resend_at, at)
 
     def _resend_soon(self) -> None:
-        """A (re)connection or a message from the cloud: a broker that lost our aggregate is back, or a cloud that
-        was away is (it re-announces its open round), so what it has not receipted goes again shortly."""
+        """A (re)connection (the start's too: the outbox of a crash) or a message from the cloud: a broker that lost
+        our aggregate is back, or a cloud that was away is (it re-announces its open round), so what it has not
+        receipted goes again shortly."""
         self.receipt_wait = RECEIPT_WAIT_S[0]
         self._resend_in(RESEND_S)
 
@@ -163,7 +164,6 @@ class Gateway:
             if not conn.start(self.stop):
                 return 0
         event(self.log, "edge running", edge=self.cfg.edge_id, replica=self.cfg.replica, mode=self.cfg.rounds.mode)
-        self._publish(self.engine.undelivered())
         while not self.stop.is_set():
             self._drain_some(self.cfg.tick_s)
             self._publish(self.engine.tick(time.time()))
