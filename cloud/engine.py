@@ -91,6 +91,7 @@ from protocol.messages import (
 from protocol.publication import Publication
 from protocol.secagg import SecAggResult, SecAggServer
 from protocol.secagg.edge_tier import EdgeMaskedRound
+from protocol.sketch import row_order
 from protocol.topics import CLOUD, CLOUD_MODEL, CLOUD_ROUND, last_level, receipt_topic
 
 FAILED_PREFIX = "failed:"   # a stop_reason that starts so is a failed run (report.json finished=false, exit 4)
@@ -363,8 +364,8 @@ class CloudEngine:
                 against = "the devices' majority direction"
                 for edge, rows in sketches.items():
                     agg = received[edge].agg
-                    ids = agg.device_ids + [d for d in agg.filtered if d not in agg.device_ids]
-                    devices_distrusted |= distrusted_devices(rows, ids, reference, cfg.trust.min_cosine)
+                    devices_distrusted |= distrusted_devices(rows, row_order(agg.device_ids, agg.filtered), reference,
+                                                             cfg.trust.min_cosine)
             if distrusted:
                 event(self.log, f"aggregates distrusted: against {against}", logging.WARNING, round=s.round_id,
                       edges=distrusted)

@@ -57,7 +57,7 @@ from protocol.publication import Publication
 from protocol.secagg import SecAggResult
 from protocol.secagg.deploy import MaskedRound
 from protocol.secagg.edge_tier import EdgeMaskedRound
-from protocol.sketch import unit_sketches
+from protocol.sketch import row_order, unit_sketches
 from protocol.topics import aggregate_topic, check_id, model_topic, round_topic
 
 MAX_STATUS_BYTES = 64 * 1024
@@ -468,15 +468,15 @@ class EdgeEngine:
             update_norms={d: float(result.norms[i]) for i, d in enumerate(ids) if counted[i]},
             min_device_samples=int(min((u.num_samples for u, c in zip(updates, counted) if c), default=0)),
             credited_noise_mult=math.sqrt(result.credited_var) / clip if clip > 0 else 0.0,
-            **self._sketches([by_id[d] for d in kept + [d for d in flagged + weightless if d not in kept]],
-                             n_params, clip, ann.plan.noise_mult))
+            **self._sketches([by_id[d] for d in row_order(kept, flagged + weightless)], n_params, clip,
+                             ann.plan.noise_mult))
         return agg, result
 
     def _sketches(self, updates: list[Stored], n_params: int, clip: float, device_noise: float) -> dict:
-        """protocol.sketch of every admitted update (in the order device_ids, then the rest of filtered), for the
-        cloud's device-majority gate: not under central DP (the cloud would see more of one device than the
-        user-level guarantee allows), toward an edge-tier SecAgg, or under device DP-SGD (directions are then
-        mostly noise: the cloud does not gate on them)."""
+        """protocol.sketch of every admitted update (in protocol.sketch.row_order), for the cloud's device-majority
+        gate: not under central DP (the cloud would see more of one device than the user-level guarantee allows),
+        toward an edge-tier SecAgg, or under device DP-SGD (directions are then mostly noise: the cloud does not
+        gate on them)."""
         dims = self.cfg.forward.sketch_dims
         if dims <= 0 or clip > 0 or device_noise > 0 or self.edge_masked is not None or not updates:
             return {}

@@ -33,6 +33,11 @@ def _hashes(n_params: int, dims: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, dims, n_params), rng.choice(np.array([-1.0, 1.0]), n_params)
 
 
+def row_order(device_ids: list[str], filtered: list[str]) -> list[str]:
+    """Whose sketch each row of an aggregate's `sketches` is: its device_ids, then the rest of its filtered."""
+    return device_ids + [d for d in filtered if d not in device_ids]
+
+
 def sketch(values: np.ndarray, dims: int, indices: np.ndarray | None = None, n_params: int = 0) -> np.ndarray:
     """The count sketch (float64, `dims` values) of a dense vector, or of a sparse one (`indices`, `values`) of
     `n_params` coordinates."""
