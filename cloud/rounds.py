@@ -88,11 +88,6 @@ def decode_payload(payload: bytes | None, n_params: int) -> np.ndarray | None:
     return None if not payload else decode_update(payload, n_params)
 
 
-def admit(payload: bytes, edge: str, edge_key: Callable[[str], Ed25519PublicKey], rnd: OpenRound) -> Received:
-    """Verify one aggregate that arrived on `edge`'s topic completely; raises ProtocolError or returns it decoded."""
-    return admit_authentic(authentic(payload, edge, edge_key), len(payload), rnd)
-
-
 def authentic(payload: bytes, edge: str, edge_key: Callable[[str], Ed25519PublicKey]) -> EdgeAggregate:
     """The aggregate, decoded and signed by the edge whose topic it arrived on (`edge_key` raises ProtocolError for
     an edge outside the federation, or revoked). What follows (admit_authentic) is the cloud's verdict on genuine

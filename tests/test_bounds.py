@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cloud.config import BoundsConfig as CloudBounds
-from cloud.rounds import OpenRound, admit, bound_edges
+from cloud.rounds import OpenRound, bound_edges
 from edge.bounds import BoundsConfig, check_update, plan_cap, round_bounds
 from protocol.bounds import lower_median, reference, remember, scale_to
 from protocol.errors import ProtocolError, Reason
@@ -18,7 +18,7 @@ from protocol.messages import Ack, TrainingPlan
 from protocol.signing import generate_signing_key
 
 from .harness import Fed, aggregate_of, open_round
-from .test_cloud_engine import N, aggregate, engine, keys  # noqa: F401 (fixture)
+from .test_cloud_engine import N, admit, aggregate, engine, keys  # noqa: F401 (fixture)
 
 DEFAULTS = dataclasses.asdict(BoundsConfig())   # the harness turns the bounds off for exact-arithmetic tests
 

@@ -13,7 +13,16 @@ import pytest
 from cloud.accounting import device_event, epsilon
 from cloud.config import BoundsConfig, PrivacyConfig, RoundSettings, StrategyConfig
 from cloud.engine import CloudEngine
-from cloud.rounds import RESIDUAL, OpenRound, Received, admit, close_decision, dense_sizes, edge_results
+from cloud.rounds import (
+    RESIDUAL,
+    OpenRound,
+    Received,
+    admit_authentic,
+    authentic,
+    close_decision,
+    dense_sizes,
+    edge_results,
+)
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
@@ -56,6 +65,11 @@ def aggregate(keys, edge: str, round_id: int = 1, version: int = 1, delta=None, 
         device_ids=[f"{edge}-d1", f"{edge}-d2"], max_device_epsilon=0.5, mean_local_steps=3.0,
         nonce=fields.pop("nonce", new_nonce()), timestamp=time.time(), device_bytes=1000, **fields)
     return encode(sign_message(agg, keys[signer or edge]))
+
+
+def admit(payload: bytes, edge: str, edge_key, rnd: OpenRound) -> Received:
+    """What CloudEngine does with one aggregate: check that it is the edge's, then judge it against the round."""
+    return admit_authentic(authentic(payload, edge, edge_key), len(payload), rnd)
 
 
 def engine(keys, run_dir, initial=None, **settings) -> CloudEngine:
