@@ -73,7 +73,7 @@ from cloud.state import CloudState, load, save
 from cloud.strategies import make
 from cloud.strategies.base import DeviceInfo, EdgeResult
 from cloud.strategies.heterogeneity import observe
-from cloud.trust import TrustGate, distrusted_devices, gate, leave_out, majority_direction, sketch_cosines
+from cloud.trust import TrustGate, agree, device_cosines, gate, leave_out, majority_direction, sketch_cosines
 from protocol.atomic import atomic_write
 from protocol.errors import ProtocolError, Reason
 from protocol.keyring import KeyRing
@@ -343,7 +343,7 @@ class CloudEngine:
         t0, s, cfg = time.monotonic(), self.state, self.settings
         ann = decode(s.announcement, expect=RoundAnnouncement)
         distrusted: dict[str, float] = {}   # cloud.trust: edges left out against the gate's reference
-        devices_distrusted: dict[str, float] = {}   # ... and devices that weigh nothing next round
+        devices_distrusted: dict[str, float] = {}   # ... and devices whose update pointed against the majority
         if masked is None:
             received, bounded, s.bounds = bound_edges(self.received, s.bounds,
                                                       float(np.linalg.norm(s.server.weights.astype(np.float64))),
@@ -364,8 +364,9 @@ class CloudEngine:
                 against = "the devices' majority direction"
                 for edge, rows in sketches.items():
                     agg = received[edge].agg
-                    devices_distrusted |= distrusted_devices(rows, row_order(agg.device_ids, agg.filtered), reference,
-                                                             cfg.trust.min_cosine)
+                    cosines = device_cosines(rows, row_order(agg.device_ids, agg.filtered), reference)
+                    s.devices = agree(s.devices, cosines)
+                    devices_distrusted |= {d: c for d, c in cosines.items() if c <= cfg.trust.min_cosine}
             if distrusted:
                 event(self.log, f"aggregates distrusted: against {against}", logging.WARNING, round=s.round_id,
                       edges=distrusted)

@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from cloud.strategies.base import EdgeResult
+from cloud.strategies.base import DeviceInfo, EdgeResult
 from protocol.messages import TrainingPlan
 from protocol.sketch import sketch
+
+MIN_VERDICTS = 2   # rounds of device verdicts before a device's mean agreement can take its weight
 
 
 @dataclass(frozen=True)
@@ -102,17 +104,33 @@ def sketch_cosines(results: Sequence[EdgeResult], reference: np.ndarray | None, 
     return {r.edge_id: cosine(sketch(r.delta, dims), reference) for r in results if r.delta is not None}
 
 
-def distrusted_devices(rows: np.ndarray, ids: Sequence[str], reference: np.ndarray | None,
-                       min_cosine: float) -> dict[str, float]:
-    """{device: cosine} of the devices whose own sketch (rows, in `ids` order) points against the majority
-    direction (recorded per round; two rounds running and they weigh nothing in the next, cloud.rounds.plan_round).
-    {} when the rows and ids disagree."""
+def device_cosines(rows: np.ndarray, ids: Sequence[str], reference: np.ndarray | None) -> dict[str, float]:
+    """{device: cosine} of each device's own sketch (rows, in `ids` order) to the majority direction: the
+    device-majority gate's per-device verdicts. {} when the rows and ids disagree; a zero row has no verdict."""
     if reference is None or len(rows) != len(ids):
         return {}
     norms = np.linalg.norm(rows, axis=1)
     cos = np.divide(rows @ reference, norms * float(np.linalg.norm(reference)), out=np.zeros(len(rows)),
                     where=norms > 0)
-    return {d: round(float(c), 4) for d, c, n in zip(ids, cos, norms) if n > 0 and c <= min_cosine}
+    return {d: round(float(c), 4) for d, c, n in zip(ids, cos, norms) if n > 0}
+
+
+def agree(devices: Mapping[str, DeviceInfo], cosines: Mapping[str, float]) -> dict[str, DeviceInfo]:
+    """Fold one round's device cosines into each device's mean agreement with the majority (a new dict)."""
+    out = dict(devices)
+    for device_id, c in cosines.items():
+        info = out.get(device_id) or DeviceInfo(device_id)
+        n = info.verdicts + 1
+        out[device_id] = replace(info, agreement=info.agreement + (c - info.agreement) / n, verdicts=n)
+    return out
+
+
+def weightless(devices: Mapping[str, DeviceInfo], min_cosine: float) -> list[str]:
+    """The devices that weigh nothing in the next round: their updates pointed against the majority on average over
+    at least MIN_VERDICTS rounds. One round against is what an honest device with unusual data does now and then;
+    a poisoner does it on average, and a sign flipper keeps doing it after the model has moved away from its own
+    data (its flipped update then starts to agree with the majority, but its mean does not recover for long)."""
+    return sorted(d for d, info in devices.items() if info.verdicts >= MIN_VERDICTS and info.agreement <= min_cosine)
 
 
 def root_gate(model, x: np.ndarray, y: np.ndarray, cfg: TrustConfig, rng: np.random.Generator) -> TrustGate:

@@ -14,13 +14,15 @@ from cloud.strategies.base import EdgeResult
 from cloud.trust import (
     TrustConfig,
     TrustGate,
+    agree,
     cosine,
-    distrusted_devices,
+    device_cosines,
     gate,
     leave_out,
     majority_direction,
     root_gate,
     sketch_cosines,
+    weightless,
 )
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import GlobalModel, RoundAnnouncement, bytes_to_floats, decode
@@ -157,13 +159,33 @@ def test_the_device_majority_outvotes_an_edge_its_attackers_hold():
     assert cosines["a"] > 0.3 and cosines["b"] < -0.3 and "c" not in cosines
     kept, dropped = leave_out(results, cosines, 0.0)
     assert [r.edge_id for r in kept] == ["a", "c"] and list(dropped) == ["b"]
-    # device by device: the three attackers point against the majority and weigh nothing next round
+    # device by device: the three attackers point against the majority, the two honest ones with it
     ids_b = ["b0", "b1", "b2", "b3", "b4"]
-    assert set(distrusted_devices(sk["b"], ids_b, reference, 0.0)) == {"b0", "b1", "b2"}
-    assert distrusted_devices(sk["b"], ids_b[:4], reference, 0.0) == {}   # rows and ids disagree: no verdict
+    verdicts = device_cosines(sk["b"], ids_b, reference)
+    assert {d for d, c in verdicts.items() if c <= 0} == {"b0", "b1", "b2"}
+    assert min(verdicts["b3"], verdicts["b4"]) > 0.3
+    assert device_cosines(sk["b"], ids_b[:4], reference) == {}   # rows and ids disagree: no verdict
     assert majority_direction({"a": sk["a"]}) is None                  # one edge's devices cannot outvote it
     assert majority_direction({"a": sk["a"], "b": np.zeros((0, 64))}) is None
     assert sketch_cosines(results, None, 64) == {}
+
+
+def test_a_device_weighs_nothing_while_its_mean_agreement_points_against_the_majority():
+    """Once against the majority is an honest device with unusual data: still counted. A sign flipper is against it
+    for as long as the model learns from the others; once the model has moved away from its data, its flipped
+    update agrees with the majority now and then (EXPERIMENTS.md "Poisoning"), but its mean stays negative."""
+    devices = agree({}, {"honest": -0.4, "flipper": -0.8})
+    assert devices["honest"].verdicts == 1 and weightless(devices, 0.0) == []   # one verdict is not enough
+    flipper_late = [-0.6, -0.5, -0.3, 0.1, 0.2, 0.15, 0.3]
+    for c in flipper_late:
+        devices = agree(devices, {"honest": 0.5, "flipper": c})
+    assert devices["flipper"].verdicts == 8 and devices["flipper"].agreement == pytest.approx(
+        np.mean([-0.8, *flipper_late]))
+    assert weightless(devices, 0.0) == ["flipper"]
+    assert weightless(devices, -0.5) == []   # min_cosine loosens it
+    for _ in range(30):   # a device that keeps agreeing earns its weight back
+        devices = agree(devices, {"flipper": 0.3})
+    assert weightless(devices, 0.0) == []
 
 
 def test_the_engine_leaves_out_the_edge_against_the_devices_majority_by_default(keys, tmp_path):
@@ -184,7 +206,8 @@ def test_the_engine_leaves_out_the_edge_against_the_devices_majority_by_default(
     record = eng.state.history[0]
     assert list(record["distrusted_at_cloud"]) == ["edge2"], record["distrusted_at_cloud"]
     assert set(record["distrusted_devices"]) == {"edge2-d1", "edge2-d2"}
-    # against the majority once: still counted (an honest device with unusual data); twice running: weight 0
+    assert eng.state.devices["edge2-d1"].agreement < 0 < eng.state.devices["edge1-d1"].agreement
+    # against the majority once: still counted (an honest device with unusual data); on average over two: weight 0
     assert announced[0].round_id == 2 and announced[0].sample_weight == {}
     assert announced[1].round_id == 3 and announced[1].sample_weight == {"edge2-d1": 0.0, "edge2-d2": 0.0}
     # more sketches than the edge admitted updates (num_devices + filtered): refused at admission

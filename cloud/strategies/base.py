@@ -50,6 +50,8 @@ class DeviceInfo:
     quality: float = 1.0     # running fraction of its updates NOT flagged by the edges' filters
     rounds: int = 0          # rounds it was part of an aggregate
     state: str = ""          # its last DeviceStatus state ("online", "budget_exhausted", "offline", ...)
+    agreement: float = 0.0   # mean cosine of its update sketches to the device majority (cloud.trust.agree)
+    verdicts: int = 0        # rounds that mean is over
 
 
 @dataclass(frozen=True)
