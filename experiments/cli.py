@@ -44,6 +44,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filters", nargs="+",
                         help="poisoning: only these edge filter configurations (none, norm, cosine, krum, "
                              "norm+cosine, trimmed_mean, median, norm+cosine+trust; default: the dataset's set)")
+    parser.add_argument("--cvs", type=float, nargs="+",
+                        help="heterogeneity: only these compute CVs (default 0, 0.25, 0.5, 1)")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="heterogeneity: also evaluate every N rounds, for the accuracy curve and its plateau "
+                             "(0: the final round only)")
     parser.add_argument("--max-steps", type=int, default=0,
                         help="privacy: cap each device's DP-SGD steps per round (plan.max_steps; 0 = one epoch)")
     data = parser.add_argument_group("your own data (instead of --datasets)")

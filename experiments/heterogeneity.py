@@ -30,18 +30,31 @@ CVS = (0.0, 0.25, 0.5, 1.0)
 METHODS = ("fedavg", "fedprox", "scaffold", "fediomt")
 
 
+PLATEAU_EVALS = 3   # the plateau: the mean of the last 3 evaluations (with --eval-every 10: the last 30 rounds)
+
+
+def plateau(accuracies: list[float]) -> float | None:
+    """The mean of the last PLATEAU_EVALS evaluations: where the run levels off, less noisy than its last round."""
+    tail = [a for a in accuracies[-PLATEAU_EVALS:] if a is not None]
+    return float(np.mean(tail)) if tail else None
+
+
 def run(args) -> dict:
     rows, methods = [], methods_for(args, METHODS)
+    cvs = tuple(getattr(args, "cvs", None) or CVS)
     for name in datasets_for(args):
         recipe, rounds = RECIPES[name], rounds_for(name, args)
+        every = int(getattr(args, "eval_every", 0) or 0) or rounds
         for seed in range(args.seeds):
             fed = dataset(name, scale_for(args), seed)
-            for cv in CVS:
+            for cv in cvs:
                 for method in methods:
                     logs = simulate(fed, method, seed, rounds=rounds, lr=recipe.lr, local_epochs=recipe.local_epochs,
-                                    clip=NO_CLIP, hetero=HeteroConfig(cv=cv), eval_every=rounds)
+                                    clip=NO_CLIP, hetero=HeteroConfig(cv=cv), eval_every=every)
                     offered = [x.participants + x.missed_deadline + x.declined for x in logs]
+                    curve = [(x.round, x.accuracy) for x in logs if x.accuracy is not None]
                     rows.append({"method": method, "cv": cv, "accuracy": logs[-1].accuracy, "dataset": name,
+                                 "plateau": plateau([a for _, a in curve]), "curve": curve,
                                  "seed": seed, "devices": len(fed.clients), "edges": len(fed.edges),
                                  "participation": float(np.mean([x.participants / max(o, 1)
                                                                  for x, o in zip(logs, offered)])),
@@ -49,12 +62,12 @@ def run(args) -> dict:
                                  "virtual_round_s": float(np.mean([x.virtual_s for x in logs])),
                                  "wall_round_s": float(np.mean([x.wall_s for x in logs]))})
     summary = summarize(rows, ["dataset", "method", "cv"], "accuracy")
-    extra = {v: summarize(rows, ["dataset", "method", "cv"], v) for v in ("participation", "wall_round_s")}
+    extra = {v: summarize(rows, ["dataset", "method", "cv"], v) for v in ("plateau", "participation", "wall_round_s")}
     table = []
-    for s, p, w in zip(summary, extra["participation"], extra["wall_round_s"]):
+    for s, t, p, w in zip(summary, extra["plateau"], extra["participation"], extra["wall_round_s"]):
         table.append({"dataset": s["dataset"], "method": s["method"], "cv": s["cv"], "accuracy": s["accuracy"],
-                      "std": s["accuracy_std"], "participation": p["participation"],
-                      "wall_s_per_round": w["wall_round_s"]})
+                      "std": s["accuracy_std"], "plateau": t["plateau"], "plateau_std": t["plateau_std"],
+                      "participation": p["participation"], "wall_s_per_round": w["wall_round_s"]})
     for name in sorted({r["dataset"] for r in rows}):
         series = {m: ([s["cv"] for s in summary if s["dataset"] == name and s["method"] == m],
                       [s["accuracy"] for s in summary if s["dataset"] == name and s["method"] == m],
@@ -62,7 +75,14 @@ def run(args) -> dict:
                   for m in methods}
         plot(args.out / f"heterogeneity_{name}.png", series, "CV of device compute speed", "final test accuracy",
              f"accuracy vs compute heterogeneity ({name})")
+        if every < rounds:   # the curves, seed 0: where each method levels off
+            curves = {f"{r['method']} cv={r['cv']:g}": ([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], None)
+                      for r in rows if r["dataset"] == name and r["seed"] == 0}
+            plot(args.out / f"heterogeneity_{name}_curves.png", curves, "round", "test accuracy",
+                 f"accuracy vs rounds, seed 0 ({name})")
     return write_outputs(args.out, "heterogeneity", args, rows, summary, table,
-                         ["dataset", "method", "cv", "accuracy", "std", "participation", "wall_s_per_round"],
-                         "Final test accuracy; participation = updates counted / devices that trained; "
+                         ["dataset", "method", "cv", "accuracy", "std", "plateau", "plateau_std", "participation",
+                          "wall_s_per_round"],
+                         "Final test accuracy; plateau = mean of the last 3 evaluations (--eval-every); "
+                         "participation = updates counted / devices that trained; "
                          "wall_s_per_round = real seconds per simulated round in this process.")

@@ -97,6 +97,20 @@ def test_heterogeneity_drops_stragglers_of_fixed_work(results):
     assert {r["cv"] for r in rows} == {0.0, 0.25, 0.5, 1.0}
 
 
+def test_heterogeneity_runs_chosen_cvs_and_records_the_curve_and_its_plateau(tmp_path):
+    """--cvs picks the compute CVs and --eval-every records the accuracy curve, whose last evaluations' mean is the
+    plateau (issue 15: the 1,000-device runs go until the accuracy levels off)."""
+    assert main(["experiment", "heterogeneity", "--quick", "--out", str(tmp_path), "--seeds", "1", "--datasets",
+                 "heart", "--methods", "fedavg", "--cvs", "0", "1", "--rounds", "6", "--eval-every", "2"]) == 0
+    doc = json.loads((tmp_path / "heterogeneity.json").read_text())
+    assert {r["cv"] for r in doc["rows"]} == {0.0, 1.0}
+    for r in doc["rows"]:
+        assert [c[0] for c in r["curve"]] == [2, 4, 6] and r["curve"][-1][1] == r["accuracy"]
+        assert r["plateau"] == pytest.approx(sum(c[1] for c in r["curve"]) / 3)
+    assert (tmp_path / "heterogeneity_heart_curves.png").exists()
+    assert "plateau" in (tmp_path / "heterogeneity.md").read_text()
+
+
 def test_membership_balanced_attacks(results):
     rows = results[1]["membership"]["rows"]
     assert {r["method"] for r in rows} == {"centralized", "fedavg", "fedavg+dp", "fediomt", "fediomt+dp"}
