@@ -3,8 +3,9 @@
 run), so anyone can recompute the report from the checkpoint.
 
 - Device level (example-level DP-SGD on each device): one event per round (noise_mult, sample_rate q = batch /
-  local examples, steps), re-derived from the round's plan and the smallest per-edge mean local dataset
-  (num_samples / num_devices), composed as if that device took part in every round. The devices' own reports
+  local examples, steps), re-derived from the round's plan and the smallest counted device's dataset that the edges
+  report (EdgeAggregate.min_device_samples; a masked round, which cannot report it, the smallest per-edge mean:
+  cloud.rounds.account_round), composed as if that device took part in every round. The devices' own reports
   (EdgeAggregate.max_device_epsilon, each device's accountant over its actual rounds and dataset) are kept next to
   it; the device-level epsilon is the larger of the two.
 - Edge level (user-level central DP: each device's delta clipped, Gaussian noise on the sum): one event per round

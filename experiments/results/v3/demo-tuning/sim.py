@@ -118,7 +118,7 @@ def main() -> None:
         elif k == "filters":              # the edges' filters: filters=none | filters=norm,cosine
             filters = [] if v == "none" else v.split(",")
         else:
-            changes[k] = {"int": int, "float": float, "str": str}[types[k]](v)
+            changes[k] = types[k](v)   # the dataclass field types are the classes themselves
     s = replace(Candidate(), **changes)
     rows = []
     for seed in seeds:
