@@ -23,7 +23,7 @@ from cloud.model import compress_broadcast
 from cloud.state import CloudState
 from cloud.strategies.base import EdgeResult, ServerState, Strategy
 from cloud.strategies.scaffold import CONTROL
-from cloud.trust import weightless
+from cloud.trust import MIN_VERDICTS, weightless
 from protocol.bounds import reference, remember, scale_to
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.errors import ProtocolError, Reason
@@ -225,8 +225,9 @@ def plan_round(strategy: Strategy, s: CloudState, settings: RoundSettings, now: 
     reason = exhausted(projected, privacy.device_epsilon, privacy.central_epsilon)
     if reason:
         return f"{reason}: stopping before round {s.round_id}"
-    # devices that pointed against the federation's majority on average weigh nothing (cloud.trust.weightless)
-    distrusted = weightless(s.devices, settings.trust.min_cosine) if settings.trust.device_majority else []
+    # devices that point against the federation's majority on average or round after round weigh nothing
+    recent = [r.get("distrusted_devices", {}) for r in s.history[-MIN_VERDICTS:]]
+    distrusted = weightless(s.devices, recent, settings.trust.min_cosine) if settings.trust.device_majority else []
     weights = {**rc.sample_weight, **dict.fromkeys(sorted(distrusted), 0.0)}
     return RoundAnnouncement(
         round_id=s.round_id, model_name=settings.model, model_version=s.version, strategy=strategy.name,

@@ -125,12 +125,17 @@ def agree(devices: Mapping[str, DeviceInfo], cosines: Mapping[str, float]) -> di
     return out
 
 
-def weightless(devices: Mapping[str, DeviceInfo], min_cosine: float) -> list[str]:
-    """The devices that weigh nothing in the next round: their updates pointed against the majority on average over
-    at least MIN_VERDICTS rounds. One round against is what an honest device with unusual data does now and then;
-    a poisoner does it on average, and a sign flipper keeps doing it after the model has moved away from its own
-    data (its flipped update then starts to agree with the majority, but its mean does not recover for long)."""
-    return sorted(d for d, info in devices.items() if info.verdicts >= MIN_VERDICTS and info.agreement <= min_cosine)
+def weightless(devices: Mapping[str, DeviceInfo], recent: Sequence[Mapping[str, float]], min_cosine: float
+               ) -> list[str]:
+    """The devices that weigh nothing in the next round: those whose updates pointed against the majority on average
+    over at least MIN_VERDICTS rounds, and those against it in each of the last MIN_VERDICTS rounds (`recent`: the
+    round records' `distrusted_devices`). One round against is what an honest device with unusual data does now and
+    then. A poisoner is against on average, and a sign flipper stays so after the model has moved away from its own
+    data (its flipped update then agrees with the majority now and then, which breaks a streak but not the mean); a
+    device captured after a long honest history is against round after round long before its mean turns."""
+    on_average = {d for d, info in devices.items() if info.verdicts >= MIN_VERDICTS and info.agreement <= min_cosine}
+    running = set.intersection(*(set(r) for r in recent)) if len(recent) >= MIN_VERDICTS else set()
+    return sorted(on_average | running)
 
 
 def root_gate(model, x: np.ndarray, y: np.ndarray, cfg: TrustConfig, rng: np.random.Generator) -> TrustGate:

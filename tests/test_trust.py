@@ -175,17 +175,31 @@ def test_a_device_weighs_nothing_while_its_mean_agreement_points_against_the_maj
     for as long as the model learns from the others; once the model has moved away from its data, its flipped
     update agrees with the majority now and then (EXPERIMENTS.md "Poisoning"), but its mean stays negative."""
     devices = agree({}, {"honest": -0.4, "flipper": -0.8})
-    assert devices["honest"].verdicts == 1 and weightless(devices, 0.0) == []   # one verdict is not enough
+    assert devices["honest"].verdicts == 1 and weightless(devices, [], 0.0) == []   # one verdict is not enough
     flipper_late = [-0.6, -0.5, -0.3, 0.1, 0.2, 0.15, 0.3]
     for c in flipper_late:
         devices = agree(devices, {"honest": 0.5, "flipper": c})
     assert devices["flipper"].verdicts == 8 and devices["flipper"].agreement == pytest.approx(
         np.mean([-0.8, *flipper_late]))
-    assert weightless(devices, 0.0) == ["flipper"]
-    assert weightless(devices, -0.5) == []   # min_cosine loosens it
+    assert weightless(devices, [{}, {}], 0.0) == ["flipper"]   # its last two rounds agreed: the streak is broken
+    assert weightless(devices, [{}, {}], -0.5) == []   # min_cosine loosens it
     for _ in range(30):   # a device that keeps agreeing earns its weight back
         devices = agree(devices, {"flipper": 0.3})
-    assert weightless(devices, 0.0) == []
+    assert weightless(devices, [{}, {}], 0.0) == []
+
+
+def test_a_device_captured_after_a_long_honest_history_weighs_nothing_after_two_rounds_against():
+    """Its mean would take as many rounds to turn as it was honest; two rounds running against the majority is
+    enough. Once against is not (an honest device with unusual data)."""
+    devices = {}
+    for _ in range(50):
+        devices = agree(devices, {"sleeper": 0.6, "other": 0.5})
+    devices = agree(devices, {"sleeper": -0.7, "other": -0.2})
+    assert weightless(devices, [{"other": -0.2}, {"sleeper": -0.7, "other": -0.2}], 0.0) == ["other"]
+    devices = agree(devices, {"sleeper": -0.8, "other": 0.4})
+    recent = [{"sleeper": -0.7, "other": -0.2}, {"sleeper": -0.8}]
+    assert devices["sleeper"].agreement > 0.5 and weightless(devices, recent, 0.0) == ["sleeper"]
+    assert weightless(devices, recent[-1:], 0.0) == []   # one round's verdicts are not a streak
 
 
 def test_the_engine_leaves_out_the_edge_against_the_devices_majority_by_default(keys, tmp_path):
