@@ -11,6 +11,7 @@ table's `pct_of_centralized` is of the headline metric, AUROC there, accuracy on
 from __future__ import annotations
 
 import json
+from pathlib import PurePath
 
 from experiments.sim.harness import (
     RECIPES,
@@ -33,9 +34,15 @@ NO_CLIP = 1e6   # per-example clip so large that DP-SGD without noise is plain S
 
 
 def same_runs(a: dict, b: dict) -> bool:
+    """Whether two runs' settings (a JSON document's and/or an argparse namespace's) ask for the same runs; paths
+    compare by their text, as the JSON stores them."""
     keys = ("quick", "seeds", "datasets", "rounds", "split", "edges", "methods", "data", "label", "site", "sites",
             "alpha", "test_data", "outcomes", "test_outcomes", "standardize", "clip_quantile", "tuned")
-    return all(a.get(k) == b.get(k) for k in keys)
+
+    def text(v):
+        return str(v) if isinstance(v, PurePath) else v
+
+    return all(text(a.get(k)) == text(b.get(k)) for k in keys)
 
 
 SCORE_KEYS = ("accuracy", "loss", "auroc", "auprc", "min_se_ppv")

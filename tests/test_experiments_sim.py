@@ -162,3 +162,16 @@ def test_tuned_settings_reach_the_simulated_method():
     assert (run["lr"], run["local_epochs"]) == (0.2, 2)
     assert run["method"].options["server_optimizer"] == "adam" and run["method"].options["fednova"] is True
     assert tuned_run(won, "heart", "fediomt", 0.1, 1) == {"method": "fediomt", "lr": 0.1, "local_epochs": 1}
+
+
+def test_communication_reuses_a_tuned_accuracy_run():
+    """`experiment communication` reuses DIR/accuracy.json when it holds the same runs; --tuned is a Path on the
+    command line and text in the JSON, and must still match (else the whole accuracy run is redone)."""
+    from pathlib import Path
+
+    from experiments.accuracy import same_runs
+
+    stored = {"seeds": 3, "datasets": ["watch"], "rounds": 60, "tuned": "results/tune.json"}
+    assert same_runs(stored, dict(stored, tuned=Path("results/tune.json")))
+    assert not same_runs(stored, dict(stored, tuned=Path("results/other.json")))
+    assert not same_runs(stored, dict(stored, rounds=40))
