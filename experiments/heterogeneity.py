@@ -35,8 +35,7 @@ PLATEAU_EVALS = 3   # the plateau: the mean of the last 3 evaluations (with --ev
 
 def plateau(accuracies: list[float]) -> float | None:
     """The mean of the last PLATEAU_EVALS evaluations: where the run levels off, less noisy than its last round."""
-    tail = [a for a in accuracies[-PLATEAU_EVALS:] if a is not None]
-    return float(np.mean(tail)) if tail else None
+    return float(np.mean(accuracies[-PLATEAU_EVALS:])) if accuracies else None
 
 
 def run(args) -> dict:

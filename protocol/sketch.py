@@ -35,7 +35,8 @@ def _hashes(n_params: int, dims: int) -> tuple[np.ndarray, np.ndarray]:
 
 def row_order(device_ids: list[str], filtered: list[str]) -> list[str]:
     """Whose sketch each row of an aggregate's `sketches` is: its device_ids, then the rest of its filtered."""
-    return device_ids + [d for d in filtered if d not in device_ids]
+    counted = set(device_ids)
+    return device_ids + [d for d in filtered if d not in counted]
 
 
 def sketch(values: np.ndarray, dims: int, indices: np.ndarray | None = None, n_params: int = 0) -> np.ndarray:
