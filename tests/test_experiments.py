@@ -111,6 +111,19 @@ def test_heterogeneity_runs_chosen_cvs_and_records_the_curve_and_its_plateau(tmp
     assert "plateau" in (tmp_path / "heterogeneity.md").read_text()
 
 
+def test_tuning_scores_each_configuration_over_every_seed(tmp_path):
+    """`experiment tune --seeds K`: every configuration runs on K validation draws (one per seed) and the winner is
+    the best mean, so one lucky draw of a ~45-row validation set cannot pick it (issue 15, same budget for all)."""
+    assert main(["experiment", "tune", "--out", str(tmp_path), "--seeds", "2", "--datasets", "heart",
+                 "--methods", "fedavg", "--rounds", "2"]) == 0
+    doc = json.loads((tmp_path / "tune.json").read_text())
+    rows, won = doc["rows"], doc["chosen"]["heart/fedavg"]
+    assert sorted((r["config"], r["seed"]) for r in rows) == [(c, s) for c in range(6) for s in range(2)]
+    means = {c: sum(r["val_score"] for r in rows if r["config"] == c) / 2 for c in range(6)}
+    assert won["val_score"] == pytest.approx(max(means.values()))
+    assert len(won["val_scores"]) == 2 and won["val_scores"][0] != won["val_scores"][1]
+
+
 def test_membership_balanced_attacks(results):
     rows = results[1]["membership"]["rows"]
     assert {r["method"] for r in rows} == {"centralized", "fedavg", "fedavg+dp", "fediomt", "fediomt+dp"}
