@@ -49,6 +49,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=0,
                         help="heterogeneity: also evaluate every N rounds, for the accuracy curve and its plateau "
                              "(0: the final round only)")
+    parser.add_argument("--modes", nargs="+", choices=["local", "central", "two_level", "credit_only"],
+                        help="privacy: only these DP modes (default: local, central, two_level)")
     parser.add_argument("--max-steps", type=int, default=0,
                         help="privacy: cap each device's DP-SGD steps per round (plan.max_steps; 0 = one epoch)")
     data = parser.add_argument_group("your own data (instead of --datasets)")

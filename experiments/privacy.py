@@ -12,6 +12,10 @@ Privacy units and the budget split:
   everyone; epsilon_central: a device's whole data against the cloud, trusting the edge or secure aggregation),
   never added. Every mode runs dense float32 updates without filters (crediting needs Gaussian rows; the same
   transport for all modes keeps the comparison fair).
+- credit_only (`--modes`, not run by default): two-level with no user-level target: the devices clip to
+  `central_clip` before their last step's noise as in two-level, the edges credit that noise and add nothing, and the
+  user-level epsilon is whatever the credited noise gives (epsilon_central). The accuracy of local DP with a
+  user-level guarantee against the cloud on top, where the edge is trusted.
 Noise multipliers are the smallest whose accountant epsilon (RDP, delta = 1e-5) is <= the target; the epsilons the
 run's ledger actually reports are in the rows (`epsilon_device`, `epsilon_central`). epsilon = inf: no noise and no
 clipping (the non-private reference).
@@ -46,6 +50,7 @@ from protocol.messages import TrainingPlan
 EPSILONS = (0.5, 1.0, 2.0, 5.0, 10.0, math.inf)
 QUICK_EPSILONS = (1.0, math.inf)
 MODES = ("local", "central", "two_level")
+ALL_MODES = (*MODES, "credit_only")
 DELTA = 1e-5
 USER_EPSILON = 3.0
 # no per-row bounds either: a bound that rescales a noised row (edge.bounds, on by default) makes the edge refuse the
@@ -96,13 +101,15 @@ def mode_options(mode: str, eps: float, recipe, batch: int, min_local: int, roun
     if math.isinf(eps):
         return {"clip": NO_CLIP}
     opts = {"clip": NO_CLIP}
-    if mode in ("local", "two_level"):
+    if mode in ("local", "two_level", "credit_only"):
         opts.update(clip=recipe.dp_clip,
                     noise_mult=device_noise(eps, batch, recipe.local_epochs, min_local, rounds, max_steps))
     if mode == "central":
         opts.update(central_clip=recipe.central_clip, central_noise=central_noise(eps, 1.0, rounds))
     if mode == "two_level":
         opts.update(central_clip=recipe.central_clip, central_noise=central_noise(USER_EPSILON, 1.0, rounds))
+    if mode == "credit_only":
+        opts.update(central_clip=recipe.central_clip, central_noise=0.0)
     return opts
 
 
@@ -113,6 +120,7 @@ def run(args) -> dict:
     if getattr(args, "epsilons", None):
         epsilons = tuple(sorted(set(args.epsilons) | {math.inf}))
     max_steps = int(getattr(args, "max_steps", 0) or 0)
+    modes = tuple(m for m in ALL_MODES if m in (getattr(args, "modes", None) or MODES))
     for name in datasets_for(args):
         recipe, rounds = RECIPES[name], rounds_for(name, args)
         for seed in range(args.seeds):
@@ -122,7 +130,7 @@ def run(args) -> dict:
                         max_steps=max_steps)
             reference = simulate(fed, METHOD, seed, **base, clip=NO_CLIP)[-1]
             nonprivate, nonprivate_auroc = reference.accuracy, reference.auroc
-            for mode in MODES:
+            for mode in modes:
                 for eps in epsilons:
                     if math.isinf(eps):
                         acc, auroc, opts, logs = nonprivate, nonprivate_auroc, {}, None
@@ -153,10 +161,13 @@ def run(args) -> dict:
         z = [r for r in keyed if (r["dataset"], r["mode"], r["eps_key"]) == (s["dataset"], s["mode"], s["eps_key"])]
         table.append({"dataset": s["dataset"], "mode": s["mode"], "epsilon": s["eps_key"], "accuracy": s["accuracy"],
                       "std": s["accuracy_std"], "pct_of_nonprivate": None if q["ratio"] is None else 100 * q["ratio"],
-                      "noise_mult": z[0]["noise_mult"], "central_noise": z[0]["central_noise"]})
+                      "noise_mult": z[0]["noise_mult"], "central_noise": z[0]["central_noise"],
+                      # the weakest seed's user-level guarantee (None: no user-level DP in this mode)
+                      "epsilon_central": max((r["epsilon_central"] for r in z if r["epsilon_central"] is not None),
+                                             default=None)})
     for name in sorted({r["dataset"] for r in rows}):
         series = {}
-        for mode in MODES:
+        for mode in modes:
             pts = [s for s in summary if s["dataset"] == name and s["mode"] == mode and s["eps_key"] != "inf"]
             series[mode] = ([p["eps_key"] for p in pts], [p["accuracy"] for p in pts], [p["accuracy_std"] for p in pts])
         ref = next(s["accuracy"] for s in summary if s["dataset"] == name and s["eps_key"] == "inf")
@@ -164,7 +175,8 @@ def run(args) -> dict:
              {"non-private": ref}, xscale="log")
     return write_outputs(args.out, "privacy", args, rows, summary, table,
                          ["dataset", "mode", "epsilon", "accuracy", "std", "pct_of_nonprivate", "noise_mult",
-                          "central_noise"],
+                          "central_noise", "epsilon_central"],
                          f"FedIoMT, delta = {DELTA}. local: example-level DP-SGD; central: user-level at the edges; "
                          f"two-level: example-level at epsilon + user-level {USER_EPSILON:g}, the devices' noise "
-                         "credited. noise_mult / central_noise: calibrated multipliers.")
+                         "credited; credit_only: two-level where the edge adds nothing (user-level epsilon from the "
+                         "devices' noise alone). noise_mult / central_noise: calibrated multipliers.")

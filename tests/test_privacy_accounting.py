@@ -130,3 +130,23 @@ def test_simulated_two_level_runs_take_the_credit_path(heart_tiny):
     bounded = simulator(heart_tiny, METHODS["fediomt"].with_(compression=METHOD.compression,
                                                              filters=METHOD.filters), 0, **opts)
     assert all(log.credited_noise_mult == 0 for log in bounded.run())
+
+
+def test_credit_only_adds_no_edge_noise_and_accounts_the_devices_noise(heart_tiny):
+    """`--modes credit_only`: central clip announced with noise 0. The edges add nothing, so the ledger's user-level
+    mechanism per round is exactly the weakest edge's credited noise, and its epsilon recomputes with dp-accounting
+    from those multipliers alone: the user-level guarantee that local DP gives against the cloud for free."""
+    from experiments.privacy import METHOD, mode_options
+    from experiments.sim.harness import RECIPES, simulator
+
+    opts = mode_options("credit_only", 1.0, RECIPES["heart"], 8, 9, 2, 498, max_steps=1)
+    assert opts["central_noise"] == 0.0 and opts["central_clip"] > 0 and opts["noise_mult"] > 0
+    sim = simulator(heart_tiny, METHOD, 0, rounds=2, lr=0.1, max_steps=1, **opts)
+    logs = sim.run()
+    records, ledger = sim.cloud.state.history, sim.cloud.state.ledger
+    weakest = [min(r["credited_noise_mult"].values()) for r in records]
+    assert all(z > 0 for z in weakest)
+    assert [e.noise_mult for e in ledger.central] == pytest.approx(weakest, rel=1e-5)
+    eps = dp_accounting_epsilon([(e.noise_mult, e.sample_rate, e.steps) for e in ledger.central], ledger.delta,
+                                pld=False)
+    assert logs[-1].epsilon_central == pytest.approx(eps, rel=0.01)
