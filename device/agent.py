@@ -64,12 +64,21 @@ from protocol.messages import (
 )
 from protocol.mqtt import Connection, backoff_delays
 from protocol.secagg import SecAggClient
-from protocol.secagg.deploy import MaskedRound
+from protocol.secagg.deploy import MaskedRound, masked_round
 from protocol.secagg.mqtt_driver import run_client_round
 from protocol.signing import derive_mac_key, load_mac_key, load_private_key, load_public_key
 
 CONNECTED = ""             # inbox marker: the link (re)connected
 SPEED_SMOOTHING = 0.5      # weight of the newest steps/s measurement
+
+
+def user_clip(ann: RoundAnnouncement, masked: MaskedRound | None) -> float:
+    """The user-level clip the noise-free delta gets before the last step's noise (device.training), so the edge
+    can credit that noise (distributed DP): the announced central clip in a plaintext round, the secagg clip (the
+    sensitivity the edge reports) in a credited masked round; 0 (no user-level clip) otherwise."""
+    if masked is not None:
+        return masked.config.clip if masked.credited else 0.0
+    return ann.central_dp.clip if ann.central_dp is not None else 0.0
 
 
 class DeviceAgent:
@@ -250,7 +259,7 @@ class DeviceAgent:
         if plan.scaffold and self.state.server_control is None:
             return self._answer(ann, "declined", "SCAFFOLD round but the global model has no control variate")
         try:
-            masked = MaskedRound.from_announcement(ann.secagg)
+            masked = masked_round(ann)   # credited (distributed DP) where the announcement allows it
         except ProtocolError as exc:
             return self._answer(ann, "declined", f"secagg: {exc}")
         if masked is not None and (plan.scaffold or cfg.secagg_keys_dir is None):
@@ -274,7 +283,7 @@ class DeviceAgent:
                              lr_scale=ann.lr_scale.get(cfg.id, 1.0), time_limit_s=time_left,
                              c_global=self.state.server_control, c_local=self.state.control,
                              should_stop=self.stop.is_set,
-                             user_clip=ann.central_dp.clip if ann.central_dp is not None and masked is None else 0.0)
+                             user_clip=user_clip(ann, masked))
         if self.stop.is_set():  # nothing was released, so nothing is spent: the round is simply not answered
             event(self.log, "stopping: round abandoned", round=ann.round_id, steps=result.local_steps)
             return
@@ -383,8 +392,9 @@ class DeviceAgent:
     def _send_masked(self, ann: RoundAnnouncement, result: LocalResult, masked: MaskedRound,
                      history: tuple, speed: float) -> None:
         """Untrusted-edge round: persist the spend, then take part in the cohort's secure aggregation with the
-        clipped delta (docs/secagg.md "Deployment"); the edge learns only the cohort sum. The error-feedback residual
-        is left as it is (masked rounds send no compression payload)."""
+        clipped delta (docs/secagg.md "Deployment"; in a credited round the noised delta, clipped before its last
+        noise, whose noise the edge counts); the edge learns only the cohort sum. The error-feedback residual is
+        left as it is (masked rounds send no compression payload)."""
         vector = masked.device_vector(result.delta, result.num_samples, result.local_steps)
         self.state = replace(self.state.answered(ann.round_id), history=history, steps_per_s=speed)
         save_state(self.state_path, self.state)  # the spend is on disk before anything leaves the device

@@ -17,8 +17,16 @@ DP-SGD step's, device.training `user_clip`), the weighted sum already carries N(
 nothing else in it depends on, so the edge adds only the top-up sqrt((z S)^2 - sum_i (omega_i sigma_i)^2) and does
 not clip again. It is credited only where that argument holds: dense float32 device updates (lossy compression is
 not Gaussian), no filter and no bound that inspects or rescales individual noised rows, honest devices (they clip
-and add their noise, as in Kairouz et al. 2021), and a trusted edge or secure aggregation (whoever sees one device's
-update sees only sigma_i of noise on it). The report's noise_mult is then the sum's total (>= z).
+and add their noise, as in Kairouz et al. 2021). The report's noise_mult is then the sum's total (>= z) and the
+aggregate's credited_noise_mult the devices' share of it. Two paths take the credit:
+- plaintext rounds (edge.engine `_credited`, edge.aggregate `credited`): the edge sees each update with only its own
+  sigma_i of noise, so the summed guarantee holds against the cloud (and whoever sees only the aggregate), and the
+  edge is trusted;
+- device-masked rounds (secure aggregation, `untrusted_edge`; protocol.secagg.deploy `MaskedRound.credit`,
+  edge.secagg_round `credited_var`): devices mask their noised delta on a range wide enough for the noise and the
+  edge only ever sees the cohort's sum, which carries sum_i sigma_i^2 (omega_i = 1: the mean is unweighted), so the
+  user-level guarantee holds against the edge too. Truncation and rounding there are bounded in deploy's docstring.
+The sigma_i formula is protocol.distributed_dp.last_step_std, shared with the devices that size their masked vector.
 
 The Gaussian noise comes from the operating system's CSPRNG (os.urandom through Box-Muller), not from numpy's
 seedable generators, so the noise cannot be reproduced from a leaked or guessed seed.
@@ -31,6 +39,7 @@ import os
 
 import numpy as np
 
+from protocol.distributed_dp import last_step_std as last_step_std  # re-exported: the sigma_i credited here
 from protocol.messages import CentralDPReport
 
 
@@ -43,14 +52,6 @@ def secure_normal(n: int) -> np.ndarray:
     radius = np.sqrt(-2.0 * np.log(u1))
     angle = 2.0 * np.pi * u2
     return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
-
-
-def last_step_std(plan, lr_scale: float = 1.0) -> float:
-    """Per-coordinate std of the Gaussian noise a device adds AFTER clipping its noise-free delta to the round's
-    central clip (device.training, user_clip): its last DP-SGD step's noise, lr * noise_mult * clip / batch."""
-    if plan.noise_mult <= 0 or plan.clip <= 0 or plan.batch_size <= 0:
-        return 0.0
-    return float(plan.lr * lr_scale * plan.noise_mult * plan.clip / plan.batch_size)
 
 
 def top_up(noise_mult: float, clip: float, credited_var: float) -> float:

@@ -28,11 +28,12 @@ from edge.config import EdgeConfig
 from edge.metrics import Metrics
 from edge.rounds import excuses, expected_devices, staleness_weight, sync_close_reason
 from edge.rows import Rows
-from edge.secagg_round import masked_mean, metadata
+from edge.secagg_round import credited_var, masked_mean, metadata
 from edge.store import Store, Stored
 from edge.validation import RoundContext, authenticate, decode_delta
 from protocol import signing
 from protocol.compression import CompressionSettings, decode_update, encode_update
+from protocol.distributed_dp import device_stds
 from protocol.errors import ProtocolError, Reason
 from protocol.features import masked_statistics_scale
 from protocol.keyring import KeyRing
@@ -55,7 +56,7 @@ from protocol.messages import (
 )
 from protocol.publication import Publication
 from protocol.secagg import SecAggResult
-from protocol.secagg.deploy import MaskedRound
+from protocol.secagg.deploy import MaskedRound, masked_round
 from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.sketch import row_order, unit_sketches
 from protocol.topics import aggregate_topic, check_id, model_topic, round_topic
@@ -108,7 +109,7 @@ class EdgeEngine:
     def _refresh(self) -> None:
         """Rebuild the round context after the announcement, the model or the closed state changed."""
         ann = self.announcement
-        self.masked = None if ann is None else MaskedRound.from_announcement(ann.secagg)  # untrusted-edge round
+        self.masked = None if ann is None else masked_round(ann)  # untrusted-edge round (credited: distributed DP)
         self.edge_masked = None if ann is None or self.cfg.rounds.mode != "sync" else \
             EdgeMaskedRound.from_announcement(ann.secagg)   # trusted-edge round, masked toward the cloud
         if ann is None or self.model is None:
@@ -494,26 +495,34 @@ class EdgeEngine:
             return None
         if (self.cfg.filters.enabled and n >= self.cfg.filters.min_updates) or np.any(np.asarray(factors) < 1.0):
             return None
-        return np.array([central_dp.last_step_std(plan, ann.lr_scale.get(d, 1.0)) for d in ids])
+        return device_stds(plan, ann.lr_scale, ids)
 
     def _masked_aggregate(self, result: SecAggResult, ann: RoundAnnouncement,
                           why: str) -> tuple[EdgeAggregate, np.ndarray]:
         """The EdgeAggregate of a masked round: the survivors' unweighted mean (no filters: nothing to inspect),
-        central DP with the on-device clip bound as sensitivity when the round or the config asks for noise."""
+        central DP with the on-device clip bound as sensitivity when the round or the config asks for noise; in a
+        credited round (distributed DP, edge.secagg_round) the survivors' noise counts toward it and the report
+        carries the sum's total."""
         masked, n_params, dp = self.masked, int(self.model["n_params"]), ann.central_dp
         noise_mult = (dp.noise_mult if dp is not None and dp.clip > 0 else
                       self.cfg.central_dp.noise_mult if self.cfg.central_dp.clip > 0 else 0.0)
-        mean, samples, steps = masked_mean(result, masked, n_params, noise_mult)
+        clip, credited = masked.config.clip, credited_var(masked, ann, list(result.devices))
+        mean, samples, steps = masked_mean(result, masked, n_params, noise_mult, credited)
         change = relative_change(mean, self.last_forwarded)
         significant = self.cfg.forward.significance <= 0 or change > self.cfg.forward.significance
         delta = b""
         if significant:
             delta, self.residual = self._encode(mean, self.residual)
         report = None
-        if noise_mult > 0:
+        total = max(noise_mult, math.sqrt(credited) / clip)   # what the sum carries
+        if total > 0:
             rate = (dp.sampling_rate if dp is not None and dp.sampling_rate > 0 else self.cfg.central_dp.sampling_rate
                     or len(self.expected) / max(len(self.keys.enrolled()), 1))
-            report = CentralDPReport(masked.config.clip, noise_mult, min(rate, 1.0), 0)
+            report = CentralDPReport(clip, total, min(rate, 1.0), 0)
+        if credited > 0:
+            event(self.log, "distributed dp", round=ann.round_id, noise_mult=round(total, 6),
+                  credited_from_devices=round(math.sqrt(credited) / clip, 6),
+                  edge_top_up=round(central_dp.top_up(noise_mult, clip, credited), 6), secagg=True)
         n = len(result.devices)
         event(self.log, "aggregate", round=ann.round_id, why=why, devices=n, dropped=len(result.dropped),
               significant=significant, secagg=True)
@@ -522,7 +531,8 @@ class EdgeEngine:
             num_samples=samples, weight_sum=float(n), n_params=n_params, delta=delta, significant=significant,
             central_dp=report, filtered=[], rejected=dict(self.rejected), device_ids=list(result.devices),
             max_device_epsilon=max((self.masked_epsilon.get(d, 0.0) for d in result.devices), default=0.0),
-            mean_local_steps=steps / max(n, 1), nonce=new_nonce(), timestamp=self.clock())
+            mean_local_steps=steps / max(n, 1), nonce=new_nonce(), timestamp=self.clock(),
+            credited_noise_mult=math.sqrt(credited) / clip)
         return agg, mean
 
     def _encode(self, vector: np.ndarray, residual: np.ndarray | None) -> tuple[bytes, np.ndarray | None]:

@@ -4,9 +4,16 @@ server of its cohort, learns only the sum of the survivors' clipped deltas, and 
 `start_cohort_round` starts the server side of each masked round on the gateway's
 `protocol.secagg.runner.SecAggRunner` (a worker thread on its own MQTT connection; an edge that crashes
 mid-protocol loses the round, the devices' spend is already on their disks); the gateway hands its outcome to
-`EdgeEngine.close_masked`. `masked_mean` is the pure part: no
+`EdgeEngine.close_masked`. `masked_mean` and `credited_var` are the pure part: no
 filters (the edge never sees an update), and central DP calibrated to the on-device clip bound, the sensitivity of
 the sum to one honest device.
+
+Distributed DP (protocol.secagg.deploy `MaskedRound.credit`): in a credited round every honest survivor clipped its
+noise-free delta to the secagg clip and then added N(0, sigma_i^2) per coordinate, so the unmasked sum already
+carries N(0, sum_i sigma_i^2) that nothing else in it depends on; the edge adds only central_dp.top_up of the
+announced z. The assumption is the plaintext path's (edge.central_dp): honest devices, which clip and add their
+noise. Unlike there, the edge itself only ever sees the sum, so the user-level guarantee of the credited noise holds
+against the edge too, not only against the cloud.
 
 The edge tier (`trusted_edge` with `edges_mask`, protocol/secagg/edge_tier.py): after closing its round as usual
 (filters, clipping, central DP) the edge forwards only `metadata(aggregate)` in plaintext and masks its weighted
@@ -26,9 +33,10 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge import central_dp
+from protocol.distributed_dp import device_stds
 from protocol.errors import ProtocolError
 from protocol.logs import event
-from protocol.messages import EdgeAggregate
+from protocol.messages import EdgeAggregate, RoundAnnouncement
 from protocol.secagg import SecAggClient, SecAggResult, SecAggServer
 from protocol.secagg.deploy import MaskedRound
 from protocol.secagg.mqtt_driver import run_client_round
@@ -40,15 +48,26 @@ if TYPE_CHECKING:
     from protocol.secagg.runner import SecAggRunner
 
 
-def masked_mean(result: SecAggResult, masked: MaskedRound, n_params: int,
-                noise_mult: float) -> tuple[np.ndarray, int, int]:
+def credited_var(masked: MaskedRound, ann: RoundAnnouncement, survivors: list[str]) -> float:
+    """Per-coordinate variance of the survivors' own noise in the unmasked sum, sum_i sigma_i^2 (the mean is
+    unweighted, so omega_i = 1), each sigma_i from the plan and that device's lr_scale; 0 unless the round is
+    credited (module docstring)."""
+    if not masked.credited:
+        return 0.0
+    return float(np.sum(device_stds(ann.plan, ann.lr_scale, survivors) ** 2))
+
+
+def masked_mean(result: SecAggResult, masked: MaskedRound, n_params: int, noise_mult: float,
+                credited: float = 0.0) -> tuple[np.ndarray, int, int]:
     """(the dense mean delta of the survivors, their total samples, their total local steps). The mean is
     unweighted: weighting by sample counts would need each device's count (only their total is unmasked).
-    With noise_mult > 0: N(0, (noise_mult * clip)^2) is added to the sum at the masked coordinates."""
+    With noise_mult > 0: N(0, (noise_mult * clip)^2) in total at the masked coordinates, of which `credited` (the
+    survivors' noise variance, credited_var) is already in the sum: only central_dp.top_up is added."""
     total, samples, steps = masked.split(result)
-    n = len(result.devices)
-    if noise_mult > 0:
-        mean = central_dp.noisy_mean(total.astype(np.float64), n, masked.config.clip, noise_mult)
+    n, clip = len(result.devices), masked.config.clip
+    added = central_dp.top_up(noise_mult, clip, credited) if credited > 0 else noise_mult
+    if added > 0:
+        mean = central_dp.noisy_mean(total.astype(np.float64), n, clip, added)
     else:
         mean = total.astype(np.float64) / n
     return masked.dense(mean.astype(np.float32), n_params), samples, steps
@@ -65,7 +84,8 @@ def start_cohort_round(runner: SecAggRunner, engine: EdgeEngine) -> None:
             keys[device] = engine.keys.get(device)
         except ProtocolError:
             continue
-    runner.start(SecAggServer(engine.cfg.edge_id, ann.round_id, masked.config, masked.length(ctx.n_params), keys))
+    runner.start(SecAggServer(engine.cfg.edge_id, ann.round_id, masked.wire_config, masked.length(ctx.n_params),
+                              keys))
 
 
 def metadata(agg: EdgeAggregate) -> EdgeAggregate:
