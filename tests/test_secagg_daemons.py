@@ -4,6 +4,7 @@ after sharing them: the edge forwards the mean of the survivors' clipped deltas 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -19,8 +20,10 @@ from device.config import load_config as load_device_config
 from edge.config import EdgeConfig
 from edge.gateway import Gateway
 from protocol.compression import decode_update
+from protocol.distributed_dp import last_step_std
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
+    CentralDPReport,
     EdgeAggregate,
     RoundAnnouncement,
     decode,
@@ -117,6 +120,37 @@ def test_untrusted_edge_round_with_two_dropouts_forwards_the_survivors_mean(depl
     assert agg.max_device_epsilon == pytest.approx(max(a.epsilon_spent() for a in survivors))  # "masking" status
     print(f"secagg round with 6 devices, 2 dropouts: {elapsed:.1f} s to the aggregate "
           f"(2 x {STEP_TIMEOUT_S} s waiting for the dead)")
+
+
+def test_untrusted_edge_round_with_central_dp_credits_the_devices_noise(deployment, daemons):
+    """Distributed DP through the real agents and gateway: the round announces central DP (z = 0.005) and the plan
+    runs DP-SGD, so each agent clips to the secagg clip before its last step's noise and masks its noised delta; the
+    edge credits the four survivors' noise (sqrt(4) sigma / clip = 0.006875 >= z), adds none, and says so."""
+    d, obs = deployment, deployment["observer"]
+    weights = bundle_weights() + 0.01
+    survivors = [DeviceAgent(load_device_config(d["configs"][n]), logging.getLogger(f"test.{n}")) for n in SURVIVORS]
+    publish_cloud_round(obs, d["cloud_key"], weights, cohort=SURVIVORS, secagg=SECAGG,
+                        central_dp=CentralDPReport(clip=0.5, noise_mult=0.005, sampling_rate=1.0))
+    for agent in survivors:
+        daemons.thread(agent)
+    obs.wait(lambda seen: any(t.startswith("fl/cloud/aggregates/") for t, _ in seen), 45)
+    seen = list(obs.messages)
+    assert not [t for t, _ in seen if t.startswith("fl/e1/updates/")]
+    agg = decode(next(p for t, p in seen if t == "fl/cloud/aggregates/e1"), expect=EdgeAggregate)
+    verify_message(agg, d["edge_key"].public_key())
+    assert sorted(agg.device_ids) == SURVIVORS and agg.significant
+    sigma = last_step_std(PLAN)
+    assert agg.credited_noise_mult == pytest.approx(2 * sigma / 0.5)                     # sqrt(n) sigma / clip
+    assert agg.central_dp.clip == 0.5 and agg.central_dp.noise_mult == pytest.approx(2 * sigma / 0.5)   # total
+    assert 2 * sigma / 0.5 > 0.005                                                       # >= z: no edge noise
+
+    masked = MaskedRound.from_announcement(SECAGG)
+    credited = dataclasses.replace(masked, noise_std=sigma)                             # what both sides derived
+    n = len(weights)
+    noised = [masked.dense(credited.device_vector(a.model.get_flat() - a.state.weights, 128, 4)[:-2], n)
+              for a in survivors]                                # the interpreter still holds the noised local weights
+    got = decode_update(agg.delta, n)
+    np.testing.assert_allclose(got, np.mean(noised, axis=0), rtol=0, atol=1.01 * credited.step())   # no edge noise
 
 
 def test_engine_masked_round_refuses_plaintext_and_forwards_the_noised_mean(tmp_path):
