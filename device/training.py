@@ -155,7 +155,7 @@ def train_round(model, x: np.ndarray, y: np.ndarray, global_flat: np.ndarray, pl
         poisson_step(model, x, y, idx, denom, lr, plan.clip, 0.0, plan.mu, ref, control, rng,
                      noise=np.zeros(len(global_flat), np.float32))
         clipped = clip_to(model.get_flat() - global_flat, user_clip)
-        # never less than what the edge credits (edge.central_dp.last_step_std divides by the plan's batch)
+        # never less than what the edge credits (protocol.distributed_dp.last_step_std divides by the plan's batch)
         std = lr * plan.noise_mult * plan.clip / min(denom, float(plan.batch_size))
         local = (global_flat + clipped + std * rng.standard_normal(len(global_flat))).astype(np.float32)
         model.set_flat(local)

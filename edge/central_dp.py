@@ -39,7 +39,6 @@ import os
 
 import numpy as np
 
-from protocol.distributed_dp import last_step_std as last_step_std  # re-exported: the sigma_i credited here
 from protocol.messages import CentralDPReport
 
 

@@ -142,9 +142,10 @@ def test_distributed_dp_tops_up_only_what_the_devices_noise_misses():
     from edge.aggregate import FilterConfig, Meta, aggregate
     from edge.rows import Rows
     from edge.weighting import WeightingConfig
+    from protocol.distributed_dp import last_step_std
 
     plan = _plan(lr=0.5, noise_mult=2.0, batch_size=32)
-    sigma = central_dp.last_step_std(plan)
+    sigma = last_step_std(plan)
     assert sigma == pytest.approx(0.5 * 2.0 * 1.0 / 32)
     # W devices' independent noise sums to sqrt(W) sigma: the edge adds only the rest of z * S
     assert central_dp.top_up(1.0, 1.0, 100 * sigma**2) == pytest.approx(math.sqrt(1.0 - 100 * sigma**2))
