@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fediomt.demo import DemoSettings, run_demo
+from fediomt.demo import SMALL_DEVICE_DP, DemoSettings, recipe_for, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +65,12 @@ def test_short_demo_report(tmp_path):
         assert all(o.startswith("refused") for o in pushed["pi"]["devices"].values())
     assert report["processes_left"] == []
     assert processes_mentioning(str(run_dir)) == []
+
+
+def test_the_batch_of_128_recipe_is_watchs_alone():
+    """Watch's tuned DP-SGD recipe (Poisson batches of 128) needs devices with >= 128 rows: heart and --data keep
+    batches of 32 and their own noise and lr, and an explicit --noise-mult / --lr wins on every dataset."""
+    assert recipe_for("watch") == {"batch_size": 128, "noise_mult": 3.83, "lr": 3.0}
+    assert recipe_for("heart") == recipe_for("data") == SMALL_DEVICE_DP
+    assert recipe_for("heart", noise_mult=0.0, lr=0.2) == {"batch_size": 32, "noise_mult": 0.0, "lr": 0.2}
+    assert recipe_for("watch", noise_mult=5.0) == {"batch_size": 128, "noise_mult": 5.0, "lr": 3.0}
