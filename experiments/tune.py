@@ -8,7 +8,9 @@ binary tasks, else accuracy) averaged over the last `TAIL` rounds, so one noisy 
 a configuration's score is the mean over the seeds, so one lucky validation draw does not either (heart's validation
 set is ~45 rows: one seed's AUROC moves by a few points between draws). DIR/tune.json keeps every run and the
 winner per (dataset, method); `fediomt experiment accuracy --tuned DIR/tune.json` then runs each method with its
-winner on the real test set.
+winner on the real test set. Every draw comes from seed 0's train/test split. The shipped datasets hold out a fixed
+test set; a `--data` CSV without `--test-data` holds out a seed-dependent one, so another seed's test rows may sit in
+these validation draws: give such data a fixed `--test-data` file before tuning on it.
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ def run(args) -> dict:
     rows, chosen = [], {}
     for name in datasets_for(args):
         recipe, rounds = RECIPES[name], rounds_for(name, args)
-        feds = [dataset(name, scale_for(args), seed).validation_split(0.15, seed) for seed in range(args.seeds)]
+        # one data split (seed 0's, as the accuracy run's seed 0), several validation draws from its training rows
+        base = dataset(name, scale_for(args), 0)
+        feds = [base.validation_split(0.15, seed) for seed in range(args.seeds)]
         for method in methods_for(args, METHODS):
             best = None
             for i, cfg in enumerate(SEARCH[method]):
