@@ -70,8 +70,9 @@ def main() -> None:
                 lines.append(f"| {per_edge} | {mode} | {e:g} | {c['accuracy']:.3f} +- {c['std']:.3f} | "
                              f"{c['pct_of_nonprivate']:.0f} | {user} | {z} |")
             if cells:
+                label = "central (user-level eps = x)" if mode == "central" else mode
                 ax.errorbar(eps, [c["accuracy"] for c in cells], [c["std"] for c in cells], marker="o", capsize=3,
-                            label=mode)
+                            label=label)
         ax.set_xscale("log")
         ax.set_xlabel("example-level epsilon (delta 1e-5)")
         ax.set_title(f"watch, {per_edge} devices per edge ({ref['devices']} devices)")
