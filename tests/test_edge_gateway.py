@@ -155,7 +155,11 @@ def test_kill_9_mid_round_then_restart_gives_the_same_aggregate(harness):
     h.wait(lambda: h.got(AGG), message="the aggregate")
     (agg,) = h.aggregates()
     np.testing.assert_allclose(decode_update(agg.delta, N_PARAMS), np.mean(deltas, axis=0), rtol=1e-5, atol=1e-7)
-    assert agg.num_devices == 20 and agg.device_ids == fed.devices and agg.rejected == {"DUPLICATE": 3}
+    assert agg.num_devices == 20 and agg.device_ids == fed.devices and set(agg.rejected) == {"DUPLICATE"}
+    # the 3 resent, plus any of the first 10 whose MQTT PUBACK the killed edge had not sent yet: the broker redelivers
+    # those to the restarted edge's persistent session (at least once), and each is refused as a duplicate (a CI run
+    # under load counted 8)
+    assert 3 <= agg.rejected["DUPLICATE"] <= 13
     assert h.stop_edge() == 0
 
 
