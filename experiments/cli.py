@@ -67,13 +67,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--test-outcomes", metavar="FILE", help="physionet2012: the outcomes file of --test-data")
     data.add_argument("--standardize", choices=["federated", "none"], default="federated",
                       help="feature scaling: federated statistics round (default) or none (the ablation)")
-    data.add_argument("--clip-quantile", type=float, default=0.0,
-                      help="also clip each feature at its federated q and 1-q quantiles (a 2nd statistics round)")
+    data.add_argument("--clip-quantile", type=float,
+                      help="also clip each raw feature at its federated q and 1-q quantiles (a 2nd statistics "
+                           "round; default: 0.2 for PhysioNet 2012 sets, 0 = none for csv)")
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from experiments.sim.harness import quiet_tensorflow, register_data
+    from experiments.sim.harness import STANDARDIZE, quiet_tensorflow, register_data
     from protocol.tabular import TableError
 
     if args.seeds < 1:
@@ -81,6 +82,7 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "data", None) and getattr(args, "datasets", None):
         raise SystemExit("--data and --datasets exclude each other")
     quiet_tensorflow()
+    STANDARDIZE.update(mode=getattr(args, "standardize", "federated"), quantile=getattr(args, "clip_quantile", None))
     module = importlib.import_module(f"experiments.{args.name}")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()

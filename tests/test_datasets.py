@@ -208,3 +208,41 @@ def test_physionet_any_set_and_a_separate_test_set(tmp_path):
     assert sum(len(c.y) for c in fed.clients) == 3 and len(fed.y_test) == 3
     assert fed.schema["numeric"] == feature_names() and np.isnan(fed.x_test).any()
     assert load("physionet2012", root=train, test_fraction=0.34).classes == ["survived", "died"]
+
+
+def test_experiments_scale_physionet_as_a_deployment_does(tmp_path, monkeypatch):
+    """The experiments' PhysioNet federation is standardised by the daemons' statistics rounds (z clipped at 5, each
+    feature clipped at its federated quantiles: the recipe's clip_quantile unless --clip-quantile says otherwise),
+    not by pooled z-scores: one stay's absurd heart rate no longer dominates its column."""
+    from experiments.sim import harness
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "set-a"
+    root.mkdir()
+    outcomes = ["RecordID,SAPS-I,SOFA,Length_of_stay,Survival,In-hospital_death"]
+    for i in range(120):
+        record = 140000 + i
+        hr = rng.normal(85, 10, 4).round(1)
+        if i == 7:
+            hr[2] = 4000.0                                          # a unit error
+        rows = [f"00:00,RecordID,{record}", f"00:00,ICUType,{1 + i % 4}", f"00:00,Age,{rng.integers(20, 90)}"]
+        rows += [f"{h:02d}:00,HR,{v}" for h, v in enumerate(hr, start=1)]
+        (root / f"{record}.txt").write_text("Time,Parameter,Value\n" + "\n".join(rows) + "\n")
+        outcomes.append(f"{record},0,0,0,0,{int(i % 5 == 0)}")
+    (tmp_path / "Outcomes-a.txt").write_text("\n".join(outcomes) + "\n")
+    monkeypatch.setattr(harness, "PHYSIONET", tmp_path)
+    column = feature_names().index("HR_max")
+
+    def outlier_z(quantile: float | None) -> tuple[float, dict]:
+        monkeypatch.setitem(harness.STANDARDIZE, "quantile", quantile)
+        fed = harness.dataset("physionet2012")
+        rows = np.concatenate([c.x for c in fed.clients] + [fed.x_test])
+        assert np.isfinite(rows).all()
+        return float(rows[:, column].max()), fed.transform["provenance"]
+
+    z, provenance = outlier_z(None)                                  # the recipe's quantile
+    assert provenance["quantile_clip"] == harness.RECIPES["physionet2012"].clip_quantile > 0
+    assert provenance["rounds"] == 2 and provenance["sites"] == 4
+    assert z < 2.0
+    z, provenance = outlier_z(0.0)                                   # --clip-quantile 0: z-scores capped at 5
+    assert "quantile_clip" not in provenance and z == pytest.approx(5.0)

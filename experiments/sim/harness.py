@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 PHYSIONET = Path(os.environ.get("FEDIOMT_PHYSIONET", REPO.parent / "shared" / "datasets" / "physionet2012"))
 # datasets given on the command line (`--data csv:PATH` / `physionet2012:DIR`): name -> loader(seed) -> Federation
 CUSTOM: dict[str, object] = {}
-STANDARDIZE = {"mode": "federated", "quantile": 0.0}   # raw-feature loaders: "federated" | "none" (the ablation)
+# raw-feature loaders: "federated" | "none" (the ablation); quantile None = the dataset's Recipe.clip_quantile
+STANDARDIZE: dict = {"mode": "federated", "quantile": None}
 
 
 @dataclass(frozen=True)
@@ -43,22 +44,25 @@ def available_datasets(quick: bool) -> list[str]:
 
 def dataset(name: str, scale: Scale = Scale(), seed: int = 0) -> Federation:
     if name in CUSTOM:
-        return prepare(rescale(CUSTOM[name](seed), scale, np.random.default_rng(seed)), seed)
+        return prepare(rescale(CUSTOM[name](seed), scale, np.random.default_rng(seed)), seed, name)
     if name == "physionet2012":
         from experiments.datasets.physionet2012 import load_physionet_federation
 
         if not PHYSIONET.exists():
             raise SystemExit(f"physionet2012: no set-a at {PHYSIONET} (the shared datasets live beside the repository "
                              "in development only)")
-        fed = load_physionet_federation(PHYSIONET)
+        # raw features through the daemons' statistics rounds, as a deployment scales them (not pooled z-scores)
+        fed = load_physionet_federation(PHYSIONET, raw=True)
+        return prepare(rescale(fed, scale, np.random.default_rng(seed)), seed, name)
     else:
         fed = load(name)
     return rescale(fed, scale, np.random.default_rng(seed))
 
 
-def prepare(fed: Federation, seed: int) -> Federation:
+def prepare(fed: Federation, seed: int, name: str) -> Federation:
     """A raw-feature federation (fed.schema set) standardised as configured: the federated statistics round
-    (experiments.sim.statistics) or, as the ablation, not at all. Prints the class balance and site sizes."""
+    (experiments.sim.statistics; clipped at the quantile --clip-quantile gives, else at dataset `name`'s recipe's)
+    or, as the ablation, not at all. Prints the class balance and site sizes."""
     from experiments.sim.statistics import federated_standardize, no_standardize
 
     print(fed.describe(), file=sys.stderr)
@@ -66,7 +70,8 @@ def prepare(fed: Federation, seed: int) -> Federation:
         return fed
     if STANDARDIZE["mode"] == "none":
         return no_standardize(fed)
-    return federated_standardize(fed, seed, quantile=float(STANDARDIZE["quantile"]))
+    quantile = STANDARDIZE["quantile"]
+    return federated_standardize(fed, seed, quantile=RECIPES[name].clip_quantile if quantile is None else quantile)
 
 
 def rescale(fed: Federation, scale: Scale, rng: np.random.Generator) -> Federation:
@@ -238,12 +243,15 @@ class Recipe:
     local_epochs: int = 1
     dp_clip: float = 1.0           # per-example clip of DP-SGD runs (~ median per-example gradient norm)
     central_clip: float = 0.2      # edge user-level clip of central-DP runs (~ median update norm)
+    clip_quantile: float = 0.0     # raw-feature data: clip each feature at its federated q / 1 - q quantiles
 
 
 RECIPES = {
     "heart": Recipe(lr=0.1, rounds=30, quick_rounds=4),
     "watch": Recipe(lr=0.2, rounds=40, quick_rounds=4, dp_clip=3.0, central_clip=0.8),
-    "physionet2012": Recipe(lr=0.05, rounds=30, quick_rounds=4, central_clip=0.1),
+    # clip_quantile 0.2: the best of 0-0.3 for the firmware MLP on a validation split (EXPERIMENTS.md "PhysioNet's
+    # features")
+    "physionet2012": Recipe(lr=0.05, rounds=30, quick_rounds=4, central_clip=0.1, clip_quantile=0.2),
 }
 
 
@@ -253,11 +261,10 @@ TABULAR = Recipe(lr=0.1, rounds=30, quick_rounds=4)   # a consortium's own tabul
 def register_data(args) -> list[str]:
     """`--data csv:PATH --label COL [--site COL] [--test-data PATH]` or `--data physionet2012:DIR [--outcomes FILE]
     [--test-data DIR --test-outcomes FILE]`: register the dataset under a name (the file's stem) with the tabular
-    recipe and the standardisation chosen by --standardize; returns [name] ([] without --data)."""
+    (or PhysioNet) recipe; returns [name] ([] without --data)."""
     spec = getattr(args, "data", None)
     if not spec:
         return []
-    STANDARDIZE.update(mode=getattr(args, "standardize", "federated"), quantile=getattr(args, "clip_quantile", 0.0))
     kind, _, path = spec.partition(":")
     if kind == "csv" and path:
         from experiments.datasets.csv_sites import load_csv_federation
