@@ -9,7 +9,8 @@ defaults) record their changes against the previous defaults (noise_mult 2.02, l
 Run from the repository root:
   PYTHONPATH=. .venv/bin/python experiments/results/v3/demo-tuning/sim.py NAME SEEDS KEY=VALUE ...
 KEYs are Candidate fields (rounds, noise_mult, lr, lr_floor, bits, density, forward_bits, model_density,
-model_bits, model_full_every, clip, local_epochs), opt.NAME=JSON (a cloud [strategy] option) or filters=none|a,b.
+model_bits, model_full_every, clip, local_epochs), opt.NAME=JSON (a cloud [strategy] option), model.NAME=JSON (a
+firmware model option, e.g. model.filters=24) or filters=none|a,b.
 Prints, per seed, the final and last-5-round validation accuracy,
 the device epsilon of the demo's smallest device, and the bytes the demo would move over every link (device
 updates up, edge aggregates up, model + announcement down to the demo's 10 addressed devices and 2 edges; acks and
@@ -64,8 +65,10 @@ def method_for(s: Candidate, options: dict | None = None, filters: list[str] | N
                   full_every=s.model_full_every or s.rounds + 1)
 
 
-def run(s: Candidate, seed: int, options: dict | None = None, filters: list[str] | None = None) -> dict:
+def run(s: Candidate, seed: int, options: dict | None = None, filters: list[str] | None = None,
+        model: dict | None = None) -> dict:
     fed = load("watch")
+    fed.model_options = {**fed.model_options, **(model or {})}
     fed.clients = fed.clients[s.public_subjects:]          # the demo's consented public subjects stay out
     smallest = min(len(c.x) for c in fed.clients)          # the demo's devices hold every row
     fed = fed.validation_split(0.15, 0)
@@ -112,11 +115,13 @@ def device_epsilon(s: Candidate, n: int) -> float:
 def main() -> None:
     name, seeds = sys.argv[1], [int(x) for x in sys.argv[2].split(",")]
     types = {f.name: f.type for f in fields(Candidate)}
-    changes, options, filters = {}, {}, None
+    changes, options, model, filters = {}, {}, {}, None
     for kv in sys.argv[3:]:
         k, v = kv.split("=", 1)
         if k.startswith("opt."):          # a cloud [strategy] option, JSON: opt.adaptive_lr=false
             options[k[4:]] = json.loads(v)
+        elif k.startswith("model."):      # a firmware model option, JSON: model.filters=24
+            model[k[6:]] = json.loads(v)
         elif k == "filters":              # the edges' filters: filters=none | filters=norm,cosine
             filters = [] if v == "none" else v.split(",")
         else:
@@ -124,10 +129,11 @@ def main() -> None:
     s = replace(Candidate(), **changes)
     rows = []
     for seed in seeds:
-        r = run(s, seed, options, filters)
+        r = run(s, seed, options, filters, model)
         rows.append(r)
         print(name, json.dumps(r), flush=True)
-    summary = {"name": name, "changes": changes, "settings": asdict(s), "options": options, "filters": filters,
+    summary = {"name": name, "changes": changes, "settings": asdict(s), "options": options, "model": model,
+               "filters": filters,
                "final_mean": float(np.mean([r["final"] for r in rows])),
                "last5_mean": float(np.mean([r["last5"] for r in rows])), "epsilon": rows[0]["epsilon"],
                "total_mean": float(np.mean([r["total"] for r in rows])),
