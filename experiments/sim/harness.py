@@ -249,8 +249,8 @@ class Recipe:
 RECIPES = {
     "heart": Recipe(lr=0.1, rounds=30, quick_rounds=4),
     "watch": Recipe(lr=0.2, rounds=40, quick_rounds=4, dp_clip=3.0, central_clip=0.8),
-    # clip_quantile 0.2: the best of 0-0.3 for the firmware MLP on a validation split (EXPERIMENTS.md "PhysioNet's
-    # features")
+    # clip_quantile 0.2: the firmware MLP's best of 0-0.3 over 5 validation draws; the test set did not confirm the
+    # gain (EXPERIMENTS.md "PhysioNet's features")
     "physionet2012": Recipe(lr=0.05, rounds=30, quick_rounds=4, central_clip=0.1, clip_quantile=0.2),
 }
 
