@@ -43,20 +43,21 @@ def available_datasets(quick: bool) -> list[str]:
 
 
 def dataset(name: str, scale: Scale = Scale(), seed: int = 0) -> Federation:
+    """Dataset `name` spread by `scale`; a raw-feature one (a --data set, PhysioNet 2012) then standardised by the
+    daemons' statistics rounds, as a deployment scales it (`prepare`)."""
     if name in CUSTOM:
-        return prepare(rescale(CUSTOM[name](seed), scale, np.random.default_rng(seed)), seed, name)
-    if name == "physionet2012":
+        fed = CUSTOM[name](seed)
+    elif name == "physionet2012":
         from experiments.datasets.physionet2012 import load_physionet_federation
 
         if not PHYSIONET.exists():
             raise SystemExit(f"physionet2012: no set-a at {PHYSIONET} (the shared datasets live beside the repository "
                              "in development only)")
-        # raw features through the daemons' statistics rounds, as a deployment scales them (not pooled z-scores)
         fed = load_physionet_federation(PHYSIONET, raw=True)
-        return prepare(rescale(fed, scale, np.random.default_rng(seed)), seed, name)
     else:
         fed = load(name)
-    return rescale(fed, scale, np.random.default_rng(seed))
+    fed = rescale(fed, scale, np.random.default_rng(seed))
+    return fed if fed.schema is None else prepare(fed, seed, name)
 
 
 def prepare(fed: Federation, seed: int, name: str) -> Federation:
@@ -66,7 +67,7 @@ def prepare(fed: Federation, seed: int, name: str) -> Federation:
     from experiments.sim.statistics import federated_standardize, no_standardize
 
     print(fed.describe(), file=sys.stderr)
-    if fed.schema is None or fed.transform is not None:
+    if fed.transform is not None:
         return fed
     if STANDARDIZE["mode"] == "none":
         return no_standardize(fed)

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from experiments.accuracy import NO_CLIP
-from experiments.sim.harness import dataset, rounds_for, simulate
+from experiments.sim.harness import RECIPES, dataset, simulate
 from experiments.tune import headline_of, load_tuned, score, tuned_run
 from protocol.compression import CompressionSettings
 
@@ -22,7 +22,7 @@ int4 = CompressionSettings(method="dense", bits=4).to_dict()
 links = {"int8": run["method"],
          "int4": run["method"].with_(compression=dict(int4), forward_compression=dict(int4),
                                      downlink_compression=dict(int4))}
-rounds = rounds_for(name, type("Args", (), {"rounds": 60 if name == "watch" else 0, "quick": False})())
+rounds = 60 if name == "watch" else RECIPES[name].rounds
 full = dataset(name)
 for width, method in links.items():
     for s in range(3):
