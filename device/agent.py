@@ -18,10 +18,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from device.config import DeviceConfig, ota_class
 from device.data import load_data, load_raw
 from device.flash import flash_local, load_installed
-from device.global_model import rebuild
 from device.inference import accept_for_inference, accept_for_training
 from device.ota import OtaConfig as OtaReceiverConfig
 from device.ota import OtaReceiver
@@ -46,6 +47,7 @@ from protocol.features import (
     site_histogram,
     site_summary,
 )
+from protocol.global_model import catch_up, rebuild
 from protocol.logs import event
 from protocol.messages import (
     Ack,
@@ -102,7 +104,9 @@ class DeviceAgent:
         self._load_model()
         edge, dev = cfg.edge, cfg.id
         self.topics = {"round": topics.round_topic(edge), "model": topics.model_topic(edge),
-                       "ack": topics.ack_topic(edge, dev)}
+                       "ack": topics.ack_topic(edge, dev), "model_full": topics.model_full_topic(edge)}
+        self.wanted: GlobalModel | None = None     # a signed delta we could not apply: catching up (_catch_up)
+        self.offered: GlobalModel | None = None    # the edge's latest full model (unsigned) while catching up
         self.status_topic, self.update_topic = topics.status_topic(edge, dev), topics.update_topic(edge, dev)
         self.link = Connection(cfg.broker, dev, [self.topics["model"], self.topics["round"], self.topics["ack"]],
                                None, log, on_message=self._received, on_connected=self._connected,
@@ -200,11 +204,50 @@ class DeviceAgent:
                                                   f"installed {self.bundle.name} ({self.model.n_params})")
         if msg.model_version <= self.state.model_version:
             return  # a retained copy we already hold (or an older one)
-        weights, control = rebuild(msg, self.state.model_version, self.state.weights)
+        try:
+            weights, control = rebuild(msg, self.state.model_version, self.state.weights)
+        except ProtocolError as exc:
+            if exc.reason != Reason.STALE:
+                raise
+            self._catch_up(msg)
+            return
+        self._install(msg, weights, control)
+
+    def _install(self, msg: GlobalModel, weights: np.ndarray, control: np.ndarray | None) -> None:
         self.state = self.state.for_new_model(msg.model_name, msg.model_version, weights, control)
         save_state(self.state_path, self.state)
+        if self.wanted is not None and self.wanted.model_version <= msg.model_version:
+            self.wanted = self.offered = None
+            self.link.unsubscribe([self.topics["model_full"]])
         event(self.log, "global model installed", version=msg.model_version, encoding=msg.encoding)
         self._maybe_train()
+
+    def _catch_up(self, signed: GlobalModel) -> None:
+        """A verified delta against a version we do not hold: fetch its full form from the edge's retained
+        model/full topic (docs/protocol.md "Catching up after a missed version") and install it when it matches."""
+        if self.wanted is None:
+            event(self.log, "missed a model version: fetching it in full from the edge", have=self.state.model_version,
+                  want=signed.model_version)
+            self.link.subscribe([self.topics["model_full"]])
+        self.wanted = signed
+        self._take_offered()
+
+    def _on_full_model(self, payload: bytes) -> None:
+        """The edge's unsigned full model: kept (a hostile one is refused) until a signed delta vouches for it."""
+        if self.wanted is None:
+            return   # up to date: a late delivery after unsubscribing
+        self.offered = decode(payload, expect=GlobalModel)
+        self._take_offered()
+
+    def _take_offered(self) -> None:
+        wanted, offered = self.wanted, self.offered
+        if wanted is None or offered is None or offered.model_version < wanted.model_version:
+            return
+        if offered.model_version > wanted.model_version:
+            return   # the edge is ahead of the deltas we got: the signed one for it follows
+        self.offered = None
+        weights, control = catch_up(offered, wanted)
+        self._install(wanted, weights, control)
 
     # ------------------------------------------------------------------ rounds
     def _on_round(self, payload: bytes) -> None:
@@ -474,6 +517,8 @@ class DeviceAgent:
         """One message, on the main thread. Nothing that arrives can stop the agent: every failure is logged."""
         try:
             if topic == CONNECTED:
+                if self.wanted is not None:   # catching up across a clean reconnect
+                    self.link.subscribe([self.topics["model_full"]])
                 if self.ota is not None:
                     self.ota.on_connect()
             elif self.ota is not None and topic.startswith(self.ota.manifest_topic.rsplit("/", 1)[0] + "/"):
@@ -482,6 +527,8 @@ class DeviceAgent:
                 pass   # a retained round or model cleared (`fediomt edge new-run`): nothing to follow
             elif topic == self.topics["model"]:
                 self._on_model(payload)
+            elif topic == self.topics["model_full"] and payload:
+                self._on_full_model(payload)
             elif topic == self.topics["round"]:
                 self._on_round(payload)
             elif topic == self.topics["ack"]:

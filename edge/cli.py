@@ -50,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
 def _new_run(args: argparse.Namespace) -> int:
     from edge.store import Store
     from protocol.runs import clear_broker, report_new_run
-    from protocol.topics import model_topic, round_topic
+    from protocol.topics import model_full_topic, model_topic, round_topic
 
     cfg = load_config(args.config)
     lock = lock_dir(cfg.state_dir)  # noqa: F841 - refuses while the daemon runs
@@ -59,7 +59,8 @@ def _new_run(args: argparse.Namespace) -> int:
     store.close()
     out: dict = {"edge": cfg.edge_id, "ended_run": ended or None, "state": "forgotten"}
     client_id = f"fediomt-edge-{cfg.edge_id}-{cfg.replica}"   # edge.gateway's
-    clears = [lambda: clear_broker(cfg.broker, client_id, [round_topic(cfg.edge_id), model_topic(cfg.edge_id)])]
+    own = [round_topic(cfg.edge_id), model_topic(cfg.edge_id), model_full_topic(cfg.edge_id)]
+    clears = [lambda: clear_broker(cfg.broker, client_id, own)]
     if cfg.cloud is not None:
         clears.append(lambda: clear_broker(cfg.cloud, client_id + "-cloud", []))
     return report_new_run(out, None if args.offline else clears, "fediomt edge new-run", "state forgotten")

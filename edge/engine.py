@@ -36,6 +36,7 @@ from protocol.compression import CompressionSettings, decode_update, encode_upda
 from protocol.distributed_dp import device_stds
 from protocol.errors import ProtocolError, Reason
 from protocol.features import masked_statistics_scale
+from protocol.global_model import in_full, rebuild
 from protocol.keyring import KeyRing
 from protocol.logs import event
 from protocol.messages import (
@@ -59,7 +60,7 @@ from protocol.secagg import SecAggResult
 from protocol.secagg.deploy import MaskedRound, masked_round
 from protocol.secagg.edge_tier import EdgeMaskedRound
 from protocol.sketch import row_order, unit_sketches
-from protocol.topics import aggregate_topic, check_id, model_topic, round_topic
+from protocol.topics import aggregate_topic, check_id, model_full_topic, model_topic, round_topic
 
 MAX_STATUS_BYTES = 64 * 1024
 
@@ -95,6 +96,7 @@ class EdgeEngine:
         self.announcement = None if raw is None else decode(raw, expect=RoundAnnouncement)
         model = self.store.get("model")
         self.model = json.loads(model) if model else None        # {"version": v, "n_params": n}
+        self.weights = _held_weights(self.store.get("model_weights"), self.model)   # its rebuilt float32 weights
         self.opened = float(self.store.get("opened") or 0.0)
         self.closed_round = int(self.store.get("closed_round") or -1)
         self.batch = int(self.store.get("batch") or 0)
@@ -158,17 +160,31 @@ class EdgeEngine:
         return True
 
     def _on_model(self, data: bytes) -> list[Publication]:
+        """Relay the cloud's model, and rebuild it so that devices that missed a version can catch up from its
+        full form (docs/protocol.md "Catching up after a missed version")."""
         msg = decode(data, expect=GlobalModel)
         verify_message(msg, self.cloud_key)
         if not self._follow_run(msg.run_id, "model", data):
             return []
         relay = [Publication(model_topic(self.cfg.edge_id), data, retain=True)]
-        if self.model is not None and msg.model_version < self.model["version"]:
-            return []
+        if self.model is not None and msg.model_version <= self.model["version"]:
+            return relay if msg.model_version == self.model["version"] else []   # a retained copy: held already
+        held = self.model["version"] if self.model is not None and self.weights is not None else -1
+        try:
+            weights, _ = rebuild(msg, held, self.weights)
+        except ProtocolError as exc:   # STALE: this edge missed a version too; it waits for a full one
+            event(self.log, "model relayed without its full form", logging.WARNING, version=msg.model_version,
+                  reason=exc.reason.name, detail=exc.detail)
+            weights = None
         self.model = {"version": msg.model_version, "n_params": msg.n_params}
+        self.weights = weights
         self.store.put("model", json.dumps(self.model).encode())
+        self.store.put("model_weights", b"" if weights is None else
+                       msg.model_version.to_bytes(8, "little") + weights.astype("<f4").tobytes())
         self._refresh()
-        return relay
+        if weights is None:
+            return relay
+        return relay + [Publication(model_full_topic(self.cfg.edge_id), encode(in_full(msg, weights)), retain=True)]
 
     def _on_round(self, data: bytes) -> list[Publication]:
         msg = decode(data, expect=RoundAnnouncement)
@@ -586,3 +602,10 @@ class EdgeEngine:
 
 def _floats(raw: bytes | None) -> np.ndarray | None:
     return None if raw is None else np.frombuffer(raw, dtype="<f4").copy()
+
+
+def _held_weights(raw: bytes | None, model: dict | None) -> np.ndarray | None:
+    """The stored weights when they are the held model version's (stored as version u64 + float32 values)."""
+    if not raw or model is None or int.from_bytes(raw[:8], "little") != model["version"]:
+        return None
+    return _floats(raw[8:])

@@ -164,7 +164,7 @@ class Store:
         """Receipted by the cloud, or abandoned (its round closed): never sent again (the column's name is older)."""
         self.db.execute("UPDATE outbox SET published = 1 WHERE batch = ?", (batch,))
 
-    RUN_KEYS = ("announcement", "model", "opened", "closed_round", "last_forwarded", "residual")
+    RUN_KEYS = ("announcement", "model", "model_weights", "opened", "closed_round", "last_forwarded", "residual")
 
     def new_run(self, run_id: str) -> None:
         """One transaction: forget the previous run (its open and closed rounds, stored updates and their nonces,

@@ -24,6 +24,7 @@ from device.flash import flash_local
 from protocol import topics
 from protocol.bundle import load_bundle
 from protocol.compression import CompressionSettings
+from protocol.global_model import in_full
 from protocol.messages import (
     Ack,
     DeviceStatus,
@@ -116,6 +117,11 @@ class ScriptedCloud:
             msg = dataclasses.replace(msg, weights=floats_to_bytes(bad))
         self._publish(topics.model_topic(self.edge), encode(msg))
         return msg
+
+    def publish_full(self, msg: GlobalModel, weights: np.ndarray) -> None:
+        """What the edge keeps retained for devices that missed a version: `msg` (a model this cloud published) in
+        full with `weights`, unsigned (protocol.global_model.in_full)."""
+        self._publish(topics.model_full_topic(self.edge), encode(in_full(msg, np.asarray(weights, np.float32))))
 
     def announce(self, round_id: int, name: str, version: int, plan: TrainingPlan, deadline_s: float = 60.0,
                  compression: dict | None = None, cohort: list[str] | None = None) -> RoundAnnouncement:

@@ -89,6 +89,7 @@ def edge_acl(edge: str, replicas: list[str] | tuple[str, ...] = ()) -> str:
         f"pattern write {t.secagg_topic(e, t.ANY, t.CLIENT)}",
         f"pattern read {t.round_topic(e)}",
         f"pattern read {t.model_topic(e)}",
+        f"pattern read {t.model_full_topic(e)}",
         f"pattern read {t.ack_topic(e, t.CLIENT)}",
         f"pattern read {t.subtree(e, 'bundles')}",
         f"pattern read {t.secagg_topic(e, t.ANY)}",  # the edge's broadcasts (open, roster, unmask, outcome)...

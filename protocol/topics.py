@@ -60,6 +60,12 @@ def model_topic(edge: str) -> str:
     return f"{ROOT}/{_level(edge)}/model"
 
 
+def model_full_topic(edge: str) -> str:
+    """The edge's latest model version in full (retained, unsigned): only devices catching up subscribe
+    (protocol.global_model.catch_up)."""
+    return f"{ROOT}/{_level(edge)}/model/full"
+
+
 def update_topic(edge: str, device: str) -> str:
     return f"{ROOT}/{_level(edge)}/updates/{_level(device)}"
 

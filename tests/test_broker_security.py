@@ -30,7 +30,7 @@ from fediomt import broker as broker_config
 from fediomt import pki
 from protocol import signing, topics
 from protocol.compression import decode_update
-from protocol.errors import Reason
+from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
     Ack,
     EdgeAggregate,
@@ -244,6 +244,7 @@ def test_device_cannot_publish_as_another_device(ca, edge_broker, sessions):
     assert d1.publish(topics.update_topic(EDGE, "d2"), b"forged") == NOT_AUTHORIZED
     assert d1.publish(topics.status_topic(EDGE, "d2"), b"forged") == NOT_AUTHORIZED
     assert d1.publish(topics.model_topic(EDGE), b"forged model") == NOT_AUTHORIZED
+    assert d1.publish(topics.model_full_topic(EDGE), b"forged full model") == NOT_AUTHORIZED
     assert d1.publish(topics.aggregate_topic(EDGE), b"forged aggregate") == NOT_AUTHORIZED
     assert d1.publish(topics.update_topic(EDGE, "d1"), b"own") in ACCEPTED
     assert d1.publish(topics.secagg_topic(EDGE, "keys", "d1"), b"own") in ACCEPTED
@@ -594,6 +595,48 @@ class Deployment:
             s.close()
         self.edge_broker.close()
         self.cloud_broker.close()
+
+
+def test_a_device_joining_mid_run_catches_up_through_the_real_edge(ca, workdir, tmp_path):
+    """The edge daemon behind its bridge relays v1 (full) and two delta versions; a device that connects after
+    them finds only v3's delta retained, which it cannot apply, and the full v3 the edge published on
+    model/full (readable with a device certificate), which the signed delta vouches for."""
+    from cloud.model import compress_broadcast
+    from protocol.compression import CompressionSettings
+    from protocol.global_model import catch_up, rebuild
+    from protocol.messages import encode, global_model, sign_message
+
+    dep = Deployment(ca, workdir, tmp_path, "catchup", ["j01", "j02"])
+    rng = np.random.default_rng(11)
+    int4 = CompressionSettings(method="dense", bits=4)
+    try:
+        dep.start_edge()
+        watcher = dep.connect("device", "j01")
+        watcher.subscribe(topics.model_topic(EDGE))
+        weights = rng.normal(size=N_PARAMS).astype(np.float32)
+        for v in (1, 2, 3):
+            delta = None
+            if v > 1:
+                delta, weights, _ = compress_broadcast(weights, weights + rng.normal(size=N_PARAMS) * 0.1, None,
+                                                       int4)
+            msg = sign_message(global_model("m", v, weights, delta), dep.fed.cloud_key)
+            assert dep.cloud.publish(topics.CLOUD_MODEL, encode(msg), retain=True) in ACCEPTED
+            wait_for(lambda n=v: len(watcher.messages) == n, 30, message=dep.log_tail)
+        late = dep.connect("device", "j02")
+        late.subscribe(topics.model_topic(EDGE))
+        wait_for(lambda: late.messages, 20, message="the retained model")
+        (_, payload), = late.messages
+        signed = decode(payload, expect=GlobalModel)
+        verify_message(signed, dep.fed.cloud_key.public_key())
+        assert (signed.model_version, signed.encoding) == (3, "delta")
+        with pytest.raises(ProtocolError):   # v-1's weights are not what a newcomer holds
+            rebuild(signed, -1, None)
+        late.subscribe(topics.model_full_topic(EDGE))
+        wait_for(lambda: len(late.messages) == 2, 20, message=lambda: f"the full model: {dep.log_tail()}")
+        full = decode(late.messages[1][1], expect=GlobalModel)
+        np.testing.assert_array_equal(catch_up(full, signed)[0], weights)
+    finally:
+        dep.close()
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])

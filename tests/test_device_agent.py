@@ -134,6 +134,44 @@ def test_skipped_declined_delta_model_and_scaffold(fed):
     assert len(agent.state.history) == 2 and agent.state.seen_rounds == (1, 2, 3)
 
 
+def test_a_device_that_joins_after_delta_versions_catches_up_from_the_edge(fed):
+    """A device that joins mid-run (or comes back after its broker session expired) finds only the latest delta
+    retained, which it cannot apply: it fetches that version in full from the edge's model/full topic, refuses a
+    full model the signed delta does not vouch for, installs the one it does, unsubscribes, and trains on it."""
+    from protocol.global_model import rebuild
+
+    config = fed.device(privacy={"epsilon": 100.0})
+    refused: list[str] = []
+    log = logging.getLogger("test.device.catchup")
+    log.addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: refused.append(
+        f"{r.getMessage()} {getattr(r, 'fields', {}).get('reason')}")})())
+    fed.cloud.publish_model(MODEL, 1, fed.weights)
+    v2 = fed.cloud.publish_model(MODEL, 2, fed.weights * 1.01, base=fed.weights)
+    w2, _ = rebuild(v2, 1, fed.weights)
+    v3 = fed.cloud.publish_model(MODEL, 3, w2 + 0.003, base=w2)
+    w3, _ = rebuild(v3, 2, w2)
+    agent = DeviceAgent(load_config(config), log)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: agent.wanted is not None, 30, 0.05, "catching up")
+        assert agent.state.model_version == -1
+        fed.cloud.publish_full(v3, w3 + 1.0)                      # not what the cloud signed: refused
+        wait_for(lambda: "refused a message BAD_HASH" in refused, 30, 0.05, "refusal logged")
+        assert agent.state.model_version == -1
+        fed.cloud.publish_full(v3, w3)
+        wait_for(lambda: agent.state.model_version == 3, 30, 0.05, "v3 installed from the edge's full model")
+        np.testing.assert_array_equal(agent.state.weights, w3)
+        assert agent.wanted is None
+        fed.cloud.announce(1, MODEL, 3, PLAN, compression=DENSE)
+        update, _ = fed.cloud.next_update(30)
+    finally:
+        agent.stop.set()
+        thread.join(10)
+    assert (update.round_id, update.base_version) == (1, 3)
+    assert load_state(config.parent / "state" / "state.npz").model_version == 3
+
+
 def test_ota_push_installs_a_new_bundle_that_the_agent_trains_with(fed, tmp_path):
     from cloud.push import push_bundle
     from protocol.mqtt import ConnectionConfig

@@ -3,22 +3,28 @@ duplicates, rounds (sync and FedBuff async), poisoning filters, central DP, sign
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import struct
 import time
 
 import numpy as np
 import pytest
 
+from cloud.model import compress_broadcast
 from edge.config import load_config
 from protocol import signing
 from protocol.compression import CompressionSettings, decode_update, encode_update
-from protocol.errors import Reason
+from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
     CentralDPReport,
+    GlobalModel,
     RoundAnnouncement,
     TrainingPlan,
     decode,
     encode,
+    floats_to_bytes,
+    global_model,
     new_nonce,
     sign_message,
 )
@@ -273,7 +279,7 @@ def test_cloud_messages_are_verified_before_relay(tmp_path):
     model = fed.model()
     relayed = eng.handle_cloud("model", model)
     assert relayed[0].payload == model       # the same bytes: devices verify the cloud's signature
-    assert [(p.topic, p.retain) for p in relayed] == [("fl/edge1/model", True)]
+    assert [(p.topic, p.retain) for p in relayed] == [("fl/edge1/model", True), ("fl/edge1/model/full", True)]
     ann = fed.announce()
     assert [(p.topic, p.payload, p.retain) for p in eng.handle_cloud("round", ann)] == [("fl/edge1/round", ann, True)]
     assert eng.announcement == decode(ann, expect=RoundAnnouncement)
@@ -420,3 +426,69 @@ def test_an_offline_device_stays_excused_until_it_returns(tmp_path, rng):
     assert sorted(aggregate_of(fed, send(eng, 5, ["d07"]))[0].device_ids) == fed.devices[:9]
     open_round(fed, eng, round_id=6)
     assert eng.excused == {"d09"}
+
+
+def test_edge_rebuilds_each_version_in_full_for_devices_that_missed_one(tmp_path):
+    """Deltas are relayed as the cloud signed them, and each version's weights go out in full (unsigned, the
+    cloud's sha256) on model/full; the edge keeps its weights across a restart, and one that missed a version
+    relays without a full form until the cloud's next full version."""
+    from protocol.global_model import catch_up, rebuild
+
+    fed = Fed(tmp_path)
+    eng = fed.engine()
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(size=N_PARAMS).astype(np.float32)
+
+    def signed(version, weights, base=None):
+        delta = None
+        if base is not None:
+            delta, weights, _ = compress_broadcast(base, weights, None, CompressionSettings(method="dense", bits=8))
+        return sign_message(global_model("m", version, weights, delta), fed.cloud_key), weights
+
+    def full_of(pubs):
+        (pub,) = [p for p in pubs if p.topic == "fl/edge1/model/full"]
+        return decode(pub.payload, expect=GlobalModel)
+
+    v1, w1 = signed(1, w1)
+    full = full_of(eng.handle_cloud("model", encode(v1)))
+    assert full.sig == b"" and full.encoding == "full" and catch_up(full, v1)[0].tobytes() == w1.tobytes()
+    v2, w2 = signed(2, w1 + 0.1, base=w1)
+    pubs = eng.handle_cloud("model", encode(v2))
+    assert pubs[0].payload == encode(v2)
+    np.testing.assert_array_equal(catch_up(full_of(pubs), v2)[0], w2)   # what a device that missed v1..v2 installs
+    with pytest.raises(ProtocolError) as stale:                        # ...where the delta alone cannot help it
+        rebuild(v2, 0, w1)
+    assert stale.value.reason == Reason.STALE
+    eng.close()
+    eng = fed.engine()                                                 # a restart keeps the weights
+    v3, w3 = signed(3, w2 - 0.05, base=w2)
+    np.testing.assert_array_equal(catch_up(full_of(eng.handle_cloud("model", encode(v3))), v3)[0], w3)
+    assert [p.topic for p in eng.handle_cloud("model", encode(v3))] == ["fl/edge1/model"]   # a retained copy
+    v5, w5 = signed(5, w3 + 0.2, base=w3 + 0.1)                        # the edge missed v4
+    assert [p.topic for p in eng.handle_cloud("model", encode(v5))] == ["fl/edge1/model"]
+    v6, _ = signed(6, w5 + 0.1, base=w5)
+    assert [p.topic for p in eng.handle_cloud("model", encode(v6))] == ["fl/edge1/model"]
+    v7, w7 = signed(7, w5 - 0.3)                                       # the cloud's next full version
+    np.testing.assert_array_equal(catch_up(full_of(eng.handle_cloud("model", encode(v7))), v7)[0], w7)
+
+
+def test_catch_up_takes_only_the_full_model_a_signed_delta_vouches_for(tmp_path):
+    from protocol.global_model import catch_up, in_full
+
+    fed = Fed(tmp_path)
+    w = np.arange(N_PARAMS, dtype=np.float32)
+    delta, published, _ = compress_broadcast(w, w + 1, None, CompressionSettings(method="dense", bits=8))
+    signed = sign_message(global_model("m", 2, published, delta, control=w * 0 + 0.5), fed.cloud_key)
+    full = in_full(signed, published)
+    weights, control = catch_up(full, signed)
+    np.testing.assert_array_equal(weights, published)
+    np.testing.assert_array_equal(control, np.full(N_PARAMS, 0.5, np.float32))
+    forged = dataclasses.replace(full, weights=floats_to_bytes(published + 1))            # other weights
+    other = dataclasses.replace(full, model_version=3)                                     # another version
+    moved = in_full(signed, published + 1)
+    moved = dataclasses.replace(moved, sha256=hashlib.sha256(floats_to_bytes(published + 1)).digest())  # own hash
+    for hostile, reason in ((forged, Reason.BAD_HASH), (other, Reason.BAD_HASH), (moved, Reason.BAD_HASH),
+                            (signed, Reason.BAD_VALUE)):
+        with pytest.raises(ProtocolError) as refused:
+            catch_up(hostile, signed)
+        assert refused.value.reason == reason

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tomli_w
 
-from device.global_model import rebuild
 from experiments.sim.simulator import Simulator
+from protocol.global_model import rebuild
 from protocol.messages import Ack, EdgeAggregate, GlobalModel, decode
 from protocol.topics import ANY, CLOUD_MODEL, CLOUD_ROUND, ack_topic, aggregate_topic, round_topic, update_topic
 from tests.harness import wait_for

@@ -298,8 +298,8 @@ def test_global_model_is_what_devices_rebuild():
 
     import numpy as np
 
-    from device.global_model import rebuild
     from protocol.compression import CompressionSettings, decode_update, encode_update
+    from protocol.global_model import rebuild
 
     base = np.arange(6, dtype=np.float32)
     full = m.global_model("har_mlp", 3, base, control=np.ones(6, np.float32))

@@ -35,7 +35,6 @@ from cloud.engine import CloudEngine
 from cloud.evaluation import evaluate_logits, top_class_share
 from cloud.strategies.base import DeviceInfo
 from cloud.trust import TrustConfig, TrustGate, root_gate
-from device.global_model import rebuild
 from device.runtime import TrainableModel
 from device.training import planned_steps, train_round
 from device.update import ENVELOPE_BYTES, RoundIdentity, build_update
@@ -48,6 +47,7 @@ from experiments.sim.poison import Poison, flip_labels, malicious, poison_delta
 from protocol import signing
 from protocol.compression import CompressionSettings, encoded_size_bound
 from protocol.errors import Reason
+from protocol.global_model import rebuild
 from protocol.messages import (
     Capability,
     DeviceStatus,
