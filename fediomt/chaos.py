@@ -81,8 +81,8 @@ def _kill(child: Child) -> None:
 
 
 def _demo_settings(s: ChaosSettings) -> DemoSettings:
-    # every 20th model version in full: a killed device that missed a delta catches up at the next full one (the
-    # demo itself sends only version 1 in full, its devices stay up)
+    # every 20th model version in full: an edge that missed a delta while killed catches up at the next full one
+    # (a device catches up from its edge at once; the demo itself sends only version 1 in full)
     return DemoSettings(dataset="watch", rounds=s.rounds, distill_steps=0, inference_wearables=False,
                         round_timeout_s=s.round_timeout_s, model_full_every=20)
 
