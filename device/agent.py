@@ -188,6 +188,7 @@ class DeviceAgent:
             previous = self.state.run_id
             self.state = self.state.for_new_run(run_id).for_new_model(self.bundle.name, -1, self.initial_weights)
             self.pending = None
+            self._stop_catching_up()
             save_state(self.state_path, self.state)
             event(self.log, "new run", run=run_id, previous=previous or None)
         return True
@@ -217,10 +218,14 @@ class DeviceAgent:
         self.state = self.state.for_new_model(msg.model_name, msg.model_version, weights, control)
         save_state(self.state_path, self.state)
         if self.wanted is not None and self.wanted.model_version <= msg.model_version:
-            self.wanted = self.offered = None
-            self.link.unsubscribe([self.topics["model_full"]])
+            self._stop_catching_up()
         event(self.log, "global model installed", version=msg.model_version, encoding=msg.encoding)
         self._maybe_train()
+
+    def _stop_catching_up(self) -> None:
+        if self.wanted is not None:
+            self.wanted = self.offered = None
+            self.link.unsubscribe([self.topics["model_full"]])
 
     def _catch_up(self, signed: GlobalModel) -> None:
         """A verified delta against a version we do not hold: fetch its full form from the edge's retained

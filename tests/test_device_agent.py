@@ -172,6 +172,26 @@ def test_a_device_that_joins_after_delta_versions_catches_up_from_the_edge(fed):
     assert load_state(config.parent / "state" / "state.npz").model_version == 3
 
 
+def test_catching_up_ends_when_a_new_run_starts(fed):
+    """A device waiting for an old run's version in full forgets it when a newer run's model arrives: it holds the
+    new run's model and no longer listens on model/full (handled on this thread, as the agent's loop would)."""
+    from cloud.model import compress_broadcast
+    from protocol.compression import CompressionSettings
+    from protocol.messages import encode, global_model, new_run_id, sign_message
+
+    agent = DeviceAgent(load_config(fed.device()), logging.getLogger("test.device.newrun"))
+    old, new = new_run_id(1.7e9), new_run_id(1.8e9)
+    delta, published, _ = compress_broadcast(fed.weights, fed.weights * 1.01, None,
+                                             CompressionSettings(method="dense", bits=8))
+    stale = sign_message(global_model(MODEL, 3, published, delta, run_id=old), fed.cloud_key)
+    agent.handle(agent.topics["model"], encode(stale))
+    assert agent.wanted == stale and agent.state.model_version == -1
+    agent.handle(agent.topics["model"], encode(sign_message(global_model(MODEL, 1, fed.weights, run_id=new),
+                                                            fed.cloud_key)))
+    assert agent.wanted is None and agent.state.run_id == new and agent.state.model_version == 1
+    np.testing.assert_array_equal(agent.state.weights, fed.weights)
+
+
 def test_ota_push_installs_a_new_bundle_that_the_agent_trains_with(fed, tmp_path):
     from cloud.push import push_bundle
     from protocol.mqtt import ConnectionConfig
