@@ -17,18 +17,19 @@ import tomllib
 
 from experiments.mosquitto import free_port
 
-from .harness import wait_for
+from .harness import rounds_of, wait_for
 
 pytestmark = pytest.mark.slow
 DEVICES = 4
 
 
-def consortium(root: Path, rounds: int = 3, ledger: bool = False) -> Path:
+def consortium(root: Path, rounds: int = 3, ledger: bool = False, extra: tuple[str, ...] = (),
+               round_timeout_s: float = 60) -> Path:
     """A consortium file for 1 cloud, 2 edges and 4 devices on free loopback ports, with each device's data; with
-    `ledger`, the cloud's held-out set too (which turns the contribution ledger on)."""
+    `ledger`, the cloud's held-out set too (which turns the contribution ledger on); `extra`: [federation] lines."""
     rng = np.random.default_rng(0)
     lines = ['quorum_fraction = 0.667', '', '[federation]', 'model = "wearable_cnn"', f"rounds = {rounds}",
-             "min_devices = 1", "round_timeout_s = 60", "device_epsilon = 30"]
+             "min_devices = 1", f"round_timeout_s = {round_timeout_s}", "device_epsilon = 30", *extra]
     if ledger:
         (root / "data").mkdir(parents=True, exist_ok=True)
         np.savez(root / "data" / "holdout.npz", x=rng.normal(size=(32, 100, 6)).astype(np.float32),
@@ -182,3 +183,29 @@ def test_two_consecutive_runs_on_the_same_brokers_and_devices_both_complete(tmp_
     dev_log = json_lines(sites / "dev0" / "state" / "logs" / "dev0.log")
     assert [e["run"] for e in dev_log if e["msg"] == "new run"] == runs   # each device followed both runs
     time.sleep(0.1)
+
+
+def test_a_device_started_mid_run_catches_up_and_trains_before_the_next_full_version(tmp_path, commands):
+    """Delta-encoded models (every 5th version in full): dev3 starts after round 2, when only version 3's delta is
+    retained. It takes version 3 (or a later one) in full from its edge and its updates count from the next round
+    on, long before version 6, the next full one: the rounds it missed closed at their deadline without it."""
+    cons = consortium(tmp_path, rounds=5, extra=('model_encoding = "delta"',), round_timeout_s=6)
+    assert commands.run("provision", str(cons), "--out", "sites").returncode == 0
+    sites = tmp_path / "sites"
+    run_dir = sites / "cloud" / "state" / "cloud" / "run"
+    cloud = commands.start("site", "run", "sites/cloud", name="cloud")
+    commands.start("site", "run", "sites/edge1", name="edge1")
+    commands.start("site", "run", "sites/edge2", name="edge2")
+    commands.start("site", "run", *(f"sites/dev{i}" for i in range(DEVICES - 1)), name="devices")
+    wait_for(lambda: len(rounds_of(run_dir)) >= 2, 120, message=lambda: (tmp_path / "cloud.out").read_text()[-2000:])
+    commands.start("site", "run", f"sites/dev{DEVICES - 1}", name="late")
+    assert cloud.wait(240) == 0, (tmp_path / "cloud.out").read_text()[-3000:]
+    r = report(sites / "cloud")
+    assert r["finished"] and r["rounds_completed"] == 5, r.get("stop_reason")
+    counts = [x["num_devices"] for x in r["rounds"]]
+    assert counts[:2] == [DEVICES - 1] * 2 and counts[-1] == DEVICES, counts
+    log = json_lines(sites / f"dev{DEVICES - 1}" / "state" / "logs" / f"dev{DEVICES - 1}.log")
+    caught = [e for e in log if e["msg"] == "missed a model version: fetching it in full from the edge"]
+    assert caught and caught[0]["have"] == -1 and 3 <= caught[0]["want"] <= 5, [e["msg"] for e in log]
+    installed = [e for e in log if e["msg"] == "global model installed"]
+    assert installed[0]["version"] == caught[0]["want"] and installed[0]["encoding"] == "delta"
