@@ -97,6 +97,7 @@ class EdgeEngine:
         model = self.store.get("model")
         self.model = json.loads(model) if model else None        # {"version": v, "n_params": n}
         self.weights = _held_weights(self.store.get("model_weights"), self.model)   # its rebuilt float32 weights
+        self._model_metrics()
         self.opened = float(self.store.get("opened") or 0.0)
         self.closed_round = int(self.store.get("closed_round") or -1)
         self.batch = int(self.store.get("batch") or 0)
@@ -181,10 +182,16 @@ class EdgeEngine:
         self.store.put("model", json.dumps(self.model).encode())
         self.store.put("model_weights", b"" if weights is None else
                        msg.model_version.to_bytes(8, "little") + weights.astype("<f4").tobytes())
+        self._model_metrics()
         self._refresh()
         if weights is None:
             return relay
         return relay + [Publication(model_full_topic(self.cfg.edge_id), encode(in_full(msg, weights)), retain=True)]
+
+    def _model_metrics(self) -> None:
+        version = self.model["version"] if self.model is not None else -1
+        self.metrics.model_version.set(version)
+        self.metrics.full_model_version.set(version if self.weights is not None else -1)
 
     def _on_round(self, data: bytes) -> list[Publication]:
         msg = decode(data, expect=RoundAnnouncement)

@@ -24,6 +24,10 @@ class Metrics:
         self.abandoned = Counter("fediomt_edge_aggregates_abandoned",
                                  "Aggregates never receipted by the cloud before it closed their round", registry=r)
         self.pending = Gauge("fediomt_edge_pending_updates", "Accepted updates waiting for aggregation", registry=r)
+        self.model_version = Gauge("fediomt_edge_model_version", "Global model version relayed last", registry=r)
+        self.full_model_version = Gauge("fediomt_edge_full_model_version",
+                                        "Version held in full for devices catching up (-1: none, they wait)",
+                                        registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Expose /metrics over HTTP (no-op when port is 0)."""

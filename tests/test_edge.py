@@ -461,15 +461,18 @@ def test_edge_rebuilds_each_version_in_full_for_devices_that_missed_one(tmp_path
     assert stale.value.reason == Reason.STALE
     eng.close()
     eng = fed.engine()                                                 # a restart keeps the weights
+    assert eng.metrics.full_model_version._value.get() == 2
     v3, w3 = signed(3, w2 - 0.05, base=w2)
     np.testing.assert_array_equal(catch_up(full_of(eng.handle_cloud("model", encode(v3))), v3)[0], w3)
     assert [p.topic for p in eng.handle_cloud("model", encode(v3))] == ["fl/edge1/model"]   # a retained copy
     v5, w5 = signed(5, w3 + 0.2, base=w3 + 0.1)                        # the edge missed v4
     assert [p.topic for p in eng.handle_cloud("model", encode(v5))] == ["fl/edge1/model"]
+    assert (eng.metrics.model_version._value.get(), eng.metrics.full_model_version._value.get()) == (5, -1)
     v6, _ = signed(6, w5 + 0.1, base=w5)
     assert [p.topic for p in eng.handle_cloud("model", encode(v6))] == ["fl/edge1/model"]
     v7, w7 = signed(7, w5 - 0.3)                                       # the cloud's next full version
     np.testing.assert_array_equal(catch_up(full_of(eng.handle_cloud("model", encode(v7))), v7)[0], w7)
+    assert eng.metrics.full_model_version._value.get() == 7
 
 
 def test_catch_up_takes_only_the_full_model_a_signed_delta_vouches_for(tmp_path):
