@@ -155,6 +155,7 @@ class DeviceAgent:
         """Load bundle_dir/current into a fresh interpreter: the hook for OTA (device.ota's on_installed)."""
         self.bundle = load_installed(self.cfg.bundle_dir, self.bundle_key)
         self._load_model()
+        self._stop_catching_up()   # a version of the old bundle's model is no use to the new one
         event(self.log, "bundle loaded", name=self.bundle.name, version=self.bundle.version)
         return self.bundle
 
@@ -212,14 +213,16 @@ class DeviceAgent:
                 raise
             self._catch_up(msg)
             return
-        self._install(msg, weights, control)
+        self._install(msg, weights, control, msg.encoding)
 
-    def _install(self, msg: GlobalModel, weights: np.ndarray, control: np.ndarray | None) -> None:
+    def _install(self, msg: GlobalModel, weights: np.ndarray, control: np.ndarray | None, source: str) -> None:
+        """Hold `msg`'s version; `source` says how it came: "full" or "delta" from the cloud, or "edge" (a
+        catch-up from the edge's full copy)."""
         self.state = self.state.for_new_model(msg.model_name, msg.model_version, weights, control)
         save_state(self.state_path, self.state)
         if self.wanted is not None and self.wanted.model_version <= msg.model_version:
             self._stop_catching_up()
-        event(self.log, "global model installed", version=msg.model_version, encoding=msg.encoding)
+        event(self.log, "global model installed", version=msg.model_version, encoding=source)
         self._maybe_train()
 
     def _stop_catching_up(self) -> None:
@@ -234,14 +237,19 @@ class DeviceAgent:
             event(self.log, "missed a model version: fetching it in full from the edge", have=self.state.model_version,
                   want=signed.model_version)
             self.link.subscribe([self.topics["model_full"]])
+        elif signed.model_version < self.wanted.model_version:
+            return   # an older delta (a retained copy): we want the newer one already
         self.wanted = signed
         self._take_offered()
 
     def _on_full_model(self, payload: bytes) -> None:
         """The edge's unsigned full model: kept (a hostile one is refused) until a signed delta vouches for it."""
-        if self.wanted is None:
-            return   # up to date: a late delivery after unsubscribing
-        self.offered = decode(payload, expect=GlobalModel)
+        if self.wanted is None:   # up to date (a subscription a persistent session kept): stop receiving them
+            self.link.unsubscribe([self.topics["model_full"]])
+            return
+        offered = decode(payload, expect=GlobalModel)
+        if self.offered is None or offered.model_version >= self.offered.model_version:
+            self.offered = offered   # a lagging edge replica's older copy does not displace a newer one
         self._take_offered()
 
     def _take_offered(self) -> None:
@@ -252,7 +260,7 @@ class DeviceAgent:
             return   # the edge is ahead of the deltas we got: the signed one for it follows
         self.offered = None
         weights, control = catch_up(offered, wanted)
-        self._install(wanted, weights, control)
+        self._install(wanted, weights, control, "edge")
 
     # ------------------------------------------------------------------ rounds
     def _on_round(self, payload: bytes) -> None:
@@ -521,9 +529,8 @@ class DeviceAgent:
     def handle(self, topic: str, payload: bytes) -> None:
         """One message, on the main thread. Nothing that arrives can stop the agent: every failure is logged."""
         try:
-            if topic == CONNECTED:
-                if self.wanted is not None:   # catching up across a clean reconnect
-                    self.link.subscribe([self.topics["model_full"]])
+            if topic == CONNECTED:   # catching up: (re)subscribe; else drop what a persistent session kept
+                (self.link.subscribe if self.wanted is not None else self.link.unsubscribe)([self.topics["model_full"]])
                 if self.ota is not None:
                     self.ota.on_connect()
             elif self.ota is not None and topic.startswith(self.ota.manifest_topic.rsplit("/", 1)[0] + "/"):

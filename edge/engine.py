@@ -168,11 +168,12 @@ class EdgeEngine:
         if not self._follow_run(msg.run_id, "model", data):
             return []
         relay = [Publication(model_topic(self.cfg.edge_id), data, retain=True)]
-        if self.model is not None and msg.model_version <= self.model["version"]:
-            return relay if msg.model_version == self.model["version"] else []   # a retained copy: held already
+        if self.model is not None and msg.model_version < self.model["version"]:
+            return []
+        again = self.model is not None and msg.model_version == self.model["version"]   # redelivered, retained
         held = self.model["version"] if self.model is not None and self.weights is not None else -1
         try:
-            weights, _ = rebuild(msg, held, self.weights)
+            weights = self.weights if again and self.weights is not None else rebuild(msg, held, self.weights)[0]
         except ProtocolError as exc:   # STALE: this edge missed a version too; it waits for a full one
             event(self.log, "model relayed without its full form", logging.WARNING, version=msg.model_version,
                   reason=exc.reason.name, detail=exc.detail)

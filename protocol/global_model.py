@@ -24,10 +24,11 @@ from protocol.messages import GlobalModel, bytes_to_floats, floats_to_bytes
 
 def rebuild(msg: GlobalModel, held_version: int, held: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """(weights, SCAFFOLD control or None) of `msg`, given the version and weights the device holds; ProtocolError
-    STALE for a delta against another version, BAD_HASH when the rebuilt weights do not match the digest."""
+    STALE for a delta against another version (or weights of another size), BAD_HASH when the rebuilt weights do
+    not match the digest."""
     if msg.encoding == "full":
         weights = bytes_to_floats(msg.weights, msg.n_params)
-    elif msg.base_version == held_version and held is not None:
+    elif msg.base_version == held_version and held is not None and held.size == msg.n_params:
         weights = held + decode_update(msg.weights, msg.n_params)
     else:
         raise ProtocolError(Reason.STALE, f"delta against v{msg.base_version}, we hold v{held_version}")

@@ -259,7 +259,7 @@ def global_model(name: str, version: int, weights: np.ndarray, delta_payload: by
     """The (unsigned) GlobalModel of `version` for the published `weights` (what devices end up holding): in full,
     or with `delta_payload` (a protocol.compression payload that turns version - 1's weights into exactly
     `weights`) as a delta against version - 1. `sha256` is always of the published float32 weights, which is what
-    a device checks after applying the message (device.global_model.rebuild); `control` is SCAFFOLD's server
+    a device checks after applying the message (protocol.global_model.rebuild); `control` is SCAFFOLD's server
     control variate. The one constructor of GlobalModels (cloud, scripted cloud, benchmarks, tests)."""
     full = floats_to_bytes(weights)
     delta = delta_payload is not None

@@ -172,6 +172,47 @@ def test_a_device_that_joins_after_delta_versions_catches_up_from_the_edge(fed):
     assert load_state(config.parent / "state" / "state.npz").model_version == 3
 
 
+def test_a_restarted_device_does_not_keep_receiving_full_models(fed):
+    """The broker keeps a persistent session's subscriptions: a device stopped while catching up, whose model then
+    came in full from the cloud, drops the model/full subscription when it reconnects instead of receiving every
+    version's full weights from then on."""
+    from protocol.global_model import rebuild
+
+    config = fed.device(privacy={"epsilon": 100.0})
+
+    def run_agent(record: list[str] | None = None):
+        agent = DeviceAgent(load_config(config), logging.getLogger("test.device.session"))
+        if record is not None:
+            handle = agent.handle
+            agent.handle = lambda topic, payload: (record.append(topic), handle(topic, payload))[-1]
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        return agent, thread
+
+    agent, thread = run_agent()
+    try:
+        fed.cloud.publish_model(MODEL, 1, fed.weights)
+        wait_for(lambda: agent.state.model_version == 1, 30, 0.05, "v1 installed")
+        fed.cloud.publish_model(MODEL, 3, fed.weights * 1.02, base=fed.weights * 1.01)   # it missed v2
+        wait_for(lambda: agent.wanted is not None, 30, 0.05, "catching up")
+    finally:
+        agent.stop.set()
+        thread.join(10)
+    fed.cloud.publish_model(MODEL, 4, fed.weights * 1.03)          # the cloud's next full version, while it is off
+    seen: list[str] = []
+    agent, thread = run_agent(seen)
+    try:
+        wait_for(lambda: agent.state.model_version == 4, 30, 0.05, "v4 installed")
+        fed.cloud.publish_full(fed.cloud.publish_model(MODEL, 4, fed.weights * 1.03), fed.weights * 1.03)
+        v5 = fed.cloud.publish_model(MODEL, 5, fed.weights * 1.04, base=agent.state.weights)
+        wait_for(lambda: agent.state.model_version == 5, 30, 0.05, "v5 installed")   # after the full copy, in order
+        np.testing.assert_array_equal(agent.state.weights, rebuild(v5, 4, fed.weights * 1.03)[0])
+    finally:
+        agent.stop.set()
+        thread.join(10)
+    assert agent.topics["model"] in seen and agent.topics["model_full"] not in seen, seen
+
+
 def test_catching_up_ends_when_a_new_run_starts(fed):
     """A device waiting for an old run's version in full forgets it when a newer run's model arrives: it holds the
     new run's model and no longer listens on model/full (handled on this thread, as the agent's loop would)."""

@@ -430,8 +430,8 @@ def test_an_offline_device_stays_excused_until_it_returns(tmp_path, rng):
 
 def test_edge_rebuilds_each_version_in_full_for_devices_that_missed_one(tmp_path):
     """Deltas are relayed as the cloud signed them, and each version's weights go out in full (unsigned, the
-    cloud's sha256) on model/full; the edge keeps its weights across a restart, and one that missed a version
-    relays without a full form until the cloud's next full version."""
+    cloud's sha256) on model/full, again when the model is delivered again; the edge keeps its weights across a
+    restart, and one that missed a version relays without a full form until the cloud sends a version in full."""
     from protocol.global_model import catch_up, rebuild
 
     fed = Fed(tmp_path)
@@ -464,19 +464,23 @@ def test_edge_rebuilds_each_version_in_full_for_devices_that_missed_one(tmp_path
     assert eng.metrics.full_model_version._value.get() == 2
     v3, w3 = signed(3, w2 - 0.05, base=w2)
     np.testing.assert_array_equal(catch_up(full_of(eng.handle_cloud("model", encode(v3))), v3)[0], w3)
-    assert [p.topic for p in eng.handle_cloud("model", encode(v3))] == ["fl/edge1/model"]   # a retained copy
+    again = eng.handle_cloud("model", encode(v3))                      # redelivered (a kill -9 before the publish)
+    np.testing.assert_array_equal(catch_up(full_of(again), v3)[0], w3)
     v5, w5 = signed(5, w3 + 0.2, base=w3 + 0.1)                        # the edge missed v4
     assert [p.topic for p in eng.handle_cloud("model", encode(v5))] == ["fl/edge1/model"]
     assert (eng.metrics.model_version._value.get(), eng.metrics.full_model_version._value.get()) == (5, -1)
-    v6, _ = signed(6, w5 + 0.1, base=w5)
+    v6, w6 = signed(6, w5 + 0.1, base=w5)
     assert [p.topic for p in eng.handle_cloud("model", encode(v6))] == ["fl/edge1/model"]
-    v7, w7 = signed(7, w5 - 0.3)                                       # the cloud's next full version
+    assert [p.topic for p in eng.handle_cloud("model", encode(v6))] == ["fl/edge1/model"]   # redelivered: still none
+    v6_full, _ = signed(6, w6)                                         # a restarted cloud sends v6 again, in full
+    np.testing.assert_array_equal(catch_up(full_of(eng.handle_cloud("model", encode(v6_full))), v6)[0], w6)
+    assert eng.metrics.full_model_version._value.get() == 6
+    v7, w7 = signed(7, w6 - 0.3, base=w6)
     np.testing.assert_array_equal(catch_up(full_of(eng.handle_cloud("model", encode(v7))), v7)[0], w7)
-    assert eng.metrics.full_model_version._value.get() == 7
 
 
 def test_catch_up_takes_only_the_full_model_a_signed_delta_vouches_for(tmp_path):
-    from protocol.global_model import catch_up, in_full
+    from protocol.global_model import catch_up, in_full, rebuild
 
     fed = Fed(tmp_path)
     w = np.arange(N_PARAMS, dtype=np.float32)
@@ -495,3 +499,6 @@ def test_catch_up_takes_only_the_full_model_a_signed_delta_vouches_for(tmp_path)
         with pytest.raises(ProtocolError) as refused:
             catch_up(hostile, signed)
         assert refused.value.reason == reason
+    with pytest.raises(ProtocolError) as other_size:   # weights of another model are not a base for the delta
+        rebuild(signed, 1, np.zeros(N_PARAMS + 1, np.float32))
+    assert other_size.value.reason == Reason.STALE

@@ -292,7 +292,7 @@ def test_dense_weights_strict():
 
 
 def test_global_model_is_what_devices_rebuild():
-    """protocol.messages.global_model (the one constructor) against device.global_model.rebuild (the one applier):
+    """protocol.messages.global_model (the one constructor) against protocol.global_model.rebuild (the one applier):
     full, and a delta whose payload turns version - 1 into the published weights; sha256 of the published ones."""
     import hashlib
 

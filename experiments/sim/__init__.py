@@ -1,6 +1,6 @@
 """The in-process simulator: up to thousands of devices, their edges and the cloud in one process, on a virtual clock.
 
-It drives the tiers' own code (device.training, device.update and device.global_model with the TFLite interpreter,
+It drives the tiers' own code (device.training, device.update and protocol.global_model with the TFLite interpreter,
 edge.engine.EdgeEngine, cloud.engine.CloudEngine); only the transport (MQTT) is replaced by direct calls, and time by
 a virtual clock fed by a heterogeneity model.
 """

@@ -4,7 +4,7 @@ The simulator holds no tier logic: it runs the tiers' own code and replaces only
 virtual clock fed by the heterogeneity model, experiments.sim.hetero). Per round:
 1. cloud: the cloud's engine (cloud.engine.CloudEngine, as the daemon runs it) has published a signed GlobalModel
    ("full", or a compressed "delta") and RoundAnnouncement; the devices verify both and rebuild the weights with
-   device.global_model.rebuild, every addressed device and every edge receives both (bytes counted per receiver);
+   protocol.global_model.rebuild, every addressed device and every edge receives both (bytes counted per receiver);
 2. device: the steps that fit (hetero), device.training.train_round in the shared TFLite interpreter (DP-SGD in the
    graph), device.update.build_update (compression with error feedback, SCAFFOLD control, cumulative epsilon), a
    signed DeviceUpdate, or a DeviceStatus ("declined"; "offline" is the broker's last will);
@@ -302,7 +302,7 @@ class Simulator:
 
     def _receive(self, gm_bytes: bytes, ann_bytes: bytes) -> RoundAnnouncement:
         """What every device does with the cloud's two messages (the same for all, so done once): verify both and
-        rebuild the global weights (device.global_model, full or delta)."""
+        rebuild the global weights (protocol.global_model, full or delta)."""
         public = self.cloud_key.public_key()
         gm = decode(gm_bytes, expect=GlobalModel)
         verify_message(gm, public)
