@@ -222,7 +222,7 @@ class DeviceAgent:
         save_state(self.state_path, self.state)
         if self.wanted is not None and self.wanted.model_version <= msg.model_version:
             self._stop_catching_up()
-        event(self.log, "global model installed", version=msg.model_version, encoding=source)
+        event(self.log, "global model installed", version=msg.model_version, source=source)
         self._maybe_train()
 
     def _stop_catching_up(self) -> None:
@@ -253,11 +253,11 @@ class DeviceAgent:
         self._take_offered()
 
     def _take_offered(self) -> None:
+        """Install the offered copy when it is the wanted version (an edge ahead of our deltas: its signed delta
+        follows)."""
         wanted, offered = self.wanted, self.offered
-        if wanted is None or offered is None or offered.model_version < wanted.model_version:
+        if wanted is None or offered is None or offered.model_version != wanted.model_version:
             return
-        if offered.model_version > wanted.model_version:
-            return   # the edge is ahead of the deltas we got: the signed one for it follows
         self.offered = None
         weights, control = catch_up(offered, wanted)
         self._install(wanted, weights, control, "edge")

@@ -96,7 +96,7 @@ class EdgeEngine:
         self.announcement = None if raw is None else decode(raw, expect=RoundAnnouncement)
         model = self.store.get("model")
         self.model = json.loads(model) if model else None        # {"version": v, "n_params": n}
-        self.weights = _held_weights(self.store.get("model_weights"), self.model)   # its rebuilt float32 weights
+        self.weights = _floats(self.store.get("model_weights") or None)   # the held version, rebuilt (None: missed one)
         self._model_metrics()
         self.opened = float(self.store.get("opened") or 0.0)
         self.closed_round = int(self.store.get("closed_round") or -1)
@@ -181,8 +181,8 @@ class EdgeEngine:
         self.model = {"version": msg.model_version, "n_params": msg.n_params}
         self.weights = weights
         self.store.put("model", json.dumps(self.model).encode())
-        self.store.put("model_weights", b"" if weights is None else
-                       msg.model_version.to_bytes(8, "little") + weights.astype("<f4").tobytes())
+        # one transaction with "model" (the gateway's group commit): a kill -9 keeps the pair or neither
+        self.store.put("model_weights", b"" if weights is None else weights.astype("<f4").tobytes())
         self._model_metrics()
         self._refresh()
         if weights is None:
@@ -611,9 +611,3 @@ class EdgeEngine:
 def _floats(raw: bytes | None) -> np.ndarray | None:
     return None if raw is None else np.frombuffer(raw, dtype="<f4").copy()
 
-
-def _held_weights(raw: bytes | None, model: dict | None) -> np.ndarray | None:
-    """The stored weights when they are the held model version's (stored as version u64 + float32 values)."""
-    if not raw or model is None or int.from_bytes(raw[:8], "little") != model["version"]:
-        return None
-    return _floats(raw[8:])

@@ -208,4 +208,4 @@ def test_a_device_started_mid_run_catches_up_and_trains_before_the_next_full_ver
     caught = [e for e in log if e["msg"] == "missed a model version: fetching it in full from the edge"]
     assert caught and caught[0]["have"] == -1 and 3 <= caught[0]["want"] <= 5, [e["msg"] for e in log]
     installed = [e for e in log if e["msg"] == "global model installed"]
-    assert installed[0]["version"] == caught[0]["want"] and installed[0]["encoding"] == "edge"
+    assert installed[0]["version"] == caught[0]["want"] and installed[0]["source"] == "edge"
