@@ -5,9 +5,10 @@ run), so anyone can recompute the report from the checkpoint.
 - Device level (example-level DP-SGD on each device): one event per round (noise_mult, sample_rate q = batch /
   local examples, steps), re-derived from the round's plan and the smallest counted device's dataset that the edges
   report (EdgeAggregate.min_device_samples; a masked round, which cannot report it, the smallest per-edge mean:
-  cloud.rounds.account_round), composed as if that device took part in every round. The devices' own reports
-  (EdgeAggregate.max_device_epsilon, each device's accountant over its actual rounds and dataset) are kept next to
-  it; the device-level epsilon is the larger of the two.
+  cloud.rounds.account_round), composed as if that device took part in every round. Where the plan lets devices
+  calibrate their noise to a target epsilon, the event takes the noise that device calibrates after this history.
+  The devices' own reports (EdgeAggregate.max_device_epsilon, each device's accountant over its actual rounds and
+  dataset) are kept next to it; the device-level epsilon is the larger of the two.
 - Edge level (user-level central DP: each device's delta clipped, Gaussian noise on the sum): one event per round
   (noise_mult, sampling_rate, 1 step), taking the weakest edge of the round (smallest noise, largest rate).
 An entry with noise 0 and at least one step makes epsilon infinite (reported as None in JSON).
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from device.training import calibrated_plan, planned_steps
 from protocol.accountant import ACCOUNTANTS, Entry
 from protocol.accountant import epsilon as history_epsilon
 from protocol.messages import CentralDPReport, TrainingPlan
@@ -37,16 +39,17 @@ def epsilon(history: Iterable[Entry], delta: float, accountant: str = "rdp") -> 
     return history_epsilon(tuple(Entry(z, q, n) for (z, q), n in sorted(groups.items())), delta, accountant)
 
 
-def device_event(plan: TrainingPlan, min_local_examples: int) -> Entry:
+def device_event(plan: TrainingPlan, min_local_examples: int, history: Sequence[Entry] = ()) -> Entry:
     """A device's example-level DP-SGD in one round as the device runs it (device.training.planned_steps):
-    q = batch / n examples, epochs * ceil(n / batch) steps, capped by max_steps."""
+    q = batch / n examples, epochs * ceil(n / batch) steps, capped by max_steps; under plan.target_epsilon the
+    noise a device whose own budget and delta are at least the plan's target calibrates after `history`
+    (device.training.calibrated_plan, the device's own function; a device with a smaller budget or delta, or an
+    earlier lifetime history, adds more)."""
     if min_local_examples <= 0:
         return Entry(plan.noise_mult, 0.0, 0)
-    q = min(1.0, plan.batch_size / min_local_examples)
-    steps = plan.local_epochs * math.ceil(min_local_examples / plan.batch_size)
-    if plan.max_steps:
-        steps = min(steps, plan.max_steps)
-    return Entry(plan.noise_mult, q, steps)
+    plan = calibrated_plan(plan, history, min_local_examples, plan.target_epsilon, plan.target_delta)
+    return Entry(plan.noise_mult, min(1.0, plan.batch_size / min_local_examples),
+                 planned_steps(plan, min_local_examples, plan.batch_size))
 
 
 def central_event(reports: Iterable[CentralDPReport | None]) -> Entry:

@@ -74,6 +74,8 @@ class PrivacyConfig:
     central_epsilon: float = 0.0     # user-level budget; 0 = unlimited
     accountant: str = "rdp"          # per-round reports: "rdp" (fast) | "pld" (tighter, ~1 s per level per round)
     final_pld: bool = True           # also compute PLD epsilons once for report.json
+    calibrate: bool = False          # each device lowers plan.noise_mult to the least that keeps it within
+                                     # device_epsilon over the rounds left (more data, less noise; docs/cloud.md)
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,8 @@ class CloudConfig:
             raise ValueError("privacy.delta must be in (0, 1)")
         if self.privacy.device_epsilon > 0 and self.plan.noise_mult <= 0:
             raise ValueError("privacy.device_epsilon is set but plan.noise_mult = 0: device DP would be unbounded")
+        if self.privacy.calibrate and self.privacy.device_epsilon <= 0:
+            raise ValueError("privacy.calibrate needs privacy.device_epsilon > 0: the target devices calibrate to")
         if self.privacy.central_epsilon > 0 and (self.central_dp.clip <= 0 or self.central_dp.noise_mult <= 0):
             raise ValueError("privacy.central_epsilon is set but central_dp asks for no noise")
         if self.rounds < 1 or self.round_timeout_s <= 0 or self.grace_s < 0 or self.min_edges < 1:

@@ -218,9 +218,13 @@ def plan_round(strategy: Strategy, s: CloudState, settings: RoundSettings, now: 
                 f"stopping before round {s.round_id}")
     available = {k: d for k, d in s.devices.items() if d.state not in UNAVAILABLE}
     rc = strategy.configure_round(s.server, s.round_id, available, rng)
-    privacy = settings.privacy
+    privacy, plan = settings.privacy, rc.plan
+    if privacy.calibrate:   # each device calibrates its noise to the budget over the rounds left
+        plan = dataclasses.replace(plan, target_epsilon=privacy.device_epsilon, target_delta=privacy.delta,
+                                   rounds_left=max(settings.rounds - len(s.history), 1))
     projected = s.ledger.report(
-        privacy.accountant, device_event(rc.plan, s.min_local_examples) if s.min_local_examples else None,
+        privacy.accountant,
+        device_event(plan, s.min_local_examples, s.ledger.device) if s.min_local_examples else None,
         central_event([rc.central_dp]) if settings.central_dp.clip > 0 else None)
     reason = exhausted(projected, privacy.device_epsilon, privacy.central_epsilon)
     if reason:
@@ -231,7 +235,7 @@ def plan_round(strategy: Strategy, s: CloudState, settings: RoundSettings, now: 
     weights = {**rc.sample_weight, **dict.fromkeys(sorted(distrusted), 0.0)}
     return RoundAnnouncement(
         round_id=s.round_id, model_name=settings.model, model_version=s.version, strategy=strategy.name,
-        deadline=now + settings.round_timeout_s, plan=rc.plan, compression=rc.compression,
+        deadline=now + settings.round_timeout_s, plan=plan, compression=rc.compression,
         edges=list(settings.edges), cohort=rc.cohort, lr_scale=rc.lr_scale, sample_weight=weights,
         central_dp=rc.central_dp, secagg=announced_secagg(settings.secagg))
 
@@ -250,7 +254,7 @@ def account_round(ledger: PrivacyLedger, plan: TrainingPlan, counts: list[tuple[
     device, central_history = list(ledger.device), list(ledger.central)
     if sizes:
         min_local_examples = min(sizes)
-        device.append(device_event(plan, min_local_examples))
+        device.append(device_event(plan, min_local_examples, device))
         central_history.append(central_event(central))
     return dataclasses.replace(ledger, device=device, central=central_history,
                                device_reported=max([ledger.device_reported, *reported])), min_local_examples
@@ -260,7 +264,7 @@ def account_skipped(ledger: PrivacyLedger, plan: TrainingPlan, min_local_example
     """A round skipped after the devices trained (edge SecAgg aborted): their example-level spend still counts."""
     if not min_local_examples:
         return ledger
-    return dataclasses.replace(ledger, device=[*ledger.device, device_event(plan, min_local_examples)])
+    return dataclasses.replace(ledger, device=[*ledger.device, device_event(plan, min_local_examples, ledger.device)])
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,14 @@ from device.ota import OtaConfig as OtaReceiverConfig
 from device.ota import OtaReceiver
 from device.runtime import TrainableModel, secure_generator
 from device.state import STATE_FILE, DeviceState, Unacked, load_state, save_state
-from device.training import LocalResult, planned_steps, steps_within, train_round
+from device.training import (
+    LocalResult,
+    calibrated_plan,
+    planned_steps,
+    privacy_limit,
+    steps_within,
+    train_round,
+)
 from device.update import ENVELOPE_BYTES, RoundIdentity, build_update
 from protocol import accountant, topics
 from protocol.bundle import Bundle, load_bundle
@@ -330,10 +337,12 @@ class DeviceAgent:
         except ProtocolError as exc:  # bad announced settings, or nothing fits the broker's cap
             return self._answer(ann, "declined", f"compression: {exc}")
         history, budget = self.state.history, cfg.privacy
-        if not accountant.can_afford(history, accountant.Entry(plan.noise_mult, batch / len(x), steps),
-                                     budget.epsilon, budget.delta, budget.accountant):
+        limit, delta = privacy_limit(plan, budget.epsilon, budget.delta)   # the budget, and any announced target
+        plan = calibrated_plan(plan, history, len(x), limit, delta)
+        if not accountant.can_afford(history, accountant.Entry(plan.noise_mult, batch / len(x), steps), limit, delta,
+                                     budget.accountant):
             return self._answer(ann, "budget_exhausted", f"round {ann.round_id} ({steps} steps, noise "
-                                                         f"{plan.noise_mult}) would exceed epsilon {budget.epsilon}")
+                                                         f"{plan.noise_mult}) would exceed epsilon {limit:g}")
         self.publish_status("training", ann.round_id)
         result = train_round(self.model, x, y, self.state.weights, plan, steps, self.rng,
                              lr_scale=ann.lr_scale.get(cfg.id, 1.0), time_limit_s=time_left,

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from protocol.accountant import Entry, calibrate
 from protocol.messages import TrainingPlan
 
 
@@ -56,6 +57,29 @@ def planned_steps(plan: TrainingPlan, num_samples: int, batch_size: int) -> int:
     """Steps the plan asks for: local_epochs passes over the data (in expectation), capped by max_steps."""
     steps = plan.local_epochs * math.ceil(num_samples / batch_size)
     return min(steps, plan.max_steps) if plan.max_steps else steps
+
+
+def privacy_limit(plan: TrainingPlan, budget_epsilon: float, delta: float) -> tuple[float, float]:
+    """(epsilon, delta) the device must hold this round: its own budget, and under plan.target_epsilon also the
+    federation's target, both at the smaller delta (a smaller delta only makes epsilon larger, so holding
+    min(target, budget) at min(deltas) holds each at its own delta)."""
+    if plan.target_epsilon <= 0:
+        return budget_epsilon, delta
+    return min(plan.target_epsilon, budget_epsilon), min(plan.target_delta, delta)
+
+
+def calibrated_plan(plan: TrainingPlan, history: Sequence[Entry], num_samples: int, epsilon: float,
+                    delta: float) -> TrainingPlan:
+    """The plan with the noise this device adds: under `plan.target_epsilon` the least, at most plan.noise_mult,
+    with which its `history` plus `plan.rounds_left` rounds of its own q = b / n and planned steps stay within
+    (epsilon, delta) = privacy_limit(...) (protocol.accountant.calibrate); `plan` unchanged otherwise. The cloud
+    derives the smallest device's noise with this same function (cloud.accounting.device_event)."""
+    if plan.target_epsilon <= 0 or plan.noise_mult <= 0 or num_samples <= 0:
+        return plan
+    noise = calibrate(history, min(1.0, plan.batch_size / num_samples),
+                      planned_steps(plan, num_samples, plan.batch_size), plan.rounds_left, epsilon, delta,
+                      plan.noise_mult)
+    return replace(plan, noise_mult=noise)
 
 
 def steps_within(steps: int, time_s: float, steps_per_s: float) -> int:

@@ -513,7 +513,7 @@ class EdgeEngine:
         does not hold: the round must announce the central clip (devices clip to it before their last noise) and
         dense float32 updates, and no filter or bound may inspect or rescale a noised row."""
         plan, c = ann.plan, ann.compression
-        if ann.central_dp is None or ann.central_dp.clip <= 0 or plan.noise_mult <= 0:
+        if ann.central_dp is None or ann.central_dp.clip <= 0 or plan.noise_mult <= 0 or plan.target_epsilon > 0:
             return None
         if c.get("method") != "dense" or c.get("bits") != 32:
             return None

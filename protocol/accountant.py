@@ -29,6 +29,9 @@ import numpy as np
 ACCOUNTANTS = ("rdp", "pld")
 RDP_ORDERS = (*(1 + x / 10 for x in range(1, 100)), *range(11, 64), 128, 256, 512, 1024)  # dp-accounting's default
 MAX_SERIES_TERMS = 1000  # as dp-accounting: a fractional order whose series has not converged is left out
+INT_ORDERS = tuple(int(a) for a in RDP_ORDERS if float(a).is_integer())
+CALIBRATION_RANGE = 100.0      # calibrate searches noise in [ceiling / 100, ceiling] ...
+CALIBRATION_TOLERANCE = 1e-3   # ... to this relative precision
 
 
 @dataclass(frozen=True)
@@ -123,10 +126,27 @@ def rdp_subsampled_gaussian(q: float, noise_mult: float) -> np.ndarray:
     return out
 
 
-def rdp_to_epsilon(rdp: np.ndarray, delta: float) -> float:
+def _rdp_int_step(q: float, noise_mult: float) -> np.ndarray:
+    """RDP of one step at INT_ORDERS (calibrate's search; not cached: each candidate noise is new)."""
+    if q >= 1:
+        return np.array(INT_ORDERS, np.float64) / (2 * noise_mult**2)
+    return np.array([_log_a_int(q, noise_mult, a) / (a - 1) for a in INT_ORDERS])
+
+
+def _rdp_int(history: History) -> np.ndarray:
+    """RDP at INT_ORDERS of everything in `history` (from the cached full-grid curves)."""
+    at = [RDP_ORDERS.index(a) for a in INT_ORDERS]
+    total = np.zeros(len(INT_ORDERS))
+    for e in history:
+        if e.steps > 0 and e.sample_rate > 0:
+            total = total + e.steps * rdp_subsampled_gaussian(e.sample_rate, e.noise_mult)[at]
+    return total
+
+
+def rdp_to_epsilon(rdp: np.ndarray, delta: float, orders: Sequence[float] = RDP_ORDERS) -> float:
     """The smallest epsilon over the orders (the conversion of dp-accounting's compute_epsilon)."""
     best = math.inf
-    for alpha, r in zip(RDP_ORDERS, rdp):
+    for alpha, r in zip(orders, rdp):
         if r < 0 or delta**2 + math.expm1(-r) > 0:
             return 0.0
         if alpha > 1.01:
@@ -169,4 +189,32 @@ def can_afford(history: Sequence[Entry], entry: Entry, budget_epsilon: float, de
                accountant: str = "rdp") -> bool:
     """Would running `entry` keep the total within `budget_epsilon` at `delta`?"""
     return epsilon((*history, entry), delta, accountant) <= budget_epsilon
+
+
+def calibrate(history: Sequence[Entry], sample_rate: float, steps: int, rounds: int, target_epsilon: float,
+              delta: float, ceiling: float) -> float:
+    """The least noise multiplier, at most `ceiling`, with which `history` plus `rounds` more rounds of `steps`
+    steps at `sample_rate` stays within `target_epsilon` at `delta`: Opacus's make_private_with_epsilon, per device
+    and per round, so a device with more data than the smallest (a lower q) adds less noise for the same guarantee.
+    `ceiling` when even that does not fit (the budget check then decides). Pure and deterministic, so the cloud
+    re-derives the smallest device's choice exactly. Searched on the integer RDP orders only (25x faster than
+    the full grid, and conservative: fewer orders can only give a larger epsilon), to 0.1 % of the noise, then
+    rounded up to 4 significant digits, so that round after round the same value recurs and its cached RDP curve
+    serves the accountant."""
+    spent = _rdp_int(tuple(history))
+    k = max(int(steps), 0) * max(int(rounds), 1)
+
+    def fits(noise: float) -> bool:
+        return rdp_to_epsilon(spent + k * _rdp_int_step(sample_rate, noise), delta, INT_ORDERS) <= target_epsilon
+
+    if k == 0 or sample_rate <= 0 or ceiling <= 0 or not fits(ceiling):
+        return float(ceiling)
+    lo, hi = ceiling / CALIBRATION_RANGE, float(ceiling)
+    if fits(lo):
+        return lo
+    while hi / lo > 1 + CALIBRATION_TOLERANCE:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    unit = 10.0 ** (math.floor(math.log10(hi)) - 3)
+    return min(float(ceiling), math.ceil(hi / unit) * unit)
 

@@ -7,6 +7,10 @@ depends on, sigma_i = `last_step_std(plan, lr_scale_i)`. The edge credits those 
 (edge.central_dp): in plaintext rounds per update (edge.engine `_credited`), in device-masked rounds for the
 cohort's sum (protocol.secagg.deploy `MaskedRound.credit`, edge.secagg_round `credited_var`). The formula lives
 here, below both tiers, so a device sizes its masked vector with exactly the sigma the edge credits.
+
+A round whose plan calibrates each device's noise (`target_epsilon` > 0, device.training.calibrated_plan) has no
+noise floor: a device with much data may add almost none, so nothing is credited there (the edge adds its full
+central noise); plan.noise_mult still bounds the noise from above (the masked range's width).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ def last_step_std(plan: TrainingPlan, lr_scale: float = 1.0) -> float:
 
 
 def device_stds(plan: TrainingPlan, lr_scale: Mapping[str, float], devices: Iterable[str]) -> np.ndarray:
-    """last_step_std of each of `devices` under the announced per-device lr_scale (1 for a device not listed)."""
+    """last_step_std of each of `devices` under the announced per-device lr_scale (1 for a device not listed): the
+    noise the edge may credit, none where devices calibrate their own (module docstring)."""
+    if plan.target_epsilon > 0:
+        return np.zeros(len(list(devices)))
     return np.array([last_step_std(plan, lr_scale.get(d, 1.0)) for d in devices], dtype=np.float64)
 
 
@@ -35,4 +42,5 @@ def std_bounds(plan: TrainingPlan, lr_scale: Mapping[str, float]) -> tuple[float
     """(smallest, largest) last_step_std any device of the round can have: over the listed lr_scale values and 1
     (a device not listed), so both tiers get the same bounds without knowing who will survive."""
     scales = [1.0, *(float(v) for v in lr_scale.values())]
-    return last_step_std(plan, min(scales)), last_step_std(plan, max(scales))
+    low = 0.0 if plan.target_epsilon > 0 else last_step_std(plan, min(scales))
+    return low, last_step_std(plan, max(scales))

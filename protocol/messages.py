@@ -143,6 +143,16 @@ class TrainingPlan:
     mu: float = field(default=0.0, metadata=limit(min_value=0))     # FedProx proximal weight
     scaffold: bool = False                                          # apply SCAFFOLD control variates
     max_steps: int = field(default=0, metadata=limit(min_value=0))  # 0 = as many as the epochs need
+    # > 0: each device lowers noise_mult to the least with which rounds_left rounds (this one included) keep it
+    # within min(target_epsilon, its own budget) at min(target_delta, its own delta), and refuses a round that would
+    # not (device.training.privacy_limit, calibrated_plan); noise_mult is then the most a device adds
+    target_epsilon: float = field(default=0.0, metadata=limit(min_value=0))
+    target_delta: float = field(default=0.0, metadata=limit(min_value=0, max_value=1))
+    rounds_left: int = field(default=0, metadata=limit(min_value=0, max_value=1_000_000))
+
+    def __post_init__(self) -> None:
+        if self.target_epsilon > 0 and not (self.rounds_left >= 1 and 0 < self.target_delta < 1):
+            raise ValueError("a plan with target_epsilon needs rounds_left >= 1 and target_delta in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -195,7 +205,7 @@ STATISTICS_KINDS = ("", "summary", "histogram")   # RoundAnnouncement.statistics
 FEATURES_MAX = 256 * 1024             # RoundAnnouncement.features: JSON of a feature schema or transform
 
 
-@register("round", version=4)
+@register("round", version=5)
 @dataclass(frozen=True)
 class RoundAnnouncement:
     """Cloud -> edges -> devices (retained): open a round of the run `run_id`. `statistics` = "summary": a

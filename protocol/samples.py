@@ -7,7 +7,8 @@ import numpy as np
 from protocol import messages as m
 from protocol.signing import generate_signing_key
 
-PLAN = m.TrainingPlan(lr=0.05, local_epochs=1, batch_size=32, clip=1.0, noise_mult=1.1, mu=0.01)
+PLAN = m.TrainingPlan(lr=0.05, local_epochs=1, batch_size=32, clip=1.0, noise_mult=1.1, mu=0.01, target_epsilon=8.0,
+                       target_delta=1e-5, rounds_left=20)
 CAPABILITY = m.Capability(compute_class="wearable", memory_mb=256, bandwidth_bps=250_000.0, steps_per_s=80.0,
                           battery=0.8)
 COMPRESSION = {"method": "topk", "density": 0.01, "bits": 8, "block_size": 256, "stochastic": True, "seed": None,

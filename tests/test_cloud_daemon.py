@@ -409,6 +409,11 @@ def test_reference_config_loads_and_its_strategy_builds(tmp_path):
     typo.write_text('run_dir = "r"\nsigning_key = "k"\nedge_keys_dir = "e"\nroundz = 3\n')
     with pytest.raises(ValueError, match="unknown keys"):
         load_config(typo)
+    assert cfg.privacy.calibrate is False   # the shipped default: every device adds [plan] noise_mult
+    calibrating = tmp_path / "calibrate.toml"
+    calibrating.write_text('run_dir = "r"\nsigning_key = "k"\nedge_keys_dir = "e"\n[privacy]\ncalibrate = true\n')
+    with pytest.raises(ValueError, match="privacy.calibrate needs privacy.device_epsilon"):
+        load_config(calibrating)
 
 
 def test_a_bad_setup_is_one_clear_line_and_exit_status_2(tmp_path):

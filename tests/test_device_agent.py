@@ -21,7 +21,7 @@ from device.agent import DeviceAgent
 from device.config import load_config
 from device.runtime import TrainableModel
 from device.state import load_state
-from device.training import train_round
+from device.training import calibrated_plan, train_round
 from experiments.mosquitto import MosquittoBroker
 from experiments.sandbox import ScriptedCloud
 from protocol import accountant
@@ -31,7 +31,18 @@ from protocol.errors import ProtocolError, Reason
 from protocol.messages import TrainingPlan, verify_message
 from protocol.signing import generate_signing_key, load_private_key, load_public_key, save_public_key
 
-from .harness import DEV_KEY, DEV_PUB, MODEL, PLAN, PREBUILT, REPO, device_data, provision_device, wait_for
+from .harness import (
+    DEV_KEY,
+    DEV_PUB,
+    MODEL,
+    PLAN,
+    PREBUILT,
+    REPO,
+    device_data,
+    dp_accounting_epsilon,
+    provision_device,
+    wait_for,
+)
 
 DENSE = {"method": "dense", "density": 1.0, "bits": 32, "block_size": 256, "stochastic": False, "seed": None,
          "entropy": False}
@@ -422,3 +433,28 @@ def test_bench_device_quick(tmp_path):
     assert 0 < figures["peak_rss_mb"] <= 100  # the target, interpreter and MQTT client included
     assert figures["cpu_s"] > 0 and figures["local_steps_per_round"] > 0
     assert 0 < figures["bytes_up_per_round"] < figures["bytes_down_per_round"]  # sparse int8 up, fp32 model down
+
+
+def test_a_device_calibrates_its_noise_to_the_smaller_of_the_target_and_its_own_budget(fed):
+    """Under plan.target_epsilon the real agent lowers the announced noise (the ceiling) to the least that keeps
+    its history plus the rounds left within min(target, its budget): the run spends ~all of the device's own budget
+    of 3 (not the target of 6), recomputed by dp-accounting from the updates, then refuses the next round."""
+    config = fed.device(privacy={"epsilon": 3.0})
+    proc = fed.start(config)
+    fed.cloud.publish_model(MODEL, 1, fed.weights)
+    plan = dataclasses.replace(PLAN, noise_mult=4.0, target_epsilon=6.0, target_delta=1e-5, rounds_left=3)
+    history: list[accountant.Entry] = []
+    for round_id, left in ((1, 3), (2, 2), (3, 1)):
+        announced = dataclasses.replace(plan, rounds_left=left)
+        fed.cloud.announce(round_id, MODEL, 1, announced)
+        update, _ = fed.cloud.next_update(30)
+        p = update.privacy
+        expected = calibrated_plan(announced, history, 128, 3.0, 1e-5).noise_mult   # its budget, not the target
+        assert update.round_id == round_id and p.noise_mult == pytest.approx(expected) and p.noise_mult < 4.0
+        history.append(accountant.Entry(p.noise_mult, p.sample_rate, p.steps))
+    spent = dp_accounting_epsilon([(e.noise_mult, e.sample_rate, e.steps) for e in history], 1e-5, pld=False)
+    assert 0.98 * 3.0 <= spent <= 3.0 and update.privacy.epsilon == pytest.approx(spent, rel=1e-3)
+    fed.cloud.announce(4, MODEL, 1, dataclasses.replace(plan, rounds_left=1))
+    assert fed.cloud.wait_status("budget_exhausted", 30).round_id == 4
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0

@@ -175,3 +175,38 @@ def test_communication_reuses_a_tuned_accuracy_run():
     assert same_runs(stored, dict(stored, tuned=Path("results/tune.json")))
     assert not same_runs(stored, dict(stored, tuned=Path("results/other.json")))
     assert not same_runs(stored, dict(stored, rounds=40))
+
+
+def test_devices_calibrate_their_noise_and_the_cloud_rederives_the_smallest_devices_exactly(heart16):
+    """[privacy] calibrate through the tiers' own code (cloud plan_round, device.training.calibrated_plan, the
+    cloud's ledger): each device adds the least noise that keeps it within the target over the run, so devices
+    with more rows add less, every one spends ~the whole target (dp-accounting alone), and the cloud's derived
+    history is the smallest device's own, entry for entry."""
+    from experiments.sim.harness import simulator
+
+    from .harness import dp_accounting_epsilon
+
+    target, ceiling = 2.0, 8.0
+    sim = simulator(heart16, "fedavg", 0, rounds=3, lr=0.1, clip=1.0, noise_mult=ceiling, device_epsilon=target)
+    announced, train = [], sim._train
+
+    def recording(dev, ann, *args):
+        announced.append((ann.round_id, ann.plan.target_epsilon, ann.plan.target_delta, ann.plan.rounds_left))
+        return train(dev, ann, *args)
+
+    sim._train = recording
+    logs = sim.run()
+    assert len(logs) == 3
+    assert sorted(set(announced)) == [(r, target, 1e-5, 4 - r) for r in (1, 2, 3)]   # the rounds left, this one in
+    noise = {}
+    for dev in sim.devices:
+        assert len(dev.history) == 3
+        spent = dp_accounting_epsilon([(e.noise_mult, e.sample_rate, e.steps) for e in dev.history], 1e-5, False)
+        assert 0.99 * target <= spent <= target
+        noise[len(dev.x)] = dev.history[-1].noise_mult
+    sizes = sorted(noise)
+    assert all(noise[a] > noise[b] for a, b in zip(sizes, sizes[1:])) and noise[sizes[-1]] < 0.7 * noise[sizes[0]]
+    assert max(noise.values()) < ceiling
+    smallest = next(d for d in sim.devices if len(d.x) == sizes[0])
+    assert sim.cloud.state.ledger.device == list(smallest.history)
+    assert 0.99 * target <= logs[-1].epsilon_device <= target

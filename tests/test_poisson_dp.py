@@ -189,3 +189,64 @@ def accountant_entry(result):
     from protocol.accountant import Entry
 
     return Entry(result.noise_mult, result.sample_rate, result.local_steps)
+
+
+def test_calibrate_finds_the_least_noise_within_the_ceiling():
+    """protocol.accountant.calibrate: the noise it returns keeps history + rounds within the target (on the full
+    order grid and for dp-accounting), 0.5 % less would not (on its integer orders); a lower sample rate needs less
+    noise; the ceiling caps it, and a target even the ceiling cannot keep returns the ceiling (can_afford decides)."""
+    from protocol.accountant import INT_ORDERS, Entry, _rdp_int, calibrate, epsilon, rdp_to_epsilon
+
+    history = (Entry(3.0, 0.5, 2),) * 10
+    for q, steps in ((0.5, 2), (0.25, 4), (0.1, 10)):
+        z = calibrate(history, q, steps, 30, 8.0, 1e-5, 10.0)
+        total = (*history, Entry(z, q, steps * 30))
+        assert epsilon(total, 1e-5) <= 8.0
+        assert dp_accounting_epsilon([(e.noise_mult, e.sample_rate, e.steps) for e in total], 1e-5, False) <= 8.0
+        tighter = _rdp_int((*history, Entry(0.995 * z, q, steps * 30)))
+        assert rdp_to_epsilon(tighter, 1e-5, INT_ORDERS) > 8.0
+    low, high = calibrate((), 0.1, 10, 30, 8.0, 1e-5, 10.0), calibrate((), 0.5, 2, 30, 8.0, 1e-5, 10.0)
+    assert low < high < 10.0
+    assert calibrate((), 0.5, 2, 30, 8.0, 1e-5, 0.5 * high) == 0.5 * high   # more than the ceiling: the ceiling
+    assert calibrate((), 0.5, 2, 1, 1e4, 1e-5, 10.0) == 0.1                  # a loose target: the search's floor
+    # the value recurs round after round (4 significant digits, rounded up): one RDP curve for the accountant
+    h = (Entry(high, 0.5, 2),)
+    assert calibrate(h, 0.5, 2, 29, 8.0, 1e-5, 10.0) == high
+
+
+def test_a_device_holds_both_its_budget_and_the_announced_target_at_the_smaller_delta():
+    """device.training.privacy_limit / calibrated_plan: a device whose own delta is larger than the cloud's
+    calibrates at the cloud's, so the cloud's (target, delta) claim holds for it too; a smaller own budget wins."""
+    import dataclasses
+
+    from cloud.accounting import device_event
+    from device.training import calibrated_plan, privacy_limit
+    from protocol.accountant import epsilon
+
+    plan = dataclasses.replace(_plan(batch_size=128, noise_mult=6.0), target_epsilon=10.0, target_delta=1e-5,
+                               rounds_left=80)
+    assert privacy_limit(plan, 20.0, 1e-4) == (10.0, 1e-5)
+    assert privacy_limit(plan, 3.0, 1e-6) == (3.0, 1e-6)
+    assert privacy_limit(_plan(), 3.0, 1e-4) == (3.0, 1e-4)                 # no target: the device's own
+    loose = calibrated_plan(plan, (), 400, *privacy_limit(plan, 20.0, 1e-4))
+    assert loose == dataclasses.replace(plan, noise_mult=device_event(plan, 400).noise_mult)   # the cloud's own
+    entry = device_event(plan, 400)
+    assert epsilon([dataclasses.replace(entry, steps=entry.steps * 80)], 1e-5) <= 10.0
+    strict = calibrated_plan(plan, (), 400, *privacy_limit(plan, 3.0, 1e-6))
+    assert loose.noise_mult < strict.noise_mult <= 6.0
+    with pytest.raises(ValueError, match="target_epsilon needs rounds_left"):
+        dataclasses.replace(plan, rounds_left=0)
+
+
+def test_calibrated_rounds_credit_no_device_noise():
+    """A plan whose devices calibrate their noise has no noise floor: the edges credit nothing toward central DP
+    (protocol.distributed_dp), while the ceiling still sizes the masked range."""
+    import dataclasses
+
+    from protocol.distributed_dp import device_stds, last_step_std, std_bounds
+
+    plan = _plan(noise_mult=2.0)
+    calibrated = dataclasses.replace(plan, target_epsilon=5.0, target_delta=1e-5, rounds_left=10)
+    assert np.all(device_stds(plan, {}, ["a", "b"]) > 0)
+    assert np.all(device_stds(calibrated, {}, ["a", "b"]) == 0)
+    assert std_bounds(calibrated, {}) == (0.0, last_step_std(plan))

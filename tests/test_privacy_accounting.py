@@ -130,6 +130,12 @@ def test_simulated_two_level_runs_take_the_credit_path(heart_tiny):
     bounded = simulator(heart_tiny, METHODS["fediomt"].with_(compression=METHOD.compression,
                                                              filters=METHOD.filters), 0, **opts)
     assert all(log.credited_noise_mult == 0 for log in bounded.run())
+    # devices that calibrate their own noise ([privacy] calibrate) give it no floor: nothing is credited, the edges
+    # clip and add the full z S themselves
+    calibrating = simulator(heart_tiny, METHOD, 0, **{**opts, "noise_mult": 4.0}, device_epsilon=5.0)
+    logs = calibrating.run()
+    assert len(logs) == 2 and all(log.credited_noise_mult == 0 for log in logs)
+    assert [e.noise_mult for e in calibrating.cloud.state.ledger.central] == [opts["central_noise"]] * 2
 
 
 def test_credit_only_adds_no_edge_noise_and_accounts_the_devices_noise(heart_tiny):

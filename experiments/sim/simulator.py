@@ -36,7 +36,7 @@ from cloud.evaluation import evaluate_logits, top_class_share
 from cloud.strategies.base import DeviceInfo
 from cloud.trust import TrustConfig, TrustGate, root_gate
 from device.runtime import TrainableModel
-from device.training import planned_steps, train_round
+from device.training import calibrated_plan, planned_steps, privacy_limit, train_round
 from device.update import ENVELOPE_BYTES, RoundIdentity, build_update
 from edge.config import EdgeConfig, ForwardConfig
 from edge.engine import EdgeEngine
@@ -77,6 +77,8 @@ class SimConfig:
     max_steps: int = 0
     clip: float = 1.0                 # device per-example clip (DP-SGD)
     noise_mult: float = 0.0           # device noise multiplier (0 = no device DP)
+    device_epsilon: float = 0.0       # > 0: the cloud's [privacy] device_epsilon with calibrate = true: each device
+                                      # lowers noise_mult to the least that keeps it within this over the run
     central_clip: float = 0.0         # edge user-level clip (0 = no central DP)
     central_noise: float = 0.0
     cohort_size: int = 0              # FedIoMT importance sampling: devices per round (0 = everyone)
@@ -199,7 +201,8 @@ class Simulator:
         return RoundSettings(
             model="sim", edges=tuple(self.edges), rounds=cfg.rounds, round_timeout_s=self.round_seconds, grace_s=0.0,
             devices=tuple(d.id for d in self.devices), seed=cfg.seed, plan=self.plan, compression=dict(m.compression),
-            central_dp=CentralDPConfig(cfg.central_clip, cfg.central_noise), privacy=PrivacyConfig(cfg.delta),
+            central_dp=CentralDPConfig(cfg.central_clip, cfg.central_noise),
+            privacy=PrivacyConfig(cfg.delta, device_epsilon=cfg.device_epsilon, calibrate=cfg.device_epsilon > 0),
             strategy=StrategyConfig(m.strategy, options), model_encoding=m.downlink, model_full_every=m.full_every,
             model_compression={**CompressionSettings().to_dict(), **m.downlink_compression},
             trust=TrustConfig(device_majority=cfg.device_majority))
@@ -325,7 +328,8 @@ class Simulator:
                settings: CompressionSettings) -> tuple[bytes, int]:
         """The device agent's round (device.training.train_round, device.update.build_update), minus persistence
         and MQTT: the signed DeviceUpdate bytes and the steps done. A malicious device poisons its delta first."""
-        result = train_round(self.model, dev.x, dev.y, self.weights, ann.plan, steps, self.rng,
+        plan = calibrated_plan(ann.plan, dev.history, len(dev.x), *privacy_limit(ann.plan, math.inf, self.cfg.delta))
+        result = train_round(self.model, dev.x, dev.y, self.weights, plan, steps, self.rng,
                              lr_scale=ann.lr_scale.get(dev.id, 1.0), c_global=self.control, c_local=dev.control,
                              user_clip=ann.central_dp.clip if ann.central_dp is not None else 0.0)
         if dev.malicious and self.cfg.poison is not None:

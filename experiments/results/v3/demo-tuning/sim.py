@@ -9,8 +9,8 @@ defaults) record their changes against the previous defaults (noise_mult 2.02, l
 Run from the repository root:
   PYTHONPATH=. .venv/bin/python experiments/results/v3/demo-tuning/sim.py NAME SEEDS KEY=VALUE ...
 KEYs are Candidate fields (rounds, noise_mult, lr, lr_floor, bits, density, forward_bits, model_density,
-model_bits, model_full_every, clip, local_epochs), opt.NAME=JSON (a cloud [strategy] option), model.NAME=JSON (a
-firmware model option, e.g. model.filters=24) or filters=none|a,b.
+model_bits, model_full_every, clip, local_epochs, calibrate=true|false, device_epsilon), opt.NAME=JSON (a cloud
+[strategy] option), model.NAME=JSON (a firmware model option, e.g. model.filters=24) or filters=none|a,b.
 Prints, per seed, the final and last-5-round validation accuracy,
 the device epsilon of the demo's smallest device, and the bytes the demo would move over every link (device
 updates up, edge aggregates up, model + announcement down to the demo's 10 addressed devices and 2 edges; acks and
@@ -50,6 +50,8 @@ class Candidate:
     model_full_every: int = 0     # 0: only version 1 in full
     forward_bits: int = 4
     public_subjects: int = 2
+    calibrate: bool = False       # the cloud's [privacy] calibrate: each device lowers noise_mult to its own
+    device_epsilon: float = 10.0  # least that keeps it within this over the run
 
 
 def method_for(s: Candidate, options: dict | None = None, filters: list[str] | None = None) -> Method:
@@ -73,7 +75,8 @@ def run(s: Candidate, seed: int, options: dict | None = None, filters: list[str]
     smallest = min(len(c.x) for c in fed.clients)          # the demo's devices hold every row
     fed = fed.validation_split(0.15, 0)
     sim = simulator(fed, method_for(s, options, filters), seed, rounds=s.rounds, lr=s.lr,
-                    local_epochs=s.local_epochs, clip=s.clip, noise_mult=s.noise_mult, batch_size=s.batch_size)
+                    local_epochs=s.local_epochs, clip=s.clip, noise_mult=s.noise_mult, batch_size=s.batch_size,
+                    device_epsilon=s.device_epsilon if s.calibrate else 0.0)
     sizes = {"up": 0, "fwd": 0, "down": 0}
     train, edge_round, run_round = sim._train, sim._edge_round, sim.run_round
 
@@ -102,14 +105,18 @@ def run(s: Candidate, seed: int, options: dict | None = None, filters: list[str]
 
 
 def device_epsilon(s: Candidate, n: int) -> float:
-    """The cloud's derivation for the smallest device (cloud.accounting.device_event; the lr does not enter it)."""
+    """The cloud's derivation for the smallest device (cloud.accounting.device_event, round by round as
+    cloud.rounds.account_round composes it; the lr does not enter it)."""
     from cloud.accounting import PrivacyLedger, device_event
     from protocol.messages import TrainingPlan
 
     plan = TrainingPlan(lr=s.lr, local_epochs=s.local_epochs, batch_size=s.batch_size, clip=s.clip,
-                        noise_mult=s.noise_mult)
-    ledger = PrivacyLedger(device=[device_event(plan, n)] * s.rounds)
-    return float(ledger.report("rdp", None, None)["device"])
+                        noise_mult=s.noise_mult, target_epsilon=s.device_epsilon if s.calibrate else 0.0,
+                        target_delta=1e-5, rounds_left=s.rounds)
+    history: list = []
+    for r in range(s.rounds):
+        history.append(device_event(replace(plan, rounds_left=s.rounds - r), n, history))
+    return float(PrivacyLedger(device=history).report("rdp", None, None)["device"])
 
 
 def main() -> None:
@@ -125,7 +132,7 @@ def main() -> None:
         elif k == "filters":              # the edges' filters: filters=none | filters=norm,cosine
             filters = [] if v == "none" else v.split(",")
         else:
-            changes[k] = types[k](v)   # the dataclass field types are the classes themselves
+            changes[k] = json.loads(v) if types[k] is bool else types[k](v)   # field types are the classes
     s = replace(Candidate(), **changes)
     rows = []
     for seed in seeds:
