@@ -216,5 +216,6 @@ def calibrate(history: Sequence[Entry], sample_rate: float, steps: int, rounds: 
         mid = math.sqrt(lo * hi)
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     unit = 10.0 ** (math.floor(math.log10(hi)) - 3)
-    return min(float(ceiling), math.ceil(hi / unit) * unit)
+    tidy = min(float(ceiling), float(f"{math.ceil(hi / unit) * unit:.4g}"))
+    return tidy if fits(tidy) else hi
 
