@@ -436,10 +436,13 @@ def build_report(settings: DemoSettings, records: list[dict], cloud_report: dict
 def privacy_lines(report: dict) -> list[str]:
     """Both levels' guarantees, each with whom it protects against and what it trusts (issue 16)."""
     rdp, pld = report.get("epsilon") or {}, report.get("epsilon_pld") or {}
+    settings = report.get("settings") or {}
     lines = [f"- example-level DP (one patient record against everyone, the edge and the cloud included; trusts only "
              f"the device): epsilon {rdp.get('device')} (RDP; the devices' own reports "
              f"{rdp.get('device_reported')}, derived for the smallest device {rdp.get('device_derived')}, PLD "
-             f"{pld.get('device_derived')}) at delta 1e-5, Poisson-sampled DP-SGD on the device"]
+             f"{pld.get('device_derived')}) at delta 1e-5, Poisson-sampled DP-SGD on the device"
+             + (f", each device's noise calibrated to its own data (at most {settings['noise_mult']})"
+                if settings.get("calibrate") and settings.get("noise_mult") else "")]
     if rdp.get("central") not in (None, 0, 0.0):
         lines.append(f"- user-level DP (a whole device's data against the cloud and whoever sees the aggregates; "
                      f"trusts the edge or secure aggregation): epsilon {rdp.get('central')} (RDP), "

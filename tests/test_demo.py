@@ -46,6 +46,12 @@ def test_short_demo_report(tmp_path):
     assert all(r["auroc"] is None for r in report["rounds"])   # 7 classes: no binary scores
     eps = [r["epsilon"] for r in report["rounds"]]
     assert all(e is not None for e in eps) and eps == sorted(eps) and eps[-1] <= settings.device_epsilon
+    # calibrated noise (the default): at 1.5 five rounds would spend ~7; each device lowers its noise to spend ~12
+    from device.state import load_state
+
+    noise = {e.noise_mult for p in (run_dir / "devices").glob("*/state/state.npz") for e in load_state(p).history}
+    assert noise and max(noise) <= 1.5 and min(noise) < 1.4 and eps[-1] > 0.95 * settings.device_epsilon
+    assert "each device's noise calibrated to its own data (at most 1.5)" in (run_dir / "report.md").read_text()
     assert report["ledger"]["valid"] and report["ledger"]["blocks"] == 1 + 5
     minted = sum(report["ledger"]["balances"].values())  # 1000 a round, or 0 when no edge improved the model
     assert minted % 1000 == 0 and minted <= 5 * 1000
