@@ -75,6 +75,7 @@ from cloud.strategies.base import DeviceInfo, EdgeResult
 from cloud.strategies.heterogeneity import observe
 from cloud.trust import TrustGate, agree, device_cosines, gate, leave_out, majority_direction, sketch_cosines
 from protocol.atomic import atomic_write
+from protocol.codec import stored_schema_is_older
 from protocol.errors import ProtocolError, Reason
 from protocol.keyring import KeyRing
 from protocol.logs import event
@@ -226,6 +227,10 @@ class CloudEngine:
         """Announce the open round: the checkpointed announcement (with a new deadline when it passed), or a new
         one; [] when the federation stops before it."""
         s = self.state
+        if s.announcement and stored_schema_is_older(s.announcement):   # checkpointed before an upgrade
+            event(self.log, "open round stored under an older schema: announcing it anew", logging.WARNING,
+                  round=s.round_id)
+            s.announcement = b""
         if s.announcement:
             ann = decode(s.announcement, expect=RoundAnnouncement)
             if ann.deadline < now + 1.0:  # restarted or re-announced after its deadline: same cohort, new deadline

@@ -32,6 +32,7 @@ from edge.secagg_round import credited_var, masked_mean, metadata
 from edge.store import Store, Stored
 from edge.validation import RoundContext, authenticate, decode_delta
 from protocol import signing
+from protocol.codec import stored_schema_is_older
 from protocol.compression import CompressionSettings, decode_update, encode_update
 from protocol.distributed_dp import device_stds
 from protocol.errors import ProtocolError, Reason
@@ -93,6 +94,9 @@ class EdgeEngine:
     # ------------------------------------------------------------ state
     def _restore(self) -> None:
         raw = self.store.get("announcement")
+        if raw is not None and stored_schema_is_older(raw):   # stored before an upgrade: wait for the cloud's
+            event(self.log, "open round stored under an older schema: waiting for the cloud's", logging.WARNING)
+            raw = None
         self.announcement = None if raw is None else decode(raw, expect=RoundAnnouncement)
         model = self.store.get("model")
         self.model = json.loads(model) if model else None        # {"version": v, "n_params": n}

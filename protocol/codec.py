@@ -405,6 +405,19 @@ def decode_as(cls: type[M], data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> 
         raise exc.error(cls.__name__) from None
 
 
+def stored_schema_is_older(data: bytes) -> bool:
+    """Whether `data`, a message this process stored itself, is of a known kind at an older schema version than
+    this code speaks: what a daemon finds in its checkpoint after an upgrade across a version bump (anything else
+    still goes through `decode` and its errors)."""
+    try:
+        obj = load_cbor(data, MAX_MESSAGE_BYTES)
+    except ProtocolError:
+        return False
+    if type(obj) is not list or len(obj) < 2 or type(obj[0]) is not str or obj[0] not in _REGISTRY:
+        return False
+    return type(obj[1]) is int and obj[1] < _REGISTRY[obj[0]].VERSION
+
+
 def decode(data: bytes, expect: type[M] | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
     """Decode one message; `expect` restricts the kind. Raises ProtocolError on anything unexpected."""
     obj = load_cbor(data, max_bytes)

@@ -298,6 +298,30 @@ def test_a_new_engine_resumes_the_open_round(keys, tmp_path):
     assert len(eng.state.history) == 1
 
 
+def test_an_open_round_checkpointed_before_an_upgrade_is_announced_anew(keys, tmp_path, caplog):
+    """After an upgrade across a round-schema bump the checkpointed announcement no longer decodes: the resumed
+    cloud says so and announces the same round again in the current schema, then closes it as usual."""
+    import cbor2
+
+    from cloud.state import load, save
+
+    eng = engine(keys, tmp_path)
+    first = announcement(keys, eng.start(NOW))
+    del eng                                                                    # stopped, then upgraded
+    state = load(tmp_path / "checkpoint.npz")
+    obj = cbor2.loads(state.announcement)
+    state.announcement = cbor2.dumps([obj[0], obj[1] - 1, *obj[2:]], canonical=True)   # the previous release's
+    save(tmp_path / "checkpoint.npz", state)
+    eng = engine(keys, tmp_path)
+    with caplog.at_level("WARNING"):
+        again = announcement(keys, eng.start(NOW + 10))
+    assert "older schema" in caplog.text
+    assert (again.round_id, again.model_version, again.plan) == (first.round_id, first.model_version, first.plan)
+    for edge in EDGES:
+        eng.handle_aggregate(edge, aggregate(keys, edge, delta=np.ones(N), num_samples=20))
+    assert model(keys, eng.tick(NOW + 11)).model_version == 2
+
+
 def test_a_checkpoint_of_another_model_is_refused(keys, tmp_path):
     eng = engine(keys, tmp_path)
     eng.start(NOW)

@@ -502,3 +502,39 @@ def test_catch_up_takes_only_the_full_model_a_signed_delta_vouches_for(tmp_path)
     with pytest.raises(ProtocolError) as other_size:   # weights of another model are not a base for the delta
         rebuild(signed, 1, np.zeros(N_PARAMS + 1, np.float32))
     assert other_size.value.reason == Reason.STALE
+
+
+def older_schema(payload: bytes) -> bytes:
+    """`payload` as a daemon of the previous release stored it: the same message at the version before this one."""
+    import cbor2
+
+    obj = cbor2.loads(payload)
+    return cbor2.dumps([obj[0], obj[1] - 1, *obj[2:]], canonical=True)
+
+
+def test_an_open_round_stored_before_an_upgrade_is_dropped_not_fatal(tmp_path, rng, caplog):
+    """After an upgrade across a round-schema bump, the edge's stored announcement no longer decodes: the engine
+    starts anyway, says so, and takes the cloud's re-announcement of the same round (its updates then count)."""
+    from protocol.codec import stored_schema_is_older
+
+    fed = Fed(tmp_path, n_devices=2)
+    eng = fed.engine()
+    open_round(fed, eng)
+    stored = older_schema(eng.store.get("announcement"))
+    assert stored_schema_is_older(stored) and not stored_schema_is_older(eng.store.get("announcement"))
+    with pytest.raises(ProtocolError) as err:
+        decode(stored, expect=RoundAnnouncement)
+    assert err.value.reason == Reason.UNKNOWN_VERSION
+    eng.store.put("announcement", stored)
+    eng.close()
+    with caplog.at_level("WARNING"):
+        eng = fed.engine()
+    assert eng.announcement is None and "older schema" in caplog.text
+    assert eng.handle_cloud("round", fed.announce())
+    pubs = []
+    for d in fed.devices:
+        result, out = eng.handle_update(d, fed.update(d, rng.normal(size=N_PARAMS).astype(np.float32)))
+        assert result.accepted
+        pubs += out
+    agg, _ = aggregate_of(fed, pubs)
+    assert agg.round_id == 1 and agg.num_devices == 2
