@@ -34,7 +34,7 @@ from edge.validation import RoundContext, authenticate, decode_delta
 from protocol import signing
 from protocol.codec import stored_schema_is_older
 from protocol.compression import CompressionSettings, decode_update, encode_update
-from protocol.distributed_dp import device_stds
+from protocol.distributed_dp import creditable, device_stds
 from protocol.errors import ProtocolError, Reason
 from protocol.features import masked_statistics_scale
 from protocol.global_model import in_full, rebuild
@@ -517,7 +517,7 @@ class EdgeEngine:
         does not hold: the round must announce the central clip (devices clip to it before their last noise) and
         dense float32 updates, and no filter or bound may inspect or rescale a noised row."""
         plan, c = ann.plan, ann.compression
-        if ann.central_dp is None or ann.central_dp.clip <= 0 or plan.noise_mult <= 0 or plan.target_epsilon > 0:
+        if ann.central_dp is None or ann.central_dp.clip <= 0 or not creditable(plan):
             return None
         if c.get("method") != "dense" or c.get("bits") != 32:
             return None

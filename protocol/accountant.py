@@ -30,6 +30,7 @@ ACCOUNTANTS = ("rdp", "pld")
 RDP_ORDERS = (*(1 + x / 10 for x in range(1, 100)), *range(11, 64), 128, 256, 512, 1024)  # dp-accounting's default
 MAX_SERIES_TERMS = 1000  # as dp-accounting: a fractional order whose series has not converged is left out
 INT_ORDERS = tuple(int(a) for a in RDP_ORDERS if float(a).is_integer())
+INT_AT = [RDP_ORDERS.index(a) for a in INT_ORDERS]   # their places in RDP_ORDERS
 CALIBRATION_RANGE = 100.0      # calibrate searches noise in [ceiling / 100, ceiling] ...
 CALIBRATION_TOLERANCE = 1e-3   # ... to this relative precision
 
@@ -135,11 +136,10 @@ def _rdp_int_step(q: float, noise_mult: float) -> np.ndarray:
 
 def _rdp_int(history: History) -> np.ndarray:
     """RDP at INT_ORDERS of everything in `history` (from the cached full-grid curves)."""
-    at = [RDP_ORDERS.index(a) for a in INT_ORDERS]
     total = np.zeros(len(INT_ORDERS))
     for e in history:
         if e.steps > 0 and e.sample_rate > 0:
-            total = total + e.steps * rdp_subsampled_gaussian(e.sample_rate, e.noise_mult)[at]
+            total = total + e.steps * rdp_subsampled_gaussian(e.sample_rate, e.noise_mult)[INT_AT]
     return total
 
 

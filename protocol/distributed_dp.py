@@ -9,8 +9,8 @@ cohort's sum (protocol.secagg.deploy `MaskedRound.credit`, edge.secagg_round `cr
 here, below both tiers, so a device sizes its masked vector with exactly the sigma the edge credits.
 
 A round whose plan calibrates each device's noise (`target_epsilon` > 0, device.training.calibrated_plan) has no
-noise floor: a device with much data may add almost none, so nothing is credited there (the edge adds its full
-central noise); plan.noise_mult still bounds the noise from above (the masked range's width).
+noise floor: a device with much data may add almost none, so nothing is credited there (`creditable`; the edge
+adds its full central noise); plan.noise_mult still bounds the noise from above.
 """
 
 from __future__ import annotations
@@ -30,11 +30,14 @@ def last_step_std(plan: TrainingPlan, lr_scale: float = 1.0) -> float:
     return float(plan.lr * lr_scale * plan.noise_mult * plan.clip / plan.batch_size)
 
 
+def creditable(plan: TrainingPlan) -> bool:
+    """Whether the plan's device noise has a floor an edge may credit: device DP-SGD on, and not calibrated per
+    device (module docstring)."""
+    return plan.noise_mult > 0 and plan.target_epsilon <= 0
+
+
 def device_stds(plan: TrainingPlan, lr_scale: Mapping[str, float], devices: Iterable[str]) -> np.ndarray:
-    """last_step_std of each of `devices` under the announced per-device lr_scale (1 for a device not listed): the
-    noise the edge may credit, none where devices calibrate their own (module docstring)."""
-    if plan.target_epsilon > 0:
-        return np.zeros(len(list(devices)))
+    """last_step_std of each of `devices` under the announced per-device lr_scale (1 for a device not listed)."""
     return np.array([last_step_std(plan, lr_scale.get(d, 1.0)) for d in devices], dtype=np.float64)
 
 
@@ -42,5 +45,4 @@ def std_bounds(plan: TrainingPlan, lr_scale: Mapping[str, float]) -> tuple[float
     """(smallest, largest) last_step_std any device of the round can have: over the listed lr_scale values and 1
     (a device not listed), so both tiers get the same bounds without knowing who will survive."""
     scales = [1.0, *(float(v) for v in lr_scale.values())]
-    low = 0.0 if plan.target_epsilon > 0 else last_step_std(plan, min(scales))
-    return low, last_step_std(plan, max(scales))
+    return last_step_std(plan, min(scales)), last_step_std(plan, max(scales))

@@ -210,6 +210,14 @@ class Fed:
         return encode(sign_message(msg, key or self.keys[device]))
 
 
+def older_schema(payload: bytes) -> bytes:
+    """`payload` as a daemon of the previous release stored it: the same message at the version before this one."""
+    import cbor2
+
+    obj = cbor2.loads(payload)
+    return cbor2.dumps([obj[0], obj[1] - 1, *obj[2:]], canonical=True)
+
+
 def open_round(fed: Fed, engine: EdgeEngine, **kw) -> None:
     assert engine.handle_cloud("model", fed.model(kw.get("version", 1)))
     assert engine.handle_cloud("round", fed.announce(**kw))

@@ -301,16 +301,15 @@ def test_a_new_engine_resumes_the_open_round(keys, tmp_path):
 def test_an_open_round_checkpointed_before_an_upgrade_is_announced_anew(keys, tmp_path, caplog):
     """After an upgrade across a round-schema bump the checkpointed announcement no longer decodes: the resumed
     cloud says so and announces the same round again in the current schema, then closes it as usual."""
-    import cbor2
-
     from cloud.state import load, save
+
+    from .harness import older_schema
 
     eng = engine(keys, tmp_path)
     first = announcement(keys, eng.start(NOW))
     del eng                                                                    # stopped, then upgraded
     state = load(tmp_path / "checkpoint.npz")
-    obj = cbor2.loads(state.announcement)
-    state.announcement = cbor2.dumps([obj[0], obj[1] - 1, *obj[2:]], canonical=True)   # the previous release's
+    state.announcement = older_schema(state.announcement)                     # as the previous release stored it
     save(tmp_path / "checkpoint.npz", state)
     eng = engine(keys, tmp_path)
     with caplog.at_level("WARNING"):

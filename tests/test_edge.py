@@ -30,7 +30,7 @@ from protocol.messages import (
 )
 from protocol.sketch import decode_sketches, unit_sketches
 
-from .harness import DENSE, N_PARAMS, Fed, aggregate_of, open_round
+from .harness import DENSE, N_PARAMS, Fed, aggregate_of, older_schema, open_round
 
 TOPK = CompressionSettings(method="topk", density=0.05, bits=32)
 
@@ -502,14 +502,6 @@ def test_catch_up_takes_only_the_full_model_a_signed_delta_vouches_for(tmp_path)
     with pytest.raises(ProtocolError) as other_size:   # weights of another model are not a base for the delta
         rebuild(signed, 1, np.zeros(N_PARAMS + 1, np.float32))
     assert other_size.value.reason == Reason.STALE
-
-
-def older_schema(payload: bytes) -> bytes:
-    """`payload` as a daemon of the previous release stored it: the same message at the version before this one."""
-    import cbor2
-
-    obj = cbor2.loads(payload)
-    return cbor2.dumps([obj[0], obj[1] - 1, *obj[2:]], canonical=True)
 
 
 def test_an_open_round_stored_before_an_upgrade_is_dropped_not_fatal(tmp_path, rng, caplog):

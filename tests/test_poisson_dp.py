@@ -238,15 +238,23 @@ def test_a_device_holds_both_its_budget_and_the_announced_target_at_the_smaller_
         dataclasses.replace(plan, rounds_left=0)
 
 
-def test_calibrated_rounds_credit_no_device_noise():
-    """A plan whose devices calibrate their noise has no noise floor: the edges credit nothing toward central DP
-    (protocol.distributed_dp), while the ceiling still sizes the masked range."""
+def test_calibrated_rounds_credit_no_device_noise(tmp_path):
+    """A plan whose devices calibrate their noise has no noise floor (protocol.distributed_dp.creditable): the edge
+    takes its normal path, clipping each update and adding the full central noise, with nothing credited."""
     import dataclasses
 
-    from protocol.distributed_dp import device_stds, last_step_std, std_bounds
+    from protocol.distributed_dp import creditable
+    from protocol.messages import CentralDPReport
+
+    from .harness import Fed, open_round
 
     plan = _plan(noise_mult=2.0)
     calibrated = dataclasses.replace(plan, target_epsilon=5.0, target_delta=1e-5, rounds_left=10)
-    assert np.all(device_stds(plan, {}, ["a", "b"]) > 0)
-    assert np.all(device_stds(calibrated, {}, ["a", "b"]) == 0)
-    assert std_bounds(calibrated, {}) == (0.0, last_step_std(plan))
+    assert creditable(plan) and not creditable(calibrated) and not creditable(_plan(noise_mult=0.0))
+    fed = Fed(tmp_path, n_devices=2)
+    eng = fed.engine()
+    central = CentralDPReport(clip=0.5, noise_mult=1.0, sampling_rate=1.0)
+    open_round(fed, eng, central_dp=central)
+    ann = dataclasses.replace(eng.announcement, plan=calibrated)
+    assert eng._credited(dataclasses.replace(ann, plan=plan), fed.devices, np.ones(2), 2) is not None
+    assert eng._credited(ann, fed.devices, np.ones(2), 2) is None

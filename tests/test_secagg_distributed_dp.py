@@ -6,6 +6,7 @@ engine, device.training."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -57,6 +58,8 @@ def test_credit_only_with_central_dp_device_noise_a_training_round_and_noise_abo
         announcement(secagg={**TABLE, "bits": 6}),                   # sigma < 4 grid steps: rounding would matter
         announcement(lr_scale={"d00": 0.001}),                       # one device's noise below the grid
         announcement(statistics="summary", features="{}"),          # statistics rounds are never credited
+        announcement(plan=dataclasses.replace(PLAN, target_epsilon=5.0, target_delta=1e-5, rounds_left=3)),
+        # ^ noise calibrated per device: no floor to credit
     ]
     for ann in not_credited:
         masked = masked_round(ann)

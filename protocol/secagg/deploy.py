@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.distributed_dp import std_bounds
+from protocol.distributed_dp import creditable, std_bounds
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import RoundAnnouncement
 from protocol.secagg.config import SecAggConfig
@@ -119,7 +119,7 @@ class MaskedRound:
         with clip > 0 while devices run DP-SGD, and the smallest device noise at least MIN_NOISE_STEPS grid steps of
         the widened range); unchanged otherwise. Pure: devices and edge derive the same from the announcement."""
         dp, plan = ann.central_dp, ann.plan
-        if ann.statistics or dp is None or dp.clip <= 0 or plan.noise_mult <= 0:
+        if ann.statistics or dp is None or dp.clip <= 0 or not creditable(plan):
             return self
         low, high = std_bounds(plan, ann.lr_scale)
         credited = dataclasses.replace(self, noise_std=high)
