@@ -11,7 +11,7 @@ integer RDP orders; in a demo run the devices' noise came out within 0.5 % of th
 run (EXPERIMENTS.md "Noise calibrated per device").
 
   PYTHONPATH=. .venv/bin/python experiments/results/v3/demo-tuning/calibrate.py 0,1,...,9 cal|base [KEY=VALUE ...]
-(KEY: a numeric sim.Candidate field, e.g. lr=3.5.)
+(KEY: a numeric sim.Candidate field, e.g. lr=3.5, or filters=none|norm,cosine: the edges' filters.)
 Raw output: calibrate.jsonl (one line per mode and seed range).
 """
 import json
@@ -43,7 +43,9 @@ def noise_for(n: int, batch: int = 128, rounds: int = 80, target: float = 9.96) 
 
 def main() -> None:
     seeds, mode = [int(s) for s in sys.argv[1].split(",")], sys.argv[2]
-    changes = {k: float(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}
+    pairs = [a.split("=", 1) for a in sys.argv[3:]]
+    filters = next(([] if v == "none" else v.split(",") for k, v in pairs if k == "filters"), None)
+    changes = {k: float(v) for k, v in pairs if k != "filters"}
     noise = {c.id: noise_for(len(c.x)) for c in load("watch").clients}
     train = simmod.Simulator._train
 
@@ -54,9 +56,10 @@ def main() -> None:
         simmod.Simulator._train = calibrated
     finals = []
     for seed in seeds:
-        finals.append(S.run(replace(S.Candidate(), **changes), seed)["final"])
+        finals.append(S.run(replace(S.Candidate(), **changes), seed, filters=filters)["final"])
         print(mode, seed, finals[-1], flush=True)
-    row = {"mode": mode, "changes": changes, "seeds": seeds, "final": finals, "mean": float(np.mean(finals)),
+    row = {"mode": mode, "changes": changes, "filters": filters, "seeds": seeds, "final": finals,
+           "mean": float(np.mean(finals)),
            "noise": {k: round(v, 4) for k, v in noise.items()} if mode == "cal" else 3.83}
     print("SUMMARY", json.dumps(row), flush=True)
     with open(Path(__file__).with_name("calibrate.jsonl"), "a") as f:

@@ -26,6 +26,8 @@ variants = {
     "no_filters": base.with_(filters=FilterConfig(enabled=[])),
     "downweight": base.with_(filters=FilterConfig(enabled=["norm", "cosine"], action="downweight")),
     "norm_only": base.with_(filters=FilterConfig(enabled=["norm"])),
+    "cosine_only": base.with_(filters=FilterConfig(enabled=["cosine"])),
+    "cos_nonova": base.with_(filters=FilterConfig(enabled=["cosine"]), options={**base.options, "fednova": False}),
     "nf_nonova": base.with_(filters=FilterConfig(enabled=[]), options={**base.options, "fednova": False}),
     "nf_nois": base.with_(filters=FilterConfig(enabled=[]), options={**base.options, "importance_sampling": False}),
     "nf_dense": base.with_(filters=FilterConfig(enabled=[]), compression=dict(DENSE), forward_compression=dict(DENSE),
