@@ -6,7 +6,6 @@ budget stops the federation with a clear message; kill -9 + restart resumes from
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
 import signal
@@ -23,7 +22,8 @@ import pytest
 from cloud.accounting import Entry, epsilon
 from cloud.rounds import dense_sizes
 from experiments.mosquitto import free_port
-from protocol.compression import CompressionSettings, decode_update, encode_update
+from protocol.compression import CompressionSettings, encode_update
+from protocol.global_model import rebuild
 from protocol.messages import (
     Capability,
     CentralDPReport,
@@ -34,7 +34,6 @@ from protocol.messages import (
     bytes_to_floats,
     decode,
     encode,
-    floats_to_bytes,
     new_nonce,
     sign_message,
     verify_message,
@@ -65,11 +64,8 @@ class Edges(Recorder):
         if topic == CLOUD_MODEL:
             model = decode(payload, expect=GlobalModel)
             verify_message(model, self.cloud_pub)
-            if model.encoding == "full":
-                weights = bytes_to_floats(model.weights, model.n_params)
-            else:  # what a device holding the base version rebuilds
-                weights = self.models[model.base_version] + decode_update(model.weights, model.n_params)
-            assert hashlib.sha256(floats_to_bytes(weights)).digest() == model.sha256
+            base = -1 if model.base_version is None else model.base_version
+            weights, _ = rebuild(model, base, self.models.get(base))   # what a device holding the base rebuilds
             self.models[model.model_version] = weights
             self.encodings[model.model_version] = model.encoding
         else:

@@ -4,7 +4,9 @@ version catch up from their edge? (issue 15, Table 1). Run from the repository r
   PYTHONPATH=. .venv/bin/python experiments/results/v3/fediomt-int4/full_every.py CONFIG DRAWS >> links.jsonl
 CONFIG: int4-f20 | int4-f1000. links.jsonl also holds runs of two probe builds that are not kept: a 2-bit codec
 (ternary codes, scale 1.5 x the block's mean |v|: up2-*, all2-*) and an int8 delta instead of the full version
-every 10 / 20 versions (flush8-*).
+every 10 / 20 versions (flush8-*); and a third whose cloud sent the full versions (the run's first included)
+packed as dense int8 codes of the weights, adopting what devices decode, the rounding left in the residual
+(int4-f20-p8, beside int4-f20 re-run in the same code: the last 16 lines).
 """
 import json
 import sys
