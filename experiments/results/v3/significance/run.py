@@ -21,9 +21,9 @@ from experiments.accuracy import NO_CLIP
 from experiments.sim.harness import RECIPES, dataset, simulator
 from experiments.tune import load_tuned, tuned_run
 
-TUNED = {"heart": "experiments/results/v3/tune-fediomt-epochs/heart-merged.json",
+TUNED = {"heart": "experiments/results/v3/tune-fediomt-momentum/heart-merged.json",
          "physionet2012": "experiments/results/v3/tune-fediomt-epochs/physionet2012-merged.json",
-         "watch": "experiments/results/v3/tune-watch/tune.json"}
+         "watch": "experiments/results/v3/tune-fediomt-momentum/watch-merged.json"}
 HERE = Path(__file__).parent
 
 
