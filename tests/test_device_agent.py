@@ -345,7 +345,8 @@ def test_tampered_global_model_is_refused(fed):
     config = fed.device(privacy={"epsilon": 100.0})
     fed.start(config)
     wait_log(config, "connected")
-    fed.cloud.conn.publish("fl/e1/round", b"\x82\x65round\x01").wait_for_publish(5)  # a v1 round
+    # a v1 round, retained as announcements are: "connected" is logged before the subscription is in place
+    fed.cloud.conn.publish("fl/e1/round", b"\x82\x65round\x01", retain=True).wait_for_publish(5)
     wait_log(config, "refused a message", reason="UNKNOWN_VERSION")  # refused, and the agent carries on
     fed.cloud.publish_model(MODEL, 1, fed.weights, tamper=True)
     fed.cloud.announce(1, MODEL, 1, PLAN)
