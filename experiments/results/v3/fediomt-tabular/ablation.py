@@ -28,14 +28,11 @@ base = dataset(name, seed=0)
 feds = [base.validation_split(0.15, seed) for seed in range(3)]
 
 
-def run_of(method: str, **change):
+def run_of(method: str, local_epochs: int | None = None, options: dict | None = None, **changes):
+    """(Method, lr, local epochs): `method`'s tuned winner with `options` added and Method fields `changes`."""
     won = tuned[f"{name}/{method}"]
-    m = method_with(method, won["options"])
-    opts = change.pop("options", {})
-    if opts:
-        m = m.with_(options={**m.options, **opts})
-    m = m.with_(**{k: v for k, v in change.items() if k not in ("local_epochs", "lr")})
-    return m, change.get("lr", won["lr"]), change.get("local_epochs", won["local_epochs"])
+    m = method_with(method, {**won["options"], **(options or {})}).with_(**changes)
+    return m, won["lr"], local_epochs or won["local_epochs"]
 
 
 VARIANTS = {
