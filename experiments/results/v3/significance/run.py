@@ -8,10 +8,12 @@ alone cannot show: every seed scores the same test rows.
 
 Run from the repository root:
   PYTHONPATH=. .venv/bin/python experiments/results/v3/significance/run.py DATASET SEEDS [ROUNDS] [METHOD,...]
-Writes DATASET.npz (logits per method and seed, the labels) and DATASET.json (the table) here.
+      [--tuned FILE] [--reuse NPZ] [--name NAME]
+Writes NAME.npz (logits per method and seed, the labels) and NAME.json (the table) here (NAME: DATASET); --reuse
+takes the methods not run from an earlier NPZ of the same test set and seeds (their settings unchanged).
 """
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +53,19 @@ def compare(logits: dict[str, np.ndarray], y: np.ndarray, resamples: int = 2000)
 
 
 def main() -> None:
-    name, seeds = sys.argv[1], int(sys.argv[2])
-    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else RECIPES[name].rounds
-    methods = sys.argv[4].split(",") if len(sys.argv) > 4 else ["fedavg", "fedprox", "scaffold", "fedadam",
-                                                                 "fediomt"]
-    tuned, recipe = load_tuned(TUNED[name]), RECIPES[name]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dataset")
+    parser.add_argument("seeds", type=int)
+    parser.add_argument("rounds", type=int, nargs="?")
+    parser.add_argument("methods", nargs="?", default="fedavg,fedprox,scaffold,fedadam,fediomt")
+    parser.add_argument("--tuned")
+    parser.add_argument("--reuse", type=Path)
+    parser.add_argument("--name")
+    args = parser.parse_args()
+    name, seeds, methods = args.dataset, args.seeds, args.methods.split(",")
+    rounds = args.rounds or RECIPES[name].rounds
+    tuned_file = args.tuned or TUNED[name]
+    tuned, recipe = load_tuned(tuned_file), RECIPES[name]
     logits: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     y = None
     for seed in range(seeds):
@@ -69,12 +79,20 @@ def main() -> None:
             sim.model.set_flat(sim.cloud.state.server.weights)
             logits[method].append(sim.model.infer(fed.x_test))
             print(name, method, seed, round(headline(logits[method][-1], y), 4), flush=True)
-    table = compare({m: np.stack(v) for m, v in logits.items()}, y)
+    stacked = {m: np.stack(v) for m, v in logits.items()}
+    if args.reuse:
+        earlier = np.load(args.reuse)
+        assert np.array_equal(earlier["y"], y), "--reuse: another test set"
+        stacked = {**{m: earlier[m] for m in earlier.files if m != "y" and m not in stacked}, **stacked}
+        assert all(len(v) == seeds for v in stacked.values()), "--reuse: another number of seeds"
+    table = compare(stacked, y)
     for row in table:
         print(json.dumps(row), flush=True)
-    np.savez_compressed(HERE / f"{name}.npz", y=y, **{m: np.stack(v) for m, v in logits.items()})
-    (HERE / f"{name}.json").write_text(json.dumps({"dataset": name, "seeds": seeds, "rounds": rounds,
-                                                   "tuned": TUNED[name], "table": table}, indent=1))
+    out = args.name or name
+    np.savez_compressed(HERE / f"{out}.npz", y=y, **stacked)
+    (HERE / f"{out}.json").write_text(json.dumps({"dataset": name, "seeds": seeds, "rounds": rounds,
+                                                  "tuned": tuned_file, "reused": str(args.reuse or ""),
+                                                  "table": table}, indent=1))
 
 
 if __name__ == "__main__":
