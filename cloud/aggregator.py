@@ -144,7 +144,7 @@ class CloudAggregator:
                   n_params=self.model.n_params, edges=self.edges, round=self.state.round_id,
                   resumed=bool(self.state.history))
             if self.cfg.ledger is not None:
-                self.recorder = ContributionRecorder(self.cfg.ledger, self.key, self.cfg.broker, self.log)
+                self.recorder = ContributionRecorder(self.cfg.ledger, self.key, self.cfg.broker, self.log, self.stop)
             if self._statistics_round():
                 self._publish(self.engine.start(time.time()))
                 self._loop()

@@ -11,6 +11,7 @@ again, unchanged, before the next round's, also after a crash (docs/ledger.md "R
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,11 @@ class ContributionRecorder:
     """Puts each round's per-edge contribution scores on the consortium ledger, the cloud proposing the block."""
 
     def __init__(self, cfg: LedgerConfig, key: Ed25519PrivateKey, broker: ConnectionConfig,
-                 log: logging.Logger) -> None:
+                 log: logging.Logger, stop: threading.Event | None = None) -> None:
         self.cfg, self.log = cfg, log
         self.ledger = open_ledger(cfg.db, load_consortium(cfg.consortium))
-        self.node = MqttNode(Proposer(cfg.validator_id, key, self.ledger), role_connection(broker, "ledger")).start()
+        self.node = MqttNode(Proposer(cfg.validator_id, key, self.ledger),
+                             role_connection(broker, "ledger")).start(timeout=None, stop=stop)
 
     def record(self, round_id: int, model_version: int, edges: Sequence[str], deltas: Sequence[np.ndarray],
                samples: Sequence[int], base: np.ndarray, utility: Callable[[np.ndarray], float],

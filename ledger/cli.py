@@ -184,9 +184,10 @@ def replica(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    node = MqttNode(validator, broker).start()
-    event(log, "replica started", id=args.id, height=ledger.height, host=args.host, port=args.port)
-    stop.wait()
+    node = MqttNode(validator, broker).start(timeout=None, stop=stop)
+    if not stop.is_set():
+        event(log, "replica started", id=args.id, height=ledger.height, host=args.host, port=args.port)
+        stop.wait()
     node.stop()
     ledger.close()
     event(log, "replica stopped", id=args.id, height=ledger.height)

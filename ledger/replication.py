@@ -17,7 +17,9 @@ Trust: the proposer is trusted for liveness (it alone orders blocks), not for sa
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 
@@ -263,11 +265,20 @@ class MqttNode:
                                node.subscriptions(), None, log, on_message=self._on_message,
                                on_connected=self._on_connected)
 
-    def start(self, timeout: float = 10.0) -> MqttNode:
-        if not self.conn.start(timeout_s=timeout) or not self.conn.subscribed.wait(timeout):
-            self.conn.close()
-            raise TimeoutError(f"{self.node.id}: no SUBACK from {self.conn.cfg.host}:{self.conn.cfg.port}")
-        return self
+    def start(self, timeout: float | None = 10.0, stop: threading.Event | None = None) -> MqttNode:
+        """Connect and wait for the broker's SUBACK, within `timeout` s (TimeoutError after it). Daemons pass None
+        and their `stop` event: they retry until the broker is back, since a broker that is down (or killed between
+        CONNACK and SUBACK) when a replica or the cloud starts must not end it; a set `stop` returns at once."""
+        stop = stop or threading.Event()
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        if self.conn.start(stop=stop, timeout_s=timeout):
+            while not stop.is_set() and time.monotonic() < deadline:
+                if self.conn.subscribed.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+                    return self
+        if stop.is_set():
+            return self
+        self.conn.close()
+        raise TimeoutError(f"{self.node.id}: no SUBACK from {self.conn.cfg.host}:{self.conn.cfg.port}")
 
     def stop(self) -> None:
         self.conn.close()

@@ -8,6 +8,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import replace
 
 import cbor2
@@ -135,7 +137,9 @@ def test_bad_blocks_are_refused_by_every_validator(cluster, recorder):
              and nodes["edge-a"].node.ledger.height == 3)
 
 
-def test_replica_daemon_signs_replicates_and_stops_on_sigterm(broker, tmp_path):
+def replica_daemon(broker, tmp_path) -> tuple[subprocess.Popen, MqttNode, Ledger]:
+    """`fediomt ledger replica` for validator edge-a (started whether or not the broker is up), and the cloud's
+    proposer node with its ledger (started once the broker is up: call its `start()`)."""
     keys = {v: signing.generate_signing_key() for v in ("cloud", "edge-a")}
     for v, k in keys.items():
         signing.save_public_key(k.public_key(), tmp_path / f"{v}.pub")
@@ -145,33 +149,77 @@ def test_replica_daemon_signs_replicates_and_stops_on_sigterm(broker, tmp_path):
                           "[policy]\ntokens_per_round = 50\n")
     cloud_ledger = open_ledger(tmp_path / "cloud.db", load_consortium(consortium))
     cloud = MqttNode(Proposer("cloud", keys["cloud"], cloud_ledger),
-                     ConnectionConfig(host=broker.host, port=broker.port)).start()
+                     ConnectionConfig(host=broker.host, port=broker.port))
     daemon = subprocess.Popen([sys.executable, "-m", "fediomt", "ledger", "replica", str(tmp_path / "edge-a.db"),
                                "--consortium", str(consortium), "--id", "edge-a", "--key", str(tmp_path / "edge-a.key"),
                                "--host", broker.host, "--port", str(broker.port)],
                               cwd=REPO, stderr=subprocess.PIPE, text=True)
-    try:
-        def commit() -> Block | None:
-            """None while the daemon starts and subscribes: the block lacks its signature."""
-            try:
-                return cloud.commit(propose_block(cloud_ledger, 0, 1, contributions(0)), timeout=1.0)
-            except ProtocolError as exc:
-                assert exc.reason == Reason.INCOMPLETE and daemon.poll() is None
-                return None
+    return daemon, cloud, cloud_ledger
 
-        block = wait_for(commit, 30, interval=0, message="the replica daemon's signature")
-        assert set(block.signatures) == {"cloud", "edge-a"}
-        wait_for(lambda: stored_blocks(tmp_path / "edge-a.db") == 2)  # the committed block reached the replica
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(10) == 0
-        logs = [json.loads(line) for line in daemon.stderr.read().splitlines() if line.startswith("{")]
-        assert logs[-1]["msg"] == "replica stopped" and logs[-1]["height"] == 2
+
+def signed_by_daemon(daemon: subprocess.Popen, cloud: MqttNode, cloud_ledger: Ledger, tmp_path) -> None:
+    """The cloud commits a block that needs the daemon's signature, the block reaches the daemon's database, and
+    SIGTERM stops the daemon cleanly."""
+    def commit() -> Block | None:
+        """None while the daemon starts and subscribes: the block lacks its signature."""
+        try:
+            return cloud.commit(propose_block(cloud_ledger, 0, 1, contributions(0)), timeout=1.0)
+        except ProtocolError as exc:
+            assert exc.reason == Reason.INCOMPLETE and daemon.poll() is None
+            return None
+
+    block = wait_for(commit, 30, interval=0, message="the replica daemon's signature")
+    assert set(block.signatures) == {"cloud", "edge-a"}
+    wait_for(lambda: stored_blocks(tmp_path / "edge-a.db") == 2)  # the committed block reached the replica
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
+    logs = [json.loads(line) for line in daemon.stderr.read().splitlines() if line.startswith("{")]
+    assert logs[-1]["msg"] == "replica stopped" and logs[-1]["height"] == 2
+    with Ledger.open(tmp_path / "edge-a.db") as replica:
+        assert replica.head.hash == cloud_ledger.head.hash
+
+
+def test_replica_daemon_signs_replicates_and_stops_on_sigterm(broker, tmp_path):
+    daemon, cloud, cloud_ledger = replica_daemon(broker, tmp_path)
+    try:
+        cloud.start()
+        signed_by_daemon(daemon, cloud, cloud_ledger, tmp_path)
     finally:
         if daemon.poll() is None:
             daemon.kill()
         cloud.stop()
-    with Ledger.open(tmp_path / "edge-a.db") as replica:
-        assert replica.head.hash == cloud_ledger.head.hash
+
+
+def test_replica_daemon_outlasts_a_broker_that_is_down_when_it_starts(broker, tmp_path):
+    """A replica restarted while the broker is down (the chaos run kills both) waits for it instead of exiting
+    after the 10 s a test's or tool's MqttNode.start allows."""
+    broker.stop()
+    daemon, cloud, cloud_ledger = replica_daemon(broker, tmp_path)
+    try:
+        time.sleep(12)
+        assert daemon.poll() is None, daemon.stderr.read()
+        broker.start()
+        cloud.start()
+        signed_by_daemon(daemon, cloud, cloud_ledger, tmp_path)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        cloud.stop()
+
+
+def test_node_start_times_out_or_stops_while_the_broker_is_down(broker, tmp_path):
+    broker.stop()
+    ledger = open_ledger(tmp_path / "v.db", membership({v: signing.generate_signing_key() for v in VALIDATORS}))
+    node = MqttNode(Validator(VALIDATORS[1], signing.generate_signing_key(), ledger),
+                    ConnectionConfig(host=broker.host, port=broker.port, reconnect_min_s=0.2, reconnect_max_s=0.5))
+    with pytest.raises(TimeoutError, match="no SUBACK"):
+        node.start(timeout=1.0)
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    started = time.monotonic()
+    assert node.start(timeout=None, stop=stop) is node and 1.0 <= time.monotonic() - started < 5
+    assert not node.conn.subscribed.is_set()
+    node.stop()
 
 
 @settings(max_examples=200, deadline=None)
