@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import cbor2
@@ -137,9 +138,10 @@ def test_bad_blocks_are_refused_by_every_validator(cluster, recorder):
              and nodes["edge-a"].node.ledger.height == 3)
 
 
-def replica_daemon(broker, tmp_path) -> tuple[subprocess.Popen, MqttNode, Ledger]:
+@contextlib.contextmanager
+def replica_daemon(broker, tmp_path) -> Iterator[tuple[subprocess.Popen, MqttNode, Ledger]]:
     """`fediomt ledger replica` for validator edge-a (started whether or not the broker is up), and the cloud's
-    proposer node with its ledger (started once the broker is up: call its `start()`)."""
+    proposer node with its ledger (started once the broker is up: call its `start()`); both stopped on exit."""
     keys = {v: signing.generate_signing_key() for v in ("cloud", "edge-a")}
     for v, k in keys.items():
         signing.save_public_key(k.public_key(), tmp_path / f"{v}.pub")
@@ -154,7 +156,12 @@ def replica_daemon(broker, tmp_path) -> tuple[subprocess.Popen, MqttNode, Ledger
                                "--consortium", str(consortium), "--id", "edge-a", "--key", str(tmp_path / "edge-a.key"),
                                "--host", broker.host, "--port", str(broker.port)],
                               cwd=REPO, stderr=subprocess.PIPE, text=True)
-    return daemon, cloud, cloud_ledger
+    try:
+        yield daemon, cloud, cloud_ledger
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        cloud.stop()
 
 
 def signed_by_daemon(daemon: subprocess.Popen, cloud: MqttNode, cloud_ledger: Ledger, tmp_path) -> None:
@@ -180,31 +187,21 @@ def signed_by_daemon(daemon: subprocess.Popen, cloud: MqttNode, cloud_ledger: Le
 
 
 def test_replica_daemon_signs_replicates_and_stops_on_sigterm(broker, tmp_path):
-    daemon, cloud, cloud_ledger = replica_daemon(broker, tmp_path)
-    try:
+    with replica_daemon(broker, tmp_path) as (daemon, cloud, cloud_ledger):
         cloud.start()
         signed_by_daemon(daemon, cloud, cloud_ledger, tmp_path)
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        cloud.stop()
 
 
 def test_replica_daemon_outlasts_a_broker_that_is_down_when_it_starts(broker, tmp_path):
     """A replica restarted while the broker is down (the chaos run kills both) waits for it instead of exiting
     after the 10 s a test's or tool's MqttNode.start allows."""
     broker.stop()
-    daemon, cloud, cloud_ledger = replica_daemon(broker, tmp_path)
-    try:
+    with replica_daemon(broker, tmp_path) as (daemon, cloud, cloud_ledger):
         time.sleep(12)
         assert daemon.poll() is None, daemon.stderr.read()
         broker.start()
         cloud.start()
         signed_by_daemon(daemon, cloud, cloud_ledger, tmp_path)
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        cloud.stop()
 
 
 def test_node_start_times_out_or_stops_while_the_broker_is_down(broker, tmp_path):
