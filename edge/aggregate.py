@@ -25,7 +25,7 @@ ACTIONS = ("drop", "downweight")
 class FilterConfig:
     """The edge's [filters] table: which anomaly filters run, what befalls flagged updates, which aggregator is used."""
 
-    enabled: list[str] = field(default_factory=lambda: ["norm", "cosine"])
+    enabled: list[str] = field(default_factory=lambda: ["collusion", "norm", "cosine"])
     action: str = "drop"             # "drop" flagged updates, or "downweight" them by `downweight`
     downweight: float = 0.1
     aggregator: str = "mean"         # "mean" | "trimmed_mean" | "median"

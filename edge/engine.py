@@ -458,10 +458,12 @@ class EdgeEngine:
         # the cloud's device-majority gate distrusted them last round (cloud.trust)
         for name, verdict in result.verdicts.items():
             self.metrics.filter_decisions.labels(filter=name, decision="flagged").inc(int(verdict.flags.sum()))
-            self.metrics.filter_decisions.labels(filter=name, decision="passed").inc(int((~verdict.flags).sum()))
+            self.metrics.filter_decisions.labels(filter=name, decision="passed").inc(
+                int((np.isfinite(verdict.scores) & ~verdict.flags).sum()))   # NaN: an earlier filter flagged it
         if flagged:
             event(self.log, "updates flagged", logging.WARNING, round=ann.round_id, action=self.cfg.filters.action,
-                  devices={d: {n: round(float(v.scores[i]), 4) for n, v in result.verdicts.items()}
+                  devices={d: {n: round(float(v.scores[i]), 4) for n, v in result.verdicts.items()
+                               if np.isfinite(v.scores[i])}
                            for i, d in enumerate(ids) if result.flagged[i]})
         change = relative_change(result.mean, self.last_forwarded) if kept else 0.0
         significant = bool(kept) and self.edge_masked is None and (

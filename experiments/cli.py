@@ -42,8 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epsilons", type=float, nargs="+",
                         help="privacy: only these target epsilons (plus the non-private reference)")
     parser.add_argument("--filters", nargs="+",
-                        help="poisoning: only these edge filter configurations (none, norm, cosine, krum, "
-                             "norm+cosine, trimmed_mean, median, norm+cosine+trust; default: the dataset's set)")
+                        help="poisoning: only these edge filter configurations (none, collusion, norm, cosine, krum, "
+                             "collusion+norm+cosine, norm+cosine, trimmed_mean, median, collusion+norm+cosine+trust; "
+                             "default: the dataset's set)")
     parser.add_argument("--cvs", type=float, nargs="+",
                         help="heterogeneity: only these compute CVs (default 0, 0.25, 0.5, 1)")
     parser.add_argument("--eval-every", type=int, default=0,

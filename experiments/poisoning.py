@@ -1,24 +1,26 @@
 """Poisoning: final accuracy with malicious devices, per attack (experiments.sim.poison) and per edge filter.
 
 Two studies, both with FedIoMT's default bounds (edge/bounds.py, docs/edge.md "Bounds") and the cloud's default
-device-majority gate (cloud.trust; `norm+cosine-majority` is the default filters without it) on:
+device-majority gate (cloud.trust; `collusion+norm+cosine-majority` is the default filters without it) on:
 
 - `single`: ONE malicious device, at the dataset's natural scale (heart: 4 edges of 2 devices), with the default
-  filters (norm + cosine; they need `min_updates` = 4 updates, so at a 2-device edge only the bounds act). Target:
-  no attack lowers the mean final accuracy by more than 2 points. (watch: its 10 % row is one device at an edge of 5.)
+  filters (collusion + norm + cosine; they need `min_updates` = 4 updates, so at a 2-device edge only the bounds
+  act). Target: no attack lowers the mean final accuracy by more than 2 points. (watch: its 10 % row is one device
+  at an edge of 5.)
 - `fraction`: 10/20/30 % malicious devices (0 and 30 % with --quick), with each filter configuration: no filter
-  (plain weighted mean), each filter of edge.filters alone (norm z-score, cosine to the median, Multi-Krum),
-  FedIoMT's default (norm + cosine), the robust aggregators (trimmed mean, coordinate median), and the default
-  filters plus the cloud's root trust gate on a 200-row clean root set (`norm+cosine+trust`, cloud.trust: an edge
-  whose aggregate points away from the cloud's own update on the root set is left out; rows drawn from the
-  clients'). `--filters` runs only the named configurations (the `single` study: those of the default filters).
-  Filters need at least `min_updates` updates per edge, so each natural client is split into 5 devices (3 with
-  --quick) unless --split says otherwise. Target: at 30 %, >= 90 % of the clean accuracy with the default
-  filters. watch: see WATCH.
+  (plain weighted mean), each filter of edge.filters alone (collusion check, norm z-score, cosine to the median,
+  Multi-Krum), FedIoMT's default (collusion + norm + cosine), the previous default (the norm z-score alone +
+  cosine), the robust aggregators (trimmed mean, coordinate median), and the default filters plus the cloud's root
+  trust gate on a 200-row clean root set (`collusion+norm+cosine+trust`, cloud.trust: an edge whose aggregate points
+  away from the cloud's own update on the root set is left out; rows drawn from the clients'). `--filters` runs
+  only the named configurations (the `single` study: those of the default filters). Filters need at least
+  `min_updates` updates per edge, so each natural client is split into 5 devices (3 with --quick) unless --split
+  says otherwise. Target: at 30 %, >= 90 % of the clean accuracy with the default filters. watch: see WATCH.
 
 Attacks (ATTACKS): sign flip, scaling x10, a 1e30 blow-up, label flip, Gaussian noise, model replacement (the
 sign-flipped delta boosted x100, also claiming 10^6 samples) and a small-norm targeted attack (a fixed direction
-towards predicting the training data's rarest class, sent with the norm of the device's honest delta). Malicious
+towards predicting the training data's rarest class, sent with the norm of the device's honest delta; `targeted_spread`
+blurs it per device and round, so that the colluders' copies are not near-parallel). Malicious
 devices are drawn once per run; fraction 0 is one run shared by every attack.
 """
 
@@ -48,11 +50,13 @@ FILTERS = {
     "norm": FilterConfig(enabled=["norm"]),
     "cosine": FilterConfig(enabled=["cosine"]),
     "krum": FilterConfig(enabled=["krum"]),
-    "norm+cosine": FilterConfig(enabled=["norm", "cosine"]),
+    "collusion": FilterConfig(enabled=["collusion"]),
+    "collusion+norm+cosine": FilterConfig(enabled=["collusion", "norm", "cosine"]),
+    "norm+cosine": FilterConfig(enabled=["norm", "cosine"], params={"norm": {"min_ratio": 0.0}}),   # the old default
     "trimmed_mean": FilterConfig(enabled=[], aggregator="trimmed_mean"),
     "median": FilterConfig(enabled=[], aggregator="median"),
 }
-DEFAULT_FILTER = "norm+cosine"   # edge.aggregate.FilterConfig's defaults
+DEFAULT_FILTER = "collusion+norm+cosine"   # edge.aggregate.FilterConfig's defaults
 TRUSTED = DEFAULT_FILTER + "+trust"   # the default filters plus the cloud's root trust gate (cloud.trust)
 EDGE_ONLY = DEFAULT_FILTER + "-majority"   # the default filters without the cloud's device-majority gate
 TRUST_ROOT = 200                 # rows of the cloud's clean root set for the trust gate
@@ -65,12 +69,13 @@ ATTACKS = {
     "replacement": {"kind": "replacement", "boost": 100.0},
     "replacement_1e6": {"kind": "replacement", "boost": 100.0, "num_samples": 10**6},
     "targeted": {"kind": "targeted"},
+    "targeted_spread": {"kind": "targeted", "spread": 1.0},
 }
 FRACTIONS = (0.0, 0.3)
 # watch (a CNN, ~10x heart's cost per run): its natural 2 edges of 5 devices, the default filters only, and 10 %
 # (ONE device at a 5-device edge) beside 30 %; the single-device study at 2-device edges is heart's
 WATCH = {"filters": (DEFAULT_FILTER, TRUSTED), "fractions": (0.0, 0.1, 0.3), "split": 1, "single": False}
-QUICK = {"filters": ("none", "norm+cosine", TRUSTED), "attacks": ("sign_flip", "replacement_1e6", "targeted"),
+QUICK = {"filters": ("none", DEFAULT_FILTER, TRUSTED), "attacks": ("sign_flip", "replacement_1e6", "targeted"),
          "fractions": (0.0, 0.3), "single_attacks": ("replacement_1e6", "targeted")}
 
 

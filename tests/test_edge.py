@@ -127,6 +127,32 @@ def test_poisoned_updates_are_filtered(tmp_path, rng):
     assert results["off"] > 1.0 and results["bounds"] < 1.0
 
 
+def test_colluders_holding_an_edges_majority_are_dropped_not_the_honest_devices(tmp_path, rng, caplog):
+    """3 of 5 devices push one direction (each copy slightly perturbed), 2 honest non-IID devices do not: with the
+    default filters the colluders are flagged by the collusion check, and the cosine filter, which runs after it
+    on the rest, keeps the honest two; with the previous default (norm z-score + cosine) the colluders' median
+    wins and the honest two are dropped."""
+    from edge.aggregate import FilterConfig
+
+    attack = rng.normal(size=N_PARAMS)
+    honest = [rng.normal(size=N_PARAMS) - 0.3 * attack for _ in range(2)]
+    deltas = [0.01 * v for v in honest + [attack + 0.2 * rng.normal(size=N_PARAMS) for _ in range(3)]]
+    filtered = {}
+    for name, filters in {"default": FilterConfig().enabled, "previous": ["norm", "cosine"]}.items():
+        fed = Fed(tmp_path / name, n_devices=5, filters={"enabled": filters, "params": {"norm": {"min_ratio": 0.0}}})
+        eng = fed.engine()
+        open_round(fed, eng)
+        pubs = []
+        with caplog.at_level("WARNING"):
+            for d, delta in zip(fed.devices, deltas):
+                pubs += eng.handle_update(d, fed.update(d, delta.astype(np.float32)))[1]
+            agg, _ = aggregate_of(fed, pubs)
+        filtered[name] = agg.filtered
+    assert filtered == {"default": ["d02", "d03", "d04"], "previous": ["d00", "d01"]}
+    first = [r.fields for r in caplog.records if r.getMessage() == "updates flagged"][0]
+    assert first["devices"]["d02"].keys() == {"collusion"}   # the cosine filter never saw the colluders
+
+
 def test_central_dp_noise_and_report(tmp_path, rng):
     fed = Fed(tmp_path, n_devices=10)
     eng = fed.engine()

@@ -9,6 +9,7 @@ from edge import central_dp
 from edge.aggregate import FilterConfig, Meta, aggregate, relative_change
 from edge.filters import run_filters
 from edge.filters.base import robust_z
+from edge.filters.collusion import near_duplicates, pairwise_cosines
 from edge.filters.cosine import cosine_to_median
 from edge.filters.krum import multi_krum, pairwise_sq_distances
 from edge.filters.median import coordinate_median
@@ -46,6 +47,16 @@ def test_norm_filter_flags_only_boosted_updates():
     assert not norm_zscore(X[:16] * 1e-3).flags.any()  # small updates are never flagged
 
 
+def test_norm_filter_needs_a_multiple_of_the_median_as_well_as_a_high_z():
+    norms = np.array([1.0, 1.02, 0.98, 1.01, 2.0])   # an edge of 5: tiny MAD, one honest device moving twice as far
+    X = norms[:, None] * np.eye(5, dtype=np.float32)
+    assert norm_zscore(X).scores[-1] > 30
+    assert not norm_zscore(X).flags.any()
+    assert norm_zscore(X, min_ratio=0.0).flags.tolist() == [False] * 4 + [True]   # the z-score alone flags it
+    X[-1] *= 5   # 10x the median: a boosted update
+    assert norm_zscore(X).flags.tolist() == [False] * 4 + [True]
+
+
 def test_cosine_filter_flags_sign_flipped_updates():
     X = population(scale=1.0)  # same norms: only the direction betrays them
     v = cosine_to_median(X)
@@ -76,6 +87,65 @@ def test_filters_compose_by_union():
     flags, verdicts = run_filters(X, ["norm", "cosine"], {})
     assert verdicts["norm"].flags[0] and not verdicts["cosine"].flags[0]
     assert flags[0] and flags[16:].all() and not flags[1:16].any()
+    assert np.isnan(verdicts["cosine"].scores[0])  # the cosine filter did not see what the norm filter flagged
+
+
+def colluding_edge(seed=0, honest=2, colluders=3):
+    """A small edge of non-IID honest devices (loosely aligned, against the attack) and colluders pushing one
+    direction, each copy with its own small perturbation (e.g. compression's error feedback)."""
+    rng = np.random.default_rng(seed)
+    attack = rng.normal(size=D)
+    X = np.vstack([rng.normal(size=(honest, D)) - 0.3 * attack,
+                   attack + 0.2 * rng.normal(size=(colluders, D))]).astype(np.float32)
+    return X
+
+
+def test_pairwise_cosines_match_a_direct_computation():
+    X = colluding_edge()
+    X[0] = 0
+    cos = pairwise_cosines(X)
+    n = np.linalg.norm(X.astype(np.float64), axis=1)
+    for i in range(1, 5):
+        for j in range(1, 5):
+            if i != j:
+                assert cos[i, j] == pytest.approx(X[i].astype(np.float64) @ X[j] / (n[i] * n[j]), rel=1e-9)
+    assert (cos[0, 1:] == 0).all() and np.isneginf(np.diag(cos)).all()
+
+
+def test_collusion_filter_flags_near_parallel_colluders_but_not_a_consensus():
+    X = colluding_edge()
+    v = near_duplicates(X)
+    assert v.flags.tolist() == [False, False, True, True, True]
+    assert (v.scores[2:] > 0.9).all() and (v.scores[:2] < 0.2).all()
+    rng = np.random.default_rng(1)   # IID devices early in training: all near-parallel, nobody stands out
+    consensus = (rng.normal(size=D) + 0.3 * rng.normal(size=(6, D))).astype(np.float32)
+    v = near_duplicates(consensus)
+    assert (v.scores > 0.85).all() and not v.flags.any()
+    assert not near_duplicates(X[:1]).flags.any()
+    flipped = consensus.copy()   # half of them sign-flipped: the signed median pair is -0.9, the typical |cosine| 0.9
+    flipped[3:] *= -1
+    assert not near_duplicates(flipped).flags.any()
+
+
+def test_collusion_filter_samples_its_peers_at_a_large_edge():
+    X = colluding_edge(honest=1_190, colluders=10)   # 10 colluders among 1,200: most pairs are honest
+    sampled = near_duplicates(X, max_peers=600)
+    exact = near_duplicates(X, max_peers=2_000)
+    assert exact.flags[-10:].all() and not exact.flags[:-10].any()
+    assert not sampled.flags[:-10].any()
+    assert sampled.flags[-10:].sum() >= 7   # a colluder is caught when another one is among the sampled peers
+    np.testing.assert_allclose(sampled.scores[:-10], exact.scores[:-10], atol=0.15)
+
+
+def test_collusion_runs_first_so_colluders_cannot_capture_the_cosine_median():
+    X = colluding_edge()   # 3 of 5 collude: the coordinate median is theirs
+    alone = cosine_to_median(X)
+    assert alone.flags[:2].all() and not alone.flags[2:].any()   # the cosine filter alone drops the honest two
+    flags, verdicts = run_filters(X, ["collusion", "cosine"], {})
+    assert flags.tolist() == [False, False, True, True, True]
+    assert not verdicts["cosine"].flags.any() and np.isnan(verdicts["cosine"].scores[2:]).all()
+    flags, verdicts = run_filters(X, ["collusion", "cosine"], {"collusion": {"max_cos": 1.0, "margin": 2.0}})
+    assert flags.tolist() == [True, True, False, False, False]   # without the check, the honest are dropped
 
 
 @pytest.mark.parametrize("chunk", [1, 60, 1 << 22])

@@ -57,6 +57,6 @@ METHODS: dict[str, Method] = {
     "fedprox": Method("fedprox", "fedprox", {"mu": 0.01}, partial_work=True),
     "scaffold": Method("scaffold", "scaffold"),
     "fediomt": Method("fediomt", "fediomt", dict(FEDIOMT_OPTIONS), dict(DENSE4),
-                      FilterConfig(enabled=["norm", "cosine"]), partial_work=True, forward_compression=dict(DENSE4),
+                      FilterConfig(), partial_work=True, forward_compression=dict(DENSE4),
                       downlink="delta", downlink_compression=dict(DENSE4), full_every=20),
 }

@@ -7,7 +7,9 @@
 - replacement: model replacement / boosting (Bagdasaryan et al. 2020): sends -boost * delta, the step that would
   replace the global model by one `boost` honest steps backwards if the edge averaged it in unbounded;
 - targeted: a fixed direction (`direction`, a unit vector chosen once per run, e.g. towards predicting one class)
-  sent with the norm of the device's honest delta, so that no norm statistic sets it apart.
+  sent with the norm of the device's honest delta, so that no norm statistic sets it apart; with `spread` > 0 each
+  device blurs the direction every round with its own random unit vector times `spread` (at 1: cosine 0.71 to the
+  direction, ~0.5 between two attackers), the adaptive answer to the edge's collusion check (edge.filters.collusion).
 
 Any kind may also claim `num_samples` (0: its true count), to buy weight (issue 18: 2^63 - 1 took a whole edge).
 """
@@ -31,6 +33,7 @@ class Poison:
     sigma: float = 1.0       # noise attack std per coordinate
     num_samples: int = 0     # the count malicious devices claim; 0 = their true one
     boost: float = 100.0     # replacement attack factor (applied to the sign-flipped delta)
+    spread: float = 0.0      # targeted: weight of each device's own random unit vector blurring the direction
     direction: np.ndarray | None = field(default=None, compare=False, repr=False)   # targeted: a unit vector
 
     def __post_init__(self) -> None:
@@ -61,5 +64,9 @@ def poison_delta(delta: np.ndarray, poison: Poison, rng: np.random.Generator) ->
     if poison.kind == "replacement":
         return (-poison.boost * delta).astype(np.float32)
     if poison.kind == "targeted":
-        return (poison.direction * np.linalg.norm(delta.astype(np.float64))).astype(np.float32)
+        way = poison.direction.astype(np.float64)
+        if poison.spread > 0:
+            blur = rng.standard_normal(way.shape[0])
+            way = way + poison.spread * blur / np.linalg.norm(blur)
+        return (way / np.linalg.norm(way) * np.linalg.norm(delta.astype(np.float64))).astype(np.float32)
     return delta

@@ -1,0 +1,52 @@
+"""Collusion check: flag updates that point almost exactly the same way as another update of the round.
+
+Honest devices hold different data, so their deltas are at most loosely aligned (watch, non-IID: pairwise cosines
+<= 0.7 even in the first round); colluding devices that push one poisoned direction (sybils, a targeted attack
+from several devices) send near-parallel deltas, and when they are a majority of a small edge they also capture the
+median that the cosine filter compares with (FoolsGold, Fung et al. 2020, makes the same observation). An update is
+flagged when its highest cosine to another update reaches both `max_cos` and the round's typical alignment plus
+`margin`, the typical alignment being the median |cosine| over all pairs: where updates line up along one axis,
+either way (IID devices, the first steps from a fresh model, or sign-flipped copies of such updates, which would
+pull a signed median down and make honest IID devices look like colluders), near-parallel pairs are expected and
+nothing is flagged. Attackers that decorrelate their copies with noise evade this check; they then
+also dilute their push, which the edge's bounds and the cloud's gates meet.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge.filters.base import Verdict, row_norms
+
+
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    norms = row_norms(X)
+    return np.divide(X.astype(np.float64, copy=False), norms[:, None], out=np.zeros(X.shape), where=norms[:, None] > 0)
+
+
+def pairwise_cosines(X: np.ndarray) -> np.ndarray:
+    """(n, n) cosine similarities of the rows (0 for a zero row), diagonal excluded as -inf."""
+    units = unit_rows(X)
+    cos = units @ units.T
+    np.fill_diagonal(cos, -np.inf)
+    return cos
+
+
+def near_duplicates(X: np.ndarray, max_cos: float = 0.85, margin: float = 0.3, max_peers: int = 1000) -> Verdict:
+    """Above `max_peers` updates each is compared with a random sample of `max_peers` of them (n x max_peers
+    cosines instead of n x n: 10,000 updates cost what 1,000 would ten times): a coalition large enough to matter at
+    such an edge has members in any sample, and the sample is drawn afresh each round, so no arrival order avoids it."""
+    n = X.shape[0]
+    if n < 2:
+        return Verdict(scores=np.zeros(n), flags=np.zeros(n, dtype=bool))
+    if n <= max_peers:
+        cos = pairwise_cosines(X)
+        pairs = cos[np.triu_indices(n, k=1)]
+    else:
+        units = unit_rows(X).astype(np.float32)
+        peers = np.random.default_rng().choice(n, size=max_peers, replace=False)
+        cos = units @ units[peers].T
+        cos[peers, np.arange(max_peers)] = -np.inf   # an update is not its own peer
+        pairs = cos[np.isfinite(cos)]
+    closest = cos.max(axis=1).astype(np.float64)
+    return Verdict(scores=closest, flags=closest >= max(max_cos, float(np.median(np.abs(pairs))) + margin))
