@@ -11,7 +11,8 @@ integer RDP orders; in a demo run the devices' noise came out within 0.5 % of th
 run (EXPERIMENTS.md "Noise calibrated per device").
 
   PYTHONPATH=. .venv/bin/python experiments/results/v3/demo-tuning/calibrate.py 0,1,...,9 cal|base [KEY=VALUE ...]
-(KEY: a numeric sim.Candidate field, e.g. lr=3.5, or filters=none|norm,cosine: the edges' filters.)
+(KEY: a numeric sim.Candidate field, e.g. lr=3.5, or filters=none|norm,cosine: the edges' filters, or
+norm_min_ratio=R: the norm filter's min_ratio.)
 Raw output: calibrate.jsonl (one line per mode and seed range).
 """
 import json
@@ -45,7 +46,9 @@ def main() -> None:
     seeds, mode = [int(s) for s in sys.argv[1].split(",")], sys.argv[2]
     pairs = [a.split("=", 1) for a in sys.argv[3:]]
     filters = next(([] if v == "none" else v.split(",") for k, v in pairs if k == "filters"), None)
-    changes = {k: float(v) for k, v in pairs if k != "filters"}
+    ratio = next((float(v) for k, v in pairs if k == "norm_min_ratio"), None)
+    params = {} if ratio is None else {"norm": {"min_ratio": ratio}}
+    changes = {k: float(v) for k, v in pairs if k not in ("filters", "norm_min_ratio")}
     noise = {c.id: noise_for(len(c.x)) for c in load("watch").clients}
     train = simmod.Simulator._train
 
@@ -56,9 +59,10 @@ def main() -> None:
         simmod.Simulator._train = calibrated
     finals = []
     for seed in seeds:
-        finals.append(S.run(replace(S.Candidate(), **changes), seed, filters=filters)["final"])
+        finals.append(S.run(replace(S.Candidate(), **changes), seed, filters=filters, filter_params=params)["final"])
         print(mode, seed, finals[-1], flush=True)
-    row = {"mode": mode, "changes": changes, "filters": filters, "seeds": seeds, "final": finals,
+    row = {"mode": mode, "changes": changes, "filters": filters, **({"filter_params": params} if params else {}),
+           "seeds": seeds, "final": finals,
            "mean": float(np.mean(finals)),
            "noise": {k: round(v, 4) for k, v in noise.items()} if mode == "cal" else 3.83}
     print("SUMMARY", json.dumps(row), flush=True)

@@ -30,6 +30,9 @@ from experiments.sim.harness import simulator
 from experiments.sim.methods import Method
 
 DENSE_PER_ROUND = 23_932_624 / 80    # a real demo's dense FedAvg bytes per round, every link (report.json)
+DEMO_FILTERS = ["collusion", "norm", "cosine"]   # fediomt/demo.py DEMO_FILTERS: the norm filter on its z-score
+DEMO_FILTER_PARAMS = {"norm": {"min_ratio": 0.0}}   # alone (before the collusion check: ["norm", "cosine"], OR-ed;
+                                                    # identical results under the demo's DP, calibrate.jsonl)
 ADDRESSED = 12                       # the demo's 8 trainers + 2 inference wearables + 2 edges get every model
 
 
@@ -54,27 +57,29 @@ class Candidate:
     device_epsilon: float = 10.0  # least that keeps it within this over the run
 
 
-def method_for(s: Candidate, options: dict | None = None, filters: list[str] | None = None) -> Method:
+def method_for(s: Candidate, options: dict | None = None, filters: list[str] | None = None,
+               filter_params: dict | None = None) -> Method:
     """The demo's cloud [strategy], device compression, edge filters and forward, and downlink as a Method;
-    `options` adds strategy options, `filters` replaces the edges' filters."""
+    `options` adds strategy options, `filters` replaces the edges' filters, `filter_params` their parameters."""
     up = ({"method": "dense", "bits": s.bits} if s.density >= 1 else
           {"method": "topk", "density": s.density, "bits": s.bits})
     return Method("demo", "fediomt", {"lr_decay_rounds": s.rounds, "lr_floor": s.lr_floor, **(options or {})}, up,
-                  FilterConfig(enabled=["norm", "cosine"] if filters is None else filters, action="drop",
-                               min_updates=4), partial_work=True,
+                  FilterConfig(enabled=DEMO_FILTERS if filters is None else filters, action="drop", min_updates=4,
+                               params=(DEMO_FILTER_PARAMS if filters is None else {}) if filter_params is None
+                               else filter_params), partial_work=True,
                   forward_compression={"method": "dense", "bits": s.forward_bits}, downlink=s.model_encoding,
                   downlink_compression={"method": "topk", "density": s.model_density, "bits": s.model_bits},
                   full_every=s.model_full_every or s.rounds + 1)
 
 
 def run(s: Candidate, seed: int, options: dict | None = None, filters: list[str] | None = None,
-        model: dict | None = None) -> dict:
+        model: dict | None = None, filter_params: dict | None = None) -> dict:
     fed = load("watch")
     fed.model_options = {**fed.model_options, **(model or {})}
     fed.clients = fed.clients[s.public_subjects:]          # the demo's consented public subjects stay out
     smallest = min(len(c.x) for c in fed.clients)          # the demo's devices hold every row
     fed = fed.validation_split(0.15, 0)
-    sim = simulator(fed, method_for(s, options, filters), seed, rounds=s.rounds, lr=s.lr,
+    sim = simulator(fed, method_for(s, options, filters, filter_params), seed, rounds=s.rounds, lr=s.lr,
                     local_epochs=s.local_epochs, clip=s.clip, noise_mult=s.noise_mult, batch_size=s.batch_size,
                     device_epsilon=s.device_epsilon if s.calibrate else 0.0)
     sizes = {"up": 0, "fwd": 0, "down": 0}
