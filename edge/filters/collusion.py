@@ -8,8 +8,9 @@ flagged when its highest cosine to another update reaches both `max_cos` and the
 `margin`, the typical alignment being the median |cosine| over all pairs: where updates line up along one axis,
 either way (IID devices, the first steps from a fresh model, or sign-flipped copies of such updates, which would
 pull a signed median down and make honest IID devices look like colluders), near-parallel pairs are expected and
-nothing is flagged. Attackers that decorrelate their copies with noise evade this check; they then
-also dilute their push, which the edge's bounds and the cloud's gates meet.
+nothing is flagged. Attackers that blur their copies with their own noise each round (cosine ~0.5 between two of
+them, as close as honest devices come) evade this check: that attack is measured in EXPERIMENTS.md "The edges'
+collusion check".
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import numpy as np
 from edge.filters.base import Verdict, row_norms
 
 
-def unit_rows(X: np.ndarray) -> np.ndarray:
-    norms = row_norms(X)
-    return np.divide(X.astype(np.float64, copy=False), norms[:, None], out=np.zeros(X.shape), where=norms[:, None] > 0)
+def unit_rows(X: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """The rows scaled to unit L2 norm (a zero row stays zero)."""
+    norms = row_norms(X).astype(dtype)
+    out = np.zeros(X.shape, dtype)
+    return np.divide(X.astype(dtype, copy=False), norms[:, None], out=out, where=norms[:, None] > 0)
 
 
 def pairwise_cosines(X: np.ndarray) -> np.ndarray:
@@ -43,7 +46,7 @@ def near_duplicates(X: np.ndarray, max_cos: float = 0.85, margin: float = 0.3, m
         cos = pairwise_cosines(X)
         pairs = cos[np.triu_indices(n, k=1)]
     else:
-        units = unit_rows(X).astype(np.float32)
+        units = unit_rows(X, np.float32)   # no float64 copy of a matrix this large
         peers = np.random.default_rng().choice(n, size=max_peers, replace=False)
         cos = units @ units[peers].T
         cos[peers, np.arange(max_peers)] = -np.inf   # an update is not its own peer
