@@ -50,8 +50,8 @@ def run(args) -> dict:
     for s in summary:
         if s["figure"] != "bytes_to_target":
             continue
-        fedavg = next(x["bytes_to_target"] for x in summary if x["figure"] == "bytes_to_target"
-                      and x["method"] == "fedavg" and x["dataset"] == s["dataset"])
+        fedavg = next((x["bytes_to_target"] for x in summary if x["figure"] == "bytes_to_target"
+                       and x["method"] == "fedavg" and x["dataset"] == s["dataset"]), None)   # not run: no ratio
         per_round = next(x["bytes_per_round"] for x in summary if x["figure"] == "bytes_per_round"
                          and x["method"] == s["method"] and x["dataset"] == s["dataset"])
         rounds = next(x["rounds_to_target"] for x in summary if x["figure"] == "rounds_to_target"

@@ -73,6 +73,14 @@ def test_communication_counts_every_message(results):
         assert r["metric"] == "auroc" and 0.45 < r["target"] < 0.9   # heart is binary: 90 % of the central AUROC
 
 
+def test_communication_without_fedavg_reports_no_ratio_instead_of_failing(tmp_path):
+    """Table 1 for one method (e.g. re-measuring FedIoMT alone): the run is written, its ratio to FedAvg is empty."""
+    assert main(["experiment", "communication", "--quick", "--methods", "fediomt", "--seeds", "1",
+                 "--out", str(tmp_path)]) == 0
+    table = json.loads((tmp_path / "communication.json").read_text())["table"]
+    assert {r["method"] for r in table} == {"fediomt"} and all(r["reduction_vs_fedavg"] is None for r in table)
+
+
 def test_privacy_noise_costs_accuracy(results):
     rows = results[1]["privacy"]["rows"]
     assert {r["epsilon"] for r in rows} == {1.0, None}
