@@ -35,10 +35,14 @@ def pairwise_cosines(X: np.ndarray) -> np.ndarray:
     return cos
 
 
-def near_duplicates(X: np.ndarray, max_cos: float = 0.85, margin: float = 0.3, max_peers: int = 1000) -> Verdict:
-    """Above `max_peers` updates each is compared with a random sample of `max_peers` of them (n x max_peers
-    cosines instead of n x n: 10,000 updates cost what 1,000 would ten times): a coalition large enough to matter at
-    such an edge has members in any sample, and the sample is drawn afresh each round, so no arrival order avoids it."""
+def near_duplicates(X: np.ndarray, max_cos: float = 0.85, margin: float = 0.3, min_share: float = 0.25,
+                    max_peers: int = 1000) -> Verdict:
+    """Only a group of near-parallel updates holding `min_share` of the round is flagged (at an edge of 5: any two;
+    of 100: 25): such a group can move the cosine filter's median, while at a large edge two honest devices cut from
+    the same records can send near-identical updates (the 1,000-device simulation: 2-5 windows per device).
+    Above `max_peers` updates each is compared with a random sample of `max_peers` of them (n x max_peers cosines
+    instead of n x n: 10,000 updates cost what 1,000 would ten times) and its group's size is estimated from the
+    sample; the sample is drawn afresh each round, so no arrival order avoids it."""
     n = X.shape[0]
     if n < 2:
         return Verdict(scores=np.zeros(n), flags=np.zeros(n, dtype=bool))
@@ -51,5 +55,6 @@ def near_duplicates(X: np.ndarray, max_cos: float = 0.85, margin: float = 0.3, m
         cos = units @ units[peers].T
         cos[peers, np.arange(max_peers)] = -np.inf   # an update is not its own peer
         pairs = cos[np.isfinite(cos)]
-    closest = cos.max(axis=1).astype(np.float64)
-    return Verdict(scores=closest, flags=closest >= max(max_cos, float(np.median(np.abs(pairs))) + margin))
+    close = cos >= max(max_cos, float(np.median(np.abs(pairs))) + margin)
+    group = 1 + close.sum(axis=1) * (n - 1) / cos.shape[1] if n > max_peers else 1 + close.sum(axis=1)
+    return Verdict(scores=cos.max(axis=1).astype(np.float64), flags=(group >= 2) & (group >= min_share * n))
