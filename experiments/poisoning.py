@@ -52,7 +52,8 @@ FILTERS = {
     "krum": FilterConfig(enabled=["krum"]),
     "collusion": FilterConfig(enabled=["collusion"]),
     "collusion+norm+cosine": FilterConfig(enabled=["collusion", "norm", "cosine"]),
-    "norm+cosine": FilterConfig(enabled=["norm", "cosine"], params={"norm": {"min_ratio": 0.0}}),   # the old default
+    # the norm z-score alone, then cosine (the previous default ran the two OR-ed, each on every update)
+    "norm+cosine": FilterConfig(enabled=["norm", "cosine"], params={"norm": {"min_ratio": 0.0}}),
     "trimmed_mean": FilterConfig(enabled=[], aggregator="trimmed_mean"),
     "median": FilterConfig(enabled=[], aggregator="median"),
 }

@@ -65,8 +65,8 @@ def method_for(s: Candidate, options: dict | None = None, filters: list[str] | N
           {"method": "topk", "density": s.density, "bits": s.bits})
     return Method("demo", "fediomt", {"lr_decay_rounds": s.rounds, "lr_floor": s.lr_floor, **(options or {})}, up,
                   FilterConfig(enabled=DEMO_FILTERS if filters is None else filters, action="drop", min_updates=4,
-                               params=(DEMO_FILTER_PARAMS if filters is None else {}) if filter_params is None
-                               else filter_params), partial_work=True,
+                               params=filter_params or (DEMO_FILTER_PARAMS if filters is None else {})),
+                  partial_work=True,
                   forward_compression={"method": "dense", "bits": s.forward_bits}, downlink=s.model_encoding,
                   downlink_compression={"method": "topk", "density": s.model_density, "bits": s.model_bits},
                   full_every=s.model_full_every or s.rounds + 1)
