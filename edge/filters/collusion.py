@@ -20,11 +20,12 @@ import numpy as np
 from edge.filters.base import Verdict, row_norms
 
 
-def unit_rows(X: np.ndarray, dtype=np.float64) -> np.ndarray:
-    """The rows scaled to unit L2 norm (a zero row stays zero)."""
-    norms = row_norms(X).astype(dtype)
-    out = np.zeros(X.shape, dtype)
-    return np.divide(X.astype(dtype, copy=False), norms[:, None], out=out, where=norms[:, None] > 0)
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    """The rows scaled to unit L2 norm (a zero row stays zero), in float32: a cosine needs no more than float32's
+    ~1e-7 to be compared with thresholds given to two decimals, and it halves the copy and the product's time."""
+    norms = row_norms(X).astype(np.float32)
+    out = np.zeros(X.shape, np.float32)
+    return np.divide(X.astype(np.float32, copy=False), norms[:, None], out=out, where=norms[:, None] > 0)
 
 
 def pairwise_cosines(X: np.ndarray) -> np.ndarray:
@@ -50,7 +51,7 @@ def near_duplicates(X: np.ndarray, max_cos: float = 0.85, margin: float = 0.3, m
         cos = pairwise_cosines(X)
         pairs = cos[np.triu_indices(n, k=1)]
     else:
-        units = unit_rows(X, np.float32)   # no float64 copy of a matrix this large
+        units = unit_rows(X)
         peers = np.random.default_rng().choice(n, size=max_peers, replace=False)
         cos = units @ units[peers].T
         cos[peers, np.arange(max_peers)] = -np.inf   # an update is not its own peer
