@@ -8,7 +8,9 @@ binary tasks, else accuracy) averaged over the last `TAIL` rounds, so one noisy 
 a configuration's score is the mean over the seeds, so one lucky validation draw does not either (heart's validation
 set is ~45 rows: one seed's AUROC moves by a few points between draws). DIR/tune.json keeps every run and the
 winner per (dataset, method); `fediomt experiment accuracy --tuned DIR/tune.json` then runs each method with its
-winner on the real test set. Every draw comes from seed 0's train/test split. The shipped datasets hold out a fixed
+winner on the real test set. Beside each winner tune.json keeps its lead over the runner-up, paired over the
+draws, and that lead's standard error: a lead under 2 standard errors is reported as within the draws' noise (more
+--seeds would decide). Every draw comes from seed 0's train/test split. The shipped datasets hold out a fixed
 test set; a `--data` CSV without `--test-data` holds out a seed-dependent one, so another seed's test rows may sit in
 these validation draws: give such data a fixed `--test-data` file before tuning on it.
 """
@@ -16,6 +18,7 @@ these validation draws: give such data a fixed `--test-data` file before tuning 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,15 +90,30 @@ def score(logs) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def lead(winner: list[float], runner_up: list[float]) -> tuple[float, float | None]:
+    """The winner's lead over the runner-up, paired over the validation draws (both ran on the same draws): its mean
+    and standard error (None from one draw). A lead under 2 standard errors is within the draws' noise: which of the
+    two won says more about the draws than about the configurations (heart, 3 draws of ~45 rows: EXPERIMENTS.md
+    "Heart and PhysioNet tuned over 10 validation draws")."""
+    d = np.asarray(winner, np.float64) - np.asarray(runner_up, np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
+
+
+def _ranked(scores: dict[int, list[float]]) -> list[int]:
+    """Configurations by mean score, best first (a run without a score, NaN, ranks last)."""
+    means = {i: float(np.mean(v)) for i, v in scores.items()}
+    return sorted(means, key=lambda i: -means[i] if np.isfinite(means[i]) else np.inf)
+
+
 def run(args) -> dict:
-    rows, chosen = [], {}
+    rows, chosen, noisy = [], {}, []
     for name in datasets_for(args):
         recipe, rounds = RECIPES[name], rounds_for(name, args)
         # one data split (seed 0's, as the accuracy run's seed 0), several validation draws from its training rows
         base = dataset(name, scale_for(args), 0)
         feds = [base.validation_split(0.15, seed) for seed in range(args.seeds)]
         for method in methods_for(args, METHODS):
-            best = None
+            scores: dict[int, list[float]] = {}
             for i, cfg in enumerate(SEARCH[method]):
                 runs = []
                 for seed, fed in enumerate(feds):
@@ -106,20 +124,33 @@ def run(args) -> dict:
                                  "lr": recipe.lr * cfg["lr_factor"], "metric": headline_of(logs),
                                  "val_score": score(logs), **{k: getattr(last, k, None) for k in SCORE_KEYS}})
                 rows.extend(runs)
-                mean = float(np.mean([r["val_score"] for r in runs]))
-                if best is None or mean > best["val_score"]:
-                    best = dict(runs[0], val_score=mean, val_scores=[r["val_score"] for r in runs])
-            chosen[f"{name}/{method}"] = {k: best[k] for k in ("lr", "local_epochs", "options", "val_score",
-                                                               "val_scores", "metric")}
+                scores[i] = [r["val_score"] for r in runs]
+            first, second = _ranked(scores)[:2]
+            won = next(r for r in rows if r["dataset"] == name and r["method"] == method and r["config"] == first)
+            margin, se = lead(scores[first], scores[second])
+            chosen[f"{name}/{method}"] = {**{k: won[k] for k in ("lr", "local_epochs", "options", "metric")},
+                                          "val_score": float(np.mean(scores[first])), "val_scores": scores[first],
+                                          "lead": margin, "lead_se": se,
+                                          "separated": None if se is None else bool(margin > 2 * se)}
+            if se is not None and margin <= 2 * se:
+                noisy.append(f"{name}/{method}")
     table = [{"dataset": k.split("/")[0], "method": k.split("/")[1], **{
         "lr": v["lr"], "local_epochs": v["local_epochs"], "options": json.dumps(v["options"]),
-        "metric": v["metric"], "val_score": round(v["val_score"], 4)}} for k, v in chosen.items()]
+        "metric": v["metric"], "val_score": round(v["val_score"], 4), "lead": round(v["lead"], 4),
+        "lead_se": "-" if v["lead_se"] is None else round(v["lead_se"], 4)}} for k, v in chosen.items()]
     notes = (f"Each method's best of {BUDGET} configurations on validation splits carved from the clients' training "
              f"data (score: the headline metric averaged over the last {TAIL} rounds, then over {args.seeds} seeds, "
-             "each its own validation draw). The test set is not used here.")
+             "each its own validation draw). The test set is not used here. lead: the winner's score minus the "
+             "runner-up's, paired over the draws, with its standard error (lead_se).")
+    if noisy:
+        notes += (f" Within the draws' noise (lead <= 2 lead_se): {', '.join(noisy)}: these draws cannot "
+                  "tell the winner from the runner-up (as far as they show, either is as good); more draws (--seeds) "
+                  "would decide.")
+        print(f"tune: the winner leads by no more than 2 standard errors for {', '.join(noisy)}: within the draws' "
+              "noise; more --seeds would decide", file=sys.stderr, flush=True)
     return write_outputs(args.out, "tune", args, rows, [], table,
-                         ["dataset", "method", "lr", "local_epochs", "options", "metric", "val_score"], notes,
-                         {"chosen": chosen})
+                         ["dataset", "method", "lr", "local_epochs", "options", "metric", "val_score", "lead",
+                          "lead_se"], notes, {"chosen": chosen})
 
 
 def load_tuned(path: Path) -> dict[str, dict]:

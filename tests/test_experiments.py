@@ -130,6 +130,22 @@ def test_tuning_scores_each_configuration_over_every_seed(tmp_path):
     means = {c: sum(r["val_score"] for r in rows if r["config"] == c) / 2 for c in range(6)}
     assert won["val_score"] == pytest.approx(max(means.values()))
     assert len(won["val_scores"]) == 2 and won["val_scores"][0] != won["val_scores"][1]
+    runner_up = sorted(means.values())[-2]
+    assert won["lead"] == pytest.approx(max(means.values()) - runner_up)
+    assert won["lead_se"] >= 0 and won["separated"] == (won["lead"] > 2 * won["lead_se"])
+    assert "lead_se" in (tmp_path / "tune.md").read_text()
+
+
+def test_tuning_lead_is_paired_over_the_draws_and_a_failed_configuration_never_wins():
+    """A winner that beats the runner-up by the same margin on every draw is separated however noisy the draws are;
+    one that wins by a lucky draw is not; a configuration whose runs scored nothing (NaN) ranks last."""
+    from experiments.tune import _ranked, lead
+
+    assert lead([0.81, 0.94, 0.91], [0.80, 0.93, 0.90]) == (pytest.approx(0.01), pytest.approx(0.0, abs=1e-12))
+    margin, se = lead([0.95, 0.80, 0.80], [0.80, 0.82, 0.81])
+    assert margin == pytest.approx(0.04) and margin < 2 * se
+    assert lead([0.9], [0.8]) == (pytest.approx(0.1), None)
+    assert _ranked({0: [float("nan")], 1: [0.7], 2: [0.9], 3: [0.9]}) == [2, 3, 1, 0]
 
 
 def test_membership_balanced_attacks(results):
