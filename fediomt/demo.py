@@ -87,8 +87,9 @@ class DemoSettings:
 SMALL_DEVICE_DP = {"batch_size": 32, "noise_mult": 2.02, "lr": 0.5}
 # The edges' filters: the defaults (collusion -> norm -> cosine), but the norm filter on its z-score alone, as the
 # demo's accuracy was measured. Under the demo's device DP-SGD the noise dominates every update, nothing looks
-# colluding and a 3x-median norm is never reached; the z-score alone scored 0.866 against 0.860 with the 3x floor
-# on watch's validation split (20 seeds, experiments/results/v3/demo-tuning/calibrate.jsonl; EXPERIMENTS.md).
+# colluding and a 3x-median norm (the default floor is 100x) is never reached; the z-score alone scored 0.866
+# against 0.860 with a 3x floor on watch's validation split (20 seeds,
+# experiments/results/v3/demo-tuning/calibrate.jsonl; EXPERIMENTS.md).
 DEMO_FILTERS = {"enabled": ["collusion", "norm", "cosine"], "params": {"norm": {"min_ratio": 0.0}},
                 "action": "drop", "min_updates": 4}
 

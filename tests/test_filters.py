@@ -53,7 +53,10 @@ def test_norm_filter_needs_a_multiple_of_the_median_as_well_as_a_high_z():
     assert norm_zscore(X).scores[-1] > 30
     assert not norm_zscore(X).flags.any()
     assert norm_zscore(X, min_ratio=0.0).flags.tolist() == [False] * 4 + [True]   # the z-score alone flags it
-    X[-1] *= 5   # 10x the median: a boosted update
+    X[-1] *= 15   # 30x the median: what honest watch02 sends now and then (the bounds scale it to the median)
+    assert not norm_zscore(X).flags.any()
+    assert norm_zscore(X, min_ratio=3.0).flags.tolist() == [False] * 4 + [True]
+    X[-1] *= 10   # 300x: no honest step is that large (noise and replacement attacks are)
     assert norm_zscore(X).flags.tolist() == [False] * 4 + [True]
     many = np.r_[1.0 + 0.02 * np.random.default_rng(0).standard_normal(24), 2.0]   # 25 norms: the MAD is trusted
     assert norm_zscore(many[:, None] * np.eye(25, dtype=np.float32)).flags.tolist() == [False] * 24 + [True]

@@ -2,6 +2,7 @@
 (watch-merged.json here) with the new default filters and, for comparison, the previous ones (the norm z-score
 alone, OR-ed with the cosine filter, emulated by running each filter on all updates), 60 rounds, draws 0-2.
   PYTHONPATH=. .venv/bin/python experiments/results/v3/collusion-filter/clean_flags.py > clean_flags.txt
+Other draws, the new default only: `clean_flags.py 4,7` (> clean_flags_draws.txt).
 """
 import sys
 from collections import Counter
@@ -20,9 +21,11 @@ won = load_tuned("experiments/results/v3/collusion-filter/watch-merged.json")["w
 base = dataset("watch", seed=0)
 real = aggregate.run_filters
 
-for label, runner, filters in [("new default", real, ["collusion", "norm", "cosine"]),
-                               ("previous default", previous, ["norm", "cosine"])]:
-    for draw in range(3):
+draws = [int(d) for d in sys.argv[1].split(",")] if len(sys.argv) > 1 else [0, 1, 2]
+configurations = [("new default", real, ["collusion", "norm", "cosine"]),
+                  ("previous default", previous, ["norm", "cosine"])][:1 if len(sys.argv) > 1 else 2]
+for label, runner, filters in configurations:
+    for draw in draws:
         fed = base.validation_split(0.15, draw)
         flags: Counter = Counter()
 

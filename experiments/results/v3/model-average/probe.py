@@ -2,8 +2,10 @@
 
 Run from the repository root: PYTHONPATH=. .venv/bin/python experiments/results/v3/model-average/probe.py DATASET
 TUNED.json VARIANT[,VARIANT...] [ROUNDS] [SEEDS]; appends one JSON line per variant to results.jsonl here.
-VARIANT is METHOD (its tuned winner in TUNED.json) or `fediomt_nonova` (FedIoMT's winner with FedNova off), each
-optionally `@DECAY`: score an exponential moving average of the cloud's models instead of its latest one. The draws,
+VARIANT is METHOD (its tuned winner in TUNED.json) or FedIoMT's winner with one change: `fediomt_nonova` (FedNova
+off), `fediomt_nofilters` (no edge filters), `fediomt_float32` (dense float32 links, full model down),
+`fediomt_normratio:R` (the norm filter's small-round floor at R x the median norm); each optionally `@DECAY`:
+score an exponential moving average of the cloud's models instead of its latest one. The draws,
 seeds and score are experiments.tune's (validation_split(0.15, s) of seed 0's split; mean of the last rounds).
 """
 import json
@@ -12,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.aggregate import FilterConfig
 from experiments.accuracy import NO_CLIP
 from experiments.sim.harness import RECIPES, dataset, simulate
+from experiments.sim.methods import DENSE
 from experiments.sim.simulator import Simulator
 from experiments.tune import load_tuned, score, tuned_run
 
@@ -34,8 +38,16 @@ def ema_evaluation(decay: float):
 def variant(tuned: dict, name: str, v: str) -> dict:
     method, _, change = v.partition("_")
     run = tuned_run(tuned, name, method, RECIPES[name].lr, 2)
+    m = run["method"]
     if change == "nonova":
-        run["method"] = run["method"].with_(options={**run["method"].options, "fednova": False})
+        run["method"] = m.with_(options={**m.options, "fednova": False})
+    elif change == "nofilters":
+        run["method"] = m.with_(filters=FilterConfig(enabled=[]))
+    elif change.startswith("normratio:"):   # the norm filter's small-round floor at R x the median norm
+        run["method"] = m.with_(filters=FilterConfig(enabled=list(m.filters.enabled),
+                                                     params={"norm": {"min_ratio": float(change.split(":")[1])}}))
+    elif change == "float32":   # dense float32 on every link, the full model down every round
+        run["method"] = m.with_(compression=dict(DENSE), forward_compression=dict(DENSE), downlink="full")
     return run
 
 
