@@ -2,9 +2,11 @@
 bytes up and down and test accuracy, which is all `fediomt experiment communication` reads), with
 experiments.communication's own bytes_to_target and the same target (90 % of each seed's centralized accuracy);
 FedAvg's figure is that of accuracy-watch-3draws/ (it runs no filters, so its runs are unchanged).
-  .venv/bin/python experiments/results/v3/collusion-filter/table1.py
+  .venv/bin/python experiments/results/v3/collusion-filter/table1.py [ACCURACY_DIR]
+(ACCURACY_DIR: another accuracy run's folder, e.g. experiments/results/v3/norm-floor/accuracy-watch.)
 """
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ import numpy as np
 from experiments.communication import TARGET_FRACTION, bytes_to_target
 
 HERE = Path("experiments/results/v3/collusion-filter")
-rows = json.loads((HERE / "accuracy-watch" / "accuracy.json").read_text())["rows"]
+run = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "accuracy-watch"
+rows = json.loads((run / "accuracy.json").read_text())["rows"]
 central = {r["seed"]: r["accuracy"] for r in rows if r["method"] == "centralized"}
 fedavg = next(t for t in json.loads((HERE.parent / "accuracy-watch-3draws" / "communication.json").read_text())["table"]
               if t["method"] == "fedavg")
