@@ -114,6 +114,7 @@ def run(args) -> dict:
         feds = [base.validation_split(0.15, seed) for seed in range(args.seeds)]
         for method in methods_for(args, METHODS):
             scores: dict[int, list[float]] = {}
+            first_runs: dict[int, dict] = {}
             for i, cfg in enumerate(SEARCH[method]):
                 runs = []
                 for seed, fed in enumerate(feds):
@@ -124,9 +125,9 @@ def run(args) -> dict:
                                  "lr": recipe.lr * cfg["lr_factor"], "metric": headline_of(logs),
                                  "val_score": score(logs), **{k: getattr(last, k, None) for k in SCORE_KEYS}})
                 rows.extend(runs)
-                scores[i] = [r["val_score"] for r in runs]
+                scores[i], first_runs[i] = [r["val_score"] for r in runs], runs[0]
             first, second = _ranked(scores)[:2]
-            won = next(r for r in rows if r["dataset"] == name and r["method"] == method and r["config"] == first)
+            won = first_runs[first]
             margin, se = lead(scores[first], scores[second])
             chosen[f"{name}/{method}"] = {**{k: won[k] for k in ("lr", "local_epochs", "options", "metric")},
                                           "val_score": float(np.mean(scores[first])), "val_scores": scores[first],
