@@ -16,7 +16,7 @@ EXPERIMENTS = {
     "accuracy": "accuracy vs rounds: centralized, FedAvg, FedProx, SCAFFOLD, FedIoMT (Figure 2)",
     "communication": "bytes up + down to reach 90% of centralized accuracy (Table 1)",
     "privacy": "accuracy vs epsilon for local, central and two-level DP (Figure 3)",
-    "heterogeneity": "accuracy vs compute coefficient of variation (Figure 4)",
+    "heterogeneity": "headline metric vs compute coefficient of variation (Figure 4)",
     "membership": "membership-inference attack accuracy, loss threshold and shadow models (Table 2)",
     "poisoning": "accuracy with 0-30% malicious devices per filter and attack",
     "tune": "every method's best of the same budget of configurations, on a validation split (not the test set)",
@@ -35,7 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", choices=["fedavg", "fedprox", "scaffold", "fedadam", "fediomt"],
                         help="accuracy, communication, heterogeneity, tune: only these federated methods (default: "
                              "all)")
-    parser.add_argument("--tuned", type=Path, help="accuracy: each method's settings from a `tune` run's tune.json")
+    parser.add_argument("--tuned", type=Path,
+                        help="accuracy, heterogeneity: each method's settings from a `tune` run's tune.json")
     parser.add_argument("--rounds", type=int, default=0, help="override the dataset recipe's rounds")
     parser.add_argument("--split", type=int, default=1, help="split each natural client into this many devices")
     parser.add_argument("--edges", type=int, default=0, help="regroup the sites over this many edges (0: natural)")

@@ -113,10 +113,25 @@ def test_heterogeneity_runs_chosen_cvs_and_records_the_curve_and_its_plateau(tmp
     doc = json.loads((tmp_path / "heterogeneity.json").read_text())
     assert {r["cv"] for r in doc["rows"]} == {0.0, 1.0}
     for r in doc["rows"]:
-        assert [c[0] for c in r["curve"]] == [2, 4, 6] and r["curve"][-1][1] == r["accuracy"]
+        # heart is binary: judged, curved and plateaued by AUROC, with the accuracy kept beside it
+        assert r["headline"] == "auroc" and r["score"] == r["auroc"] and 0 <= r["accuracy"] <= 1
+        assert [c[0] for c in r["curve"]] == [2, 4, 6] and r["curve"][-1][1] == r["score"]
         assert r["plateau"] == pytest.approx(sum(c[1] for c in r["curve"]) / 3)
     assert (tmp_path / "heterogeneity_heart_curves.png").exists()
     assert "plateau" in (tmp_path / "heterogeneity.md").read_text()
+
+
+def test_heterogeneity_runs_each_method_with_its_tuned_settings(tmp_path):
+    """Figure 4 with --tuned runs a method with its tuning winner (as `accuracy --tuned`), the others with the
+    dataset recipe (heart: lr 0.1, 1 local epoch)."""
+    tuned = tmp_path / "tune.json"
+    tuned.write_text(json.dumps({"chosen": {"heart/fedadam": {"lr": 0.05, "local_epochs": 2, "options": {
+        "server_optimizer": "adam", "server_lr": 0.03}}}}))
+    assert main(["experiment", "heterogeneity", "--quick", "--out", str(tmp_path), "--seeds", "1", "--datasets",
+                 "heart", "--methods", "fedadam", "fedavg", "--cvs", "0", "--rounds", "2", "--tuned", str(tuned)]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "heterogeneity.json").read_text())["rows"]}
+    assert (rows["fedadam"]["lr"], rows["fedadam"]["local_epochs"]) == (0.05, 2)
+    assert (rows["fedavg"]["lr"], rows["fedavg"]["local_epochs"]) == (0.1, 1)
 
 
 def test_tuning_scores_each_configuration_over_every_seed(tmp_path):

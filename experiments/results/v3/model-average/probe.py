@@ -1,7 +1,8 @@
 """Tuned winners with one thing changed, on the tuning's own validation draws (issue 15 probes).
 
 Run from the repository root: PYTHONPATH=. .venv/bin/python experiments/results/v3/model-average/probe.py DATASET
-TUNED.json VARIANT[,VARIANT...] [ROUNDS] [SEEDS]; appends one JSON line per variant to results.jsonl here.
+TUNED.json VARIANT[,VARIANT...] [ROUNDS] [SEEDS] [CV]; appends one JSON line per variant to results.jsonl here
+(with the score at round 40 too, `mean40`, when ROUNDS > 40; CV: compute heterogeneity as in Figure 4).
 VARIANT is METHOD (its tuned winner in TUNED.json) or FedIoMT's winner with one change: `fediomt_nonova` (FedNova
 off), `fediomt_nofilters` (no edge filters), `fediomt_float32` (dense float32 links, full model down),
 `fediomt_normratio:R` (the norm filter's small-round floor at R x the median norm); each optionally `@DECAY`:
@@ -17,6 +18,7 @@ import numpy as np
 from edge.aggregate import FilterConfig
 from experiments.accuracy import NO_CLIP
 from experiments.sim.harness import RECIPES, dataset, simulate
+from experiments.sim.hetero import HeteroConfig
 from experiments.sim.methods import DENSE
 from experiments.sim.simulator import Simulator
 from experiments.tune import load_tuned, score, tuned_run
@@ -55,19 +57,27 @@ def main() -> None:
     name, tuned_path, pick = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(",")
     rounds = int(sys.argv[4]) if len(sys.argv) > 4 else RECIPES[name].rounds
     seeds = int(sys.argv[5]) if len(sys.argv) > 5 else 3
+    cv = float(sys.argv[6]) if len(sys.argv) > 6 else None
+    hetero = {} if cv is None else {"hetero": HeteroConfig(cv=cv)}
     tuned = load_tuned(tuned_path)
     feds = [dataset(name, seed=0).validation_split(0.15, s) for s in range(seeds)]
     for v in pick:
         base, _, ema = v.partition("@")
         Simulator._evaluate = ema_evaluation(float(ema)) if ema else ORIGINAL
         run = variant(tuned, name, base)
-        scores = [score(simulate(fed, run["method"], s, rounds=rounds, lr=run["lr"],
-                                 local_epochs=run["local_epochs"], clip=NO_CLIP)) for s, fed in enumerate(feds)]
+        runs = [simulate(fed, run["method"], s, rounds=rounds, lr=run["lr"], local_epochs=run["local_epochs"],
+                         clip=NO_CLIP, **hetero) for s, fed in enumerate(feds)]
+        scores = [score(logs) for logs in runs]
         row = {"dataset": name, "variant": v, "rounds": rounds, "tuned": str(tuned_path), "scores": scores,
                "mean": float(np.mean(scores))}
+        if cv is not None:
+            row["cv"] = cv
+        if rounds > 40:
+            row["scores40"] = [score(logs[:40]) for logs in runs]
+            row["mean40"] = float(np.mean(row["scores40"]))
         with open(Path(__file__).with_name("results.jsonl"), "a") as out:
             out.write(json.dumps(row) + "\n")
-        print(v, np.round(scores, 4), round(row["mean"], 4), flush=True)
+        print(v, np.round(scores, 4), round(row["mean"], 4), round(row.get("mean40", np.nan), 4), flush=True)
 
 
 if __name__ == "__main__":
