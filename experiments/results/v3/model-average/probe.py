@@ -5,7 +5,8 @@ TUNED.json VARIANT[,VARIANT...] [ROUNDS] [SEEDS] [CV]; appends one JSON line per
 (with the score at round 40 too, `mean40`, when ROUNDS > 40; CV: compute heterogeneity as in Figure 4).
 VARIANT is METHOD (its tuned winner in TUNED.json) or FedIoMT's winner with one change: `fediomt_nonova` (FedNova
 off), `fediomt_nofilters` (no edge filters), `fediomt_float32` (dense float32 links, full model down),
-`fediomt_normratio:R` (the norm filter's small-round floor at R x the median norm); each optionally `@DECAY`:
+`fediomt_normratio:R` (the norm filter's small-round floor at R x the median norm), or METHOD_epochs:N (its winner
+with N local epochs); each optionally `@DECAY`:
 score an exponential moving average of the cloud's models instead of its latest one. The draws,
 seeds and score are experiments.tune's (validation_split(0.15, s) of seed 0's split; mean of the last rounds).
 """
@@ -48,6 +49,8 @@ def variant(tuned: dict, name: str, v: str) -> dict:
     elif change.startswith("normratio:"):   # the norm filter's small-round floor at R x the median norm
         run["method"] = m.with_(filters=FilterConfig(enabled=list(m.filters.enabled),
                                                      params={"norm": {"min_ratio": float(change.split(":")[1])}}))
+    elif change.startswith("epochs:"):   # another number of local epochs (any method)
+        run["local_epochs"] = int(change.split(":")[1])
     elif change == "float32":   # dense float32 on every link, the full model down every round
         run["method"] = m.with_(compression=dict(DENSE), forward_compression=dict(DENSE), downlink="full")
     return run
