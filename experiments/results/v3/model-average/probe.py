@@ -9,8 +9,11 @@ off), `fediomt_nofilters` (no edge filters), `fediomt_float32` (dense float32 li
 with N local epochs); each optionally `@DECAY`:
 score an exponential moving average of the cloud's models instead of its latest one. The draws,
 seeds and score are experiments.tune's (validation_split(0.15, s) of seed 0's split; mean of the last rounds).
+PROBE_SPLIT=test runs each seed's real split (as significance/run.py) and scores the test set instead (`final`:
+the last round's headline): a diagnosis of a test-set gap, never a basis for a choice.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,7 +66,8 @@ def main() -> None:
     cv = float(sys.argv[6]) if len(sys.argv) > 6 else None
     hetero = {} if cv is None else {"hetero": HeteroConfig(cv=cv)}
     tuned = load_tuned(tuned_path)
-    feds = [dataset(name, seed=0).validation_split(0.15, s) for s in range(seeds)]
+    test = os.environ.get("PROBE_SPLIT") == "test"   # a diagnosis on the test set, never a choice
+    feds = [dataset(name, seed=s) if test else dataset(name, seed=0).validation_split(0.15, s) for s in range(seeds)]
     for v in pick:
         base, _, ema = v.partition("@")
         Simulator._evaluate = ema_evaluation(float(ema)) if ema else ORIGINAL
@@ -73,6 +77,9 @@ def main() -> None:
         scores = [score(logs) for logs in runs]
         row = {"dataset": name, "variant": v, "rounds": rounds, "tuned": str(tuned_path), "scores": scores,
                "mean": float(np.mean(scores))}
+        if test:
+            row["split"] = "test"
+            row["final"] = [logs[-1].accuracy if logs[-1].auroc is None else logs[-1].auroc for logs in runs]
         if cv is not None:
             row["cv"] = cv
         if rounds > 40:
