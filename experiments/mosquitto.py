@@ -130,16 +130,29 @@ class MosquittoBroker:
 
     def save(self, timeout: float = 10.0) -> None:
         """Have the broker write its persistence file now (SIGUSR1) and wait until it did."""
-        since = time.time()
+        before = self._saved()
         self.process.send_signal(signal.SIGUSR1)
-        self.wait_autosaved(timeout, since)
+        self._wait_saved(before, timeout)
 
-    def wait_autosaved(self, timeout: float = 10.0, since: float | None = None) -> None:
-        """Wait until the broker has saved its sessions after now (autosave), so a kill -9 keeps them: mosquitto
-        compares whole seconds, so "autosave_interval 1" saves only every one to two seconds."""
-        db, since = self.workdir / "mosquitto.db", time.time() if since is None else since
+    def wait_autosaved(self, timeout: float = 10.0) -> None:
+        """Wait until the broker has saved its sessions after now, so a kill -9 keeps them: mosquitto compares
+        whole seconds, so "autosave_interval 1" saves only every one to two seconds."""
+        self._wait_saved(self._saved(), timeout)
+
+    def _saved(self) -> tuple[int, int] | None:
+        """(inode, mtime in ns) of the persistence file, None before the first save. Mosquitto writes a new file and
+        renames it over the old one, so every save changes the inode. Comparing the file's mtime with time.time()
+        is not enough: the kernel stamps files from a coarse clock that can lag time.time() by a tick, so a save
+        right after the signal could look older than the signal, and with autosave off no later save would come."""
+        try:
+            st = (self.workdir / "mosquitto.db").stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def _wait_saved(self, before: tuple[int, int] | None, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not (db.exists() and db.stat().st_mtime > since):
+        while (now := self._saved()) is None or now == before:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"mosquitto did not autosave within {timeout:g} s: {self.log_tail()}")
             time.sleep(0.05)

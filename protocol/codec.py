@@ -340,6 +340,7 @@ def scan(data: bytes) -> None:
     n = len(data)
     budget = MEMORY_FACTOR * max(n, MEMORY_FLOOR)
     pos = items = cost = 0
+    declared = 1   # items the headers read so far announce: refused as soon as they alone exceed MAX_ITEMS
     pending = [1]  # items still to read at each open nesting level
     while pending:
         if not pending[-1]:
@@ -365,6 +366,9 @@ def scan(data: bytes) -> None:
             arg *= major - 3  # a map entry is two items
             if arg > n - pos:
                 raise ProtocolError(Reason.MALFORMED, f"container of {arg} items in {n - pos} bytes")
+            declared += arg
+            if declared > MAX_ITEMS:
+                raise ProtocolError(Reason.TOO_LARGE, f"more than {MAX_ITEMS} CBOR items")
             pending.append(arg)
             if len(pending) > MAX_DEPTH + 1:
                 raise ProtocolError(Reason.TOO_LARGE, f"nesting deeper than {MAX_DEPTH}")

@@ -327,3 +327,22 @@ def test_hostile_cbor_is_refused_within_50ms_cpu_and_16x_memory(size):
         assert cost["outcome"].split(":")[0] in {r.name for r in Reason}, (name, cost)  # refused, with a reason
         assert cost["cpu_ms"] <= 50, (name, cost)
         assert cost["peak_bytes"] <= 16 * max(len(data), 64 * 1024), (name, cost)  # issue 18's bound
+
+
+def test_scan_refuses_an_item_count_from_the_container_header():
+    """An array announcing more items than MAX_ITEMS is refused at its header, before reading one of them (4 MiB of
+    small ints took 45 ms of the 50 ms budget when they were counted one by one); a message of exactly MAX_ITEMS
+    items still passes."""
+    from protocol.codec import MAX_ITEMS, scan
+    from protocol.fuzz import decode_cost
+
+    def array(k: int, item: bytes) -> bytes:
+        return b"\x9a" + struct.pack(">I", k) + item * k   # an array header with a 4-byte count, then k items
+
+    blob = b"\x54" + b"x" * 20                             # a 20-byte byte string: cheap to decode per input byte
+    scan(array(MAX_ITEMS - 1, blob))                      # the array itself is the first item
+    with pytest.raises(ProtocolError) as refused:
+        scan(array(MAX_ITEMS, blob))
+    assert refused.value.reason is Reason.TOO_LARGE and "CBOR items" in str(refused.value)
+    cost = decode_cost(array(1024 * 1024, b"\x19\x01\x00"))   # 3 MiB of uint16s: within the memory bound
+    assert cost["cpu_ms"] < 5 and cost["outcome"].startswith("TOO_LARGE")
