@@ -27,6 +27,7 @@ from experiments.sim.harness import (
     write_outputs,
 )
 from experiments.sim.hetero import HeteroConfig
+from experiments.tune import headline_of, load_tuned, tuned_run
 
 CVS = (0.0, 0.25, 0.5, 1.0)
 METHODS = ("fedavg", "fedprox", "scaffold", "fedadam", "fediomt")
@@ -41,8 +42,6 @@ def plateau(scores: list[float]) -> float | None:
 
 
 def run(args) -> dict:
-    from experiments.tune import headline_of, load_tuned, tuned_run  # tune imports the harness this module uses
-
     rows, methods = [], methods_for(args, METHODS)
     tuned = load_tuned(args.tuned) if getattr(args, "tuned", None) else {}
     cvs = tuple(getattr(args, "cvs", None) or CVS)
