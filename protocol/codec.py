@@ -339,8 +339,8 @@ def scan(data: bytes) -> None:
     MAX_ITEMS and the memory bound; ProtocolError(TOO_LARGE or MALFORMED) with the reason."""
     n = len(data)
     budget = MEMORY_FACTOR * max(n, MEMORY_FLOOR)
-    pos = items = cost = 0
-    declared = 1   # items the headers read so far announce: refused as soon as they alone exceed MAX_ITEMS
+    pos = cost = 0
+    declared = 1   # items the headers read so far announce (>= those read): refused once over MAX_ITEMS
     pending = [1]  # items still to read at each open nesting level
     while pending:
         if not pending[-1]:
@@ -357,7 +357,6 @@ def scan(data: bytes) -> None:
                 raise ProtocolError(Reason.MALFORMED, "indefinite-length or reserved CBOR item")
             arg = int.from_bytes(data[pos:pos + width], "big")
             pos += width
-        items += 1
         if major == 2 or major == 3:
             pos += arg
             cost += _STRING_COST + arg
@@ -377,8 +376,6 @@ def scan(data: bytes) -> None:
                                   else (Reason.MALFORMED, f"CBOR tag {arg} not allowed")))
         else:
             cost += _SCALAR_COST
-        if items > MAX_ITEMS:
-            raise ProtocolError(Reason.TOO_LARGE, f"more than {MAX_ITEMS} CBOR items")
         if cost > budget:
             raise ProtocolError(Reason.TOO_LARGE, f"decoding {n} bytes would take over {budget} bytes of memory")
     if pos != n:
