@@ -85,6 +85,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("--data and --datasets exclude each other")
     quiet_tensorflow()
     STANDARDIZE.update(mode=getattr(args, "standardize", "federated"), quantile=getattr(args, "clip_quantile", None))
+    from experiments.tune import TunedFileError
+
     module = importlib.import_module(f"experiments.{args.name}")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -92,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, "data", None):
             register_data(args)
         module.run(args)
-    except (TableError, FileNotFoundError) as exc:   # the user's data: one clear line, exit 2
+    except (TableError, FileNotFoundError, TunedFileError) as exc:   # the user's files: one clear line, exit 2
         print(f"fediomt experiment: {exc}", file=sys.stderr)
         return 2
     print((args.out / f"{args.name}.md").read_text())

@@ -154,6 +154,17 @@ def run(args) -> dict:
                           "lead_se"], notes, {"chosen": chosen})
 
 
+class TunedFileError(ValueError):
+    """A --tuned file that is not a tune.json."""
+
+
 def load_tuned(path: Path) -> dict[str, dict]:
-    """{"dataset/method": {"lr", "local_epochs", "options"}} from a tune.json."""
-    return json.loads(Path(path).read_text())["chosen"]
+    """{"dataset/method": {"lr", "local_epochs", "options"}} from a tune.json; TunedFileError for anything else."""
+    try:
+        chosen = json.loads(Path(path).read_text())["chosen"]
+        if not all(isinstance(v, dict) and {"lr", "local_epochs", "options"} <= set(v) for v in chosen.values()):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError):   # JSONDecodeError is a ValueError
+        raise TunedFileError(f"{path}: not a tune.json (`fediomt experiment tune` writes one: {{\"chosen\": "
+                             "{\"DATASET/METHOD\": {\"lr\", \"local_epochs\", \"options\"}}})") from None
+    return chosen

@@ -134,6 +134,17 @@ def test_heterogeneity_runs_each_method_with_its_tuned_settings(tmp_path):
     assert (rows["fedavg"]["lr"], rows["fedavg"]["local_epochs"]) == (0.1, 1)
 
 
+@pytest.mark.parametrize("text", ["not json", '{"tuned": {}}', '{"chosen": {"heart/fedavg": {"lr": 0.1}}}'])
+def test_a_tuned_file_that_is_not_a_tune_json_is_one_clear_line(tmp_path, capsys, text):
+    bad = tmp_path / "tune.json"
+    bad.write_text(text)
+    for name in ("accuracy", "heterogeneity"):
+        assert main(["experiment", name, "--quick", "--out", str(tmp_path), "--seeds", "1", "--datasets", "heart",
+                     "--tuned", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert "not a tune.json" in err and "Traceback" not in err
+
+
 def test_tuning_scores_each_configuration_over_every_seed(tmp_path):
     """`experiment tune --seeds K`: every configuration runs on K validation draws (one per seed) and the winner is
     the best mean, so one lucky draw of a ~45-row validation set cannot pick it (issue 15, same budget for all)."""
