@@ -129,11 +129,11 @@ def run(args) -> dict:
             first, second = _ranked(scores)[:2]
             won = first_runs[first]
             margin, se = lead(scores[first], scores[second])
+            separated = None if se is None else bool(margin > 2 * se)
             chosen[f"{name}/{method}"] = {**{k: won[k] for k in ("lr", "local_epochs", "options", "metric")},
                                           "val_score": float(np.mean(scores[first])), "val_scores": scores[first],
-                                          "lead": margin, "lead_se": se,
-                                          "separated": None if se is None else bool(margin > 2 * se)}
-            if se is not None and margin <= 2 * se:
+                                          "lead": margin, "lead_se": se, "separated": separated}
+            if separated is False:
                 noisy.append(f"{name}/{method}")
     table = [{"dataset": k.split("/")[0], "method": k.split("/")[1], **{
         "lr": v["lr"], "local_epochs": v["local_epochs"], "options": json.dumps(v["options"]),
